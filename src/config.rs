@@ -1,0 +1,332 @@
+//! Configuration: where the database is, which channel, and the pipe's bounds.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::channel::ChannelName;
+use crate::error::Error;
+
+/// The default number of pooled connections used for pushing.
+pub const DEFAULT_POOL_SIZE: usize = 8;
+
+/// The default time allowed to establish a connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The default time allowed for one push, from the call to the commit.
+pub const DEFAULT_PUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a pipe reaches PostgreSQL, and its bounds.
+///
+/// Built from what users already have: [`Config::from_url`] takes a `postgres://` URL or a
+/// libpq `key=value` string, [`Config::from_env`] reads `DATABASE_URL` or the standard `PG*`
+/// variables, [`Config::from_pg`] wraps a [`tokio_postgres::Config`]. The rest has defaults
+/// and builder-style setters:
+///
+/// ```
+/// use std::time::Duration;
+/// use updatepipe::{ChannelName, Config};
+///
+/// let config = Config::from_url("postgres://mail:secret@db.example/mail")?
+///     .with_channel(ChannelName::new("imap_updates")?)
+///     .with_pool_size(4)
+///     .with_push_timeout(Duration::from_secs(5));
+/// assert!(!format!("{config:?}").contains("secret"));
+/// # Ok::<(), updatepipe::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Config {
+    pg: tokio_postgres::Config,
+    channel: ChannelName,
+    pool_size: usize,
+    connect_timeout: Duration,
+    push_timeout: Duration,
+}
+
+impl Config {
+    /// From a `postgres://` URL or a libpq `key=value` connection string.
+    pub fn from_url(url: &str) -> Result<Self, Error> {
+        let pg = tokio_postgres::Config::from_str(url).map_err(|e| {
+            // The parser's messages name the option, never its value; say no more than that.
+            Error::Config(format!(
+                "cannot parse the connection string ({}); expected postgres://user:password@host:port/database \
+                 or key=value pairs",
+                crate::error::pg_message(&e)
+            ))
+        })?;
+        Ok(Config::from_pg(pg))
+    }
+
+    /// From the environment: `DATABASE_URL` when set, otherwise the standard libpq variables
+    /// `PGHOST`, `PGHOSTADDR`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`, `PGAPPNAME`,
+    /// `PGCONNECT_TIMEOUT`, `PGOPTIONS` and `PGSSLMODE`. Unset, the host is `localhost`, the
+    /// user is `$USER` (or `postgres`), and the database is named after the user.
+    pub fn from_env() -> Result<Self, Error> {
+        Config::from_vars(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// Whether the environment names a database (`DATABASE_URL` or `PGHOST`).
+    pub fn env_names_database() -> bool {
+        ["DATABASE_URL", "PGHOST", "PGHOSTADDR"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()))
+    }
+
+    pub(crate) fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
+        if let Some(url) = var("DATABASE_URL") {
+            return Config::from_url(&url);
+        }
+        let mut pg = tokio_postgres::Config::new();
+        match var("PGHOST") {
+            Some(hosts) => hosts.split(',').for_each(|h| {
+                pg.host(h.trim());
+            }),
+            None if var("PGHOSTADDR").is_none() => {
+                pg.host("localhost");
+            }
+            None => {}
+        }
+        if let Some(addrs) = var("PGHOSTADDR") {
+            for addr in addrs.split(',') {
+                let ip = addr.trim().parse().map_err(|_| {
+                    Error::Config(format!("PGHOSTADDR {addr:?} is not an IP address"))
+                })?;
+                pg.hostaddr(ip);
+            }
+        }
+        if let Some(ports) = var("PGPORT") {
+            for port in ports.split(',') {
+                let port = port
+                    .trim()
+                    .parse()
+                    .map_err(|_| Error::Config(format!("PGPORT {port:?} is not a port number")))?;
+                pg.port(port);
+            }
+        }
+        let user = var("PGUSER")
+            .or_else(|| var("USER"))
+            .unwrap_or_else(|| "postgres".to_owned());
+        pg.dbname(var("PGDATABASE").as_deref().unwrap_or(&user));
+        pg.user(&user);
+        if let Some(password) = var("PGPASSWORD") {
+            pg.password(password);
+        }
+        if let Some(name) = var("PGAPPNAME") {
+            pg.application_name(&name);
+        }
+        if let Some(options) = var("PGOPTIONS") {
+            pg.options(&options);
+        }
+        if let Some(mode) = var("PGSSLMODE") {
+            pg.ssl_mode(match mode.as_str() {
+                "disable" => tokio_postgres::config::SslMode::Disable,
+                "prefer" | "allow" => tokio_postgres::config::SslMode::Prefer,
+                "require" => tokio_postgres::config::SslMode::Require,
+                other => {
+                    return Err(Error::Config(format!(
+                        "PGSSLMODE {other:?} is not supported (use disable, prefer or require)"
+                    )));
+                }
+            });
+        }
+        let mut config = Config::from_pg(pg);
+        if let Some(secs) = var("PGCONNECT_TIMEOUT") {
+            let secs: u64 = secs.trim().parse().map_err(|_| {
+                Error::Config(format!(
+                    "PGCONNECT_TIMEOUT {secs:?} is not a number of seconds"
+                ))
+            })?;
+            config = config.with_connect_timeout(Duration::from_secs(secs.max(1)));
+        }
+        Ok(config)
+    }
+
+    /// From a `tokio_postgres::Config`. The application name defaults to `updatepipe`.
+    pub fn from_pg(mut pg: tokio_postgres::Config) -> Self {
+        if pg.get_application_name().is_none() {
+            pg.application_name("updatepipe");
+        }
+        let connect_timeout = pg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        pg.connect_timeout(connect_timeout);
+        Config {
+            pg,
+            channel: ChannelName::default(),
+            pool_size: DEFAULT_POOL_SIZE,
+            connect_timeout,
+            push_timeout: DEFAULT_PUSH_TIMEOUT,
+        }
+    }
+
+    /// The channel every update travels on (default `updatepipe`).
+    pub fn with_channel(mut self, channel: ChannelName) -> Self {
+        self.channel = channel;
+        self
+    }
+
+    /// How many pooled connections pushes may use at once (default 8, at least 1).
+    pub fn with_pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size.max(1);
+        self
+    }
+
+    /// The time allowed to establish a connection (default 10 s).
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self.pg.connect_timeout(timeout);
+        self
+    }
+
+    /// The time allowed for one push, from the call to the commit (default 10 s).
+    pub fn with_push_timeout(mut self, timeout: Duration) -> Self {
+        self.push_timeout = timeout;
+        self
+    }
+
+    /// The `application_name` the pipe's connections report (default `updatepipe`), as seen
+    /// in `pg_stat_activity`.
+    pub fn with_application_name(mut self, name: &str) -> Self {
+        self.pg.application_name(name);
+        self
+    }
+
+    /// The PostgreSQL connection settings.
+    pub fn pg(&self) -> &tokio_postgres::Config {
+        &self.pg
+    }
+
+    /// The channel.
+    pub fn channel(&self) -> &ChannelName {
+        &self.channel
+    }
+
+    /// The push pool's size.
+    pub fn pool_size(&self) -> usize {
+        self.pool_size
+    }
+
+    /// The connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// The push timeout.
+    pub fn push_timeout(&self) -> Duration {
+        self.push_timeout
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // tokio_postgres::Config's Debug redacts the password.
+        f.debug_struct("Config")
+            .field("pg", &self.pg)
+            .field("channel", &self.channel)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("push_timeout", &self.push_timeout)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use tokio_postgres::config::Host;
+
+    fn from(vars: &[(&str, &str)]) -> Result<Config, Error> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_vars(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn parses_url_and_key_value() {
+        let c = Config::from_url("postgres://u:pw@db.example:6543/mail").unwrap();
+        assert_eq!(c.pg().get_user(), Some("u"));
+        assert_eq!(c.pg().get_dbname(), Some("mail"));
+        assert_eq!(c.pg().get_ports(), &[6543]);
+        let c = Config::from_url("host=localhost port=5433 user=x dbname=y").unwrap();
+        assert_eq!(c.pg().get_ports(), &[5433]);
+        assert_eq!(c.pg().get_application_name(), Some("updatepipe"));
+        let c = Config::from_url("postgres://u@h/d?application_name=mine").unwrap();
+        assert_eq!(c.pg().get_application_name(), Some("mine"));
+    }
+
+    #[test]
+    fn database_url_wins_over_pg_vars() {
+        let c = from(&[("DATABASE_URL", "postgres://a@h1/db1"), ("PGHOST", "h2")]).unwrap();
+        assert_eq!(c.pg().get_hosts(), &[Host::Tcp("h1".into())]);
+    }
+
+    #[test]
+    fn reads_pg_vars() {
+        let c = from(&[
+            ("PGHOST", "h1,h2"),
+            ("PGPORT", "5433,5434"),
+            ("PGUSER", "mail"),
+            ("PGPASSWORD", "hunter2"),
+            ("PGAPPNAME", "imapd"),
+            ("PGCONNECT_TIMEOUT", "3"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.pg().get_hosts(),
+            &[Host::Tcp("h1".into()), Host::Tcp("h2".into())]
+        );
+        assert_eq!(c.pg().get_ports(), &[5433, 5434]);
+        assert_eq!(c.pg().get_user(), Some("mail"));
+        assert_eq!(c.pg().get_dbname(), Some("mail"));
+        assert_eq!(c.pg().get_password(), Some(&b"hunter2"[..]));
+        assert_eq!(c.pg().get_application_name(), Some("imapd"));
+        assert_eq!(c.connect_timeout(), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn defaults_without_any_variable() {
+        let c = from(&[]).unwrap();
+        assert_eq!(c.pg().get_hosts(), &[Host::Tcp("localhost".into())]);
+        assert_eq!(c.pg().get_user(), Some("postgres"));
+        assert_eq!(c.channel().as_str(), "updatepipe");
+        assert_eq!(c.pool_size(), DEFAULT_POOL_SIZE);
+        assert_eq!(c.push_timeout(), DEFAULT_PUSH_TIMEOUT);
+    }
+
+    #[test]
+    fn bad_values_are_config_errors() {
+        assert!(matches!(from(&[("PGPORT", "x")]), Err(Error::Config(_))));
+        assert!(matches!(
+            from(&[("PGHOSTADDR", "nope")]),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            from(&[("PGSSLMODE", "sometimes")]),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            from(&[("PGCONNECT_TIMEOUT", "soon")]),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            Config::from_url("postgres://u:pw@h:notaport/d"),
+            Err(Error::Config(_))
+        ));
+    }
+
+    #[test]
+    fn password_never_shows() {
+        let secret = "s3cr3t-pw";
+        let c = Config::from_url(&format!("postgres://u:{secret}@h/d")).unwrap();
+        assert!(!format!("{c:?}").contains(secret));
+        let err = Config::from_url(&format!("postgres://u:{secret}@h:bad/d")).unwrap_err();
+        assert!(!err.to_string().contains(secret), "{err}");
+        assert!(!format!("{err:?}").contains(secret), "{err:?}");
+        let err = Config::from_url(&format!("host=h password={secret} port=bad")).unwrap_err();
+        assert!(!err.to_string().contains(secret), "{err}");
+    }
+}

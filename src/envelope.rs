@@ -1,0 +1,497 @@
+//! The wire format: what one notification payload carries. `docs/wire-format.md` is the
+//! specification for other implementations.
+//!
+//! Version 1 is one compact JSON object:
+//!
+//! ```json
+//! {"v":1,"o":"5f0c9a3e4b1d7a2c8e6f0b1a2c3d4e5f","p":4242,"s":17,"u":[{"Type":0,"Key":42,"SeqSet":"7"}]}
+//! ```
+//!
+//! The decoder also reads maddy's legacy payload, `<sender id>;<update JSON>\n` with every
+//! `;` of the JSON replaced by the byte 0x10.
+
+use std::fmt;
+
+use serde::Deserialize;
+
+use crate::error::{DecodeError, Error, excerpt};
+use crate::update::{RawUpdate, Update};
+
+/// The largest notification payload PostgreSQL accepts, in bytes.
+pub const MAX_PAYLOAD_LEN: usize = 7999;
+
+/// The envelope version this build writes and reads.
+pub const ENVELOPE_VERSION: u64 = 1;
+
+/// The longest origin accepted from the wire, in bytes.
+const MAX_ORIGIN_LEN: usize = 64;
+
+/// Who sent an envelope: one pipe instance.
+///
+/// A pipe's origin is 128 random bits, written as 32 hex digits, drawn when the pipe is
+/// created: two pipes in one process differ, and so do two processes that share an OS PID
+/// on different hosts (every container is PID 1). Legacy (maddy) payloads carry their own
+/// sender id, kept here as it came.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Origin(String);
+
+impl Origin {
+    /// A fresh random origin.
+    pub fn random() -> Self {
+        Origin(format!("{:032x}", rand::random::<u128>()))
+    }
+
+    /// An origin from the wire: 1 to 64 printable ASCII characters.
+    pub fn parse(text: &str) -> Result<Self, DecodeError> {
+        let printable = text.bytes().all(|b| b.is_ascii_graphic());
+        if text.is_empty() || text.len() > MAX_ORIGIN_LEN || !printable {
+            return Err(DecodeError::Malformed(format!(
+                "origin {:?} is not 1 to 64 printable ASCII characters",
+                excerpt(text)
+            )));
+        }
+        Ok(Origin(text.to_owned()))
+    }
+
+    /// The origin's text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Origin({})", self.0)
+    }
+}
+
+/// Which wire form a payload used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum WireFormat {
+    /// The updatepipe envelope, version 1.
+    V1,
+    /// maddy's `<sender id>;<json>` payload.
+    Legacy,
+}
+
+/// One payload's content: who sent it and the updates it carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    format: WireFormat,
+    origin: Origin,
+    pid: Option<u32>,
+    seq: Option<u64>,
+    updates: Vec<Update>,
+}
+
+#[derive(Deserialize)]
+struct WireIn {
+    v: u64,
+    o: String,
+    #[serde(default)]
+    p: Option<u32>,
+    s: u64,
+    u: Vec<RawUpdate>,
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    v: Option<u64>,
+}
+
+impl Envelope {
+    /// A version 1 envelope.
+    pub fn new(origin: Origin, pid: u32, seq: u64, updates: Vec<Update>) -> Self {
+        Envelope {
+            format: WireFormat::V1,
+            origin,
+            pid: Some(pid),
+            seq: Some(seq),
+            updates,
+        }
+    }
+
+    /// Encodes a version 1 payload from borrowed parts, failing when it would exceed
+    /// [`MAX_PAYLOAD_LEN`].
+    pub fn encode_v1(
+        origin: &Origin,
+        pid: u32,
+        seq: u64,
+        updates: &[Update],
+    ) -> Result<String, Error> {
+        let encoded: Vec<String> = updates.iter().map(Update::to_json).collect();
+        let payload = write_v1(origin, pid, seq, &encoded);
+        if payload.len() > MAX_PAYLOAD_LEN {
+            return Err(Error::PayloadTooLarge {
+                size: payload.len(),
+                limit: MAX_PAYLOAD_LEN,
+            });
+        }
+        Ok(payload)
+    }
+
+    /// Packs updates, in order, into as few version 1 payloads as fit in
+    /// [`MAX_PAYLOAD_LEN`] each, numbering them with `next_seq`. Fails, sending nothing, when
+    /// one update alone does not fit.
+    pub fn pack_v1(
+        origin: &Origin,
+        pid: u32,
+        mut next_seq: impl FnMut() -> u64,
+        updates: &[Update],
+    ) -> Result<Vec<String>, Error> {
+        // The header with the longest possible sequence number, and the closing `]}`.
+        let overhead = write_v1(origin, pid, u64::MAX, &[]).len();
+        let mut groups: Vec<Vec<String>> = Vec::new();
+        let mut size = overhead;
+        for update in updates {
+            let json = update.to_json();
+            if overhead + json.len() > MAX_PAYLOAD_LEN {
+                return Err(Error::PayloadTooLarge {
+                    size: overhead + json.len(),
+                    limit: MAX_PAYLOAD_LEN,
+                });
+            }
+            match groups.last_mut() {
+                Some(group) if size + 1 + json.len() <= MAX_PAYLOAD_LEN => {
+                    size += 1 + json.len();
+                    group.push(json);
+                }
+                _ => {
+                    size = overhead + json.len();
+                    groups.push(vec![json]);
+                }
+            }
+        }
+        Ok(groups
+            .iter()
+            .map(|group| write_v1(origin, pid, next_seq(), group))
+            .collect())
+    }
+
+    /// Encodes this envelope in version 1 form.
+    pub fn encode(&self) -> Result<String, Error> {
+        Envelope::encode_v1(
+            &self.origin,
+            self.pid.unwrap_or(0),
+            self.seq.unwrap_or(0),
+            &self.updates,
+        )
+    }
+
+    /// Encodes one update as maddy does (`<sender id>;<json with ';' as 0x10>\n`). Useful to
+    /// test interoperability; updatepipe itself always sends version 1.
+    pub fn encode_legacy(sender_id: &str, update: &Update) -> String {
+        format!("{sender_id};{}\n", update.to_json().replace(';', "\u{10}"))
+    }
+
+    /// Decodes a payload: a version 1 envelope or a legacy maddy payload. Everything is
+    /// validated; nothing invalid gets through.
+    pub fn decode(payload: &str) -> Result<Envelope, DecodeError> {
+        if payload.len() > MAX_PAYLOAD_LEN {
+            return Err(DecodeError::TooLarge(payload.len()));
+        }
+        if payload.starts_with('{') {
+            decode_v1(payload)
+        } else {
+            decode_legacy(payload)
+        }
+    }
+
+    /// The wire form it came in.
+    pub fn format(&self) -> WireFormat {
+        self.format
+    }
+
+    /// The sender.
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    /// The sender's OS process id, for diagnostics (version 1 only).
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    /// The sender's sequence number of this envelope (version 1 only).
+    pub fn seq(&self) -> Option<u64> {
+        self.seq
+    }
+
+    /// The updates, in the order sent.
+    pub fn updates(&self) -> &[Update] {
+        &self.updates
+    }
+
+    /// Takes the updates out.
+    pub fn into_updates(self) -> Vec<Update> {
+        self.updates
+    }
+}
+
+/// Writes `{"v":1,"o":…,"p":…,"s":…,"u":[…]}` around updates already in JSON.
+fn write_v1(origin: &Origin, pid: u32, seq: u64, updates: &[String]) -> String {
+    let origin = serde_json::to_string(origin.as_str()).expect("a string always serializes");
+    let body: usize = updates.iter().map(|u| u.len() + 1).sum();
+    let mut out = String::with_capacity(48 + origin.len() + body);
+    out.push_str("{\"v\":1,\"o\":");
+    out.push_str(&origin);
+    out.push_str(&format!(",\"p\":{pid},\"s\":{seq},\"u\":["));
+    for (i, update) in updates.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(update);
+    }
+    out.push_str("]}");
+    out
+}
+
+fn decode_v1(payload: &str) -> Result<Envelope, DecodeError> {
+    let wire: WireIn = match serde_json::from_str(payload) {
+        Ok(wire) => wire,
+        Err(e) => {
+            // A future version may be shaped differently: say so rather than "malformed".
+            if let Ok(VersionProbe { v: Some(v) }) = serde_json::from_str(payload)
+                && v != ENVELOPE_VERSION
+            {
+                return Err(DecodeError::UnknownVersion(v));
+            }
+            return Err(DecodeError::Malformed(e.to_string()));
+        }
+    };
+    if wire.v != ENVELOPE_VERSION {
+        return Err(DecodeError::UnknownVersion(wire.v));
+    }
+    let origin = Origin::parse(&wire.o)?;
+    let updates = wire
+        .u
+        .into_iter()
+        .map(RawUpdate::validate)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Envelope {
+        format: WireFormat::V1,
+        origin,
+        pid: wire.p,
+        seq: Some(wire.s),
+        updates,
+    })
+}
+
+fn decode_legacy(payload: &str) -> Result<Envelope, DecodeError> {
+    let body = payload.strip_suffix('\n').unwrap_or(payload);
+    let (sender, json) = body.split_once(';').ok_or(DecodeError::Unrecognized)?;
+    if !json.starts_with('{') {
+        return Err(DecodeError::Unrecognized);
+    }
+    let origin = Origin::parse(sender)?;
+    let json = json.replace('\u{10}', ";");
+    let raw: RawUpdate =
+        serde_json::from_str(&json).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    Ok(Envelope {
+        format: WireFormat::Legacy,
+        origin,
+        pid: None,
+        seq: None,
+        updates: vec![raw.validate()?],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::UpdateError;
+    use crate::seqset::SeqSet;
+    use crate::update::{Flag, MailboxKey};
+
+    fn sample() -> Vec<Update> {
+        vec![
+            Update::new_message(42, SeqSet::parse("7").unwrap()),
+            Update::flags_changed("INBOX;x", 17, [Flag::new("\\Seen").unwrap()]).unwrap(),
+            Update::expunge(u64::MAX, SeqSet::parse("1:3,9:*").unwrap()),
+            Update::mailbox_destroyed("gone"),
+        ]
+    }
+
+    #[test]
+    fn v1_round_trip() {
+        let origin = Origin::random();
+        let payload = Envelope::encode_v1(&origin, 1, 99, &sample()).unwrap();
+        let env = Envelope::decode(&payload).unwrap();
+        assert_eq!(env.format(), WireFormat::V1);
+        assert_eq!(env.origin(), &origin);
+        assert_eq!(env.pid(), Some(1));
+        assert_eq!(env.seq(), Some(99));
+        assert_eq!(env.updates(), sample().as_slice());
+        assert_eq!(env.encode().unwrap(), payload);
+    }
+
+    #[test]
+    fn v1_exact_form() {
+        let origin = Origin::parse("abc").unwrap();
+        let payload = Envelope::encode_v1(&origin, 7, 3, &[Update::mailbox_destroyed(5)]).unwrap();
+        assert_eq!(
+            payload,
+            r#"{"v":1,"o":"abc","p":7,"s":3,"u":[{"Type":3,"Key":5}]}"#
+        );
+    }
+
+    #[test]
+    fn origins_differ() {
+        assert_ne!(Origin::random(), Origin::random());
+        assert_eq!(Origin::random().as_str().len(), 32);
+    }
+
+    #[test]
+    fn legacy_round_trip_restores_semicolons() {
+        let update = Update::new_message("a;b;c", SeqSet::parse("1").unwrap());
+        let payload = Envelope::encode_legacy("4242-0xc000010000", &update);
+        assert!(payload.ends_with('\n'));
+        assert!(!payload[payload.find(';').unwrap() + 1..].contains(';'));
+        let env = Envelope::decode(&payload).unwrap();
+        assert_eq!(env.format(), WireFormat::Legacy);
+        assert_eq!(env.origin().as_str(), "4242-0xc000010000");
+        assert_eq!(env.updates(), &[update]);
+        assert_eq!(env.seq(), None);
+        // Without the trailing newline too.
+        assert!(Envelope::decode(payload.trim_end()).is_ok());
+    }
+
+    #[test]
+    fn size_limit() {
+        // A mailbox name long enough to overflow one notification.
+        let update = Update::mailbox_destroyed(MailboxKey::Name("x".repeat(MAX_PAYLOAD_LEN)));
+        let err = Envelope::encode_v1(&Origin::random(), 1, 1, &[update]).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::PayloadTooLarge {
+                limit: MAX_PAYLOAD_LEN,
+                ..
+            }
+        ));
+        // Just under the limit is fine; just over is not.
+        let fixed = r#"{"v":1,"o":"o","p":1,"s":1,"u":[{"Type":3,"Key":""}]}"#.len();
+        let fits = Update::mailbox_destroyed(MailboxKey::Name("y".repeat(MAX_PAYLOAD_LEN - fixed)));
+        let origin = Origin::parse("o").unwrap();
+        let payload = Envelope::encode_v1(&origin, 1, 1, &[fits]).unwrap();
+        assert_eq!(payload.len(), MAX_PAYLOAD_LEN);
+        let over =
+            Update::mailbox_destroyed(MailboxKey::Name("y".repeat(MAX_PAYLOAD_LEN - fixed + 1)));
+        assert!(Envelope::encode_v1(&origin, 1, 1, &[over]).is_err());
+        assert_eq!(
+            Envelope::decode(&"x".repeat(MAX_PAYLOAD_LEN + 1)),
+            Err(DecodeError::TooLarge(MAX_PAYLOAD_LEN + 1))
+        );
+    }
+
+    #[test]
+    fn pack_splits_at_the_limit_and_keeps_order() {
+        let origin = Origin::random();
+        let updates: Vec<Update> = (1..=2000u32)
+            .map(|i| Update::expunge(u64::from(i), SeqSet::single(i).unwrap()))
+            .collect();
+        let mut seq = 10;
+        let payloads = Envelope::pack_v1(
+            &origin,
+            3,
+            || {
+                seq += 1;
+                seq
+            },
+            &updates,
+        )
+        .unwrap();
+        assert!(payloads.len() > 1);
+        let mut decoded = Vec::new();
+        for (i, payload) in payloads.iter().enumerate() {
+            assert!(payload.len() <= MAX_PAYLOAD_LEN);
+            let env = Envelope::decode(payload).unwrap();
+            assert_eq!(env.seq(), Some(11 + i as u64));
+            decoded.extend(env.into_updates());
+        }
+        assert_eq!(decoded, updates);
+        // Full envelopes: each but the last leaves no room for another update (the size
+        // reserved for the longest sequence number aside).
+        for payload in &payloads[..payloads.len() - 1] {
+            assert!(payload.len() > MAX_PAYLOAD_LEN - 80, "{}", payload.len());
+        }
+    }
+
+    #[test]
+    fn pack_refuses_an_update_that_never_fits() {
+        let huge = Update::mailbox_destroyed(MailboxKey::Name("x".repeat(MAX_PAYLOAD_LEN)));
+        let ok = Update::mailbox_destroyed(1);
+        let err = Envelope::pack_v1(&Origin::random(), 1, || 1, &[ok, huge]).unwrap_err();
+        assert!(matches!(err, Error::PayloadTooLarge { .. }));
+        assert!(
+            Envelope::pack_v1(&Origin::random(), 1, || 1, &[])
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn rejects_bad_payloads_with_typed_errors() {
+        use DecodeError as D;
+        type Check = fn(&DecodeError) -> bool;
+        let cases: &[(&str, Check)] = &[
+            ("", |e| *e == D::Unrecognized),
+            ("garbage", |e| *e == D::Unrecognized),
+            ("\u{0}\u{1}", |e| *e == D::Unrecognized),
+            ("id;not json", |e| *e == D::Unrecognized),
+            ("{", |e| matches!(e, D::Malformed(_))),
+            ("{}", |e| matches!(e, D::Malformed(_))),
+            (r#"{"v":2,"x":[]}"#, |e| *e == D::UnknownVersion(2)),
+            (r#"{"v":2,"o":"a","s":1,"u":[]}"#, |e| {
+                *e == D::UnknownVersion(2)
+            }),
+            (r#"{"v":1,"o":"a","s":1}"#, |e| matches!(e, D::Malformed(_))),
+            (r#"{"v":1,"o":"","s":1,"u":[]}"#, |e| {
+                matches!(e, D::Malformed(_))
+            }),
+            (r#"{"v":1,"o":"a b","s":1,"u":[]}"#, |e| {
+                matches!(e, D::Malformed(_))
+            }),
+            (r#"{"v":1,"o":"a","s":-1,"u":[]}"#, |e| {
+                matches!(e, D::Malformed(_))
+            }),
+            (r#"{"v":1,"o":"a","s":1,"u":[{"Type":9,"Key":1}]}"#, |e| {
+                *e == D::Update(UpdateError::UnknownType(9))
+            }),
+            (
+                r#"{"v":1,"o":"a","s":1,"u":[{"Type":0,"Key":1,"SeqSet":"0"}]}"#,
+                |e| matches!(e, D::Update(UpdateError::SeqSet { .. })),
+            ),
+            ("id;{\"Type\":8,\"Key\":1}\n", |e| {
+                *e == D::Update(UpdateError::UnknownType(8))
+            }),
+            ("id;{\"Type\":\n", |e| matches!(e, D::Malformed(_))),
+            (";{\"Type\":0,\"Key\":1}\n", |e| {
+                matches!(e, D::Malformed(_))
+            }),
+        ];
+        for (payload, check) in cases {
+            let err = Envelope::decode(payload).unwrap_err();
+            assert!(check(&err), "{payload:?}: unexpected {err:?}");
+        }
+    }
+
+    #[test]
+    fn empty_update_list_is_valid() {
+        let env = Envelope::decode(r#"{"v":1,"o":"a","s":1,"u":[]}"#).unwrap();
+        assert!(env.updates().is_empty());
+        assert_eq!(env.pid(), None);
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_within_v1() {
+        let env = Envelope::decode(r#"{"v":1,"o":"a","s":1,"u":[],"future":true}"#).unwrap();
+        assert_eq!(env.seq(), Some(1));
+    }
+}

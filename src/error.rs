@@ -1,0 +1,257 @@
+//! The crate's errors: one [`Error`] for every operation, with typed details for bad updates
+//! ([`UpdateError`]) and bad payloads ([`DecodeError`]).
+
+use std::time::Duration;
+
+/// Everything that can go wrong in `updatepipe`.
+///
+/// Each variant says what happened; its message says what the user can do about it.
+/// Messages never contain a password.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An update is not valid (bad sequence set, flag, key or type).
+    #[error(transparent)]
+    InvalidUpdate(#[from] UpdateError),
+
+    /// A payload could not be decoded into updates.
+    #[error("cannot decode payload: {0}")]
+    Decode(#[from] DecodeError),
+
+    /// An envelope does not fit in one notification (7999 bytes).
+    #[error(
+        "an envelope of {size} bytes exceeds PostgreSQL's notification limit of {limit} bytes; \
+         send fewer flags or a shorter sequence set"
+    )]
+    PayloadTooLarge {
+        /// The encoded size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+
+    /// A channel name breaks PostgreSQL's rules.
+    #[error("invalid channel name: {0}")]
+    InvalidChannel(&'static str),
+
+    /// The configuration is incomplete or malformed.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// A connection to PostgreSQL could not be made.
+    #[error(
+        "cannot connect to PostgreSQL: {}; check the URL and that the server runs and accepts \
+         connections",
+        pg_message(.0)
+    )]
+    Connect(#[source] tokio_postgres::Error),
+
+    /// PostgreSQL answered a statement with an error, or the connection broke.
+    #[error("PostgreSQL error: {}", pg_message(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+
+    /// The connection pool could not hand out a connection.
+    #[error("no pooled connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+
+    /// Applying the schema migrations failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] refinery::Error),
+
+    /// An operation did not finish in its configured time.
+    #[error("{what} timed out after {after:?}; is the server reachable and not overloaded?")]
+    Timeout {
+        /// What was being done.
+        what: &'static str,
+        /// The configured limit.
+        after: Duration,
+    },
+
+    /// `listen` was called on a pipe that is already listening.
+    #[error("this pipe is already listening; create another pipe for a second listener")]
+    AlreadyListening,
+
+    /// The pipe was closed.
+    #[error("the pipe is closed")]
+    Closed,
+
+    /// A throwaway PostgreSQL cluster could not be started or stopped.
+    #[error("throwaway PostgreSQL cluster: {0}")]
+    Cluster(String),
+}
+
+impl Error {
+    /// Whether the error came from reaching the server (connect, pool, timeout, broken
+    /// connection) rather than from bad input or from the server refusing a statement.
+    pub fn is_connection(&self) -> bool {
+        match self {
+            Error::Connect(_) | Error::Timeout { .. } => true,
+            Error::Pool(_) => true,
+            Error::Postgres(e) => e.as_db_error().is_none(),
+            _ => false,
+        }
+    }
+
+    /// Whether the error is bad input from the caller (an invalid update, channel or
+    /// configuration).
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidUpdate(_)
+                | Error::PayloadTooLarge { .. }
+                | Error::InvalidChannel(_)
+                | Error::Config(_)
+        )
+    }
+}
+
+/// Why an update is not valid.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpdateError {
+    /// The sequence set does not follow the IMAP grammar.
+    #[error("invalid sequence set {input:?}: {reason}")]
+    SeqSet {
+        /// The text (shortened when long).
+        input: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// `Type` is not one of the four kinds.
+    #[error(
+        "unknown update type {0} (expected 0 new message, 1 flags changed, 2 expunge, \
+         3 mailbox destroyed)"
+    )]
+    UnknownType(u64),
+
+    /// A flag is not an IMAP flag.
+    #[error("invalid flag {flag:?}: {reason}")]
+    Flag {
+        /// The flag (shortened when long).
+        flag: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// The mailbox key is neither a string nor an unsigned 64-bit integer.
+    #[error("invalid mailbox key: {0}")]
+    Key(&'static str),
+
+    /// A flags update must name exactly one UID.
+    #[error("a flags update (type 1) needs exactly one UID in SeqSet, got {0:?}")]
+    FlagsNeedOneUid(String),
+
+    /// Only new-message and flags updates carry flags.
+    #[error("an update of type {0} carries no flags (only types 0 and 1 do)")]
+    FlagsNotAllowed(u8),
+
+    /// Too many flags on one update.
+    #[error("{count} flags on one update; at most {limit} are accepted")]
+    TooManyFlags {
+        /// How many there were.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+
+    /// The JSON text is not an update object.
+    #[error("invalid update JSON: {0}")]
+    Json(String),
+}
+
+impl UpdateError {
+    pub(crate) fn seq_set(input: &str, reason: &'static str) -> Self {
+        UpdateError::SeqSet {
+            input: excerpt(input),
+            reason,
+        }
+    }
+
+    pub(crate) fn flag(flag: &str, reason: &'static str) -> Self {
+        UpdateError::Flag {
+            flag: excerpt(flag),
+            reason,
+        }
+    }
+}
+
+/// Why a payload received on the channel was rejected.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// Neither an envelope nor maddy's legacy form.
+    #[error("not an updatepipe envelope nor a legacy maddy payload")]
+    Unrecognized,
+
+    /// An envelope of a version this build does not read.
+    #[error("unsupported envelope version {0} (this build reads version 1)")]
+    UnknownVersion(u64),
+
+    /// The envelope's structure is broken (bad JSON, missing or mistyped fields).
+    #[error("malformed envelope: {0}")]
+    Malformed(String),
+
+    /// The envelope is well formed but carries an invalid update.
+    #[error("invalid update: {0}")]
+    Update(#[from] UpdateError),
+
+    /// The payload is larger than any notification can be.
+    #[error("payload of {0} bytes is larger than a notification can be")]
+    TooLarge(usize),
+}
+
+impl DecodeError {
+    /// A short stable name for the reason, used as a counter label and in logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Unrecognized => "unrecognized",
+            DecodeError::UnknownVersion(_) => "unknown_version",
+            DecodeError::Malformed(_) => "malformed",
+            DecodeError::Update(_) => "invalid_update",
+            DecodeError::TooLarge(_) => "too_large",
+        }
+    }
+}
+
+/// A PostgreSQL error in one line: the server's message and SQLSTATE for a database error,
+/// otherwise the client's description and its cause (`tokio_postgres::Error`'s `Display`
+/// alone says only "db error").
+pub(crate) fn pg_message(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+/// Shortens untrusted text for an error message: at most 64 characters, control characters
+/// escaped by the `{:?}` formatting that the messages use.
+pub(crate) fn excerpt(text: &str) -> String {
+    const MAX: usize = 64;
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpt_shortens_long_text() {
+        assert_eq!(excerpt("abc"), "abc");
+        let long = "é".repeat(100);
+        let short = excerpt(&long);
+        assert_eq!(short.chars().count(), 65);
+        assert!(short.ends_with('…'));
+    }
+}

@@ -1,0 +1,81 @@
+//! # updatepipe
+//!
+//! IMAP mailbox updates (new message, flags changed, expunge, mailbox destroyed) carried
+//! between processes and machines through PostgreSQL `LISTEN`/`NOTIFY`: an "update pipe" in
+//! the sense of the Go mail server maddy, for anything that already holds a PostgreSQL
+//! connection (IMAP servers, admin tools, test containers).
+//!
+//! ## Quick start
+//!
+//! ```no_run
+//! use updatepipe::{Config, PgPipe, SeqSet, Update, UpdatePipe};
+//!
+//! # async fn run() -> Result<(), updatepipe::Error> {
+//! let pipe = PgPipe::new(Config::from_env()?)?;
+//!
+//! // A server listens: updates sent by others arrive on the channel.
+//! let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+//! pipe.listen(tx).await?;
+//!
+//! // A mail store pushes inside its own transaction: the update is delivered if and only
+//! // if the transaction commits.
+//! let (mut client, connection) =
+//!     tokio_postgres::connect("postgres://mail@localhost/mail", tokio_postgres::NoTls).await?;
+//! tokio::spawn(connection);
+//! let tx = client.transaction().await?;
+//! // ... INSERT the message ...
+//! pipe.push_in(&tx, &Update::new_message(42, SeqSet::single(7)?)).await?;
+//! tx.commit().await?;
+//!
+//! while let Some(update) = rx.recv().await {
+//!     println!("{}", update.to_json());
+//! }
+//! pipe.close().await
+//! # }
+//! ```
+//!
+//! ## Delivery guarantees, as they stand
+//!
+//! - A push returns once its update is committed; a push inside the caller's transaction is
+//!   delivered if and only if that transaction commits.
+//! - A listener receives every update committed while it is connected, once, in commit
+//!   order, and never its own pipe's updates.
+//! - A payload that does not decode is counted, logged and dropped; the listener goes on.
+//! - Not yet: reconnection and catch-up. If the listener's connection is lost, the listener
+//!   stops and its channel ends; updates sent meanwhile are not replayed.
+//!
+//! ## Modules
+//!
+//! | concept | module |
+//! |---|---|
+//! | the update model and its JSON contract | `update`, `seqset` |
+//! | the wire format (envelope v1, maddy's legacy form) | `envelope` |
+//! | configuration, channel names | `config`, `channel` |
+//! | the pipe interface and its PostgreSQL implementation | `pipe` |
+//! | the push path / the listen path | `push` / `listen` |
+//! | migrations (the `updatepipe` schema and log table) | `migrate` |
+//! | throwaway clusters for tests and the demo | [`cluster`] |
+
+mod channel;
+pub mod cluster;
+mod config;
+mod connect;
+mod envelope;
+mod error;
+mod listen;
+mod migrate;
+mod pipe;
+mod push;
+mod seqset;
+mod stats;
+mod update;
+
+pub use channel::{ChannelName, MAX_CHANNEL_LEN};
+pub use config::{Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT};
+pub use envelope::{ENVELOPE_VERSION, Envelope, MAX_PAYLOAD_LEN, Origin, WireFormat};
+pub use error::{DecodeError, Error, UpdateError};
+pub use migrate::{MIGRATION_TABLE, MigrationInfo, embedded_migrations};
+pub use pipe::{PgPipe, UpdatePipe};
+pub use seqset::{MAX_SEQ_SET_LEN, SeqNum, SeqRange, SeqSet};
+pub use stats::Stats;
+pub use update::{Flag, MAX_FLAG_LEN, MAX_FLAGS, MailboxKey, Update, UpdateKind};

@@ -1,0 +1,208 @@
+//! The pipe: maddy's update-pipe interface ([`UpdatePipe`]) and its PostgreSQL
+//! implementation ([`PgPipe`]), which ties the push path, the listen path and the
+//! migrations together.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::{Mutex, mpsc};
+use tokio_postgres::GenericClient;
+
+use crate::config::Config;
+use crate::envelope::Origin;
+use crate::error::Error;
+use crate::listen::Listener;
+use crate::migrate::{MigrationInfo, migrate};
+use crate::push::Pusher;
+use crate::stats::{Counters, Stats};
+use crate::update::Update;
+
+/// An update pipe, with the semantics of maddy's `updatepipe.P`.
+///
+/// Every method takes `&self`, so one pipe can be shared between tasks (wrap it in an `Arc`
+/// or clone a [`PgPipe`]).
+pub trait UpdatePipe {
+    /// Starts pulling updates sent by *others* into `updates`. Returns once the pipe is
+    /// subscribed: every update committed after that reaches the channel, in commit order,
+    /// and none this pipe sent itself. The channel ends when the pipe is closed.
+    ///
+    /// `updates` is bounded: a caller that stops reading slows the listener down.
+    /// A pipe listens once; a second call fails with [`Error::AlreadyListening`].
+    fn listen(
+        &self,
+        updates: mpsc::Sender<Update>,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Prepares for pushing, so that configuration and connection errors show early.
+    /// Optional: the first push does the same.
+    fn init_push(&self) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Sends one update to every other listener on the channel. Returns once the update is
+    /// committed (and so on its way to every listener subscribed at that moment).
+    fn push(&self, update: &Update) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Stops listening and pushing: every task and connection the pipe started is gone when
+    /// this returns, and the listener's channel has ended. Calling it again does nothing.
+    fn close(&self) -> impl Future<Output = Result<(), Error>> + Send;
+}
+
+/// The PostgreSQL update pipe: pushes with `pg_notify` on one shared channel, listens on a
+/// dedicated connection, and drops its own updates however they were pushed (pool or
+/// caller's transaction), because each envelope names the pipe instance that sent it.
+///
+/// Cloning is cheap and gives another handle to the same pipe.
+#[derive(Clone, Debug)]
+pub struct PgPipe {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    origin: Origin,
+    pusher: Pusher,
+    listener: Mutex<Option<Listener>>,
+    listening: AtomicBool,
+    closed: AtomicBool,
+    counters: Arc<Counters>,
+}
+
+impl PgPipe {
+    /// A pipe for this configuration. Nothing connects yet: the pool connects on the first
+    /// push (or [`init_push`](UpdatePipe::init_push)), the listener on
+    /// [`listen`](UpdatePipe::listen). Must be called within a Tokio runtime.
+    pub fn new(config: Config) -> Result<Self, Error> {
+        let origin = Origin::random();
+        let counters = Arc::new(Counters::default());
+        let pusher = Pusher::new(&config, origin.clone(), counters.clone())?;
+        Ok(PgPipe {
+            inner: Arc::new(Inner {
+                config,
+                origin,
+                pusher,
+                listener: Mutex::new(None),
+                listening: AtomicBool::new(false),
+                closed: AtomicBool::new(false),
+                counters,
+            }),
+        })
+    }
+
+    /// Applies updatepipe's schema migrations (the `updatepipe` schema and its log table);
+    /// returns the migrations applied now. Safe to call repeatedly and from several
+    /// processes at once.
+    pub async fn migrate(&self) -> Result<Vec<MigrationInfo>, Error> {
+        migrate(&self.inner.config).await
+    }
+
+    /// Sends several updates, in order, in one transaction: all are delivered or none.
+    /// They are packed into as few notifications as fit.
+    pub async fn push_many(&self, updates: &[Update]) -> Result<(), Error> {
+        self.check_open()?;
+        self.inner.pusher.push(updates).await
+    }
+
+    /// Sends an update on the caller's connection, inside whatever transaction it is in:
+    /// listeners receive it if and only if that transaction commits. Outside a transaction
+    /// it is committed at once.
+    ///
+    /// `client` is a `tokio_postgres::Client` or `Transaction`; with deadpool-postgres, pass
+    /// `&**object` for a pooled client or `&*transaction` for its transaction.
+    pub async fn push_in<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        update: &Update,
+    ) -> Result<(), Error> {
+        self.push_many_in(client, std::slice::from_ref(update))
+            .await
+    }
+
+    /// [`push_in`](PgPipe::push_in) for several updates, in order.
+    pub async fn push_many_in<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        updates: &[Update],
+    ) -> Result<(), Error> {
+        self.check_open()?;
+        self.inner.pusher.push_in(client, updates).await
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// This pipe's origin: the sender id its envelopes carry.
+    pub fn origin(&self) -> &Origin {
+        &self.inner.origin
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        self.inner.counters.snapshot()
+    }
+
+    /// Whether [`close`](UpdatePipe::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    fn check_open(&self) -> Result<(), Error> {
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+}
+
+impl UpdatePipe for PgPipe {
+    async fn listen(&self, updates: mpsc::Sender<Update>) -> Result<(), Error> {
+        self.check_open()?;
+        if self.inner.listening.swap(true, Ordering::AcqRel) {
+            return Err(Error::AlreadyListening);
+        }
+        let mut slot = self.inner.listener.lock().await;
+        let started = Listener::start(
+            &self.inner.config,
+            self.inner.origin.clone(),
+            updates,
+            self.inner.counters.clone(),
+        )
+        .await;
+        match started {
+            // Closed while connecting: stop at once rather than leave it running.
+            Ok(listener) if self.is_closed() => {
+                listener.stop().await;
+                Err(Error::Closed)
+            }
+            Ok(listener) => {
+                *slot = Some(listener);
+                Ok(())
+            }
+            Err(e) => {
+                // A failed attempt does not count: the caller may try again.
+                self.inner.listening.store(false, Ordering::Release);
+                Err(e)
+            }
+        }
+    }
+
+    async fn init_push(&self) -> Result<(), Error> {
+        self.check_open()?;
+        self.inner.pusher.init().await
+    }
+
+    async fn push(&self, update: &Update) -> Result<(), Error> {
+        self.push_many(std::slice::from_ref(update)).await
+    }
+
+    async fn close(&self) -> Result<(), Error> {
+        self.inner.closed.store(true, Ordering::Release);
+        let listener = self.inner.listener.lock().await.take();
+        if let Some(listener) = listener {
+            listener.stop().await;
+        }
+        self.inner.pusher.close();
+        Ok(())
+    }
+}

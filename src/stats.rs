@@ -1,0 +1,112 @@
+//! Counters the application can read: what the pipe pushed, delivered, dropped and rejected.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::DecodeError;
+
+/// The reasons a payload is rejected, as named by [`DecodeError::reason`].
+const REJECT_REASONS: [&str; 5] = [
+    "unrecognized",
+    "unknown_version",
+    "malformed",
+    "invalid_update",
+    "too_large",
+];
+
+/// Live counters, shared between the pipe's handle and its tasks.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pushed: AtomicU64,
+    delivered: AtomicU64,
+    echoes: AtomicU64,
+    rejected: [AtomicU64; REJECT_REASONS.len()],
+}
+
+impl Counters {
+    pub(crate) fn pushed(&self, n: usize) {
+        self.pushed.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn delivered(&self, n: usize) {
+        self.delivered.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn echo(&self) {
+        self.echoes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn rejected(&self, error: &DecodeError) {
+        let reason = error.reason();
+        let index = REJECT_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .expect("every DecodeError reason is counted");
+        self.rejected[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> Stats {
+        Stats {
+            pushed: self.pushed.load(Ordering::Relaxed),
+            delivered: self.delivered.load(Ordering::Relaxed),
+            echoes_dropped: self.echoes.load(Ordering::Relaxed),
+            rejected: REJECT_REASONS
+                .iter()
+                .zip(&self.rejected)
+                .map(|(reason, n)| (*reason, n.load(Ordering::Relaxed)))
+                .collect(),
+        }
+    }
+}
+
+/// A snapshot of a pipe's counters, from [`PgPipe::stats`](crate::PgPipe::stats).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Updates this pipe pushed and saw committed (pool pushes) or handed to the caller's
+    /// transaction (pushes inside it).
+    pub pushed: u64,
+    /// Updates from other senders handed to the listener's channel.
+    pub delivered: u64,
+    /// Envelopes dropped because this pipe sent them.
+    pub echoes_dropped: u64,
+    /// Payloads rejected, by reason (`unrecognized`, `unknown_version`, `malformed`,
+    /// `invalid_update`, `too_large`).
+    pub rejected: Vec<(&'static str, u64)>,
+}
+
+impl Stats {
+    /// All rejected payloads, whatever the reason.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Rejected payloads for one reason (0 for an unknown reason).
+    pub fn rejected_for(&self, reason: &str) -> u64 {
+        self.rejected
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_rejections_by_reason() {
+        let c = Counters::default();
+        c.rejected(&DecodeError::Unrecognized);
+        c.rejected(&DecodeError::Unrecognized);
+        c.rejected(&DecodeError::UnknownVersion(3));
+        c.rejected(&DecodeError::TooLarge(9000));
+        c.rejected(&DecodeError::Malformed(String::new()));
+        c.rejected(&DecodeError::Update(
+            crate::error::UpdateError::UnknownType(5),
+        ));
+        let s = c.snapshot();
+        assert_eq!(s.rejected_for("unrecognized"), 2);
+        assert_eq!(s.rejected_for("unknown_version"), 1);
+        assert_eq!(s.rejected_total(), 6);
+    }
+}

@@ -1,0 +1,114 @@
+//! Shared test support: one PostgreSQL per test binary, a fresh channel per test.
+//!
+//! With `DATABASE_URL` set, tests use that server. Otherwise the first test to ask starts a
+//! private throwaway cluster (see `updatepipe::cluster::TempCluster`), shared by the tests of
+//! this binary and stopped when the binary exits.
+
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use updatepipe::cluster::TempCluster;
+use updatepipe::{ChannelName, Config, Update};
+
+struct Database {
+    url: String,
+    _cluster: Option<TempCluster>,
+}
+
+static DATABASE: OnceLock<Database> = OnceLock::new();
+
+fn database() -> &'static Database {
+    DATABASE.get_or_init(|| match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Database {
+            url,
+            _cluster: None,
+        },
+        _ => {
+            let cluster = TempCluster::start().unwrap_or_else(|e| panic!("{e}"));
+            Database {
+                url: cluster.url(),
+                _cluster: Some(cluster),
+            }
+        }
+    })
+}
+
+/// The URL of the test database.
+pub fn url() -> String {
+    database().url.clone()
+}
+
+/// A name unique to this test run: `prefix` and random hex, at most 63 bytes.
+pub fn unique(prefix: &str) -> String {
+    let mut name = format!("{prefix}_{:08x}", rand::random::<u32>());
+    if name.len() > 63 {
+        name.replace_range(0..name.len() - 63, "");
+    }
+    name
+}
+
+/// A configuration on a channel of its own, with an application name of its own (so the
+/// test can find its connections in `pg_stat_activity`).
+pub fn config(test: &str) -> Config {
+    config_on(&unique(test))
+}
+
+/// A configuration on the given channel.
+pub fn config_on(channel: &str) -> Config {
+    Config::from_url(&url())
+        .unwrap()
+        .with_channel(ChannelName::new(channel).unwrap())
+        .with_application_name(&unique("up"))
+}
+
+/// A plain client on the test database, for SQL the test runs itself.
+pub async fn sql() -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test database");
+    tokio::spawn(connection);
+    client
+}
+
+/// How long a test waits for something that should arrive.
+pub const ARRIVE: Duration = Duration::from_secs(10);
+
+/// How long a test watches for something that must not arrive.
+pub const SILENCE: Duration = Duration::from_millis(500);
+
+/// Receives exactly `n` updates, each within [`ARRIVE`], then checks that nothing more
+/// arrives within [`SILENCE`].
+pub async fn receive_exactly(rx: &mut mpsc::Receiver<Update>, n: usize) -> Vec<Update> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        match tokio::time::timeout(ARRIVE, rx.recv()).await {
+            Ok(Some(update)) => got.push(update),
+            Ok(None) => panic!("channel ended after {} of {n} updates", got.len()),
+            Err(_) => panic!("timed out after {} of {n} updates: {got:?}", got.len()),
+        }
+    }
+    assert_silent(rx).await;
+    got
+}
+
+/// Checks that nothing arrives within [`SILENCE`].
+pub async fn assert_silent(rx: &mut mpsc::Receiver<Update>) {
+    if let Ok(Some(extra)) = tokio::time::timeout(SILENCE, rx.recv()).await {
+        panic!("unexpected update: {}", extra.to_json());
+    }
+}
+
+/// How many connections with this application name the server has.
+pub async fn connections(client: &tokio_postgres::Client, application_name: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&application_name],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
