@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Timeouts,
+};
 use tokio_postgres::{GenericClient, NoTls};
 
 use crate::channel::ChannelName;
@@ -80,7 +82,7 @@ impl Pusher {
     /// Checks out a connection and proves it works: early errors for `init_push`.
     pub(crate) async fn init(&self) -> Result<(), Error> {
         self.with_timeout("preparing to push", async {
-            let client = self.pool.get().await?;
+            let client = self.checkout().await?;
             client.prepare_cached(NOTIFY_SQL).await?;
             Ok(())
         })
@@ -95,7 +97,7 @@ impl Pusher {
             return Ok(());
         }
         self.with_timeout("pushing", async {
-            let mut client = self.pool.get().await?;
+            let mut client = self.checkout().await?;
             let statement = client.prepare_cached(NOTIFY_SQL).await?;
             let channel = self.channel.as_str();
             if let [payload] = payloads.as_slice() {
@@ -128,6 +130,19 @@ impl Pusher {
         }
         self.counters.pushed(updates.len());
         Ok(())
+    }
+
+    /// A pooled connection, with the pool's errors told as what they mean to the caller.
+    async fn checkout(&self) -> Result<Object, Error> {
+        self.pool.get().await.map_err(|e| match e {
+            PoolError::Backend(e) => Error::Connect(e),
+            PoolError::Timeout(_) => Error::Timeout {
+                what: "waiting for a pooled connection",
+                after: self.timeout,
+            },
+            PoolError::Closed => Error::Closed,
+            other => Error::Pool(other),
+        })
     }
 
     async fn with_timeout<T>(

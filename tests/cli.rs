@@ -1,0 +1,194 @@
+//! The `updatepipe` binary against a real PostgreSQL.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn updatepipe() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_updatepipe"));
+    command
+        .env("DATABASE_URL", support::url())
+        .env_remove("RUST_LOG");
+    command
+}
+
+fn run(args: &[&str]) -> Output {
+    updatepipe()
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Lines of a child's stream, readable with a timeout.
+fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn listen_prints_what_push_sends_as_json_lines() {
+    let channel = support::unique("Cli Channel");
+    let mut listener = updatepipe()
+        .args(["listen", "--channel", &channel])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines(listener.stdout.take().unwrap());
+    let err = lines(listener.stderr.take().unwrap());
+    let ready = err
+        .recv_timeout(Duration::from_secs(20))
+        .expect("listener starts");
+    assert!(ready.contains("listening"), "{ready}");
+
+    let one = r#"{"Type":1,"Key":42,"SeqSet":"17","NewFlags":["\\Seen"]}"#;
+    let pushed = run(&["push", "--channel", &channel, one]);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+
+    let many = "{\"Type\":2,\"Key\":\"INBOX\",\"SeqSet\":\"3:5\"}\n{\"Type\":3,\"Key\":7}\n";
+    let mut push = updatepipe()
+        .args(["push", "--channel", &channel])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    push.stdin
+        .take()
+        .unwrap()
+        .write_all(many.as_bytes())
+        .unwrap();
+    assert!(push.wait().unwrap().success());
+
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(
+            out.recv_timeout(Duration::from_secs(10))
+                .expect("a line per update"),
+        );
+    }
+    assert_eq!(
+        got,
+        [
+            one,
+            r#"{"Type":2,"Key":"INBOX","SeqSet":"3:5"}"#,
+            r#"{"Type":3,"Key":7}"#
+        ]
+    );
+    assert!(
+        out.recv_timeout(Duration::from_millis(300)).is_err(),
+        "nothing more"
+    );
+    listener.kill().unwrap();
+    listener.wait().unwrap();
+}
+
+#[test]
+fn bad_updates_exit_2_with_one_line_and_send_nothing() {
+    for (args, stdin, expect) in [
+        (
+            vec!["push", "{\"Type\":9,\"Key\":1}"],
+            "",
+            "unknown update type 9",
+        ),
+        (vec!["push", "not json"], "", "invalid update JSON"),
+        (
+            vec!["push"],
+            "{\"Type\":0,\"Key\":1}\n{\"Type\":0,\"Key\":1,\"SeqSet\":\"0\"}\n",
+            "line 2: invalid sequence set",
+        ),
+        (
+            vec!["push", "--channel", "", "{\"Type\":0,\"Key\":1}"],
+            "",
+            "invalid channel name",
+        ),
+    ] {
+        let mut child = updatepipe()
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        let message = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {message}");
+        assert_eq!(message.lines().count(), 1, "{message}");
+        assert!(message.contains(expect), "{args:?}: {message}");
+    }
+}
+
+#[test]
+fn an_unknown_flag_is_a_usage_error() {
+    let output = run(&["push", "--bogus"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("--bogus"));
+}
+
+#[test]
+fn an_unreachable_server_exits_3_quickly() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let started = std::time::Instant::now();
+    let output = run(&["--url", &url, "push", "{\"Type\":0,\"Key\":1}"]);
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert!(stderr(&output).contains("cannot connect to PostgreSQL"));
+    let output = run(&["--url", &url, "listen"]);
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn migrate_succeeds_twice() {
+    for _ in 0..2 {
+        let output = run(&["migrate"]);
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    let output = run(&["migrate"]);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "schema is up to date"
+    );
+}
+
+#[test]
+fn the_demo_shows_no_echo() {
+    let output = run(&["demo"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", stderr(&output));
+    assert!(
+        stdout.contains("node B received {\"Type\":0,\"Key\":\"INBOX\",\"SeqSet\":\"1\"}"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("No node received its own updates."),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("unexpected"), "{stdout}");
+}
