@@ -16,6 +16,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default time allowed for one push, from the call to the commit.
 pub const DEFAULT_PUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The default bound on the updates one push transaction carries.
+pub const DEFAULT_MAX_BATCH: usize = 4096;
+
 /// How a pipe reaches PostgreSQL, and its bounds.
 ///
 /// Built from what users already have: [`Config::from_url`] takes a `postgres://` URL or a
@@ -41,6 +44,8 @@ pub struct Config {
     pool_size: usize,
     connect_timeout: Duration,
     push_timeout: Duration,
+    max_batch: usize,
+    max_batch_wait: Duration,
 }
 
 impl Config {
@@ -157,6 +162,8 @@ impl Config {
             pool_size: DEFAULT_POOL_SIZE,
             connect_timeout,
             push_timeout: DEFAULT_PUSH_TIMEOUT,
+            max_batch: DEFAULT_MAX_BATCH,
+            max_batch_wait: Duration::ZERO,
         }
     }
 
@@ -182,6 +189,21 @@ impl Config {
     /// The time allowed for one push, from the call to the commit (default 10 s).
     pub fn with_push_timeout(mut self, timeout: Duration) -> Self {
         self.push_timeout = timeout;
+        self
+    }
+
+    /// The most updates one push transaction gathers from concurrent pushes (default 4096,
+    /// at least 1). A single `push_many` larger than this still goes in one transaction.
+    pub fn with_max_batch(mut self, updates: usize) -> Self {
+        self.max_batch = updates.max(1);
+        self
+    }
+
+    /// How long a push waits for company before it is sent (default zero: a push goes out
+    /// at once, and pushes that arrive while one is in flight gather for the next). A
+    /// small wait makes bigger batches at low concurrency, at the cost of that latency.
+    pub fn with_max_batch_wait(mut self, wait: Duration) -> Self {
+        self.max_batch_wait = wait;
         self
     }
 
@@ -216,6 +238,16 @@ impl Config {
     pub fn push_timeout(&self) -> Duration {
         self.push_timeout
     }
+
+    /// The bound on updates per push transaction.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// How long a push waits for company.
+    pub fn max_batch_wait(&self) -> Duration {
+        self.max_batch_wait
+    }
 }
 
 impl fmt::Debug for Config {
@@ -227,6 +259,8 @@ impl fmt::Debug for Config {
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
             .field("push_timeout", &self.push_timeout)
+            .field("max_batch", &self.max_batch)
+            .field("max_batch_wait", &self.max_batch_wait)
             .finish()
     }
 }

@@ -127,7 +127,8 @@ impl Envelope {
         updates: &[Update],
     ) -> Result<String, Error> {
         let encoded: Vec<String> = updates.iter().map(Update::to_json).collect();
-        let payload = write_v1(origin, pid, seq, &encoded);
+        let origin = serde_json::to_string(origin.as_str()).expect("a string always serializes");
+        let payload = write_v1(&origin, pid, seq, encoded.iter().map(String::as_str));
         if payload.len() > MAX_PAYLOAD_LEN {
             return Err(Error::PayloadTooLarge {
                 size: payload.len(),
@@ -143,36 +144,15 @@ impl Envelope {
     pub fn pack_v1(
         origin: &Origin,
         pid: u32,
-        mut next_seq: impl FnMut() -> u64,
+        next_seq: impl FnMut() -> u64,
         updates: &[Update],
     ) -> Result<Vec<String>, Error> {
-        // The header with the longest possible sequence number, and the closing `]}`.
-        let overhead = write_v1(origin, pid, u64::MAX, &[]).len();
-        let mut groups: Vec<Vec<String>> = Vec::new();
-        let mut size = overhead;
-        for update in updates {
-            let json = update.to_json();
-            if overhead + json.len() > MAX_PAYLOAD_LEN {
-                return Err(Error::PayloadTooLarge {
-                    size: overhead + json.len(),
-                    limit: MAX_PAYLOAD_LEN,
-                });
-            }
-            match groups.last_mut() {
-                Some(group) if size + 1 + json.len() <= MAX_PAYLOAD_LEN => {
-                    size += 1 + json.len();
-                    group.push(json);
-                }
-                _ => {
-                    size = overhead + json.len();
-                    groups.push(vec![json]);
-                }
-            }
-        }
-        Ok(groups
+        let packer = Packer::new(origin, pid);
+        let encoded = updates
             .iter()
-            .map(|group| write_v1(origin, pid, next_seq(), group))
-            .collect())
+            .map(|u| packer.encode(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(packer.pack(encoded.iter().map(String::as_str), next_seq))
     }
 
     /// Encodes this envelope in version 1 form.
@@ -235,15 +215,92 @@ impl Envelope {
     }
 }
 
-/// Writes `{"v":1,"o":…,"p":…,"s":…,"u":[…]}` around updates already in JSON.
-fn write_v1(origin: &Origin, pid: u32, seq: u64, updates: &[String]) -> String {
-    let origin = serde_json::to_string(origin.as_str()).expect("a string always serializes");
-    let body: usize = updates.iter().map(|u| u.len() + 1).sum();
-    let mut out = String::with_capacity(48 + origin.len() + body);
-    out.push_str("{\"v\":1,\"o\":");
-    out.push_str(&origin);
-    out.push_str(&format!(",\"p\":{pid},\"s\":{seq},\"u\":["));
-    for (i, update) in updates.iter().enumerate() {
+/// Packs updates already encoded as JSON into version 1 payloads for one sender.
+#[derive(Clone, Debug)]
+pub(crate) struct Packer {
+    origin_json: String,
+    pid: u32,
+    /// The envelope around no update, with the longest possible sequence number.
+    overhead: usize,
+}
+
+impl Packer {
+    pub(crate) fn new(origin: &Origin, pid: u32) -> Self {
+        let origin_json =
+            serde_json::to_string(origin.as_str()).expect("a string always serializes");
+        let overhead = write_v1(&origin_json, pid, u64::MAX, std::iter::empty()).len();
+        Packer {
+            origin_json,
+            pid,
+            overhead,
+        }
+    }
+
+    /// An update's JSON, checked to fit in an envelope of its own.
+    pub(crate) fn encode(&self, update: &Update) -> Result<String, Error> {
+        let json = update.to_json();
+        let size = self.overhead + json.len();
+        if size > MAX_PAYLOAD_LEN {
+            return Err(Error::PayloadTooLarge {
+                size,
+                limit: MAX_PAYLOAD_LEN,
+            });
+        }
+        Ok(json)
+    }
+
+    /// Packs encoded updates, in order, greedily into payloads of at most
+    /// [`MAX_PAYLOAD_LEN`] bytes, each numbered by `next_seq`. Every item must come from
+    /// [`Packer::encode`].
+    pub(crate) fn pack<'a>(
+        &self,
+        encoded: impl IntoIterator<Item = &'a str>,
+        mut next_seq: impl FnMut() -> u64,
+    ) -> Vec<String> {
+        let mut payloads = Vec::new();
+        let mut group: Vec<&str> = Vec::new();
+        let mut size = self.overhead;
+        for json in encoded {
+            let added = json.len() + usize::from(!group.is_empty());
+            if !group.is_empty() && size + added > MAX_PAYLOAD_LEN {
+                payloads.push(write_v1(
+                    &self.origin_json,
+                    self.pid,
+                    next_seq(),
+                    group.drain(..),
+                ));
+                size = self.overhead;
+            }
+            size += json.len() + usize::from(!group.is_empty());
+            group.push(json);
+        }
+        if !group.is_empty() {
+            payloads.push(write_v1(
+                &self.origin_json,
+                self.pid,
+                next_seq(),
+                group.drain(..),
+            ));
+        }
+        payloads
+    }
+}
+
+/// Writes `{"v":1,"o":…,"p":…,"s":…,"u":[…]}` around updates already in JSON; `origin_json`
+/// is the origin as a JSON string.
+fn write_v1<'a>(
+    origin_json: &str,
+    pid: u32,
+    seq: u64,
+    updates: impl Iterator<Item = &'a str>,
+) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(MAX_PAYLOAD_LEN.min(1024));
+    let _ = write!(
+        out,
+        "{{\"v\":1,\"o\":{origin_json},\"p\":{pid},\"s\":{seq},\"u\":["
+    );
+    for (i, update) in updates.enumerate() {
         if i > 0 {
             out.push(',');
         }

@@ -67,6 +67,12 @@ pub enum Error {
         after: Duration,
     },
 
+    /// The batch this push travelled in failed; every push in it gets the same cause.
+    /// Nothing of the batch was committed, unless the connection broke while committing
+    /// (then the outcome is unknown, as for any statement whose answer is lost).
+    #[error("{0}")]
+    Batch(std::sync::Arc<Error>),
+
     /// `listen` was called on a pipe that is already listening.
     #[error("this pipe is already listening; create another pipe for a second listener")]
     AlreadyListening,
@@ -85,6 +91,7 @@ impl Error {
     /// connection) rather than from bad input or from the server refusing a statement.
     pub fn is_connection(&self) -> bool {
         match self {
+            Error::Batch(e) => e.is_connection(),
             Error::Connect(_) | Error::Timeout { .. } => true,
             Error::Pool(_) => true,
             Error::Postgres(e) => e.as_db_error().is_none(),
@@ -95,6 +102,9 @@ impl Error {
     /// Whether the error is bad input from the caller (an invalid update, channel or
     /// configuration).
     pub fn is_invalid_input(&self) -> bool {
+        if let Error::Batch(e) = self {
+            return e.is_invalid_input();
+        }
         matches!(
             self,
             Error::InvalidUpdate(_)

@@ -71,7 +71,9 @@ mod stats;
 mod update;
 
 pub use channel::{ChannelName, MAX_CHANNEL_LEN};
-pub use config::{Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT};
+pub use config::{
+    Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_BATCH, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT,
+};
 pub use envelope::{ENVELOPE_VERSION, Envelope, MAX_PAYLOAD_LEN, Origin, WireFormat};
 pub use error::{DecodeError, Error, UpdateError};
 pub use migrate::{MIGRATION_TABLE, MigrationInfo, embedded_migrations};

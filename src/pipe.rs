@@ -202,7 +202,7 @@ impl UpdatePipe for PgPipe {
         if let Some(listener) = listener {
             listener.stop().await;
         }
-        self.inner.pusher.close();
+        self.inner.pusher.close().await;
         Ok(())
     }
 }

@@ -17,6 +17,7 @@ const REJECT_REASONS: [&str; 5] = [
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pushed: AtomicU64,
+    batches: AtomicU64,
     delivered: AtomicU64,
     echoes: AtomicU64,
     rejected: [AtomicU64; REJECT_REASONS.len()],
@@ -25,6 +26,10 @@ pub(crate) struct Counters {
 impl Counters {
     pub(crate) fn pushed(&self, n: usize) {
         self.pushed.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn batch(&self) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn delivered(&self, n: usize) {
@@ -47,6 +52,7 @@ impl Counters {
     pub(crate) fn snapshot(&self) -> Stats {
         Stats {
             pushed: self.pushed.load(Ordering::Relaxed),
+            batches: self.batches.load(Ordering::Relaxed),
             delivered: self.delivered.load(Ordering::Relaxed),
             echoes_dropped: self.echoes.load(Ordering::Relaxed),
             rejected: REJECT_REASONS
@@ -65,6 +71,8 @@ pub struct Stats {
     /// Updates this pipe pushed and saw committed (pool pushes) or handed to the caller's
     /// transaction (pushes inside it).
     pub pushed: u64,
+    /// Transactions the pool-push path committed, each carrying one or more pushes.
+    pub batches: u64,
     /// Updates from other senders handed to the listener's channel.
     pub delivered: u64,
     /// Envelopes dropped because this pipe sent them.

@@ -1,0 +1,128 @@
+//! Batching on the push path: concurrent pushes share transactions, yet each keeps its own
+//! error, its own order and its own commit.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use support::{config_on, receive_exactly, unique};
+use tokio::sync::mpsc;
+use updatepipe::{Error, MailboxKey, PgPipe, SeqSet, Update, UpdatePipe};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pushes_keep_their_own_errors_and_order() {
+    const PUSHERS: u64 = 64;
+    const EACH: u32 = 100;
+    let channel = unique("batch");
+    let listener = PgPipe::new(config_on(&channel)).unwrap();
+    let (tx, mut rx) = mpsc::channel(100_000);
+    listener.listen(tx).await.unwrap();
+    let pusher = Arc::new(PgPipe::new(config_on(&channel)).unwrap());
+
+    let mut tasks = Vec::new();
+    for key in 0..PUSHERS {
+        let pusher = pusher.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut failures = 0;
+            for uid in 1..=EACH {
+                // Every tenth push of the odd pushers is too large: it must fail alone.
+                if key % 2 == 1 && uid % 10 == 0 {
+                    let huge = Update::mailbox_destroyed(MailboxKey::Name("x".repeat(8000)));
+                    let err = pusher.push(&huge).await.unwrap_err();
+                    assert!(matches!(err, Error::PayloadTooLarge { .. }), "{err}");
+                    failures += 1;
+                }
+                pusher
+                    .push(&Update::new_message(key, SeqSet::single(uid).unwrap()))
+                    .await
+                    .unwrap_or_else(|e| panic!("pusher {key}, update {uid}: {e}"));
+            }
+            failures
+        }));
+    }
+    let mut failures = 0;
+    for task in tasks {
+        failures += task.await.unwrap();
+    }
+    assert_eq!(failures, (PUSHERS / 2) as u32 * (EACH / 10));
+
+    let received = receive_exactly(&mut rx, (PUSHERS as usize) * EACH as usize).await;
+    let mut next: HashMap<MailboxKey, u32> = HashMap::new();
+    for update in received {
+        let uid = update.seq_set().as_single().unwrap();
+        let expected = next.entry(update.key().clone()).or_insert(1);
+        assert_eq!(uid, *expected, "mailbox {} out of order", update.key());
+        *expected += 1;
+    }
+    assert_eq!(next.len(), PUSHERS as usize);
+    assert!(next.values().all(|n| *n == EACH + 1));
+
+    // Batching happened: fewer transactions than pushes.
+    let stats = pusher.stats();
+    assert_eq!(stats.pushed, PUSHERS * u64::from(EACH));
+    assert!(stats.batches < stats.pushed, "{stats:?}");
+    listener.close().await.unwrap();
+    pusher.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_recover_after_the_pool_connection_is_killed() {
+    let channel = unique("batchfail");
+    let config = config_on(&channel).with_pool_size(1);
+    let app = config.pg().get_application_name().unwrap().to_owned();
+    let pusher = Arc::new(PgPipe::new(config).unwrap());
+    pusher.init_push().await.unwrap();
+    // Kill the pool's only connection. The pool may notice before the next batch (then it
+    // connects anew) or not (then that batch fails, with a connection error for every push
+    // in it); either way the pushes after it succeed.
+    let admin = support::sql().await;
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut outcomes = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..8u32 {
+        let pusher = pusher.clone();
+        tasks.push(tokio::spawn(async move {
+            pusher
+                .push(&Update::new_message(1, SeqSet::single(i + 1).unwrap()))
+                .await
+        }));
+    }
+    for task in tasks {
+        outcomes.push(task.await.unwrap());
+    }
+    for outcome in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+        assert!(outcome.is_connection(), "{outcome:?}");
+    }
+    // Whatever the first batch did, pushes after it succeed.
+    for i in 0..3 {
+        pusher
+            .push(&Update::new_message(2, SeqSet::single(i + 1).unwrap()))
+            .await
+            .unwrap();
+    }
+    pusher.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_push_many_larger_than_the_batch_bound_is_still_one_transaction() {
+    let channel = unique("bigmany");
+    let listener = PgPipe::new(config_on(&channel)).unwrap();
+    let (tx, mut rx) = mpsc::channel(10_000);
+    listener.listen(tx).await.unwrap();
+    let pusher = PgPipe::new(config_on(&channel).with_max_batch(10)).unwrap();
+    let updates: Vec<Update> = (1..=500)
+        .map(|i| Update::expunge(7, SeqSet::single(i).unwrap()))
+        .collect();
+    pusher.push_many(&updates).await.unwrap();
+    assert_eq!(receive_exactly(&mut rx, 500).await, updates);
+    listener.close().await.unwrap();
+    pusher.close().await.unwrap();
+}
