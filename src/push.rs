@@ -2,12 +2,15 @@
 //! channel, through the pool or inside the caller's own transaction.
 //!
 //! Pool pushes are batched. Each push encodes and checks its own updates (so a bad update
-//! fails only its own push), then queues them for the pipe's flusher task. The flusher sends
+//! fails only its own push), then queues them. One flush is in flight at a time: it sends
 //! whatever is queued in one statement (one transaction), packing the updates into as few
-//! envelopes as fit; while that flush is in flight, new pushes gather for the next. A lone
-//! push at low load goes out at once. Every push resolves only when the transaction holding
-//! its updates has committed, with that transaction's outcome.
+//! envelopes as fit; while it is in flight, new pushes gather for the next. A push that
+//! finds no flush in flight sends its own updates at once, on its own task (no hand-off, so a
+//! lone push costs what a plain `pg_notify` costs); when it is done and others have queued
+//! meanwhile, a flusher task takes over until the queue is empty. Every push resolves only
+//! when the transaction holding its updates has committed, with that transaction's outcome.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,8 +18,7 @@ use std::time::Duration;
 use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Timeouts,
 };
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 use tokio_postgres::{GenericClient, NoTls};
 
@@ -40,11 +42,9 @@ const NOTIFY_MANY: &str =
 #[derive(Debug)]
 pub(crate) struct Pusher {
     shared: Arc<Shared>,
-    queue: Mutex<Option<mpsc::Sender<Request>>>,
-    flusher: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// What the pipe's handles and its flusher task share.
+/// What the pipe's handles and its flushers share.
 #[derive(Debug)]
 struct Shared {
     pool: Pool,
@@ -55,9 +55,20 @@ struct Shared {
     max_batch: usize,
     max_batch_wait: Duration,
     counters: Arc<Counters>,
+    queue: Mutex<Queue>,
+    /// Signalled whenever the last flush ends with nothing queued.
+    idle: Notify,
 }
 
-/// One push waiting for the flusher: its updates, already encoded and checked, and where to
+/// The pushes waiting for a flush, and whether one is in flight.
+#[derive(Debug, Default)]
+struct Queue {
+    pending: VecDeque<Request>,
+    flushing: bool,
+    closed: bool,
+}
+
+/// One push waiting for a flush: its updates, already encoded and checked, and where to
 /// send the outcome.
 #[derive(Debug)]
 struct Request {
@@ -66,7 +77,7 @@ struct Request {
 }
 
 impl Pusher {
-    /// A pusher with its pool and flusher task. Nothing connects until the first push.
+    /// A pusher with its pool. Nothing connects until the first push.
     pub(crate) fn new(
         config: &Config,
         origin: Origin,
@@ -101,15 +112,10 @@ impl Pusher {
             max_batch: config.max_batch(),
             max_batch_wait: config.max_batch_wait(),
             counters,
+            queue: Mutex::new(Queue::default()),
+            idle: Notify::new(),
         });
-        // The queue's bound only limits memory; pushers are limited by awaiting their turn.
-        let (queue, requests) = mpsc::channel(config.max_batch().clamp(64, 65_536));
-        let flusher = tokio::spawn(shared.clone().run(requests));
-        Ok(Pusher {
-            shared,
-            queue: Mutex::new(Some(queue)),
-            flusher: Mutex::new(Some(flusher)),
-        })
+        Ok(Pusher { shared })
     }
 
     /// Checks out a connection and proves it works: early errors for `init_push`.
@@ -135,32 +141,42 @@ impl Pusher {
         if encoded.is_empty() {
             return Ok(());
         }
-        let queue = self
-            .queue
-            .lock()
-            .expect("queue lock")
-            .clone()
-            .ok_or(Error::Closed)?;
+        let shared = &self.shared;
         let (done, outcome) = oneshot::channel();
-        let timeout = self.shared.timeout;
-        let work = async {
-            let request = Request {
+        let lead = {
+            let mut queue = shared.queue.lock().expect("push queue lock");
+            if queue.closed {
+                return Err(Error::Closed);
+            }
+            queue.pending.push_back(Request {
                 updates: encoded,
                 done,
-            };
-            queue.send(request).await.map_err(|_| Error::Closed)?;
-            outcome
-                .await
-                .map_err(|_| Error::Closed)?
-                .map_err(Error::Batch)
+            });
+            !std::mem::replace(&mut queue.flushing, true)
         };
-        tokio::time::timeout(timeout, work)
+        if lead {
+            if shared.max_batch_wait.is_zero() {
+                // No flush was in flight, so this push is first in the queue: send it alone,
+                // from here. (Alone: if the caller gives up midway, no other push's flush is
+                // cut short with it.)
+                let mut guard = LeadGuard(Some(shared.clone()));
+                shared.flush_queued(1).await;
+                shared.clone().hand_over();
+                guard.0 = None;
+            } else {
+                tokio::spawn(shared.clone().drain());
+            }
+        }
+        let timeout = shared.timeout;
+        tokio::time::timeout(timeout, outcome)
             .await
-            .unwrap_or(Err(Error::Timeout {
+            .map_err(|_| Error::Timeout {
                 what: "pushing",
                 after: timeout,
-            }))?;
-        self.shared.counters.pushed(updates.len());
+            })?
+            .map_err(|_| Error::Closed)?
+            .map_err(Error::Batch)?;
+        shared.counters.pushed(updates.len());
         Ok(())
     }
 
@@ -194,58 +210,118 @@ impl Pusher {
             .collect()
     }
 
-    /// Stops taking pushes, lets the flusher finish what is queued, then closes the pool.
+    /// Stops taking pushes, lets the flushes in flight finish what is queued, then closes
+    /// the pool.
     pub(crate) async fn close(&self) {
-        drop(self.queue.lock().expect("queue lock").take());
-        let flusher = self.flusher.lock().expect("flusher lock").take();
-        if let Some(flusher) = flusher
-            && let Err(e) = flusher.await
-            && e.is_panic()
-        {
-            tracing::error!(target: TARGET, "push flusher panicked: {e}");
+        let shared = &self.shared;
+        loop {
+            let idle = shared.idle.notified();
+            {
+                let mut queue = shared.queue.lock().expect("push queue lock");
+                queue.closed = true;
+                if !queue.flushing {
+                    break;
+                }
+            }
+            idle.await;
         }
-        self.shared.pool.close();
+        shared.pool.close();
+    }
+}
+
+/// Hands the queue to a flusher task if the push leading it is dropped mid-flush (its
+/// caller gave up), so the pushes queued behind it are not stranded.
+struct LeadGuard(Option<Arc<Shared>>);
+
+impl Drop for LeadGuard {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            shared.hand_over();
+        }
     }
 }
 
 impl Shared {
-    /// The flusher: takes what is queued, up to the batch bound, and sends it in one
-    /// transaction; repeats until every handle is gone.
-    async fn run(self: Arc<Self>, mut requests: mpsc::Receiver<Request>) {
-        let mut batch: Vec<Request> = Vec::new();
-        while let Some(first) = requests.recv().await {
-            let mut count = first.updates.len();
-            batch.push(first);
-            if !self.max_batch_wait.is_zero() {
-                let deadline = Instant::now() + self.max_batch_wait;
-                while count < self.max_batch {
-                    match tokio::time::timeout_at(deadline, requests.recv()).await {
-                        Ok(Some(request)) => {
-                            count += request.updates.len();
-                            batch.push(request);
-                        }
-                        _ => break,
-                    }
-                }
+    /// Ends a flush: with nothing queued, no flush is in flight any more; otherwise a
+    /// flusher task takes over.
+    fn hand_over(self: Arc<Self>) {
+        let mut queue = self.queue.lock().expect("push queue lock");
+        if queue.pending.is_empty() {
+            queue.flushing = false;
+            drop(queue);
+            self.idle.notify_waiters();
+            return;
+        }
+        drop(queue);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(self.drain());
             }
-            while count < self.max_batch {
-                match requests.try_recv() {
-                    Ok(request) => {
-                        count += request.updates.len();
-                        batch.push(request);
-                    }
-                    Err(_) => break,
-                }
-            }
-            let outcome = self.flush(&batch).await.map_err(Arc::new);
-            if let Err(e) = &outcome {
-                tracing::warn!(target: TARGET, error = %e, pushes = batch.len(), updates = count, "a push batch failed");
-            }
-            for request in batch.drain(..) {
-                // A pusher that gave up (timeout, cancelled) no longer listens: fine.
-                let _ = request.done.send(outcome.clone());
+            Err(_) => {
+                // No runtime (it is shutting down): nothing can be sent any more.
+                let mut queue = self.queue.lock().expect("push queue lock");
+                queue.pending.clear();
+                queue.flushing = false;
+                drop(queue);
+                self.idle.notify_waiters();
             }
         }
+    }
+
+    /// A flusher task: flushes until the queue is empty.
+    async fn drain(self: Arc<Self>) {
+        if !self.max_batch_wait.is_zero() {
+            // Let company gather, up to the bound.
+            let deadline = Instant::now() + self.max_batch_wait;
+            while Instant::now() < deadline && self.queued() < self.max_batch {
+                tokio::time::sleep(Duration::from_micros(100).min(self.max_batch_wait)).await;
+            }
+        }
+        loop {
+            if !self.flush_queued(usize::MAX).await {
+                return;
+            }
+        }
+    }
+
+    fn queued(&self) -> usize {
+        let queue = self.queue.lock().expect("push queue lock");
+        queue.pending.iter().map(|r| r.updates.len()).sum()
+    }
+
+    /// Flushes one batch of at most `max_pushes` pushes from the queue and resolves them.
+    /// Returns false, with the flush marked finished, when the queue was empty.
+    async fn flush_queued(&self, max_pushes: usize) -> bool {
+        let batch = {
+            let mut queue = self.queue.lock().expect("push queue lock");
+            if queue.pending.is_empty() {
+                queue.flushing = false;
+                drop(queue);
+                self.idle.notify_waiters();
+                return false;
+            }
+            let mut count = 0;
+            let mut batch = Vec::new();
+            while let Some(request) = queue.pending.front() {
+                if batch.len() == max_pushes
+                    || (count > 0 && count + request.updates.len() > self.max_batch)
+                {
+                    break;
+                }
+                count += request.updates.len();
+                batch.push(queue.pending.pop_front().expect("a front request"));
+            }
+            batch
+        };
+        let outcome = self.flush(&batch).await.map_err(Arc::new);
+        if let Err(e) = &outcome {
+            tracing::warn!(target: TARGET, error = %e, pushes = batch.len(), "a push batch failed");
+        }
+        for request in batch {
+            // A pusher that gave up (timeout, cancelled) no longer listens: fine.
+            let _ = request.done.send(outcome.clone());
+        }
+        true
     }
 
     /// Sends one batch in one statement, within the push timeout.

@@ -2,13 +2,15 @@
 
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
-use std::time::Duration;
+
+mod bench;
+mod demo;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::sync::mpsc;
 use updatepipe::cluster::TempCluster;
-use updatepipe::{ChannelName, Config, Error, PgPipe, SeqSet, Update, UpdatePipe};
+use updatepipe::{ChannelName, Config, Error, PgPipe, Update, UpdatePipe};
 
 /// Carries IMAP mailbox updates between processes through PostgreSQL LISTEN/NOTIFY.
 ///
@@ -58,6 +60,15 @@ enum Command {
     /// Uses --url or DATABASE_URL when given; otherwise starts a throwaway PostgreSQL
     /// cluster from the local installation and removes it afterwards.
     Demo,
+
+    /// Measure throughput and latency, side by side with a raw tokio-postgres baseline.
+    ///
+    /// Uses --url or DATABASE_URL when given; otherwise a throwaway cluster.
+    ///
+    /// Examples:
+    ///   updatepipe bench
+    ///   updatepipe bench --scale 0.2 --json
+    Bench(bench::BenchArgs),
 }
 
 /// Exit codes: distinct for bad input, connection failure and server errors.
@@ -143,7 +154,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pipe.close().await?;
             Ok(())
         }
-        Command::Demo => demo(cli.url).await,
+        Command::Demo => {
+            let (config, _cluster) = database(cli.url.as_deref(), "demo").await?;
+            demo::run(config).await
+        }
+        Command::Bench(args) => {
+            let (config, _cluster) = database(cli.url.as_deref(), "benchmark").await?;
+            // On a worker thread like every task it measures, not on the main thread, where
+            // each wake-up would cost a thread hand-off.
+            tokio::spawn(bench::run(config, args)).await?
+        }
     }
 }
 
@@ -152,6 +172,21 @@ fn config(url: Option<&str>) -> Result<Config, Error> {
         Some(url) => Config::from_url(url),
         None => Config::from_env(),
     }
+}
+
+/// The database for the demo and the benchmark: --url, else the environment when it names
+/// one, else a throwaway cluster (returned, so it lives as long as the caller keeps it).
+async fn database(url: Option<&str>, what: &str) -> anyhow::Result<(Config, Option<TempCluster>)> {
+    if url.is_some() || Config::env_names_database() {
+        return Ok((config(url)?, None));
+    }
+    eprintln!("No DATABASE_URL: starting a throwaway PostgreSQL cluster...");
+    let cluster = tokio::task::spawn_blocking(TempCluster::start).await??;
+    eprintln!(
+        "  PostgreSQL is up on 127.0.0.1:{} (removed when the {what} ends)",
+        cluster.port()
+    );
+    Ok((cluster.config(), Some(cluster)))
 }
 
 async fn listen(config: Config) -> anyhow::Result<()> {
@@ -237,138 +272,6 @@ fn read_updates(input: impl BufRead) -> anyhow::Result<Vec<Update>> {
         updates.push(update);
     }
     Ok(updates)
-}
-
-/// Two nodes and an admin tool, through one PostgreSQL.
-async fn demo(url: Option<String>) -> anyhow::Result<()> {
-    let mut cluster = None;
-    let base = match url {
-        Some(url) => Config::from_url(&url)?,
-        None if Config::env_names_database() => Config::from_env()?,
-        None => {
-            println!("No DATABASE_URL: starting a throwaway PostgreSQL cluster...");
-            let started = tokio::task::spawn_blocking(TempCluster::start).await??;
-            println!(
-                "  PostgreSQL is up on 127.0.0.1:{} (removed when the demo ends)",
-                started.port()
-            );
-            let config = started.config();
-            cluster = Some(started);
-            config
-        }
-    };
-    // A channel of its own, so the demo never disturbs real listeners.
-    let channel = ChannelName::new(format!("updatepipe_demo_{:08x}", rand::random::<u32>()))?;
-    let config = base
-        .with_channel(channel.clone())
-        .with_application_name("updatepipe-demo");
-    println!("Channel: {}\n", channel.as_str());
-
-    let a = PgPipe::new(config.clone())?;
-    let b = PgPipe::new(config.clone())?;
-    let admin = PgPipe::new(config.clone())?;
-    let (a_tx, mut a_rx) = mpsc::channel(64);
-    let (b_tx, mut b_rx) = mpsc::channel(64);
-    a.listen(a_tx).await?;
-    b.listen(b_tx).await?;
-    println!("node A listening (origin {})", a.origin());
-    println!("node B listening (origin {})\n", b.origin());
-
-    let mut nodes = [("node A", &a, &mut a_rx), ("node B", &b, &mut b_rx)];
-
-    println!("node A pushes a new message in INBOX:");
-    let update = Update::new_message("INBOX", SeqSet::single(1)?);
-    a.push(&update).await?;
-    show(&mut nodes, &[0, 1]).await;
-
-    println!("node B pushes a flag change in mailbox 42:");
-    let update = Update::flags_changed(42, 1, ["\\Seen".parse()?])?;
-    b.push(&update).await?;
-    show(&mut nodes, &[1, 0]).await;
-
-    println!("the admin tool stores a message and pushes inside the same transaction:");
-    let (mut client, connection) = config
-        .pg()
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(Error::Connect)?;
-    let connection = tokio::spawn(connection);
-    client
-        .batch_execute("CREATE TEMP TABLE messages (mailbox text, uid int, body text)")
-        .await
-        .map_err(Error::from)?;
-    let tx = client.transaction().await.map_err(Error::from)?;
-    tx.execute("INSERT INTO messages VALUES ('Archive', 7, 'hello')", &[])
-        .await
-        .map_err(Error::from)?;
-    admin
-        .push_in(&tx, &Update::new_message("Archive", SeqSet::single(7)?))
-        .await?;
-    println!("  (before COMMIT nobody has it)");
-    silent(&mut nodes).await;
-    tx.commit().await.map_err(Error::from)?;
-    println!("  COMMIT");
-    show(&mut nodes, &[1, 1]).await;
-
-    println!("the admin tool expunges inside a transaction, then rolls it back:");
-    let tx = client.transaction().await.map_err(Error::from)?;
-    admin
-        .push_in(&tx, &Update::expunge("Archive", SeqSet::single(7)?))
-        .await?;
-    tx.rollback().await.map_err(Error::from)?;
-    println!("  ROLLBACK");
-    silent(&mut nodes).await;
-    drop(client);
-    let _ = connection.await;
-
-    println!("\nSummary:");
-    let mut own_received = false;
-    for (name, pipe, _) in &nodes {
-        let stats = pipe.stats();
-        println!(
-            "  {name}: pushed {}, received {} from others, dropped {} of its own",
-            stats.pushed, stats.delivered, stats.echoes_dropped
-        );
-        own_received |= stats.echoes_dropped != stats.pushed;
-    }
-    a.close().await?;
-    b.close().await?;
-    admin.close().await?;
-    drop(cluster);
-    if own_received {
-        anyhow::bail!("a node did not drop one of its own updates");
-    }
-    println!("No node received its own updates.");
-    Ok(())
-}
-
-type Node<'a> = (&'static str, &'a PgPipe, &'a mut mpsc::Receiver<Update>);
-
-/// Prints what each node receives: `expected[i]` updates for node `i`.
-async fn show(nodes: &mut [Node<'_>], expected: &[usize]) {
-    for ((name, _, rx), &n) in nodes.iter_mut().zip(expected) {
-        for _ in 0..n {
-            match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-                Ok(Some(update)) => println!("  {name} received {}", update.to_json()),
-                _ => println!("  {name} received nothing (unexpected!)"),
-            }
-        }
-        if n == 0 {
-            println!("  {name} received nothing: it sent this one itself");
-        }
-    }
-    silent(nodes).await;
-    println!();
-}
-
-/// Waits briefly and reports any update that arrives (none should).
-async fn silent(nodes: &mut [Node<'_>]) {
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    for (name, _, rx) in nodes.iter_mut() {
-        while let Ok(update) = rx.try_recv() {
-            println!("  {name} received {} (unexpected!)", update.to_json());
-        }
-    }
 }
 
 #[cfg(test)]

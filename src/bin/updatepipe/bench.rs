@@ -1,0 +1,407 @@
+//! `updatepipe bench`: throughput and latency of the pipe, side by side with a raw
+//! tokio-postgres baseline, measured end to end (from the first push to the last delivery)
+//! in one run.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::future::try_join_all;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc};
+use tokio_postgres::{AsyncMessage, NoTls};
+use updatepipe::{ChannelName, Config, PgPipe, SeqSet, Update, UpdatePipe};
+
+/// Options of `updatepipe bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Print the results as one JSON document instead of a table.
+    #[arg(long)]
+    json: bool,
+
+    /// Multiply every row's number of updates (and paced durations) by this factor.
+    #[arg(long, default_value_t = 1.0, value_name = "FACTOR")]
+    scale: f64,
+}
+
+/// One measured row.
+#[derive(Debug, Serialize)]
+struct Row {
+    name: String,
+    updates: u64,
+    seconds: f64,
+    updates_per_sec: f64,
+    /// The row this one is compared with, and the ratio of their rates.
+    baseline: Option<String>,
+    ratio: Option<f64>,
+    /// Push-to-delivery latency, in microseconds (paced rows).
+    latency_us: Option<Latency>,
+    batches: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Latency {
+    p50: u64,
+    p99: u64,
+    p999: u64,
+    max: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    server_version: String,
+    cores: usize,
+    rows: Vec<Row>,
+}
+
+/// The whole benchmark.
+pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
+    let scale = |n: u64| ((n as f64 * args.scale).round() as u64).max(100);
+    let channel = |tag: &str| {
+        ChannelName::new(format!(
+            "updatepipe_bench_{tag}_{:08x}",
+            rand::random::<u32>()
+        ))
+    };
+    let plan: Vec<(&str, Step)> = vec![
+        ("raw sequential", Step::RawSequential(scale(20_000))),
+        ("raw batched 10/tx", Step::RawBatched(scale(200_000), 10)),
+        ("raw batched 100/tx", Step::RawBatched(scale(600_000), 100)),
+        ("pipe, 1 pusher", Step::Pipe(scale(20_000), 1)),
+        ("pipe, 16 pushers", Step::Pipe(scale(200_000), 16)),
+        ("pipe, 256 pushers", Step::Pipe(scale(600_000), 256)),
+        ("pipe latency @1,000/s", Step::Paced(1_000, scale(5_000))),
+        ("pipe latency @10,000/s", Step::Paced(10_000, scale(50_000))),
+    ];
+    let progress = if args.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(plan.len() as u64)
+    };
+    progress.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("a valid template"),
+    );
+    let server_version = server_version(&base).await?;
+    // Warm the server up (connections, caches) so that the first row is not penalized.
+    raw(
+        &base.clone().with_channel(channel("warmup")?),
+        scale(5_000),
+        1,
+    )
+    .await?;
+    let mut rows: Vec<Row> = Vec::new();
+    for (name, step) in plan {
+        progress.set_message(name.to_owned());
+        let config = base.clone().with_channel(channel("x")?).with_pool_size(4);
+        let mut row = match step {
+            Step::RawSequential(n) => raw(&config, n, 1).await?,
+            Step::RawBatched(n, per_tx) => raw(&config, n, per_tx).await?,
+            Step::Pipe(n, pushers) => pipe(config, n, pushers).await?,
+            Step::Paced(rate, n) => paced(config, rate, n).await?,
+        };
+        row.name = name.to_owned();
+        let baseline = match step {
+            Step::Pipe(_, 1) => Some("raw sequential"),
+            Step::Pipe(_, pushers) if pushers < 100 => Some("raw batched 10/tx"),
+            Step::Pipe(..) => Some("raw batched 100/tx"),
+            _ => None,
+        };
+        if let Some(baseline) = baseline
+            && let Some(base_row) = rows.iter().find(|r| r.name == baseline)
+        {
+            row.ratio = Some(row.updates_per_sec / base_row.updates_per_sec);
+            row.baseline = Some(baseline.to_owned());
+        }
+        rows.push(row);
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    let report = Report {
+        server_version,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        rows,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    RawSequential(u64),
+    RawBatched(u64, usize),
+    Pipe(u64, usize),
+    Paced(u64, u64),
+}
+
+fn print_table(report: &Report) {
+    println!(
+        "PostgreSQL {} on {} cores; updates/s delivered end to end (first push to last delivery)\n",
+        report.server_version, report.cores
+    );
+    println!(
+        "{:<24} {:>9} {:>8} {:>12} {:>8} {:>9}  {:<26}",
+        "row", "updates", "seconds", "updates/s", "batches", "vs base", "latency p50/p99/p99.9/max"
+    );
+    for row in &report.rows {
+        let ratio = row
+            .ratio
+            .map_or_else(|| "-".to_owned(), |r| format!("{:.0}%", r * 100.0));
+        let latency = row.latency_us.as_ref().map_or_else(
+            || "-".to_owned(),
+            |l| format!("{} / {} / {} / {} µs", l.p50, l.p99, l.p999, l.max),
+        );
+        let batches = row
+            .batches
+            .map_or_else(|| "-".to_owned(), |b| b.to_string());
+        println!(
+            "{:<24} {:>9} {:>8.2} {:>12.0} {:>8} {:>9}  {:<26}",
+            row.name, row.updates, row.seconds, row.updates_per_sec, batches, ratio, latency
+        );
+    }
+    println!(
+        "\nvs base: the pipe's rate over the raw row it is compared with (1 pusher: raw \
+         sequential; 16: raw batched 10/tx; 256: raw batched 100/tx)."
+    );
+}
+
+async fn server_version(config: &Config) -> anyhow::Result<String> {
+    let (client, connection) = config.pg().connect(NoTls).await?;
+    let task = tokio::spawn(connection);
+    let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
+    drop(client);
+    let _ = task.await;
+    Ok(version)
+}
+
+/// A plain tokio-postgres listener that only counts notifications.
+struct RawListener {
+    count: Arc<AtomicU64>,
+    reached: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawListener {
+    async fn start(config: &Config, target: u64) -> anyhow::Result<Self> {
+        let (client, mut connection) = config.pg().connect(NoTls).await?;
+        let count = Arc::new(AtomicU64::new(0));
+        let reached = Arc::new(Notify::new());
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let listen = format!("LISTEN {}", config.channel().quoted());
+        let task = {
+            let count = count.clone();
+            let reached = reached.clone();
+            tokio::spawn(async move {
+                let mut ready = Some(ready_tx);
+                let subscribe = client.batch_execute(&listen);
+                let mut subscribe = std::pin::pin!(subscribe);
+                loop {
+                    tokio::select! {
+                        done = &mut subscribe, if ready.is_some() => {
+                            let _ = ready.take().expect("once").send(done.map_err(|e| e.to_string()));
+                        }
+                        message = poll_fn(|cx| connection.poll_message(cx)) => match message {
+                            Some(Ok(AsyncMessage::Notification(_))) => {
+                                if count.fetch_add(1, Ordering::Relaxed) + 1 == target {
+                                    reached.notify_one();
+                                }
+                            }
+                            Some(Ok(_)) => {}
+                            _ => break,
+                        },
+                    }
+                }
+            })
+        };
+        ready_rx.await?.map_err(anyhow::Error::msg)?;
+        Ok(RawListener {
+            count,
+            reached,
+            task,
+        })
+    }
+
+    async fn wait(&self, target: u64) -> anyhow::Result<()> {
+        let waiting = self.reached.notified();
+        if self.count.load(Ordering::Relaxed) >= target {
+            return Ok(());
+        }
+        tokio::time::timeout(Duration::from_secs(120), waiting)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "only {} of {target} notifications arrived",
+                    self.count.load(Ordering::Relaxed)
+                )
+            })
+    }
+}
+
+impl Drop for RawListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The baseline: plain tokio-postgres, `per_tx` notifications per transaction (one
+/// statement over an array when more than one), one transaction in flight, as the pipe's
+/// flusher works; each notification carries one small update-sized payload.
+async fn raw(config: &Config, n: u64, per_tx: usize) -> anyhow::Result<Row> {
+    let listener = RawListener::start(config, n).await?;
+    let (client, connection) = config.pg().connect(NoTls).await?;
+    let conn = tokio::spawn(connection);
+    let statement = client.prepare("SELECT pg_notify($1, $2)").await?;
+    let channel = config.channel().as_str();
+    let payloads: Vec<String> = (0..n).map(|i| format!("raw-{i}")).collect();
+    let started = Instant::now();
+    if per_tx == 1 {
+        for payload in &payloads {
+            client.execute(&statement, &[&channel, payload]).await?;
+        }
+    } else {
+        // As the pipe's flusher does: one statement per transaction, over an array.
+        let many = client
+            .prepare("SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, n) ORDER BY n")
+            .await?;
+        for chunk in payloads.chunks(per_tx) {
+            client.execute(&many, &[&channel, &chunk]).await?;
+        }
+    }
+    listener.wait(n).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    drop(client);
+    let _ = conn.await;
+    Ok(row(n, seconds, None, None))
+}
+
+fn row(n: u64, seconds: f64, latency: Option<Latency>, batches: Option<u64>) -> Row {
+    Row {
+        name: String::new(),
+        updates: n,
+        seconds,
+        updates_per_sec: n as f64 / seconds,
+        baseline: None,
+        ratio: None,
+        latency_us: latency,
+        batches,
+    }
+}
+
+/// Starts a pipe listening on the channel and a task that counts what it delivers.
+async fn pipe_listener(
+    config: &Config,
+    n: u64,
+    on_update: impl Fn(&Update) + Send + 'static,
+) -> anyhow::Result<(PgPipe, tokio::task::JoinHandle<Option<Instant>>)> {
+    let listener = PgPipe::new(config.clone())?;
+    let (tx, mut rx) = mpsc::channel(65_536);
+    listener.listen(tx).await?;
+    let counter = tokio::spawn(async move {
+        let mut seen = 0;
+        while let Some(update) = rx.recv().await {
+            on_update(&update);
+            seen += 1;
+            if seen == n {
+                return Some(Instant::now());
+            }
+        }
+        None
+    });
+    Ok((listener, counter))
+}
+
+/// The pipe with `pushers` concurrent tasks, each pushing its share one update at a time.
+async fn pipe(config: Config, n: u64, pushers: usize) -> anyhow::Result<Row> {
+    let (listener, counter) = pipe_listener(&config, n, |_| {}).await?;
+    let pusher = Arc::new(PgPipe::new(config)?);
+    pusher.init_push().await?;
+    let started = Instant::now();
+    let each = n / pushers as u64;
+    let extra = n % pushers as u64;
+    let tasks = (0..pushers as u64).map(|key| {
+        let pusher = pusher.clone();
+        let count = each + u64::from(key < extra);
+        tokio::spawn(async move {
+            for i in 0..count {
+                let uid = u32::try_from(i % u64::from(u32::MAX)).unwrap_or(1) + 1;
+                pusher
+                    .push(&Update::new_message(key, SeqSet::single(uid)?))
+                    .await?;
+            }
+            Ok::<_, updatepipe::Error>(())
+        })
+    });
+    for result in try_join_all(tasks).await? {
+        result?;
+    }
+    let finished = tokio::time::timeout(Duration::from_secs(120), counter)
+        .await
+        .map_err(|_| anyhow::anyhow!("deliveries did not complete"))??
+        .ok_or_else(|| anyhow::anyhow!("the listener stopped early"))?;
+    let seconds = (finished - started).as_secs_f64();
+    let batches = pusher.stats().batches;
+    pusher.close().await?;
+    listener.close().await?;
+    Ok(row(n, seconds, None, Some(batches)))
+}
+
+/// Open-loop latency: pushes start on a fixed schedule whatever earlier pushes do; each
+/// update carries its push time (nanoseconds since the start) as its mailbox key.
+async fn paced(config: Config, rate: u64, n: u64) -> anyhow::Result<Row> {
+    let origin = Instant::now();
+    let histogram = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new(3)?));
+    let recorder = histogram.clone();
+    let (listener, counter) = pipe_listener(&config, n, move |update| {
+        if let updatepipe::MailboxKey::Id(sent) = update.key() {
+            let now = origin.elapsed().as_nanos() as u64;
+            let micros = now.saturating_sub(*sent) / 1_000;
+            let _ = recorder.lock().expect("histogram").record(micros.max(1));
+        }
+    })
+    .await?;
+    let pusher = Arc::new(PgPipe::new(config)?);
+    pusher.init_push().await?;
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let started = Instant::now();
+    let mut pushes = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let due = started + period.mul_f64(i as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let pusher = pusher.clone();
+        pushes.spawn(async move {
+            let sent = origin.elapsed().as_nanos() as u64;
+            pusher
+                .push(&Update::new_message(sent, SeqSet::single(1)?))
+                .await
+        });
+        // Reap finished pushes as we go so the set stays small.
+        while let Some(done) = pushes.try_join_next() {
+            done??;
+        }
+    }
+    while let Some(done) = pushes.join_next().await {
+        done??;
+    }
+    let finished = tokio::time::timeout(Duration::from_secs(120), counter)
+        .await
+        .map_err(|_| anyhow::anyhow!("deliveries did not complete"))??
+        .ok_or_else(|| anyhow::anyhow!("the listener stopped early"))?;
+    let seconds = (finished - started).as_secs_f64();
+    let batches = pusher.stats().batches;
+    pusher.close().await?;
+    listener.close().await?;
+    let h = histogram.lock().expect("histogram");
+    let latency = Latency {
+        p50: h.value_at_quantile(0.50),
+        p99: h.value_at_quantile(0.99),
+        p999: h.value_at_quantile(0.999),
+        max: h.max(),
+    };
+    Ok(row(n, seconds, Some(latency), Some(batches)))
+}
