@@ -19,6 +19,54 @@ pub const DEFAULT_PUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default bound on the updates one push transaction carries.
 pub const DEFAULT_MAX_BATCH: usize = 4096;
 
+/// The default health interval: a listener proves its connection end to end this often.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The default retention of the durable log.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// The default bound on deliveries a listener holds for a caller that is not reading.
+pub const DEFAULT_MAX_BUFFERED: usize = 65_536;
+
+/// How a listener retries after losing its connection: full-jitter exponential backoff.
+///
+/// Attempt `n` waits a random time between zero and `min(max, initial × 2ⁿ)`; the count
+/// starts again once a connection has stayed up for `stable_after`. With `max_attempts`
+/// unset (the default) the listener never gives up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// The first delay's upper bound (default 100 ms).
+    pub initial: Duration,
+    /// The cap on any delay (default 10 s).
+    pub max: Duration,
+    /// How long a connection must last for the backoff to start over (default 30 s).
+    pub stable_after: Duration,
+    /// Give up after this many failed attempts in a row (default: never).
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+            stable_after: Duration::from_secs(30),
+            max_attempts: None,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before attempt `attempt` (0-based): uniform in `[0, min(max, initial·2ⁿ)]`.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let ceiling = self
+            .initial
+            .saturating_mul(2u32.saturating_pow(attempt.min(31)))
+            .min(self.max);
+        ceiling.mul_f64(rand::random::<f64>())
+    }
+}
+
 /// How a pipe reaches PostgreSQL, and its bounds.
 ///
 /// Built from what users already have: [`Config::from_url`] takes a `postgres://` URL or a
@@ -46,6 +94,11 @@ pub struct Config {
     push_timeout: Duration,
     max_batch: usize,
     max_batch_wait: Duration,
+    durable: bool,
+    backoff: Backoff,
+    health_interval: Duration,
+    retention: Duration,
+    max_buffered: usize,
 }
 
 impl Config {
@@ -164,6 +217,11 @@ impl Config {
             push_timeout: DEFAULT_PUSH_TIMEOUT,
             max_batch: DEFAULT_MAX_BATCH,
             max_batch_wait: Duration::ZERO,
+            durable: false,
+            backoff: Backoff::default(),
+            health_interval: DEFAULT_HEALTH_INTERVAL,
+            retention: DEFAULT_RETENTION,
+            max_buffered: DEFAULT_MAX_BUFFERED,
         }
     }
 
@@ -204,6 +262,45 @@ impl Config {
     /// small wait makes bigger batches at low concurrency, at the cost of that latency.
     pub fn with_max_batch_wait(mut self, wait: Duration) -> Self {
         self.max_batch_wait = wait;
+        self
+    }
+
+    /// Durable delivery (default off). Every push also writes its envelope to the
+    /// `updatepipe.log` table in the same transaction as its notification, and the listener
+    /// reads durable updates from the log, so after a disconnect it replays exactly what it
+    /// missed. Costs an insert per push transaction (batched) and a log query per wake-up;
+    /// needs [`PgPipe::migrate`](crate::PgPipe::migrate). Envelopes too large for a
+    /// notification travel through the log.
+    pub fn with_durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
+        self
+    }
+
+    /// How the listener retries after losing its connection.
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// How often the listener proves its connection end to end (default 10 s): it notifies
+    /// its own channel and expects the heartbeat back within this interval, or treats the
+    /// connection as dead. Zero turns the check off.
+    pub fn with_health_interval(mut self, interval: Duration) -> Self {
+        self.health_interval = interval;
+        self
+    }
+
+    /// How long the durable log keeps entries (default 24 h). A listener away longer than
+    /// this receives a resync instead of a partial replay.
+    pub fn with_retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// How many deliveries the listener holds for a caller that is not reading (default
+    /// 65,536). Past that it lets go: see the slow-consumer policy in `docs/delivery.md`.
+    pub fn with_max_buffered(mut self, max: usize) -> Self {
+        self.max_buffered = max.max(1);
         self
     }
 
@@ -248,6 +345,31 @@ impl Config {
     pub fn max_batch_wait(&self) -> Duration {
         self.max_batch_wait
     }
+
+    /// Whether delivery is durable.
+    pub fn durable(&self) -> bool {
+        self.durable
+    }
+
+    /// The listener's reconnect backoff.
+    pub fn backoff(&self) -> &Backoff {
+        &self.backoff
+    }
+
+    /// The listener's health interval (zero: off).
+    pub fn health_interval(&self) -> Duration {
+        self.health_interval
+    }
+
+    /// The durable log's retention.
+    pub fn retention(&self) -> Duration {
+        self.retention
+    }
+
+    /// The bound on deliveries held for a caller that is not reading.
+    pub fn max_buffered(&self) -> usize {
+        self.max_buffered
+    }
 }
 
 impl fmt::Debug for Config {
@@ -261,6 +383,11 @@ impl fmt::Debug for Config {
             .field("push_timeout", &self.push_timeout)
             .field("max_batch", &self.max_batch)
             .field("max_batch_wait", &self.max_batch_wait)
+            .field("durable", &self.durable)
+            .field("backoff", &self.backoff)
+            .field("health_interval", &self.health_interval)
+            .field("retention", &self.retention)
+            .field("max_buffered", &self.max_buffered)
             .finish()
     }
 }
@@ -350,6 +477,20 @@ mod tests {
             Config::from_url("postgres://u:pw@h:notaport/d"),
             Err(Error::Config(_))
         ));
+    }
+
+    #[test]
+    fn backoff_is_bounded_full_jitter() {
+        let b = Backoff::default();
+        for attempt in 0..40 {
+            let ceiling = (b.initial * 2u32.pow(attempt.min(20))).min(b.max);
+            for _ in 0..20 {
+                assert!(b.delay(attempt) <= ceiling);
+            }
+        }
+        // Jitter: not always the ceiling.
+        let delays: std::collections::HashSet<_> = (0..20).map(|_| b.delay(10)).collect();
+        assert!(delays.len() > 1);
     }
 
     #[test]

@@ -20,6 +20,11 @@ use crate::update::{RawUpdate, Update};
 /// The largest notification payload PostgreSQL accepts, in bytes.
 pub const MAX_PAYLOAD_LEN: usize = 7999;
 
+/// The largest envelope a durable push may write to the log, in bytes. Larger than a
+/// notification can be: such an envelope travels through the log, and its notification
+/// points at it.
+pub const MAX_LOGGED_ENVELOPE_LEN: usize = 1 << 20;
+
 /// The envelope version this build writes and reads.
 pub const ENVELOPE_VERSION: u64 = 1;
 
@@ -89,6 +94,19 @@ pub struct Envelope {
     pid: Option<u32>,
     seq: Option<u64>,
     updates: Vec<Update>,
+    marks: Marks,
+    reference: bool,
+    heartbeat: bool,
+}
+
+/// How an envelope was pushed, as its optional fields tell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct Marks {
+    /// Pushed inside a caller's transaction (`"t":1`): it may roll back or commit out of
+    /// order with the sender's other envelopes, so its number is not checked for gaps.
+    pub(crate) transactional: bool,
+    /// Also written to the durable log (`"d":1`): durable listeners read it from there.
+    pub(crate) durable: bool,
 }
 
 #[derive(Deserialize)]
@@ -99,6 +117,14 @@ struct WireIn {
     p: Option<u32>,
     s: u64,
     u: Vec<RawUpdate>,
+    #[serde(default)]
+    t: u8,
+    #[serde(default)]
+    d: u8,
+    #[serde(default)]
+    r: u8,
+    #[serde(default)]
+    h: u8,
 }
 
 #[derive(Deserialize)]
@@ -115,6 +141,9 @@ impl Envelope {
             pid: Some(pid),
             seq: Some(seq),
             updates,
+            marks: Marks::default(),
+            reference: false,
+            heartbeat: false,
         }
     }
 
@@ -128,7 +157,13 @@ impl Envelope {
     ) -> Result<String, Error> {
         let encoded: Vec<String> = updates.iter().map(Update::to_json).collect();
         let origin = serde_json::to_string(origin.as_str()).expect("a string always serializes");
-        let payload = write_v1(&origin, pid, seq, encoded.iter().map(String::as_str));
+        let payload = write_v1(
+            &origin,
+            pid,
+            seq,
+            Marks::default(),
+            encoded.iter().map(String::as_str),
+        );
         if payload.len() > MAX_PAYLOAD_LEN {
             return Err(Error::PayloadTooLarge {
                 size: payload.len(),
@@ -150,9 +185,14 @@ impl Envelope {
         let packer = Packer::new(origin, pid);
         let encoded = updates
             .iter()
-            .map(|u| packer.encode(u))
+            .map(|u| packer.encode(u, MAX_PAYLOAD_LEN))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(packer.pack(encoded.iter().map(String::as_str), next_seq))
+        let packed = packer.pack(
+            encoded.iter().map(String::as_str),
+            Marks::default(),
+            next_seq,
+        );
+        Ok(packed.into_iter().map(|(_, payload)| payload).collect())
     }
 
     /// Encodes this envelope in version 1 form.
@@ -184,6 +224,15 @@ impl Envelope {
         }
     }
 
+    /// Decodes an envelope read from the durable log, which may exceed a notification's
+    /// size (up to [`MAX_LOGGED_ENVELOPE_LEN`]).
+    pub fn decode_logged(payload: &str) -> Result<Envelope, DecodeError> {
+        if payload.len() > MAX_LOGGED_ENVELOPE_LEN {
+            return Err(DecodeError::TooLarge(payload.len()));
+        }
+        decode_v1(payload)
+    }
+
     /// The wire form it came in.
     pub fn format(&self) -> WireFormat {
         self.format
@@ -213,6 +262,27 @@ impl Envelope {
     pub fn into_updates(self) -> Vec<Update> {
         self.updates
     }
+
+    /// Whether it was pushed inside a caller's transaction (`"t":1`).
+    pub fn is_transactional(&self) -> bool {
+        self.marks.transactional
+    }
+
+    /// Whether it is also in the durable log (`"d":1`).
+    pub fn is_durable(&self) -> bool {
+        self.marks.durable
+    }
+
+    /// Whether this notification only points at a durable log row (`"r":1`) holding the
+    /// sender's envelope of the same number, too large to be a notification.
+    pub fn is_reference(&self) -> bool {
+        self.reference
+    }
+
+    /// Whether it is a listener's heartbeat (`"h":1`), which carries no update.
+    pub fn is_heartbeat(&self) -> bool {
+        self.heartbeat
+    }
 }
 
 /// Packs updates already encoded as JSON into version 1 payloads for one sender.
@@ -228,7 +298,11 @@ impl Packer {
     pub(crate) fn new(origin: &Origin, pid: u32) -> Self {
         let origin_json =
             serde_json::to_string(origin.as_str()).expect("a string always serializes");
-        let overhead = write_v1(&origin_json, pid, u64::MAX, std::iter::empty()).len();
+        let all_marks = Marks {
+            transactional: true,
+            durable: true,
+        };
+        let overhead = write_v1(&origin_json, pid, u64::MAX, all_marks, std::iter::empty()).len();
         Packer {
             origin_json,
             pid,
@@ -236,51 +310,68 @@ impl Packer {
         }
     }
 
-    /// An update's JSON, checked to fit in an envelope of its own.
-    pub(crate) fn encode(&self, update: &Update) -> Result<String, Error> {
+    /// An update's JSON, checked to fit in an envelope of its own of at most `limit` bytes
+    /// ([`MAX_PAYLOAD_LEN`], or [`MAX_LOGGED_ENVELOPE_LEN`] for the durable log).
+    pub(crate) fn encode(&self, update: &Update, limit: usize) -> Result<String, Error> {
         let json = update.to_json();
         let size = self.overhead + json.len();
-        if size > MAX_PAYLOAD_LEN {
-            return Err(Error::PayloadTooLarge {
-                size,
-                limit: MAX_PAYLOAD_LEN,
-            });
+        if size > limit {
+            return Err(Error::PayloadTooLarge { size, limit });
         }
         Ok(json)
     }
 
+    /// A listener's heartbeat: an envelope with no update, marked `"h":1`.
+    pub(crate) fn heartbeat(&self, seq: u64) -> String {
+        let mut payload = write_v1(
+            &self.origin_json,
+            self.pid,
+            seq,
+            Marks::default(),
+            std::iter::empty(),
+        );
+        payload.insert_str(payload.len() - "\"u\":[]}".len(), "\"h\":1,");
+        payload
+    }
+
+    /// A notification that points at the durable log row holding envelope `seq` of this
+    /// sender, too large to be a notification itself (`"r":1`; the row is found by channel,
+    /// origin and number).
+    pub(crate) fn reference(&self, seq: u64, marks: Marks) -> String {
+        let mut payload = write_v1(&self.origin_json, self.pid, seq, marks, std::iter::empty());
+        payload.insert_str(payload.len() - "\"u\":[]}".len(), "\"r\":1,");
+        payload
+    }
+
     /// Packs encoded updates, in order, greedily into payloads of at most
-    /// [`MAX_PAYLOAD_LEN`] bytes, each numbered by `next_seq`. Every item must come from
-    /// [`Packer::encode`].
+    /// [`MAX_PAYLOAD_LEN`] bytes, each numbered by `next_seq`; returns each payload with its
+    /// number. An update too large for that (allowed by [`Packer::encode`] for the durable
+    /// log) gets a payload of its own.
     pub(crate) fn pack<'a>(
         &self,
         encoded: impl IntoIterator<Item = &'a str>,
+        marks: Marks,
         mut next_seq: impl FnMut() -> u64,
-    ) -> Vec<String> {
+    ) -> Vec<(u64, String)> {
         let mut payloads = Vec::new();
+        let mut write = |group: &mut Vec<&str>| {
+            let seq = next_seq();
+            let payload = write_v1(&self.origin_json, self.pid, seq, marks, group.drain(..));
+            (seq, payload)
+        };
         let mut group: Vec<&str> = Vec::new();
         let mut size = self.overhead;
         for json in encoded {
             let added = json.len() + usize::from(!group.is_empty());
             if !group.is_empty() && size + added > MAX_PAYLOAD_LEN {
-                payloads.push(write_v1(
-                    &self.origin_json,
-                    self.pid,
-                    next_seq(),
-                    group.drain(..),
-                ));
+                payloads.push(write(&mut group));
                 size = self.overhead;
             }
             size += json.len() + usize::from(!group.is_empty());
             group.push(json);
         }
         if !group.is_empty() {
-            payloads.push(write_v1(
-                &self.origin_json,
-                self.pid,
-                next_seq(),
-                group.drain(..),
-            ));
+            payloads.push(write(&mut group));
         }
         payloads
     }
@@ -292,14 +383,22 @@ fn write_v1<'a>(
     origin_json: &str,
     pid: u32,
     seq: u64,
+    marks: Marks,
     updates: impl Iterator<Item = &'a str>,
 ) -> String {
     use std::fmt::Write;
     let mut out = String::with_capacity(MAX_PAYLOAD_LEN.min(1024));
     let _ = write!(
         out,
-        "{{\"v\":1,\"o\":{origin_json},\"p\":{pid},\"s\":{seq},\"u\":["
+        "{{\"v\":1,\"o\":{origin_json},\"p\":{pid},\"s\":{seq},"
     );
+    if marks.transactional {
+        out.push_str("\"t\":1,");
+    }
+    if marks.durable {
+        out.push_str("\"d\":1,");
+    }
+    out.push_str("\"u\":[");
     for (i, update) in updates.enumerate() {
         if i > 0 {
             out.push(',');
@@ -338,6 +437,12 @@ fn decode_v1(payload: &str) -> Result<Envelope, DecodeError> {
         pid: wire.p,
         seq: Some(wire.s),
         updates,
+        marks: Marks {
+            transactional: wire.t != 0,
+            durable: wire.d != 0,
+        },
+        reference: wire.r != 0,
+        heartbeat: wire.h != 0,
     })
 }
 
@@ -357,6 +462,9 @@ fn decode_legacy(payload: &str) -> Result<Envelope, DecodeError> {
         pid: None,
         seq: None,
         updates: vec![raw.validate()?],
+        marks: Marks::default(),
+        reference: false,
+        heartbeat: false,
     })
 }
 

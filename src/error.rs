@@ -73,6 +73,13 @@ pub enum Error {
     #[error("{0}")]
     Batch(std::sync::Arc<Error>),
 
+    /// The server is a standby (in recovery), where LISTEN/NOTIFY do not work.
+    #[error(
+        "the server is a standby (in recovery): LISTEN and NOTIFY work only on a primary; \
+         connect to the primary"
+    )]
+    Standby,
+
     /// `listen` was called on a pipe that is already listening.
     #[error("this pipe is already listening; create another pipe for a second listener")]
     AlreadyListening,

@@ -72,10 +72,12 @@ mod update;
 
 pub use channel::{ChannelName, MAX_CHANNEL_LEN};
 pub use config::{
-    Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_BATCH, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT,
+    Backoff, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEALTH_INTERVAL, DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_BUFFERED, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT, DEFAULT_RETENTION,
 };
 pub use envelope::{ENVELOPE_VERSION, Envelope, MAX_PAYLOAD_LEN, Origin, WireFormat};
 pub use error::{DecodeError, Error, UpdateError};
+pub use listen::{Event, ResyncReason};
 pub use migrate::{MIGRATION_TABLE, MigrationInfo, embedded_migrations};
 pub use pipe::{PgPipe, UpdatePipe};
 pub use seqset::{MAX_SEQ_SET_LEN, SeqNum, SeqRange, SeqSet};

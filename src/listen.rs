@@ -1,24 +1,148 @@
-//! The listen path: one dedicated connection per pipe, driven by `poll_message`, that
-//! decodes every notification on the channel, drops the pipe's own (echo) and rejects what
-//! does not decode, and hands the rest to the caller's channel.
+//! The listen path: one dedicated connection per pipe, driven by `poll_message`. It decodes
+//! every notification on the channel, drops the pipe's own (echo), rejects what does not
+//! decode, and hands the rest to the caller in order. It reconnects by itself, proves its
+//! connection with heartbeats, and says when updates may have been missed (resync). In
+//! durable mode it reads durable updates from the log, so nothing committed is lost.
+//! `docs/delivery.md` argues why.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Fuse, FusedFuture};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, Client, Notification};
+use tokio::time::Instant;
+use tokio_postgres::{AsyncMessage, Client, Notification, Row};
 
 use crate::config::Config;
 use crate::connect::{RawConnection, connect};
-use crate::envelope::{Envelope, Origin};
-use crate::error::Error;
+use crate::envelope::{Envelope, Origin, Packer};
+use crate::error::{DecodeError, Error, pg_message};
 use crate::stats::Counters;
 use crate::update::Update;
 
 const TARGET: &str = "updatepipe::listen";
+
+/// What a listener tells an application that asked for events
+/// ([`PgPipe::listen_events`](crate::PgPipe::listen_events)), in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// An update from another sender.
+    Update(Update),
+    /// The listener is subscribed: updates committed from now on will arrive.
+    Connected,
+    /// The connection was lost; the listener is reconnecting.
+    Disconnected {
+        /// Why, in words.
+        reason: String,
+    },
+    /// Updates may have been missed: reload your state (for IMAP: the mailboxes' views).
+    Resync(ResyncReason),
+}
+
+/// Why a listener asks for a resync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ResyncReason {
+    /// The connection was lost and is back; in best-effort mode whatever was sent
+    /// meanwhile is lost.
+    Reconnected,
+    /// A sender's envelope numbers skipped: something between was not received (or that
+    /// sender's push failed midway).
+    SequenceGap {
+        /// The sender.
+        origin: String,
+        /// The number expected next.
+        expected: u64,
+        /// The number received.
+        got: u64,
+    },
+    /// The listener was away longer than the durable log's retention: entries it had not
+    /// read were pruned.
+    LogPruned,
+    /// The application did not read for so long that the listener let go of updates.
+    SlowConsumer {
+        /// How many updates were let go.
+        dropped: u64,
+    },
+}
+
+/// Where deliveries go.
+#[derive(Debug)]
+pub(crate) enum Sink {
+    /// Updates only (maddy's interface); events are logged and counted.
+    Updates(mpsc::Sender<Update>),
+    /// Updates and events, in one ordered stream.
+    Events(mpsc::Sender<Event>),
+}
+
+impl Sink {
+    fn wants_events(&self) -> bool {
+        matches!(self, Sink::Events(_))
+    }
+
+    async fn closed(&self) {
+        match self {
+            Sink::Updates(tx) => tx.closed().await,
+            Sink::Events(tx) => tx.closed().await,
+        }
+    }
+
+    /// Waits for room, then sends as many ready items from the front of `buffer` as fit.
+    /// Returns how many updates went out, or `None` when the receiver is gone.
+    async fn deliver(&self, buffer: &mut VecDeque<Slot>) -> Option<usize> {
+        let mut sent = 0;
+        match self {
+            Sink::Updates(tx) => {
+                let permit = tx.reserve().await.ok()?;
+                let mut permit = Some(permit);
+                while let Some(Slot::Ready(_)) = buffer.front() {
+                    let p = match permit.take() {
+                        Some(p) => p,
+                        None => match tx.try_reserve() {
+                            Ok(p) => p,
+                            Err(_) => break,
+                        },
+                    };
+                    if let Some(Slot::Ready(Event::Update(u))) = buffer.pop_front() {
+                        p.send(u);
+                        sent += 1;
+                    }
+                }
+            }
+            Sink::Events(tx) => {
+                let permit = tx.reserve().await.ok()?;
+                let mut permit = Some(permit);
+                while let Some(Slot::Ready(_)) = buffer.front() {
+                    let p = match permit.take() {
+                        Some(p) => p,
+                        None => match tx.try_reserve() {
+                            Ok(p) => p,
+                            Err(_) => break,
+                        },
+                    };
+                    if let Some(Slot::Ready(event)) = buffer.pop_front() {
+                        sent += usize::from(matches!(event, Event::Update(_)));
+                        p.send(event);
+                    }
+                }
+            }
+        }
+        Some(sent)
+    }
+}
+
+/// One place in the delivery order: ready, or waiting for an envelope fetched from the log.
+#[derive(Debug)]
+enum Slot {
+    Ready(Event),
+    Fetching,
+}
 
 /// The running listener: its task, and the signal that stops it.
 #[derive(Debug)]
@@ -29,41 +153,41 @@ pub(crate) struct Listener {
 
 impl Listener {
     /// Connects, issues `LISTEN` on the quoted channel, and returns once the server has
-    /// confirmed it: every notification committed from then on reaches `updates`.
+    /// confirmed it: every notification committed from then on reaches the sink. The
+    /// first connection's errors are returned; later ones are retried in the background.
     pub(crate) async fn start(
         config: &Config,
         origin: Origin,
-        updates: mpsc::Sender<Update>,
+        sink: Sink,
         counters: Arc<Counters>,
     ) -> Result<Listener, Error> {
-        let (client, mut connection) = connect(config).await?;
-        let mut backlog = VecDeque::new();
-        let listen = format!("LISTEN {}", config.channel().quoted());
-        let subscribed = tokio::time::timeout(
-            config.connect_timeout(),
-            drive_until(&mut connection, client.batch_execute(&listen), &mut backlog),
-        )
-        .await
-        .map_err(|_| Error::Timeout {
-            what: "subscribing with LISTEN",
-            after: config.connect_timeout(),
-        })?;
-        subscribed??;
-        tracing::debug!(target: TARGET, channel = %config.channel(), "listening");
-
-        let (stop, stopped) = oneshot::channel();
-        let task = Task {
-            client,
-            connection,
-            backlog,
+        let durable = config.durable();
+        let (session, cursor) = Session::open(config, durable).await?;
+        let mut task = Task {
+            config: config.clone(),
+            packer: Packer::new(&origin, std::process::id()),
             origin,
             channel: config.channel().as_str().to_owned(),
-            updates,
+            sink,
             counters,
+            buffer: VecDeque::new(),
+            buffered_updates: 0,
+            dropped: 0,
+            last_seq: HashMap::new(),
+            cursor,
+            tail_needed: durable,
+            replaying: false,
+            fetches: VecDeque::new(),
+            heartbeat_seq: 0,
+            outstanding: None,
+            next_heartbeat: Instant::now() + config.health_interval() / 2,
+            next_prune: Instant::now(),
         };
+        task.emit(Event::Connected);
+        let (stop, stopped) = oneshot::channel();
         Ok(Listener {
             stop: Some(stop),
-            task: tokio::spawn(task.run(stopped)),
+            task: tokio::spawn(task.run(session, stopped)),
         })
     }
 
@@ -85,6 +209,86 @@ impl Drop for Listener {
     fn drop(&mut self) {
         // Dropped without `stop` (the pipe itself was dropped): nothing may outlive it.
         self.task.abort();
+    }
+}
+
+/// A durable listener's position in the log: everything visible in `snapshot` was read.
+#[derive(Clone, Debug)]
+struct Cursor {
+    /// `pg_current_snapshot()` as text, taken by the last read.
+    snapshot: String,
+    /// The server's clock at that read (seconds since the epoch).
+    read_at: f64,
+}
+
+/// One connection, subscribed.
+struct Session {
+    client: Client,
+    connection: RawConnection,
+    backlog: VecDeque<Notification>,
+}
+
+impl Session {
+    /// Connects, refuses a standby, takes the log position when asked (before `LISTEN`, so
+    /// that nothing committed between the two is missed), and subscribes.
+    async fn open(config: &Config, want_cursor: bool) -> Result<(Session, Option<Cursor>), Error> {
+        let (client, mut connection) = connect(config).await?;
+        let mut backlog = VecDeque::new();
+        let after = config.connect_timeout();
+        let setup = async {
+            let recovery = client.query_one("SELECT pg_is_in_recovery()", &[]).await?;
+            if recovery.get::<_, bool>(0) {
+                return Err(Error::Standby);
+            }
+            let cursor = if want_cursor {
+                let row = client
+                    .query_one(
+                        "SELECT pg_current_snapshot()::text, extract(epoch FROM now())::float8",
+                        &[],
+                    )
+                    .await?;
+                Some(Cursor {
+                    snapshot: row.get(0),
+                    read_at: row.get(1),
+                })
+            } else {
+                None
+            };
+            client
+                .batch_execute(&format!("LISTEN {}", config.channel().quoted()))
+                .await?;
+            Ok(cursor)
+        };
+        let cursor = tokio::time::timeout(after, drive_until(&mut connection, setup, &mut backlog))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "subscribing with LISTEN",
+                after,
+            })???;
+        tracing::debug!(target: TARGET, channel = %config.channel(), "listening");
+        Ok((
+            Session {
+                client,
+                connection,
+                backlog,
+            },
+            cursor,
+        ))
+    }
+
+    /// Ends the session politely: dropping the client sends Terminate, which the connection
+    /// writes before it ends.
+    async fn close(self) {
+        let Session {
+            client,
+            mut connection,
+            ..
+        } = self;
+        drop(client);
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Some(Ok(_)) = poll_fn(|cx| connection.poll_message(cx)).await {}
+        })
+        .await;
     }
 }
 
@@ -110,108 +314,576 @@ async fn drive_until<F: Future>(
     }
 }
 
-/// What the listener task owns.
-struct Task {
-    client: Client,
-    connection: RawConnection,
-    backlog: VecDeque<Notification>,
-    origin: Origin,
-    channel: String,
-    updates: mpsc::Sender<Update>,
-    counters: Arc<Counters>,
-}
-
-/// Why the task's loop ended.
+/// Why serving a session ended.
 enum End {
     Stopped,
     ReceiverGone,
     Connection(String),
 }
 
-impl Task {
-    async fn run(mut self, mut stopped: oneshot::Receiver<()>) {
-        let end = self.serve(&mut stopped).await;
-        match &end {
-            End::Stopped => tracing::debug!(target: TARGET, "listener stopped"),
-            End::ReceiverGone => {
-                tracing::info!(target: TARGET, "the updates channel was dropped; listener stops")
-            }
-            End::Connection(reason) => {
-                tracing::warn!(target: TARGET, %reason, "listener connection lost; listener stops")
-            }
-        }
-        // Close the session politely: dropping the client sends Terminate, which the
-        // connection writes before it ends.
-        let Task {
-            client,
-            mut connection,
-            ..
-        } = self;
-        drop(client);
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while let Some(Ok(_)) = poll_fn(|cx| connection.poll_message(cx)).await {}
-        })
-        .await;
-    }
+/// What the listener's one query slot produced.
+enum QueryOutcome {
+    Tail(Result<Vec<Row>, tokio_postgres::Error>),
+    Fetch(Result<Option<String>, tokio_postgres::Error>),
+    Heartbeat(Result<u64, tokio_postgres::Error>),
+    Prune(Result<u64, tokio_postgres::Error>),
+}
 
-    async fn serve(&mut self, stopped: &mut oneshot::Receiver<()>) -> End {
+/// Reads what the log gained since `$2` (a snapshot): rows committed before this
+/// statement's snapshot and not before the previous one, in transaction order. Returns the
+/// new snapshot and clock even when no row is new.
+const TAIL_SQL: &str = "\
+    SELECT s.snap::text, extract(epoch FROM now())::float8, \
+           (SELECT extract(epoch FROM p.pruned_before)::float8 FROM updatepipe.pruned p WHERE p.channel = $1), \
+           l.origin, l.seq, l.payload \
+    FROM (SELECT pg_current_snapshot() AS snap) s \
+    LEFT JOIN LATERAL ( \
+        SELECT origin, seq, payload, xid, id FROM updatepipe.log \
+        WHERE channel = $1 \
+          AND xid >= pg_snapshot_xmin($2::text::pg_snapshot) \
+          AND NOT pg_visible_in_snapshot(xid, $2::text::pg_snapshot) \
+    ) l ON true \
+    ORDER BY l.xid, l.id";
+
+const FETCH_SQL: &str =
+    "SELECT payload FROM updatepipe.log WHERE channel = $1 AND origin = $2 AND seq = $3";
+
+/// Prunes the channel's log entries older than the retention, one node at a time (a
+/// transaction-scoped advisory lock), and records how far it pruned.
+const PRUNE_SQL: &str = "\
+    WITH lock AS (SELECT pg_try_advisory_xact_lock(8463920183746501) AS ok), \
+         cutoff AS (SELECT now() - make_interval(secs => $2) AS at), \
+         gone AS (DELETE FROM updatepipe.log l USING lock, cutoff \
+                  WHERE lock.ok AND l.channel = $1 AND l.created_at < cutoff.at RETURNING 1) \
+    INSERT INTO updatepipe.pruned (channel, pruned_before) \
+    SELECT $1, cutoff.at FROM lock, cutoff WHERE lock.ok AND (SELECT count(*) FROM gone) > 0 \
+    ON CONFLICT (channel) DO UPDATE SET pruned_before = \
+        greatest(updatepipe.pruned.pruned_before, excluded.pruned_before)";
+
+/// The most senders whose numbers a listener tracks for gaps.
+const MAX_TRACKED_SENDERS: usize = 10_000;
+
+/// What the listener task owns.
+struct Task {
+    config: Config,
+    origin: Origin,
+    packer: Packer,
+    channel: String,
+    sink: Sink,
+    counters: Arc<Counters>,
+    buffer: VecDeque<Slot>,
+    buffered_updates: usize,
+    /// Updates let go since the buffer last overflowed (best effort).
+    dropped: u64,
+    /// The last number seen from each sender's pool pushes.
+    last_seq: HashMap<Origin, u64>,
+    /// Durable mode: the log position.
+    cursor: Option<Cursor>,
+    tail_needed: bool,
+    /// The next tail is a catch-up after a reconnect (counted as replayed).
+    replaying: bool,
+    /// Oversize envelopes to fetch from the log, in delivery order.
+    fetches: VecDeque<(Origin, u64)>,
+    heartbeat_seq: u64,
+    /// The heartbeat sent and not yet back: its number and when it was sent.
+    outstanding: Option<(u64, Instant)>,
+    next_heartbeat: Instant,
+    next_prune: Instant,
+}
+
+impl Task {
+    async fn run(mut self, first: Session, mut stopped: oneshot::Receiver<()>) {
+        let mut session = Some(first);
+        let mut attempt = 0u32;
         loop {
-            while let Some(notification) = self.backlog.pop_front() {
-                for update in self.accept(&notification) {
-                    tokio::select! {
-                        biased;
-                        _ = &mut *stopped => return End::Stopped,
-                        sent = self.updates.send(update) => {
-                            if sent.is_err() {
-                                return End::ReceiverGone;
-                            }
-                            self.counters.delivered(1);
-                        }
+            let current = match session.take() {
+                Some(s) => s,
+                None => match self.reconnect(&mut stopped, &mut attempt).await {
+                    Some(s) => s,
+                    None => break,
+                },
+            };
+            let connected_at = Instant::now();
+            let (end, current) = self.serve(current, &mut stopped).await;
+            current.close().await;
+            match end {
+                End::Stopped => {
+                    tracing::debug!(target: TARGET, "listener stopped");
+                    break;
+                }
+                End::ReceiverGone => {
+                    tracing::info!(target: TARGET, "the caller dropped its channel; listener stops");
+                    break;
+                }
+                End::Connection(reason) => {
+                    tracing::warn!(target: TARGET, %reason, "listener connection lost; reconnecting");
+                    self.counters.disconnect();
+                    self.emit(Event::Disconnected { reason });
+                    if connected_at.elapsed() >= self.config.backoff().stable_after {
+                        attempt = 0;
                     }
                 }
             }
-            tokio::select! {
+        }
+        // Dropping the sink ends the caller's channel.
+    }
+
+    /// Retries with backoff until a session is open; `None` when stopped, when the caller
+    /// went away, or after the configured number of attempts.
+    async fn reconnect(
+        &mut self,
+        stopped: &mut oneshot::Receiver<()>,
+        attempt: &mut u32,
+    ) -> Option<Session> {
+        loop {
+            let delay = self.config.backoff().delay(*attempt);
+            let wake = Instant::now() + delay;
+            // Wait, delivering what is buffered meanwhile.
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut *stopped => return None,
+                    () = tokio::time::sleep_until(wake) => break,
+                    sent = self.sink.deliver(&mut self.buffer), if self.has_ready() => match sent {
+                        Some(n) => self.delivered(n),
+                        None => return None,
+                    },
+                    () = self.sink.closed(), if !self.has_ready() => return None,
+                }
+            }
+            let opened = tokio::select! {
                 biased;
-                _ = &mut *stopped => return End::Stopped,
-                _ = self.updates.closed() => return End::ReceiverGone,
-                message = poll_fn(|cx| self.connection.poll_message(cx)) => match message {
-                    Some(Ok(AsyncMessage::Notification(n))) => self.backlog.push_back(n),
-                    Some(Ok(AsyncMessage::Notice(notice))) => {
-                        tracing::debug!(target: TARGET, message = notice.message(), "server notice");
+                _ = &mut *stopped => return None,
+                opened = Session::open(&self.config, false) => opened,
+            };
+            match opened {
+                Ok((session, _)) => {
+                    self.counters.reconnect();
+                    tracing::info!(target: TARGET, attempts = *attempt + 1, "listener reconnected");
+                    self.emit(Event::Connected);
+                    if self.config.durable() {
+                        // The log has what was missed: read it now.
+                        self.tail_needed = true;
+                        self.replaying = true;
+                    } else {
+                        self.last_seq.clear();
+                        self.resync(ResyncReason::Reconnected);
                     }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return End::Connection(crate::error::pg_message(&e)),
-                    None => return End::Connection("the server closed the connection".into()),
-                },
+                    self.outstanding = None;
+                    self.next_heartbeat = Instant::now() + self.config.health_interval() / 2;
+                    return Some(session);
+                }
+                Err(e) => {
+                    *attempt = attempt.saturating_add(1);
+                    tracing::warn!(target: TARGET, error = %e, attempt = *attempt, "listener cannot reconnect yet");
+                    if self
+                        .config
+                        .backoff()
+                        .max_attempts
+                        .is_some_and(|max| *attempt >= max)
+                    {
+                        let reason = format!("gave up reconnecting after {attempt} attempts: {e}");
+                        tracing::error!(target: TARGET, %reason);
+                        self.emit(Event::Disconnected { reason });
+                        // Deliver what is left, then end.
+                        while self.has_ready() {
+                            match self.sink.deliver(&mut self.buffer).await {
+                                Some(n) => self.delivered(n),
+                                None => break,
+                            }
+                        }
+                        return None;
+                    }
+                }
             }
         }
     }
 
-    /// Decodes one notification into the updates to deliver: none for an echo or a payload
-    /// that does not decode (counted and logged; the listener goes on).
-    fn accept(&self, notification: &Notification) -> Vec<Update> {
-        if notification.channel() != self.channel {
-            return Vec::new();
+    async fn serve(
+        &mut self,
+        mut session: Session,
+        stopped: &mut oneshot::Receiver<()>,
+    ) -> (End, Session) {
+        for notification in std::mem::take(&mut session.backlog) {
+            self.accept(&notification);
         }
-        match Envelope::decode(notification.payload()) {
-            Ok(envelope) if *envelope.origin() == self.origin => {
-                self.counters.echo();
-                Vec::new()
+        let health = self.config.health_interval();
+        let tick_every = if health.is_zero() {
+            Duration::from_secs(3600)
+        } else {
+            (health / 8).max(Duration::from_millis(20))
+        };
+        let mut ticker = tokio::time::interval(tick_every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let end = {
+            let Session {
+                client,
+                connection,
+                backlog,
+            } = &mut session;
+            let client: &Client = client;
+            let mut query: Pin<&mut Fuse<BoxFuture<'_, QueryOutcome>>> =
+                std::pin::pin!(Fuse::terminated());
+            let end = loop {
+                if query.is_terminated()
+                    && let Some(next) = self.next_query(client)
+                {
+                    query.set(next.fuse());
+                }
+                tokio::select! {
+                    biased;
+                    _ = &mut *stopped => break End::Stopped,
+                    message = poll_fn(|cx| connection.poll_message(cx)) => match message {
+                        Some(Ok(AsyncMessage::Notification(n))) => {
+                            self.accept(&n);
+                            // Take whatever else is already here without another wake-up.
+                            while let Some(Some(Ok(message))) =
+                                poll_fn(|cx| connection.poll_message(cx)).now_or_never()
+                            {
+                                if let AsyncMessage::Notification(n) = message {
+                                    self.accept(&n);
+                                }
+                            }
+                        }
+                        Some(Ok(AsyncMessage::Notice(notice))) => {
+                            tracing::debug!(target: TARGET, message = notice.message(), "server notice");
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => break End::Connection(pg_message(&e)),
+                        None => break End::Connection("the server closed the connection".into()),
+                    },
+                    outcome = &mut query => {
+                        if let Err(reason) = self.finish_query(outcome) {
+                            break End::Connection(reason);
+                        }
+                    }
+                    sent = self.sink.deliver(&mut self.buffer), if self.has_ready() => match sent {
+                        Some(n) => self.delivered(n),
+                        None => break End::ReceiverGone,
+                    },
+                    () = self.sink.closed(), if !self.has_ready() => break End::ReceiverGone,
+                    _ = ticker.tick() => {
+                        if let Some((seq, sent_at)) = self.outstanding
+                            && sent_at.elapsed() > health / 2
+                        {
+                            break End::Connection(format!(
+                                "heartbeat {seq} did not come back within {:?}: the connection is dead",
+                                health / 2
+                            ));
+                        }
+                    }
+                }
+            };
+            // Notifications received but not handled stay for nobody: the session is over.
+            backlog.clear();
+            end
+        };
+        (end, session)
+    }
+
+    /// The next query for the one slot, by priority: heartbeat, log tail, oversize fetch,
+    /// pruning.
+    fn next_query<'c>(&mut self, client: &'c Client) -> Option<BoxFuture<'c, QueryOutcome>> {
+        let now = Instant::now();
+        let health = self.config.health_interval();
+        if !health.is_zero() && self.outstanding.is_none() && now >= self.next_heartbeat {
+            self.heartbeat_seq += 1;
+            let seq = self.heartbeat_seq;
+            self.outstanding = Some((seq, now));
+            self.next_heartbeat = now + health / 2;
+            let payload = self.packer.heartbeat(seq);
+            let channel = self.channel.clone();
+            return Some(
+                async move {
+                    QueryOutcome::Heartbeat(
+                        client
+                            .execute("SELECT pg_notify($1, $2)", &[&channel, &payload])
+                            .await,
+                    )
+                }
+                .boxed(),
+            );
+        }
+        let room = self.buffered_updates < self.config.max_buffered() / 2;
+        if self.tail_needed && room {
+            let cursor = self.cursor.clone()?;
+            self.tail_needed = false;
+            let channel = self.channel.clone();
+            return Some(
+                async move {
+                    QueryOutcome::Tail(client.query(TAIL_SQL, &[&channel, &cursor.snapshot]).await)
+                }
+                .boxed(),
+            );
+        }
+        if let Some((origin, seq)) = self.fetches.front().cloned() {
+            let channel = self.channel.clone();
+            return Some(
+                async move {
+                    let row = client
+                        .query_opt(FETCH_SQL, &[&channel, &origin.as_str(), &(seq as i64)])
+                        .await;
+                    QueryOutcome::Fetch(row.map(|r| r.map(|r| r.get(0))))
+                }
+                .boxed(),
+            );
+        }
+        if self.config.durable() && now >= self.next_prune {
+            let retention = self.config.retention();
+            self.next_prune =
+                now + (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+            let channel = self.channel.clone();
+            let seconds = retention.as_secs_f64();
+            return Some(
+                async move {
+                    QueryOutcome::Prune(client.execute(PRUNE_SQL, &[&channel, &seconds]).await)
+                }
+                .boxed(),
+            );
+        }
+        None
+    }
+
+    /// Handles a finished query; an error means the connection must be dropped.
+    fn finish_query(&mut self, outcome: QueryOutcome) -> Result<(), String> {
+        match outcome {
+            QueryOutcome::Heartbeat(Ok(_)) | QueryOutcome::Prune(Ok(_)) => Ok(()),
+            QueryOutcome::Tail(Ok(rows)) => {
+                self.apply_tail(rows);
+                Ok(())
             }
-            Ok(envelope) => envelope.into_updates(),
-            Err(e) => {
-                self.counters.rejected(&e);
-                tracing::warn!(
-                    target: TARGET,
-                    reason = e.reason(),
-                    error = %e,
-                    sender_pid = notification.process_id(),
-                    bytes = notification.payload().len(),
-                    "rejected a payload"
+            QueryOutcome::Fetch(Ok(payload)) => {
+                let (origin, seq) = self.fetches.pop_front().expect("a fetch in flight");
+                self.apply_fetch(&origin, seq, payload);
+                Ok(())
+            }
+            QueryOutcome::Heartbeat(Err(e))
+            | QueryOutcome::Tail(Err(e))
+            | QueryOutcome::Fetch(Err(e))
+            | QueryOutcome::Prune(Err(e)) => {
+                if e.as_db_error().is_some() {
+                    // The server refused (for example the log is not migrated): say so,
+                    // and keep listening to live notifications.
+                    tracing::error!(target: TARGET, error = %pg_message(&e), "listener query failed; is the schema migrated (updatepipe migrate)?");
+                    if self.fetches.front().is_some() {
+                        // Do not block the order on an envelope we cannot read.
+                        self.fetches.pop_front();
+                        self.fill_fetch(Vec::new());
+                        self.resync(ResyncReason::SequenceGap {
+                            origin: "log".into(),
+                            expected: 0,
+                            got: 0,
+                        });
+                    }
+                    Ok(())
+                } else {
+                    Err(pg_message(&e))
+                }
+            }
+        }
+    }
+
+    /// Delivers the log rows a tail returned, and moves the cursor.
+    fn apply_tail(&mut self, rows: Vec<Row>) {
+        let Some(first) = rows.first() else { return };
+        let snapshot: String = first.get(0);
+        let read_at: f64 = first.get(1);
+        let pruned_before: Option<f64> = first.get(2);
+        if let (Some(pruned), Some(cursor)) = (pruned_before, &self.cursor)
+            && pruned > cursor.read_at
+        {
+            self.resync(ResyncReason::LogPruned);
+        }
+        let replaying = std::mem::take(&mut self.replaying);
+        for row in &rows {
+            let Some(origin) = row.get::<_, Option<String>>(3) else {
+                continue;
+            };
+            if origin == self.origin.as_str() {
+                continue;
+            }
+            let payload: String = row.get(5);
+            match Envelope::decode_logged(&payload) {
+                Ok(envelope) => {
+                    let updates = envelope.into_updates();
+                    if replaying {
+                        self.counters.replayed(updates.len());
+                    }
+                    for update in updates {
+                        // Never let a durable update go: the log holds it for us, and a
+                        // tail runs only when there is room.
+                        self.buffered_updates += 1;
+                        self.buffer.push_back(Slot::Ready(Event::Update(update)));
+                    }
+                }
+                Err(e) => self.reject(&e, 0, payload.len()),
+            }
+        }
+        self.cursor = Some(Cursor { snapshot, read_at });
+    }
+
+    /// Fills the oldest fetching slot with an oversize envelope read from the log.
+    fn apply_fetch(&mut self, origin: &Origin, seq: u64, payload: Option<String>) {
+        let Some(payload) = payload else {
+            // Pruned, or never committed: the update is gone.
+            tracing::warn!(target: TARGET, %origin, seq, "an oversize envelope is not in the log");
+            self.fill_fetch(Vec::new());
+            self.resync(ResyncReason::SequenceGap {
+                origin: origin.to_string(),
+                expected: seq,
+                got: seq,
+            });
+            return;
+        };
+        match Envelope::decode_logged(&payload) {
+            Ok(envelope) if envelope.origin() == origin => self.fill_fetch(envelope.into_updates()),
+            Ok(_) => {
+                self.reject(
+                    &DecodeError::Malformed("log row from another sender".into()),
+                    0,
+                    payload.len(),
                 );
-                tracing::debug!(target: TARGET, payload = notification.payload(), "rejected payload");
-                Vec::new()
+                self.fill_fetch(Vec::new());
+            }
+            Err(e) => {
+                self.reject(&e, 0, payload.len());
+                self.fill_fetch(Vec::new());
             }
         }
+    }
+
+    /// Replaces the first `Fetching` slot with these updates, keeping their place.
+    fn fill_fetch(&mut self, updates: Vec<Update>) {
+        let Some(at) = self.buffer.iter().position(|s| matches!(s, Slot::Fetching)) else {
+            return;
+        };
+        self.buffer.remove(at);
+        for (i, update) in updates.into_iter().enumerate() {
+            self.buffered_updates += 1;
+            self.buffer
+                .insert(at + i, Slot::Ready(Event::Update(update)));
+        }
+    }
+
+    /// Decodes one notification and queues what it carries.
+    fn accept(&mut self, notification: &Notification) {
+        if notification.channel() != self.channel {
+            return;
+        }
+        let envelope = match Envelope::decode(notification.payload()) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                self.reject(&e, notification.process_id(), notification.payload().len());
+                return;
+            }
+        };
+        if envelope.is_heartbeat() {
+            if *envelope.origin() == self.origin
+                && let Some((seq, _)) = self.outstanding
+                && envelope.seq() == Some(seq)
+            {
+                self.outstanding = None;
+            }
+            return;
+        }
+        if *envelope.origin() == self.origin {
+            self.counters.echo();
+            return;
+        }
+        if self.config.durable() && envelope.is_durable() {
+            // Read from the log, in commit order, exactly once.
+            self.tail_needed = true;
+            return;
+        }
+        if let Some(seq) = envelope.seq()
+            && !envelope.is_transactional()
+        {
+            self.check_sequence(envelope.origin(), seq);
+        }
+        if envelope.is_reference() {
+            let seq = envelope.seq().unwrap_or(0);
+            self.fetches.push_back((envelope.origin().clone(), seq));
+            self.buffer.push_back(Slot::Fetching);
+            return;
+        }
+        for update in envelope.into_updates() {
+            self.enqueue(update);
+        }
+    }
+
+    /// Notes a sender's pool-push number; a skipped number means a gap.
+    fn check_sequence(&mut self, origin: &Origin, seq: u64) {
+        if self.last_seq.len() >= MAX_TRACKED_SENDERS && !self.last_seq.contains_key(origin) {
+            self.last_seq.clear();
+        }
+        match self.last_seq.get_mut(origin) {
+            Some(last) if seq > *last + 1 => {
+                let expected = *last + 1;
+                *last = seq;
+                self.resync(ResyncReason::SequenceGap {
+                    origin: origin.to_string(),
+                    expected,
+                    got: seq,
+                });
+            }
+            Some(last) => *last = (*last).max(seq),
+            None => {
+                self.last_seq.insert(origin.clone(), seq);
+            }
+        }
+    }
+
+    /// Queues an update, or lets it go when the caller is too far behind (best effort:
+    /// a resync follows once the caller has caught up).
+    fn enqueue(&mut self, update: Update) {
+        if self.buffered_updates >= self.config.max_buffered() {
+            if self.dropped == 0 {
+                tracing::warn!(target: TARGET, bound = self.config.max_buffered(), "the application is not reading; letting updates go until it catches up");
+            }
+            self.dropped += 1;
+            self.counters.dropped(1);
+            return;
+        }
+        self.buffered_updates += 1;
+        self.buffer.push_back(Slot::Ready(Event::Update(update)));
+    }
+
+    fn delivered(&mut self, n: usize) {
+        self.buffered_updates -= n;
+        self.counters.delivered(n);
+        if self.buffer.is_empty() && self.dropped > 0 {
+            let dropped = std::mem::take(&mut self.dropped);
+            self.resync(ResyncReason::SlowConsumer { dropped });
+        }
+    }
+
+    fn has_ready(&self) -> bool {
+        matches!(self.buffer.front(), Some(Slot::Ready(_)))
+    }
+
+    fn resync(&mut self, reason: ResyncReason) {
+        tracing::warn!(target: TARGET, ?reason, "updates may have been missed: resync");
+        self.counters.resync();
+        self.emit(Event::Resync(reason));
+    }
+
+    /// Queues an event for a caller that asked for events (always, whatever the bound:
+    /// events are few and must not be lost).
+    fn emit(&mut self, event: Event) {
+        if self.sink.wants_events() {
+            self.buffer.push_back(Slot::Ready(event));
+        }
+    }
+
+    fn reject(&mut self, e: &DecodeError, sender_pid: i32, bytes: usize) {
+        self.counters.rejected(e);
+        tracing::warn!(
+            target: TARGET,
+            reason = e.reason(),
+            error = %e,
+            sender_pid,
+            bytes,
+            "rejected a payload"
+        );
     }
 }

@@ -11,7 +11,7 @@ use tokio_postgres::GenericClient;
 use crate::config::Config;
 use crate::envelope::Origin;
 use crate::error::Error;
-use crate::listen::Listener;
+use crate::listen::{Event, Listener, Sink};
 use crate::migrate::{MigrationInfo, migrate};
 use crate::push::Pusher;
 use crate::stats::{Counters, Stats};
@@ -127,6 +127,25 @@ impl PgPipe {
         self.inner.pusher.push_in(client, updates).await
     }
 
+    /// Like [`listen`](UpdatePipe::listen), with connection events in the same ordered
+    /// stream as the updates: [`Event::Connected`], [`Event::Disconnected`] and
+    /// [`Event::Resync`], which says that updates may have been missed and the application
+    /// must reload its state. (With plain `listen`, events are logged and counted only.)
+    pub async fn listen_events(&self, events: mpsc::Sender<Event>) -> Result<(), Error> {
+        self.start_listening(Sink::Events(events)).await
+    }
+
+    /// The server's notification queue usage, from 0 to 1 (`pg_notification_queue_usage()`).
+    /// It grows when some listener of the database does not read; at 1 every NOTIFY in the
+    /// cluster fails.
+    pub async fn queue_usage(&self) -> Result<f64, Error> {
+        self.check_open()?;
+        self.inner
+            .pusher
+            .query_f64("SELECT pg_notification_queue_usage()")
+            .await
+    }
+
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.inner.config
@@ -157,34 +176,7 @@ impl PgPipe {
 
 impl UpdatePipe for PgPipe {
     async fn listen(&self, updates: mpsc::Sender<Update>) -> Result<(), Error> {
-        self.check_open()?;
-        if self.inner.listening.swap(true, Ordering::AcqRel) {
-            return Err(Error::AlreadyListening);
-        }
-        let mut slot = self.inner.listener.lock().await;
-        let started = Listener::start(
-            &self.inner.config,
-            self.inner.origin.clone(),
-            updates,
-            self.inner.counters.clone(),
-        )
-        .await;
-        match started {
-            // Closed while connecting: stop at once rather than leave it running.
-            Ok(listener) if self.is_closed() => {
-                listener.stop().await;
-                Err(Error::Closed)
-            }
-            Ok(listener) => {
-                *slot = Some(listener);
-                Ok(())
-            }
-            Err(e) => {
-                // A failed attempt does not count: the caller may try again.
-                self.inner.listening.store(false, Ordering::Release);
-                Err(e)
-            }
-        }
+        self.start_listening(Sink::Updates(updates)).await
     }
 
     async fn init_push(&self) -> Result<(), Error> {
@@ -204,5 +196,38 @@ impl UpdatePipe for PgPipe {
         }
         self.inner.pusher.close().await;
         Ok(())
+    }
+}
+
+impl PgPipe {
+    async fn start_listening(&self, sink: Sink) -> Result<(), Error> {
+        self.check_open()?;
+        if self.inner.listening.swap(true, Ordering::AcqRel) {
+            return Err(Error::AlreadyListening);
+        }
+        let mut slot = self.inner.listener.lock().await;
+        let started = Listener::start(
+            &self.inner.config,
+            self.inner.origin.clone(),
+            sink,
+            self.inner.counters.clone(),
+        )
+        .await;
+        match started {
+            // Closed while connecting: stop at once rather than leave it running.
+            Ok(listener) if self.is_closed() => {
+                listener.stop().await;
+                Err(Error::Closed)
+            }
+            Ok(listener) => {
+                *slot = Some(listener);
+                Ok(())
+            }
+            Err(e) => {
+                // A failed attempt does not count: the caller may try again.
+                self.inner.listening.store(false, Ordering::Release);
+                Err(e)
+            }
+        }
     }
 }

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_postgres::{GenericClient, NoTls};
 
 use crate::config::Config;
-use crate::envelope::{Origin, Packer};
+use crate::envelope::{MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, Marks, Origin, Packer};
 use crate::error::Error;
 use crate::stats::Counters;
 use crate::update::Update;
@@ -38,6 +38,16 @@ const NOTIFY_ONE: &str = "SELECT pg_notify($1, $2)";
 const NOTIFY_MANY: &str =
     "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, n) ORDER BY n";
 
+/// A durable batch: the envelopes go to the log and their notifications out, in one
+/// statement (a data-modifying CTE always runs to completion), so one transaction.
+const LOG_AND_NOTIFY: &str = "WITH logged AS (\
+       INSERT INTO updatepipe.log (channel, origin, seq, payload) \
+       SELECT $1, $2, s, p FROM unnest($3::bigint[], $4::text[]) AS t(s, p)) \
+     SELECT pg_notify($1, n) FROM unnest($5::text[]) WITH ORDINALITY AS t(n, i) ORDER BY i";
+
+/// Where the numbers of envelopes pushed inside callers' transactions start (2⁶²).
+pub(crate) const TRANSACTIONAL_SEQ_BASE: u64 = 1 << 62;
+
 /// Sends this pipe's updates.
 #[derive(Debug)]
 pub(crate) struct Pusher {
@@ -49,8 +59,15 @@ pub(crate) struct Pusher {
 struct Shared {
     pool: Pool,
     channel: String,
+    origin: String,
+    durable: bool,
     packer: Packer,
+    /// Numbers for pool pushes: consecutive, and committed in order (one flush at a time),
+    /// so a listener that sees one skipped knows it missed something.
     seq: AtomicU64,
+    /// Numbers for pushes in callers' transactions, from a range of their own: those may
+    /// roll back or commit out of order, so listeners do not check them for gaps.
+    tx_seq: AtomicU64,
     timeout: Duration,
     max_batch: usize,
     max_batch_wait: Duration,
@@ -106,8 +123,11 @@ impl Pusher {
         let shared = Arc::new(Shared {
             pool,
             channel: config.channel().as_str().to_owned(),
+            origin: origin.as_str().to_owned(),
+            durable: config.durable(),
             packer: Packer::new(&origin, std::process::id()),
             seq: AtomicU64::new(1),
+            tx_seq: AtomicU64::new(TRANSACTIONAL_SEQ_BASE),
             timeout: config.push_timeout(),
             max_batch: config.max_batch(),
             max_batch_wait: config.max_batch_wait(),
@@ -181,32 +201,64 @@ impl Pusher {
     }
 
     /// Sends updates on the caller's client or transaction: delivered when, and only when,
-    /// the caller's transaction commits (at once, outside a transaction).
+    /// the caller's transaction commits (at once, outside a transaction). Durable pushes
+    /// write their log rows in that same transaction.
     pub(crate) async fn push_in<C: GenericClient + Sync>(
         &self,
         client: &C,
         updates: &[Update],
     ) -> Result<(), Error> {
         let encoded = self.encode(updates)?;
-        let payloads = self.shared.pack(encoded.iter().map(String::as_str));
+        let marks = Marks {
+            transactional: true,
+            durable: self.shared.durable,
+        };
+        let payloads = self.shared.pack(encoded.iter().map(String::as_str), marks);
         let channel = self.shared.channel.as_str();
-        match payloads.as_slice() {
-            [] => {}
-            [payload] => {
-                client.execute(NOTIFY_ONE, &[&channel, payload]).await?;
-            }
-            payloads => {
-                client.execute(NOTIFY_MANY, &[&channel, &payloads]).await?;
+        if self.shared.durable {
+            let (seqs, logged, notes) = self.shared.durable_parts(&payloads, marks);
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+                [&channel, &self.shared.origin, &seqs, &logged, &notes];
+            client.execute(LOG_AND_NOTIFY, &params).await?;
+        } else {
+            let notes: Vec<&str> = payloads.iter().map(|(_, p)| p.as_str()).collect();
+            match notes.as_slice() {
+                [] => {}
+                [payload] => {
+                    client.execute(NOTIFY_ONE, &[&channel, payload]).await?;
+                }
+                notes => {
+                    client.execute(NOTIFY_MANY, &[&channel, &notes]).await?;
+                }
             }
         }
         self.shared.counters.pushed(updates.len());
         Ok(())
     }
 
+    /// Runs a one-value query on a pooled connection.
+    pub(crate) async fn query_f64(&self, sql: &str) -> Result<f64, Error> {
+        let shared = &self.shared;
+        tokio::time::timeout(shared.timeout, async {
+            let client = shared.checkout().await?;
+            Ok(client.query_one(sql, &[]).await?.get(0))
+        })
+        .await
+        .unwrap_or(Err(Error::Timeout {
+            what: "querying the server",
+            after: shared.timeout,
+        }))
+    }
+
     fn encode(&self, updates: &[Update]) -> Result<Vec<String>, Error> {
+        let limit = if self.shared.durable {
+            MAX_LOGGED_ENVELOPE_LEN
+        } else {
+            MAX_PAYLOAD_LEN
+        };
         updates
             .iter()
-            .map(|u| self.shared.packer.encode(u))
+            .map(|u| self.shared.packer.encode(u, limit))
             .collect()
     }
 
@@ -326,54 +378,132 @@ impl Shared {
 
     /// Sends one batch in one statement, within the push timeout.
     async fn flush(&self, batch: &[Request]) -> Result<(), Error> {
+        let marks = Marks {
+            transactional: false,
+            durable: self.durable,
+        };
         let payloads = self.pack(
             batch
                 .iter()
                 .flat_map(|r| r.updates.iter().map(String::as_str)),
+            marks,
         );
         let deadline = Instant::now() + self.timeout;
-        let timed_out = || Error::Timeout {
-            what: "pushing",
-            after: self.timeout,
-        };
-        let client = tokio::time::timeout_at(deadline, self.checkout())
-            .await
-            .map_err(|_| timed_out())??;
-        let sent = tokio::time::timeout_at(deadline, async {
-            let channel = self.channel.as_str();
-            if let [payload] = payloads.as_slice() {
-                let statement = client.prepare_cached(NOTIFY_ONE).await?;
-                client.execute(&statement, &[&channel, payload]).await
-            } else {
-                let statement = client.prepare_cached(NOTIFY_MANY).await?;
-                client.execute(&statement, &[&channel, &payloads]).await
-            }
-        })
-        .await;
-        match sent {
-            Ok(Ok(_)) => {
-                self.counters.batch();
-                Ok(())
-            }
-            Ok(Err(e)) => {
-                if e.as_db_error().is_none() {
-                    // The connection is broken: keep it out of the pool.
-                    drop(Object::take(client));
+        let mut retried = false;
+        loop {
+            match tokio::time::timeout_at(deadline, self.send(&payloads, marks)).await {
+                Ok(Ok(())) => {
+                    self.counters.batch();
+                    return Ok(());
                 }
-                Err(Error::Postgres(e))
-            }
-            Err(_) => {
-                drop(Object::take(client));
-                Err(timed_out())
+                // A durable batch is idempotent (its log rows are unique by sender and
+                // number), so one retry on a fresh connection is safe when the first try's
+                // fate is unknown: a duplicate is refused, which proves the first committed.
+                Ok(Err(Error::Postgres(e)))
+                    if self.durable && !retried && e.as_db_error().is_none() =>
+                {
+                    retried = true;
+                    tracing::debug!(target: TARGET, error = %e, "retrying a durable batch");
+                }
+                Ok(Err(Error::Postgres(e)))
+                    if retried
+                        && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+                {
+                    self.counters.batch();
+                    return Ok(());
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        what: "pushing",
+                        after: self.timeout,
+                    });
+                }
             }
         }
     }
 
+    /// One try at sending a batch's payloads on a pooled connection. A connection that
+    /// fails (or is abandoned on timeout) is taken out of the pool.
+    async fn send(&self, payloads: &[(u64, String)], marks: Marks) -> Result<(), Error> {
+        let mut client = self.checkout().await?;
+        if client.is_closed() {
+            // Closed since it was pooled (a server restart): nothing was sent on it yet.
+            drop(Object::take(client));
+            client = self.checkout().await?;
+        }
+        let mut guard = Discard(Some(client));
+        let client = guard.0.as_ref().expect("a client");
+        let channel = self.channel.as_str();
+        let sent = if self.durable {
+            let (seqs, logged, notes) = self.durable_parts(payloads, marks);
+            let statement = client.prepare_cached(LOG_AND_NOTIFY).await?;
+            client
+                .execute(
+                    &statement,
+                    &[&channel, &self.origin, &seqs, &logged, &notes],
+                )
+                .await
+        } else if let [(_, payload)] = payloads {
+            let statement = client.prepare_cached(NOTIFY_ONE).await?;
+            client.execute(&statement, &[&channel, payload]).await
+        } else {
+            let notes: Vec<&str> = payloads.iter().map(|(_, p)| p.as_str()).collect();
+            let statement = client.prepare_cached(NOTIFY_MANY).await?;
+            client.execute(&statement, &[&channel, &notes]).await
+        };
+        match sent {
+            Ok(_) => {
+                // Back to the pool.
+                drop(guard.0.take());
+                Ok(())
+            }
+            Err(e) => {
+                if e.as_db_error().is_some() {
+                    // The connection is fine; the statement failed.
+                    drop(guard.0.take());
+                }
+                Err(Error::Postgres(e))
+            }
+        }
+    }
+
+    /// A durable batch's parameters: the numbers and envelopes for the log, and the
+    /// notifications, each the envelope itself or, when too large, a reference to it.
+    fn durable_parts<'p>(
+        &self,
+        payloads: &'p [(u64, String)],
+        marks: Marks,
+    ) -> (Vec<i64>, Vec<&'p str>, Vec<std::borrow::Cow<'p, str>>) {
+        let seqs = payloads.iter().map(|(seq, _)| *seq as i64).collect();
+        let logged = payloads.iter().map(|(_, p)| p.as_str()).collect();
+        let notes = payloads
+            .iter()
+            .map(|(seq, p)| {
+                if p.len() <= MAX_PAYLOAD_LEN {
+                    std::borrow::Cow::Borrowed(p.as_str())
+                } else {
+                    std::borrow::Cow::Owned(self.packer.reference(*seq, marks))
+                }
+            })
+            .collect();
+        (seqs, logged, notes)
+    }
+
     /// Packs encoded updates into envelopes, each with a fresh sequence number, so no two
     /// payloads are ever identical (PostgreSQL folds identical ones in a transaction).
-    fn pack<'a>(&self, encoded: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    fn pack<'a>(
+        &self,
+        encoded: impl IntoIterator<Item = &'a str>,
+        marks: Marks,
+    ) -> Vec<(u64, String)> {
+        let counter = if marks.transactional {
+            &self.tx_seq
+        } else {
+            &self.seq
+        };
         self.packer
-            .pack(encoded, || self.seq.fetch_add(1, Ordering::Relaxed))
+            .pack(encoded, marks, || counter.fetch_add(1, Ordering::Relaxed))
     }
 
     /// A pooled connection, with the pool's errors told as what they mean to the caller.
@@ -387,5 +517,17 @@ impl Shared {
             PoolError::Closed => Error::Closed,
             other => Error::Pool(other),
         })
+    }
+}
+
+/// A pooled connection that is taken out of the pool when dropped still held: the send it
+/// served failed or was abandoned midway (timeout, cancellation), so its state is unknown.
+struct Discard(Option<Object>);
+
+impl Drop for Discard {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(Object::take(client));
+        }
     }
 }

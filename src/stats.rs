@@ -20,6 +20,11 @@ pub(crate) struct Counters {
     batches: AtomicU64,
     delivered: AtomicU64,
     echoes: AtomicU64,
+    reconnects: AtomicU64,
+    disconnects: AtomicU64,
+    replayed: AtomicU64,
+    resyncs: AtomicU64,
+    dropped: AtomicU64,
     rejected: [AtomicU64; REJECT_REASONS.len()],
 }
 
@@ -34,6 +39,26 @@ impl Counters {
 
     pub(crate) fn delivered(&self, n: usize) {
         self.delivered.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn reconnect(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn disconnect(&self) {
+        self.disconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn replayed(&self, n: usize) {
+        self.replayed.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn resync(&self) {
+        self.resyncs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn dropped(&self, n: usize) {
+        self.dropped.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn echo(&self) {
@@ -55,6 +80,11 @@ impl Counters {
             batches: self.batches.load(Ordering::Relaxed),
             delivered: self.delivered.load(Ordering::Relaxed),
             echoes_dropped: self.echoes.load(Ordering::Relaxed),
+            reconnects: self.reconnects.load(Ordering::Relaxed),
+            disconnects: self.disconnects.load(Ordering::Relaxed),
+            replayed: self.replayed.load(Ordering::Relaxed),
+            resyncs: self.resyncs.load(Ordering::Relaxed),
+            dropped_slow_consumer: self.dropped.load(Ordering::Relaxed),
             rejected: REJECT_REASONS
                 .iter()
                 .zip(&self.rejected)
@@ -77,6 +107,16 @@ pub struct Stats {
     pub delivered: u64,
     /// Envelopes dropped because this pipe sent them.
     pub echoes_dropped: u64,
+    /// Times the listener reconnected after losing its connection.
+    pub reconnects: u64,
+    /// Times the listener lost its connection.
+    pub disconnects: u64,
+    /// Updates delivered from the durable log while catching up after a reconnect.
+    pub replayed: u64,
+    /// Resyncs raised: times the application was told updates may have been missed.
+    pub resyncs: u64,
+    /// Updates let go because the application was not reading (best effort).
+    pub dropped_slow_consumer: u64,
     /// Payloads rejected, by reason (`unrecognized`, `unknown_version`, `malformed`,
     /// `invalid_update`, `too_large`).
     pub rejected: Vec<(&'static str, u64)>,
