@@ -217,6 +217,8 @@ impl Drop for Listener {
 struct Cursor {
     /// `pg_current_snapshot()` as text, taken by the last read.
     snapshot: String,
+    /// The highest log id visible to the last read (0 for none).
+    max_id: i64,
     /// The server's clock at that read (seconds since the epoch).
     read_at: f64,
 }
@@ -241,15 +243,12 @@ impl Session {
                 return Err(Error::Standby);
             }
             let cursor = if want_cursor {
-                let row = client
-                    .query_one(
-                        "SELECT pg_current_snapshot()::text, extract(epoch FROM now())::float8",
-                        &[],
-                    )
-                    .await?;
+                let channel = config.channel().as_str();
+                let row = client.query_one(CURSOR_SQL, &[&channel]).await?;
                 Some(Cursor {
                     snapshot: row.get(0),
                     read_at: row.get(1),
+                    max_id: row.get::<_, Option<i64>>(2).unwrap_or(0),
                 })
             } else {
                 None
@@ -327,23 +326,34 @@ enum QueryOutcome {
     Fetch(Result<Option<String>, tokio_postgres::Error>),
     Heartbeat(Result<u64, tokio_postgres::Error>),
     Prune(Result<u64, tokio_postgres::Error>),
+    TimedOut(Duration),
 }
 
-/// Reads what the log gained since `$2` (a snapshot): rows committed before this
-/// statement's snapshot and not before the previous one, in transaction order. Returns the
-/// new snapshot and clock even when no row is new.
+/// Reads what the log gained since the previous read, whose snapshot was `$2` and whose
+/// highest visible id was `$3`: rows committed before this statement's snapshot and not
+/// before the previous one (by transaction id), plus rows with a higher id than any seen
+/// then (after a crash the server may hand out a transaction id again, never an id). In id
+/// order, which is commit order for each sender's successive transactions. Returns the new
+/// snapshot, clock, pruning mark and highest id even when no row is new.
 const TAIL_SQL: &str = "\
     SELECT s.snap::text, extract(epoch FROM now())::float8, \
            (SELECT extract(epoch FROM p.pruned_before)::float8 FROM updatepipe.pruned p WHERE p.channel = $1), \
+           (SELECT max(m.id) FROM updatepipe.log m WHERE m.channel = $1), \
            l.origin, l.seq, l.payload \
     FROM (SELECT pg_current_snapshot() AS snap) s \
     LEFT JOIN LATERAL ( \
-        SELECT origin, seq, payload, xid, id FROM updatepipe.log \
+        SELECT origin, seq, payload, id FROM updatepipe.log \
         WHERE channel = $1 \
-          AND xid >= pg_snapshot_xmin($2::text::pg_snapshot) \
-          AND NOT pg_visible_in_snapshot(xid, $2::text::pg_snapshot) \
+          AND ((xid >= pg_snapshot_xmin($2::text::pg_snapshot) \
+                AND NOT pg_visible_in_snapshot(xid, $2::text::pg_snapshot)) \
+               OR id > $3) \
     ) l ON true \
-    ORDER BY l.xid, l.id";
+    ORDER BY l.id";
+
+/// The position before the first read: taken before `LISTEN`.
+const CURSOR_SQL: &str = "\
+    SELECT pg_current_snapshot()::text, extract(epoch FROM now())::float8, \
+           (SELECT max(id) FROM updatepipe.log WHERE channel = $1)";
 
 const FETCH_SQL: &str =
     "SELECT payload FROM updatepipe.log WHERE channel = $1 AND origin = $2 AND seq = $3";
@@ -359,6 +369,23 @@ const PRUNE_SQL: &str = "\
     SELECT $1, cutoff.at FROM lock, cutoff WHERE lock.ok AND (SELECT count(*) FROM gone) > 0 \
     ON CONFLICT (channel) DO UPDATE SET pruned_before = \
         greatest(updatepipe.pruned.pruned_before, excluded.pruned_before)";
+
+/// Whether an error ends the session: a broken connection, or the server ending it
+/// (severity FATAL or PANIC, such as an administrator's terminate or a shutdown).
+fn is_fatal(e: &tokio_postgres::Error) -> bool {
+    match e.as_db_error() {
+        None => true,
+        Some(db) => {
+            matches!(
+                db.parsed_severity(),
+                Some(
+                    tokio_postgres::error::Severity::Fatal | tokio_postgres::error::Severity::Panic
+                )
+            ) || db.code().code().starts_with("57")
+                || db.code().code().starts_with("08")
+        }
+    }
+}
 
 /// The most senders whose numbers a listener tracks for gaps.
 const MAX_TRACKED_SENDERS: usize = 10_000;
@@ -405,17 +432,20 @@ impl Task {
             };
             let connected_at = Instant::now();
             let (end, current) = self.serve(current, &mut stopped).await;
-            current.close().await;
             match end {
                 End::Stopped => {
                     tracing::debug!(target: TARGET, "listener stopped");
+                    current.close().await;
                     break;
                 }
                 End::ReceiverGone => {
                     tracing::info!(target: TARGET, "the caller dropped its channel; listener stops");
+                    current.close().await;
                     break;
                 }
                 End::Connection(reason) => {
+                    // A dead connection gets no polite goodbye: it may never be written.
+                    drop(current);
                     tracing::warn!(target: TARGET, %reason, "listener connection lost; reconnecting");
                     self.counters.disconnect();
                     self.emit(Event::Disconnected { reason });
@@ -504,15 +534,19 @@ impl Task {
         mut session: Session,
         stopped: &mut oneshot::Receiver<()>,
     ) -> (End, Session) {
+        tracing::trace!(target: TARGET, buffered = self.buffer.len(), "serving a session");
         for notification in std::mem::take(&mut session.backlog) {
             self.accept(&notification);
         }
         let health = self.config.health_interval();
+        // A heartbeat goes out every half interval and must be back within 0.4 interval,
+        // checked every tenth: a dead path is found within one interval.
         let tick_every = if health.is_zero() {
             Duration::from_secs(3600)
         } else {
-            (health / 8).max(Duration::from_millis(20))
+            (health / 10).max(Duration::from_millis(10))
         };
+        let heartbeat_timeout = health * 2 / 5;
         let mut ticker = tokio::time::interval(tick_every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let end = {
@@ -524,27 +558,24 @@ impl Task {
             let client: &Client = client;
             let mut query: Pin<&mut Fuse<BoxFuture<'_, QueryOutcome>>> =
                 std::pin::pin!(Fuse::terminated());
+            let mut heartbeat: Pin<&mut Fuse<BoxFuture<'_, QueryOutcome>>> =
+                std::pin::pin!(Fuse::terminated());
             let end = loop {
                 if query.is_terminated()
                     && let Some(next) = self.next_query(client)
                 {
                     query.set(next.fuse());
                 }
+                if heartbeat.is_terminated()
+                    && let Some(next) = self.next_heartbeat(client)
+                {
+                    heartbeat.set(next.fuse());
+                }
                 tokio::select! {
                     biased;
                     _ = &mut *stopped => break End::Stopped,
                     message = poll_fn(|cx| connection.poll_message(cx)) => match message {
-                        Some(Ok(AsyncMessage::Notification(n))) => {
-                            self.accept(&n);
-                            // Take whatever else is already here without another wake-up.
-                            while let Some(Some(Ok(message))) =
-                                poll_fn(|cx| connection.poll_message(cx)).now_or_never()
-                            {
-                                if let AsyncMessage::Notification(n) = message {
-                                    self.accept(&n);
-                                }
-                            }
-                        }
+                        Some(Ok(AsyncMessage::Notification(n))) => self.accept(&n),
                         Some(Ok(AsyncMessage::Notice(notice))) => {
                             tracing::debug!(target: TARGET, message = notice.message(), "server notice");
                         }
@@ -557,18 +588,26 @@ impl Task {
                             break End::Connection(reason);
                         }
                     }
+                    outcome = &mut heartbeat => {
+                        if let Err(reason) = self.finish_query(outcome) {
+                            break End::Connection(reason);
+                        }
+                    }
                     sent = self.sink.deliver(&mut self.buffer), if self.has_ready() => match sent {
-                        Some(n) => self.delivered(n),
+                        Some(n) => {
+                            tracing::trace!(target: TARGET, n, "delivered");
+                            self.delivered(n)
+                        }
                         None => break End::ReceiverGone,
                     },
                     () = self.sink.closed(), if !self.has_ready() => break End::ReceiverGone,
                     _ = ticker.tick() => {
                         if let Some((seq, sent_at)) = self.outstanding
-                            && sent_at.elapsed() > health / 2
+                            && sent_at.elapsed() > heartbeat_timeout
                         {
                             break End::Connection(format!(
-                                "heartbeat {seq} did not come back within {:?}: the connection is dead",
-                                health / 2
+                                "heartbeat {seq} did not come back within {heartbeat_timeout:?}: \
+                                 the connection is dead"
                             ));
                         }
                     }
@@ -581,9 +620,9 @@ impl Task {
         (end, session)
     }
 
-    /// The next query for the one slot, by priority: heartbeat, log tail, oversize fetch,
-    /// pruning.
-    fn next_query<'c>(&mut self, client: &'c Client) -> Option<BoxFuture<'c, QueryOutcome>> {
+    /// The next heartbeat, when one is due: it has a slot of its own, so that a slow
+    /// query never delays the proof that the connection works.
+    fn next_heartbeat<'c>(&mut self, client: &'c Client) -> Option<BoxFuture<'c, QueryOutcome>> {
         let now = Instant::now();
         let health = self.config.health_interval();
         if !health.is_zero() && self.outstanding.is_none() && now >= self.next_heartbeat {
@@ -604,6 +643,27 @@ impl Task {
                 .boxed(),
             );
         }
+        None
+    }
+
+    /// The next query for the query slot, by priority: log tail, oversize fetch, pruning.
+    /// Each gets a deadline: a query that does not answer means a dead connection.
+    fn next_query<'c>(&mut self, client: &'c Client) -> Option<BoxFuture<'c, QueryOutcome>> {
+        let query = self.next_query_inner(client)?;
+        let limit = self.config.health_interval().max(Duration::from_secs(1))
+            + self.config.connect_timeout();
+        Some(
+            async move {
+                tokio::time::timeout(limit, query)
+                    .await
+                    .unwrap_or(QueryOutcome::TimedOut(limit))
+            }
+            .boxed(),
+        )
+    }
+
+    fn next_query_inner<'c>(&mut self, client: &'c Client) -> Option<BoxFuture<'c, QueryOutcome>> {
+        let now = Instant::now();
         let room = self.buffered_updates < self.config.max_buffered() / 2;
         if self.tail_needed && room {
             let cursor = self.cursor.clone()?;
@@ -611,7 +671,11 @@ impl Task {
             let channel = self.channel.clone();
             return Some(
                 async move {
-                    QueryOutcome::Tail(client.query(TAIL_SQL, &[&channel, &cursor.snapshot]).await)
+                    QueryOutcome::Tail(
+                        client
+                            .query(TAIL_SQL, &[&channel, &cursor.snapshot, &cursor.max_id])
+                            .await,
+                    )
                 }
                 .boxed(),
             );
@@ -647,7 +711,18 @@ impl Task {
     /// Handles a finished query; an error means the connection must be dropped.
     fn finish_query(&mut self, outcome: QueryOutcome) -> Result<(), String> {
         match outcome {
-            QueryOutcome::Heartbeat(Ok(_)) | QueryOutcome::Prune(Ok(_)) => Ok(()),
+            QueryOutcome::Heartbeat(Ok(_)) => {
+                // In durable mode, also read the log now and then: a safety net should a
+                // wake-up ever be missed.
+                if self.config.durable() {
+                    self.tail_needed = true;
+                }
+                Ok(())
+            }
+            QueryOutcome::Prune(Ok(_)) => Ok(()),
+            QueryOutcome::TimedOut(limit) => Err(format!(
+                "a query did not answer within {limit:?}: the connection is dead"
+            )),
             QueryOutcome::Tail(Ok(rows)) => {
                 self.apply_tail(rows);
                 Ok(())
@@ -661,7 +736,7 @@ impl Task {
             | QueryOutcome::Tail(Err(e))
             | QueryOutcome::Fetch(Err(e))
             | QueryOutcome::Prune(Err(e)) => {
-                if e.as_db_error().is_some() {
+                if !is_fatal(&e) {
                     // The server refused (for example the log is not migrated): say so,
                     // and keep listening to live notifications.
                     tracing::error!(target: TARGET, error = %pg_message(&e), "listener query failed; is the schema migrated (updatepipe migrate)?");
@@ -689,6 +764,7 @@ impl Task {
         let snapshot: String = first.get(0);
         let read_at: f64 = first.get(1);
         let pruned_before: Option<f64> = first.get(2);
+        let max_id: i64 = first.get::<_, Option<i64>>(3).unwrap_or(0);
         if let (Some(pruned), Some(cursor)) = (pruned_before, &self.cursor)
             && pruned > cursor.read_at
         {
@@ -696,13 +772,13 @@ impl Task {
         }
         let replaying = std::mem::take(&mut self.replaying);
         for row in &rows {
-            let Some(origin) = row.get::<_, Option<String>>(3) else {
+            let Some(origin) = row.get::<_, Option<String>>(4) else {
                 continue;
             };
             if origin == self.origin.as_str() {
                 continue;
             }
-            let payload: String = row.get(5);
+            let payload: String = row.get(6);
             match Envelope::decode_logged(&payload) {
                 Ok(envelope) => {
                     let updates = envelope.into_updates();
@@ -719,7 +795,13 @@ impl Task {
                 Err(e) => self.reject(&e, 0, payload.len()),
             }
         }
-        self.cursor = Some(Cursor { snapshot, read_at });
+        // Never move the id mark back (an empty read after pruning sees a lower maximum).
+        let max_id = max_id.max(self.cursor.as_ref().map_or(0, |c| c.max_id));
+        self.cursor = Some(Cursor {
+            snapshot,
+            read_at,
+            max_id,
+        });
     }
 
     /// Fills the oldest fetching slot with an oversize envelope read from the log.

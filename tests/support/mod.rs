@@ -20,7 +20,18 @@ struct Database {
 
 static DATABASE: OnceLock<Database> = OnceLock::new();
 
+/// Logs to the test's output when `RUST_LOG` is set (for example `RUST_LOG=updatepipe=debug`).
+pub fn init_logging() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 fn database() -> &'static Database {
+    init_logging();
     DATABASE.get_or_init(|| match std::env::var("DATABASE_URL") {
         Ok(url) if !url.is_empty() => Database {
             url,
@@ -111,4 +122,34 @@ pub async fn connections(client: &tokio_postgres::Client, application_name: &str
         .await
         .unwrap()
         .get(0)
+}
+
+pub mod proxy;
+
+/// A private cluster for a test that touches the server (kills, restarts, proxies).
+/// Commits do not wait for the disk: these tests are about delivery, not durability on
+/// power loss.
+pub fn own_cluster() -> TempCluster {
+    init_logging();
+    TempCluster::builder()
+        .setting("synchronous_commit", "off")
+        .start()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A configuration for a private cluster, on its own channel and application name, with
+/// the quick health checks and backoff the reliability tests need.
+pub fn cluster_config(port: u16, channel: &str) -> Config {
+    Config::from_url(&format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+        .unwrap()
+        .with_channel(ChannelName::new(channel).unwrap())
+        .with_application_name(&unique("up"))
+        .with_health_interval(Duration::from_secs(1))
+        .with_connect_timeout(Duration::from_secs(1))
+        .with_push_timeout(Duration::from_secs(3))
+        .with_backoff(updatepipe::Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+            ..updatepipe::Backoff::default()
+        })
 }

@@ -1,0 +1,688 @@
+//! Never lose an update: reconnects, dead connections, restarts, commit order and slow
+//! consumers. Every test that touches the server runs its own throwaway cluster.
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::proxy::Proxy;
+use support::{cluster_config, own_cluster, unique};
+use tokio::sync::mpsc;
+use updatepipe::{
+    Config, Envelope, Error, Event, MailboxKey, PgPipe, ResyncReason, SeqSet, Update, UpdatePipe,
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn numbered(key: u64, n: u32) -> Update {
+    Update::new_message(key, SeqSet::single(n).unwrap())
+}
+
+async fn sql(port: u16) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(
+        &format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// Terminates the backends of this application name; returns how many.
+async fn terminate(admin: &tokio_postgres::Client, app: &str) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn backends(admin: &tokio_postgres::Client, app: &str) -> i64 {
+    support::connections(admin, app).await
+}
+
+fn app(config: &Config) -> String {
+    config.pg().get_application_name().unwrap().to_owned()
+}
+
+/// Receives events until `done` says so, within `WAIT`.
+async fn collect(
+    rx: &mut mpsc::Receiver<Event>,
+    mut done: impl FnMut(&[Event]) -> bool,
+) -> Vec<Event> {
+    let mut events = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while !done(&events) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some(event)) => events.push(event),
+            Ok(None) => panic!(
+                "event stream ended: {:?}",
+                &events[events.len().saturating_sub(5)..]
+            ),
+            Err(_) => panic!(
+                "timed out with {} events; last: {:?}",
+                events.len(),
+                &events[events.len().saturating_sub(5)..]
+            ),
+        }
+    }
+    events
+}
+
+fn updates(events: &[Event]) -> Vec<&Update> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Update(u) => Some(u),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Checks that each mailbox's numbers arrive exactly once, in order, 1 to `each`.
+fn assert_exactly_once_in_order(updates: &[&Update], keys: u64, each: u32) {
+    let mut next = vec![1u32; keys as usize];
+    for update in updates {
+        let MailboxKey::Id(key) = update.key() else {
+            panic!("{update:?}")
+        };
+        let n = update.seq_set().as_single().unwrap();
+        assert_eq!(
+            n, next[*key as usize],
+            "mailbox {key}: out of order or repeated"
+        );
+        next[*key as usize] += 1;
+    }
+    assert!(
+        next.iter().all(|n| *n == each + 1),
+        "missing updates: next {next:?}"
+    );
+}
+
+/// Pushes `keys × each` numbered updates from `keys` tasks (one per mailbox, in order).
+/// A push that fails (the server is away) is retried by this caller, as an application
+/// would; returns the updates whose failed try may have committed all the same (the
+/// connection broke before the answer), which may therefore arrive twice.
+fn push_numbered(
+    pusher: Arc<PgPipe>,
+    keys: u64,
+    each: u32,
+) -> tokio::task::JoinHandle<HashSet<(u64, u32)>> {
+    tokio::spawn(async move {
+        let tasks: Vec<_> = (0..keys)
+            .map(|key| {
+                let pusher = pusher.clone();
+                tokio::spawn(async move {
+                    let mut uncertain = HashSet::new();
+                    for n in 1..=each {
+                        let mut tries = 0;
+                        loop {
+                            match pusher.push(&numbered(key, n)).await {
+                                Ok(()) => break,
+                                Err(e) => {
+                                    uncertain.insert((key, n));
+                                    tries += 1;
+                                    assert!(tries < 200, "push keeps failing: {e}");
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                }
+                            }
+                        }
+                    }
+                    uncertain
+                })
+            })
+            .collect();
+        let mut uncertain = HashSet::new();
+        for task in tasks {
+            uncertain.extend(task.await.unwrap());
+        }
+        uncertain
+    })
+}
+
+/// Checks that each mailbox's numbers 1 to `each` all arrive, in order, exactly once,
+/// except that an update whose push was retried after an uncertain failure may arrive a
+/// second time (right after the first: its retry was the caller's next push).
+fn assert_complete_in_order(
+    updates: &[&Update],
+    keys: u64,
+    each: u32,
+    uncertain: &HashSet<(u64, u32)>,
+) {
+    let mut last = vec![0u32; keys as usize];
+    for update in updates {
+        let MailboxKey::Id(key) = update.key() else {
+            panic!("{update:?}")
+        };
+        let n = update.seq_set().as_single().unwrap();
+        let prev = last[*key as usize];
+        if n == prev {
+            assert!(
+                uncertain.contains(&(*key, n)),
+                "mailbox {key}: {n} arrived twice without a retry"
+            );
+        } else {
+            assert_eq!(n, prev + 1, "mailbox {key}: out of order or missing");
+        }
+        last[*key as usize] = n;
+    }
+    assert!(
+        last.iter().all(|n| *n == each),
+        "missing updates: last {last:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_listener_loses_nothing_across_20_terminations() {
+    let cluster = own_cluster();
+    let channel = unique("durable20");
+    let listen_config = cluster_config(cluster.port(), &channel).with_durable(true);
+    let listen_app = app(&listen_config);
+    let listener = PgPipe::new(listen_config).unwrap();
+    listener.migrate().await.unwrap();
+    let (tx, mut rx) = mpsc::channel(100_000);
+    listener.listen_events(tx).await.unwrap();
+    let pusher =
+        Arc::new(PgPipe::new(cluster_config(cluster.port(), &channel).with_durable(true)).unwrap());
+
+    const KEYS: u64 = 8;
+    const EACH: u32 = 1250;
+    let pushing = push_numbered(pusher.clone(), KEYS, EACH);
+    let admin = sql(cluster.port()).await;
+    let mut terminated = 0;
+    while terminated < 20 {
+        if backends(&admin, &listen_app).await > 0 && terminate(&admin, &listen_app).await > 0 {
+            terminated += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let uncertain = pushing.await.unwrap();
+    // The server stayed up: no push failed, so every update arrives exactly once.
+    assert!(uncertain.is_empty(), "{uncertain:?}");
+
+    let total = (KEYS as usize) * EACH as usize;
+    let events = collect(&mut rx, |e| updates(e).len() >= total).await;
+    // Nothing more: no duplicate arrives late.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while let Ok(event) = rx.try_recv() {
+        assert!(
+            !matches!(event, Event::Update(_)),
+            "a duplicate arrived: {event:?}"
+        );
+    }
+    assert_exactly_once_in_order(&updates(&events), KEYS, EACH);
+    let resyncs = events
+        .iter()
+        .filter(|e| matches!(e, Event::Resync(_)))
+        .count();
+    assert_eq!(resyncs, 0, "durable mode needs no resync");
+    // A termination can also hit a connection still being set up, which then counts as a
+    // failed attempt rather than a reconnect.
+    let stats = listener.stats();
+    assert!(stats.reconnects >= 10, "{stats:?}");
+    listener.close().await.unwrap();
+    pusher.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn best_effort_listener_raises_a_resync_for_every_termination() {
+    let cluster = own_cluster();
+    let channel = unique("besteffort20");
+    // A slower health check: a false alarm would be one resync too many.
+    let listen_config =
+        cluster_config(cluster.port(), &channel).with_health_interval(Duration::from_secs(5));
+    let listen_app = app(&listen_config);
+    let listener = PgPipe::new(listen_config).unwrap();
+    let (tx, mut rx) = mpsc::channel(100_000);
+    listener.listen_events(tx).await.unwrap();
+    let pusher = Arc::new(PgPipe::new(cluster_config(cluster.port(), &channel)).unwrap());
+    let pushing = push_numbered(pusher.clone(), 4, 2500);
+
+    let admin = sql(cluster.port()).await;
+    let mut terminated = 0;
+    while terminated < 20 {
+        // Terminate only a connected listener, once it said so.
+        if backends(&admin, &listen_app).await > 0 && terminate(&admin, &listen_app).await > 0 {
+            terminated += 1;
+            // The listener says it lost updates before it is terminated again.
+            let events = collect(&mut rx, |e| {
+                e.contains(&Event::Resync(ResyncReason::Reconnected))
+            })
+            .await;
+            let disconnected = events
+                .iter()
+                .filter(|e| matches!(e, Event::Disconnected { .. }))
+                .count();
+            assert_eq!(disconnected, 1, "{events:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pushing.await.unwrap();
+    listener.close().await.unwrap();
+    // Every termination was followed by exactly one Disconnected and one resync.
+    let stats = listener.stats();
+    assert_eq!(stats.disconnects, 20, "{stats:?}");
+    assert_eq!(stats.reconnects, 20, "{stats:?}");
+    assert!(stats.resyncs >= 20, "{stats:?}");
+    pusher.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_pipes_recover_from_server_restarts_and_durable_loses_nothing() {
+    // Default settings: commits wait for the disk (synchronous_commit = on), as durable
+    // delivery across a crash requires (a commit that is not on disk can vanish in one).
+    let cluster = Arc::new(std::sync::Mutex::new(
+        updatepipe::cluster::TempCluster::start().unwrap(),
+    ));
+    let port = cluster.lock().unwrap().port();
+    let channel = unique("restart");
+    let listener = PgPipe::new(cluster_config(port, &channel).with_durable(true)).unwrap();
+    listener.migrate().await.unwrap();
+    let (tx, mut rx) = mpsc::channel(100_000);
+    listener.listen_events(tx).await.unwrap();
+    let pusher = Arc::new(PgPipe::new(cluster_config(port, &channel).with_durable(true)).unwrap());
+
+    const KEYS: u64 = 4;
+    const EACH: u32 = 600;
+    let pushing = push_numbered(pusher.clone(), KEYS, EACH);
+    for mode in ["fast", "immediate"] {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let shared = cluster.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut cluster = shared.lock().unwrap();
+            cluster.stop(mode).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            cluster.restart().unwrap();
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            cluster.lock().unwrap().port(),
+            port,
+            "restarted on its port"
+        );
+    }
+    let uncertain = pushing.await.unwrap();
+    let complete = |e: &[Event]| {
+        let mut last = vec![0u32; KEYS as usize];
+        for u in updates(e) {
+            if let MailboxKey::Id(k) = u.key() {
+                last[*k as usize] = u.seq_set().as_single().unwrap();
+            }
+        }
+        last.iter().all(|n| *n == EACH)
+    };
+    let mut events = collect(&mut rx, complete).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while let Ok(event) = rx.try_recv() {
+        events.push(event);
+    }
+    assert_complete_in_order(&updates(&events), KEYS, EACH, &uncertain);
+    // Two restarts; the second may come before the listener is back from the first.
+    assert!(listener.stats().reconnects >= 1);
+    listener.close().await.unwrap();
+    pusher.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_connection_is_found_within_the_health_interval() {
+    let cluster = own_cluster();
+    for durable in [true, false] {
+        let channel = unique("blackhole");
+        let proxy = Proxy::start(cluster.port()).await;
+        let health = Duration::from_secs(1);
+        let listen_config = cluster_config(proxy.port(), &channel)
+            .with_durable(durable)
+            .with_health_interval(health);
+        let listener = PgPipe::new(listen_config).unwrap();
+        if durable {
+            listener.migrate().await.unwrap();
+        }
+        let (tx, mut rx) = mpsc::channel(10_000);
+        listener.listen_events(tx).await.unwrap();
+        collect(&mut rx, |e| e.contains(&Event::Connected)).await;
+        let pusher =
+            PgPipe::new(cluster_config(cluster.port(), &channel).with_durable(durable)).unwrap();
+        pusher.push(&numbered(1, 1)).await.unwrap();
+        collect(&mut rx, |e| updates(e).len() == 1).await;
+
+        proxy.blackhole();
+        let cut = Instant::now();
+        let events = collect(&mut rx, |e| {
+            e.iter().any(|e| matches!(e, Event::Disconnected { .. }))
+        })
+        .await;
+        let detected = cut.elapsed();
+        assert!(
+            detected <= health + Duration::from_millis(300),
+            "detected after {detected:?} (health interval {health:?}); {events:?}"
+        );
+        // Sent while the path is dead.
+        for n in 2..=5 {
+            pusher.push(&numbered(1, n)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.up();
+        let events = collect(&mut rx, |e| {
+            if durable {
+                updates(e).len() == 4
+            } else {
+                e.contains(&Event::Resync(ResyncReason::Reconnected))
+            }
+        })
+        .await;
+        if durable {
+            let got: Vec<u32> = updates(&events)
+                .iter()
+                .map(|u| u.seq_set().as_single().unwrap())
+                .collect();
+            assert_eq!(got, [2, 3, 4, 5]);
+        }
+        // And live again afterwards.
+        pusher.push(&numbered(1, 6)).await.unwrap();
+        let events = collect(&mut rx, |e| {
+            updates(e)
+                .iter()
+                .any(|u| u.seq_set().as_single() == Some(6))
+        })
+        .await;
+        assert_eq!(updates(&events).len(), 1, "durable {durable}: {events:?}");
+        listener.close().await.unwrap();
+        pusher.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_committing_out_of_id_order_across_a_disconnect_arrive_once() {
+    let cluster = own_cluster();
+    let channel = unique("xidorder");
+    let proxy = Proxy::start(cluster.port()).await;
+    let listener = PgPipe::new(cluster_config(proxy.port(), &channel).with_durable(true)).unwrap();
+    listener.migrate().await.unwrap();
+    let (tx, mut rx) = mpsc::channel(1000);
+    listener.listen_events(tx).await.unwrap();
+    let store = PgPipe::new(cluster_config(cluster.port(), &channel).with_durable(true)).unwrap();
+
+    let mut first = sql(cluster.port()).await;
+    let mut second = sql(cluster.port()).await;
+    let t1 = first.transaction().await.unwrap();
+    store.push_in(&t1, &numbered(1, 1)).await.unwrap(); // takes the lower log id
+    let t2 = second.transaction().await.unwrap();
+    store.push_in(&t2, &numbered(2, 1)).await.unwrap(); // takes the higher log id
+    t2.commit().await.unwrap(); // ...and commits first
+    let events = collect(&mut rx, |e| updates(e).len() == 1).await;
+    assert_eq!(updates(&events), [&numbered(2, 1)]);
+
+    // The listener loses its connection; the older transaction commits meanwhile.
+    proxy.down();
+    collect(&mut rx, |e| {
+        e.iter().any(|e| matches!(e, Event::Disconnected { .. }))
+    })
+    .await;
+    t1.commit().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.up();
+
+    let events = collect(&mut rx, |e| updates(e).len() == 1).await;
+    assert_eq!(updates(&events), [&numbered(1, 1)]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    while let Ok(event) = rx.try_recv() {
+        assert!(
+            !matches!(event, Event::Update(_)),
+            "a duplicate arrived: {event:?}"
+        );
+    }
+    listener.close().await.unwrap();
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_updates_travel_through_the_log() {
+    let cluster = own_cluster();
+    let channel = unique("oversize");
+    let durable_config = cluster_config(cluster.port(), &channel).with_durable(true);
+    let durable = PgPipe::new(durable_config).unwrap();
+    durable.migrate().await.unwrap();
+    let (dtx, mut drx) = mpsc::channel(100);
+    durable.listen_events(dtx).await.unwrap();
+    // A best-effort listener on the same channel gets them too, through the reference.
+    let best_effort = PgPipe::new(cluster_config(cluster.port(), &channel)).unwrap();
+    let (btx, mut brx) = mpsc::channel(100);
+    best_effort.listen(btx).await.unwrap();
+
+    let pusher = PgPipe::new(cluster_config(cluster.port(), &channel).with_durable(true)).unwrap();
+    let sent = [
+        Update::mailbox_destroyed(MailboxKey::Name("k".repeat(8_000))),
+        numbered(3, 1),
+        Update::mailbox_destroyed(MailboxKey::Name("m".repeat(100_000))),
+        numbered(3, 2),
+    ];
+    for update in &sent {
+        pusher.push(update).await.unwrap();
+    }
+    let events = collect(&mut drx, |e| updates(e).len() == sent.len()).await;
+    let got: Vec<Update> = updates(&events).into_iter().cloned().collect();
+    assert_eq!(got, sent);
+    let mut got = Vec::new();
+    for _ in 0..sent.len() {
+        got.push(
+            tokio::time::timeout(WAIT, brx.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert_eq!(got, sent, "best-effort listener, in order");
+
+    // Without durable mode the same update is a typed error.
+    let plain = PgPipe::new(cluster_config(cluster.port(), &channel)).unwrap();
+    let err = plain.push(&sent[0]).await.unwrap_err();
+    assert!(matches!(err, Error::PayloadTooLarge { .. }), "{err}");
+    for pipe in [durable, best_effort, pusher, plain] {
+        pipe.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_bounded_and_told_to_resync() {
+    let channel = unique("slow");
+    let bound = 200;
+    let listener = PgPipe::new(support::config_on(&channel).with_max_buffered(bound)).unwrap();
+    let (tx, mut rx) = mpsc::channel(10);
+    listener.listen_events(tx).await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(WAIT, rx.recv()).await.unwrap(),
+        Some(Event::Connected)
+    );
+    let pusher = PgPipe::new(support::config_on(&channel)).unwrap();
+    let sent: Vec<Update> = (1..=5_000).map(|n| numbered(1, n)).collect();
+    for chunk in sent.chunks(100) {
+        pusher.push_many(chunk).await.unwrap();
+    }
+    // The application has not read. The listener kept draining the server's queue and
+    // let go of what exceeded its bound.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(listener.stats().dropped_slow_consumer > 0);
+    let usage = listener.queue_usage().await.unwrap();
+    assert!((0.0..1.0).contains(&usage));
+    let events = collect(&mut rx, |e| e.iter().any(|e| matches!(e, Event::Resync(_)))).await;
+    let delivered = updates(&events).len();
+    assert!(delivered <= bound + 10, "held {delivered}, bound {bound}");
+    let Some(Event::Resync(ResyncReason::SlowConsumer { dropped })) = events.last() else {
+        panic!("{:?}", events.last());
+    };
+    assert_eq!(*dropped as usize + delivered, sent.len());
+    // What was delivered is the oldest, in order.
+    let got: Vec<&Update> = updates(&events);
+    assert_eq!(got, sent.iter().take(delivered).collect::<Vec<_>>());
+    // Live again afterwards.
+    pusher.push(&numbered(2, 1)).await.unwrap();
+    let events = collect(&mut rx, |e| updates(e).len() == 1).await;
+    assert_eq!(updates(&events), [&numbered(2, 1)]);
+    listener.close().await.unwrap();
+    pusher.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_durable_consumer_gets_everything_later() {
+    let channel = unique("slowdurable");
+    let listener = PgPipe::new(
+        support::config_on(&channel)
+            .with_durable(true)
+            .with_max_buffered(100),
+    )
+    .unwrap();
+    listener.migrate().await.unwrap();
+    let (tx, mut rx) = mpsc::channel(10);
+    listener.listen_events(tx).await.unwrap();
+    let pusher = PgPipe::new(support::config_on(&channel).with_durable(true)).unwrap();
+    let sent: Vec<Update> = (1..=3_000).map(|n| numbered(1, n)).collect();
+    for chunk in sent.chunks(100) {
+        pusher.push_many(chunk).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let events = collect(&mut rx, |e| updates(e).len() == sent.len()).await;
+    assert_eq!(updates(&events), sent.iter().collect::<Vec<_>>());
+    assert!(!events.iter().any(|e| matches!(e, Event::Resync(_))));
+    listener.close().await.unwrap();
+    pusher.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skipped_sequence_number_raises_a_resync_without_a_disconnect() {
+    let channel = unique("gap");
+    let listener = PgPipe::new(support::config_on(&channel)).unwrap();
+    let (tx, mut rx) = mpsc::channel(100);
+    listener.listen_events(tx).await.unwrap();
+    let pusher = PgPipe::new(support::config_on(&channel)).unwrap();
+    pusher.push(&numbered(1, 1)).await.unwrap();
+    collect(&mut rx, |e| updates(e).len() == 1).await;
+    // The same sender's envelope 7 when 2 was due (as if 2 to 6 had been lost).
+    let payload = Envelope::encode_v1(pusher.origin(), 1, 7, &[numbered(1, 7)]).unwrap();
+    support::sql()
+        .await
+        .execute("SELECT pg_notify($1, $2)", &[&channel, &payload])
+        .await
+        .unwrap();
+    let events = collect(&mut rx, |e| e.iter().any(|e| matches!(e, Event::Resync(_)))).await;
+    assert!(
+        events.contains(&Event::Resync(ResyncReason::SequenceGap {
+            origin: pusher.origin().to_string(),
+            expected: 2,
+            got: 7
+        })),
+        "{events:?}"
+    );
+    // Pushes inside callers' transactions are not checked: they may roll back.
+    let mut client = support::sql().await;
+    let t = client.transaction().await.unwrap();
+    pusher.push_in(&t, &numbered(1, 8)).await.unwrap();
+    t.rollback().await.unwrap();
+    pusher.push_in(&client, &numbered(1, 9)).await.unwrap();
+    let events = collect(&mut rx, |e| updates(e).len() == 1).await;
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Resync(_))),
+        "{events:?}"
+    );
+    listener.close().await.unwrap();
+    pusher.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_during_an_outage_fail_within_the_timeout_then_recover() {
+    let mut cluster = own_cluster();
+    let channel = unique("outage");
+    let config = cluster_config(cluster.port(), &channel).with_push_timeout(Duration::from_secs(2));
+    let pusher = PgPipe::new(config).unwrap();
+    pusher.push(&numbered(1, 1)).await.unwrap();
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.stop("fast").unwrap();
+        cluster
+    })
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let err = pusher.push(&numbered(1, 2)).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(err.is_connection(), "{err:?}");
+    assert!(took < Duration::from_secs(4), "failed after {took:?}");
+    assert!(!err.to_string().is_empty());
+    let mut cluster = cluster;
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.restart().unwrap();
+        cluster
+    })
+    .await
+    .unwrap();
+    // The first push after the server is back succeeds.
+    pusher.push(&numbered(1, 3)).await.unwrap();
+    pusher.close().await.unwrap();
+    drop(cluster);
+}
+
+#[tokio::test]
+async fn retention_prunes_and_a_listener_away_too_long_gets_a_resync() {
+    let cluster = own_cluster();
+    let channel = unique("prune");
+    let proxy = Proxy::start(cluster.port()).await;
+    let listen_config = cluster_config(proxy.port(), &channel)
+        .with_durable(true)
+        .with_retention(Duration::from_secs(1));
+    let listener = PgPipe::new(listen_config).unwrap();
+    listener.migrate().await.unwrap();
+    let (tx, mut rx) = mpsc::channel(100);
+    listener.listen_events(tx).await.unwrap();
+    let pusher = PgPipe::new(cluster_config(cluster.port(), &channel).with_durable(true)).unwrap();
+    pusher.push(&numbered(1, 1)).await.unwrap();
+    collect(&mut rx, |e| updates(e).len() == 1).await;
+
+    proxy.down();
+    collect(&mut rx, |e| {
+        e.iter().any(|e| matches!(e, Event::Disconnected { .. }))
+    })
+    .await;
+    pusher.push(&numbered(1, 2)).await.unwrap();
+    // Away longer than the retention; another node prunes meanwhile.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let pruner = PgPipe::new(
+        cluster_config(cluster.port(), &channel)
+            .with_durable(true)
+            .with_retention(Duration::from_secs(1)),
+    )
+    .unwrap();
+    let (ptx, _prx) = mpsc::channel(100);
+    pruner.listen(ptx).await.unwrap();
+    let admin = sql(cluster.port()).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM updatepipe.log WHERE channel = $1",
+                &[&channel],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the log was never pruned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    proxy.up();
+    let events = collect(&mut rx, |e| {
+        e.contains(&Event::Resync(ResyncReason::LogPruned))
+    })
+    .await;
+    assert!(updates(&events).is_empty(), "no partial replay: {events:?}");
+    for pipe in [listener, pusher, pruner] {
+        pipe.close().await.unwrap();
+    }
+}

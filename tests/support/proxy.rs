@@ -1,0 +1,152 @@
+//! A TCP proxy for tests that break the path between a listener and the server: it can
+//! blackhole (keep connections open and swallow every byte, like a dead NAT or a pulled
+//! cable) or go down (close every connection and refuse new ones).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+const UP: u8 = 0;
+const BLACKHOLE: u8 = 1;
+const DOWN: u8 = 2;
+
+/// The proxy; dropping it stops it and closes its connections.
+pub struct Proxy {
+    addr: SocketAddr,
+    mode: Arc<AtomicU8>,
+    /// Bumped to close every connection open now.
+    generation: watch::Sender<u64>,
+    accepted: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// A proxy on 127.0.0.1 to `upstream` (127.0.0.1:port).
+    pub async fn start(upstream_port: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mode = Arc::new(AtomicU8::new(UP));
+        let (generation, _) = watch::channel(0u64);
+        let accepted = Arc::new(AtomicU64::new(0));
+        let task = {
+            let mode = mode.clone();
+            let generation = generation.clone();
+            let accepted = accepted.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((client, _)) = listener.accept().await else {
+                        break;
+                    };
+                    if mode.load(Ordering::SeqCst) == DOWN {
+                        drop(client);
+                        continue;
+                    }
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    let mode = mode.clone();
+                    let closed = generation.subscribe();
+                    tokio::spawn(async move {
+                        let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await
+                        else {
+                            return;
+                        };
+                        pipe_both(client, server, mode, closed).await;
+                    });
+                }
+            })
+        };
+        Proxy {
+            addr,
+            mode,
+            generation,
+            accepted,
+            task,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Swallow every byte, both ways, on every connection, old and new, without closing.
+    pub fn blackhole(&self) {
+        self.mode.store(BLACKHOLE, Ordering::SeqCst);
+    }
+
+    /// Close every connection and refuse new ones.
+    pub fn down(&self) {
+        self.mode.store(DOWN, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Forward again. Connections that were blackholed are closed (they lost bytes and
+    /// could never recover), as a restored NAT would reset them.
+    pub fn up(&self) {
+        if self.mode.swap(UP, Ordering::SeqCst) == BLACKHOLE {
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.generation.send_modify(|g| *g += 1);
+        self.task.abort();
+    }
+}
+
+async fn pipe_both(
+    client: TcpStream,
+    server: TcpStream,
+    mode: Arc<AtomicU8>,
+    mut closed: watch::Receiver<u64>,
+) {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let up = {
+        let mode = mode.clone();
+        async move {
+            let mut buf = vec![0u8; 16384];
+            loop {
+                let n = match cr.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if mode.load(Ordering::SeqCst) != UP {
+                    continue;
+                }
+                if sw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    };
+    let down = async move {
+        let mut buf = vec![0u8; 16384];
+        loop {
+            let n = match sr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if mode.load(Ordering::SeqCst) != UP {
+                continue;
+            }
+            if cw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+        _ = closed.changed() => {}
+    }
+}
