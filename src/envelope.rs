@@ -117,14 +117,30 @@ struct WireIn {
     p: Option<u32>,
     s: u64,
     u: Vec<RawUpdate>,
-    #[serde(default)]
-    t: u8,
-    #[serde(default)]
-    d: u8,
-    #[serde(default)]
-    r: u8,
-    #[serde(default)]
-    h: u8,
+    #[serde(default, deserialize_with = "mark")]
+    t: bool,
+    #[serde(default, deserialize_with = "mark")]
+    d: bool,
+    #[serde(default, deserialize_with = "mark")]
+    r: bool,
+    #[serde(default, deserialize_with = "mark")]
+    h: bool,
+}
+
+/// A mark field: `1`/`0` as written, and for other implementations' convenience also
+/// `true`/`false` and `null` (absent).
+fn mark<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Mark {
+        Number(u64),
+        Bool(bool),
+    }
+    Ok(match Option::<Mark>::deserialize(deserializer)? {
+        None | Some(Mark::Number(0)) | Some(Mark::Bool(false)) => false,
+        Some(Mark::Number(1)) | Some(Mark::Bool(true)) => true,
+        Some(Mark::Number(_)) => return Err(serde::de::Error::custom("a mark is 0 or 1")),
+    })
 }
 
 #[derive(Deserialize)]
@@ -438,11 +454,11 @@ fn decode_v1(payload: &str) -> Result<Envelope, DecodeError> {
         seq: Some(wire.s),
         updates,
         marks: Marks {
-            transactional: wire.t != 0,
-            durable: wire.d != 0,
+            transactional: wire.t,
+            durable: wire.d,
         },
-        reference: wire.r != 0,
-        heartbeat: wire.h != 0,
+        reference: wire.r,
+        heartbeat: wire.h,
     })
 }
 
@@ -652,6 +668,30 @@ mod tests {
         let env = Envelope::decode(r#"{"v":1,"o":"a","s":1,"u":[]}"#).unwrap();
         assert!(env.updates().is_empty());
         assert_eq!(env.pid(), None);
+    }
+
+    #[test]
+    fn marks_read_as_numbers_booleans_or_null() {
+        for (text, expected) in [
+            ("1", true),
+            ("true", true),
+            ("0", false),
+            ("false", false),
+            ("null", false),
+        ] {
+            let env = Envelope::decode(&format!(
+                r#"{{"v":1,"o":"a","s":1,"t":{text},"d":{text},"u":[]}}"#
+            ))
+            .unwrap();
+            assert_eq!(
+                (env.is_transactional(), env.is_durable()),
+                (expected, expected),
+                "{text}"
+            );
+        }
+        assert!(Envelope::decode(r#"{"v":1,"o":"a","s":1,"t":2,"u":[]}"#).is_err());
+        let env = Envelope::decode(r#"{"v":1,"o":"a","s":1,"h":1,"u":[]}"#).unwrap();
+        assert!(env.is_heartbeat() && !env.is_reference());
     }
 
     #[test]

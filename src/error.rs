@@ -20,8 +20,9 @@ pub enum Error {
 
     /// An envelope does not fit in one notification (7999 bytes).
     #[error(
-        "an envelope of {size} bytes exceeds PostgreSQL's notification limit of {limit} bytes; \
-         send fewer flags or a shorter sequence set"
+        "an update needs an envelope of {size} bytes, over the limit of {limit} bytes (7999 for a \
+         notification; durable mode carries up to 1 MiB through the log); shorten its mailbox key, \
+         flags or sequence set"
     )]
     PayloadTooLarge {
         /// The encoded size in bytes.
@@ -150,10 +151,6 @@ pub enum UpdateError {
         /// What is wrong with it.
         reason: &'static str,
     },
-
-    /// The mailbox key is neither a string nor an unsigned 64-bit integer.
-    #[error("invalid mailbox key: {0}")]
-    Key(&'static str),
 
     /// A flags update must name exactly one UID.
     #[error("a flags update (type 1) needs exactly one UID in SeqSet, got {0:?}")]

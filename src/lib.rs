@@ -37,12 +37,17 @@
 //! ## Delivery guarantees, as they stand
 //!
 //! - A push returns once its update is committed; a push inside the caller's transaction is
-//!   delivered if and only if that transaction commits.
+//!   delivered if and only if that transaction commits. Concurrent pushes share
+//!   transactions.
 //! - A listener receives every update committed while it is connected, once, in commit
-//!   order, and never its own pipe's updates.
+//!   order, and never its own pipe's updates. It reconnects by itself and finds a dead
+//!   connection within the health interval.
+//! - Best effort (default): updates sent while it is disconnected are lost, and a
+//!   [`Event::Resync`] says so. Durable mode ([`Config::with_durable`]): they are replayed
+//!   from the log, exactly once, in commit order per sender.
 //! - A payload that does not decode is counted, logged and dropped; the listener goes on.
-//! - Not yet: reconnection and catch-up. If the listener's connection is lost, the listener
-//!   stops and its channel ends; updates sent meanwhile are not replayed.
+//!
+//! `docs/delivery.md` states this fully and argues why it holds.
 //!
 //! ## Modules
 //!
@@ -52,8 +57,9 @@
 //! | the wire format (envelope v1, maddy's legacy form) | `envelope` |
 //! | configuration, channel names | `config`, `channel` |
 //! | the pipe interface and its PostgreSQL implementation | `pipe` |
-//! | the push path / the listen path | `push` / `listen` |
+//! | the push path (batching, durable log writes) / the listen path (reconnect, heartbeats, log replay) | `push` / `listen` |
 //! | migrations (the `updatepipe` schema and log table) | `migrate` |
+//! | counters | `stats` |
 //! | throwaway clusters for tests and the demo | [`cluster`] |
 
 mod channel;
@@ -75,7 +81,9 @@ pub use config::{
     Backoff, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEALTH_INTERVAL, DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BUFFERED, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT, DEFAULT_RETENTION,
 };
-pub use envelope::{ENVELOPE_VERSION, Envelope, MAX_PAYLOAD_LEN, Origin, WireFormat};
+pub use envelope::{
+    ENVELOPE_VERSION, Envelope, MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, Origin, WireFormat,
+};
 pub use error::{DecodeError, Error, UpdateError};
 pub use listen::{Event, ResyncReason};
 pub use migrate::{MIGRATION_TABLE, MigrationInfo, embedded_migrations};

@@ -177,6 +177,7 @@ impl Listener {
             cursor,
             tail_needed: durable,
             replaying: false,
+            heard_best_effort: false,
             fetches: VecDeque::new(),
             heartbeat_seq: 0,
             outstanding: None,
@@ -409,6 +410,9 @@ struct Task {
     tail_needed: bool,
     /// The next tail is a catch-up after a reconnect (counted as replayed).
     replaying: bool,
+    /// Durable mode: a best-effort sender was heard on the channel, whose updates a
+    /// disconnect loses (so a reconnect must raise a resync after all).
+    heard_best_effort: bool,
     /// Oversize envelopes to fetch from the log, in delivery order.
     fetches: VecDeque<(Origin, u64)>,
     heartbeat_seq: u64,
@@ -495,6 +499,10 @@ impl Task {
                         // The log has what was missed: read it now.
                         self.tail_needed = true;
                         self.replaying = true;
+                        if self.heard_best_effort {
+                            // Not what best-effort senders sent meanwhile.
+                            self.resync(ResyncReason::Reconnected);
+                        }
                     } else {
                         self.last_seq.clear();
                         self.resync(ResyncReason::Reconnected);
@@ -872,10 +880,15 @@ impl Task {
             self.counters.echo();
             return;
         }
-        if self.config.durable() && envelope.is_durable() {
-            // Read from the log, in commit order, exactly once.
-            self.tail_needed = true;
-            return;
+        if self.config.durable() {
+            if envelope.is_durable() {
+                // Read from the log, in commit order, exactly once.
+                self.tail_needed = true;
+                return;
+            }
+            if !envelope.updates().is_empty() {
+                self.heard_best_effort = true;
+            }
         }
         if let Some(seq) = envelope.seq()
             && !envelope.is_transactional()

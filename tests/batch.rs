@@ -126,3 +126,41 @@ async fn a_push_many_larger_than_the_batch_bound_is_still_one_transaction() {
     listener.close().await.unwrap();
     pusher.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_resolves_only_after_its_update_is_committed() {
+    // Durable mode makes the commit observable from outside: the update's log row is
+    // visible to another connection as soon as the push returns, never later.
+    let channel = unique("committed");
+    let pusher = Arc::new(PgPipe::new(config_on(&channel).with_durable(true)).unwrap());
+    pusher.migrate().await.unwrap();
+    let mut tasks = Vec::new();
+    for key in 0..32u64 {
+        let pusher = pusher.clone();
+        let channel = channel.clone();
+        tasks.push(tokio::spawn(async move {
+            let observer = support::sql().await;
+            for uid in 1..=20u32 {
+                pusher
+                    .push(&Update::new_message(key, SeqSet::single(uid).unwrap()))
+                    .await
+                    .unwrap();
+                let needle = format!("\"Key\":{key},\"SeqSet\":\"{uid}\"");
+                let visible: i64 = observer
+                    .query_one(
+                        "SELECT count(*) FROM updatepipe.log WHERE channel = $1 AND strpos(payload, $2) > 0",
+                        &[&channel, &needle],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert_eq!(visible, 1, "mailbox {key}, uid {uid}: resolved before its commit");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert!(pusher.stats().batches < 32 * 20, "pushes were batched");
+    pusher.close().await.unwrap();
+}

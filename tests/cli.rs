@@ -192,3 +192,48 @@ fn the_demo_shows_no_echo() {
     );
     assert!(!stdout.contains("unexpected"), "{stdout}");
 }
+
+#[test]
+fn durable_listen_and_push_from_the_command_line() {
+    let channel = support::unique("cli_durable");
+    // A durable listener starts from now: what was pushed before it started is not
+    // replayed to it; what is pushed after is delivered once.
+    let output = run(&[
+        "push",
+        "--durable",
+        "--channel",
+        &channel,
+        "{\"Type\":0,\"Key\":1,\"SeqSet\":\"1\"}",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let mut listener = updatepipe()
+        .args(["listen", "--durable", "--channel", &channel])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines(listener.stdout.take().unwrap());
+    let err = lines(listener.stderr.take().unwrap());
+    let ready = err
+        .recv_timeout(Duration::from_secs(20))
+        .expect("listener starts");
+    assert!(ready.contains("(durable)"), "{ready}");
+    let output = run(&[
+        "push",
+        "--durable",
+        "--channel",
+        &channel,
+        "{\"Type\":0,\"Key\":1,\"SeqSet\":\"2\"}",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let line = out
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the update");
+    assert_eq!(line, "{\"Type\":0,\"Key\":1,\"SeqSet\":\"2\"}");
+    assert!(
+        out.recv_timeout(Duration::from_millis(300)).is_err(),
+        "only the one pushed after it started"
+    );
+    listener.kill().unwrap();
+    listener.wait().unwrap();
+}

@@ -73,6 +73,9 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
         ("pipe, 1 pusher", Step::Pipe(scale(20_000), 1)),
         ("pipe, 16 pushers", Step::Pipe(scale(200_000), 16)),
         ("pipe, 256 pushers", Step::Pipe(scale(600_000), 256)),
+        ("durable, 1 pusher", Step::Durable(scale(3_000), 1)),
+        ("durable, 16 pushers", Step::Durable(scale(30_000), 16)),
+        ("durable, 256 pushers", Step::Durable(scale(200_000), 256)),
         ("pipe latency @1,000/s", Step::Paced(1_000, scale(5_000))),
         ("pipe latency @10,000/s", Step::Paced(10_000, scale(50_000))),
     ];
@@ -85,6 +88,8 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("a valid template"),
     );
     let server_version = server_version(&base).await?;
+    // The durable rows need the schema; apply it before anything is timed.
+    PgPipe::new(base.clone())?.migrate().await?;
     // Warm the server up (connections, caches) so that the first row is not penalized.
     raw(
         &base.clone().with_channel(channel("warmup")?),
@@ -100,6 +105,7 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
             Step::RawSequential(n) => raw(&config, n, 1).await?,
             Step::RawBatched(n, per_tx) => raw(&config, n, per_tx).await?,
             Step::Pipe(n, pushers) => pipe(config, n, pushers).await?,
+            Step::Durable(n, pushers) => pipe(config.with_durable(true), n, pushers).await?,
             Step::Paced(rate, n) => paced(config, rate, n).await?,
         };
         row.name = name.to_owned();
@@ -137,6 +143,7 @@ enum Step {
     RawSequential(u64),
     RawBatched(u64, usize),
     Pipe(u64, usize),
+    Durable(u64, usize),
     Paced(u64, u64),
 }
 
@@ -318,6 +325,9 @@ async fn pipe_listener(
 
 /// The pipe with `pushers` concurrent tasks, each pushing its share one update at a time.
 async fn pipe(config: Config, n: u64, pushers: usize) -> anyhow::Result<Row> {
+    if config.durable() {
+        PgPipe::new(config.clone())?.migrate().await?;
+    }
     let (listener, counter) = pipe_listener(&config, n, |_| {}).await?;
     let pusher = Arc::new(PgPipe::new(config)?);
     pusher.init_push().await?;

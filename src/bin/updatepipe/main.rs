@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::sync::mpsc;
 use updatepipe::cluster::TempCluster;
-use updatepipe::{ChannelName, Config, Error, PgPipe, Update, UpdatePipe};
+use updatepipe::{ChannelName, Config, Error, Event, PgPipe, Update, UpdatePipe};
 
 /// Carries IMAP mailbox updates between processes through PostgreSQL LISTEN/NOTIFY.
 ///
@@ -36,7 +36,15 @@ enum Command {
     /// Print every update other senders push, one JSON line each, until interrupted.
     ///
     /// Example: updatepipe listen --channel imap_updates
-    Listen,
+    ///
+    /// Connection events (connected, disconnected, resync) go to standard error. With
+    /// --durable, updates pushed durably are never lost: after a disconnect the listener
+    /// replays them from the log.
+    Listen {
+        /// Durable delivery (applies the migrations it needs first).
+        #[arg(long)]
+        durable: bool,
+    },
 
     /// Push updates and exit once they are committed.
     ///
@@ -48,6 +56,11 @@ enum Command {
     ///   updatepipe push '{"Type":0,"Key":42,"SeqSet":"7"}'
     ///   printf '%s\n' '{"Type":2,"Key":42,"SeqSet":"3:5"}' '{"Type":3,"Key":7}' | updatepipe push
     Push {
+        /// Durable delivery: also write the updates to the log (applies the migrations it
+        /// needs first).
+        #[arg(long)]
+        durable: bool,
+
         /// One update in the JSON contract: {"Type":1,"Key":42,"SeqSet":"17","NewFlags":["\\Seen"]}.
         json: Option<String>,
     },
@@ -138,9 +151,22 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let channel = ChannelName::new(&cli.channel)?;
     match cli.command {
-        Command::Listen => listen(config(cli.url.as_deref())?.with_channel(channel)).await,
-        Command::Push { json } => {
-            push(config(cli.url.as_deref())?.with_channel(channel), json).await
+        Command::Listen { durable } => {
+            listen(
+                config(cli.url.as_deref())?
+                    .with_channel(channel)
+                    .with_durable(durable),
+            )
+            .await
+        }
+        Command::Push { json, durable } => {
+            push(
+                config(cli.url.as_deref())?
+                    .with_channel(channel)
+                    .with_durable(durable),
+                json,
+            )
+            .await
         }
         Command::Migrate => {
             let pipe = PgPipe::new(config(cli.url.as_deref())?)?;
@@ -191,25 +217,36 @@ async fn database(url: Option<&str>, what: &str) -> anyhow::Result<(Config, Opti
 
 async fn listen(config: Config) -> anyhow::Result<()> {
     let pipe = PgPipe::new(config)?;
+    if pipe.config().durable() {
+        pipe.migrate().await?;
+    }
     let (tx, mut rx) = mpsc::channel(1024);
-    pipe.listen(tx).await?;
-    eprintln!(
-        "updatepipe: listening on channel {:?}",
-        pipe.config().channel().as_str()
-    );
+    pipe.listen_events(tx).await?;
     let mut stdout = std::io::stdout();
     let outcome = loop {
         tokio::select! {
-            update = rx.recv() => match update {
-                Some(update) => {
+            event = rx.recv() => match event {
+                Some(Event::Update(update)) => {
                     let line = update.to_json();
                     if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
                         // Standard output is gone (a closed pipe): stop quietly.
                         break Ok(());
                     }
                 }
+                Some(Event::Connected) => eprintln!(
+                    "updatepipe: listening on channel {:?}{}",
+                    pipe.config().channel().as_str(),
+                    if pipe.config().durable() { " (durable)" } else { "" }
+                ),
+                Some(Event::Disconnected { reason }) => {
+                    eprintln!("updatepipe: disconnected ({reason}); reconnecting");
+                }
+                Some(Event::Resync(reason)) => {
+                    eprintln!("updatepipe: resync: updates may have been missed ({reason:?})");
+                }
+                Some(other) => eprintln!("updatepipe: {other:?}"),
                 None => break Err(anyhow::anyhow!(
-                    "the listener stopped: its connection to PostgreSQL was lost (see the log above)"
+                    "the listener stopped: it could not reconnect to PostgreSQL (see the log above)"
                 )),
             },
             () = shutdown_signal() => break Ok(()),
@@ -251,6 +288,9 @@ async fn push(config: Config, json: Option<String>) -> anyhow::Result<()> {
         );
     }
     let pipe = PgPipe::new(config)?;
+    if pipe.config().durable() {
+        pipe.migrate().await?;
+    }
     let pushed = pipe.push_many(&updates).await;
     pipe.close().await?;
     pushed?;
