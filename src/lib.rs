@@ -57,7 +57,8 @@
 //! | the wire format (envelope v1, maddy's legacy form) | `envelope` |
 //! | configuration, channel names | `config`, `channel` |
 //! | the pipe interface and its PostgreSQL implementation | `pipe` |
-//! | the push path (batching, durable log writes) / the listen path (reconnect, heartbeats, log replay) | `push` / `listen` |
+//! | the push path (batching) / the listen path (reconnect, heartbeats, resync) | `push` / `listen` |
+//! | the durable log: writing, reading in commit order, pruning | `log` |
 //! | migrations (the `updatepipe` schema and log table) | `migrate` |
 //! | counters | `stats` |
 //! | throwaway clusters for tests and the demo | [`cluster`] |
@@ -69,6 +70,7 @@ mod connect;
 mod envelope;
 mod error;
 mod listen;
+mod log;
 mod migrate;
 mod pipe;
 mod push;

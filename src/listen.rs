@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::connect::{RawConnection, connect};
 use crate::envelope::{Envelope, Origin, Packer};
 use crate::error::{DecodeError, Error, pg_message};
+use crate::log::{CURSOR_SQL, Cursor, FETCH_SQL, PRUNE_SQL, TAIL_SQL, Tail};
 use crate::stats::Counters;
 use crate::update::Update;
 
@@ -213,17 +214,6 @@ impl Drop for Listener {
     }
 }
 
-/// A durable listener's position in the log: everything visible in `snapshot` was read.
-#[derive(Clone, Debug)]
-struct Cursor {
-    /// `pg_current_snapshot()` as text, taken by the last read.
-    snapshot: String,
-    /// The highest log id visible to the last read (0 for none).
-    max_id: i64,
-    /// The server's clock at that read (seconds since the epoch).
-    read_at: f64,
-}
-
 /// One connection, subscribed.
 struct Session {
     client: Client,
@@ -246,11 +236,7 @@ impl Session {
             let cursor = if want_cursor {
                 let channel = config.channel().as_str();
                 let row = client.query_one(CURSOR_SQL, &[&channel]).await?;
-                Some(Cursor {
-                    snapshot: row.get(0),
-                    read_at: row.get(1),
-                    max_id: row.get::<_, Option<i64>>(2).unwrap_or(0),
-                })
+                Some(Cursor::from_row(&row))
             } else {
                 None
             };
@@ -329,47 +315,6 @@ enum QueryOutcome {
     Prune(Result<u64, tokio_postgres::Error>),
     TimedOut(Duration),
 }
-
-/// Reads what the log gained since the previous read, whose snapshot was `$2` and whose
-/// highest visible id was `$3`: rows committed before this statement's snapshot and not
-/// before the previous one (by transaction id), plus rows with a higher id than any seen
-/// then (after a crash the server may hand out a transaction id again, never an id). In id
-/// order, which is commit order for each sender's successive transactions. Returns the new
-/// snapshot, clock, pruning mark and highest id even when no row is new.
-const TAIL_SQL: &str = "\
-    SELECT s.snap::text, extract(epoch FROM now())::float8, \
-           (SELECT extract(epoch FROM p.pruned_before)::float8 FROM updatepipe.pruned p WHERE p.channel = $1), \
-           (SELECT max(m.id) FROM updatepipe.log m WHERE m.channel = $1), \
-           l.origin, l.seq, l.payload \
-    FROM (SELECT pg_current_snapshot() AS snap) s \
-    LEFT JOIN LATERAL ( \
-        SELECT origin, seq, payload, id FROM updatepipe.log \
-        WHERE channel = $1 \
-          AND ((xid >= pg_snapshot_xmin($2::text::pg_snapshot) \
-                AND NOT pg_visible_in_snapshot(xid, $2::text::pg_snapshot)) \
-               OR id > $3) \
-    ) l ON true \
-    ORDER BY l.id";
-
-/// The position before the first read: taken before `LISTEN`.
-const CURSOR_SQL: &str = "\
-    SELECT pg_current_snapshot()::text, extract(epoch FROM now())::float8, \
-           (SELECT max(id) FROM updatepipe.log WHERE channel = $1)";
-
-const FETCH_SQL: &str =
-    "SELECT payload FROM updatepipe.log WHERE channel = $1 AND origin = $2 AND seq = $3";
-
-/// Prunes the channel's log entries older than the retention, one node at a time (a
-/// transaction-scoped advisory lock), and records how far it pruned.
-const PRUNE_SQL: &str = "\
-    WITH lock AS (SELECT pg_try_advisory_xact_lock(8463920183746501) AS ok), \
-         cutoff AS (SELECT now() - make_interval(secs => $2) AS at), \
-         gone AS (DELETE FROM updatepipe.log l USING lock, cutoff \
-                  WHERE lock.ok AND l.channel = $1 AND l.created_at < cutoff.at RETURNING 1) \
-    INSERT INTO updatepipe.pruned (channel, pruned_before) \
-    SELECT $1, cutoff.at FROM lock, cutoff WHERE lock.ok AND (SELECT count(*) FROM gone) > 0 \
-    ON CONFLICT (channel) DO UPDATE SET pruned_before = \
-        greatest(updatepipe.pruned.pruned_before, excluded.pruned_before)";
 
 /// Whether an error ends the session: a broken connection, or the server ending it
 /// (severity FATAL or PANIC, such as an administrator's terminate or a shutdown).
@@ -768,26 +713,19 @@ impl Task {
 
     /// Delivers the log rows a tail returned, and moves the cursor.
     fn apply_tail(&mut self, rows: Vec<Row>) {
-        let Some(first) = rows.first() else { return };
-        let snapshot: String = first.get(0);
-        let read_at: f64 = first.get(1);
-        let pruned_before: Option<f64> = first.get(2);
-        let max_id: i64 = first.get::<_, Option<i64>>(3).unwrap_or(0);
-        if let (Some(pruned), Some(cursor)) = (pruned_before, &self.cursor)
-            && pruned > cursor.read_at
-        {
+        let Some(previous) = &self.cursor else { return };
+        let Some(tail) = Tail::from_rows(rows, previous) else {
+            return;
+        };
+        if tail.pruned {
             self.resync(ResyncReason::LogPruned);
         }
         let replaying = std::mem::take(&mut self.replaying);
-        for row in &rows {
-            let Some(origin) = row.get::<_, Option<String>>(4) else {
-                continue;
-            };
+        for (origin, payload) in &tail.entries {
             if origin == self.origin.as_str() {
                 continue;
             }
-            let payload: String = row.get(6);
-            match Envelope::decode_logged(&payload) {
+            match Envelope::decode_logged(payload) {
                 Ok(envelope) => {
                     let updates = envelope.into_updates();
                     if replaying {
@@ -803,13 +741,7 @@ impl Task {
                 Err(e) => self.reject(&e, 0, payload.len()),
             }
         }
-        // Never move the id mark back (an empty read after pruning sees a lower maximum).
-        let max_id = max_id.max(self.cursor.as_ref().map_or(0, |c| c.max_id));
-        self.cursor = Some(Cursor {
-            snapshot,
-            read_at,
-            max_id,
-        });
+        self.cursor = Some(tail.cursor);
     }
 
     /// Fills the oldest fetching slot with an oversize envelope read from the log.

@@ -25,6 +25,7 @@ use tokio_postgres::{GenericClient, NoTls};
 use crate::config::Config;
 use crate::envelope::{MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, Marks, Origin, Packer};
 use crate::error::Error;
+use crate::log::LOG_AND_NOTIFY;
 use crate::stats::Counters;
 use crate::update::Update;
 
@@ -37,13 +38,6 @@ const NOTIFY_ONE: &str = "SELECT pg_notify($1, $2)";
 /// array order.
 const NOTIFY_MANY: &str =
     "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, n) ORDER BY n";
-
-/// A durable batch: the envelopes go to the log and their notifications out, in one
-/// statement (a data-modifying CTE always runs to completion), so one transaction.
-const LOG_AND_NOTIFY: &str = "WITH logged AS (\
-       INSERT INTO updatepipe.log (channel, origin, seq, payload) \
-       SELECT $1, $2, s, p FROM unnest($3::bigint[], $4::text[]) AS t(s, p)) \
-     SELECT pg_notify($1, n) FROM unnest($5::text[]) WITH ORDINALITY AS t(n, i) ORDER BY i";
 
 /// Where the numbers of envelopes pushed inside callers' transactions start (2⁶²).
 pub(crate) const TRANSACTIONAL_SEQ_BASE: u64 = 1 << 62;
