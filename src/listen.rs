@@ -94,6 +94,28 @@ impl Sink {
         }
     }
 
+    /// Sends as many ready items from the front of `buffer` as fit now, without waiting.
+    /// Returns how many updates went out, or `None` when the receiver is gone.
+    fn try_deliver(&self, buffer: &mut VecDeque<Slot>) -> Option<usize> {
+        let mut sent = 0;
+        while let Some(Slot::Ready(_)) = buffer.front() {
+            let room = match self {
+                Sink::Updates(tx) => tx.try_reserve().map(Permit::Updates),
+                Sink::Events(tx) => tx.try_reserve().map(Permit::Events),
+            };
+            let permit = match room {
+                Ok(permit) => permit,
+                Err(mpsc::error::TrySendError::Full(())) => break,
+                Err(mpsc::error::TrySendError::Closed(())) => return None,
+            };
+            if let Some(Slot::Ready(event)) = buffer.pop_front() {
+                sent += usize::from(matches!(event, Event::Update(_)));
+                permit.send(event);
+            }
+        }
+        Some(sent)
+    }
+
     /// Waits for room, then sends as many ready items from the front of `buffer` as fit.
     /// Returns how many updates went out, or `None` when the receiver is gone.
     async fn deliver(&self, buffer: &mut VecDeque<Slot>) -> Option<usize> {
@@ -135,6 +157,23 @@ impl Sink {
             }
         }
         Some(sent)
+    }
+}
+
+/// Room reserved in either kind of sink.
+enum Permit<'a> {
+    Updates(mpsc::Permit<'a, Update>),
+    Events(mpsc::Permit<'a, Event>),
+}
+
+impl Permit<'_> {
+    fn send(self, event: Event) {
+        match (self, event) {
+            (Permit::Updates(p), Event::Update(u)) => p.send(u),
+            (Permit::Events(p), event) => p.send(event),
+            // An updates-only sink is never given events (see `Task::emit`).
+            (Permit::Updates(_), _) => {}
+        }
     }
 }
 
@@ -528,7 +567,18 @@ impl Task {
                     biased;
                     _ = &mut *stopped => break End::Stopped,
                     message = poll_fn(|cx| connection.poll_message(cx)) => match message {
-                        Some(Ok(AsyncMessage::Notification(n))) => self.accept(&n),
+                        Some(Ok(AsyncMessage::Notification(n))) => {
+                            self.accept(&n);
+                            // Hand it over now if there is room: no extra turn of the loop.
+                            match self.sink.try_deliver(&mut self.buffer) {
+                                Some(sent) => {
+                                    if sent > 0 {
+                                        self.delivered(sent);
+                                    }
+                                }
+                                None => break End::ReceiverGone,
+                            }
+                        }
                         Some(Ok(AsyncMessage::Notice(notice))) => {
                             tracing::debug!(target: TARGET, message = notice.message(), "server notice");
                         }

@@ -25,6 +25,11 @@ pub struct BenchArgs {
     /// Multiply every row's number of updates (and paced durations) by this factor.
     #[arg(long, default_value_t = 1.0, value_name = "FACTOR")]
     scale: f64,
+
+    /// Run the throughput rows this many times, each baseline next to the row compared with
+    /// it, and report the median (the machine's noise shows in the spread).
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    rounds: u32,
 }
 
 /// One measured row.
@@ -40,6 +45,8 @@ struct Row {
     /// Push-to-delivery latency, in microseconds (paced rows).
     latency_us: Option<Latency>,
     batches: Option<u64>,
+    /// The slowest and fastest round's rate (throughput rows).
+    spread: Option<(f64, f64)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -54,6 +61,7 @@ struct Latency {
 struct Report {
     server_version: String,
     cores: usize,
+    rounds: u32,
     rows: Vec<Row>,
 }
 
@@ -66,23 +74,66 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
             rand::random::<u32>()
         ))
     };
-    let plan: Vec<(&str, Step)> = vec![
-        ("raw sequential", Step::RawSequential(scale(20_000))),
-        ("raw batched 10/tx", Step::RawBatched(scale(200_000), 10)),
-        ("raw batched 100/tx", Step::RawBatched(scale(600_000), 100)),
-        ("pipe, 1 pusher", Step::Pipe(scale(20_000), 1)),
-        ("pipe, 16 pushers", Step::Pipe(scale(200_000), 16)),
-        ("pipe, 256 pushers", Step::Pipe(scale(600_000), 256)),
-        ("durable, 1 pusher", Step::Durable(scale(3_000), 1)),
-        ("durable, 16 pushers", Step::Durable(scale(30_000), 16)),
-        ("durable, 256 pushers", Step::Durable(scale(200_000), 256)),
+    let rounds = args.rounds.max(1);
+    let per_round = |n: u64| scale(n).div_ceil(u64::from(rounds)).max(100);
+    // Each pipe row right after the baseline it is compared with, so both see the same
+    // machine; all of it `rounds` times.
+    let throughput: Vec<(&str, Step, Option<&str>)> = vec![
+        (
+            "raw sequential",
+            Step::RawSequential(per_round(20_000)),
+            None,
+        ),
+        (
+            "pipe, 1 pusher",
+            Step::Pipe(per_round(20_000), 1),
+            Some("raw sequential"),
+        ),
+        (
+            "raw batched 10/tx",
+            Step::RawBatched(per_round(200_000), 10),
+            None,
+        ),
+        (
+            "pipe, 16 pushers",
+            Step::Pipe(per_round(200_000), 16),
+            Some("raw batched 10/tx"),
+        ),
+        (
+            "raw batched 100/tx",
+            Step::RawBatched(per_round(600_000), 100),
+            None,
+        ),
+        (
+            "pipe, 256 pushers",
+            Step::Pipe(per_round(600_000), 256),
+            Some("raw batched 100/tx"),
+        ),
+        (
+            "durable, 1 pusher",
+            Step::Durable(per_round(3_000), 1),
+            None,
+        ),
+        (
+            "durable, 16 pushers",
+            Step::Durable(per_round(30_000), 16),
+            None,
+        ),
+        (
+            "durable, 256 pushers",
+            Step::Durable(per_round(200_000), 256),
+            None,
+        ),
+    ];
+    let paced_rows: Vec<(&str, Step)> = vec![
         ("pipe latency @1,000/s", Step::Paced(1_000, scale(5_000))),
         ("pipe latency @10,000/s", Step::Paced(10_000, scale(50_000))),
     ];
+    let steps = throughput.len() as u64 * u64::from(rounds) + paced_rows.len() as u64;
     let progress = if args.json {
         ProgressBar::hidden()
     } else {
-        ProgressBar::new(plan.len() as u64)
+        ProgressBar::new(steps)
     };
     progress.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("a valid template"),
@@ -97,24 +148,25 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
         1,
     )
     .await?;
+    let mut measured: Vec<Vec<Row>> = throughput.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        for (i, (name, step, _)) in throughput.iter().enumerate() {
+            progress.set_message(format!("{name} (round {round} of {rounds})"));
+            let config = base.clone().with_channel(channel("x")?).with_pool_size(4);
+            measured[i].push(measure(config, *step).await?);
+            progress.inc(1);
+        }
+    }
     let mut rows: Vec<Row> = Vec::new();
-    for (name, step) in plan {
-        progress.set_message(name.to_owned());
-        let config = base.clone().with_channel(channel("x")?).with_pool_size(4);
-        let mut row = match step {
-            Step::RawSequential(n) => raw(&config, n, 1).await?,
-            Step::RawBatched(n, per_tx) => raw(&config, n, per_tx).await?,
-            Step::Pipe(n, pushers) => pipe(config, n, pushers).await?,
-            Step::Durable(n, pushers) => pipe(config.with_durable(true), n, pushers).await?,
-            Step::Paced(rate, n) => paced(config, rate, n).await?,
-        };
+    for ((name, _, baseline), mut runs) in throughput.into_iter().zip(measured) {
+        runs.sort_by(|a, b| a.updates_per_sec.total_cmp(&b.updates_per_sec));
+        let spread = (
+            runs[0].updates_per_sec,
+            runs[runs.len() - 1].updates_per_sec,
+        );
+        let mut row = runs.swap_remove(runs.len() / 2);
         row.name = name.to_owned();
-        let baseline = match step {
-            Step::Pipe(_, 1) => Some("raw sequential"),
-            Step::Pipe(_, pushers) if pushers < 100 => Some("raw batched 10/tx"),
-            Step::Pipe(..) => Some("raw batched 100/tx"),
-            _ => None,
-        };
+        row.spread = Some(spread);
         if let Some(baseline) = baseline
             && let Some(base_row) = rows.iter().find(|r| r.name == baseline)
         {
@@ -122,12 +174,20 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
             row.baseline = Some(baseline.to_owned());
         }
         rows.push(row);
+    }
+    for (name, step) in paced_rows {
+        progress.set_message(name.to_owned());
+        let config = base.clone().with_channel(channel("x")?).with_pool_size(4);
+        let mut row = measure(config, step).await?;
+        row.name = name.to_owned();
+        rows.push(row);
         progress.inc(1);
     }
     progress.finish_and_clear();
     let report = Report {
         server_version,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        rounds,
         rows,
     };
     if args.json {
@@ -136,6 +196,17 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
         print_table(&report);
     }
     Ok(())
+}
+
+/// Runs one step.
+async fn measure(config: Config, step: Step) -> anyhow::Result<Row> {
+    match step {
+        Step::RawSequential(n) => raw(&config, n, 1).await,
+        Step::RawBatched(n, per_tx) => raw(&config, n, per_tx).await,
+        Step::Pipe(n, pushers) => pipe(config, n, pushers).await,
+        Step::Durable(n, pushers) => pipe(config.with_durable(true), n, pushers).await,
+        Step::Paced(rate, n) => paced(config, rate, n).await,
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -149,12 +220,20 @@ enum Step {
 
 fn print_table(report: &Report) {
     println!(
-        "PostgreSQL {} on {} cores; updates/s delivered end to end (first push to last delivery)\n",
-        report.server_version, report.cores
+        "PostgreSQL {} on {} cores; updates/s delivered end to end (first push to last delivery), \
+         median of {} rounds\n",
+        report.server_version, report.cores, report.rounds
     );
     println!(
-        "{:<24} {:>9} {:>8} {:>12} {:>8} {:>9}  {:<26}",
-        "row", "updates", "seconds", "updates/s", "batches", "vs base", "latency p50/p99/p99.9/max"
+        "{:<24} {:>9} {:>8} {:>12} {:>17} {:>8} {:>9}  {:<26}",
+        "row",
+        "updates",
+        "seconds",
+        "updates/s",
+        "(slowest–fastest)",
+        "batches",
+        "vs base",
+        "latency p50/p99/p99.9/max"
     );
     for row in &report.rows {
         let ratio = row
@@ -167,9 +246,20 @@ fn print_table(report: &Report) {
         let batches = row
             .batches
             .map_or_else(|| "-".to_owned(), |b| b.to_string());
+        let spread = row.spread.map_or_else(
+            || "-".to_owned(),
+            |(low, high)| format!("{low:.0}–{high:.0}"),
+        );
         println!(
-            "{:<24} {:>9} {:>8.2} {:>12.0} {:>8} {:>9}  {:<26}",
-            row.name, row.updates, row.seconds, row.updates_per_sec, batches, ratio, latency
+            "{:<24} {:>9} {:>8.2} {:>12.0} {:>17} {:>8} {:>9}  {:<26}",
+            row.name,
+            row.updates,
+            row.seconds,
+            row.updates_per_sec,
+            spread,
+            batches,
+            ratio,
+            latency
         );
     }
     println!(
@@ -187,7 +277,7 @@ async fn server_version(config: &Config) -> anyhow::Result<String> {
     Ok(version)
 }
 
-/// A plain tokio-postgres listener that only counts notifications.
+/// A plain tokio-postgres listener that parses each notification's JSON and counts it.
 struct RawListener {
     count: Arc<AtomicU64>,
     reached: Arc<Notify>,
@@ -214,7 +304,10 @@ impl RawListener {
                             let _ = ready.take().expect("once").send(done.map_err(|e| e.to_string()));
                         }
                         message = poll_fn(|cx| connection.poll_message(cx)) => match message {
-                            Some(Ok(AsyncMessage::Notification(_))) => {
+                            Some(Ok(AsyncMessage::Notification(n))) => {
+                                // What a hand-written listener does at least: parse the JSON.
+                                let parsed = serde_json::from_str::<serde_json::Value>(n.payload());
+                                std::hint::black_box(parsed.is_ok());
                                 if count.fetch_add(1, Ordering::Relaxed) + 1 == target {
                                     reached.notify_one();
                                 }
@@ -258,14 +351,18 @@ impl Drop for RawListener {
 
 /// The baseline: plain tokio-postgres, `per_tx` notifications per transaction (one
 /// statement over an array when more than one), one transaction in flight, as the pipe's
-/// flusher works; each notification carries one small update-sized payload.
+/// flusher works; each notification carries one update's JSON.
 async fn raw(config: &Config, n: u64, per_tx: usize) -> anyhow::Result<Row> {
     let listener = RawListener::start(config, n).await?;
     let (client, connection) = config.pg().connect(NoTls).await?;
     let conn = tokio::spawn(connection);
     let statement = client.prepare("SELECT pg_notify($1, $2)").await?;
     let channel = config.channel().as_str();
-    let payloads: Vec<String> = (0..n).map(|i| format!("raw-{i}")).collect();
+    // The update itself as the payload, unique per notification (a hand-written pipe would
+    // send at least that).
+    let payloads: Vec<String> = (0..n)
+        .map(|i| format!(r#"{{"Type":0,"Key":{},"SeqSet":"{}"}}"#, i % 256, i + 1))
+        .collect();
     let started = Instant::now();
     if per_tx == 1 {
         for payload in &payloads {
@@ -297,6 +394,7 @@ fn row(n: u64, seconds: f64, latency: Option<Latency>, batches: Option<u64>) -> 
         ratio: None,
         latency_us: latency,
         batches,
+        spread: None,
     }
 }
 
