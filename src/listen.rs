@@ -66,6 +66,12 @@ pub enum ResyncReason {
     /// The listener was away longer than the durable log's retention: entries it had not
     /// read were pruned.
     LogPruned,
+    /// A committed update could not be read: its log entry is gone or undecodable (for
+    /// example written by a newer version).
+    Unreadable {
+        /// The sender.
+        origin: String,
+    },
     /// The application did not read for so long that the listener let go of updates.
     SlowConsumer {
         /// How many updates were let go.
@@ -372,6 +378,9 @@ fn is_fatal(e: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// The most oversize envelopes a best-effort listener waits to fetch at once.
+const MAX_PENDING_FETCHES: usize = 64;
+
 /// The most senders whose numbers a listener tracks for gaps.
 const MAX_TRACKED_SENDERS: usize = 10_000;
 
@@ -507,11 +516,15 @@ impl Task {
                         let reason = format!("gave up reconnecting after {attempt} attempts: {e}");
                         tracing::error!(target: TARGET, %reason);
                         self.emit(Event::Disconnected { reason });
-                        // Deliver what is left, then end.
+                        // Deliver what is left, then end (unless stopped first).
                         while self.has_ready() {
-                            match self.sink.deliver(&mut self.buffer).await {
-                                Some(n) => self.delivered(n),
-                                None => break,
+                            tokio::select! {
+                                biased;
+                                _ = &mut *stopped => return None,
+                                sent = self.sink.deliver(&mut self.buffer) => match sent {
+                                    Some(n) => self.delivered(n),
+                                    None => break,
+                                },
                             }
                         }
                         return None;
@@ -564,8 +577,30 @@ impl Task {
                     heartbeat.set(next.fuse());
                 }
                 tokio::select! {
+                    // The slots and the clock before the connection, so that steady
+                    // traffic never starves a heartbeat or a log read.
                     biased;
                     _ = &mut *stopped => break End::Stopped,
+                    outcome = &mut heartbeat => {
+                        if let Err(reason) = self.finish_query(outcome) {
+                            break End::Connection(reason);
+                        }
+                    }
+                    outcome = &mut query => {
+                        if let Err(reason) = self.finish_query(outcome) {
+                            break End::Connection(reason);
+                        }
+                    }
+                    _ = ticker.tick() => {
+                        if let Some((seq, sent_at)) = self.outstanding
+                            && sent_at.elapsed() > heartbeat_timeout
+                        {
+                            break End::Connection(format!(
+                                "heartbeat {seq} did not come back within {heartbeat_timeout:?}: \
+                                 the connection is dead"
+                            ));
+                        }
+                    }
                     message = poll_fn(|cx| connection.poll_message(cx)) => match message {
                         Some(Ok(AsyncMessage::Notification(n))) => {
                             self.accept(&n);
@@ -586,16 +621,6 @@ impl Task {
                         Some(Err(e)) => break End::Connection(pg_message(&e)),
                         None => break End::Connection("the server closed the connection".into()),
                     },
-                    outcome = &mut query => {
-                        if let Err(reason) = self.finish_query(outcome) {
-                            break End::Connection(reason);
-                        }
-                    }
-                    outcome = &mut heartbeat => {
-                        if let Err(reason) = self.finish_query(outcome) {
-                            break End::Connection(reason);
-                        }
-                    }
                     sent = self.sink.deliver(&mut self.buffer), if self.has_ready() => match sent {
                         Some(n) => {
                             tracing::trace!(target: TARGET, n, "delivered");
@@ -604,16 +629,6 @@ impl Task {
                         None => break End::ReceiverGone,
                     },
                     () = self.sink.closed(), if !self.has_ready() => break End::ReceiverGone,
-                    _ = ticker.tick() => {
-                        if let Some((seq, sent_at)) = self.outstanding
-                            && sent_at.elapsed() > heartbeat_timeout
-                        {
-                            break End::Connection(format!(
-                                "heartbeat {seq} did not come back within {heartbeat_timeout:?}: \
-                                 the connection is dead"
-                            ));
-                        }
-                    }
                 }
             };
             // Notifications received but not handled stay for nobody: the session is over.
@@ -653,8 +668,10 @@ impl Task {
     /// Each gets a deadline: a query that does not answer means a dead connection.
     fn next_query<'c>(&mut self, client: &'c Client) -> Option<BoxFuture<'c, QueryOutcome>> {
         let query = self.next_query_inner(client)?;
-        let limit = self.config.health_interval().max(Duration::from_secs(1))
-            + self.config.connect_timeout();
+        // A backstop only: the heartbeat finds a dead connection sooner. Generous, so that
+        // a long catch-up read after a long absence can finish.
+        let limit = (self.config.health_interval() + self.config.connect_timeout())
+            .max(Duration::from_secs(60));
         Some(
             async move {
                 tokio::time::timeout(limit, query)
@@ -676,7 +693,10 @@ impl Task {
                 async move {
                     QueryOutcome::Tail(
                         client
-                            .query(TAIL_SQL, &[&channel, &cursor.snapshot, &cursor.max_id])
+                            .query(
+                                TAIL_SQL,
+                                &[&channel, &cursor.snapshot, &cursor.max_id, &cursor.read_at],
+                            )
                             .await,
                     )
                 }
@@ -731,34 +751,46 @@ impl Task {
                 Ok(())
             }
             QueryOutcome::Fetch(Ok(payload)) => {
-                let (origin, seq) = self.fetches.pop_front().expect("a fetch in flight");
-                self.apply_fetch(&origin, seq, payload);
+                if let Some((origin, seq)) = self.fetches.pop_front() {
+                    self.apply_fetch(&origin, seq, payload);
+                }
                 Ok(())
             }
-            QueryOutcome::Heartbeat(Err(e))
-            | QueryOutcome::Tail(Err(e))
-            | QueryOutcome::Fetch(Err(e))
-            | QueryOutcome::Prune(Err(e)) => {
-                if !is_fatal(&e) {
-                    // The server refused (for example the log is not migrated): say so,
-                    // and keep listening to live notifications.
-                    tracing::error!(target: TARGET, error = %pg_message(&e), "listener query failed; is the schema migrated (updatepipe migrate)?");
-                    if self.fetches.front().is_some() {
-                        // Do not block the order on an envelope we cannot read.
-                        self.fetches.pop_front();
-                        self.fill_fetch(Vec::new());
-                        self.resync(ResyncReason::SequenceGap {
-                            origin: "log".into(),
-                            expected: 0,
-                            got: 0,
-                        });
-                    }
-                    Ok(())
-                } else {
-                    Err(pg_message(&e))
+            QueryOutcome::Heartbeat(Err(e)) => {
+                Self::fatal_or(&e, "the heartbeat failed")?;
+                // It will not come back; the next one is due in half an interval.
+                self.outstanding = None;
+                Ok(())
+            }
+            QueryOutcome::Tail(Err(e)) => {
+                // Retried after the next heartbeat.
+                Self::fatal_or(
+                    &e,
+                    "reading the durable log failed (is the schema migrated? run updatepipe migrate)",
+                )
+            }
+            QueryOutcome::Prune(Err(e)) => Self::fatal_or(&e, "pruning the durable log failed"),
+            QueryOutcome::Fetch(Err(e)) => {
+                Self::fatal_or(&e, "fetching an oversize envelope from the log failed")?;
+                // Do not hold the order up on an envelope that cannot be read.
+                if let Some((origin, _)) = self.fetches.pop_front() {
+                    self.fill_fetch(Vec::new());
+                    self.resync(ResyncReason::Unreadable {
+                        origin: origin.to_string(),
+                    });
                 }
+                Ok(())
             }
         }
+    }
+
+    /// A fatal error ends the session (`Err`); another is logged, and the session goes on.
+    fn fatal_or(e: &tokio_postgres::Error, what: &str) -> Result<(), String> {
+        if is_fatal(e) {
+            return Err(pg_message(e));
+        }
+        tracing::error!(target: TARGET, error = %pg_message(e), "{what}");
+        Ok(())
     }
 
     /// Delivers the log rows a tail returned, and moves the cursor.
@@ -788,7 +820,14 @@ impl Task {
                         self.buffer.push_back(Slot::Ready(Event::Update(update)));
                     }
                 }
-                Err(e) => self.reject(&e, 0, payload.len()),
+                Err(e) => {
+                    // A committed update this build cannot read (a newer version, say):
+                    // the application must not go on as if nothing was missed.
+                    self.reject(&e, 0, payload.len());
+                    self.resync(ResyncReason::Unreadable {
+                        origin: origin.clone(),
+                    });
+                }
             }
         }
         self.cursor = Some(tail.cursor);
@@ -800,10 +839,8 @@ impl Task {
             // Pruned, or never committed: the update is gone.
             tracing::warn!(target: TARGET, %origin, seq, "an oversize envelope is not in the log");
             self.fill_fetch(Vec::new());
-            self.resync(ResyncReason::SequenceGap {
+            self.resync(ResyncReason::Unreadable {
                 origin: origin.to_string(),
-                expected: seq,
-                got: seq,
             });
             return;
         };
@@ -879,8 +916,23 @@ impl Task {
         }
         if envelope.is_reference() {
             let seq = envelope.seq().unwrap_or(0);
-            self.fetches.push_back((envelope.origin().clone(), seq));
-            self.buffer.push_back(Slot::Fetching);
+            // Only durable pushes write references; anything else is forged. A bounded
+            // number waits for its fetch: past that, the update is let go, with a resync.
+            if !envelope.is_durable() {
+                self.reject(
+                    &DecodeError::Malformed("a reference without the durable mark".into()),
+                    notification.process_id(),
+                    notification.payload().len(),
+                );
+            } else if self.fetches.len() >= MAX_PENDING_FETCHES
+                || self.buffered_updates >= self.config.max_buffered()
+            {
+                self.dropped += 1;
+                self.counters.dropped(1);
+            } else {
+                self.fetches.push_back((envelope.origin().clone(), seq));
+                self.buffer.push_back(Slot::Fetching);
+            }
             return;
         }
         for update in envelope.into_updates() {
@@ -894,8 +946,8 @@ impl Task {
             self.last_seq.clear();
         }
         match self.last_seq.get_mut(origin) {
-            Some(last) if seq > *last + 1 => {
-                let expected = *last + 1;
+            Some(last) if seq > last.saturating_add(1) => {
+                let expected = last.saturating_add(1);
                 *last = seq;
                 self.resync(ResyncReason::SequenceGap {
                     origin: origin.to_string(),
@@ -941,6 +993,11 @@ impl Task {
     fn resync(&mut self, reason: ResyncReason) {
         tracing::warn!(target: TARGET, ?reason, "updates may have been missed: resync");
         self.counters.resync();
+        // One resync not yet delivered says it all: a flood of them (forged numbers, say)
+        // must not fill memory.
+        if let Some(Slot::Ready(Event::Resync(_))) = self.buffer.back() {
+            return;
+        }
         self.emit(Event::Resync(reason));
     }
 

@@ -8,18 +8,22 @@ use tokio_postgres::Row;
 /// statement (a data-modifying CTE always runs to completion), so one transaction.
 pub(crate) const LOG_AND_NOTIFY: &str = "WITH logged AS (\
        INSERT INTO updatepipe.log (channel, origin, seq, payload) \
-       SELECT $1, $2, s, p FROM unnest($3::bigint[], $4::text[]) AS t(s, p)) \
+       SELECT $1, $2, s, p FROM unnest($3::bigint[], $4::text[]) WITH ORDINALITY AS t(s, p, i) \
+       ORDER BY i) \
      SELECT pg_notify($1, n) FROM unnest($5::text[]) WITH ORDINALITY AS t(n, i) ORDER BY i";
 
-/// Reads what the log gained since the previous read, whose snapshot was `$2` and whose
-/// highest visible id was `$3`: rows committed before this statement's snapshot and not
+/// Reads what the log gained since the previous read, whose snapshot was `$2`, whose
+/// highest visible id was `$3` and whose server time was `$4`: rows committed before this statement's snapshot and not
 /// before the previous one (by transaction id), plus rows with a higher id than any seen
 /// then (after a crash the server may hand out a transaction id again, never an id). In id
 /// order, which is commit order for each sender's successive transactions. Returns the new
-/// snapshot, clock, pruning mark and highest id even when no row is new.
+/// snapshot, clock, whether pruning may have taken entries that read had not seen, and the
+/// highest id, even when no row is new.
 pub(crate) const TAIL_SQL: &str = "\
     SELECT s.snap::text, extract(epoch FROM now())::float8, \
-           (SELECT extract(epoch FROM p.pruned_before)::float8 FROM updatepipe.pruned p WHERE p.channel = $1), \
+           (SELECT p.pruned_before > to_timestamp($4) \
+                   OR p.pruned_xid >= pg_snapshot_xmin($2::text::pg_snapshot) \
+            FROM updatepipe.pruned p WHERE p.channel = $1), \
            (SELECT max(m.id) FROM updatepipe.log m WHERE m.channel = $1), \
            l.origin, l.seq, l.payload \
     FROM (SELECT pg_current_snapshot() AS snap) s \
@@ -47,11 +51,13 @@ pub(crate) const PRUNE_SQL: &str = "\
     WITH lock AS (SELECT pg_try_advisory_xact_lock(8463920183746501) AS ok), \
          cutoff AS (SELECT now() - make_interval(secs => $2) AS at), \
          gone AS (DELETE FROM updatepipe.log l USING lock, cutoff \
-                  WHERE lock.ok AND l.channel = $1 AND l.created_at < cutoff.at RETURNING 1) \
-    INSERT INTO updatepipe.pruned (channel, pruned_before) \
-    SELECT $1, cutoff.at FROM lock, cutoff WHERE lock.ok AND (SELECT count(*) FROM gone) > 0 \
-    ON CONFLICT (channel) DO UPDATE SET pruned_before = \
-        greatest(updatepipe.pruned.pruned_before, excluded.pruned_before)";
+                  WHERE lock.ok AND l.channel = $1 AND l.created_at < cutoff.at RETURNING l.xid) \
+    INSERT INTO updatepipe.pruned (channel, pruned_before, pruned_xid) \
+    SELECT $1, cutoff.at, (SELECT xid FROM gone ORDER BY xid DESC LIMIT 1) \
+    FROM lock, cutoff WHERE lock.ok AND EXISTS (SELECT 1 FROM gone) \
+    ON CONFLICT (channel) DO UPDATE SET \
+        pruned_before = greatest(updatepipe.pruned.pruned_before, excluded.pruned_before), \
+        pruned_xid = greatest(updatepipe.pruned.pruned_xid, excluded.pruned_xid)";
 
 /// A durable listener's position in the log: everything visible in `snapshot` was read.
 #[derive(Clone, Debug)]
@@ -91,7 +97,7 @@ impl Tail {
     /// gives: it always returns the snapshot row).
     pub(crate) fn from_rows(rows: Vec<Row>, previous: &Cursor) -> Option<Tail> {
         let first = rows.first()?;
-        let pruned_before: Option<f64> = first.get(2);
+        let maybe_pruned: Option<bool> = first.get(2);
         let cursor = Cursor {
             snapshot: first.get(0),
             read_at: first.get(1),
@@ -107,7 +113,7 @@ impl Tail {
             .collect();
         Some(Tail {
             cursor,
-            pruned: pruned_before.is_some_and(|p| p > previous.read_at),
+            pruned: maybe_pruned.unwrap_or(false),
             entries,
         })
     }

@@ -205,6 +205,9 @@ impl PgPipe {
         if self.inner.listening.swap(true, Ordering::AcqRel) {
             return Err(Error::AlreadyListening);
         }
+        // Until a listener is in place, a failed or cancelled attempt does not count: the
+        // caller may try again.
+        let mut attempt = ListenAttempt(Some(&self.inner.listening));
         let mut slot = self.inner.listener.lock().await;
         let started = Listener::start(
             &self.inner.config,
@@ -221,13 +224,21 @@ impl PgPipe {
             }
             Ok(listener) => {
                 *slot = Some(listener);
+                attempt.0 = None;
                 Ok(())
             }
-            Err(e) => {
-                // A failed attempt does not count: the caller may try again.
-                self.inner.listening.store(false, Ordering::Release);
-                Err(e)
-            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Clears the "listening" flag when dropped armed: `listen` failed or was cancelled.
+struct ListenAttempt<'a>(Option<&'a AtomicBool>);
+
+impl Drop for ListenAttempt<'_> {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0 {
+            flag.store(false, Ordering::Release);
         }
     }
 }

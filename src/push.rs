@@ -349,6 +349,12 @@ impl Shared {
             let mut count = 0;
             let mut batch = Vec::new();
             while let Some(request) = queue.pending.front() {
+                if request.done.is_closed() {
+                    // Its caller gave up (timed out or cancelled) before it was sent: it
+                    // was told it failed, so it must not be sent now.
+                    queue.pending.pop_front();
+                    continue;
+                }
                 if batch.len() == max_pushes
                     || (count > 0 && count + request.updates.len() > self.max_batch)
                 {
@@ -359,6 +365,10 @@ impl Shared {
             }
             batch
         };
+        if batch.is_empty() {
+            // Every queued push had been given up: look again.
+            return true;
+        }
         let outcome = self.flush(&batch).await.map_err(Arc::new);
         if let Err(e) = &outcome {
             tracing::warn!(target: TARGET, error = %e, pushes = batch.len(), "a push batch failed");

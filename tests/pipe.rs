@@ -196,6 +196,18 @@ async fn hostile_payloads_are_rejected_and_the_listener_goes_on() {
         ("unknown_version", r#"{"v":99}"#),
         ("unrecognized", junk.as_str()),
         ("malformed", forged_origin.as_str()),
+        // A reference to a log entry, without the durable mark only durable pushes write.
+        ("malformed", r#"{"v":1,"o":"x","s":1,"r":1,"u":[]}"#),
+        // Numbers at the very top of the range, twice: no overflow.
+        ("ok", r#"{"v":1,"o":"top","s":18446744073709551615,"u":[]}"#),
+        (
+            "ok",
+            r#"{"v":1,"o":"top","s":18446744073709551615,"u":[{"Type":3,"Key":1}]}"#,
+        ),
+        (
+            "ok",
+            r#"{"v":1,"o":"top","s":18446744073709551615,"u":[{"Type":3,"Key":1}]}"#,
+        ),
     ];
     for (_, payload) in &bad {
         client
@@ -203,13 +215,18 @@ async fn hostile_payloads_are_rejected_and_the_listener_goes_on() {
             .await
             .unwrap();
     }
-    // A valid update after all of that still arrives, alone.
+    // A valid update after all of that still arrives, after the two valid ones above.
     let other = PgPipe::new(config_on(&channel)).unwrap();
     other.push(&new_message(5, 5)).await.unwrap();
-    assert_eq!(receive_exactly(&mut rx, 1).await, [new_message(5, 5)]);
+    let destroyed = Update::mailbox_destroyed(1);
+    assert_eq!(
+        receive_exactly(&mut rx, 3).await,
+        [destroyed.clone(), destroyed, new_message(5, 5)]
+    );
 
     let stats = pipe.stats();
-    assert_eq!(stats.rejected_total(), bad.len() as u64);
+    let rejected = bad.iter().filter(|(r, _)| *r != "ok").count();
+    assert_eq!(stats.rejected_total(), rejected as u64);
     for reason in [
         "unrecognized",
         "malformed",
@@ -290,6 +307,22 @@ async fn dropping_the_pipe_stops_its_listener() {
         left = connections(&observer, &app).await;
     }
     assert_eq!(left, 0);
+}
+
+#[tokio::test]
+async fn a_cancelled_listen_can_be_tried_again() {
+    let pipe = PgPipe::new(config("cancelled")).unwrap();
+    let (tx, _rx) = mpsc::channel(1);
+    // Cancelled before it could connect.
+    let attempt = tokio::time::timeout(Duration::from_micros(1), pipe.listen(tx)).await;
+    assert!(attempt.is_err(), "the attempt should have been cut short");
+    let (tx, mut rx) = mpsc::channel(8);
+    pipe.listen(tx).await.unwrap();
+    let other = PgPipe::new(updatepipe::Config::clone(pipe.config())).unwrap();
+    other.push(&new_message(1, 1)).await.unwrap();
+    assert_eq!(receive_exactly(&mut rx, 1).await, [new_message(1, 1)]);
+    pipe.close().await.unwrap();
+    other.close().await.unwrap();
 }
 
 #[tokio::test]
