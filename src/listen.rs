@@ -125,44 +125,18 @@ impl Sink {
     /// Waits for room, then sends as many ready items from the front of `buffer` as fit.
     /// Returns how many updates went out, or `None` when the receiver is gone.
     async fn deliver(&self, buffer: &mut VecDeque<Slot>) -> Option<usize> {
+        let permit = match self {
+            Sink::Updates(tx) => Permit::Updates(tx.reserve().await.ok()?),
+            Sink::Events(tx) => Permit::Events(tx.reserve().await.ok()?),
+        };
         let mut sent = 0;
-        match self {
-            Sink::Updates(tx) => {
-                let permit = tx.reserve().await.ok()?;
-                let mut permit = Some(permit);
-                while let Some(Slot::Ready(_)) = buffer.front() {
-                    let p = match permit.take() {
-                        Some(p) => p,
-                        None => match tx.try_reserve() {
-                            Ok(p) => p,
-                            Err(_) => break,
-                        },
-                    };
-                    if let Some(Slot::Ready(Event::Update(u))) = buffer.pop_front() {
-                        p.send(u);
-                        sent += 1;
-                    }
-                }
-            }
-            Sink::Events(tx) => {
-                let permit = tx.reserve().await.ok()?;
-                let mut permit = Some(permit);
-                while let Some(Slot::Ready(_)) = buffer.front() {
-                    let p = match permit.take() {
-                        Some(p) => p,
-                        None => match tx.try_reserve() {
-                            Ok(p) => p,
-                            Err(_) => break,
-                        },
-                    };
-                    if let Some(Slot::Ready(event)) = buffer.pop_front() {
-                        sent += usize::from(matches!(event, Event::Update(_)));
-                        p.send(event);
-                    }
-                }
-            }
+        if let Some(Slot::Ready(_)) = buffer.front()
+            && let Some(Slot::Ready(event)) = buffer.pop_front()
+        {
+            sent += usize::from(matches!(event, Event::Update(_)));
+            permit.send(event);
         }
-        Some(sent)
+        Some(sent + self.try_deliver(buffer)?)
     }
 }
 

@@ -41,11 +41,12 @@ fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> 
     rx
 }
 
-#[test]
-fn listen_prints_what_push_sends_as_json_lines() {
-    let channel = support::unique("Cli Channel");
+/// Starts `updatepipe listen` with these arguments and waits for its first line on standard
+/// error; returns the child, its output lines and that first line.
+fn start_listener(args: &[&str]) -> (std::process::Child, mpsc::Receiver<String>, String) {
     let mut listener = updatepipe()
-        .args(["listen", "--channel", &channel])
+        .arg("listen")
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -55,6 +56,13 @@ fn listen_prints_what_push_sends_as_json_lines() {
     let ready = err
         .recv_timeout(Duration::from_secs(20))
         .expect("listener starts");
+    (listener, out, ready)
+}
+
+#[test]
+fn listen_prints_what_push_sends_as_json_lines() {
+    let channel = support::unique("Cli Channel");
+    let (mut listener, out, ready) = start_listener(&["--channel", &channel]);
     assert!(ready.contains("listening"), "{ready}");
 
     let one = r#"{"Type":1,"Key":42,"SeqSet":"17","NewFlags":["\\Seen"]}"#;
@@ -206,17 +214,7 @@ fn durable_listen_and_push_from_the_command_line() {
         "{\"Type\":0,\"Key\":1,\"SeqSet\":\"1\"}",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
-    let mut listener = updatepipe()
-        .args(["listen", "--durable", "--channel", &channel])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = lines(listener.stdout.take().unwrap());
-    let err = lines(listener.stderr.take().unwrap());
-    let ready = err
-        .recv_timeout(Duration::from_secs(20))
-        .expect("listener starts");
+    let (mut listener, out, ready) = start_listener(&["--durable", "--channel", &channel]);
     assert!(ready.contains("(durable)"), "{ready}");
     let output = run(&[
         "push",

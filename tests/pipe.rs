@@ -5,7 +5,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::{assert_silent, config, config_on, connections, receive_exactly, sql, unique};
+use support::{
+    assert_silent, config, config_on, connections, connections_left, receive_exactly, sql, unique,
+};
 use tokio::sync::mpsc;
 use updatepipe::{Envelope, Error, Flag, MailboxKey, Origin, PgPipe, SeqSet, Update, UpdatePipe};
 
@@ -265,15 +267,11 @@ async fn close_leaves_no_task_or_connection_behind() {
             .is_none()
     );
     // The server sees no connection left (backends exit asynchronously: poll briefly).
-    let mut left = connections(&observer, &app).await;
-    for _ in 0..50 {
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        left = connections(&observer, &app).await;
-    }
-    assert_eq!(left, 0, "connections left after close");
+    assert_eq!(
+        connections_left(&observer, &app).await,
+        0,
+        "connections left after close"
+    );
 
     // Closing twice is fine; using a closed pipe is a typed error.
     pipe.close().await.unwrap();
@@ -298,15 +296,7 @@ async fn dropping_the_pipe_stops_its_listener() {
             .is_none()
     );
     let observer = sql().await;
-    let mut left = connections(&observer, &app).await;
-    for _ in 0..50 {
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        left = connections(&observer, &app).await;
-    }
-    assert_eq!(left, 0);
+    assert_eq!(connections_left(&observer, &app).await, 0);
 }
 
 #[tokio::test]
@@ -376,15 +366,11 @@ async fn a_dropped_receiver_ends_the_listener() {
     let (pipe, rx) = listening(config).await;
     drop(rx);
     let observer = sql().await;
-    let mut left = connections(&observer, &app).await;
-    for _ in 0..50 {
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        left = connections(&observer, &app).await;
-    }
-    assert_eq!(left, 0, "the listener's connection is closed");
+    assert_eq!(
+        connections_left(&observer, &app).await,
+        0,
+        "the listener's connection is closed"
+    );
     pipe.close().await.unwrap();
 }
 

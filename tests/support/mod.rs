@@ -112,6 +112,20 @@ pub async fn assert_silent(rx: &mut mpsc::Receiver<Update>) {
     }
 }
 
+/// How many connections with this application name are left after a few seconds
+/// (backends exit asynchronously after their client goes).
+pub async fn connections_left(client: &tokio_postgres::Client, application_name: &str) -> i64 {
+    let mut left = connections(client, application_name).await;
+    for _ in 0..50 {
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = connections(client, application_name).await;
+    }
+    left
+}
+
 /// How many connections with this application name the server has.
 pub async fn connections(client: &tokio_postgres::Client, application_name: &str) -> i64 {
     client
