@@ -60,7 +60,7 @@
 //! | the push path (batching) / the listen path (reconnect, heartbeats, resync) | `push` / `listen` |
 //! | the durable log: writing, reading in commit order, pruning | `log` |
 //! | migrations (the `updatepipe` schema and log table) | `migrate` |
-//! | counters | `stats` |
+//! | counters; the server's status | `stats`; `status` |
 //! | throwaway clusters for tests and the demo | [`cluster`] |
 
 mod channel;
@@ -76,6 +76,7 @@ mod pipe;
 mod push;
 mod seqset;
 mod stats;
+mod status;
 mod update;
 
 pub use channel::{ChannelName, MAX_CHANNEL_LEN};
@@ -92,6 +93,7 @@ pub use migrate::{MIGRATION_TABLE, MigrationInfo, embedded_migrations};
 pub use pipe::{PgPipe, UpdatePipe};
 pub use seqset::{MAX_SEQ_SET_LEN, SeqNum, SeqRange, SeqSet};
 pub use stats::Stats;
+pub use status::Status;
 pub use update::{Flag, MAX_FLAG_LEN, MAX_FLAGS, MailboxKey, Update, UpdateKind};
 
 /// The README's code compiles (`cargo test --doc`).

@@ -146,6 +146,13 @@ impl PgPipe {
             .await
     }
 
+    /// The server's status as this pipe sees it: version, primary or standby, whether
+    /// LISTEN works through this connection (it does not through a transaction-pooling
+    /// proxy), notification queue usage, schema version and durable log size.
+    pub async fn status(&self) -> Result<crate::Status, Error> {
+        crate::status::status(&self.inner.config).await
+    }
+
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.inner.config

@@ -235,3 +235,73 @@ fn durable_listen_and_push_from_the_command_line() {
     listener.kill().unwrap();
     listener.wait().unwrap();
 }
+
+#[test]
+fn status_reports_a_primary_where_listen_works() {
+    let output = run(&["status"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", stderr(&output));
+    assert!(stdout.contains("primary             yes"), "{stdout}");
+    assert!(stdout.contains("LISTEN works        yes"), "{stdout}");
+    assert!(stdout.contains("queue usage"), "{stdout}");
+}
+
+#[test]
+fn migrate_dry_run_lists_nothing_once_migrated() {
+    assert!(run(&["migrate"]).status.success());
+    let output = run(&["migrate", "--dry-run"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout.starts_with("schema is up to date"), "{stdout}");
+}
+
+#[test]
+fn push_from_options_and_a_filtered_pretty_listener() {
+    let channel = support::unique("cli_options");
+    let (mut listener, out, _) = start_listener(&[
+        "--channel",
+        &channel,
+        "--pretty",
+        "--key",
+        "42",
+        "--type",
+        "flags",
+    ]);
+    for args in [
+        vec![
+            "--type", "flags", "--key", "42", "--uid", "17", "--flag", "\\Seen", "--flag", "$Junk",
+        ],
+        vec!["--type", "flags", "--key", "7", "--uid", "1"],
+        vec!["--type", "new", "--key", "42", "--seq", "3:4"],
+    ] {
+        let mut all = vec!["push", "--channel", &channel];
+        all.extend(args);
+        let output = run(&all);
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    let line = out
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the flags update");
+    assert_eq!(line, "flags of uid 17 in mailbox 42: (\\Seen $Junk)");
+    assert!(
+        out.recv_timeout(Duration::from_millis(500)).is_err(),
+        "the others are filtered out"
+    );
+    listener.kill().unwrap();
+    listener.wait().unwrap();
+
+    // Invalid options are bad input, said in one line.
+    let output = run(&[
+        "push",
+        "--channel",
+        &channel,
+        "--type",
+        "flags",
+        "--key",
+        "42",
+        "--uid",
+        "1:3",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("exactly one UID"));
+}

@@ -10,7 +10,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::sync::mpsc;
 use updatepipe::cluster::TempCluster;
-use updatepipe::{ChannelName, Config, Error, Event, PgPipe, Update, UpdatePipe};
+use updatepipe::{
+    ChannelName, Config, Error, Event, Flag, MailboxKey, PgPipe, SeqSet, Update, UpdateKind,
+    UpdatePipe, embedded_migrations,
+};
 
 /// Carries IMAP mailbox updates between processes through PostgreSQL LISTEN/NOTIFY.
 ///
@@ -27,6 +30,10 @@ struct Cli {
     #[arg(long, global = true, value_name = "NAME", default_value = ChannelName::DEFAULT)]
     channel: String,
 
+    /// How log lines on standard error look (the level comes from RUST_LOG, default warn).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -40,10 +47,26 @@ enum Command {
     /// Connection events (connected, disconnected, resync) go to standard error. With
     /// --durable, updates pushed durably are never lost: after a disconnect the listener
     /// replays them from the log.
+    ///
+    /// Examples:
+    ///   updatepipe listen --pretty --key 42 --type new --type expunge
+    ///   updatepipe listen --durable > updates.jsonl
     Listen {
         /// Durable delivery (applies the migrations it needs first).
         #[arg(long)]
         durable: bool,
+
+        /// One readable line per update instead of JSON.
+        #[arg(long)]
+        pretty: bool,
+
+        /// Only updates of this mailbox key (repeat for several).
+        #[arg(long = "key", value_name = "KEY")]
+        keys: Vec<String>,
+
+        /// Only updates of this type (repeat for several).
+        #[arg(long = "type", value_name = "TYPE", value_enum)]
+        kinds: Vec<KindArg>,
     },
 
     /// Push updates and exit once they are committed.
@@ -55,6 +78,7 @@ enum Command {
     /// Examples:
     ///   updatepipe push '{"Type":0,"Key":42,"SeqSet":"7"}'
     ///   printf '%s\n' '{"Type":2,"Key":42,"SeqSet":"3:5"}' '{"Type":3,"Key":7}' | updatepipe push
+    ///   updatepipe push --type flags --key 42 --uid 17 --flag '\Seen'
     Push {
         /// Durable delivery: also write the updates to the log (applies the migrations it
         /// needs first).
@@ -62,11 +86,46 @@ enum Command {
         durable: bool,
 
         /// One update in the JSON contract: {"Type":1,"Key":42,"SeqSet":"17","NewFlags":["\\Seen"]}.
+        #[arg(conflicts_with_all = ["kind", "key"])]
         json: Option<String>,
+
+        /// The update's type, to give it as options instead of JSON.
+        #[arg(long = "type", value_name = "TYPE", value_enum, requires = "key")]
+        kind: Option<KindArg>,
+
+        /// The mailbox key: a number or a name.
+        #[arg(long, value_name = "KEY", requires = "kind")]
+        key: Option<String>,
+
+        /// The messages: a UID (for flags) or an IMAP sequence set (1:3,7).
+        #[arg(
+            long = "uid",
+            visible_alias = "seq",
+            value_name = "SET",
+            default_value = ""
+        )]
+        seq_set: String,
+
+        /// A flag after the change (repeat for several): \Seen, $Junk.
+        #[arg(long = "flag", value_name = "FLAG")]
+        flags: Vec<String>,
     },
 
     /// Apply updatepipe's schema migrations (safe to repeat).
-    Migrate,
+    ///
+    /// Example: updatepipe migrate --dry-run
+    Migrate {
+        /// List the migrations that would be applied, and apply none.
+        #[arg(long)]
+        dry_run: bool,
+    },
+
+    /// Show the server as the pipe sees it: version, primary or standby, whether LISTEN
+    /// works through this connection (not through a transaction-pooling proxy), the
+    /// notification queue, the durable log and the schema version.
+    ///
+    /// Example: updatepipe status --url postgres://mail@db/mail
+    Status,
 
     /// Show two nodes and an admin tool exchanging updates through PostgreSQL.
     ///
@@ -84,6 +143,38 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// An update type as the command line spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum KindArg {
+    New,
+    Flags,
+    Expunge,
+    Destroyed,
+}
+
+impl KindArg {
+    fn kind(self) -> UpdateKind {
+        match self {
+            KindArg::New => UpdateKind::NewMessage,
+            KindArg::Flags => UpdateKind::FlagsChanged,
+            KindArg::Expunge => UpdateKind::Expunge,
+            KindArg::Destroyed => UpdateKind::MailboxDestroyed,
+        }
+    }
+}
+
+/// A mailbox key from the command line: digits make a number, anything else a name.
+fn parse_key(text: &str) -> MailboxKey {
+    text.parse::<u64>()
+        .map_or_else(|_| MailboxKey::from(text), MailboxKey::from)
+}
+
 /// Exit codes: distinct for bad input, connection failure and server errors.
 mod exit {
     pub const FAILURE: u8 = 1;
@@ -94,13 +185,15 @@ mod exit {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -151,33 +244,69 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let channel = ChannelName::new(&cli.channel)?;
     match cli.command {
-        Command::Listen { durable } => {
-            listen(
-                config(cli.url.as_deref())?
-                    .with_channel(channel)
-                    .with_durable(durable),
-            )
-            .await
+        Command::Listen {
+            durable,
+            pretty,
+            keys,
+            kinds,
+        } => {
+            let filter = Filter {
+                keys: keys.iter().map(|k| parse_key(k)).collect(),
+                kinds: kinds.iter().map(|k| k.kind()).collect(),
+            };
+            let config = config(cli.url.as_deref())?
+                .with_channel(channel)
+                .with_durable(durable);
+            listen(config, &filter, pretty).await
         }
-        Command::Push { json, durable } => {
-            push(
-                config(cli.url.as_deref())?
-                    .with_channel(channel)
-                    .with_durable(durable),
-                json,
-            )
-            .await
+        Command::Push {
+            json,
+            durable,
+            kind,
+            key,
+            seq_set,
+            flags,
+        } => {
+            let given = match (kind, key) {
+                (Some(kind), Some(key)) => Some(update_from_options(kind, &key, &seq_set, &flags)?),
+                _ => None,
+            };
+            let config = config(cli.url.as_deref())?
+                .with_channel(channel)
+                .with_durable(durable);
+            push(config, json, given).await
         }
-        Command::Migrate => {
+        Command::Migrate { dry_run } => {
             let pipe = PgPipe::new(config(cli.url.as_deref())?)?;
-            let applied = pipe.migrate().await?;
-            if applied.is_empty() {
-                println!("schema is up to date");
-            }
-            for m in applied {
-                println!("applied V{}__{}", m.version(), m.name());
+            if dry_run {
+                let current = pipe.status().await?.schema_version.unwrap_or(0);
+                let pending: Vec<_> = embedded_migrations()
+                    .into_iter()
+                    .filter(|m| m.version() > current)
+                    .collect();
+                if pending.is_empty() {
+                    println!("schema is up to date (version {current})");
+                }
+                for m in pending {
+                    println!("pending V{}__{}", m.version(), m.name());
+                }
+            } else {
+                let applied = pipe.migrate().await?;
+                if applied.is_empty() {
+                    println!("schema is up to date");
+                }
+                for m in applied {
+                    println!("applied V{}__{}", m.version(), m.name());
+                }
             }
             pipe.close().await?;
+            Ok(())
+        }
+        Command::Status => {
+            let pipe = PgPipe::new(config(cli.url.as_deref())?.with_channel(channel))?;
+            let status = pipe.status().await?;
+            pipe.close().await?;
+            print_status(&pipe, &status);
             Ok(())
         }
         Command::Demo => {
@@ -215,7 +344,42 @@ async fn database(url: Option<&str>, what: &str) -> anyhow::Result<(Config, Opti
     Ok((cluster.config(), Some(cluster)))
 }
 
-async fn listen(config: Config) -> anyhow::Result<()> {
+/// Which updates `listen` prints.
+#[derive(Debug, Default)]
+struct Filter {
+    keys: Vec<MailboxKey>,
+    kinds: Vec<UpdateKind>,
+}
+
+impl Filter {
+    fn accepts(&self, update: &Update) -> bool {
+        (self.keys.is_empty() || self.keys.contains(update.key()))
+            && (self.kinds.is_empty() || self.kinds.contains(&update.kind()))
+    }
+}
+
+/// One readable line for an update.
+fn pretty_line(update: &Update) -> String {
+    let flags: Vec<&str> = update.flags().iter().map(Flag::as_str).collect();
+    match update.kind() {
+        UpdateKind::NewMessage => format!(
+            "new message(s) {} in mailbox {}",
+            update.seq_set(),
+            update.key()
+        ),
+        UpdateKind::FlagsChanged => format!(
+            "flags of uid {} in mailbox {}: ({})",
+            update.seq_set(),
+            update.key(),
+            flags.join(" ")
+        ),
+        UpdateKind::Expunge => format!("expunged {} in mailbox {}", update.seq_set(), update.key()),
+        UpdateKind::MailboxDestroyed => format!("mailbox {} destroyed", update.key()),
+        other => format!("{other} in mailbox {}", update.key()),
+    }
+}
+
+async fn listen(config: Config, filter: &Filter, pretty: bool) -> anyhow::Result<()> {
     let pipe = PgPipe::new(config)?;
     if pipe.config().durable() {
         pipe.migrate().await?;
@@ -227,7 +391,10 @@ async fn listen(config: Config) -> anyhow::Result<()> {
         tokio::select! {
             event = rx.recv() => match event {
                 Some(Event::Update(update)) => {
-                    let line = update.to_json();
+                    if !filter.accepts(&update) {
+                        continue;
+                    }
+                    let line = if pretty { pretty_line(&update) } else { update.to_json() };
                     if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
                         // Standard output is gone (a closed pipe): stop quietly.
                         break Ok(());
@@ -253,7 +420,74 @@ async fn listen(config: Config) -> anyhow::Result<()> {
         }
     };
     pipe.close().await?;
+    let stats = pipe.stats();
+    eprintln!(
+        "updatepipe: delivered {}, echoes dropped {}, rejected {}, reconnects {}, replayed {}, resyncs {}",
+        stats.delivered,
+        stats.echoes_dropped,
+        stats.rejected_total(),
+        stats.reconnects,
+        stats.replayed,
+        stats.resyncs
+    );
     outcome
+}
+
+/// An update given as options (`--type flags --key 42 --uid 17 --flag '\Seen'`).
+fn update_from_options(
+    kind: KindArg,
+    key: &str,
+    seq_set: &str,
+    flags: &[String],
+) -> Result<Update, Error> {
+    let flags = flags
+        .iter()
+        .map(|f| Flag::new(f.as_str()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let seq_set = SeqSet::parse(seq_set)?;
+    Ok(Update::from_parts(
+        kind.kind(),
+        parse_key(key),
+        seq_set,
+        flags,
+    )?)
+}
+
+fn print_status(pipe: &PgPipe, status: &updatepipe::Status) {
+    println!("server version      {}", status.server_version);
+    println!(
+        "primary             {}",
+        if status.in_recovery {
+            "no: a standby (in recovery); LISTEN and NOTIFY work only on the primary"
+        } else {
+            "yes"
+        }
+    );
+    match status.listen_works {
+        Some(true) => println!("LISTEN works        yes (a probe notification arrived)"),
+        Some(false) => println!(
+            "LISTEN works        NO: a probe notification never arrived; a transaction-pooling \
+             proxy (PgBouncer in transaction mode) breaks LISTEN: connect listeners directly"
+        ),
+        None => println!("LISTEN works        unknown (cannot NOTIFY on a standby)"),
+    }
+    println!("queue usage         {:.6} %", status.queue_usage * 100.0);
+    println!("channel             {}", pipe.config().channel());
+    match status.schema_version {
+        Some(v) => println!(
+            "schema version      {v} (this build has {})",
+            embedded_migrations().len()
+        ),
+        None => {
+            println!("schema version      not migrated (run updatepipe migrate for durable mode)")
+        }
+    }
+    if let Some(n) = status.log_entries {
+        let age = status
+            .oldest_log_entry_secs
+            .map_or_else(|| "-".to_owned(), |s| format!("{s:.0} s"));
+        println!("durable log         {n} entries on this channel, oldest {age}");
+    }
 }
 
 async fn shutdown_signal() {
@@ -277,10 +511,11 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-async fn push(config: Config, json: Option<String>) -> anyhow::Result<()> {
-    let updates = match json {
-        Some(json) => vec![Update::from_json(&json).map_err(Error::from)?],
-        None => read_updates(std::io::stdin().lock())?,
+async fn push(config: Config, json: Option<String>, given: Option<Update>) -> anyhow::Result<()> {
+    let updates = match (json, given) {
+        (_, Some(update)) => vec![update],
+        (Some(json), None) => vec![Update::from_json(&json).map_err(Error::from)?],
+        (None, None) => read_updates(std::io::stdin().lock())?,
     };
     if updates.is_empty() {
         return Err(

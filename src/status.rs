@@ -1,0 +1,137 @@
+//! What an operator asks first: which server, primary or standby, does LISTEN work through
+//! this connection, how full is the notification queue, how big is the durable log.
+
+use std::future::poll_fn;
+use std::time::Duration;
+
+use tokio_postgres::AsyncMessage;
+
+use crate::channel::quote_identifier;
+use crate::config::Config;
+use crate::connect::connect;
+use crate::error::Error;
+use crate::migrate::MIGRATION_TABLE;
+
+/// A snapshot of the server as the pipe sees it, from [`PgPipe::status`](crate::PgPipe::status).
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Status {
+    /// `server_version`.
+    pub server_version: String,
+    /// Whether the server is in recovery (a standby): LISTEN and NOTIFY work only on a
+    /// primary.
+    pub in_recovery: bool,
+    /// Whether a notification sent from another connection reached a `LISTEN` on this one
+    /// within two seconds. False through a transaction-pooling proxy (PgBouncer in
+    /// transaction or statement mode), where LISTEN silently breaks; `None` on a standby,
+    /// where NOTIFY cannot be sent.
+    pub listen_works: Option<bool>,
+    /// `pg_notification_queue_usage()`, from 0 to 1.
+    pub queue_usage: f64,
+    /// The newest migration applied (`None`: not migrated).
+    pub schema_version: Option<i64>,
+    /// Entries in the durable log for this pipe's channel (`None`: not migrated).
+    pub log_entries: Option<i64>,
+    /// Age in seconds of the oldest of them (`None`: none, or not migrated).
+    pub oldest_log_entry_secs: Option<f64>,
+}
+
+/// Gathers the status on two dedicated connections.
+pub(crate) async fn status(config: &Config) -> Result<Status, Error> {
+    let (client, connection) = connect(config).await?;
+    let task = tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version'), pg_is_in_recovery(), \
+                    pg_notification_queue_usage()::float8, \
+                    to_regclass($1) IS NOT NULL, to_regclass('updatepipe.log') IS NOT NULL",
+            &[&format!("public.{MIGRATION_TABLE}")],
+        )
+        .await?;
+    let server_version: String = row.get(0);
+    let in_recovery: bool = row.get(1);
+    let queue_usage: f64 = row.get(2);
+    let migrated: bool = row.get(3);
+    let has_log: bool = row.get(4);
+    let schema_version = if migrated {
+        client
+            .query_one(
+                &format!("SELECT max(version)::int8 FROM public.{MIGRATION_TABLE}"),
+                &[],
+            )
+            .await?
+            .get(0)
+    } else {
+        None
+    };
+    let (log_entries, oldest_log_entry_secs) = if has_log {
+        let row = client
+            .query_one(
+                "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 \
+                 FROM updatepipe.log WHERE channel = $1",
+                &[&config.channel().as_str()],
+            )
+            .await?;
+        (Some(row.get(0)), row.get(1))
+    } else {
+        (None, None)
+    };
+    let listen_works = if in_recovery {
+        None
+    } else {
+        Some(listen_probe(config, &client).await?)
+    };
+    drop(client);
+    let _ = task.await;
+    Ok(Status {
+        server_version,
+        in_recovery,
+        listen_works,
+        queue_usage,
+        schema_version,
+        log_entries,
+        oldest_log_entry_secs,
+    })
+}
+
+/// LISTENs on a fresh random channel on one connection, NOTIFYs it from `other`, and says
+/// whether the notification arrived within two seconds.
+async fn listen_probe(config: &Config, other: &tokio_postgres::Client) -> Result<bool, Error> {
+    let channel = format!("updatepipe_probe_{:016x}", rand::random::<u64>());
+    let (client, mut connection) = connect(config).await?;
+    let sql = format!("LISTEN {}", quote_identifier(&channel));
+    {
+        let mut listen = std::pin::pin!(client.batch_execute(&sql));
+        // Drive the connection until LISTEN is confirmed.
+        loop {
+            tokio::select! {
+                done = &mut listen => { done?; break; }
+                message = poll_fn(|cx| connection.poll_message(cx)) => match message {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(Error::Postgres(e)),
+                    None => return Err(Error::Closed),
+                },
+            }
+        }
+    }
+    other
+        .execute("SELECT pg_notify($1, 'probe')", &[&channel])
+        .await?;
+    let arrived = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) if n.channel() == channel => return true,
+                Some(Ok(_)) => {}
+                _ => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    drop(client);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(_)) = poll_fn(|cx| connection.poll_message(cx)).await {}
+    })
+    .await;
+    Ok(arrived)
+}
