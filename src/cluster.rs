@@ -38,6 +38,7 @@ pub struct TempCluster {
 #[derive(Clone, Debug, Default)]
 pub struct TempClusterBuilder {
     settings: Vec<(String, String)>,
+    standby_of: Option<u16>,
 }
 
 impl TempClusterBuilder {
@@ -45,6 +46,13 @@ impl TempClusterBuilder {
     /// `max_connections`.
     pub fn setting(mut self, name: &str, value: &str) -> Self {
         self.settings.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Makes the cluster a streaming standby of the primary on 127.0.0.1:`port` (such as
+    /// another `TempCluster`), copied with `pg_basebackup` instead of made by `initdb`.
+    pub fn standby_of(mut self, primary_port: u16) -> Self {
+        self.standby_of = Some(primary_port);
         self
     }
 
@@ -73,20 +81,43 @@ impl TempClusterBuilder {
             running: false,
         };
         let data = cluster.data_dir();
-        cluster.run(
-            "initdb",
-            &[
-                "-D".as_ref(),
-                data.as_os_str(),
-                "-U".as_ref(),
-                "postgres".as_ref(),
-                "--auth=trust".as_ref(),
-                "--no-sync".as_ref(),
-                "-E".as_ref(),
-                "UTF8".as_ref(),
-                "--locale=C".as_ref(),
-            ],
-        )?;
+        match self.standby_of {
+            None => cluster.run(
+                "initdb",
+                &[
+                    "-D".as_ref(),
+                    data.as_os_str(),
+                    "-U".as_ref(),
+                    "postgres".as_ref(),
+                    "--auth=trust".as_ref(),
+                    "--no-sync".as_ref(),
+                    "-E".as_ref(),
+                    "UTF8".as_ref(),
+                    "--locale=C".as_ref(),
+                ],
+            )?,
+            Some(port) => {
+                let port = port.to_string();
+                cluster.run(
+                    "pg_basebackup",
+                    &[
+                        "-h".as_ref(),
+                        "127.0.0.1".as_ref(),
+                        "-p".as_ref(),
+                        port.as_ref(),
+                        "-U".as_ref(),
+                        "postgres".as_ref(),
+                        "-D".as_ref(),
+                        data.as_os_str(),
+                        // Write standby.signal and the connection to the primary.
+                        "-R".as_ref(),
+                        "-X".as_ref(),
+                        "stream".as_ref(),
+                        "--no-sync".as_ref(),
+                    ],
+                )?
+            }
+        }
         let mut conf = String::from("listen_addresses = '127.0.0.1'\nmax_connections = 200\n");
         conf.push_str(&format!(
             "unix_socket_directories = '{}'\n",

@@ -138,6 +138,7 @@ pub async fn connections(client: &tokio_postgres::Client, application_name: &str
         .get(0)
 }
 
+pub mod pgbouncer;
 pub mod proxy;
 
 /// A private cluster for a test that touches the server (kills, restarts, proxies).

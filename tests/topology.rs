@@ -1,0 +1,120 @@
+//! Where a pipe is connected matters: a standby cannot LISTEN or NOTIFY, and a
+//! transaction-pooling proxy silently breaks LISTEN. `status` must say so, and the listener
+//! must refuse a standby. Each test builds the real thing on throwaway clusters.
+
+mod support;
+
+use std::time::Duration;
+
+use support::pgbouncer::PgBouncer;
+use support::{own_cluster, unique};
+use tokio::sync::mpsc;
+use updatepipe::cluster::TempCluster;
+use updatepipe::{ChannelName, Config, Error, PgPipe, UpdatePipe};
+
+fn config(port: u16) -> Config {
+    Config::from_url(&format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+        .unwrap()
+        .with_channel(ChannelName::new(unique("topology")).unwrap())
+        .with_connect_timeout(Duration::from_secs(5))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_a_standby_and_the_listener_refuses_it() {
+    let primary = own_cluster();
+    let primary_port = primary.port();
+    let standby = tokio::task::spawn_blocking(move || {
+        TempCluster::builder()
+            .standby_of(primary_port)
+            .start()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+
+    let on_primary = PgPipe::new(config(primary.port()))
+        .unwrap()
+        .status()
+        .await
+        .unwrap();
+    assert!(!on_primary.in_recovery);
+    assert_eq!(on_primary.listen_works, Some(true));
+
+    let pipe = PgPipe::new(config(standby.port())).unwrap();
+    let status = pipe.status().await.unwrap();
+    assert!(status.in_recovery, "{status:?}");
+    assert_eq!(status.listen_works, None);
+    let (tx, _rx) = mpsc::channel(1);
+    let err = pipe.listen(tx).await.unwrap_err();
+    assert!(matches!(err, Error::Standby), "{err:?}");
+    assert!(err.to_string().contains("primary"), "{err}");
+
+    // And the command line says it in words.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_updatepipe"))
+        .args([
+            "status",
+            "--url",
+            &format!("postgres://postgres@127.0.0.1:{}/postgres", standby.port()),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("primary             no: a standby"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs pgbouncer: `.ci/run` installs it and runs this test with --ignored"]
+async fn status_reports_a_transaction_pooling_proxy() {
+    let cluster = own_cluster();
+    // Session pooling keeps a server connection per client: LISTEN works.
+    let session = PgBouncer::start(cluster.port(), "session");
+    let status = PgPipe::new(config(session.port()))
+        .unwrap()
+        .status()
+        .await
+        .unwrap();
+    assert_eq!(
+        status.listen_works,
+        Some(true),
+        "session pooling: {status:?}"
+    );
+
+    // Transaction pooling hands the server connection back after each transaction: the
+    // LISTEN is left behind, and no notification comes back.
+    let transaction = PgBouncer::start(cluster.port(), "transaction");
+    let status = PgPipe::new(config(transaction.port()))
+        .unwrap()
+        .status()
+        .await
+        .unwrap();
+    assert!(!status.in_recovery);
+    assert_eq!(
+        status.listen_works,
+        Some(false),
+        "transaction pooling: {status:?}"
+    );
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_updatepipe"))
+        .args([
+            "status",
+            "--url",
+            &format!(
+                "postgres://postgres@127.0.0.1:{}/postgres",
+                transaction.port()
+            ),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("LISTEN works        NO"), "{stdout}");
+    assert!(stdout.contains("transaction-pooling proxy"), "{stdout}");
+}
