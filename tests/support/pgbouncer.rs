@@ -73,7 +73,7 @@ impl PgBouncer {
             std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
             command.uid(uid).gid(gid);
         }
-        let child = command.spawn().expect("start pgbouncer");
+        let mut child = command.spawn().expect("start pgbouncer");
         // Wait until it accepts connections.
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -85,6 +85,8 @@ impl PgBouncer {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         let log = std::fs::read_to_string(path.join("pgbouncer.log")).unwrap_or_default();
         panic!("pgbouncer did not start: {log}");
     }
