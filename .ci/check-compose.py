@@ -39,6 +39,17 @@ SCHEMA_PATH = os.path.join(HERE, "compose-spec.json")
 DEFAULT_COMPOSE = os.path.join(os.path.dirname(HERE), "docker-compose.yml")
 
 
+
+def dockerfile_stages(path):
+    """The stage names a Dockerfile declares (`FROM image AS name`)."""
+    stages = set()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            words = line.split()
+            if len(words) >= 4 and words[0].upper() == "FROM" and words[-2].upper() == "AS":
+                stages.add(words[-1])
+    return stages
+
 def fmt_path(parts):
     """Render a jsonschema error path like services.tests.depends_on[0]."""
     out = ""
@@ -175,6 +186,13 @@ def semantic_errors(doc, compose_dir):
                             "service %r: dockerfile %r does not exist (looked for %s)"
                             % (name, df, df_path)
                         )
+                    else:
+                        target = build.get("target") if isinstance(build, dict) else None
+                        if isinstance(target, str) and target not in dockerfile_stages(df_path):
+                            problems.append(
+                                "service %r: build target %r is not a stage of %s (stages: %s)"
+                                % (name, target, df, ", ".join(sorted(dockerfile_stages(df_path))) or "none")
+                            )
 
         if isinstance(image, str):
             _, tag, digest = split_image(image)
