@@ -67,6 +67,17 @@ impl Backoff {
     }
 }
 
+/// Where a durable listener starts: by default now; with a `Since`, it first replays the
+/// log from that point.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Since {
+    /// The entries written at or after this time (by the server's clock).
+    Time(std::time::SystemTime),
+    /// The entries after this log position (an `updatepipe.log` id).
+    Position(i64),
+}
+
 /// How a pipe reaches PostgreSQL, and its bounds.
 ///
 /// Built from what users already have: [`Config::from_url`] takes a `postgres://` URL or a
@@ -99,6 +110,7 @@ pub struct Config {
     health_interval: Duration,
     retention: Duration,
     max_buffered: usize,
+    since: Option<Since>,
 }
 
 impl Config {
@@ -222,6 +234,7 @@ impl Config {
             health_interval: DEFAULT_HEALTH_INTERVAL,
             retention: DEFAULT_RETENTION,
             max_buffered: DEFAULT_MAX_BUFFERED,
+            since: None,
         }
     }
 
@@ -304,6 +317,14 @@ impl Config {
         self
     }
 
+    /// Durable mode: replay the log from this point before the live updates, instead of
+    /// starting from now. The entries still in the log (see the retention) are delivered
+    /// once, in log order, then everything after them as usual.
+    pub fn with_since(mut self, since: Since) -> Self {
+        self.since = Some(since);
+        self
+    }
+
     /// The `application_name` the pipe's connections report (default `updatepipe`), as seen
     /// in `pg_stat_activity`.
     pub fn with_application_name(mut self, name: &str) -> Self {
@@ -370,6 +391,11 @@ impl Config {
     pub fn max_buffered(&self) -> usize {
         self.max_buffered
     }
+
+    /// Where a durable listener starts (`None`: now).
+    pub fn since(&self) -> Option<Since> {
+        self.since
+    }
 }
 
 impl fmt::Debug for Config {
@@ -388,6 +414,7 @@ impl fmt::Debug for Config {
             .field("health_interval", &self.health_interval)
             .field("retention", &self.retention)
             .field("max_buffered", &self.max_buffered)
+            .field("since", &self.since)
             .finish()
     }
 }

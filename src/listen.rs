@@ -19,10 +19,11 @@ use tokio::time::Instant;
 use tokio_postgres::{AsyncMessage, Client, Notification, Row};
 
 use crate::config::Config;
+use crate::config::Since;
 use crate::connect::{RawConnection, connect};
 use crate::envelope::{Envelope, Origin, Packer};
 use crate::error::{DecodeError, Error, pg_message};
-use crate::log::{CURSOR_SQL, Cursor, FETCH_SQL, PRUNE_SQL, TAIL_SQL, Tail};
+use crate::log::{CURSOR_SINCE_SQL, CURSOR_SQL, Cursor, FETCH_SQL, PRUNE_SQL, TAIL_SQL, Tail};
 use crate::stats::Counters;
 use crate::update::Update;
 
@@ -196,7 +197,8 @@ impl Listener {
             last_seq: HashMap::new(),
             cursor,
             tail_needed: durable,
-            replaying: false,
+            // A replay from the past counts as replayed.
+            replaying: durable && config.since().is_some(),
             heard_best_effort: false,
             fetches: VecDeque::new(),
             heartbeat_seq: 0,
@@ -254,7 +256,22 @@ impl Session {
             }
             let cursor = if want_cursor {
                 let channel = config.channel().as_str();
-                let row = client.query_one(CURSOR_SQL, &[&channel]).await?;
+                let row = match config.since() {
+                    None => client.query_one(CURSOR_SQL, &[&channel]).await?,
+                    Some(since) => {
+                        let (position, time): (Option<i64>, f64) = match since {
+                            Since::Position(id) => (Some(id), 0.0),
+                            Since::Time(at) => (
+                                None,
+                                at.duration_since(std::time::UNIX_EPOCH)
+                                    .map_or(0.0, |d| d.as_secs_f64()),
+                            ),
+                        };
+                        client
+                            .query_one(CURSOR_SINCE_SQL, &[&channel, &position, &time])
+                            .await?
+                    }
+                };
                 Some(Cursor::from_row(&row))
             } else {
                 None

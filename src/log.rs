@@ -41,6 +41,15 @@ pub(crate) const CURSOR_SQL: &str = "\
     SELECT pg_current_snapshot()::text, extract(epoch FROM now())::float8, \
            (SELECT max(id) FROM updatepipe.log WHERE channel = $1)";
 
+/// A starting position in the past, for a replay ([`crate::Since`]): the snapshot of now
+/// (so nothing committed is read twice) with the id mark set back, so that every entry above
+/// it is read: above `$2`, or above the last entry written before the time `$3` (seconds
+/// since the epoch).
+pub(crate) const CURSOR_SINCE_SQL: &str = "\
+    SELECT pg_current_snapshot()::text, extract(epoch FROM now())::float8, \
+           coalesce($2::int8, (SELECT max(id) FROM updatepipe.log \
+                               WHERE channel = $1 AND created_at < to_timestamp($3::float8)), 0)";
+
 /// One envelope by sender and number: an oversize envelope a notification points at.
 pub(crate) const FETCH_SQL: &str =
     "SELECT payload FROM updatepipe.log WHERE channel = $1 AND origin = $2 AND seq = $3";

@@ -686,3 +686,59 @@ async fn retention_prunes_and_a_listener_away_too_long_gets_a_resync() {
         pipe.close().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_listener_can_replay_from_a_time_or_a_position() {
+    let channel = unique("since");
+    let pusher = PgPipe::new(support::config_on(&channel).with_durable(true)).unwrap();
+    pusher.migrate().await.unwrap();
+    let sent: Vec<Update> = (1..=3).map(|n| numbered(9, n)).collect();
+    for update in &sent {
+        pusher.push(update).await.unwrap();
+    }
+    let client = support::sql().await;
+    let second: i64 = client
+        .query_one(
+            "SELECT id FROM updatepipe.log WHERE channel = $1 ORDER BY id OFFSET 1 LIMIT 1",
+            &[&channel],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let cases = [
+        (
+            updatepipe::Since::Time(std::time::SystemTime::now() - Duration::from_secs(3600)),
+            0,
+        ),
+        (updatepipe::Since::Position(0), 0),
+        (updatepipe::Since::Position(second), 2),
+    ];
+    for (since, skip) in cases {
+        let listener = PgPipe::new(
+            support::config_on(&channel)
+                .with_durable(true)
+                .with_since(since),
+        )
+        .unwrap();
+        let (tx, mut rx) = mpsc::channel(100);
+        listener.listen_events(tx).await.unwrap();
+        let expected = &sent[skip..];
+        let events = collect(&mut rx, |e| updates(e).len() == expected.len()).await;
+        assert_eq!(
+            updates(&events),
+            expected.iter().collect::<Vec<_>>(),
+            "{since:?}"
+        );
+        // And live afterwards, without repeating the replay.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        while let Ok(event) = rx.try_recv() {
+            assert!(
+                !matches!(event, Event::Update(_)),
+                "{since:?}: a duplicate {event:?}"
+            );
+        }
+        assert_eq!(listener.stats().replayed, expected.len() as u64);
+        listener.close().await.unwrap();
+    }
+    pusher.close().await.unwrap();
+}

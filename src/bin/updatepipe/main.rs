@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use tokio::sync::mpsc;
 use updatepipe::cluster::TempCluster;
 use updatepipe::{
-    ChannelName, Config, Error, Event, Flag, MailboxKey, PgPipe, SeqSet, Update, UpdateKind,
+    ChannelName, Config, Error, Event, Flag, MailboxKey, PgPipe, SeqSet, Since, Update, UpdateKind,
     UpdatePipe, embedded_migrations,
 };
 
@@ -55,6 +55,11 @@ enum Command {
         /// Durable delivery (applies the migrations it needs first).
         #[arg(long)]
         durable: bool,
+
+        /// With --durable: first replay the log from this point: a time ago (30s, 10m, 2h,
+        /// 1d), a time in seconds since the epoch, or a log position (id:N).
+        #[arg(long, value_name = "WHEN", value_parser = parse_since, requires = "durable")]
+        since: Option<Since>,
 
         /// One readable line per update instead of JSON.
         #[arg(long)]
@@ -169,6 +174,40 @@ impl KindArg {
     }
 }
 
+/// `--since`: `30s`, `10m`, `2h`, `1d` ago; seconds since the epoch; or `id:N`.
+fn parse_since(text: &str) -> Result<Since, String> {
+    if let Some(id) = text.strip_prefix("id:") {
+        return id
+            .parse()
+            .map(Since::Position)
+            .map_err(|_| format!("{id:?} is not a log position"));
+    }
+    let unit = match text.chars().last() {
+        Some('s') => Some(1),
+        Some('m') => Some(60),
+        Some('h') => Some(3600),
+        Some('d') => Some(86_400),
+        _ => None,
+    };
+    let number = if unit.is_some() {
+        &text[..text.len() - 1]
+    } else {
+        text
+    };
+    let value: u64 = number.parse().map_err(|_| {
+        format!("{text:?} is not a time ago (30s, 10m, 2h, 1d), epoch seconds or id:N")
+    })?;
+    let at = match unit {
+        Some(seconds) => std::time::SystemTime::now()
+            .checked_sub(std::time::Duration::from_secs(
+                value.saturating_mul(seconds),
+            ))
+            .unwrap_or(std::time::UNIX_EPOCH),
+        None => std::time::UNIX_EPOCH + std::time::Duration::from_secs(value),
+    };
+    Ok(Since::Time(at))
+}
+
 /// A mailbox key from the command line: digits make a number, anything else a name.
 fn parse_key(text: &str) -> MailboxKey {
     text.parse::<u64>()
@@ -246,6 +285,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Listen {
             durable,
+            since,
             pretty,
             keys,
             kinds,
@@ -254,9 +294,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 keys: keys.iter().map(|k| parse_key(k)).collect(),
                 kinds: kinds.iter().map(|k| k.kind()).collect(),
             };
-            let config = config(cli.url.as_deref())?
+            let mut config = config(cli.url.as_deref())?
                 .with_channel(channel)
                 .with_durable(durable);
+            if let Some(since) = since {
+                config = config.with_since(since);
+            }
             listen(config, &filter, pretty).await
         }
         Command::Push {
@@ -564,6 +607,20 @@ mod tests {
             "{err:#}"
         );
         assert_eq!(exit_code(&err), exit::BAD_INPUT);
+    }
+
+    #[test]
+    fn since_forms() {
+        assert_eq!(parse_since("id:42"), Ok(Since::Position(42)));
+        assert!(matches!(parse_since("10m"), Ok(Since::Time(_))));
+        assert_eq!(
+            parse_since("1000"),
+            Ok(Since::Time(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(1000)
+            ))
+        );
+        assert!(parse_since("soon").is_err());
+        assert!(parse_since("id:x").is_err());
     }
 
     #[test]
