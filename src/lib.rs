@@ -7,30 +7,44 @@
 //!
 //! ## Quick start
 //!
-//! ```no_run
+//! A mail store pushes inside its own transaction, so the stored message and its
+//! notification are atomic; a server listens. (This example runs as a test: against
+//! `DATABASE_URL`, or a throwaway cluster.)
+//!
+//! ```
 //! use updatepipe::{Config, PgPipe, SeqSet, Update, UpdatePipe};
+//! # use updatepipe::{ChannelName, cluster::TempCluster};
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let cluster = match std::env::var("DATABASE_URL") {
+//! #     Ok(_) => None,
+//! #     Err(_) => Some(TempCluster::start()?),
+//! # };
+//! # let url = match &cluster { Some(c) => c.url(), None => std::env::var("DATABASE_URL")? };
+//! # let channel = ChannelName::new(format!("quickstart_{}", std::process::id()))?;
+//! let config = Config::from_url(&url)?; // or Config::from_env()?
+//! # let config = config.with_channel(channel);
+//! let store = PgPipe::new(config.clone())?;
+//! let server = PgPipe::new(config)?;
 //!
-//! # async fn run() -> Result<(), updatepipe::Error> {
-//! let pipe = PgPipe::new(Config::from_env()?)?;
+//! // The server: updates from every other sender arrive here, never its own.
+//! let (tx, mut updates) = tokio::sync::mpsc::channel(1024);
+//! server.listen(tx).await?;
 //!
-//! // A server listens: updates sent by others arrive on the channel.
-//! let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
-//! pipe.listen(tx).await?;
-//!
-//! // A mail store pushes inside its own transaction: the update is delivered if and only
-//! // if the transaction commits.
-//! let (mut client, connection) =
-//!     tokio_postgres::connect("postgres://mail@localhost/mail", tokio_postgres::NoTls).await?;
+//! // The mail store: delivered if and only if the transaction commits.
+//! let (mut client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
 //! tokio::spawn(connection);
 //! let tx = client.transaction().await?;
-//! // ... INSERT the message ...
-//! pipe.push_in(&tx, &Update::new_message(42, SeqSet::single(7)?)).await?;
+//! tx.batch_execute("CREATE TEMP TABLE messages (mailbox int8, uid int4)").await?;
+//! tx.execute("INSERT INTO messages VALUES (42, 7)", &[]).await?;
+//! store.push_in(&tx, &Update::new_message(42, SeqSet::single(7)?)).await?;
 //! tx.commit().await?;
 //!
-//! while let Some(update) = rx.recv().await {
-//!     println!("{}", update.to_json());
-//! }
-//! pipe.close().await
+//! let update = updates.recv().await.expect("the update");
+//! assert_eq!(update.to_json(), r#"{"Type":0,"Key":42,"SeqSet":"7"}"#);
+//! store.close().await?;
+//! server.close().await?;
+//! # Ok(())
 //! # }
 //! ```
 //!
