@@ -42,15 +42,15 @@ struct Cli {
 enum Command {
     /// Print every update other senders push, one JSON line each, until interrupted.
     ///
-    /// Example: updatepipe listen --channel imap_updates
-    ///
     /// Connection events (connected, disconnected, resync) go to standard error. With
     /// --durable, updates pushed durably are never lost: after a disconnect the listener
     /// replays them from the log.
     ///
     /// Examples:
+    ///   updatepipe listen --channel imap_updates
     ///   updatepipe listen --pretty --key 42 --type new --type expunge
-    ///   updatepipe listen --durable > updates.jsonl
+    ///   updatepipe listen --durable --since 10m > updates.jsonl
+    #[command(verbatim_doc_comment)]
     Listen {
         /// Durable delivery (applies the migrations it needs first).
         #[arg(long)]
@@ -84,6 +84,7 @@ enum Command {
     ///   updatepipe push '{"Type":0,"Key":42,"SeqSet":"7"}'
     ///   printf '%s\n' '{"Type":2,"Key":42,"SeqSet":"3:5"}' '{"Type":3,"Key":7}' | updatepipe push
     ///   updatepipe push --type flags --key 42 --uid 17 --flag '\Seen'
+    #[command(verbatim_doc_comment)]
     Push {
         /// Durable delivery: also write the updates to the log (applies the migrations it
         /// needs first).
@@ -119,6 +120,7 @@ enum Command {
     /// Apply updatepipe's schema migrations (safe to repeat).
     ///
     /// Example: updatepipe migrate --dry-run
+    #[command(verbatim_doc_comment)]
     Migrate {
         /// List the migrations that would be applied, and apply none.
         #[arg(long)]
@@ -130,12 +132,16 @@ enum Command {
     /// notification queue, the durable log and the schema version.
     ///
     /// Example: updatepipe status --url postgres://mail@db/mail
+    #[command(verbatim_doc_comment)]
     Status,
 
     /// Show two nodes and an admin tool exchanging updates through PostgreSQL.
     ///
     /// Uses --url or DATABASE_URL when given; otherwise starts a throwaway PostgreSQL
     /// cluster from the local installation and removes it afterwards.
+    ///
+    /// Example: updatepipe demo
+    #[command(verbatim_doc_comment)]
     Demo,
 
     /// Measure throughput and latency, side by side with a raw tokio-postgres baseline.
@@ -145,6 +151,7 @@ enum Command {
     /// Examples:
     ///   updatepipe bench
     ///   updatepipe bench --scale 0.2 --json
+    #[command(verbatim_doc_comment)]
     Bench(bench::BenchArgs),
 }
 
