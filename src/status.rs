@@ -1,6 +1,7 @@
 //! What an operator asks first: which server, primary or standby, does LISTEN work through
 //! this connection, how full is the notification queue, how big is the durable log.
 
+use std::collections::HashSet;
 use std::future::poll_fn;
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use tokio_postgres::AsyncMessage;
 use crate::channel::quote_identifier;
 use crate::config::Config;
 use crate::connect::connect;
+use crate::envelope::Envelope;
 use crate::error::Error;
 use crate::migrate::MIGRATION_TABLE;
 
@@ -28,6 +30,10 @@ pub struct Status {
     pub listen_works: Option<bool>,
     /// `pg_notification_queue_usage()`, from 0 to 1.
     pub queue_usage: f64,
+    /// updatepipe listeners on the channel, counted by the heartbeats heard during one
+    /// heartbeat period of this configuration (half its health interval); `None` on a
+    /// standby. Listeners with a longer health interval, or none, may be missed.
+    pub listeners: Option<usize>,
     /// The newest migration applied (`None`: not migrated).
     pub schema_version: Option<i64>,
     /// Entries in the durable log for this pipe's channel (`None`: not migrated).
@@ -76,10 +82,11 @@ pub(crate) async fn status(config: &Config) -> Result<Status, Error> {
     } else {
         (None, None)
     };
-    let listen_works = if in_recovery {
-        None
+    let (listen_works, listeners) = if in_recovery {
+        (None, None)
     } else {
-        Some(listen_probe(config, &client).await?)
+        let (works, listeners) = listen_probe(config, &client).await?;
+        (Some(works), Some(listeners))
     };
     drop(client);
     let _ = task.await;
@@ -88,18 +95,28 @@ pub(crate) async fn status(config: &Config) -> Result<Status, Error> {
         in_recovery,
         listen_works,
         queue_usage,
+        listeners,
         schema_version,
         log_entries,
         oldest_log_entry_secs,
     })
 }
 
-/// LISTENs on a fresh random channel on one connection, NOTIFYs it from `other`, and says
-/// whether the notification arrived within two seconds.
-async fn listen_probe(config: &Config, other: &tokio_postgres::Client) -> Result<bool, Error> {
+/// LISTENs on a fresh random channel and on the pipe's channel on one connection, NOTIFYs
+/// the first from `other`, and says whether that notification arrived within two seconds;
+/// also counts the distinct listeners whose heartbeats arrive on the pipe's channel within
+/// one heartbeat period.
+async fn listen_probe(
+    config: &Config,
+    other: &tokio_postgres::Client,
+) -> Result<(bool, usize), Error> {
     let channel = format!("updatepipe_probe_{:016x}", rand::random::<u64>());
     let (client, mut connection) = connect(config).await?;
-    let sql = format!("LISTEN {}", quote_identifier(&channel));
+    let sql = format!(
+        "LISTEN {}; LISTEN {}",
+        quote_identifier(&channel),
+        config.channel().quoted()
+    );
     {
         let mut listen = std::pin::pin!(client.batch_execute(&sql));
         // Drive the connection until LISTEN is confirmed.
@@ -114,24 +131,39 @@ async fn listen_probe(config: &Config, other: &tokio_postgres::Client) -> Result
             }
         }
     }
+    let started = tokio::time::Instant::now();
     other
         .execute("SELECT pg_notify($1, 'probe')", &[&channel])
         .await?;
-    let arrived = tokio::time::timeout(Duration::from_secs(2), async {
+    let period = config.health_interval() / 2 + Duration::from_millis(500);
+    let mut arrived = false;
+    let mut origins = HashSet::new();
+    let _ = tokio::time::timeout(period.max(Duration::from_secs(2)), async {
         loop {
             match poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(n))) if n.channel() == channel => return true,
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if n.channel() == channel {
+                        arrived = true;
+                    } else if let Ok(envelope) = Envelope::decode(n.payload())
+                        && envelope.is_heartbeat()
+                    {
+                        origins.insert(envelope.origin().clone());
+                    }
+                }
                 Some(Ok(_)) => {}
-                _ => return false,
+                _ => return,
+            }
+            // No need to wait out the period when LISTEN does not work at all.
+            if !arrived && started.elapsed() >= Duration::from_secs(2) {
+                return;
             }
         }
     })
-    .await
-    .unwrap_or(false);
+    .await;
     drop(client);
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         while let Some(Ok(_)) = poll_fn(|cx| connection.poll_message(cx)).await {}
     })
     .await;
-    Ok(arrived)
+    Ok((arrived, origins.len()))
 }

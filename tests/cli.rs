@@ -305,3 +305,34 @@ fn push_from_options_and_a_filtered_pretty_listener() {
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("exactly one UID"));
 }
+
+#[test]
+fn bench_runs_every_row_and_reports_json() {
+    let output = run(&["bench", "--scale", "0.005", "--rounds", "1", "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let rows = report["rows"].as_array().expect("rows");
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    for expected in [
+        "raw sequential",
+        "raw batched 100/tx",
+        "pipe, 1 pusher",
+        "pipe, 256 pushers",
+        "durable, 256 pushers",
+        "pipe latency @1,000/s",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    for row in rows {
+        assert!(row["updates_per_sec"].as_f64().unwrap() > 0.0, "{row}");
+        if row["name"].as_str().unwrap().starts_with("pipe, ") {
+            assert!(row["ratio"].as_f64().unwrap() > 0.0, "{row}");
+        }
+        if row["name"].as_str().unwrap().contains("latency") {
+            assert!(row["latency_us"]["p99"].as_u64().unwrap() > 0, "{row}");
+        }
+    }
+}

@@ -522,6 +522,9 @@ fn print_status(pipe: &PgPipe, status: &updatepipe::Status) {
         None => println!("LISTEN works        unknown (cannot NOTIFY on a standby)"),
     }
     println!("queue usage         {:.6} %", status.queue_usage * 100.0);
+    if let Some(n) = status.listeners {
+        println!("listeners           {n} on this channel (heard by their heartbeats)");
+    }
     println!("channel             {}", pipe.config().channel());
     match status.schema_version {
         Some(v) => println!(
