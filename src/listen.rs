@@ -16,6 +16,7 @@ use futures_util::future::{BoxFuture, Fuse, FusedFuture};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, Client, Notification, Row};
 
 use crate::config::Config;
@@ -181,6 +182,7 @@ impl Listener {
         origin: Origin,
         sink: Sink,
         counters: Arc<Counters>,
+        heartbeat_pool: deadpool_postgres::Pool,
     ) -> Result<Listener, Error> {
         let durable = config.durable();
         let (session, cursor) = Session::open(config, durable).await?;
@@ -202,6 +204,7 @@ impl Listener {
             heard_best_effort: false,
             fetches: VecDeque::new(),
             heartbeat_seq: 0,
+            heartbeat_pool,
             outstanding: None,
             next_heartbeat: Instant::now() + config.health_interval() / 2,
             next_prune: Instant::now(),
@@ -250,14 +253,20 @@ impl Session {
         let mut backlog = VecDeque::new();
         let after = config.connect_timeout();
         let setup = async {
-            let recovery = client.query_one("SELECT pg_is_in_recovery()", &[]).await?;
+            let recovery = client
+                .query_typed_one("SELECT pg_is_in_recovery()", &[])
+                .await?;
             if recovery.get::<_, bool>(0) {
                 return Err(Error::Standby);
             }
             let cursor = if want_cursor {
                 let channel = config.channel().as_str();
                 let row = match config.since() {
-                    None => client.query_one(CURSOR_SQL, &[&channel]).await?,
+                    None => {
+                        client
+                            .query_typed_one(CURSOR_SQL, &[(&channel, Type::TEXT)])
+                            .await?
+                    }
                     Some(since) => {
                         let (position, time): (Option<i64>, f64) = match since {
                             Since::Position(id) => (Some(id), 0.0),
@@ -268,7 +277,14 @@ impl Session {
                             ),
                         };
                         client
-                            .query_one(CURSOR_SINCE_SQL, &[&channel, &position, &time])
+                            .query_typed_one(
+                                CURSOR_SINCE_SQL,
+                                &[
+                                    (&channel, Type::TEXT),
+                                    (&position, Type::INT8),
+                                    (&time, Type::FLOAT8),
+                                ],
+                            )
                             .await?
                     }
                 };
@@ -348,6 +364,7 @@ enum QueryOutcome {
     Tail(Result<Vec<Row>, tokio_postgres::Error>),
     Fetch(Result<Option<String>, tokio_postgres::Error>),
     Heartbeat(Result<u64, tokio_postgres::Error>),
+    HeartbeatUnsent(String),
     Prune(Result<u64, tokio_postgres::Error>),
     TimedOut(Duration),
 }
@@ -400,6 +417,8 @@ struct Task {
     /// Oversize envelopes to fetch from the log, in delivery order.
     fetches: VecDeque<(Origin, u64)>,
     heartbeat_seq: u64,
+    /// Where heartbeats are sent from: the pipe's pool.
+    heartbeat_pool: deadpool_postgres::Pool,
     /// The heartbeat sent and not yet back: its number and when it was sent.
     outstanding: Option<(u64, Instant)>,
     next_heartbeat: Instant,
@@ -563,7 +582,7 @@ impl Task {
                     query.set(next.fuse());
                 }
                 if heartbeat.is_terminated()
-                    && let Some(next) = self.next_heartbeat(client)
+                    && let Some(next) = self.next_heartbeat()
                 {
                     heartbeat.set(next.fuse());
                 }
@@ -630,8 +649,12 @@ impl Task {
     }
 
     /// The next heartbeat, when one is due: it has a slot of its own, so that a slow
-    /// query never delays the proof that the connection works.
-    fn next_heartbeat<'c>(&mut self, client: &'c Client) -> Option<BoxFuture<'c, QueryOutcome>> {
+    /// query never delays the proof that the connection works. It is sent from another
+    /// connection (the pipe's pool), as every other update is, so its coming back proves
+    /// what matters: a notification committed elsewhere reaches this listener. (Sent on
+    /// the listener's own connection through a transaction-pooling proxy, it could come
+    /// back while nothing else does.)
+    fn next_heartbeat<'c>(&mut self) -> Option<BoxFuture<'c, QueryOutcome>> {
         let now = Instant::now();
         let health = self.config.health_interval();
         if !health.is_zero() && self.outstanding.is_none() && now >= self.next_heartbeat {
@@ -641,11 +664,22 @@ impl Task {
             self.next_heartbeat = now + health / 2;
             let payload = self.packer.heartbeat(seq);
             let channel = self.channel.clone();
+            let pool = self.heartbeat_pool.clone();
             return Some(
                 async move {
+                    let client = match pool.get().await {
+                        Ok(client) => client,
+                        // No connection to send it: it will not come back, and the listener
+                        // treats its connection as dead when the time is up, as it must
+                        // when the server cannot be reached.
+                        Err(e) => return QueryOutcome::HeartbeatUnsent(e.to_string()),
+                    };
                     QueryOutcome::Heartbeat(
                         client
-                            .execute("SELECT pg_notify($1, $2)", &[&channel, &payload])
+                            .execute_typed(
+                                "SELECT pg_notify($1, $2)",
+                                &[(&channel, Type::TEXT), (&payload, Type::TEXT)],
+                            )
                             .await,
                     )
                 }
@@ -684,9 +718,14 @@ impl Task {
                 async move {
                     QueryOutcome::Tail(
                         client
-                            .query(
+                            .query_typed(
                                 TAIL_SQL,
-                                &[&channel, &cursor.snapshot, &cursor.max_id, &cursor.read_at],
+                                &[
+                                    (&channel, Type::TEXT),
+                                    (&cursor.snapshot, Type::TEXT),
+                                    (&cursor.max_id, Type::INT8),
+                                    (&cursor.read_at, Type::FLOAT8),
+                                ],
                             )
                             .await,
                     )
@@ -699,7 +738,14 @@ impl Task {
             return Some(
                 async move {
                     let row = client
-                        .query_opt(FETCH_SQL, &[&channel, &origin.as_str(), &(seq as i64)])
+                        .query_typed_opt(
+                            FETCH_SQL,
+                            &[
+                                (&channel, Type::TEXT),
+                                (&origin.as_str(), Type::TEXT),
+                                (&(seq as i64), Type::INT8),
+                            ],
+                        )
                         .await;
                     QueryOutcome::Fetch(row.map(|r| r.map(|r| r.get(0))))
                 }
@@ -714,7 +760,14 @@ impl Task {
             let seconds = retention.as_secs_f64();
             return Some(
                 async move {
-                    QueryOutcome::Prune(client.execute(PRUNE_SQL, &[&channel, &seconds]).await)
+                    QueryOutcome::Prune(
+                        client
+                            .execute_typed(
+                                PRUNE_SQL,
+                                &[(&channel, Type::TEXT), (&seconds, Type::FLOAT8)],
+                            )
+                            .await,
+                    )
                 }
                 .boxed(),
             );
@@ -734,6 +787,10 @@ impl Task {
                 Ok(())
             }
             QueryOutcome::Prune(Ok(_)) => Ok(()),
+            QueryOutcome::HeartbeatUnsent(reason) => {
+                tracing::debug!(target: TARGET, %reason, "no connection to send a heartbeat");
+                Ok(())
+            }
             QueryOutcome::TimedOut(limit) => Err(format!(
                 "a query did not answer within {limit:?}: the connection is dead"
             )),

@@ -41,7 +41,10 @@ impl MigrationInfo {
 pub(crate) async fn migrate(config: &Config) -> Result<Vec<MigrationInfo>, Error> {
     let (mut client, connection) = connect_spawned(config).await?;
     client
-        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .execute_typed(
+            "SELECT pg_advisory_lock($1)",
+            &[(&MIGRATION_LOCK, tokio_postgres::types::Type::INT8)],
+        )
         .await?;
     let report = embedded::migrations::runner()
         .set_migration_table_name(MIGRATION_TABLE)
@@ -49,7 +52,10 @@ pub(crate) async fn migrate(config: &Config) -> Result<Vec<MigrationInfo>, Error
         .await;
     // Dropping the session releases the lock too; unlock explicitly to be prompt.
     let unlocked = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .execute_typed(
+            "SELECT pg_advisory_unlock($1)",
+            &[(&MIGRATION_LOCK, tokio_postgres::types::Type::INT8)],
+        )
         .await;
     drop(client);
     let _ = connection.await;

@@ -221,6 +221,7 @@ impl PgPipe {
             self.inner.origin.clone(),
             sink,
             self.inner.counters.clone(),
+            self.inner.pusher.pool(),
         )
         .await;
         match started {

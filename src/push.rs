@@ -20,6 +20,7 @@ use deadpool_postgres::{
 };
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, NoTls};
 
 use crate::config::Config;
@@ -137,8 +138,7 @@ impl Pusher {
         let shared = &self.shared;
         tokio::time::timeout(shared.timeout, async {
             let client = shared.checkout().await?;
-            client.prepare_cached(NOTIFY_ONE).await?;
-            client.prepare_cached(NOTIFY_MANY).await?;
+            client.execute_typed("SELECT 1", &[]).await?;
             Ok(())
         })
         .await
@@ -211,18 +211,27 @@ impl Pusher {
         let channel = self.shared.channel.as_str();
         if self.shared.durable {
             let (seqs, logged, notes) = self.shared.durable_parts(&payloads, marks);
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            let params: [&(dyn ToSql + Sync); 5] =
                 [&channel, &self.shared.origin, &seqs, &logged, &notes];
-            client.execute(LOG_AND_NOTIFY, &params).await?;
+            client
+                .execute_typed(LOG_AND_NOTIFY, &typed(&params, &LOG_TYPES))
+                .await?;
         } else {
             let notes: Vec<&str> = payloads.iter().map(|(_, p)| p.as_str()).collect();
             match notes.as_slice() {
                 [] => {}
                 [payload] => {
-                    client.execute(NOTIFY_ONE, &[&channel, payload]).await?;
+                    client
+                        .execute_typed(NOTIFY_ONE, &[(&channel, Type::TEXT), (payload, Type::TEXT)])
+                        .await?;
                 }
                 notes => {
-                    client.execute(NOTIFY_MANY, &[&channel, &notes]).await?;
+                    client
+                        .execute_typed(
+                            NOTIFY_MANY,
+                            &[(&channel, Type::TEXT), (&notes, Type::TEXT_ARRAY)],
+                        )
+                        .await?;
                 }
             }
         }
@@ -230,12 +239,17 @@ impl Pusher {
         Ok(())
     }
 
+    /// The pool (the listener sends its heartbeats through it).
+    pub(crate) fn pool(&self) -> Pool {
+        self.shared.pool.clone()
+    }
+
     /// Runs a one-value query on a pooled connection.
     pub(crate) async fn query_f64(&self, sql: &str) -> Result<f64, Error> {
         let shared = &self.shared;
         tokio::time::timeout(shared.timeout, async {
             let client = shared.checkout().await?;
-            Ok(client.query_one(sql, &[]).await?.get(0))
+            Ok(client.query_typed_one(sql, &[]).await?.get(0))
         })
         .await
         .unwrap_or(Err(Error::Timeout {
@@ -439,22 +453,26 @@ impl Shared {
         let mut guard = Discard(Some(client));
         let client = guard.0.as_ref().expect("a client");
         let channel = self.channel.as_str();
+        // Unnamed statements with their types given: no prepared statement outlives the
+        // transaction, so pushes also work through a transaction-pooling proxy.
         let sent = if self.durable {
             let (seqs, logged, notes) = self.durable_parts(payloads, marks);
-            let statement = client.prepare_cached(LOG_AND_NOTIFY).await?;
+            let params: [&(dyn ToSql + Sync); 5] = [&channel, &self.origin, &seqs, &logged, &notes];
             client
-                .execute(
-                    &statement,
-                    &[&channel, &self.origin, &seqs, &logged, &notes],
-                )
+                .execute_typed(LOG_AND_NOTIFY, &typed(&params, &LOG_TYPES))
                 .await
         } else if let [(_, payload)] = payloads {
-            let statement = client.prepare_cached(NOTIFY_ONE).await?;
-            client.execute(&statement, &[&channel, payload]).await
+            client
+                .execute_typed(NOTIFY_ONE, &[(&channel, Type::TEXT), (payload, Type::TEXT)])
+                .await
         } else {
             let notes: Vec<&str> = payloads.iter().map(|(_, p)| p.as_str()).collect();
-            let statement = client.prepare_cached(NOTIFY_MANY).await?;
-            client.execute(&statement, &[&channel, &notes]).await
+            client
+                .execute_typed(
+                    NOTIFY_MANY,
+                    &[(&channel, Type::TEXT), (&notes, Type::TEXT_ARRAY)],
+                )
+                .await
         };
         match sent {
             Ok(_) => {
@@ -534,4 +552,21 @@ impl Drop for Discard {
             drop(Object::take(client));
         }
     }
+}
+
+/// The parameter types of `LOG_AND_NOTIFY`.
+const LOG_TYPES: [Type; 5] = [
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT8_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+];
+
+/// Pairs parameters with their types, for the unnamed typed statements.
+fn typed<'a>(
+    params: &[&'a (dyn ToSql + Sync); 5],
+    types: &[Type; 5],
+) -> [(&'a (dyn ToSql + Sync), Type); 5] {
+    std::array::from_fn(|i| (params[i], types[i].clone()))
 }

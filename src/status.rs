@@ -6,6 +6,7 @@ use std::future::poll_fn;
 use std::time::Duration;
 
 use tokio_postgres::AsyncMessage;
+use tokio_postgres::types::Type;
 
 use crate::channel::quote_identifier;
 use crate::config::Config;
@@ -47,11 +48,11 @@ pub(crate) async fn status(config: &Config) -> Result<Status, Error> {
     let (client, connection) = connect(config).await?;
     let task = tokio::spawn(connection);
     let row = client
-        .query_one(
+        .query_typed_one(
             "SELECT current_setting('server_version'), pg_is_in_recovery(), \
                     pg_notification_queue_usage()::float8, \
                     to_regclass($1) IS NOT NULL, to_regclass('updatepipe.log') IS NOT NULL",
-            &[&format!("public.{MIGRATION_TABLE}")],
+            &[(&format!("public.{MIGRATION_TABLE}"), Type::TEXT)],
         )
         .await?;
     let server_version: String = row.get(0);
@@ -61,7 +62,7 @@ pub(crate) async fn status(config: &Config) -> Result<Status, Error> {
     let has_log: bool = row.get(4);
     let schema_version = if migrated {
         client
-            .query_one(
+            .query_typed_one(
                 &format!("SELECT max(version)::int8 FROM public.{MIGRATION_TABLE}"),
                 &[],
             )
@@ -72,10 +73,10 @@ pub(crate) async fn status(config: &Config) -> Result<Status, Error> {
     };
     let (log_entries, oldest_log_entry_secs) = if has_log {
         let row = client
-            .query_one(
+            .query_typed_one(
                 "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 \
                  FROM updatepipe.log WHERE channel = $1",
-                &[&config.channel().as_str()],
+                &[(&config.channel().as_str(), Type::TEXT)],
             )
             .await?;
         (Some(row.get(0)), row.get(1))
@@ -133,7 +134,7 @@ async fn listen_probe(
     }
     let started = tokio::time::Instant::now();
     other
-        .execute("SELECT pg_notify($1, 'probe')", &[&channel])
+        .execute_typed("SELECT pg_notify($1, 'probe')", &[(&channel, Type::TEXT)])
         .await?;
     let period = config.health_interval() / 2 + Duration::from_millis(500);
     let mut arrived = false;

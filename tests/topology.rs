@@ -117,4 +117,50 @@ async fn status_reports_a_transaction_pooling_proxy() {
     );
     assert!(stdout.contains("LISTEN works        NO"), "{stdout}");
     assert!(stdout.contains("transaction-pooling proxy"), "{stdout}");
+
+    // Pushes do work through transaction pooling (no prepared statement outlives its
+    // transaction), concurrently too; a direct listener receives them all.
+    let channel = unique("pooled");
+    let direct = config(cluster.port()).with_channel(ChannelName::new(&channel).unwrap());
+    let listener = PgPipe::new(direct).unwrap();
+    let (tx, mut rx) = mpsc::channel(1000);
+    listener.listen(tx).await.unwrap();
+    let through = config(transaction.port()).with_channel(ChannelName::new(&channel).unwrap());
+    let pusher = std::sync::Arc::new(PgPipe::new(through.clone()).unwrap());
+    let mut tasks = Vec::new();
+    for key in 0..20u64 {
+        let pusher = pusher.clone();
+        tasks.push(tokio::spawn(async move {
+            for uid in 1..=10 {
+                let update =
+                    updatepipe::Update::new_message(key, updatepipe::SeqSet::single(uid).unwrap());
+                pusher.push(&update).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(support::receive_exactly(&mut rx, 200).await.len(), 200);
+
+    // A listener through it is not silently deaf: its heartbeat, sent from another
+    // connection, never comes back, and it says so.
+    let deaf = PgPipe::new(through.with_health_interval(Duration::from_secs(1))).unwrap();
+    let (tx, mut events) = mpsc::channel(100);
+    deaf.listen_events(tx).await.unwrap();
+    let disconnected = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(event) = events.recv().await {
+            if let updatepipe::Event::Disconnected { reason } = event {
+                return reason;
+            }
+        }
+        String::new()
+    })
+    .await
+    .expect("a listener behind transaction pooling reports that it is deaf");
+    assert!(disconnected.contains("heartbeat"), "{disconnected}");
+    for pipe in [deaf, listener] {
+        pipe.close().await.unwrap();
+    }
+    pusher.close().await.unwrap();
 }
