@@ -11,7 +11,7 @@
 //! when the transaction holding its updates has committed, with that transaction's outcome.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use deadpool_postgres::{
 };
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, NoTls};
 
@@ -57,6 +58,9 @@ struct Shared {
     origin: String,
     durable: bool,
     packer: Packer,
+    /// Send unnamed statements (set for good once prepared ones fail: a transaction-pooling
+    /// proxy).
+    unnamed: AtomicBool,
     /// Numbers for pool pushes: consecutive, and committed in order (one flush at a time),
     /// so a listener that sees one skipped knows it missed something.
     seq: AtomicU64,
@@ -123,6 +127,7 @@ impl Pusher {
             packer: Packer::new(&origin, std::process::id()),
             seq: AtomicU64::new(1),
             tx_seq: AtomicU64::new(TRANSACTIONAL_SEQ_BASE),
+            unnamed: AtomicBool::new(false),
             timeout: config.push_timeout(),
             max_batch: config.max_batch(),
             max_batch_wait: config.max_batch_wait(),
@@ -452,28 +457,28 @@ impl Shared {
         }
         let mut guard = Discard(Some(client));
         let client = guard.0.as_ref().expect("a client");
-        let channel = self.channel.as_str();
-        // Unnamed statements with their types given: no prepared statement outlives the
-        // transaction, so pushes also work through a transaction-pooling proxy.
-        let sent = if self.durable {
-            let (seqs, logged, notes) = self.durable_parts(payloads, marks);
-            let params: [&(dyn ToSql + Sync); 5] = [&channel, &self.origin, &seqs, &logged, &notes];
-            client
-                .execute_typed(LOG_AND_NOTIFY, &typed(&params, &LOG_TYPES))
-                .await
-        } else if let [(_, payload)] = payloads {
-            client
-                .execute_typed(NOTIFY_ONE, &[(&channel, Type::TEXT), (payload, Type::TEXT)])
-                .await
-        } else {
-            let notes: Vec<&str> = payloads.iter().map(|(_, p)| p.as_str()).collect();
-            client
-                .execute_typed(
-                    NOTIFY_MANY,
-                    &[(&channel, Type::TEXT), (&notes, Type::TEXT_ARRAY)],
-                )
-                .await
-        };
+        let mut sent = self
+            .execute(
+                client,
+                payloads,
+                marks,
+                self.unnamed.load(Ordering::Relaxed),
+            )
+            .await;
+        if let Err(e) = &sent
+            && !self.unnamed.load(Ordering::Relaxed)
+            && matches!(
+                e.code(),
+                Some(&SqlState::DUPLICATE_PSTATEMENT | &SqlState::INVALID_SQL_STATEMENT_NAME)
+            )
+        {
+            // Prepared statements do not survive between transactions here: a
+            // transaction-pooling proxy. Nothing was executed (the statement could not be
+            // prepared or found); send unnamed statements from now on.
+            tracing::warn!(target: TARGET, "prepared statements do not last on this connection (a transaction-pooling proxy?): using unnamed statements");
+            self.unnamed.store(true, Ordering::Relaxed);
+            sent = self.execute(client, payloads, marks, true).await;
+        }
         match sent {
             Ok(_) => {
                 // Back to the pool.
@@ -488,6 +493,49 @@ impl Shared {
                 Err(Error::Postgres(e))
             }
         }
+    }
+
+    /// Runs a batch's one statement: prepared and cached on the connection (the fast way),
+    /// or `unnamed`, with its parameter types, which no transaction-pooling proxy breaks.
+    async fn execute(
+        &self,
+        client: &Object,
+        payloads: &[(u64, String)],
+        marks: Marks,
+        unnamed: bool,
+    ) -> Result<u64, tokio_postgres::Error> {
+        let channel = self.channel.as_str();
+        if self.durable {
+            let (seqs, logged, notes) = self.durable_parts(payloads, marks);
+            let params: [&(dyn ToSql + Sync); 5] = [&channel, &self.origin, &seqs, &logged, &notes];
+            if unnamed {
+                return client
+                    .execute_typed(LOG_AND_NOTIFY, &typed(&params, &LOG_TYPES))
+                    .await;
+            }
+            let statement = client.prepare_cached(LOG_AND_NOTIFY).await?;
+            return client.execute(&statement, &params).await;
+        }
+        if let [(_, payload)] = payloads {
+            if unnamed {
+                return client
+                    .execute_typed(NOTIFY_ONE, &[(&channel, Type::TEXT), (payload, Type::TEXT)])
+                    .await;
+            }
+            let statement = client.prepare_cached(NOTIFY_ONE).await?;
+            return client.execute(&statement, &[&channel, payload]).await;
+        }
+        let notes: Vec<&str> = payloads.iter().map(|(_, p)| p.as_str()).collect();
+        if unnamed {
+            return client
+                .execute_typed(
+                    NOTIFY_MANY,
+                    &[(&channel, Type::TEXT), (&notes, Type::TEXT_ARRAY)],
+                )
+                .await;
+        }
+        let statement = client.prepare_cached(NOTIFY_MANY).await?;
+        client.execute(&statement, &[&channel, &notes]).await
     }
 
     /// A durable batch's parameters: the numbers and envelopes for the log, and the
