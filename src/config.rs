@@ -317,9 +317,11 @@ impl Config {
         self
     }
 
-    /// Durable mode: replay the log from this point before the live updates, instead of
-    /// starting from now. The entries still in the log (see the retention) are delivered
-    /// once, in log order, then everything after them as usual.
+    /// Durable mode only (ignored otherwise): replay the log from this point before the live
+    /// updates, instead of starting from now. The entries still in the log (see the
+    /// retention) are delivered once, in log order, then everything after them as usual.
+    /// A time is approximate: the log is entered at the last entry whose transaction
+    /// started before it.
     pub fn with_since(mut self, since: Since) -> Self {
         self.since = Some(since);
         self

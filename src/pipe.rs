@@ -149,7 +149,10 @@ impl PgPipe {
     /// The server's status as this pipe sees it: version, primary or standby, whether
     /// LISTEN works through this connection (it does not through a transaction-pooling
     /// proxy), notification queue usage, schema version and durable log size.
+    /// `listeners` counts the listeners heard by their heartbeats during one heartbeat
+    /// period of this configuration.
     pub async fn status(&self) -> Result<crate::Status, Error> {
+        self.check_open()?;
         crate::status::status(&self.inner.config).await
     }
 
