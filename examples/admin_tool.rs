@@ -10,19 +10,13 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
-use updatepipe::cluster::TempCluster;
-use updatepipe::{ChannelName, Config, Flag, PgPipe, Update, UpdatePipe};
+use updatepipe::cluster::env_or_temp;
+use updatepipe::{ChannelName, Flag, PgPipe, Update, UpdatePipe};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // DATABASE_URL when set, otherwise a private cluster (initdb is blocking).
-    let (base, cluster) = match std::env::var("DATABASE_URL") {
-        Ok(url) => (Config::from_url(&url)?, None),
-        Err(_) => {
-            let cluster = tokio::task::spawn_blocking(TempCluster::start).await??;
-            (cluster.config(), Some(cluster))
-        }
-    };
+    // The environment's database (DATABASE_URL, PG*), else a private cluster (blocking).
+    let (base, cluster) = tokio::task::spawn_blocking(env_or_temp).await??;
     let suffix = format!("{:08x}", rand::random::<u32>());
     let config = base.with_channel(ChannelName::new(format!("admin_tool_{suffix}"))?);
 

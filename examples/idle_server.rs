@@ -11,10 +11,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::timeout;
-use updatepipe::cluster::TempCluster;
-use updatepipe::{
-    ChannelName, Config, Event, MailboxKey, PgPipe, SeqSet, Update, UpdateKind, UpdatePipe,
-};
+use updatepipe::cluster::env_or_temp;
+use updatepipe::{ChannelName, Event, MailboxKey, PgPipe, SeqSet, Update, UpdateKind, UpdatePipe};
 
 /// What the router tells an IDLE session.
 enum ToSession {
@@ -24,13 +22,8 @@ enum ToSession {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let (base, cluster) = match std::env::var("DATABASE_URL") {
-        Ok(url) => (Config::from_url(&url)?, None),
-        Err(_) => {
-            let cluster = tokio::task::spawn_blocking(TempCluster::start).await??;
-            (cluster.config(), Some(cluster))
-        }
-    };
+    // The environment's database (DATABASE_URL, PG*), else a private cluster (blocking).
+    let (base, cluster) = tokio::task::spawn_blocking(env_or_temp).await??;
     let suffix = format!("{:08x}", rand::random::<u32>());
     let config = base.with_channel(ChannelName::new(format!("idle_server_{suffix}"))?);
     // The server's pipe only listens, so its one connection is the listener's: a unique

@@ -9,22 +9,16 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_postgres::{Client, NoTls};
-use updatepipe::cluster::TempCluster;
-use updatepipe::{ChannelName, Config, PgPipe, SeqSet, Update, UpdatePipe};
+use updatepipe::cluster::env_or_temp;
+use updatepipe::{ChannelName, PgPipe, SeqSet, Update, UpdatePipe};
 
 /// The mailbox every message of this example goes to.
 const INBOX: u64 = 42;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // DATABASE_URL when set, otherwise a private cluster (initdb is blocking).
-    let (base, cluster) = match std::env::var("DATABASE_URL") {
-        Ok(url) => (Config::from_url(&url)?, None),
-        Err(_) => {
-            let cluster = tokio::task::spawn_blocking(TempCluster::start).await??;
-            (cluster.config(), Some(cluster))
-        }
-    };
+    // The environment's database (DATABASE_URL, PG*), else a private cluster (blocking).
+    let (base, cluster) = tokio::task::spawn_blocking(env_or_temp).await??;
     // A channel of our own, so that the example never disturbs real listeners.
     let channel = ChannelName::new(format!("mail_store_{:08x}", rand::random::<u32>()))?;
     let config = base.with_channel(channel);

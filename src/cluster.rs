@@ -34,6 +34,18 @@ pub struct TempCluster {
     running: bool,
 }
 
+/// A database for a program that should just work: the one the environment names
+/// (`DATABASE_URL`, `PGHOST`, `PGHOSTADDR`), otherwise a fresh [`TempCluster`], returned
+/// so that it lives as long as the caller keeps it. Starting a cluster blocks: from async
+/// code, call it in `spawn_blocking`. The demo, the benchmark and the examples use it.
+pub fn env_or_temp() -> Result<(Config, Option<TempCluster>), Error> {
+    if Config::env_names_database() {
+        return Ok((Config::from_env()?, None));
+    }
+    let cluster = TempCluster::start()?;
+    Ok((cluster.config(), Some(cluster)))
+}
+
 /// Options for a [`TempCluster`].
 #[derive(Clone, Debug, Default)]
 pub struct TempClusterBuilder {

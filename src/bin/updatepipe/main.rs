@@ -9,7 +9,7 @@ mod demo;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::sync::mpsc;
-use updatepipe::cluster::TempCluster;
+use updatepipe::cluster::{TempCluster, env_or_temp};
 use updatepipe::{
     ChannelName, Config, Error, Event, Flag, MailboxKey, PgPipe, SeqSet, Since, Update, UpdateKind,
     UpdatePipe, embedded_migrations,
@@ -382,16 +382,20 @@ fn config(url: Option<&str>) -> Result<Config, Error> {
 /// The database for the demo and the benchmark: --url, else the environment when it names
 /// one, else a throwaway cluster (returned, so it lives as long as the caller keeps it).
 async fn database(url: Option<&str>, what: &str) -> anyhow::Result<(Config, Option<TempCluster>)> {
-    if url.is_some() || Config::env_names_database() {
-        return Ok((config(url)?, None));
+    if let Some(url) = url {
+        return Ok((Config::from_url(url)?, None));
     }
-    eprintln!("No DATABASE_URL: starting a throwaway PostgreSQL cluster...");
-    let cluster = tokio::task::spawn_blocking(TempCluster::start).await??;
-    eprintln!(
-        "  PostgreSQL is up on 127.0.0.1:{} (removed when the {what} ends)",
-        cluster.port()
-    );
-    Ok((cluster.config(), Some(cluster)))
+    if !Config::env_names_database() {
+        eprintln!("No DATABASE_URL: starting a throwaway PostgreSQL cluster...");
+    }
+    let (config, cluster) = tokio::task::spawn_blocking(env_or_temp).await??;
+    if let Some(cluster) = &cluster {
+        eprintln!(
+            "  PostgreSQL is up on 127.0.0.1:{} (removed when the {what} ends)",
+            cluster.port()
+        );
+    }
+    Ok((config, cluster))
 }
 
 /// Which updates `listen` prints.
