@@ -805,9 +805,13 @@ impl Task {
                 Ok(())
             }
             QueryOutcome::Heartbeat(Err(e)) => {
-                Self::fatal_or(&e, "the heartbeat failed")?;
-                // It will not come back; the next one is due in half an interval.
+                // It went out on a pooled connection, not this one (a pooled connection
+                // left over from before a server restart, say): no verdict on this
+                // connection. Send the next one soon, on another pooled connection; if none
+                // can be had, that one stays unanswered and the clock decides.
+                tracing::debug!(target: TARGET, error = %pg_message(&e), "a heartbeat could not be sent; sending another");
                 self.outstanding = None;
+                self.next_heartbeat = Instant::now() + self.config.health_interval() / 10;
                 Ok(())
             }
             QueryOutcome::Tail(Err(e)) => {
