@@ -141,16 +141,13 @@ impl Pusher {
     /// Checks out a connection and proves it works: early errors for `init_push`.
     pub(crate) async fn init(&self) -> Result<(), Error> {
         let shared = &self.shared;
-        tokio::time::timeout(shared.timeout, async {
-            let client = shared.checkout().await?;
-            client.execute_typed("SELECT 1", &[]).await?;
-            Ok(())
-        })
-        .await
-        .unwrap_or(Err(Error::Timeout {
-            what: "preparing to push",
-            after: shared.timeout,
-        }))
+        shared
+            .within("preparing to push", async {
+                let client = shared.checkout().await?;
+                client.execute_typed("SELECT 1", &[]).await?;
+                Ok(())
+            })
+            .await
     }
 
     /// Sends updates through the pool, batched with concurrent pushes; returns once they are
@@ -213,33 +210,10 @@ impl Pusher {
             durable: self.shared.durable,
         };
         let payloads = self.shared.pack(encoded.iter().map(String::as_str), marks);
-        let channel = self.shared.channel.as_str();
-        if self.shared.durable {
-            let (seqs, logged, notes) = self.shared.durable_parts(&payloads, marks);
-            let params: [&(dyn ToSql + Sync); 5] =
-                [&channel, &self.shared.origin, &seqs, &logged, &notes];
-            client
-                .execute_typed(LOG_AND_NOTIFY, &typed(&params, &LOG_TYPES))
-                .await?;
-        } else {
-            let notes: Vec<&str> = payloads.iter().map(|(_, p)| p.as_str()).collect();
-            match notes.as_slice() {
-                [] => {}
-                [payload] => {
-                    client
-                        .execute_typed(NOTIFY_ONE, &[(&channel, Type::TEXT), (payload, Type::TEXT)])
-                        .await?;
-                }
-                notes => {
-                    client
-                        .execute_typed(
-                            NOTIFY_MANY,
-                            &[(&channel, Type::TEXT), (&notes, Type::TEXT_ARRAY)],
-                        )
-                        .await?;
-                }
-            }
-        }
+        // Unnamed: the caller's connection may go through a transaction-pooling proxy.
+        self.shared
+            .execute_unnamed(client, &payloads, marks)
+            .await?;
         self.shared.counters.pushed(updates.len());
         Ok(())
     }
@@ -252,15 +226,12 @@ impl Pusher {
     /// Runs a one-value query on a pooled connection.
     pub(crate) async fn query_f64(&self, sql: &str) -> Result<f64, Error> {
         let shared = &self.shared;
-        tokio::time::timeout(shared.timeout, async {
-            let client = shared.checkout().await?;
-            Ok(client.query_typed_one(sql, &[]).await?.get(0))
-        })
-        .await
-        .unwrap_or(Err(Error::Timeout {
-            what: "querying the server",
-            after: shared.timeout,
-        }))
+        shared
+            .within("querying the server", async {
+                let client = shared.checkout().await?;
+                Ok(client.query_typed_one(sql, &[]).await?.get(0))
+            })
+            .await
     }
 
     fn encode(&self, updates: &[Update]) -> Result<Vec<String>, Error> {
@@ -504,38 +475,66 @@ impl Shared {
         marks: Marks,
         unnamed: bool,
     ) -> Result<u64, tokio_postgres::Error> {
+        if unnamed {
+            let client: &tokio_postgres::Client = client;
+            return self.execute_unnamed(client, payloads, marks).await;
+        }
         let channel = self.channel.as_str();
         if self.durable {
             let (seqs, logged, notes) = self.durable_parts(payloads, marks);
-            let params: [&(dyn ToSql + Sync); 5] = [&channel, &self.origin, &seqs, &logged, &notes];
-            if unnamed {
-                return client
-                    .execute_typed(LOG_AND_NOTIFY, &typed(&params, &LOG_TYPES))
-                    .await;
-            }
             let statement = client.prepare_cached(LOG_AND_NOTIFY).await?;
-            return client.execute(&statement, &params).await;
+            return client
+                .execute(
+                    &statement,
+                    &[&channel, &self.origin, &seqs, &logged, &notes],
+                )
+                .await;
         }
         if let [(_, payload)] = payloads {
-            if unnamed {
-                return client
-                    .execute_typed(NOTIFY_ONE, &[(&channel, Type::TEXT), (payload, Type::TEXT)])
-                    .await;
-            }
             let statement = client.prepare_cached(NOTIFY_ONE).await?;
             return client.execute(&statement, &[&channel, payload]).await;
         }
         let notes: Vec<&str> = payloads.iter().map(|(_, p)| p.as_str()).collect();
-        if unnamed {
-            return client
-                .execute_typed(
-                    NOTIFY_MANY,
-                    &[(&channel, Type::TEXT), (&notes, Type::TEXT_ARRAY)],
-                )
-                .await;
-        }
         let statement = client.prepare_cached(NOTIFY_MANY).await?;
         client.execute(&statement, &[&channel, &notes]).await
+    }
+
+    /// The same statements, unnamed and with their parameter types given, on any client
+    /// (the pool's, or the caller's in `push_in`): no transaction-pooling proxy breaks
+    /// them. Nothing to send is no statement.
+    async fn execute_unnamed<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        payloads: &[(u64, String)],
+        marks: Marks,
+    ) -> Result<u64, tokio_postgres::Error> {
+        if payloads.is_empty() {
+            return Ok(0);
+        }
+        let channel = self.channel.as_str();
+        if self.durable {
+            let (seqs, logged, notes) = self.durable_parts(payloads, marks);
+            let params: [(&(dyn ToSql + Sync), Type); 5] = [
+                (&channel, Type::TEXT),
+                (&self.origin, Type::TEXT),
+                (&seqs, Type::INT8_ARRAY),
+                (&logged, Type::TEXT_ARRAY),
+                (&notes, Type::TEXT_ARRAY),
+            ];
+            return client.execute_typed(LOG_AND_NOTIFY, &params).await;
+        }
+        if let [(_, payload)] = payloads {
+            return client
+                .execute_typed(NOTIFY_ONE, &[(&channel, Type::TEXT), (payload, Type::TEXT)])
+                .await;
+        }
+        let notes: Vec<&str> = payloads.iter().map(|(_, p)| p.as_str()).collect();
+        client
+            .execute_typed(
+                NOTIFY_MANY,
+                &[(&channel, Type::TEXT), (&notes, Type::TEXT_ARRAY)],
+            )
+            .await
     }
 
     /// A durable batch's parameters: the numbers and envelopes for the log, and the
@@ -576,6 +575,20 @@ impl Shared {
             .pack(encoded, marks, || counter.fetch_add(1, Ordering::Relaxed))
     }
 
+    /// Runs `work` within the push timeout.
+    async fn within<T>(
+        &self,
+        what: &'static str,
+        work: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or(Err(Error::Timeout {
+                what,
+                after: self.timeout,
+            }))
+    }
+
     /// A pooled connection, with the pool's errors told as what they mean to the caller.
     async fn checkout(&self) -> Result<Object, Error> {
         self.pool.get().await.map_err(|e| match e {
@@ -600,21 +613,4 @@ impl Drop for Discard {
             drop(Object::take(client));
         }
     }
-}
-
-/// The parameter types of `LOG_AND_NOTIFY`.
-const LOG_TYPES: [Type; 5] = [
-    Type::TEXT,
-    Type::TEXT,
-    Type::INT8_ARRAY,
-    Type::TEXT_ARRAY,
-    Type::TEXT_ARRAY,
-];
-
-/// Pairs parameters with their types, for the unnamed typed statements.
-fn typed<'a>(
-    params: &[&'a (dyn ToSql + Sync); 5],
-    types: &[Type; 5],
-) -> [(&'a (dyn ToSql + Sync), Type); 5] {
-    std::array::from_fn(|i| (params[i], types[i].clone()))
 }
