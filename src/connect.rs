@@ -1,7 +1,11 @@
 //! Dedicated connections: made with the configured timeout, never taken from the pool.
 
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::time::Duration;
+
 use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{Client, Connection, NoTls, Socket};
+use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Notification, Socket};
 
 use crate::config::Config;
 use crate::error::Error;
@@ -33,4 +37,36 @@ pub(crate) async fn connect_spawned(
         }
     });
     Ok((client, task))
+}
+
+/// Polls a connection the caller drives until `work` (a statement on its client) completes,
+/// keeping whatever notifications arrive meanwhile in `backlog`.
+pub(crate) async fn drive_until<F: Future>(
+    connection: &mut RawConnection,
+    work: F,
+    backlog: &mut VecDeque<Notification>,
+) -> Result<F::Output, Error> {
+    let mut work = std::pin::pin!(work);
+    loop {
+        tokio::select! {
+            output = &mut work => return Ok(output),
+            message = poll_fn(|cx| connection.poll_message(cx)) => match message {
+                Some(Ok(AsyncMessage::Notification(n))) => backlog.push_back(n),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(Error::Postgres(e)),
+                // The connection ended: `work` fails with the reason on its next poll.
+                None => return Ok(work.await),
+            },
+        }
+    }
+}
+
+/// Ends a driven connection politely: dropping the client sends Terminate, which the
+/// connection writes before it ends (given a second at most).
+pub(crate) async fn close_politely(client: Client, mut connection: RawConnection) {
+    drop(client);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(_)) = poll_fn(|cx| connection.poll_message(cx)).await {}
+    })
+    .await;
 }

@@ -21,7 +21,7 @@ use tokio_postgres::{AsyncMessage, Client, Notification, Row};
 
 use crate::config::Config;
 use crate::config::Since;
-use crate::connect::{RawConnection, connect};
+use crate::connect::{RawConnection, close_politely, connect, drive_until};
 use crate::envelope::{Envelope, Origin, Packer};
 use crate::error::{DecodeError, Error, pg_message};
 use crate::log::{CURSOR_SINCE_SQL, CURSOR_SQL, Cursor, FETCH_SQL, PRUNE_SQL, TAIL_SQL, Tail};
@@ -314,41 +314,9 @@ impl Session {
         ))
     }
 
-    /// Ends the session politely: dropping the client sends Terminate, which the connection
-    /// writes before it ends.
+    /// Ends the session politely.
     async fn close(self) {
-        let Session {
-            client,
-            mut connection,
-            ..
-        } = self;
-        drop(client);
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while let Some(Ok(_)) = poll_fn(|cx| connection.poll_message(cx)).await {}
-        })
-        .await;
-    }
-}
-
-/// Polls the connection until `work` completes, keeping whatever notifications arrive
-/// meanwhile.
-async fn drive_until<F: Future>(
-    connection: &mut RawConnection,
-    work: F,
-    backlog: &mut VecDeque<Notification>,
-) -> Result<F::Output, Error> {
-    let mut work = std::pin::pin!(work);
-    loop {
-        tokio::select! {
-            output = &mut work => return Ok(output),
-            message = poll_fn(|cx| connection.poll_message(cx)) => match message {
-                Some(Ok(AsyncMessage::Notification(n))) => backlog.push_back(n),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(Error::Postgres(e)),
-                // The connection ended: `work` fails with the reason on its next poll.
-                None => return Ok(work.await),
-            },
-        }
+        close_politely(self.client, self.connection).await;
     }
 }
 
@@ -566,16 +534,14 @@ impl Task {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let end = {
             let Session {
-                client,
-                connection,
-                backlog,
+                client, connection, ..
             } = &mut session;
             let client: &Client = client;
             let mut query: Pin<&mut Fuse<BoxFuture<'_, QueryOutcome>>> =
                 std::pin::pin!(Fuse::terminated());
             let mut heartbeat: Pin<&mut Fuse<BoxFuture<'_, QueryOutcome>>> =
                 std::pin::pin!(Fuse::terminated());
-            let end = loop {
+            loop {
                 if query.is_terminated()
                     && let Some(next) = self.next_query(client)
                 {
@@ -640,10 +606,7 @@ impl Task {
                     },
                     () = self.sink.closed(), if !self.has_ready() => break End::ReceiverGone,
                 }
-            };
-            // Notifications received but not handled stay for nobody: the session is over.
-            backlog.clear();
-            end
+            }
         };
         (end, session)
     }

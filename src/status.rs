@@ -1,16 +1,16 @@
 //! What an operator asks first: which server, primary or standby, does LISTEN work through
 //! this connection, how full is the notification queue, how big is the durable log.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::future::poll_fn;
 use std::time::Duration;
 
-use tokio_postgres::AsyncMessage;
 use tokio_postgres::types::Type;
+use tokio_postgres::{AsyncMessage, Notification};
 
 use crate::channel::quote_identifier;
 use crate::config::Config;
-use crate::connect::connect;
+use crate::connect::{close_politely, connect, drive_until};
 use crate::envelope::Envelope;
 use crate::error::Error;
 use crate::migrate::MIGRATION_TABLE;
@@ -118,20 +118,9 @@ async fn listen_probe(
         quote_identifier(&channel),
         config.channel().quoted()
     );
-    {
-        let mut listen = std::pin::pin!(client.batch_execute(&sql));
-        // Drive the connection until LISTEN is confirmed.
-        loop {
-            tokio::select! {
-                done = &mut listen => { done?; break; }
-                message = poll_fn(|cx| connection.poll_message(cx)) => match message {
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(Error::Postgres(e)),
-                    None => return Err(Error::Closed),
-                },
-            }
-        }
-    }
+    // Heartbeats heard while LISTEN is confirmed count too.
+    let mut heard = VecDeque::new();
+    drive_until(&mut connection, client.batch_execute(&sql), &mut heard).await??;
     let started = tokio::time::Instant::now();
     other
         .execute_typed("SELECT pg_notify($1, 'probe')", &[(&channel, Type::TEXT)])
@@ -139,18 +128,22 @@ async fn listen_probe(
     let period = config.health_interval() / 2 + Duration::from_millis(500);
     let mut arrived = false;
     let mut origins = HashSet::new();
+    let hear = |n: &Notification, arrived: &mut bool, origins: &mut HashSet<_>| {
+        if n.channel() == channel {
+            *arrived = true;
+        } else if let Ok(envelope) = Envelope::decode(n.payload())
+            && envelope.is_heartbeat()
+        {
+            origins.insert(envelope.origin().clone());
+        }
+    };
+    for n in &heard {
+        hear(n, &mut arrived, &mut origins);
+    }
     let _ = tokio::time::timeout(period.max(Duration::from_secs(2)), async {
         loop {
             match poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(n))) => {
-                    if n.channel() == channel {
-                        arrived = true;
-                    } else if let Ok(envelope) = Envelope::decode(n.payload())
-                        && envelope.is_heartbeat()
-                    {
-                        origins.insert(envelope.origin().clone());
-                    }
-                }
+                Some(Ok(AsyncMessage::Notification(n))) => hear(&n, &mut arrived, &mut origins),
                 Some(Ok(_)) => {}
                 _ => return,
             }
@@ -161,10 +154,6 @@ async fn listen_probe(
         }
     })
     .await;
-    drop(client);
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        while let Some(Ok(_)) = poll_fn(|cx| connection.poll_message(cx)).await {}
-    })
-    .await;
+    close_politely(client, connection).await;
     Ok((arrived, origins.len()))
 }
