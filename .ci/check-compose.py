@@ -188,10 +188,11 @@ def semantic_errors(doc, compose_dir):
                         )
                     else:
                         target = build.get("target") if isinstance(build, dict) else None
-                        if isinstance(target, str) and target not in dockerfile_stages(df_path):
+                        stages = dockerfile_stages(df_path)
+                        if isinstance(target, str) and target not in stages:
                             problems.append(
                                 "service %r: build target %r is not a stage of %s (stages: %s)"
-                                % (name, target, df, ", ".join(sorted(dockerfile_stages(df_path))) or "none")
+                                % (name, target, df, ", ".join(sorted(stages)) or "none")
                             )
 
         if isinstance(image, str):
