@@ -51,6 +51,8 @@ pub fn env_or_temp() -> Result<(Config, Option<TempCluster>), Error> {
 pub struct TempClusterBuilder {
     settings: Vec<(String, String)>,
     standby_of: Option<u16>,
+    files: Vec<(String, Vec<u8>)>,
+    hba: Vec<String>,
 }
 
 impl TempClusterBuilder {
@@ -58,6 +60,21 @@ impl TempClusterBuilder {
     /// `max_connections`.
     pub fn setting(mut self, name: &str, value: &str) -> Self {
         self.settings.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Writes a file into the data directory before the server starts, readable by the
+    /// server only (mode 0600), such as `server.crt` and `server.key` for
+    /// `.setting("ssl", "on")`.
+    pub fn data_file(mut self, name: &str, contents: impl Into<Vec<u8>>) -> Self {
+        self.files.push((name.to_owned(), contents.into()));
+        self
+    }
+
+    /// Adds a line to `pg_hba.conf` ahead of the default ones (the first line that matches
+    /// a connection decides), such as `host all app 127.0.0.1/32 scram-sha-256`.
+    pub fn hba(mut self, line: &str) -> Self {
+        self.hba.push(line.to_owned());
         self
     }
 
@@ -139,6 +156,18 @@ impl TempClusterBuilder {
             conf.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
         }
         append(&data.join("postgresql.conf"), &conf)?;
+        for (name, contents) in &self.files {
+            cluster.write_private(&data.join(name), contents)?;
+        }
+        if !self.hba.is_empty() {
+            let path = data.join("pg_hba.conf");
+            let rest = std::fs::read(&path)
+                .map_err(|e| Error::Cluster(format!("cannot read {}: {e}", path.display())))?;
+            let mut hba = self.hba.join("\n").into_bytes();
+            hba.push(b'\n');
+            hba.extend(rest);
+            cluster.write_private(&path, &hba)?;
+        }
         cluster.watchdog = Some(cluster.spawn_watchdog()?);
         cluster.start_server()?;
         Ok(cluster)
@@ -248,6 +277,19 @@ impl TempCluster {
             last.map(|e| e.to_string()).unwrap_or_default(),
             tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
         )))
+    }
+
+    /// Writes a file only the cluster's OS user can read.
+    fn write_private(&self, path: &Path, contents: &[u8]) -> Result<(), Error> {
+        use std::os::unix::fs::PermissionsExt;
+        let failed =
+            |e: std::io::Error| Error::Cluster(format!("cannot write {}: {e}", path.display()));
+        std::fs::write(path, contents).map_err(failed)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(failed)?;
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(failed)?;
+        }
+        Ok(())
     }
 
     /// Runs one of the PostgreSQL programs as the cluster's OS user.
