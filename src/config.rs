@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use crate::channel::ChannelName;
 use crate::error::Error;
+use crate::limits::Limits;
+use crate::sign::{DEFAULT_REPLAY_WINDOW, Secret, Signer};
+use crate::tls::{self, SslMode, TlsOptions};
 
 /// The default number of pooled connections used for pushing.
 pub const DEFAULT_POOL_SIZE: usize = 8;
@@ -89,11 +92,12 @@ pub enum Since {
 /// use std::time::Duration;
 /// use updatepipe::{ChannelName, Config};
 ///
-/// let config = Config::from_url("postgres://mail:secret@db.example/mail")?
+/// let config = Config::from_url("postgres://mail:hunter2@db.example/mail?sslmode=verify-full")?
 ///     .with_channel(ChannelName::new("imap_updates")?)
 ///     .with_pool_size(4)
 ///     .with_push_timeout(Duration::from_secs(5));
-/// assert!(!format!("{config:?}").contains("secret"));
+/// assert!(!format!("{config:?}").contains("hunter2"));
+/// assert_eq!(config.ssl_mode(), updatepipe::SslMode::VerifyFull);
 /// # Ok::<(), updatepipe::Error>(())
 /// ```
 #[derive(Clone)]
@@ -111,12 +115,19 @@ pub struct Config {
     retention: Duration,
     max_buffered: usize,
     since: Option<Since>,
+    tls: TlsOptions,
+    secrets: Vec<Secret>,
+    replay_window: Duration,
+    limits: Limits,
 }
 
 impl Config {
-    /// From a `postgres://` URL or a libpq `key=value` connection string.
+    /// From a `postgres://` URL or a libpq `key=value` connection string. The TLS settings
+    /// `sslmode` (up to `verify-full`), `sslrootcert`, `sslcert` and `sslkey` are read as
+    /// libpq reads them.
     pub fn from_url(url: &str) -> Result<Self, Error> {
-        let pg = tokio_postgres::Config::from_str(url).map_err(|e| {
+        let (url, tls_params) = tls::split_params(url)?;
+        let pg = tokio_postgres::Config::from_str(&url).map_err(|e| {
             // The parser's messages name the option, never its value; say no more than that.
             Error::Config(format!(
                 "cannot parse the connection string ({}); expected postgres://user:password@host:port/database \
@@ -124,12 +135,18 @@ impl Config {
                 crate::error::pg_message(&e)
             ))
         })?;
-        Ok(Config::from_pg(pg))
+        let mut config = Config::from_pg(pg);
+        for (key, value) in tls_params {
+            config.tls.set(&key, &value)?;
+        }
+        config.pg.ssl_mode(config.tls.mode.pg());
+        Ok(config)
     }
 
     /// From the environment: `DATABASE_URL` when set, otherwise the standard libpq variables
     /// `PGHOST`, `PGHOSTADDR`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`, `PGAPPNAME`,
-    /// `PGCONNECT_TIMEOUT`, `PGOPTIONS` and `PGSSLMODE`. Unset, the host is `localhost`, the
+    /// `PGCONNECT_TIMEOUT`, `PGOPTIONS`, `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT` and
+    /// `PGSSLKEY`. Unset, the host is `localhost`, the
     /// user is `$USER` (or `postgres`), and the database is named after the user.
     pub fn from_env() -> Result<Self, Error> {
         Config::from_vars(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
@@ -187,19 +204,18 @@ impl Config {
         if let Some(options) = var("PGOPTIONS") {
             pg.options(&options);
         }
-        if let Some(mode) = var("PGSSLMODE") {
-            pg.ssl_mode(match mode.as_str() {
-                "disable" => tokio_postgres::config::SslMode::Disable,
-                "prefer" | "allow" => tokio_postgres::config::SslMode::Prefer,
-                "require" => tokio_postgres::config::SslMode::Require,
-                other => {
-                    return Err(Error::Config(format!(
-                        "PGSSLMODE {other:?} is not supported (use disable, prefer or require)"
-                    )));
-                }
-            });
-        }
         let mut config = Config::from_pg(pg);
+        for (name, key) in [
+            ("PGSSLMODE", "sslmode"),
+            ("PGSSLROOTCERT", "sslrootcert"),
+            ("PGSSLCERT", "sslcert"),
+            ("PGSSLKEY", "sslkey"),
+        ] {
+            if let Some(value) = var(name) {
+                config.tls.set(key, &value)?;
+            }
+        }
+        config.pg.ssl_mode(config.tls.mode.pg());
         if let Some(secs) = var("PGCONNECT_TIMEOUT") {
             let secs: u64 = secs.trim().parse().map_err(|_| {
                 Error::Config(format!(
@@ -221,6 +237,12 @@ impl Config {
             .copied()
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         pg.connect_timeout(connect_timeout);
+        let mut tls = TlsOptions::default();
+        tls.mode = match pg.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Disable => SslMode::Disable,
+            tokio_postgres::config::SslMode::Require => SslMode::Require,
+            _ => SslMode::Prefer,
+        };
         Config {
             pg,
             channel: ChannelName::default(),
@@ -235,6 +257,10 @@ impl Config {
             retention: DEFAULT_RETENTION,
             max_buffered: DEFAULT_MAX_BUFFERED,
             since: None,
+            tls,
+            secrets: Vec::new(),
+            replay_window: DEFAULT_REPLAY_WINDOW,
+            limits: Limits::default(),
         }
     }
 
@@ -327,6 +353,55 @@ impl Config {
         self
     }
 
+    /// How connections use TLS (default `prefer`, as libpq), as `sslmode` in the URL sets it.
+    pub fn with_ssl_mode(mut self, mode: SslMode) -> Self {
+        self.tls.mode = mode;
+        self.pg.ssl_mode(mode.pg());
+        self
+    }
+
+    /// The root certificate(s) that server certificates must chain to: a PEM file, or
+    /// `system` for the operating system's store (`sslrootcert`).
+    pub fn with_ssl_root_cert(mut self, path: impl AsRef<std::path::Path>) -> Self {
+        self.tls.set_root_cert(path);
+        self
+    }
+
+    /// A client certificate and its private key, both PEM files (`sslcert`, `sslkey`), for
+    /// servers that authenticate clients by certificate.
+    pub fn with_ssl_client_cert(
+        mut self,
+        cert: impl Into<std::path::PathBuf>,
+        key: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        self.tls.set_client_cert(cert.into(), key.into());
+        self
+    }
+
+    /// Signs every envelope this pipe sends with the first secret, and makes its listener
+    /// accept only envelopes signed with one of them, not seen before and within the replay
+    /// window (default off: no secret). All pipes on a channel need the same secrets; see
+    /// `docs/security.md`.
+    pub fn with_secrets(mut self, secrets: Vec<Secret>) -> Self {
+        self.secrets = secrets;
+        self
+    }
+
+    /// With signing on: how far a notification's time may be from the listener's clock,
+    /// either way (default 5 minutes). Covers clock skew between hosts and the time a push
+    /// inside a caller's transaction waits for its commit; durable log entries are allowed
+    /// the retention on top.
+    pub fn with_replay_window(mut self, window: Duration) -> Self {
+        self.replay_window = window;
+        self
+    }
+
+    /// Bounds on what one received payload may ask for (default [`Limits::default`]).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     /// The `application_name` the pipe's connections report (default `updatepipe`), as seen
     /// in `pg_stat_activity`.
     pub fn with_application_name(mut self, name: &str) -> Self {
@@ -398,6 +473,36 @@ impl Config {
     pub fn since(&self) -> Option<Since> {
         self.since
     }
+
+    /// How connections use TLS.
+    pub fn ssl_mode(&self) -> SslMode {
+        self.tls.mode
+    }
+
+    /// Whether envelopes are signed and checked.
+    pub fn signing(&self) -> bool {
+        !self.secrets.is_empty()
+    }
+
+    /// The replay window of signed envelopes.
+    pub fn replay_window(&self) -> Duration {
+        self.replay_window
+    }
+
+    /// The bounds on received payloads.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The signer for this channel, when signing is on.
+    pub(crate) fn signer(&self) -> Option<Signer> {
+        Signer::new(self.secrets.clone(), self.channel.clone()).ok()
+    }
+
+    /// A TLS connector for these settings, reading the certificate files now.
+    pub(crate) fn tls_connector(&self) -> Result<tls::Connector, Error> {
+        self.tls.connector()
+    }
 }
 
 impl fmt::Debug for Config {
@@ -417,6 +522,10 @@ impl fmt::Debug for Config {
             .field("retention", &self.retention)
             .field("max_buffered", &self.max_buffered)
             .field("since", &self.since)
+            .field("tls", &self.tls)
+            .field("secrets", &self.secrets.len())
+            .field("replay_window", &self.replay_window)
+            .field("limits", &self.limits)
             .finish()
     }
 }

@@ -4,19 +4,21 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::time::Duration;
 
-use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Notification, Socket};
+use tokio_postgres::{AsyncMessage, Client, Connection, Notification, Socket};
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::tls::TlsStream;
 
 /// A connection whose socket the caller drives (the listener polls it for notifications).
-pub(crate) type RawConnection = Connection<Socket, NoTlsStream>;
+pub(crate) type RawConnection = Connection<Socket, TlsStream>;
 
-/// Opens one dedicated connection, within the configured connect timeout.
+/// Opens one dedicated connection, within the configured connect timeout, with TLS as the
+/// configuration says (its certificate files read now).
 pub(crate) async fn connect(config: &Config) -> Result<(Client, RawConnection), Error> {
+    let connector = config.tls_connector()?;
     let after = config.connect_timeout();
-    match tokio::time::timeout(after, config.pg().connect(NoTls)).await {
+    match tokio::time::timeout(after, config.pg().connect(connector)).await {
         Ok(Ok(pair)) => Ok(pair),
         Ok(Err(e)) => Err(Error::Connect(e)),
         Err(_) => Err(Error::Timeout {

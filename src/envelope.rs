@@ -11,10 +11,13 @@
 //! `;` of the JSON replaced by the byte 0x10.
 
 use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
 use crate::error::{DecodeError, Error, excerpt};
+use crate::limits::{Limit, Limits};
+use crate::sign::{self, Signer};
 use crate::update::{RawUpdate, Update};
 
 /// The largest notification payload PostgreSQL accepts, in bytes.
@@ -97,6 +100,7 @@ pub struct Envelope {
     marks: Marks,
     reference: bool,
     heartbeat: bool,
+    sent_at: Option<SystemTime>,
 }
 
 /// How an envelope was pushed, as its optional fields tell.
@@ -125,6 +129,9 @@ struct WireIn {
     r: bool,
     #[serde(default, deserialize_with = "mark")]
     h: bool,
+    /// When a signed envelope was sealed, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    w: Option<u64>,
 }
 
 /// A mark field: `1`/`0` as written, and for other implementations' convenience also
@@ -160,6 +167,7 @@ impl Envelope {
             marks: Marks::default(),
             reference: false,
             heartbeat: false,
+            sent_at: None,
         }
     }
 
@@ -178,7 +186,9 @@ impl Envelope {
             pid,
             seq,
             Marks::default(),
+            Kind::Updates,
             encoded.iter().map(String::as_str),
+            None,
         );
         if payload.len() > MAX_PAYLOAD_LEN {
             return Err(Error::PayloadTooLarge {
@@ -198,7 +208,7 @@ impl Envelope {
         next_seq: impl FnMut() -> u64,
         updates: &[Update],
     ) -> Result<Vec<String>, Error> {
-        let packer = Packer::new(origin, pid);
+        let packer = Packer::new(origin, pid, None);
         let encoded = updates
             .iter()
             .map(|u| packer.encode(u, MAX_PAYLOAD_LEN))
@@ -227,26 +237,37 @@ impl Envelope {
         format!("{sender_id};{}\n", update.to_json().replace(';', "\u{10}"))
     }
 
-    /// Decodes a payload: a version 1 envelope or a legacy maddy payload. Everything is
-    /// validated; nothing invalid gets through.
+    /// Decodes a payload: a version 1 envelope or a legacy maddy payload, within the default
+    /// [`Limits`]. Everything is validated; nothing invalid gets through. A signature, if
+    /// any, is not checked here: see [`Signer::verify`].
     pub fn decode(payload: &str) -> Result<Envelope, DecodeError> {
+        Envelope::decode_with(payload, &Limits::default())
+    }
+
+    /// [`Envelope::decode`] within the given limits.
+    pub fn decode_with(payload: &str, limits: &Limits) -> Result<Envelope, DecodeError> {
         if payload.len() > MAX_PAYLOAD_LEN {
             return Err(DecodeError::TooLarge(payload.len()));
         }
         if payload.starts_with('{') {
-            decode_v1(payload)
+            decode_v1(payload, limits)
         } else {
-            decode_legacy(payload)
+            decode_legacy(payload, limits)
         }
     }
 
     /// Decodes an envelope read from the durable log, which may exceed a notification's
-    /// size (up to [`MAX_LOGGED_ENVELOPE_LEN`]).
+    /// size (up to [`MAX_LOGGED_ENVELOPE_LEN`]), within the default [`Limits`].
     pub fn decode_logged(payload: &str) -> Result<Envelope, DecodeError> {
+        Envelope::decode_logged_with(payload, &Limits::default())
+    }
+
+    /// [`Envelope::decode_logged`] within the given limits.
+    pub fn decode_logged_with(payload: &str, limits: &Limits) -> Result<Envelope, DecodeError> {
         if payload.len() > MAX_LOGGED_ENVELOPE_LEN {
             return Err(DecodeError::TooLarge(payload.len()));
         }
-        decode_v1(payload)
+        decode_v1(payload, limits)
     }
 
     /// The wire form it came in.
@@ -299,31 +320,70 @@ impl Envelope {
     pub fn is_heartbeat(&self) -> bool {
         self.heartbeat
     }
+
+    /// When a signed envelope was sealed, by its sender's clock (`"w"`).
+    pub fn sent_at(&self) -> Option<SystemTime> {
+        self.sent_at
+    }
 }
 
-/// Packs updates already encoded as JSON into version 1 payloads for one sender.
+/// Packs updates already encoded as JSON into version 1 payloads for one sender, signed
+/// when it has a signer.
 #[derive(Clone, Debug)]
 pub(crate) struct Packer {
     origin_json: String,
     pid: u32,
-    /// The envelope around no update, with the longest possible sequence number.
+    signer: Option<Signer>,
+    /// The envelope around no update, with the longest possible sequence number (and time
+    /// and signature, when signing).
     overhead: usize,
 }
 
 impl Packer {
-    pub(crate) fn new(origin: &Origin, pid: u32) -> Self {
+    pub(crate) fn new(origin: &Origin, pid: u32, signer: Option<Signer>) -> Self {
         let origin_json =
             serde_json::to_string(origin.as_str()).expect("a string always serializes");
         let all_marks = Marks {
             transactional: true,
             durable: true,
         };
-        let overhead = write_v1(&origin_json, pid, u64::MAX, all_marks, std::iter::empty()).len();
+        let overhead = write_v1(
+            &origin_json,
+            pid,
+            u64::MAX,
+            all_marks,
+            Kind::Updates,
+            std::iter::empty(),
+            None,
+        )
+        .len()
+            + signer.as_ref().map_or(0, |_| {
+                ",\"w\":18446744073709551615".len() + sign::SIG_SUFFIX_LEN
+            });
         Packer {
             origin_json,
             pid,
+            signer,
             overhead,
         }
+    }
+
+    fn write<'a>(
+        &self,
+        seq: u64,
+        marks: Marks,
+        kind: Kind,
+        updates: impl Iterator<Item = &'a str>,
+    ) -> String {
+        write_v1(
+            &self.origin_json,
+            self.pid,
+            seq,
+            marks,
+            kind,
+            updates,
+            self.signer.as_ref(),
+        )
     }
 
     /// An update's JSON, checked to fit in an envelope of its own of at most `limit` bytes
@@ -339,24 +399,14 @@ impl Packer {
 
     /// A listener's heartbeat: an envelope with no update, marked `"h":1`.
     pub(crate) fn heartbeat(&self, seq: u64) -> String {
-        let mut payload = write_v1(
-            &self.origin_json,
-            self.pid,
-            seq,
-            Marks::default(),
-            std::iter::empty(),
-        );
-        payload.insert_str(payload.len() - "\"u\":[]}".len(), "\"h\":1,");
-        payload
+        self.write(seq, Marks::default(), Kind::Heartbeat, std::iter::empty())
     }
 
     /// A notification that points at the durable log row holding envelope `seq` of this
     /// sender, too large to be a notification itself (`"r":1`; the row is found by channel,
     /// origin and number).
     pub(crate) fn reference(&self, seq: u64, marks: Marks) -> String {
-        let mut payload = write_v1(&self.origin_json, self.pid, seq, marks, std::iter::empty());
-        payload.insert_str(payload.len() - "\"u\":[]}".len(), "\"r\":1,");
-        payload
+        self.write(seq, marks, Kind::Reference, std::iter::empty())
     }
 
     /// Packs encoded updates, in order, greedily into payloads of at most
@@ -372,7 +422,7 @@ impl Packer {
         let mut payloads = Vec::new();
         let mut write = |group: &mut Vec<&str>| {
             let seq = next_seq();
-            let payload = write_v1(&self.origin_json, self.pid, seq, marks, group.drain(..));
+            let payload = self.write(seq, marks, Kind::Updates, group.drain(..));
             (seq, payload)
         };
         let mut group: Vec<&str> = Vec::new();
@@ -393,28 +443,45 @@ impl Packer {
     }
 }
 
+/// What an envelope is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Updates,
+    /// A listener's heartbeat (`"h":1`).
+    Heartbeat,
+    /// A pointer to a durable log row (`"r":1`).
+    Reference,
+}
+
 /// Writes `{"v":1,"o":…,"p":…,"s":…,"u":[…]}` around updates already in JSON; `origin_json`
-/// is the origin as a JSON string.
+/// is the origin as a JSON string. With a signer, stamps the time (`"w"`) and signs (`"g"`).
 fn write_v1<'a>(
     origin_json: &str,
     pid: u32,
     seq: u64,
     marks: Marks,
+    kind: Kind,
     updates: impl Iterator<Item = &'a str>,
+    signer: Option<&Signer>,
 ) -> String {
     use std::fmt::Write;
     let mut out = String::with_capacity(MAX_PAYLOAD_LEN.min(1024));
-    let _ = write!(
-        out,
-        "{{\"v\":1,\"o\":{origin_json},\"p\":{pid},\"s\":{seq},"
-    );
+    let _ = write!(out, "{{\"v\":1,\"o\":{origin_json},\"p\":{pid},\"s\":{seq}");
     if marks.transactional {
-        out.push_str("\"t\":1,");
+        out.push_str(",\"t\":1");
     }
     if marks.durable {
-        out.push_str("\"d\":1,");
+        out.push_str(",\"d\":1");
     }
-    out.push_str("\"u\":[");
+    match kind {
+        Kind::Updates => {}
+        Kind::Heartbeat => out.push_str(",\"h\":1"),
+        Kind::Reference => out.push_str(",\"r\":1"),
+    }
+    if signer.is_some() {
+        sign::push_time(&mut out, SystemTime::now());
+    }
+    out.push_str(",\"u\":[");
     for (i, update) in updates.enumerate() {
         if i > 0 {
             out.push(',');
@@ -422,10 +489,14 @@ fn write_v1<'a>(
         out.push_str(update);
     }
     out.push_str("]}");
+    if let Some(signer) = signer {
+        signer.sign(&mut out);
+    }
     out
 }
 
-fn decode_v1(payload: &str) -> Result<Envelope, DecodeError> {
+fn decode_v1(payload: &str, limits: &Limits) -> Result<Envelope, DecodeError> {
+    limits.check_depth(payload)?;
     let wire: WireIn = match serde_json::from_str(payload) {
         Ok(wire) => wire,
         Err(e) => {
@@ -442,10 +513,11 @@ fn decode_v1(payload: &str) -> Result<Envelope, DecodeError> {
         return Err(DecodeError::UnknownVersion(wire.v));
     }
     let origin = Origin::parse(&wire.o)?;
+    Limits::check(Limit::Updates, wire.u.len(), limits.max_updates())?;
     let updates = wire
         .u
         .into_iter()
-        .map(RawUpdate::validate)
+        .map(|raw| raw.validate_within(limits))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Envelope {
         format: WireFormat::V1,
@@ -459,16 +531,20 @@ fn decode_v1(payload: &str) -> Result<Envelope, DecodeError> {
         },
         reference: wire.r,
         heartbeat: wire.h,
+        sent_at: wire
+            .w
+            .and_then(|ms| UNIX_EPOCH.checked_add(Duration::from_millis(ms))),
     })
 }
 
-fn decode_legacy(payload: &str) -> Result<Envelope, DecodeError> {
+fn decode_legacy(payload: &str, limits: &Limits) -> Result<Envelope, DecodeError> {
     let body = payload.strip_suffix('\n').unwrap_or(payload);
     let (sender, json) = body.split_once(';').ok_or(DecodeError::Unrecognized)?;
     if !json.starts_with('{') {
         return Err(DecodeError::Unrecognized);
     }
     let origin = Origin::parse(sender)?;
+    limits.check_depth(json)?;
     let json = json.replace('\u{10}', ";");
     let raw: RawUpdate =
         serde_json::from_str(&json).map_err(|e| DecodeError::Malformed(e.to_string()))?;
@@ -477,10 +553,11 @@ fn decode_legacy(payload: &str) -> Result<Envelope, DecodeError> {
         origin,
         pid: None,
         seq: None,
-        updates: vec![raw.validate()?],
+        updates: vec![raw.validate_within(limits)?],
         marks: Marks::default(),
         reference: false,
         heartbeat: false,
+        sent_at: None,
     })
 }
 

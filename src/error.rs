@@ -213,6 +213,42 @@ pub enum DecodeError {
     /// The payload is larger than any notification can be.
     #[error("payload of {0} bytes is larger than a notification can be")]
     TooLarge(usize),
+
+    /// The payload asks for more than the listener's [`Limits`](crate::Limits) allow.
+    #[error("{found} {limit}, over the limit of {max}")]
+    OverLimit {
+        /// Which bound.
+        limit: crate::limits::Limit,
+        /// What the payload asked for (for the depth: the first level past the bound).
+        found: usize,
+        /// The bound.
+        max: usize,
+    },
+
+    /// Signing is on and the payload carries no signature.
+    #[error("unsigned envelope (this listener accepts only signed envelopes)")]
+    Unsigned,
+
+    /// The signature does not match the envelope under any of the listener's secrets.
+    #[error("forged envelope: its signature matches none of the secrets")]
+    Forged,
+
+    /// A correctly signed envelope that was already received, or is outside the time
+    /// window.
+    #[error("replayed envelope: {0}")]
+    Replayed(ReplayKind),
+}
+
+/// How a signed envelope was found to be a replay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplayKind {
+    /// Its sender already used its sequence number.
+    #[error("its sender already used this sequence number")]
+    Number,
+    /// Its time is outside the replay window (or it has none).
+    #[error("its time is outside the replay window")]
+    Stale,
 }
 
 impl DecodeError {
@@ -224,6 +260,10 @@ impl DecodeError {
             DecodeError::Malformed(_) => "malformed",
             DecodeError::Update(_) => "invalid_update",
             DecodeError::TooLarge(_) => "too_large",
+            DecodeError::OverLimit { .. } => "over_limit",
+            DecodeError::Unsigned => "unsigned",
+            DecodeError::Forged => "forged",
+            DecodeError::Replayed(_) => "replayed",
         }
     }
 }

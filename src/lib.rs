@@ -83,14 +83,17 @@ mod config;
 mod connect;
 mod envelope;
 mod error;
+mod limits;
 mod listen;
 mod log;
 mod migrate;
 mod pipe;
 mod push;
 mod seqset;
+mod sign;
 mod stats;
 mod status;
+mod tls;
 mod update;
 
 pub use channel::{ChannelName, MAX_CHANNEL_LEN};
@@ -101,13 +104,16 @@ pub use config::{
 pub use envelope::{
     ENVELOPE_VERSION, Envelope, MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, Origin, WireFormat,
 };
-pub use error::{DecodeError, Error, UpdateError};
+pub use error::{DecodeError, Error, ReplayKind, UpdateError};
+pub use limits::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_UPDATES, Limit, Limits};
 pub use listen::{Event, ResyncReason};
 pub use migrate::{MIGRATION_TABLE, MigrationInfo, embedded_migrations};
 pub use pipe::{PgPipe, UpdatePipe};
 pub use seqset::{MAX_SEQ_SET_LEN, SeqNum, SeqRange, SeqSet};
+pub use sign::{DEFAULT_REPLAY_WINDOW, MIN_SECRET_LEN, Secret, Signer};
 pub use stats::Stats;
 pub use status::Status;
+pub use tls::SslMode;
 pub use update::{Flag, MAX_FLAG_LEN, MAX_FLAGS, MailboxKey, Update, UpdateKind};
 
 /// The README's code compiles (`cargo test --doc`).

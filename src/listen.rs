@@ -22,9 +22,10 @@ use tokio_postgres::{AsyncMessage, Client, Notification, Row};
 use crate::config::Config;
 use crate::config::Since;
 use crate::connect::{RawConnection, close_politely, connect, drive_until};
-use crate::envelope::{Envelope, Origin, Packer};
+use crate::envelope::{Envelope, MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, Origin, Packer};
 use crate::error::{DecodeError, Error, pg_message};
 use crate::log::{CURSOR_SINCE_SQL, CURSOR_SQL, Cursor, FETCH_SQL, PRUNE_SQL, TAIL_SQL, Tail};
+use crate::sign::{self, ReplayGuard, Signer};
 use crate::stats::Counters;
 use crate::update::Update;
 
@@ -188,7 +189,10 @@ impl Listener {
         let (session, cursor) = Session::open(config, durable).await?;
         let mut task = Task {
             config: config.clone(),
-            packer: Packer::new(&origin, std::process::id()),
+            packer: Packer::new(&origin, std::process::id(), config.signer()),
+            signer: config.signer(),
+            replays: ReplayGuard::default(),
+            rejections: RejectionLog::default(),
             origin,
             channel: config.channel().as_str().to_owned(),
             sink,
@@ -365,6 +369,11 @@ struct Task {
     config: Config,
     origin: Origin,
     packer: Packer,
+    /// With signing on: checks every payload's signature.
+    signer: Option<Signer>,
+    /// With signing on: the numbers each sender has used.
+    replays: ReplayGuard,
+    rejections: RejectionLog,
     channel: String,
     sink: Sink,
     counters: Arc<Counters>,
@@ -822,7 +831,7 @@ impl Task {
             if origin == self.origin.as_str() {
                 continue;
             }
-            match Envelope::decode_logged(payload) {
+            match self.open(payload, Source::Log) {
                 Ok(envelope) => {
                     let updates = envelope.into_updates();
                     if replaying {
@@ -835,6 +844,7 @@ impl Task {
                         self.buffer.push_back(Slot::Ready(Event::Update(update)));
                     }
                 }
+                Err(e) if is_inauthentic(&e) => self.reject(&e, 0, payload.len()),
                 Err(e) => {
                     // A committed update this build cannot read (a newer version, say):
                     // the application must not go on as if nothing was missed.
@@ -859,7 +869,7 @@ impl Task {
             });
             return;
         };
-        match Envelope::decode_logged(&payload) {
+        match self.open(&payload, Source::Log) {
             Ok(envelope) if envelope.origin() == origin => self.fill_fetch(envelope.into_updates()),
             Ok(_) => {
                 self.reject(
@@ -894,7 +904,7 @@ impl Task {
         if notification.channel() != self.channel {
             return;
         }
-        let envelope = match Envelope::decode(notification.payload()) {
+        let envelope = match self.open(notification.payload(), Source::Notification) {
             Ok(envelope) => envelope,
             Err(e) => {
                 self.reject(&e, notification.process_id(), notification.payload().len());
@@ -952,6 +962,56 @@ impl Task {
         }
         for update in envelope.into_updates() {
             self.enqueue(update);
+        }
+    }
+
+    /// Checks a payload's signature (with signing on), decodes it within the limits, and,
+    /// with signing on, checks it is no replay: a notification must be within the replay
+    /// window and carry a number its sender has not used; a log entry (exactly once by the
+    /// log's cursor, and unique by sender and number in the table) must be no older than the
+    /// retention allows.
+    fn open(&mut self, payload: &str, source: Source) -> Result<Envelope, DecodeError> {
+        let limits = self.config.limits();
+        let Some(signer) = &self.signer else {
+            return match source {
+                Source::Notification => Envelope::decode_with(payload, limits),
+                Source::Log => Envelope::decode_logged_with(payload, limits),
+            };
+        };
+        let window = self.config.replay_window();
+        let now = std::time::SystemTime::now();
+        match source {
+            Source::Notification => {
+                if payload.len() > MAX_PAYLOAD_LEN {
+                    return Err(DecodeError::TooLarge(payload.len()));
+                }
+                signer.verify(payload)?;
+                let envelope = Envelope::decode_with(payload, limits)?;
+                sign::check_time(envelope.sent_at(), now, window)?;
+                if let Some(seq) = envelope.seq()
+                    && !envelope.is_heartbeat()
+                    && *envelope.origin() != self.origin
+                {
+                    self.replays.check(
+                        envelope.origin(),
+                        envelope.is_transactional(),
+                        seq,
+                        std::time::Instant::now(),
+                        window,
+                    )?;
+                }
+                Ok(envelope)
+            }
+            Source::Log => {
+                if payload.len() > MAX_LOGGED_ENVELOPE_LEN {
+                    return Err(DecodeError::TooLarge(payload.len()));
+                }
+                signer.verify(payload)?;
+                let envelope = Envelope::decode_logged_with(payload, limits)?;
+                let age = self.config.retention().saturating_add(window);
+                sign::check_time(envelope.sent_at(), now, age)?;
+                Ok(envelope)
+            }
         }
     }
 
@@ -1024,15 +1084,64 @@ impl Task {
         }
     }
 
+    /// Counts a rejected payload and logs it: its reason at warn level (at most one such
+    /// line per [`REJECTION_LOG_INTERVAL`], saying how many were left out), the details,
+    /// which quote the payload, only at debug level.
     fn reject(&mut self, e: &DecodeError, sender_pid: i32, bytes: usize) {
         self.counters.rejected(e);
-        tracing::warn!(
-            target: TARGET,
-            reason = e.reason(),
-            error = %e,
-            sender_pid,
-            bytes,
-            "rejected a payload"
-        );
+        tracing::debug!(target: TARGET, reason = e.reason(), error = %e, sender_pid, bytes, "rejected a payload");
+        if let Some(suppressed) = self.rejections.due(std::time::Instant::now()) {
+            tracing::warn!(
+                target: TARGET,
+                reason = e.reason(),
+                sender_pid,
+                bytes,
+                suppressed,
+                "rejected a payload (details at debug level)"
+            );
+        }
+    }
+}
+
+/// Where a payload came from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Notification,
+    Log,
+}
+
+/// Whether a payload was refused for not being what its sender sent (unsigned, forged,
+/// replayed), rather than for being unreadable.
+fn is_inauthentic(e: &DecodeError) -> bool {
+    matches!(
+        e,
+        DecodeError::Unsigned | DecodeError::Forged | DecodeError::Replayed(_)
+    )
+}
+
+/// The shortest time between two warnings about rejected payloads: a flood of bad payloads
+/// must not flood the log.
+const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Paces the warnings about rejected payloads.
+#[derive(Debug, Default)]
+struct RejectionLog {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl RejectionLog {
+    /// `Some(left out since the last warning)` when a warning is due now.
+    fn due(&mut self, now: std::time::Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.duration_since(last) < REJECTION_LOG_INTERVAL => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
     }
 }

@@ -20,9 +20,9 @@ use deadpool_postgres::{
 };
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
+use tokio_postgres::GenericClient;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{GenericClient, NoTls};
 
 use crate::config::Config;
 use crate::envelope::{MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, Marks, Origin, Packer};
@@ -101,7 +101,7 @@ impl Pusher {
     ) -> Result<Self, Error> {
         let manager = Manager::from_config(
             config.pg().clone(),
-            NoTls,
+            config.tls_connector()?,
             ManagerConfig {
                 // A broken connection is noticed by `is_closed`, and one that failed a
                 // flush is taken out of the pool; a query per checkout would cost a round
@@ -124,7 +124,7 @@ impl Pusher {
             channel: config.channel().as_str().to_owned(),
             origin: origin.as_str().to_owned(),
             durable: config.durable(),
-            packer: Packer::new(&origin, std::process::id()),
+            packer: Packer::new(&origin, std::process::id(), config.signer()),
             seq: AtomicU64::new(1),
             tx_seq: AtomicU64::new(TRANSACTIONAL_SEQ_BASE),
             unnamed: AtomicBool::new(false),

@@ -5,12 +5,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::error::DecodeError;
 
 /// The reasons a payload is rejected, as named by [`DecodeError::reason`].
-const REJECT_REASONS: [&str; 5] = [
+const REJECT_REASONS: [&str; 9] = [
     "unrecognized",
     "unknown_version",
     "malformed",
     "invalid_update",
     "too_large",
+    "over_limit",
+    "unsigned",
+    "forged",
+    "replayed",
 ];
 
 /// Live counters, shared between the pipe's handle and its tasks.
@@ -118,7 +122,8 @@ pub struct Stats {
     /// Updates let go because the application was not reading (best effort).
     pub dropped_slow_consumer: u64,
     /// Payloads rejected, by reason (`unrecognized`, `unknown_version`, `malformed`,
-    /// `invalid_update`, `too_large`).
+    /// `invalid_update`, `too_large`, `over_limit`; with signing on also `unsigned`,
+    /// `forged` and `replayed`).
     pub rejected: Vec<(&'static str, u64)>,
 }
 

@@ -11,7 +11,8 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::ser::{SerializeStruct, Serializer};
 use serde::{Deserialize, Serialize};
 
-use crate::error::UpdateError;
+use crate::error::{DecodeError, UpdateError};
+use crate::limits::{Limit, Limits};
 use crate::seqset::SeqSet;
 
 /// The most flags one update may carry.
@@ -378,6 +379,18 @@ pub(crate) struct RawUpdate {
 }
 
 impl RawUpdate {
+    /// Checks the payload's bounds, then validates.
+    pub(crate) fn validate_within(self, limits: &Limits) -> Result<Update, DecodeError> {
+        let seq_set_len = self.seq_set.as_ref().map_or(0, String::len);
+        Limits::check(Limit::SeqSetLength, seq_set_len, limits.max_seq_set_len())?;
+        if let Some(flags) = &self.flags {
+            Limits::check(Limit::Flags, flags.len(), limits.max_flags())?;
+            let longest = flags.iter().map(String::len).max().unwrap_or(0);
+            Limits::check(Limit::FlagLength, longest, limits.max_flag_len())?;
+        }
+        Ok(self.validate()?)
+    }
+
     pub(crate) fn validate(self) -> Result<Update, UpdateError> {
         let kind = UpdateKind::from_code(self.kind)?;
         let seq_set = SeqSet::parse(self.seq_set.as_deref().unwrap_or(""))?;

@@ -1,6 +1,7 @@
 //! The `updatepipe` command: a thin layer over the library.
 
 use std::io::{BufRead, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod bench;
@@ -11,8 +12,8 @@ use clap::{Parser, Subcommand};
 use tokio::sync::mpsc;
 use updatepipe::cluster::{TempCluster, env_or_temp};
 use updatepipe::{
-    ChannelName, Config, Error, Event, Flag, MailboxKey, PgPipe, SeqSet, Since, Update, UpdateKind,
-    UpdatePipe, embedded_migrations,
+    ChannelName, Config, Error, Event, Flag, MailboxKey, PgPipe, Secret, SeqSet, Since, Update,
+    UpdateKind, UpdatePipe, embedded_migrations,
 };
 
 /// Carries IMAP mailbox updates between processes through PostgreSQL LISTEN/NOTIFY.
@@ -72,6 +73,11 @@ enum Command {
         /// Only updates of this type (repeat for several).
         #[arg(long = "type", value_name = "TYPE", value_enum)]
         kinds: Vec<KindArg>,
+
+        /// Accept only envelopes signed with one of the secrets in this file (one per
+        /// line), not seen before and within the replay window; count and drop the rest.
+        #[arg(long, value_name = "PATH", env = "UPDATEPIPE_SECRET_FILE")]
+        secret_file: Option<PathBuf>,
     },
 
     /// Push updates and exit once they are committed.
@@ -115,6 +121,11 @@ enum Command {
         /// A flag after the change (repeat for several): \Seen, $Junk.
         #[arg(long = "flag", value_name = "FLAG")]
         flags: Vec<String>,
+
+        /// Sign the updates with the first secret in this file (one per line), for
+        /// listeners that accept only signed envelopes.
+        #[arg(long, value_name = "PATH", env = "UPDATEPIPE_SECRET_FILE")]
+        secret_file: Option<PathBuf>,
     },
 
     /// Apply updatepipe's schema migrations (safe to repeat).
@@ -296,6 +307,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pretty,
             keys,
             kinds,
+            secret_file,
         } => {
             let filter = Filter {
                 keys: keys.iter().map(|k| parse_key(k)).collect(),
@@ -303,7 +315,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let mut config = config(cli.url.as_deref())?
                 .with_channel(channel)
-                .with_durable(durable);
+                .with_durable(durable)
+                .with_secrets(secrets(secret_file.as_deref())?);
             if let Some(since) = since {
                 config = config.with_since(since);
             }
@@ -316,6 +329,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             key,
             seq_set,
             flags,
+            secret_file,
         } => {
             let given = match (kind, key) {
                 (Some(kind), Some(key)) => Some(update_from_options(kind, &key, &seq_set, &flags)?),
@@ -323,7 +337,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let config = config(cli.url.as_deref())?
                 .with_channel(channel)
-                .with_durable(durable);
+                .with_durable(durable)
+                .with_secrets(secrets(secret_file.as_deref())?);
             push(config, json, given).await
         }
         Command::Migrate { dry_run } => {
@@ -370,6 +385,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tokio::spawn(bench::run(config, args)).await?
         }
     }
+}
+
+/// The signing secrets of `--secret-file`, if given.
+fn secrets(path: Option<&std::path::Path>) -> Result<Vec<Secret>, Error> {
+    path.map_or(Ok(Vec::new()), Secret::read_file)
 }
 
 fn config(url: Option<&str>) -> Result<Config, Error> {

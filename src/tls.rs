@@ -1,0 +1,582 @@
+//! TLS for every connection (pool and listener), with rustls, set the way libpq is set:
+//! `sslmode`, `sslrootcert`, `sslcert` and `sslkey` in the URL, the key=value string or the
+//! `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT` and `PGSSLKEY` variables.
+//!
+//! | `sslmode` | encrypted | server certificate checked |
+//! |---|---|---|
+//! | `disable` | no | - |
+//! | `allow`, `prefer` (default) | when the server offers it | no |
+//! | `require` | yes | against the root certificate when there is one, else no |
+//! | `verify-ca` | yes | chain to the root certificate |
+//! | `verify-full` | yes | chain to the root certificate, and the host name |
+//!
+//! The root certificate is `sslrootcert` (a PEM file, or `system` for the operating
+//! system's store), else `~/.postgresql/root.crt` when it exists, as libpq does.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio_postgres::config::SslMode as PgSslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::error::Error;
+
+/// What makes TLS connections for the pipe's connections.
+pub(crate) type Connector = MakeRustlsConnect;
+
+/// The stream of a connection made with [`Connector`].
+pub(crate) type TlsStream =
+    <Connector as tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>>::Stream;
+
+/// How a connection uses TLS, as libpq's `sslmode` says it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SslMode {
+    /// Never.
+    Disable,
+    /// When the server offers it (as `prefer`: the server is asked for TLS first).
+    Allow,
+    /// When the server offers it, without checking its certificate (the default).
+    #[default]
+    Prefer,
+    /// Always; the certificate is checked only against a root certificate, when there is one.
+    Require,
+    /// Always, with a certificate that chains to the root certificate.
+    VerifyCa,
+    /// Always, with a certificate that chains to the root certificate and names the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The name libpq gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// What tokio-postgres is told: whether to ask for TLS and whether to insist.
+    pub(crate) fn pg(self) -> PgSslMode {
+        match self {
+            SslMode::Disable => PgSslMode::Disable,
+            SslMode::Allow | SslMode::Prefer => PgSslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => PgSslMode::Require,
+        }
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SslMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "disable" => SslMode::Disable,
+            "allow" => SslMode::Allow,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => {
+                return Err(Error::Config(format!(
+                    "sslmode {other:?} is not one of disable, allow, prefer, require, verify-ca, \
+                     verify-full"
+                )));
+            }
+        })
+    }
+}
+
+/// Where the root certificates come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Roots {
+    /// A PEM file.
+    File(PathBuf),
+    /// The operating system's store (`sslrootcert=system`).
+    System,
+}
+
+/// The TLS settings of a [`Config`](crate::Config).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct TlsOptions {
+    pub(crate) mode: SslMode,
+    roots: Option<Roots>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+}
+
+/// The connection-string settings read here rather than by tokio-postgres.
+const KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
+
+impl TlsOptions {
+    /// Sets one of [`KEYS`].
+    pub(crate) fn set(&mut self, key: &str, value: &str) -> Result<(), Error> {
+        match key {
+            "sslmode" => self.mode = value.parse()?,
+            "sslrootcert" => self.set_root_cert(value),
+            "sslcert" => self.client_cert = Some(value.into()),
+            "sslkey" => self.client_key = Some(value.into()),
+            _ => unreachable!("only KEYS are set"),
+        }
+        Ok(())
+    }
+
+    pub(crate) fn set_root_cert(&mut self, value: impl AsRef<Path>) {
+        let value = value.as_ref();
+        self.roots = Some(if value == Path::new("system") {
+            Roots::System
+        } else {
+            Roots::File(value.to_owned())
+        });
+    }
+
+    pub(crate) fn set_client_cert(&mut self, cert: PathBuf, key: PathBuf) {
+        self.client_cert = Some(cert);
+        self.client_key = Some(key);
+    }
+
+    /// Builds the connector, reading the certificate files now (so a rotated root
+    /// certificate is picked up by the next connection that is built with a new one).
+    pub(crate) fn connector(&self) -> Result<Connector, Error> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let roots = self.roots()?;
+        let verifier: Arc<dyn ServerCertVerifier> = match (self.mode, roots) {
+            (SslMode::VerifyFull, Some(roots)) => webpki(roots, &provider)?,
+            (SslMode::VerifyCa | SslMode::Require, Some(roots)) => Arc::new(ChainOnly {
+                inner: webpki(roots, &provider)?,
+            }),
+            (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
+                return Err(Error::Config(format!(
+                    "sslmode={} needs a root certificate: set sslrootcert (a PEM file, or \
+                     system), or put it in ~/.postgresql/root.crt",
+                    self.mode
+                )));
+            }
+            _ => Arc::new(Unchecked {
+                provider: provider.clone(),
+            }),
+        };
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Config(format!("TLS: {e}")))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let config = match (&self.client_cert, &self.client_key) {
+            (None, None) => builder.with_no_client_auth(),
+            (Some(cert), Some(key)) => {
+                let chain = read_certs(cert)?;
+                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                    Error::Config(format!(
+                        "cannot read a private key from sslkey {}: {e}",
+                        key.display()
+                    ))
+                })?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| {
+                    Error::Config(format!(
+                        "sslcert and sslkey do not make a client identity: {e}"
+                    ))
+                })?
+            }
+            _ => {
+                return Err(Error::Config(
+                    "a client certificate needs both sslcert and sslkey".into(),
+                ));
+            }
+        };
+        Ok(MakeRustlsConnect::new(config))
+    }
+
+    /// The root certificates, if any: `sslrootcert`, else `~/.postgresql/root.crt` when it
+    /// exists.
+    fn roots(&self) -> Result<Option<RootCertStore>, Error> {
+        let mut store = RootCertStore::empty();
+        match &self.roots {
+            Some(Roots::File(path)) => {
+                let (added, _) = store.add_parsable_certificates(read_certs(path)?);
+                if added == 0 {
+                    return Err(Error::Config(format!(
+                        "sslrootcert {} holds no usable certificate",
+                        path.display()
+                    )));
+                }
+            }
+            Some(Roots::System) => {
+                let found = rustls_native_certs::load_native_certs();
+                let (added, _) = store.add_parsable_certificates(found.certs);
+                if added == 0 {
+                    return Err(Error::Config(
+                        "sslrootcert=system: the operating system's store holds no usable \
+                         certificate"
+                            .into(),
+                    ));
+                }
+            }
+            None => {
+                let Some(default) = std::env::var_os("HOME")
+                    .map(|home| Path::new(&home).join(".postgresql/root.crt"))
+                    .filter(|path| path.exists())
+                else {
+                    return Ok(None);
+                };
+                store.add_parsable_certificates(read_certs(&default)?);
+            }
+        }
+        Ok(Some(store))
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let unreadable =
+        |e: &dyn fmt::Display| Error::Config(format!("cannot read {}: {e}", path.display()));
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| unreadable(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unreadable(&e))?;
+    if certs.is_empty() {
+        return Err(Error::Config(format!(
+            "{} holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+fn webpki(
+    roots: RootCertStore,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<WebPkiServerVerifier>, Error> {
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| Error::Config(format!("TLS root certificates: {e}")))
+}
+
+/// Splits the settings of [`KEYS`] off a connection string (URL or key=value), returning
+/// the rest for tokio-postgres and the settings for [`TlsOptions::set`]. A string it cannot
+/// take apart is returned whole, for tokio-postgres to report.
+pub(crate) fn split_params(conn: &str) -> Result<(String, Vec<(String, String)>), Error> {
+    if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
+        let Some((base, query)) = conn.split_once('?') else {
+            return Ok((conn.to_owned(), Vec::new()));
+        };
+        let mut kept = Vec::new();
+        let mut found = Vec::new();
+        for part in query.split('&') {
+            let (key, value) = part.split_once('=').unwrap_or((part, ""));
+            let key = percent_decode(key)?;
+            if KEYS.contains(&key.as_str()) {
+                found.push((key, percent_decode(value)?));
+            } else {
+                kept.push(part);
+            }
+        }
+        let rest = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        return Ok((rest, found));
+    }
+    let Some(pairs) = key_value_pairs(conn) else {
+        return Ok((conn.to_owned(), Vec::new()));
+    };
+    let mut rest = String::with_capacity(conn.len());
+    let mut found = Vec::new();
+    let mut from = 0;
+    for (key, value, span) in pairs {
+        if KEYS.contains(&key.as_str()) {
+            rest.push_str(&conn[from..span.start]);
+            from = span.end;
+            found.push((key, value));
+        }
+    }
+    rest.push_str(&conn[from..]);
+    Ok((rest, found))
+}
+
+/// The `key = value` pairs of a libpq connection string, each with its span; `None` when
+/// the string does not follow the grammar.
+fn key_value_pairs(conn: &str) -> Option<Vec<(String, String, std::ops::Range<usize>)>> {
+    let bytes = conn.as_bytes();
+    let mut i = 0;
+    let mut pairs = Vec::new();
+    let skip_space = |i: &mut usize| {
+        while *i < bytes.len() && bytes[*i].is_ascii_whitespace() {
+            *i += 1;
+        }
+    };
+    loop {
+        skip_space(&mut i);
+        if i == bytes.len() {
+            return Some(pairs);
+        }
+        let start = i;
+        while i < bytes.len() && bytes[i] != b'=' && !bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let key = conn[start..i].to_owned();
+        skip_space(&mut i);
+        if key.is_empty() || bytes.get(i) != Some(&b'=') {
+            return None;
+        }
+        i += 1;
+        skip_space(&mut i);
+        let mut value = Vec::new();
+        if bytes.get(i) == Some(&b'\'') {
+            i += 1;
+            loop {
+                match *bytes.get(i)? {
+                    b'\'' => break,
+                    b'\\' => {
+                        value.push(*bytes.get(i + 1)?);
+                        i += 2;
+                    }
+                    b => {
+                        value.push(b);
+                        i += 1;
+                    }
+                }
+            }
+            i += 1;
+        } else {
+            while i < bytes.len() && !bytes[i].is_ascii_whitespace() {
+                if bytes[i] == b'\\' {
+                    i += 1;
+                }
+                value.push(*bytes.get(i)?);
+                i += 1;
+            }
+        }
+        pairs.push((key, String::from_utf8(value).ok()?, start..i));
+    }
+}
+
+fn percent_decode(text: &str) -> Result<String, Error> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| {
+                    Error::Config("a TLS setting in the URL has a bad %-escape".into())
+                })?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out)
+        .map_err(|_| Error::Config("a TLS setting in the URL is not UTF-8".into()))
+}
+
+/// Checks the chain and not the name (`verify-ca`): the server holds a certificate the
+/// root vouches for, whatever host it names.
+#[derive(Debug)]
+struct ChainOnly {
+    inner: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // The chain is checked before the name: a name error means the chain is good.
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Accepts any certificate (`prefer`, `require` without a root): the connection is
+/// encrypted, but nothing proves who is at the other end. The handshake's signatures are
+/// still checked, so the certificate's key must be the server's.
+#[derive(Debug)]
+struct Unchecked {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for Unchecked {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(conn: &str) -> (String, Vec<(String, String)>) {
+        split_params(conn).unwrap()
+    }
+
+    fn pair(k: &str, v: &str) -> (String, String) {
+        (k.to_owned(), v.to_owned())
+    }
+
+    #[test]
+    fn splits_tls_settings_off_a_url() {
+        let (rest, found) = split(
+            "postgres://u:p%40w@h/db?application_name=x&sslmode=verify-full&sslrootcert=%2Ftmp%2Fca%20b.pem",
+        );
+        assert_eq!(rest, "postgres://u:p%40w@h/db?application_name=x");
+        assert_eq!(
+            found,
+            [
+                pair("sslmode", "verify-full"),
+                pair("sslrootcert", "/tmp/ca b.pem")
+            ]
+        );
+        let (rest, found) = split("postgresql://h/db?sslmode=require");
+        assert_eq!((rest.as_str(), found.len()), ("postgresql://h/db", 1));
+        assert_eq!(split("postgres://h/db").0, "postgres://h/db");
+        assert!(split_params("postgres://h/db?sslrootcert=%zz").is_err());
+    }
+
+    #[test]
+    fn splits_tls_settings_off_key_value() {
+        let (rest, found) = split(
+            "host=h sslmode = verify-ca password='a b\\'c' sslrootcert='/x y/ca.pem' sslkey=/k\\ ey",
+        );
+        assert_eq!(rest, "host=h  password='a b\\'c'  ");
+        assert_eq!(
+            found,
+            [
+                pair("sslmode", "verify-ca"),
+                pair("sslrootcert", "/x y/ca.pem"),
+                pair("sslkey", "/k ey"),
+            ]
+        );
+        // Not the grammar: left whole for tokio-postgres to report.
+        assert_eq!(split("host h").0, "host h");
+        assert_eq!(split("sslmode='open").0, "sslmode='open");
+    }
+
+    #[test]
+    fn modes_parse_and_map() {
+        for mode in [
+            SslMode::Disable,
+            SslMode::Allow,
+            SslMode::Prefer,
+            SslMode::Require,
+            SslMode::VerifyCa,
+            SslMode::VerifyFull,
+        ] {
+            assert_eq!(mode.as_str().parse::<SslMode>().unwrap(), mode);
+        }
+        assert!("sometimes".parse::<SslMode>().is_err());
+        assert_eq!(SslMode::VerifyFull.pg(), PgSslMode::Require);
+        assert_eq!(SslMode::Allow.pg(), PgSslMode::Prefer);
+    }
+
+    #[test]
+    fn verification_needs_a_root() {
+        let mut tls = TlsOptions::default();
+        tls.set("sslmode", "verify-full").unwrap();
+        tls.set_root_cert("/nonexistent/ca.pem");
+        let err = tls.connector().err().expect("no such file").to_string();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+        let mut tls = TlsOptions::default();
+        tls.set("sslcert", "/c.pem").unwrap();
+        assert!(tls.connector().is_err(), "a certificate without its key");
+        assert!(TlsOptions::default().connector().is_ok());
+    }
+}
