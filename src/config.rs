@@ -499,8 +499,10 @@ impl Config {
         Signer::new(self.secrets.clone(), self.channel.clone()).ok()
     }
 
-    /// A TLS connector for these settings, reading the certificate files now.
-    pub(crate) fn tls_connector(&self) -> Result<tls::Connector, Error> {
+    /// A TLS connector for these settings (reading the certificate files now), for
+    /// connections of your own that should use TLS as the pipe does:
+    /// `config.pg().connect(config.tls_connector()?)`.
+    pub fn tls_connector(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, Error> {
         self.tls.connector()
     }
 }

@@ -59,7 +59,9 @@
 //! - Best effort (default): updates sent while it is disconnected are lost, and a
 //!   [`Event::Resync`] says so. Durable mode ([`Config::with_durable`]): they are replayed
 //!   from the log, exactly once, in commit order per sender.
-//! - A payload that does not decode is counted, logged and dropped; the listener goes on.
+//! - A payload that does not decode, or asks for more than the [`Limits`], is counted, logged
+//!   and dropped; the listener goes on. With signing on ([`Config::with_secrets`]), so is
+//!   one that is unsigned, forged or replayed.
 //!
 //! `docs/delivery.md` states this fully and argues why it holds.
 //!
@@ -75,6 +77,8 @@
 //! | the durable log: writing, reading in commit order, pruning | `log` |
 //! | migrations (the `updatepipe` schema and log table) | `migrate` |
 //! | counters; the server's status | `stats`; `status` |
+//! | untrusted input: payload limits, signed envelopes and replay checks | `limits`, `sign` |
+//! | TLS (`sslmode` up to `verify-full`, with rustls) | `tls` |
 //! | throwaway clusters for tests and the demo | [`cluster`] |
 
 mod channel;

@@ -12,7 +12,7 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use updatepipe::{ChannelName, Config, PgPipe, SeqSet, Update, UpdatePipe};
 
 /// Options of `updatepipe bench`.
@@ -110,6 +110,16 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
             Some("raw batched 100/tx"),
         ),
         (
+            "signed, 1 pusher",
+            Step::Signed(per_round(20_000), 1),
+            Some("pipe, 1 pusher"),
+        ),
+        (
+            "signed, 256 pushers",
+            Step::Signed(per_round(600_000), 256),
+            Some("pipe, 256 pushers"),
+        ),
+        (
             "durable, 1 pusher",
             Step::Durable(per_round(3_000), 1),
             None,
@@ -205,6 +215,10 @@ async fn measure(config: Config, step: Step) -> anyhow::Result<Row> {
         Step::RawBatched(n, per_tx) => raw(&config, n, per_tx).await,
         Step::Pipe(n, pushers) => pipe(config, n, pushers).await,
         Step::Durable(n, pushers) => pipe(config.with_durable(true), n, pushers).await,
+        Step::Signed(n, pushers) => {
+            let secret = updatepipe::Secret::new(rand::random::<[u8; 32]>().to_vec())?;
+            pipe(config.with_secrets(vec![secret]), n, pushers).await
+        }
         Step::Paced(rate, n) => paced(config, rate, n).await,
     }
 }
@@ -215,6 +229,8 @@ enum Step {
     RawBatched(u64, usize),
     Pipe(u64, usize),
     Durable(u64, usize),
+    /// Pushers and listener sign and check every envelope.
+    Signed(u64, usize),
     Paced(u64, u64),
 }
 
@@ -263,13 +279,14 @@ fn print_table(report: &Report) {
         );
     }
     println!(
-        "\nvs base: the pipe's rate over the raw row it is compared with (1 pusher: raw \
-         sequential; 16: raw batched 10/tx; 256: raw batched 100/tx)."
+        "\nvs base: the pipe's rate over the row it is compared with (1 pusher: raw \
+         sequential; 16: raw batched 10/tx; 256: raw batched 100/tx; signed: the same pipe \
+         row unsigned)."
     );
 }
 
 async fn server_version(config: &Config) -> anyhow::Result<String> {
-    let (client, connection) = config.pg().connect(NoTls).await?;
+    let (client, connection) = config.pg().connect(config.tls_connector()?).await?;
     let task = tokio::spawn(connection);
     let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
     drop(client);
@@ -286,7 +303,7 @@ struct RawListener {
 
 impl RawListener {
     async fn start(config: &Config, target: u64) -> anyhow::Result<Self> {
-        let (client, mut connection) = config.pg().connect(NoTls).await?;
+        let (client, mut connection) = config.pg().connect(config.tls_connector()?).await?;
         let count = Arc::new(AtomicU64::new(0));
         let reached = Arc::new(Notify::new());
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -354,7 +371,7 @@ impl Drop for RawListener {
 /// flusher works; each notification carries one update's JSON.
 async fn raw(config: &Config, n: u64, per_tx: usize) -> anyhow::Result<Row> {
     let listener = RawListener::start(config, n).await?;
-    let (client, connection) = config.pg().connect(NoTls).await?;
+    let (client, connection) = config.pg().connect(config.tls_connector()?).await?;
     let conn = tokio::spawn(connection);
     let statement = client.prepare("SELECT pg_notify($1, $2)").await?;
     let channel = config.channel().as_str();

@@ -39,7 +39,7 @@ pub async fn run(base: Config) -> anyhow::Result<()> {
     println!("the admin tool stores a message and pushes inside the same transaction:");
     let (mut client, connection) = config
         .pg()
-        .connect(tokio_postgres::NoTls)
+        .connect(config.tls_connector()?)
         .await
         .map_err(Error::Connect)?;
     let connection = tokio::spawn(connection);
