@@ -31,6 +31,9 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// The default bound on deliveries a listener holds for a caller that is not reading.
 pub const DEFAULT_MAX_BUFFERED: usize = 65_536;
 
+/// The longest replay window [`Config::with_replay_window`] takes.
+const MAX_REPLAY_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// How a listener retries after losing its connection: full-jitter exponential backoff.
 ///
 /// Attempt `n` waits a random time between zero and `min(max, initial × 2ⁿ)`; the count
@@ -117,6 +120,7 @@ pub struct Config {
     since: Option<Since>,
     tls: TlsOptions,
     secrets: Vec<Secret>,
+    accept_unsigned: bool,
     replay_window: Duration,
     limits: Limits,
 }
@@ -259,6 +263,7 @@ impl Config {
             since: None,
             tls,
             secrets: Vec::new(),
+            accept_unsigned: false,
             replay_window: DEFAULT_REPLAY_WINDOW,
             limits: Limits::default(),
         }
@@ -387,12 +392,21 @@ impl Config {
         self
     }
 
+    /// With signing on, while it is being rolled out: sign what this pipe sends, check
+    /// signed envelopes as usual, and also accept unsigned ones (default off). Turn it on
+    /// for every pipe first, then off everywhere once every sender signs (see
+    /// `docs/security.md`).
+    pub fn with_accept_unsigned(mut self, accept: bool) -> Self {
+        self.accept_unsigned = accept;
+        self
+    }
+
     /// With signing on: how far a notification's time may be from the listener's clock,
-    /// either way (default 5 minutes). Covers clock skew between hosts and the time a push
-    /// inside a caller's transaction waits for its commit; durable log entries are allowed
-    /// the retention on top.
+    /// either way (default 5 minutes, at most a week). Covers clock skew between hosts and
+    /// the time a push inside a caller's transaction waits for its commit; durable log
+    /// entries are allowed the retention on top.
     pub fn with_replay_window(mut self, window: Duration) -> Self {
-        self.replay_window = window;
+        self.replay_window = window.min(MAX_REPLAY_WINDOW);
         self
     }
 
@@ -484,6 +498,11 @@ impl Config {
         !self.secrets.is_empty()
     }
 
+    /// Whether a signing listener also accepts unsigned envelopes (a rollout).
+    pub fn accepts_unsigned(&self) -> bool {
+        self.accept_unsigned
+    }
+
     /// The replay window of signed envelopes.
     pub fn replay_window(&self) -> Duration {
         self.replay_window
@@ -526,6 +545,7 @@ impl fmt::Debug for Config {
             .field("since", &self.since)
             .field("tls", &self.tls)
             .field("secrets", &self.secrets.len())
+            .field("accept_unsigned", &self.accept_unsigned)
             .field("replay_window", &self.replay_window)
             .field("limits", &self.limits)
             .finish()

@@ -192,7 +192,8 @@ impl Listener {
             packer: Packer::new(&origin, std::process::id(), config.signer()),
             signer: config.signer(),
             replays: ReplayGuard::default(),
-            rejections: RejectionLog::default(),
+            rejections: Pacer::default(),
+            resyncs: Pacer::default(),
             origin,
             channel: config.channel().as_str().to_owned(),
             sink,
@@ -373,7 +374,9 @@ struct Task {
     signer: Option<Signer>,
     /// With signing on: the numbers each sender has used.
     replays: ReplayGuard,
-    rejections: RejectionLog,
+    /// Paces the warnings about rejected payloads and resyncs, which senders can provoke.
+    rejections: Pacer,
+    resyncs: Pacer,
     channel: String,
     sink: Sink,
     counters: Arc<Counters>,
@@ -827,11 +830,15 @@ impl Task {
             self.resync(ResyncReason::LogPruned);
         }
         let replaying = std::mem::take(&mut self.replaying);
-        for (origin, payload) in &tail.entries {
-            if origin == self.origin.as_str() {
+        for entry in &tail.entries {
+            if entry.origin == self.origin.as_str() {
                 continue;
             }
-            match self.open(payload, Source::Log) {
+            let row = Source::Log {
+                origin: &entry.origin,
+                seq: entry.seq,
+            };
+            match self.open(&entry.payload, row) {
                 Ok(envelope) => {
                     let updates = envelope.into_updates();
                     if replaying {
@@ -844,15 +851,7 @@ impl Task {
                         self.buffer.push_back(Slot::Ready(Event::Update(update)));
                     }
                 }
-                Err(e) if is_inauthentic(&e) => self.reject(&e, 0, payload.len()),
-                Err(e) => {
-                    // A committed update this build cannot read (a newer version, say):
-                    // the application must not go on as if nothing was missed.
-                    self.reject(&e, 0, payload.len());
-                    self.resync(ResyncReason::Unreadable {
-                        origin: origin.clone(),
-                    });
-                }
+                Err(e) => self.refuse_logged(&e, &entry.origin, entry.payload.len()),
             }
         }
         self.cursor = Some(tail.cursor);
@@ -862,27 +861,35 @@ impl Task {
     fn apply_fetch(&mut self, origin: &Origin, seq: u64, payload: Option<String>) {
         let Some(payload) = payload else {
             // Pruned, or never committed: the update is gone.
-            tracing::warn!(target: TARGET, %origin, seq, "an oversize envelope is not in the log");
+            tracing::debug!(target: TARGET, %origin, seq, "an oversize envelope is not in the log");
             self.fill_fetch(Vec::new());
             self.resync(ResyncReason::Unreadable {
                 origin: origin.to_string(),
             });
             return;
         };
-        match self.open(&payload, Source::Log) {
-            Ok(envelope) if envelope.origin() == origin => self.fill_fetch(envelope.into_updates()),
-            Ok(_) => {
-                self.reject(
-                    &DecodeError::Malformed("log row from another sender".into()),
-                    0,
-                    payload.len(),
-                );
-                self.fill_fetch(Vec::new());
-            }
+        let row = Source::Log {
+            origin: origin.as_str(),
+            seq: i64::try_from(seq).unwrap_or(i64::MAX),
+        };
+        match self.open(&payload, row) {
+            Ok(envelope) => self.fill_fetch(envelope.into_updates()),
             Err(e) => {
-                self.reject(&e, 0, payload.len());
                 self.fill_fetch(Vec::new());
+                self.refuse_logged(&e, origin.as_str(), payload.len());
             }
+        }
+    }
+
+    /// A log entry was refused: counted, and unless it was not what its sender wrote
+    /// (unsigned or forged), a resync: it is a committed update the application will not
+    /// see (written by a newer version, say, or older than the replay checks allow).
+    fn refuse_logged(&mut self, e: &DecodeError, origin: &str, bytes: usize) {
+        self.reject(e, 0, bytes);
+        if !matches!(e, DecodeError::Unsigned | DecodeError::Forged) {
+            self.resync(ResyncReason::Unreadable {
+                origin: origin.to_owned(),
+            });
         }
     }
 
@@ -975,7 +982,11 @@ impl Task {
         let Some(signer) = &self.signer else {
             return match source {
                 Source::Notification => Envelope::decode_with(payload, limits),
-                Source::Log => Envelope::decode_logged_with(payload, limits),
+                Source::Log { origin, seq } => {
+                    let envelope = Envelope::decode_logged_with(payload, limits)?;
+                    check_row(&envelope, origin, seq, false)?;
+                    Ok(envelope)
+                }
             };
         };
         let window = self.config.replay_window();
@@ -985,7 +996,12 @@ impl Task {
                 if payload.len() > MAX_PAYLOAD_LEN {
                     return Err(DecodeError::TooLarge(payload.len()));
                 }
-                signer.verify(payload)?;
+                if let Err(e) = signer.verify(payload) {
+                    if e == DecodeError::Unsigned && self.config.accepts_unsigned() {
+                        return Envelope::decode_with(payload, limits);
+                    }
+                    return Err(e);
+                }
                 let envelope = Envelope::decode_with(payload, limits)?;
                 sign::check_time(envelope.sent_at(), now, window)?;
                 if let Some(seq) = envelope.seq()
@@ -1002,12 +1018,23 @@ impl Task {
                 }
                 Ok(envelope)
             }
-            Source::Log => {
+            Source::Log { origin, seq } => {
                 if payload.len() > MAX_LOGGED_ENVELOPE_LEN {
                     return Err(DecodeError::TooLarge(payload.len()));
                 }
-                signer.verify(payload)?;
+                if let Err(e) = signer.verify(payload) {
+                    if e == DecodeError::Unsigned && self.config.accepts_unsigned() {
+                        let envelope = Envelope::decode_logged_with(payload, limits)?;
+                        check_row(&envelope, origin, seq, false)?;
+                        return Ok(envelope);
+                    }
+                    return Err(e);
+                }
                 let envelope = Envelope::decode_logged_with(payload, limits)?;
+                // Signed, the envelope names its sender and number: a copy of it in
+                // another row is refused here, and in a row of the same sender and
+                // number by the table's unique index while the original is kept.
+                check_row(&envelope, origin, seq, true)?;
                 let age = self.config.retention().saturating_add(window);
                 sign::check_time(envelope.sent_at(), now, age)?;
                 Ok(envelope)
@@ -1066,7 +1093,10 @@ impl Task {
     }
 
     fn resync(&mut self, reason: ResyncReason) {
-        tracing::warn!(target: TARGET, ?reason, "updates may have been missed: resync");
+        tracing::debug!(target: TARGET, ?reason, "updates may have been missed: resync");
+        if let Some(suppressed) = self.resyncs.due(std::time::Instant::now()) {
+            tracing::warn!(target: TARGET, ?reason, suppressed, "updates may have been missed: resync");
+        }
         self.counters.resync();
         // One resync not yet delivered says it all: a flood of them (forged numbers, say)
         // must not fill memory.
@@ -1085,8 +1115,8 @@ impl Task {
     }
 
     /// Counts a rejected payload and logs it: its reason at warn level (at most one such
-    /// line per [`REJECTION_LOG_INTERVAL`], saying how many were left out), the details,
-    /// which quote the payload, only at debug level.
+    /// line per [`WARN_INTERVAL`], saying how many were left out), the details, which quote
+    /// the payload, only at debug level.
     fn reject(&mut self, e: &DecodeError, sender_pid: i32, bytes: usize) {
         self.counters.rejected(e);
         tracing::debug!(target: TARGET, reason = e.reason(), error = %e, sender_pid, bytes, "rejected a payload");
@@ -1105,36 +1135,45 @@ impl Task {
 
 /// Where a payload came from.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Source {
+enum Source<'a> {
     Notification,
-    Log,
+    /// A durable log row, with the sender and number its columns give.
+    Log {
+        origin: &'a str,
+        seq: i64,
+    },
 }
 
-/// Whether a payload was refused for not being what its sender sent (unsigned, forged,
-/// replayed), rather than for being unreadable.
-fn is_inauthentic(e: &DecodeError) -> bool {
-    matches!(
-        e,
-        DecodeError::Unsigned | DecodeError::Forged | DecodeError::Replayed(_)
-    )
+/// Whether a log row's sender and number are its envelope's. When they differ, the row was
+/// not written by the envelope's sender: `Forged` for a signed envelope.
+fn check_row(envelope: &Envelope, origin: &str, seq: i64, signed: bool) -> Result<(), DecodeError> {
+    let same = envelope.origin().as_str() == origin
+        && envelope.seq().and_then(|s| i64::try_from(s).ok()) == Some(seq);
+    match (same, signed) {
+        (true, _) => Ok(()),
+        (false, true) => Err(DecodeError::Forged),
+        (false, false) => Err(DecodeError::Malformed(
+            "a log row's sender or number differs from its envelope's".into(),
+        )),
+    }
 }
 
-/// The shortest time between two warnings about rejected payloads: a flood of bad payloads
-/// must not flood the log.
-const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// The shortest time between two warnings of a kind that senders can provoke (a rejected
+/// payload, a resync): a flood of them must not flood the log.
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Paces the warnings about rejected payloads.
+/// Paces one kind of warning.
 #[derive(Debug, Default)]
-struct RejectionLog {
+struct Pacer {
     last: Option<std::time::Instant>,
     suppressed: u64,
 }
 
-impl RejectionLog {
+impl Pacer {
     /// `Some(left out since the last warning)` when a warning is due now.
     fn due(&mut self, now: std::time::Instant) -> Option<u64> {
         match self.last {
-            Some(last) if now.duration_since(last) < REJECTION_LOG_INTERVAL => {
+            Some(last) if now.duration_since(last) < WARN_INTERVAL => {
                 self.suppressed += 1;
                 None
             }

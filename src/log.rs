@@ -97,8 +97,16 @@ pub(crate) struct Tail {
     pub(crate) cursor: Cursor,
     /// Whether entries this listener had not read may have been pruned since `previous`.
     pub(crate) pruned: bool,
-    /// The new entries, in order: sender and envelope.
-    pub(crate) entries: Vec<(String, String)>,
+    /// The new entries, in order.
+    pub(crate) entries: Vec<Entry>,
+}
+
+/// One log entry: its sender and number as the row says, and the envelope.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) origin: String,
+    pub(crate) seq: i64,
+    pub(crate) payload: String,
 }
 
 impl Tail {
@@ -118,7 +126,13 @@ impl Tail {
         };
         let entries = rows
             .iter()
-            .filter_map(|row| Some((row.get::<_, Option<String>>(4)?, row.get::<_, String>(6))))
+            .filter_map(|row| {
+                Some(Entry {
+                    origin: row.get::<_, Option<String>>(4)?,
+                    seq: row.get(5),
+                    payload: row.get(6),
+                })
+            })
             .collect();
         Some(Tail {
             cursor,

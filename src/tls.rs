@@ -11,7 +11,8 @@
 //! | `verify-full` | yes | chain to the root certificate, and the host name |
 //!
 //! The root certificate is `sslrootcert` (a PEM file, or `system` for the operating
-//! system's store), else `~/.postgresql/root.crt` when it exists, as libpq does.
+//! system's store, with `verify-full` only), else `~/.postgresql/root.crt` when it exists,
+//! as libpq does.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -156,6 +157,13 @@ impl TlsOptions {
     /// Builds the connector, reading the certificate files now (so a rotated root
     /// certificate is picked up by the next connection that is built with a new one).
     pub(crate) fn connector(&self) -> Result<Connector, Error> {
+        if self.roots == Some(Roots::System) && self.mode != SslMode::VerifyFull {
+            // Any publicly trusted certificate, for any host, would do: libpq refuses it too.
+            return Err(Error::Config(format!(
+                "sslrootcert=system needs sslmode=verify-full (not {})",
+                self.mode
+            )));
+        }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let roots = self.roots()?;
         let verifier: Arc<dyn ServerCertVerifier> = match (self.mode, roots) {
@@ -577,6 +585,14 @@ mod tests {
         let mut tls = TlsOptions::default();
         tls.set("sslcert", "/c.pem").unwrap();
         assert!(tls.connector().is_err(), "a certificate without its key");
+        let mut tls = TlsOptions::default();
+        tls.set("sslrootcert", "system").unwrap();
+        tls.set("sslmode", "verify-ca").unwrap();
+        let err = tls
+            .connector()
+            .err()
+            .expect("system roots need verify-full");
+        assert!(err.to_string().contains("verify-full"), "{err}");
         assert!(TlsOptions::default().connector().is_ok());
     }
 }

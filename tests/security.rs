@@ -186,6 +186,70 @@ async fn signed_durable_updates_and_oversize_ones_arrive_through_the_log() {
 }
 
 #[tokio::test]
+async fn during_a_rollout_unsigned_envelopes_are_accepted_and_forged_ones_still_refused() {
+    let channel = unique("rollout");
+    let (listener, mut rx) = listening(
+        config_on(&channel)
+            .with_secrets(vec![secret("k1")])
+            .with_accept_unsigned(true),
+    )
+    .await;
+    let unsigned = PgPipe::new(config_on(&channel)).unwrap();
+    let signed = PgPipe::new(config_on(&channel).with_secrets(vec![secret("k1")])).unwrap();
+    let stranger = PgPipe::new(config_on(&channel).with_secrets(vec![secret("k9")])).unwrap();
+    unsigned.push(&new_message(1, 1)).await.unwrap();
+    stranger.push(&new_message(66, 6)).await.unwrap();
+    signed.push(&new_message(2, 2)).await.unwrap();
+    assert_eq!(
+        receive_exactly(&mut rx, 2).await,
+        [new_message(1, 1), new_message(2, 2)]
+    );
+    assert_eq!(listener.stats().rejected_for("forged"), 1);
+    assert_eq!(listener.stats().rejected_total(), 1);
+    for pipe in [listener, unsigned, signed, stranger] {
+        pipe.close().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_signed_log_row_copied_under_another_number_is_refused() {
+    let channel = unique("log_copy");
+    let durable = || {
+        config_on(&channel)
+            .with_durable(true)
+            .with_secrets(vec![secret("k1")])
+    };
+    let pusher = PgPipe::new(durable()).unwrap();
+    pusher.migrate().await.unwrap();
+    let (listener, mut rx) = listening(durable()).await;
+    pusher.push(&new_message(1, 1)).await.unwrap();
+    assert_eq!(receive_exactly(&mut rx, 1).await, [new_message(1, 1)]);
+
+    // A role with INSERT on the log, and no secret, copies the row under a new number and
+    // under a new sender; the next durable push wakes the listener, which reads all three.
+    let client = sql().await;
+    let copied = client
+        .execute(
+            "INSERT INTO updatepipe.log (channel, origin, seq, payload) \
+             SELECT channel, origin, seq + 1000, payload FROM updatepipe.log WHERE channel = $1 \
+             UNION ALL \
+             SELECT channel, 'someone-else', seq, payload FROM updatepipe.log WHERE channel = $1",
+            &[&channel],
+        )
+        .await
+        .unwrap();
+    assert_eq!(copied, 2);
+    pusher.push(&new_message(2, 2)).await.unwrap();
+    assert_eq!(receive_exactly(&mut rx, 1).await, [new_message(2, 2)]);
+    let stats = listener.stats();
+    assert_eq!(stats.rejected_for("forged"), 2, "{stats:?}");
+    // Not what a sender wrote: no resync for it.
+    assert_eq!(stats.resyncs, 0, "{stats:?}");
+    listener.close().await.unwrap();
+    pusher.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn payloads_over_the_limits_are_counted_and_dropped() {
     let channel = unique("limits");
     let limits = Limits::default()

@@ -78,6 +78,11 @@ enum Command {
         /// line), not seen before and within the replay window; count and drop the rest.
         #[arg(long, value_name = "PATH", env = "UPDATEPIPE_SECRET_FILE")]
         secret_file: Option<PathBuf>,
+
+        /// With --secret-file, while signing is rolled out: also accept unsigned
+        /// envelopes (signed ones are still checked).
+        #[arg(long, requires = "secret_file")]
+        accept_unsigned: bool,
     },
 
     /// Push updates and exit once they are committed.
@@ -308,6 +313,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             keys,
             kinds,
             secret_file,
+            accept_unsigned,
         } => {
             let filter = Filter {
                 keys: keys.iter().map(|k| parse_key(k)).collect(),
@@ -316,7 +322,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut config = config(cli.url.as_deref())?
                 .with_channel(channel)
                 .with_durable(durable)
-                .with_secrets(secrets(secret_file.as_deref())?);
+                .with_secrets(secrets(secret_file.as_deref())?)
+                .with_accept_unsigned(accept_unsigned);
             if let Some(since) = since {
                 config = config.with_since(since);
             }
