@@ -366,7 +366,8 @@ impl Config {
     }
 
     /// The root certificate(s) that server certificates must chain to: a PEM file, or
-    /// `system` for the operating system's store (`sslrootcert`).
+    /// `system` for the operating system's store (`sslrootcert`; `system` only with
+    /// [`SslMode::VerifyFull`], or the pipe refuses to start).
     pub fn with_ssl_root_cert(mut self, path: impl AsRef<std::path::Path>) -> Self {
         self.tls.set_root_cert(path);
         self

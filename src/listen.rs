@@ -69,8 +69,9 @@ pub enum ResyncReason {
     /// The listener was away longer than the durable log's retention: entries it had not
     /// read were pruned.
     LogPruned,
-    /// A committed update could not be read: its log entry is gone or undecodable (for
-    /// example written by a newer version).
+    /// A committed update could not be read: its log entry is gone, undecodable (for
+    /// example written by a newer version), or with signing on, older than the retention
+    /// and replay window allow.
     Unreadable {
         /// The sender.
         origin: String,
@@ -882,11 +883,13 @@ impl Task {
     }
 
     /// A log entry was refused: counted, and unless it was not what its sender wrote
-    /// (unsigned or forged), a resync: it is a committed update the application will not
+    /// (unsigned, forged, or with signing on too large to check), a resync: it is a committed update the application will not
     /// see (written by a newer version, say, or older than the replay checks allow).
     fn refuse_logged(&mut self, e: &DecodeError, origin: &str, bytes: usize) {
         self.reject(e, 0, bytes);
-        if !matches!(e, DecodeError::Unsigned | DecodeError::Forged) {
+        // With signing on, a row too large to check is no more a sender's than a forged one.
+        let unchecked = self.signer.is_some() && matches!(e, DecodeError::TooLarge(_));
+        if !unchecked && !matches!(e, DecodeError::Unsigned | DecodeError::Forged) {
             self.resync(ResyncReason::Unreadable {
                 origin: origin.to_owned(),
             });

@@ -30,6 +30,11 @@ pub struct BenchArgs {
     /// it, and report the median (the machine's noise shows in the spread).
     #[arg(long, default_value_t = 3, value_name = "N")]
     rounds: u32,
+
+    /// Run only the rows whose name contains this text (repeat for several), with the
+    /// baselines they are compared with.
+    #[arg(long, value_name = "TEXT")]
+    only: Vec<String>,
 }
 
 /// One measured row.
@@ -78,7 +83,7 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
     let per_round = |n: u64| scale(n).div_ceil(u64::from(rounds)).max(100);
     // Each pipe row right after the baseline it is compared with, so both see the same
     // machine; all of it `rounds` times.
-    let throughput: Vec<(&str, Step, Option<&str>)> = vec![
+    let mut throughput: Vec<(&str, Step, Option<&str>)> = vec![
         (
             "raw sequential",
             Step::RawSequential(per_round(20_000)),
@@ -135,10 +140,23 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
             None,
         ),
     ];
-    let paced_rows: Vec<(&str, Step)> = vec![
+    let mut paced_rows: Vec<(&str, Step)> = vec![
         ("pipe latency @1,000/s", Step::Paced(1_000, scale(5_000))),
         ("pipe latency @10,000/s", Step::Paced(10_000, scale(50_000))),
     ];
+    if !args.only.is_empty() {
+        let wanted = |name: &str| args.only.iter().any(|text| name.contains(text.as_str()));
+        let baselines: Vec<&str> = throughput
+            .iter()
+            .filter(|(name, _, _)| wanted(name))
+            .filter_map(|(_, _, baseline)| *baseline)
+            .collect();
+        throughput.retain(|(name, _, _)| wanted(name) || baselines.contains(name));
+        paced_rows.retain(|(name, _)| wanted(name));
+        if throughput.is_empty() && paced_rows.is_empty() {
+            anyhow::bail!("no row's name contains {:?}", args.only);
+        }
+    }
     let steps = throughput.len() as u64 * u64::from(rounds) + paced_rows.len() as u64;
     let progress = if args.json {
         ProgressBar::hidden()
