@@ -179,24 +179,7 @@ impl Envelope {
         seq: u64,
         updates: &[Update],
     ) -> Result<String, Error> {
-        let encoded: Vec<String> = updates.iter().map(Update::to_json).collect();
-        let origin = serde_json::to_string(origin.as_str()).expect("a string always serializes");
-        let payload = write_v1(
-            &origin,
-            pid,
-            seq,
-            Marks::default(),
-            Kind::Updates,
-            encoded.iter().map(String::as_str),
-            None,
-        );
-        if payload.len() > MAX_PAYLOAD_LEN {
-            return Err(Error::PayloadTooLarge {
-                size: payload.len(),
-                limit: MAX_PAYLOAD_LEN,
-            });
-        }
-        Ok(payload)
+        write_unsigned(origin, Some(pid), seq, updates)
     }
 
     /// Packs updates, in order, into as few version 1 payloads as fit in
@@ -221,18 +204,16 @@ impl Envelope {
         Ok(packed.into_iter().map(|(_, payload)| payload).collect())
     }
 
-    /// Encodes this envelope in version 1 form.
+    /// Encodes this envelope in version 1 form (without `"p"` when it has no pid; with
+    /// number 0 when it has none, as a legacy payload).
     pub fn encode(&self) -> Result<String, Error> {
-        Envelope::encode_v1(
-            &self.origin,
-            self.pid.unwrap_or(0),
-            self.seq.unwrap_or(0),
-            &self.updates,
-        )
+        write_unsigned(&self.origin, self.pid, self.seq.unwrap_or(0), &self.updates)
     }
 
     /// Encodes one update as maddy does (`<sender id>;<json with ';' as 0x10>\n`). Useful to
-    /// test interoperability; updatepipe itself always sends version 1.
+    /// test interoperability; updatepipe itself always sends version 1. The sender id must
+    /// not contain `;` nor start with `{` (maddy's never do), or the payload does not read
+    /// back.
     pub fn encode_legacy(sender_id: &str, update: &Update) -> String {
         format!("{sender_id};{}\n", update.to_json().replace(';', "\u{10}"))
     }
@@ -266,6 +247,9 @@ impl Envelope {
     pub fn decode_logged_with(payload: &str, limits: &Limits) -> Result<Envelope, DecodeError> {
         if payload.len() > MAX_LOGGED_ENVELOPE_LEN {
             return Err(DecodeError::TooLarge(payload.len()));
+        }
+        if !payload.starts_with('{') {
+            return Err(DecodeError::Unrecognized);
         }
         decode_v1(payload, limits)
     }
@@ -349,7 +333,7 @@ impl Packer {
         };
         let overhead = write_v1(
             &origin_json,
-            pid,
+            Some(pid),
             u64::MAX,
             all_marks,
             Kind::Updates,
@@ -377,7 +361,7 @@ impl Packer {
     ) -> String {
         write_v1(
             &self.origin_json,
-            self.pid,
+            Some(self.pid),
             seq,
             marks,
             kind,
@@ -443,6 +427,33 @@ impl Packer {
     }
 }
 
+/// An unsigned version 1 payload of these updates, within [`MAX_PAYLOAD_LEN`].
+fn write_unsigned(
+    origin: &Origin,
+    pid: Option<u32>,
+    seq: u64,
+    updates: &[Update],
+) -> Result<String, Error> {
+    let encoded: Vec<String> = updates.iter().map(Update::to_json).collect();
+    let origin = serde_json::to_string(origin.as_str()).expect("a string always serializes");
+    let payload = write_v1(
+        &origin,
+        pid,
+        seq,
+        Marks::default(),
+        Kind::Updates,
+        encoded.iter().map(String::as_str),
+        None,
+    );
+    if payload.len() > MAX_PAYLOAD_LEN {
+        return Err(Error::PayloadTooLarge {
+            size: payload.len(),
+            limit: MAX_PAYLOAD_LEN,
+        });
+    }
+    Ok(payload)
+}
+
 /// What an envelope is for.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -457,7 +468,7 @@ enum Kind {
 /// is the origin as a JSON string. With a signer, stamps the time (`"w"`) and signs (`"g"`).
 fn write_v1<'a>(
     origin_json: &str,
-    pid: u32,
+    pid: Option<u32>,
     seq: u64,
     marks: Marks,
     kind: Kind,
@@ -466,7 +477,11 @@ fn write_v1<'a>(
 ) -> String {
     use std::fmt::Write;
     let mut out = String::with_capacity(MAX_PAYLOAD_LEN.min(1024));
-    let _ = write!(out, "{{\"v\":1,\"o\":{origin_json},\"p\":{pid},\"s\":{seq}");
+    let _ = write!(out, "{{\"v\":1,\"o\":{origin_json}");
+    if let Some(pid) = pid {
+        let _ = write!(out, ",\"p\":{pid}");
+    }
+    let _ = write!(out, ",\"s\":{seq}");
     if marks.transactional {
         out.push_str(",\"t\":1");
     }
@@ -745,6 +760,13 @@ mod tests {
         let env = Envelope::decode(r#"{"v":1,"o":"a","s":1,"u":[]}"#).unwrap();
         assert!(env.updates().is_empty());
         assert_eq!(env.pid(), None);
+        // Re-encoded without a pid it gains none (and so no bytes).
+        assert_eq!(env.encode().unwrap(), r#"{"v":1,"o":"a","s":1,"u":[]}"#);
+        // The log reader is as strict as the notification reader about what comes first.
+        assert_eq!(
+            Envelope::decode_logged(r#" {"v":1,"o":"a","s":1,"u":[]}"#),
+            Err(DecodeError::Unrecognized)
+        );
     }
 
     #[test]
