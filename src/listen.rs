@@ -982,30 +982,42 @@ impl Task {
     /// retention allows.
     fn open(&mut self, payload: &str, source: Source) -> Result<Envelope, DecodeError> {
         let limits = self.config.limits();
-        let Some(signer) = &self.signer else {
-            return match source {
-                Source::Notification => Envelope::decode_with(payload, limits),
-                Source::Log { origin, seq } => {
-                    let envelope = Envelope::decode_logged_with(payload, limits)?;
-                    check_row(&envelope, origin, seq, false)?;
-                    Ok(envelope)
+        let signed = match &self.signer {
+            None => false,
+            Some(signer) => {
+                // The size first, then the signature, before anything is parsed.
+                let bound = match source {
+                    Source::Notification => MAX_PAYLOAD_LEN,
+                    Source::Log { .. } => MAX_LOGGED_ENVELOPE_LEN,
+                };
+                if payload.len() > bound {
+                    return Err(DecodeError::TooLarge(payload.len()));
                 }
-            };
+                match signer.verify(payload) {
+                    Ok(()) => true,
+                    Err(DecodeError::Unsigned) if self.config.accepts_unsigned() => false,
+                    Err(e) => return Err(e),
+                }
+            }
         };
+        let envelope = match source {
+            Source::Notification => Envelope::decode_with(payload, limits)?,
+            Source::Log { origin, seq } => {
+                let envelope = Envelope::decode_logged_with(payload, limits)?;
+                // A signed envelope names its sender and number: a copy of it in another
+                // row is refused here, and in a row of the same sender and number by the
+                // table's unique index while the original is kept.
+                check_row(&envelope, origin, seq, signed)?;
+                envelope
+            }
+        };
+        if !signed {
+            return Ok(envelope);
+        }
         let window = self.config.replay_window();
         let now = std::time::SystemTime::now();
         match source {
             Source::Notification => {
-                if payload.len() > MAX_PAYLOAD_LEN {
-                    return Err(DecodeError::TooLarge(payload.len()));
-                }
-                if let Err(e) = signer.verify(payload) {
-                    if e == DecodeError::Unsigned && self.config.accepts_unsigned() {
-                        return Envelope::decode_with(payload, limits);
-                    }
-                    return Err(e);
-                }
-                let envelope = Envelope::decode_with(payload, limits)?;
                 sign::check_time(envelope.sent_at(), now, window)?;
                 if let Some(seq) = envelope.seq()
                     && !envelope.is_heartbeat()
@@ -1019,30 +1031,13 @@ impl Task {
                         window,
                     )?;
                 }
-                Ok(envelope)
             }
-            Source::Log { origin, seq } => {
-                if payload.len() > MAX_LOGGED_ENVELOPE_LEN {
-                    return Err(DecodeError::TooLarge(payload.len()));
-                }
-                if let Err(e) = signer.verify(payload) {
-                    if e == DecodeError::Unsigned && self.config.accepts_unsigned() {
-                        let envelope = Envelope::decode_logged_with(payload, limits)?;
-                        check_row(&envelope, origin, seq, false)?;
-                        return Ok(envelope);
-                    }
-                    return Err(e);
-                }
-                let envelope = Envelope::decode_logged_with(payload, limits)?;
-                // Signed, the envelope names its sender and number: a copy of it in
-                // another row is refused here, and in a row of the same sender and
-                // number by the table's unique index while the original is kept.
-                check_row(&envelope, origin, seq, true)?;
+            Source::Log { .. } => {
                 let age = self.config.retention().saturating_add(window);
                 sign::check_time(envelope.sent_at(), now, age)?;
-                Ok(envelope)
             }
         }
+        Ok(envelope)
     }
 
     /// Notes a sender's pool-push number; a skipped number means a gap.
