@@ -62,6 +62,17 @@ struct Latency {
     max: u64,
 }
 
+impl Latency {
+    fn of(h: &Histogram<u64>) -> Self {
+        Latency {
+            p50: h.value_at_quantile(0.50),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     server_version: String,
@@ -141,6 +152,7 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
         ),
     ];
     let mut paced_rows: Vec<(&str, Step)> = vec![
+        ("raw latency @1,000/s", Step::RawPaced(1_000, scale(5_000))),
         ("pipe latency @1,000/s", Step::Paced(1_000, scale(5_000))),
         ("pipe latency @10,000/s", Step::Paced(10_000, scale(50_000))),
     ];
@@ -238,6 +250,7 @@ async fn measure(config: Config, step: Step) -> anyhow::Result<Row> {
             pipe(config.with_secrets(vec![secret]), n, pushers).await
         }
         Step::Paced(rate, n) => paced(config, rate, n).await,
+        Step::RawPaced(rate, n) => raw_paced(&config, rate, n).await,
     }
 }
 
@@ -250,6 +263,9 @@ enum Step {
     /// Pushers and listener sign and check every envelope.
     Signed(u64, usize),
     Paced(u64, u64),
+    /// The baseline of `Paced`: plain tokio-postgres, one notification per transaction on
+    /// one connection, at the same pace.
+    RawPaced(u64, u64),
 }
 
 fn print_table(report: &Report) {
@@ -320,7 +336,12 @@ struct RawListener {
 }
 
 impl RawListener {
-    async fn start(config: &Config, target: u64) -> anyhow::Result<Self> {
+    /// Listens on the channel, handing each payload to `on_payload`.
+    async fn start(
+        config: &Config,
+        target: u64,
+        on_payload: impl Fn(&str) + Send + 'static,
+    ) -> anyhow::Result<Self> {
         let (client, mut connection) = config.pg().connect(config.tls_connector()?).await?;
         let count = Arc::new(AtomicU64::new(0));
         let reached = Arc::new(Notify::new());
@@ -340,9 +361,7 @@ impl RawListener {
                         }
                         message = poll_fn(|cx| connection.poll_message(cx)) => match message {
                             Some(Ok(AsyncMessage::Notification(n))) => {
-                                // What a hand-written listener does at least: parse the JSON.
-                                let parsed = serde_json::from_str::<serde_json::Value>(n.payload());
-                                std::hint::black_box(parsed.is_ok());
+                                on_payload(n.payload());
                                 if count.fetch_add(1, Ordering::Relaxed) + 1 == target {
                                     reached.notify_one();
                                 }
@@ -388,7 +407,12 @@ impl Drop for RawListener {
 /// statement over an array when more than one), one transaction in flight, as the pipe's
 /// flusher works; each notification carries one update's JSON.
 async fn raw(config: &Config, n: u64, per_tx: usize) -> anyhow::Result<Row> {
-    let listener = RawListener::start(config, n).await?;
+    // What a hand-written listener does at least: parse the JSON.
+    let listener = RawListener::start(config, n, |payload| {
+        let parsed = serde_json::from_str::<serde_json::Value>(payload);
+        std::hint::black_box(parsed.is_ok());
+    })
+    .await?;
     let (client, connection) = config.pg().connect(config.tls_connector()?).await?;
     let conn = tokio::spawn(connection);
     let statement = client.prepare("SELECT pg_notify($1, $2)").await?;
@@ -417,6 +441,44 @@ async fn raw(config: &Config, n: u64, per_tx: usize) -> anyhow::Result<Row> {
     drop(client);
     let _ = conn.await;
     Ok(row(n, seconds, None, None))
+}
+
+/// Push-to-delivery latency of plain tokio-postgres at a paced rate: what the server and
+/// the machine allow, to read the pipe's latency against. Each payload carries its send
+/// time as its key.
+async fn raw_paced(config: &Config, rate: u64, n: u64) -> anyhow::Result<Row> {
+    let origin = Instant::now();
+    let histogram = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new(3)?));
+    let recorder = histogram.clone();
+    let listener = RawListener::start(config, n, move |payload| {
+        let now = origin.elapsed().as_nanos() as u64;
+        let sent = serde_json::from_str::<serde_json::Value>(payload)
+            .ok()
+            .and_then(|v| v["Key"].as_u64());
+        if let Some(sent) = sent {
+            let micros = now.saturating_sub(sent) / 1_000;
+            let _ = recorder.lock().expect("histogram").record(micros.max(1));
+        }
+    })
+    .await?;
+    let (client, connection) = config.pg().connect(config.tls_connector()?).await?;
+    let conn = tokio::spawn(connection);
+    let statement = client.prepare("SELECT pg_notify($1, $2)").await?;
+    let channel = config.channel().as_str();
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let started = Instant::now();
+    for i in 0..n {
+        tokio::time::sleep_until((started + period.mul_f64(i as f64)).into()).await;
+        let sent = origin.elapsed().as_nanos() as u64;
+        let payload = format!(r#"{{"Type":0,"Key":{sent},"SeqSet":"1"}}"#);
+        client.execute(&statement, &[&channel, &payload]).await?;
+    }
+    listener.wait(n).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    drop(client);
+    let _ = conn.await;
+    let latency = Latency::of(&histogram.lock().expect("histogram"));
+    Ok(row(n, seconds, Some(latency), None))
 }
 
 fn row(n: u64, seconds: f64, latency: Option<Latency>, batches: Option<u64>) -> Row {
@@ -539,12 +601,6 @@ async fn paced(config: Config, rate: u64, n: u64) -> anyhow::Result<Row> {
     let batches = pusher.stats().batches;
     pusher.close().await?;
     listener.close().await?;
-    let h = histogram.lock().expect("histogram");
-    let latency = Latency {
-        p50: h.value_at_quantile(0.50),
-        p99: h.value_at_quantile(0.99),
-        p999: h.value_at_quantile(0.999),
-        max: h.max(),
-    };
+    let latency = Latency::of(&histogram.lock().expect("histogram"));
     Ok(row(n, seconds, Some(latency), Some(batches)))
 }
