@@ -166,11 +166,7 @@ impl TlsOptions {
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let roots = self.roots()?;
-        let verifier: Arc<dyn ServerCertVerifier> = match (self.mode, roots) {
-            (SslMode::VerifyFull, Some(roots)) => webpki(roots, &provider)?,
-            (SslMode::VerifyCa | SslMode::Require, Some(roots)) => Arc::new(ChainOnly {
-                inner: webpki(roots, &provider)?,
-            }),
+        let webpki = match (self.mode, roots) {
             (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
                 return Err(Error::Config(format!(
                     "sslmode={} needs a root certificate: set sslrootcert (a PEM file, or \
@@ -178,10 +174,18 @@ impl TlsOptions {
                     self.mode
                 )));
             }
-            _ => Arc::new(Unchecked {
-                provider: provider.clone(),
-            }),
+            (SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull, Some(roots)) => Some(
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(|e| Error::Config(format!("TLS root certificates: {e}")))?,
+            ),
+            _ => None,
         };
+        let verifier = Arc::new(Verifier {
+            provider: provider.clone(),
+            webpki,
+            names: self.mode == SslMode::VerifyFull,
+        });
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::Config(format!("TLS: {e}")))?
@@ -265,15 +269,6 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
         )));
     }
     Ok(certs)
-}
-
-fn webpki(
-    roots: RootCertStore,
-    provider: &Arc<CryptoProvider>,
-) -> Result<Arc<WebPkiServerVerifier>, Error> {
-    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| Error::Config(format!("TLS root certificates: {e}")))
 }
 
 /// Splits the settings of [`KEYS`] off a connection string (URL or key=value), returning
@@ -399,14 +394,21 @@ fn percent_decode(text: &str) -> Result<String, Error> {
         .map_err(|_| Error::Config("a TLS setting in the URL is not UTF-8".into()))
 }
 
-/// Checks the chain and not the name (`verify-ca`): the server holds a certificate the
-/// root vouches for, whatever host it names.
+/// Checks a server's certificate as far as the mode asks: not at all (`prefer`, `require`
+/// without a root: the connection is encrypted, but nothing proves who is at the other
+/// end), its chain to the root (`verify-ca`, `require` with a root), or its chain and the
+/// host name (`verify-full`). The handshake's signatures are always checked, so the
+/// certificate's key is the server's.
 #[derive(Debug)]
-struct ChainOnly {
-    inner: Arc<WebPkiServerVerifier>,
+struct Verifier {
+    provider: Arc<CryptoProvider>,
+    /// The chain check, when there is one.
+    webpki: Option<Arc<WebPkiServerVerifier>>,
+    /// Whether the certificate must name the host.
+    names: bool,
 }
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -415,62 +417,17 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(webpki) = &self.webpki else {
+            return Ok(ServerCertVerified::assertion());
+        };
         // The chain is checked before the name: a name error means the chain is good.
-        match self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
+        match webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
+            )) if !self.names => Ok(ServerCertVerified::assertion()),
             other => other,
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
-/// Accepts any certificate (`prefer`, `require` without a root): the connection is
-/// encrypted, but nothing proves who is at the other end. The handshake's signatures are
-/// still checked, so the certificate's key must be the server's.
-#[derive(Debug)]
-struct Unchecked {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for Unchecked {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(

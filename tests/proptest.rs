@@ -343,23 +343,33 @@ fn update_object() -> BoxedStrategy<String> {
         weighted(0.05, extra_member()),
     )
         .prop_map(|(kind, key, seq, flags, extra)| {
-            let named = [
-                ("Type", kind),
-                ("Key", key),
-                ("SeqSet", seq),
-                ("NewFlags", flags),
-            ];
-            let mut members: Vec<(String, String)> = named
-                .into_iter()
-                .filter_map(|(name, value)| Some((quoted(name), value?)))
-                .collect();
-            members.extend(extra);
-            members
+            present(
+                [
+                    ("Type", kind),
+                    ("Key", key),
+                    ("SeqSet", seq),
+                    ("NewFlags", flags),
+                ],
+                extra,
+            )
         })
         .prop_shuffle();
     (members, whitespace())
         .prop_map(|(members, ws)| object(&members, ws))
         .boxed()
+}
+
+/// The members that are present, each name quoted, then the extra ones.
+fn present<const N: usize>(
+    named: [(&str, Option<String>); N],
+    extra: impl IntoIterator<Item = (String, String)>,
+) -> Vec<(String, String)> {
+    let mut members: Vec<(String, String)> = named
+        .into_iter()
+        .filter_map(|(name, value)| Some((quoted(name), value?)))
+        .collect();
+    members.extend(extra);
+    members
 }
 
 /// An update as JSON: a valid one as encoded, or one from the grammar.
@@ -405,24 +415,21 @@ fn envelope_object() -> BoxedStrategy<String> {
         weighted(0.1, extra_member()),
     )
         .prop_map(|(v, o, p, s, t, d, r, h, w, u, extra)| {
-            let named = [
-                ("v", v),
-                ("o", o),
-                ("p", p),
-                ("s", s),
-                ("t", t),
-                ("d", d),
-                ("r", r),
-                ("h", h),
-                ("w", w),
-                ("u", u),
-            ];
-            let mut members: Vec<(String, String)> = named
-                .into_iter()
-                .filter_map(|(name, value)| Some((quoted(name), value?)))
-                .collect();
-            members.extend(extra);
-            members
+            present(
+                [
+                    ("v", v),
+                    ("o", o),
+                    ("p", p),
+                    ("s", s),
+                    ("t", t),
+                    ("d", d),
+                    ("r", r),
+                    ("h", h),
+                    ("w", w),
+                    ("u", u),
+                ],
+                extra,
+            )
         })
         .prop_shuffle();
     (members, whitespace())
