@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::mpsc;
-use tokio_postgres::NoTls;
 use updatepipe::cluster::env_or_temp;
 use updatepipe::{ChannelName, Flag, PgPipe, Update, UpdatePipe};
 
@@ -23,7 +22,7 @@ async fn main() -> anyhow::Result<()> {
     // The application's pool, built the way the application builds it.
     let manager = Manager::from_config(
         config.pg().clone(),
-        NoTls,
+        config.tls_connector()?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

@@ -31,6 +31,14 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// The default bound on deliveries a listener holds for a caller that is not reading.
 pub const DEFAULT_MAX_BUFFERED: usize = 65_536;
 
+/// The variables that set TLS, and the connection-string keys they stand for.
+const TLS_VARS: [(&str, &str); 4] = [
+    ("PGSSLMODE", "sslmode"),
+    ("PGSSLROOTCERT", "sslrootcert"),
+    ("PGSSLCERT", "sslcert"),
+    ("PGSSLKEY", "sslkey"),
+];
+
 /// The longest replay window [`Config::with_replay_window`] takes.
 const MAX_REPLAY_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -140,14 +148,42 @@ impl Config {
             ))
         })?;
         let mut config = Config::from_pg(pg);
-        for (key, value) in tls_params {
-            config.tls.set(&key, &value)?;
-        }
-        config.pg.ssl_mode(config.tls.mode.pg());
+        config.apply_tls(tls_params)?;
         Ok(config)
     }
 
-    /// From the environment: `DATABASE_URL` when set, otherwise the standard libpq variables
+    /// As [`Config::from_url`], with the `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT` and
+    /// `PGSSLKEY` variables as defaults for the TLS settings the string leaves out, as libpq
+    /// reads them. The CLI's `--url` and `DATABASE_URL` are read this way.
+    pub fn from_url_with_env(url: &str) -> Result<Self, Error> {
+        Config::from_url_and(url, |name| {
+            std::env::var(name).ok().filter(|v| !v.is_empty())
+        })
+    }
+
+    fn from_url_and(url: &str, var: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
+        let (_, given) = tls::split_params(url)?;
+        let mut config = Config::from_url(url)?;
+        let defaults = TLS_VARS.iter().filter_map(|(name, key)| {
+            let absent = !given.iter().any(|(k, _)| k == key);
+            Some((key.to_string(), var(name).filter(|_| absent)?))
+        });
+        config.apply_tls(defaults.collect::<Vec<_>>())?;
+        Ok(config)
+    }
+
+    /// Applies TLS settings (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`), and tells
+    /// tokio-postgres the mode.
+    fn apply_tls(&mut self, params: Vec<(String, String)>) -> Result<(), Error> {
+        for (key, value) in params {
+            self.tls.set(&key, &value)?;
+        }
+        self.pg.ssl_mode(self.tls.mode.pg());
+        Ok(())
+    }
+
+    /// From the environment: `DATABASE_URL` when set (with the `PGSSL*` variables as defaults
+    /// for the TLS settings it leaves out), otherwise the standard libpq variables
     /// `PGHOST`, `PGHOSTADDR`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`, `PGAPPNAME`,
     /// `PGCONNECT_TIMEOUT`, `PGOPTIONS`, `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT` and
     /// `PGSSLKEY`. Unset, the host is `localhost`, the
@@ -165,7 +201,7 @@ impl Config {
 
     pub(crate) fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
         if let Some(url) = var("DATABASE_URL") {
-            return Config::from_url(&url);
+            return Config::from_url_and(&url, var);
         }
         let mut pg = tokio_postgres::Config::new();
         match var("PGHOST") {
@@ -209,17 +245,10 @@ impl Config {
             pg.options(&options);
         }
         let mut config = Config::from_pg(pg);
-        for (name, key) in [
-            ("PGSSLMODE", "sslmode"),
-            ("PGSSLROOTCERT", "sslrootcert"),
-            ("PGSSLCERT", "sslcert"),
-            ("PGSSLKEY", "sslkey"),
-        ] {
-            if let Some(value) = var(name) {
-                config.tls.set(key, &value)?;
-            }
-        }
-        config.pg.ssl_mode(config.tls.mode.pg());
+        let tls = TLS_VARS
+            .iter()
+            .filter_map(|(name, key)| Some((key.to_string(), var(name)?)));
+        config.apply_tls(tls.collect())?;
         if let Some(secs) = var("PGCONNECT_TIMEOUT") {
             let secs: u64 = secs.trim().parse().map_err(|_| {
                 Error::Config(format!(
@@ -231,10 +260,17 @@ impl Config {
         Ok(config)
     }
 
-    /// From a `tokio_postgres::Config`. The application name defaults to `updatepipe`.
+    /// From a `tokio_postgres::Config`. The application name defaults to `updatepipe`. With
+    /// host addresses and no host names, each address stands for its name too, as in libpq
+    /// (TLS needs a name; `verify-full` then checks the address).
     pub fn from_pg(mut pg: tokio_postgres::Config) -> Self {
         if pg.get_application_name().is_none() {
             pg.application_name("updatepipe");
+        }
+        if pg.get_hosts().is_empty() {
+            for addr in pg.get_hostaddrs().to_vec() {
+                pg.host(addr.to_string());
+            }
         }
         let connect_timeout = pg
             .get_connect_timeout()
@@ -516,7 +552,8 @@ impl Config {
 
     /// The signer for this channel, when signing is on.
     pub(crate) fn signer(&self) -> Option<Signer> {
-        Signer::new(self.secrets.clone(), self.channel.clone()).ok()
+        (!self.secrets.is_empty())
+            .then(|| Signer::from_parts(self.secrets.clone(), self.channel.clone()))
     }
 
     /// A TLS connector for these settings (reading the certificate files now), for
@@ -578,6 +615,39 @@ mod tests {
         assert_eq!(c.pg().get_application_name(), Some("updatepipe"));
         let c = Config::from_url("postgres://u@h/d?application_name=mine").unwrap();
         assert_eq!(c.pg().get_application_name(), Some("mine"));
+    }
+
+    #[test]
+    fn tls_variables_fill_in_what_the_url_leaves_out() {
+        let c = from(&[
+            ("DATABASE_URL", "postgres://a@h1/db1?sslmode=require"),
+            ("PGSSLMODE", "disable"),
+        ])
+        .unwrap();
+        assert_eq!(c.ssl_mode(), SslMode::Require);
+        let c = from(&[
+            ("DATABASE_URL", "postgres://a@h1/db1"),
+            ("PGSSLMODE", "verify-full"),
+        ])
+        .unwrap();
+        assert_eq!(c.ssl_mode(), SslMode::VerifyFull);
+        assert_eq!(
+            c.pg().get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        // Plain from_url reads no environment.
+        let c = Config::from_url("postgres://a@h1/db1").unwrap();
+        assert_eq!(c.ssl_mode(), SslMode::Prefer);
+    }
+
+    #[test]
+    fn host_addresses_stand_for_host_names() {
+        let c = from(&[("PGHOSTADDR", "127.0.0.1")]).unwrap();
+        assert_eq!(c.pg().get_hosts(), &[Host::Tcp("127.0.0.1".into())]);
+        let c = Config::from_url("hostaddr=10.0.0.1 user=x").unwrap();
+        assert_eq!(c.pg().get_hosts(), &[Host::Tcp("10.0.0.1".into())]);
+        let c = Config::from_url("host=db hostaddr=10.0.0.1 user=x").unwrap();
+        assert_eq!(c.pg().get_hosts(), &[Host::Tcp("db".into())]);
     }
 
     #[test]

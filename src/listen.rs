@@ -187,11 +187,12 @@ impl Listener {
         heartbeat_pool: deadpool_postgres::Pool,
     ) -> Result<Listener, Error> {
         let durable = config.durable();
+        let signer = config.signer();
         let (session, cursor) = Session::open(config, durable).await?;
         let mut task = Task {
             config: config.clone(),
-            packer: Packer::new(&origin, std::process::id(), config.signer()),
-            signer: config.signer(),
+            packer: Packer::new(&origin, std::process::id(), signer.clone()),
+            signer,
             replays: ReplayGuard::default(),
             rejections: Pacer::default(),
             resyncs: Pacer::default(),
@@ -1147,11 +1148,15 @@ enum Source<'a> {
 fn check_row(envelope: &Envelope, origin: &str, seq: i64, signed: bool) -> Result<(), DecodeError> {
     let same = envelope.origin().as_str() == origin
         && envelope.seq().and_then(|s| i64::try_from(s).ok()) == Some(seq);
-    match (same, signed) {
+    // Only durable pushes write log rows, and never a reference or a heartbeat: a signed
+    // best-effort envelope copied into the log has no original there for the unique index
+    // to stop a copy.
+    let durable = envelope.is_durable() && !envelope.is_reference() && !envelope.is_heartbeat();
+    match (same && durable, signed) {
         (true, _) => Ok(()),
         (false, true) => Err(DecodeError::Forged),
         (false, false) => Err(DecodeError::Malformed(
-            "a log row's sender or number differs from its envelope's".into(),
+            "a log row that is not its sender's durable envelope of that number".into(),
         )),
     }
 }

@@ -137,10 +137,16 @@ impl Signer {
         if secrets.is_empty() {
             return Err(Error::Config("signing needs at least one secret".into()));
         }
-        Ok(Signer {
+        Ok(Signer::from_parts(secrets, channel))
+    }
+
+    /// A signer from at least one secret.
+    pub(crate) fn from_parts(secrets: Vec<Secret>, channel: ChannelName) -> Self {
+        debug_assert!(!secrets.is_empty());
+        Signer {
             secrets: secrets.into(),
             channel,
-        })
+        }
     }
 
     /// Signs an unsigned version 1 payload (as [`Envelope::encode_v1`] writes it), stamping
@@ -256,8 +262,9 @@ pub(crate) fn check_time(
 ///
 /// Per sender and number range (pool pushes and pushes in callers' transactions are numbered
 /// apart), it keeps the highest number seen and the ranges below it not yet seen ("holes").
-/// A number below the highest is accepted once if it falls in a hole. Holes and senders are
-/// forgotten once older than the replay window; a forgotten hole only refuses more. A sender
+/// A number below the highest is accepted once if it falls in a hole. Holes are forgotten
+/// two replay windows after they open, the oldest first when a sender has more than
+/// [`MAX_HOLES`]; a forgotten hole only refuses more. A sender
 /// is forgotten when not heard from for twice the window: by then its envelopes are refused
 /// by their time anyway, even from a sender whose clock runs a whole window ahead. A new
 /// sender's numbers below its first are one hole, so a transaction that commits after a
@@ -322,9 +329,13 @@ impl ReplayGuard {
         }
         let numbers = self.senders.get_mut(&key).expect("checked above");
         numbers.seen = now;
-        // Holes open in number order as the top moves up, so the oldest come first.
+        // Holes open in number order as the top moves up, so the oldest come first. A hole
+        // may still be filled two windows after it opened (its envelope was stamped up to a
+        // window after the one that opened it, by a clock ahead, and is on time for one
+        // window more); after that, anything filling it is refused by its time anyway.
+        let expiry = window.saturating_mul(2);
         while let Some(entry) = numbers.holes.first_entry() {
-            if now.duration_since(entry.get().1) <= window {
+            if now.duration_since(entry.get().1) <= expiry {
                 break;
             }
             entry.remove();
@@ -351,6 +362,10 @@ impl ReplayGuard {
         }
         if seq < end {
             numbers.holes.insert(seq + 1, (end, opened));
+        }
+        while numbers.holes.len() > MAX_HOLES {
+            // The oldest goes: only refusing more.
+            numbers.holes.pop_first();
         }
         Ok(())
     }
@@ -511,6 +526,20 @@ mod tests {
     }
 
     #[test]
+    fn replay_guard_bounds_the_holes_of_a_sender() {
+        let mut g = ReplayGuard::default();
+        let o = Origin::parse("a").unwrap();
+        let now = Instant::now();
+        let w = Duration::from_secs(60);
+        // Every other number below the first: each fill splits the initial hole.
+        g.check(&o, false, 20_000, now, w).unwrap();
+        for seq in (1..20_000).step_by(2) {
+            g.check(&o, false, seq, now, w).unwrap();
+        }
+        assert!(g.senders[&(o, false)].holes.len() <= MAX_HOLES);
+    }
+
+    #[test]
     fn replay_guard_forgets_only_what_the_time_check_covers() {
         let mut g = ReplayGuard::default();
         let o = Origin::parse("a").unwrap();
@@ -518,9 +547,12 @@ mod tests {
         let start = Instant::now();
         g.check(&o, false, 5, start, w).unwrap();
         g.check(&o, false, 8, start, w).unwrap();
-        let later = start + Duration::from_secs(61);
-        // Hole 6..7 has expired: anything that could fill it is stale by now.
-        assert!(g.check(&o, false, 6, later, w).is_err());
+        // Hole 6..7 is still open after one window (a clock ahead may stamp late)...
+        g.check(&o, false, 6, start + Duration::from_secs(119), w)
+            .unwrap();
+        // ...and has expired after two: anything that could fill it is stale by now.
+        let later = start + Duration::from_secs(121);
+        assert!(g.check(&o, false, 7, later, w).is_err());
         g.forget_quiet(later + 2 * w - Duration::from_secs(1), w);
         assert_eq!(g.senders.len(), 1);
         g.forget_quiet(later + 2 * w + Duration::from_secs(1), w);

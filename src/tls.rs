@@ -165,7 +165,12 @@ impl TlsOptions {
             )));
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let roots = self.roots()?;
+        // Root certificates matter only to the modes that check the server.
+        let checks = matches!(
+            self.mode,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
+        );
+        let roots = if checks { self.roots()? } else { None };
         let webpki = match (self.mode, roots) {
             (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
                 return Err(Error::Config(format!(
@@ -220,16 +225,18 @@ impl TlsOptions {
     /// exists.
     fn roots(&self) -> Result<Option<RootCertStore>, Error> {
         let mut store = RootCertStore::empty();
-        match &self.roots {
-            Some(Roots::File(path)) => {
-                let (added, _) = store.add_parsable_certificates(read_certs(path)?);
-                if added == 0 {
-                    return Err(Error::Config(format!(
-                        "sslrootcert {} holds no usable certificate",
-                        path.display()
-                    )));
-                }
+        let add_file = |store: &mut RootCertStore, path: &Path| {
+            let (added, _) = store.add_parsable_certificates(read_certs(path)?);
+            if added == 0 {
+                return Err(Error::Config(format!(
+                    "root certificate file {} holds no usable certificate",
+                    path.display()
+                )));
             }
+            Ok(())
+        };
+        match &self.roots {
+            Some(Roots::File(path)) => add_file(&mut store, path)?,
             Some(Roots::System) => {
                 let found = rustls_native_certs::load_native_certs();
                 let (added, _) = store.add_parsable_certificates(found.certs);
@@ -248,7 +255,7 @@ impl TlsOptions {
                 else {
                     return Ok(None);
                 };
-                store.add_parsable_certificates(read_certs(&default)?);
+                add_file(&mut store, &default)?;
             }
         }
         Ok(Some(store))
@@ -276,9 +283,13 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
 /// take apart is returned whole, for tokio-postgres to report.
 pub(crate) fn split_params(conn: &str) -> Result<(String, Vec<(String, String)>), Error> {
     if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
-        let Some((base, query)) = conn.split_once('?') else {
+        // The query starts at the first `?` after the credentials (tokio-postgres reads
+        // them up to the first `@`, `?` included).
+        let after = conn.find('@').map_or(0, |at| at + 1);
+        let Some(mark) = conn[after..].find('?').map(|i| after + i) else {
             return Ok((conn.to_owned(), Vec::new()));
         };
+        let (base, query) = (&conn[..mark], &conn[mark + 1..]);
         let mut kept = Vec::new();
         let mut found = Vec::new();
         for part in query.split('&') {
@@ -492,6 +503,10 @@ mod tests {
         );
         let (rest, found) = split("postgresql://h/db?sslmode=require");
         assert_eq!((rest.as_str(), found.len()), ("postgresql://h/db", 1));
+        // A `?` in the credentials is not the query.
+        let (rest, found) = split("postgres://u:x?&sslmode=disable&@h/db?sslmode=verify-full");
+        assert_eq!(rest, "postgres://u:x?&sslmode=disable&@h/db");
+        assert_eq!(found, [pair("sslmode", "verify-full")]);
         assert_eq!(split("postgres://h/db").0, "postgres://h/db");
         assert!(split_params("postgres://h/db?sslrootcert=%zz").is_err());
     }
@@ -551,5 +566,9 @@ mod tests {
             .expect("system roots need verify-full");
         assert!(err.to_string().contains("verify-full"), "{err}");
         assert!(TlsOptions::default().connector().is_ok());
+        // Modes that do not check the server do not read root certificates.
+        let mut tls = TlsOptions::default();
+        tls.set_root_cert("/nonexistent/ca.pem");
+        assert!(tls.connector().is_ok());
     }
 }

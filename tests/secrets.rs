@@ -79,7 +79,7 @@ async fn passwords_and_signing_secrets_never_show_in_logs_errors_or_debug() {
             .unwrap()
             .with_channel(ChannelName::new("secrets").unwrap())
             .with_secrets(Secret::read_file(&secret_file).unwrap())
-            .with_health_interval(Duration::from_millis(500))
+            .with_health_interval(Duration::from_secs(2))
             .with_connect_timeout(Duration::from_secs(2))
             .with_push_timeout(Duration::from_secs(2))
     };
@@ -137,22 +137,32 @@ async fn passwords_and_signing_secrets_never_show_in_logs_errors_or_debug() {
     listener.close().await.unwrap();
     pusher.close().await.unwrap();
 
-    // The command line, at the most verbose level, with a bad and a good password.
-    for password in [WRONG_PASSWORD, PASSWORD] {
+    // The command line, at the most verbose level, with a bad and a good password: a
+    // connection failure (exit code 3), then success.
+    for (password, code) in [(WRONG_PASSWORD, 3), (PASSWORD, 0)] {
+        let secret_file = secret_file.to_str().unwrap();
         for args in [
             vec!["status"],
-            vec!["push", "--type", "destroyed", "--key", "1"],
+            vec![
+                "push",
+                "--type",
+                "destroyed",
+                "--key",
+                "1",
+                "--secret-file",
+                secret_file,
+            ],
         ] {
             let output = std::process::Command::new(env!("CARGO_BIN_EXE_updatepipe"))
                 .args(&args)
                 .args(["--url", &url(password, port), "--channel", "secrets"])
-                .arg("--secret-file")
-                .arg(&secret_file)
                 .env("RUST_LOG", "trace")
                 .output()
                 .unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+            assert_eq!(output.status.code(), Some(code), "{args:?}: {stderr}");
             shown.push(String::from_utf8_lossy(&output.stdout).into_owned());
-            shown.push(String::from_utf8_lossy(&output.stderr).into_owned());
+            shown.push(stderr);
         }
     }
 

@@ -401,7 +401,7 @@ fn secrets(path: Option<&std::path::Path>) -> Result<Vec<Secret>, Error> {
 
 fn config(url: Option<&str>) -> Result<Config, Error> {
     match url {
-        Some(url) => Config::from_url(url),
+        Some(url) => Config::from_url_with_env(url),
         None => Config::from_env(),
     }
 }
@@ -410,7 +410,7 @@ fn config(url: Option<&str>) -> Result<Config, Error> {
 /// one, else a throwaway cluster (returned, so it lives as long as the caller keeps it).
 async fn database(url: Option<&str>, what: &str) -> anyhow::Result<(Config, Option<TempCluster>)> {
     if let Some(url) = url {
-        return Ok((Config::from_url(url)?, None));
+        return Ok((Config::from_url_with_env(url)?, None));
     }
     if !Config::env_names_database() {
         eprintln!("No DATABASE_URL: starting a throwaway PostgreSQL cluster...");
