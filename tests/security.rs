@@ -374,6 +374,13 @@ async fn exchange(url: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Checks that the connection is refused for the server's certificate.
+async fn refused_certificate(url: &str) {
+    let err = exchange(url).await.unwrap_err();
+    assert!(matches!(err, Error::Connect(_)), "{err:?}");
+    assert!(err.to_string().contains("certificate"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_full_needs_the_right_ca_and_host_name() {
     let wrong = pki();
@@ -407,39 +414,23 @@ async fn verify_full_needs_the_right_ca_and_host_name() {
         .await
         .expect("verify-full with the right CA and host name");
 
-    let err = exchange(&url("localhost", "verify-full", &wrong_ca))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::Connect(_)), "{err:?}");
-    assert!(err.to_string().contains("certificate"), "{err}");
+    refused_certificate(&url("localhost", "verify-full", &wrong_ca)).await;
 
     // The certificate names localhost, not 127.0.0.1.
-    let err = exchange(&url("127.0.0.1", "verify-full", &ca))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::Connect(_)), "{err:?}");
-    assert!(err.to_string().contains("certificate"), "{err}");
+    refused_certificate(&url("127.0.0.1", "verify-full", &ca)).await;
 
     // verify-ca checks the chain only: the host name does not matter, the CA does.
     exchange(&url("127.0.0.1", "verify-ca", &ca))
         .await
         .expect("verify-ca with the right CA");
-    let err = exchange(&url("127.0.0.1", "verify-ca", &wrong_ca))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::Connect(_)), "{err:?}");
-    assert!(err.to_string().contains("certificate"), "{err}");
+    refused_certificate(&url("127.0.0.1", "verify-ca", &wrong_ca)).await;
     // require encrypts; given a root certificate it checks the chain, as libpq does.
     exchange(&format!(
         "postgres://postgres@127.0.0.1:{port}/postgres?sslmode=require"
     ))
     .await
     .expect("require without a root certificate");
-    let err = exchange(&url("127.0.0.1", "require", &wrong_ca))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::Connect(_)), "{err:?}");
-    assert!(err.to_string().contains("certificate"), "{err}");
+    refused_certificate(&url("127.0.0.1", "require", &wrong_ca)).await;
     tokio::task::spawn_blocking(move || drop(cluster))
         .await
         .unwrap();
