@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -109,44 +109,34 @@ async fn pipe_both(
     mode: Arc<AtomicU8>,
     mut closed: watch::Receiver<u64>,
 ) {
-    let (mut cr, mut cw) = client.into_split();
-    let (mut sr, mut sw) = server.into_split();
-    let up = {
-        let mode = mode.clone();
-        async move {
-            let mut buf = vec![0u8; 16384];
-            loop {
-                let n = match cr.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                if mode.load(Ordering::SeqCst) != UP {
-                    continue;
-                }
-                if sw.write_all(&buf[..n]).await.is_err() {
-                    break;
-                }
-            }
-        }
-    };
-    let down = async move {
-        let mut buf = vec![0u8; 16384];
-        loop {
-            let n = match sr.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            if mode.load(Ordering::SeqCst) != UP {
-                continue;
-            }
-            if cw.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
-        }
-    };
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
+    let up = pump(cr, sw, mode.clone());
+    let down = pump(sr, cw, mode);
     tokio::select! {
         _ = up => {}
         _ = down => {}
         _ = closed.changed() => {}
+    }
+}
+
+/// Copies one direction while the proxy is up; drops what arrives while it is not.
+async fn pump(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    mode: Arc<AtomicU8>,
+) {
+    let mut buf = vec![0u8; 16384];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if mode.load(Ordering::SeqCst) != UP {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
     }
 }
