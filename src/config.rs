@@ -138,18 +138,7 @@ impl Config {
     /// `sslmode` (up to `verify-full`), `sslrootcert`, `sslcert` and `sslkey` are read as
     /// libpq reads them.
     pub fn from_url(url: &str) -> Result<Self, Error> {
-        let (url, tls_params) = tls::split_params(url)?;
-        let pg = tokio_postgres::Config::from_str(&url).map_err(|e| {
-            // The parser's messages name the option, never its value; say no more than that.
-            Error::Config(format!(
-                "cannot parse the connection string ({}); expected postgres://user:password@host:port/database \
-                 or key=value pairs",
-                crate::error::pg_message(&e)
-            ))
-        })?;
-        let mut config = Config::from_pg(pg);
-        config.apply_tls(tls_params)?;
-        Ok(config)
+        Config::from_url_and(url, |_| None)
     }
 
     /// As [`Config::from_url`], with the `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT` and
@@ -161,14 +150,26 @@ impl Config {
         })
     }
 
+    /// From a connection string, with `var` giving the `PGSSL*` defaults for the TLS
+    /// settings the string leaves out.
     fn from_url_and(url: &str, var: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
-        let (_, given) = tls::split_params(url)?;
-        let mut config = Config::from_url(url)?;
-        let defaults = TLS_VARS.iter().filter_map(|(name, key)| {
-            let absent = !given.iter().any(|(k, _)| k == key);
-            Some((key.to_string(), var(name).filter(|_| absent)?))
-        });
-        config.apply_tls(defaults.collect::<Vec<_>>())?;
+        let (url, mut tls_params) = tls::split_params(url)?;
+        let pg = tokio_postgres::Config::from_str(&url).map_err(|e| {
+            // The parser's messages name the option, never its value; say no more than that.
+            Error::Config(format!(
+                "cannot parse the connection string ({}); expected postgres://user:password@host:port/database \
+                 or key=value pairs",
+                crate::error::pg_message(&e)
+            ))
+        })?;
+        let defaults: Vec<(String, String)> = TLS_VARS
+            .iter()
+            .filter(|(_, key)| !tls_params.iter().any(|(k, _)| k == key))
+            .filter_map(|(name, key)| Some((key.to_string(), var(name)?)))
+            .collect();
+        tls_params.extend(defaults);
+        let mut config = Config::from_pg(pg);
+        config.apply_tls(tls_params)?;
         Ok(config)
     }
 
