@@ -272,9 +272,22 @@ pub(crate) fn check_time(
 /// first heard from its sender, and still within the window, is accepted once).
 #[derive(Debug, Default)]
 pub(crate) struct ReplayGuard {
-    senders: HashMap<(Origin, bool), Numbers>,
+    senders: HashMap<Origin, Sender>,
     /// When to look for quiet senders next.
     next_sweep: Option<Instant>,
+}
+
+/// One sender's numbers, per range: pool pushes, then pushes in callers' transactions.
+#[derive(Debug, Default)]
+struct Sender {
+    ranges: [Option<Numbers>; 2],
+}
+
+impl Sender {
+    /// When it was last heard from, in either range.
+    fn seen(&self) -> Option<Instant> {
+        self.ranges.iter().flatten().map(|n| n.seen).max()
+    }
 }
 
 #[derive(Debug)]
@@ -300,34 +313,33 @@ impl ReplayGuard {
             self.forget_quiet(now, window);
             self.next_sweep = Some(now + window);
         }
-        let key = (origin.clone(), transactional);
-        if !self.senders.contains_key(&key) {
+        if !self.senders.contains_key(origin) {
             if self.senders.len() >= MAX_SENDERS {
                 // Only holders of a secret get here; forget the quietest.
                 if let Some(quiet) = self
                     .senders
                     .iter()
-                    .min_by_key(|(_, n)| n.seen)
-                    .map(|(k, _)| k.clone())
+                    .min_by_key(|(_, sender)| sender.seen())
+                    .map(|(origin, _)| origin.clone())
                 {
                     self.senders.remove(&quiet);
                 }
             }
+            self.senders.insert(origin.clone(), Sender::default());
+        }
+        let sender = self.senders.get_mut(origin).expect("inserted above");
+        let Some(numbers) = &mut sender.ranges[usize::from(transactional)] else {
             let mut holes = BTreeMap::new();
             if seq > 0 {
                 holes.insert(0, (seq - 1, now));
             }
-            self.senders.insert(
-                key,
-                Numbers {
-                    top: seq,
-                    seen: now,
-                    holes,
-                },
-            );
+            sender.ranges[usize::from(transactional)] = Some(Numbers {
+                top: seq,
+                seen: now,
+                holes,
+            });
             return Ok(());
-        }
-        let numbers = self.senders.get_mut(&key).expect("checked above");
+        };
         numbers.seen = now;
         // Holes open in number order as the top moves up, so the oldest come first. A hole
         // may still be filled two windows after it opened (its envelope was stamped up to a
@@ -373,8 +385,11 @@ impl ReplayGuard {
     /// Forgets the senders not heard from within twice `window`.
     pub(crate) fn forget_quiet(&mut self, now: Instant, window: Duration) {
         let quiet = window.saturating_mul(2);
-        self.senders
-            .retain(|_, n| now.duration_since(n.seen) <= quiet);
+        self.senders.retain(|_, sender| {
+            sender
+                .seen()
+                .is_some_and(|seen| now.duration_since(seen) <= quiet)
+        });
     }
 }
 
@@ -536,7 +551,8 @@ mod tests {
         for seq in (1..20_000).step_by(2) {
             g.check(&o, false, seq, now, w).unwrap();
         }
-        assert!(g.senders[&(o, false)].holes.len() <= MAX_HOLES);
+        let numbers = g.senders[&o].ranges[0].as_ref().unwrap();
+        assert!(numbers.holes.len() <= MAX_HOLES);
     }
 
     #[test]
