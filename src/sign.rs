@@ -355,25 +355,22 @@ impl ReplayGuard {
         if seq > numbers.top {
             if seq > numbers.top + 1 {
                 numbers.holes.insert(numbers.top + 1, (seq - 1, now));
-                if numbers.holes.len() > MAX_HOLES {
-                    numbers.holes.pop_first();
-                }
             }
             numbers.top = seq;
-            return Ok(());
-        }
-        let Some((&start, &(end, opened))) = numbers.holes.range(..=seq).next_back() else {
-            return Err(DecodeError::Replayed(ReplayKind::Number));
-        };
-        if seq > end {
-            return Err(DecodeError::Replayed(ReplayKind::Number));
-        }
-        numbers.holes.remove(&start);
-        if start < seq {
-            numbers.holes.insert(start, (seq - 1, opened));
-        }
-        if seq < end {
-            numbers.holes.insert(seq + 1, (end, opened));
+        } else {
+            let Some((&start, &(end, opened))) = numbers.holes.range(..=seq).next_back() else {
+                return Err(DecodeError::Replayed(ReplayKind::Number));
+            };
+            if seq > end {
+                return Err(DecodeError::Replayed(ReplayKind::Number));
+            }
+            numbers.holes.remove(&start);
+            if start < seq {
+                numbers.holes.insert(start, (seq - 1, opened));
+            }
+            if seq < end {
+                numbers.holes.insert(seq + 1, (end, opened));
+            }
         }
         while numbers.holes.len() > MAX_HOLES {
             // The oldest goes: only refusing more.
