@@ -72,6 +72,12 @@ struct Shared {
     max_batch_wait: Duration,
     counters: Arc<Counters>,
     queue: Mutex<Queue>,
+    /// The connection the last flush went out on, kept for the next one (flushes take turns,
+    /// so one serves them all) instead of going back to the pool: a pool round trip per
+    /// flush is a measurable part of a lone push. Kept only when the pool has room for
+    /// another connection (the listener's heartbeats and `queue_usage` need one).
+    held: Mutex<Option<Object>>,
+    keep_held: bool,
     /// Signalled whenever the last flush ends with nothing queued.
     idle: Notify,
 }
@@ -82,6 +88,16 @@ struct Queue {
     pending: VecDeque<Request>,
     flushing: bool,
     closed: bool,
+}
+
+/// How a push goes out: alone and at once (no flush was in flight), or queued for the next
+/// flush, which it starts (`lead`) when none was in flight.
+enum Turn {
+    Alone(Vec<String>),
+    Queued {
+        lead: bool,
+        outcome: oneshot::Receiver<Result<(), Arc<Error>>>,
+    },
 }
 
 /// One push waiting for a flush: its updates, already encoded and checked, and where to
@@ -133,6 +149,8 @@ impl Pusher {
             max_batch_wait: config.max_batch_wait(),
             counters,
             queue: Mutex::new(Queue::default()),
+            held: Mutex::new(None),
+            keep_held: config.pool_size() >= 2,
             idle: Notify::new(),
         });
         Ok(Pusher { shared })
@@ -158,40 +176,49 @@ impl Pusher {
             return Ok(());
         }
         let shared = &self.shared;
-        let (done, outcome) = oneshot::channel();
-        let lead = {
+        let turn = {
             let mut queue = shared.queue.lock().expect("push queue lock");
             if queue.closed {
                 return Err(Error::Closed);
             }
-            queue.pending.push_back(Request {
-                updates: encoded,
-                done,
-            });
-            !std::mem::replace(&mut queue.flushing, true)
-        };
-        if lead {
-            if shared.max_batch_wait.is_zero() {
-                // No flush was in flight, so this push is first in the queue: send it alone,
-                // from here. (Alone: if the caller gives up midway, no other push's flush is
-                // cut short with it.)
-                let mut guard = LeadGuard(Some(shared.clone()));
-                shared.flush_queued(1).await;
-                shared.clone().hand_over();
-                guard.0 = None;
+            let lead = !std::mem::replace(&mut queue.flushing, true);
+            if lead && shared.max_batch_wait.is_zero() {
+                Turn::Alone(encoded)
             } else {
-                tokio::spawn(shared.clone().drain());
+                let (done, outcome) = oneshot::channel();
+                queue.pending.push_back(Request {
+                    updates: encoded,
+                    done,
+                });
+                Turn::Queued { lead, outcome }
             }
-        }
-        let timeout = shared.timeout;
-        tokio::time::timeout(timeout, outcome)
-            .await
-            .map_err(|_| Error::Timeout {
-                what: "pushing",
-                after: timeout,
-            })?
-            .map_err(|_| Error::Closed)?
-            .map_err(Error::Batch)?;
+        };
+        let outcome = match turn {
+            Turn::Alone(encoded) => {
+                // No flush was in flight: these updates go out alone, from here, at once (no
+                // hand-off). Alone: if the caller gives up midway, no other push's flush is
+                // cut short with it. Pushes that queue meanwhile go to a flusher task after.
+                let mut guard = LeadGuard(Some(shared.clone()));
+                let sent = shared.flush(encoded.iter().map(String::as_str)).await;
+                guard.0 = None;
+                shared.clone().hand_over();
+                sent.map_err(Arc::new)
+            }
+            Turn::Queued { lead, outcome } => {
+                if lead {
+                    tokio::spawn(shared.clone().drain());
+                }
+                let timeout = shared.timeout;
+                tokio::time::timeout(timeout, outcome)
+                    .await
+                    .map_err(|_| Error::Timeout {
+                        what: "pushing",
+                        after: timeout,
+                    })?
+                    .map_err(|_| Error::Closed)?
+            }
+        };
+        outcome.map_err(Error::Batch)?;
         shared.counters.pushed(updates.len());
         Ok(())
     }
@@ -261,6 +288,7 @@ impl Pusher {
             }
             idle.await;
         }
+        drop(shared.held.lock().expect("held connection lock").take());
         shared.pool.close();
     }
 }
@@ -314,7 +342,7 @@ impl Shared {
             }
         }
         loop {
-            if !self.flush_queued(usize::MAX).await {
+            if !self.flush_queued().await {
                 return;
             }
         }
@@ -325,9 +353,9 @@ impl Shared {
         queue.pending.iter().map(|r| r.updates.len()).sum()
     }
 
-    /// Flushes one batch of at most `max_pushes` pushes from the queue and resolves them.
+    /// Flushes one batch of queued pushes (up to the batch bound) and resolves them.
     /// Returns false, with the flush marked finished, when the queue was empty.
-    async fn flush_queued(&self, max_pushes: usize) -> bool {
+    async fn flush_queued(&self) -> bool {
         let batch = {
             let mut queue = self.queue.lock().expect("push queue lock");
             if queue.pending.is_empty() {
@@ -345,9 +373,7 @@ impl Shared {
                     queue.pending.pop_front();
                     continue;
                 }
-                if batch.len() == max_pushes
-                    || (count > 0 && count + request.updates.len() > self.max_batch)
-                {
+                if count > 0 && count + request.updates.len() > self.max_batch {
                     break;
                 }
                 count += request.updates.len();
@@ -359,10 +385,14 @@ impl Shared {
             // Every queued push had been given up: look again.
             return true;
         }
-        let outcome = self.flush(&batch).await.map_err(Arc::new);
-        if let Err(e) = &outcome {
-            tracing::warn!(target: TARGET, error = %e, pushes = batch.len(), "a push batch failed");
-        }
+        let outcome = self
+            .flush(
+                batch
+                    .iter()
+                    .flat_map(|r| r.updates.iter().map(String::as_str)),
+            )
+            .await
+            .map_err(Arc::new);
         for request in batch {
             // A pusher that gave up (timeout, cancelled) no longer listens: fine.
             let _ = request.done.send(outcome.clone());
@@ -370,22 +400,26 @@ impl Shared {
         true
     }
 
-    /// Sends one batch in one statement, within the push timeout.
-    async fn flush(&self, batch: &[Request]) -> Result<(), Error> {
+    /// Sends one batch of encoded updates in one statement, within the push timeout.
+    async fn flush<'a>(&self, encoded: impl IntoIterator<Item = &'a str>) -> Result<(), Error> {
         let marks = Marks {
             transactional: false,
             durable: self.durable,
         };
-        let payloads = self.pack(
-            batch
-                .iter()
-                .flat_map(|r| r.updates.iter().map(String::as_str)),
-            marks,
-        );
+        let payloads = self.pack(encoded, marks);
+        let outcome = self.flush_payloads(&payloads, marks).await;
+        if let Err(e) = &outcome {
+            tracing::warn!(target: TARGET, error = %e, envelopes = payloads.len(), "a push batch failed");
+        }
+        outcome
+    }
+
+    /// Sends packed payloads in one statement by the deadline (a durable batch may try twice).
+    async fn flush_payloads(&self, payloads: &[(u64, String)], marks: Marks) -> Result<(), Error> {
         let deadline = Instant::now() + self.timeout;
         let mut retried = false;
         loop {
-            match tokio::time::timeout_at(deadline, self.send(&payloads, marks)).await {
+            match tokio::time::timeout_at(deadline, self.send(payloads, marks)).await {
                 Ok(Ok(())) => {
                     self.counters.batch();
                     return Ok(());
@@ -420,7 +454,11 @@ impl Shared {
     /// One try at sending a batch's payloads on a pooled connection. A connection that
     /// fails (or is abandoned on timeout) is taken out of the pool.
     async fn send(&self, payloads: &[(u64, String)], marks: Marks) -> Result<(), Error> {
-        let mut client = self.checkout().await?;
+        let held = self.held.lock().expect("held connection lock").take();
+        let mut client = match held {
+            Some(client) => client,
+            None => self.checkout().await?,
+        };
         if client.is_closed() {
             // Closed since it was pooled (a server restart): nothing was sent on it yet.
             drop(Object::take(client));
@@ -452,18 +490,30 @@ impl Shared {
         }
         match sent {
             Ok(_) => {
-                // Back to the pool.
-                drop(guard.0.take());
+                self.release(guard.0.take());
                 Ok(())
             }
             Err(e) => {
                 if e.as_db_error().is_some() {
                     // The connection is fine; the statement failed.
-                    drop(guard.0.take());
+                    self.release(guard.0.take());
                 }
                 Err(Error::Postgres(e))
             }
         }
+    }
+
+    /// Keeps a connection that served a flush for the next one, or gives it back to the
+    /// pool.
+    fn release(&self, client: Option<Object>) {
+        if self.keep_held {
+            let mut held = self.held.lock().expect("held connection lock");
+            if held.is_none() {
+                *held = client;
+                return;
+            }
+        }
+        drop(client);
     }
 
     /// Runs a batch's one statement: prepared and cached on the connection (the fast way),
