@@ -97,10 +97,18 @@ impl Sink {
         matches!(self, Sink::Events(_))
     }
 
-    async fn closed(&self) {
+    /// Completes once the receiver is gone. It holds a sender of its own, so one can serve
+    /// a whole session (registered once, not made anew at every turn of the loop).
+    fn closed(&self) -> BoxFuture<'static, ()> {
         match self {
-            Sink::Updates(tx) => tx.closed().await,
-            Sink::Events(tx) => tx.closed().await,
+            Sink::Updates(tx) => {
+                let tx = tx.clone();
+                async move { tx.closed().await }.boxed()
+            }
+            Sink::Events(tx) => {
+                let tx = tx.clone();
+                async move { tx.closed().await }.boxed()
+            }
         }
     }
 
@@ -544,6 +552,7 @@ impl Task {
             (health / 10).max(Duration::from_millis(10))
         };
         let heartbeat_timeout = health * 2 / 5;
+        let mut receiver_gone = self.sink.closed();
         let mut ticker = tokio::time::interval(tick_every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let end = {
@@ -618,7 +627,7 @@ impl Task {
                         }
                         None => break End::ReceiverGone,
                     },
-                    () = self.sink.closed(), if !self.has_ready() => break End::ReceiverGone,
+                    () = &mut receiver_gone, if !self.has_ready() => break End::ReceiverGone,
                 }
             }
         };
