@@ -51,6 +51,17 @@ impl Origin {
 
     /// An origin from the wire: 1 to 64 printable ASCII characters.
     pub fn parse(text: &str) -> Result<Self, DecodeError> {
+        Self::check(text)?;
+        Ok(Origin(text.to_owned()))
+    }
+
+    /// The same, keeping the string it is given.
+    fn parse_owned(text: String) -> Result<Self, DecodeError> {
+        Self::check(&text)?;
+        Ok(Origin(text))
+    }
+
+    fn check(text: &str) -> Result<(), DecodeError> {
         let printable = text.bytes().all(|b| b.is_ascii_graphic());
         if text.is_empty() || text.len() > MAX_ORIGIN_LEN || !printable {
             return Err(DecodeError::Malformed(format!(
@@ -58,7 +69,7 @@ impl Origin {
                 excerpt(text)
             )));
         }
-        Ok(Origin(text.to_owned()))
+        Ok(())
     }
 
     /// The origin's text.
@@ -475,13 +486,16 @@ fn write_v1<'a>(
     updates: impl Iterator<Item = &'a str>,
     signer: Option<&Signer>,
 ) -> String {
-    use std::fmt::Write;
+    let mut numbers = itoa::Buffer::new();
     let mut out = String::with_capacity(MAX_PAYLOAD_LEN.min(1024));
-    let _ = write!(out, "{{\"v\":1,\"o\":{origin_json}");
+    out.push_str("{\"v\":1,\"o\":");
+    out.push_str(origin_json);
     if let Some(pid) = pid {
-        let _ = write!(out, ",\"p\":{pid}");
+        out.push_str(",\"p\":");
+        out.push_str(numbers.format(pid));
     }
-    let _ = write!(out, ",\"s\":{seq}");
+    out.push_str(",\"s\":");
+    out.push_str(numbers.format(seq));
     if marks.transactional {
         out.push_str(",\"t\":1");
     }
@@ -527,7 +541,7 @@ fn decode_v1(payload: &str, limits: &Limits) -> Result<Envelope, DecodeError> {
     if wire.v != ENVELOPE_VERSION {
         return Err(DecodeError::UnknownVersion(wire.v));
     }
-    let origin = Origin::parse(&wire.o)?;
+    let origin = Origin::parse_owned(wire.o)?;
     Limits::check(Limit::Updates, wire.u.len(), limits.max_updates())?;
     let updates = wire
         .u

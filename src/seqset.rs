@@ -25,7 +25,7 @@ pub enum SeqNum {
 impl fmt::Display for SeqNum {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SeqNum::Value(n) => write!(f, "{n}"),
+            SeqNum::Value(n) => f.write_str(itoa::Buffer::new().format(n.get())),
             SeqNum::Star => f.write_str("*"),
         }
     }

@@ -346,13 +346,22 @@ impl Serialize for Update {
         s.serialize_field("Type", &self.kind.code())?;
         s.serialize_field("Key", &self.key)?;
         if !self.seq_set.is_empty() {
-            s.serialize_field("SeqSet", &self.seq_set.to_string())?;
+            s.serialize_field("SeqSet", &Text(&self.seq_set))?;
         }
         if !self.flags.is_empty() {
             let flags: Vec<&str> = self.flags.iter().map(Flag::as_str).collect();
             s.serialize_field("NewFlags", &flags)?;
         }
         s.end()
+    }
+}
+
+/// Serializes a value as the string its `Display` writes, without an intermediate `String`.
+struct Text<'a, T>(&'a T);
+
+impl<T: fmt::Display> Serialize for Text<'_, T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self.0)
     }
 }
 
