@@ -135,6 +135,23 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
             Step::Signed(per_round(600_000), 256),
             Some("pipe, 256 pushers"),
         ),
+        // Where a sequential pusher's cost lies: each side of the pipe against plain
+        // tokio-postgres on the other, with the same envelopes on the wire.
+        (
+            "sides: raw, envelopes",
+            Step::Sides(per_round(20_000), Sides::Raw),
+            None,
+        ),
+        (
+            "sides: pipe push only",
+            Step::Sides(per_round(20_000), Sides::PipePush),
+            Some("sides: raw, envelopes"),
+        ),
+        (
+            "sides: pipe listen only",
+            Step::Sides(per_round(20_000), Sides::PipeListen),
+            Some("sides: raw, envelopes"),
+        ),
         (
             "durable, 1 pusher",
             Step::Durable(per_round(3_000), 1),
@@ -184,7 +201,7 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
     // Warm the server up (connections, caches) so that the first row is not penalized.
     raw(
         &base.clone().with_channel(channel("warmup")?),
-        scale(5_000),
+        &update_payloads(scale(5_000)),
         1,
     )
     .await?;
@@ -241,8 +258,11 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
 /// Runs one step.
 async fn measure(config: Config, step: Step) -> anyhow::Result<Row> {
     match step {
-        Step::RawSequential(n) => raw(&config, n, 1).await,
-        Step::RawBatched(n, per_tx) => raw(&config, n, per_tx).await,
+        Step::RawSequential(n) => raw(&config, &update_payloads(n), 1).await,
+        Step::RawBatched(n, per_tx) => raw(&config, &update_payloads(n), per_tx).await,
+        Step::Sides(n, Sides::Raw) => raw(&config, &envelope_payloads(n), 1).await,
+        Step::Sides(n, Sides::PipePush) => pipe_push_raw_listen(config, n).await,
+        Step::Sides(n, Sides::PipeListen) => raw_push_pipe_listen(config, n).await,
         Step::Pipe(n, pushers) => pipe(config, n, pushers).await,
         Step::Durable(n, pushers) => pipe(config.with_durable(true), n, pushers).await,
         Step::Signed(n, pushers) => {
@@ -266,6 +286,18 @@ enum Step {
     /// The baseline of `Paced`: plain tokio-postgres, one notification per transaction on
     /// one connection, at the same pace.
     RawPaced(u64, u64),
+    /// One sequential pusher with either side, or neither, the pipe's.
+    Sides(u64, Sides),
+}
+
+/// Which side of a sequential pusher's path is the pipe's; the other is plain
+/// tokio-postgres, sending or parsing the same version 1 envelopes the pipe does.
+#[derive(Clone, Copy, Debug)]
+enum Sides {
+    /// Neither: the baseline of the other two.
+    Raw,
+    PipePush,
+    PipeListen,
 }
 
 fn print_table(report: &Report) {
@@ -405,41 +437,133 @@ impl Drop for RawListener {
 
 /// The baseline: plain tokio-postgres, `per_tx` notifications per transaction (one
 /// statement over an array when more than one), one transaction in flight, as the pipe's
-/// flusher works; each notification carries one update's JSON.
-async fn raw(config: &Config, n: u64, per_tx: usize) -> anyhow::Result<Row> {
-    // What a hand-written listener does at least: parse the JSON.
-    let listener = RawListener::start(config, n, |payload| {
-        let parsed = serde_json::from_str::<serde_json::Value>(payload);
-        std::hint::black_box(parsed.is_ok());
-    })
-    .await?;
-    let (client, connection) = config.pg().connect(config.tls_connector()?).await?;
-    let conn = tokio::spawn(connection);
-    let statement = client.prepare("SELECT pg_notify($1, $2)").await?;
-    let channel = config.channel().as_str();
-    // The update itself as the payload, unique per notification (a hand-written pipe would
-    // send at least that).
-    let payloads: Vec<String> = (0..n)
-        .map(|i| format!(r#"{{"Type":0,"Key":{},"SeqSet":"{}"}}"#, i % 256, i + 1))
-        .collect();
+/// flusher works; a listener that parses each payload's JSON and counts it.
+async fn raw(config: &Config, payloads: &[String], per_tx: usize) -> anyhow::Result<Row> {
+    let n = payloads.len() as u64;
+    let listener = RawListener::start(config, n, parse_json).await?;
+    let pusher = RawPusher::connect(config).await?;
     let started = Instant::now();
-    if per_tx == 1 {
-        for payload in &payloads {
-            client.execute(&statement, &[&channel, payload]).await?;
-        }
-    } else {
+    pusher.send(config, payloads, per_tx).await?;
+    listener.wait(n).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    pusher.close().await;
+    Ok(row(n, seconds, None, None))
+}
+
+/// What a hand-written listener does at least: parse the JSON.
+fn parse_json(payload: &str) {
+    let parsed = serde_json::from_str::<serde_json::Value>(payload);
+    std::hint::black_box(parsed.is_ok());
+}
+
+/// Each update's JSON as the payload, unique per notification (a hand-written pipe would
+/// send at least that).
+fn update_payloads(n: u64) -> Vec<String> {
+    (0..n)
+        .map(|i| format!(r#"{{"Type":0,"Key":{},"SeqSet":"{}"}}"#, i % 256, i + 1))
+        .collect()
+}
+
+/// The version 1 envelopes the pipe sends for the same updates, one per notification,
+/// numbered from 1 by a sender of their own (so a pipe listener accepts them).
+fn envelope_payloads(n: u64) -> Vec<String> {
+    let origin = format!("{:032x}", rand::random::<u128>());
+    let pid = std::process::id();
+    (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"v":1,"o":"{origin}","p":{pid},"s":{},"u":[{{"Type":0,"Key":{},"SeqSet":"{}"}}]}}"#,
+                i + 1,
+                i % 256,
+                i + 1
+            )
+        })
+        .collect()
+}
+
+/// A plain tokio-postgres pusher on a connection of its own, its statements prepared.
+struct RawPusher {
+    client: tokio_postgres::Client,
+    connection: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    one: tokio_postgres::Statement,
+    many: tokio_postgres::Statement,
+}
+
+impl RawPusher {
+    async fn connect(config: &Config) -> anyhow::Result<Self> {
+        let (client, connection) = config.pg().connect(config.tls_connector()?).await?;
+        let connection = tokio::spawn(connection);
+        let one = client.prepare("SELECT pg_notify($1, $2)").await?;
         // As the pipe's flusher does: one statement per transaction, over an array.
         let many = client
             .prepare("SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, n) ORDER BY n")
             .await?;
-        for chunk in payloads.chunks(per_tx) {
-            client.execute(&many, &[&channel, &chunk]).await?;
+        Ok(RawPusher {
+            client,
+            connection,
+            one,
+            many,
+        })
+    }
+
+    /// Sends `per_tx` payloads per transaction, one transaction in flight.
+    async fn send(
+        &self,
+        config: &Config,
+        payloads: &[String],
+        per_tx: usize,
+    ) -> anyhow::Result<()> {
+        let channel = config.channel().as_str();
+        if per_tx == 1 {
+            for payload in payloads {
+                self.client.execute(&self.one, &[&channel, payload]).await?;
+            }
+        } else {
+            for chunk in payloads.chunks(per_tx) {
+                self.client.execute(&self.many, &[&channel, &chunk]).await?;
+            }
         }
+        Ok(())
+    }
+
+    async fn close(self) {
+        drop(self.client);
+        let _ = self.connection.await;
+    }
+}
+
+/// The pipe's pushes, one at a time, to a plain tokio-postgres listener.
+async fn pipe_push_raw_listen(config: Config, n: u64) -> anyhow::Result<Row> {
+    let listener = RawListener::start(&config, n, parse_json).await?;
+    let pusher = PgPipe::new(config)?;
+    pusher.init_push().await?;
+    let started = Instant::now();
+    for i in 0..n {
+        let uid = u32::try_from(i % u64::from(u32::MAX)).unwrap_or(1) + 1;
+        pusher
+            .push(&Update::new_message(i % 256, SeqSet::single(uid)?))
+            .await?;
     }
     listener.wait(n).await?;
     let seconds = started.elapsed().as_secs_f64();
-    drop(client);
-    let _ = conn.await;
+    pusher.close().await?;
+    Ok(row(n, seconds, None, None))
+}
+
+/// Plain tokio-postgres pushes of the pipe's envelopes, one at a time, to a pipe listener.
+async fn raw_push_pipe_listen(config: Config, n: u64) -> anyhow::Result<Row> {
+    let (listener, counter) = pipe_listener(&config, n, |_| {}).await?;
+    let payloads = envelope_payloads(n);
+    let pusher = RawPusher::connect(&config).await?;
+    let started = Instant::now();
+    pusher.send(&config, &payloads, 1).await?;
+    let finished = tokio::time::timeout(Duration::from_secs(120), counter)
+        .await
+        .map_err(|_| anyhow::anyhow!("deliveries did not complete"))??
+        .ok_or_else(|| anyhow::anyhow!("the listener stopped early"))?;
+    let seconds = (finished - started).as_secs_f64();
+    pusher.close().await;
+    listener.close().await?;
     Ok(row(n, seconds, None, None))
 }
 
@@ -461,22 +585,18 @@ async fn raw_paced(config: &Config, rate: u64, n: u64) -> anyhow::Result<Row> {
         }
     })
     .await?;
-    let (client, connection) = config.pg().connect(config.tls_connector()?).await?;
-    let conn = tokio::spawn(connection);
-    let statement = client.prepare("SELECT pg_notify($1, $2)").await?;
-    let channel = config.channel().as_str();
+    let pusher = RawPusher::connect(config).await?;
     let period = Duration::from_secs_f64(1.0 / rate as f64);
     let started = Instant::now();
     for i in 0..n {
         tokio::time::sleep_until((started + period.mul_f64(i as f64)).into()).await;
         let sent = origin.elapsed().as_nanos() as u64;
         let payload = format!(r#"{{"Type":0,"Key":{sent},"SeqSet":"1"}}"#);
-        client.execute(&statement, &[&channel, &payload]).await?;
+        pusher.send(config, &[payload], 1).await?;
     }
     listener.wait(n).await?;
     let seconds = started.elapsed().as_secs_f64();
-    drop(client);
-    let _ = conn.await;
+    pusher.close().await;
     let latency = Latency::of(&histogram.lock().expect("histogram"));
     Ok(row(n, seconds, Some(latency), None))
 }
