@@ -44,9 +44,12 @@ struct Row {
     updates: u64,
     seconds: f64,
     updates_per_sec: f64,
-    /// The row this one is compared with, and the ratio of their rates.
+    /// The row this one is compared with, and the ratio of their rates (medians).
     baseline: Option<String>,
     ratio: Option<f64>,
+    /// The median over rounds of this row's rate over the baseline's in the same round
+    /// (run just before it): less swayed by the machine's drift between rounds.
+    paired_ratio: Option<f64>,
     /// Push-to-delivery latency, in microseconds (paced rows).
     latency_us: Option<Latency>,
     batches: Option<u64>,
@@ -214,8 +217,23 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
             progress.inc(1);
         }
     }
+    // Each round's rate over its baseline's in the same round, before the rounds are sorted.
+    let rates: Vec<Vec<f64>> = measured
+        .iter()
+        .map(|runs| runs.iter().map(|r| r.updates_per_sec).collect())
+        .collect();
+    let paired = |row: usize, baseline: usize| {
+        let mut ratios: Vec<f64> = rates[row]
+            .iter()
+            .zip(&rates[baseline])
+            .map(|(rate, base)| rate / base)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        ratios[ratios.len() / 2]
+    };
+    let names: Vec<&str> = throughput.iter().map(|(name, _, _)| *name).collect();
     let mut rows: Vec<Row> = Vec::new();
-    for ((name, _, baseline), mut runs) in throughput.into_iter().zip(measured) {
+    for (i, ((name, _, baseline), mut runs)) in throughput.into_iter().zip(measured).enumerate() {
         runs.sort_by(|a, b| a.updates_per_sec.total_cmp(&b.updates_per_sec));
         let spread = (
             runs[0].updates_per_sec,
@@ -229,6 +247,9 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
         {
             row.ratio = Some(row.updates_per_sec / base_row.updates_per_sec);
             row.baseline = Some(baseline.to_owned());
+            if let Some(j) = names.iter().position(|n| *n == baseline) {
+                row.paired_ratio = Some(paired(i, j));
+            }
         }
         rows.push(row);
     }
@@ -307,7 +328,7 @@ fn print_table(report: &Report) {
         report.server_version, report.cores, report.rounds
     );
     println!(
-        "{:<24} {:>9} {:>8} {:>12} {:>17} {:>8} {:>9}  {:<26}",
+        "{:<24} {:>9} {:>8} {:>12} {:>17} {:>8} {:>8} {:>7}  {:<26}",
         "row",
         "updates",
         "seconds",
@@ -315,12 +336,13 @@ fn print_table(report: &Report) {
         "(slowest–fastest)",
         "batches",
         "vs base",
+        "paired",
         "latency p50/p99/p99.9/max"
     );
     for row in &report.rows {
-        let ratio = row
-            .ratio
-            .map_or_else(|| "-".to_owned(), |r| format!("{:.0}%", r * 100.0));
+        let percent =
+            |r: Option<f64>| r.map_or_else(|| "-".to_owned(), |r| format!("{:.0}%", r * 100.0));
+        let (ratio, paired) = (percent(row.ratio), percent(row.paired_ratio));
         let latency = row.latency_us.as_ref().map_or_else(
             || "-".to_owned(),
             |l| format!("{} / {} / {} / {} µs", l.p50, l.p99, l.p999, l.max),
@@ -333,7 +355,7 @@ fn print_table(report: &Report) {
             |(low, high)| format!("{low:.0}–{high:.0}"),
         );
         println!(
-            "{:<24} {:>9} {:>8.2} {:>12.0} {:>17} {:>8} {:>9}  {:<26}",
+            "{:<24} {:>9} {:>8.2} {:>12.0} {:>17} {:>8} {:>8} {:>7}  {:<26}",
             row.name,
             row.updates,
             row.seconds,
@@ -341,13 +363,15 @@ fn print_table(report: &Report) {
             spread,
             batches,
             ratio,
+            paired,
             latency
         );
     }
     println!(
         "\nvs base: the pipe's rate over the row it is compared with (1 pusher: raw \
          sequential; 16: raw batched 10/tx; 256: raw batched 100/tx; signed: the same pipe \
-         row unsigned)."
+         row unsigned; sides: raw, envelopes), both medians.\npaired: the median of each \
+         round's ratio to the baseline measured just before it in the same round."
     );
 }
 
@@ -609,6 +633,7 @@ fn row(n: u64, seconds: f64, latency: Option<Latency>, batches: Option<u64>) -> 
         updates_per_sec: n as f64 / seconds,
         baseline: None,
         ratio: None,
+        paired_ratio: None,
         latency_us: latency,
         batches,
         spread: None,
