@@ -50,6 +50,10 @@ struct Row {
     /// The median over rounds of this row's rate over the baseline's in the same round
     /// (run just before it): less swayed by the machine's drift between rounds.
     paired_ratio: Option<f64>,
+    /// CPU time this process (pushers, listener, their connections) spent per update,
+    /// connecting and closing included; the server's is not counted. Steadier than the
+    /// rate on a noisy machine.
+    cpu_us_per_update: Option<f64>,
     /// Push-to-delivery latency, in microseconds (paced rows).
     latency_us: Option<Latency>,
     batches: Option<u64>,
@@ -239,7 +243,10 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
             runs[0].updates_per_sec,
             runs[runs.len() - 1].updates_per_sec,
         );
+        let mut cpu: Vec<f64> = runs.iter().filter_map(|r| r.cpu_us_per_update).collect();
+        cpu.sort_by(f64::total_cmp);
         let mut row = runs.swap_remove(runs.len() / 2);
+        row.cpu_us_per_update = cpu.get(cpu.len() / 2).copied();
         row.name = name.to_owned();
         row.spread = Some(spread);
         if let Some(baseline) = baseline
@@ -276,8 +283,27 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs one step.
+/// Runs one step, and notes the CPU time this process spent on it per update.
 async fn measure(config: Config, step: Step) -> anyhow::Result<Row> {
+    let before = cpu_time()?;
+    let mut row = run_step(config, step).await?;
+    let spent = cpu_time()?.saturating_sub(before);
+    row.cpu_us_per_update = Some(spent.as_secs_f64() * 1e6 / row.updates as f64);
+    Ok(row)
+}
+
+/// User and system CPU time of this process so far (all its threads).
+fn cpu_time() -> anyhow::Result<Duration> {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let usage = getrusage(UsageWho::RUSAGE_SELF)?;
+    let micros = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec().max(0) as u64)
+            + Duration::from_micros(t.tv_usec().max(0) as u64)
+    };
+    Ok(micros(usage.user_time()) + micros(usage.system_time()))
+}
+
+async fn run_step(config: Config, step: Step) -> anyhow::Result<Row> {
     match step {
         Step::RawSequential(n) => raw(&config, &update_payloads(n), 1).await,
         Step::RawBatched(n, per_tx) => raw(&config, &update_payloads(n), per_tx).await,
@@ -328,7 +354,7 @@ fn print_table(report: &Report) {
         report.server_version, report.cores, report.rounds
     );
     println!(
-        "{:<24} {:>9} {:>8} {:>12} {:>17} {:>8} {:>8} {:>7}  {:<26}",
+        "{:<24} {:>9} {:>8} {:>12} {:>17} {:>8} {:>8} {:>7} {:>8}  {:<26}",
         "row",
         "updates",
         "seconds",
@@ -337,12 +363,16 @@ fn print_table(report: &Report) {
         "batches",
         "vs base",
         "paired",
+        "CPU µs",
         "latency p50/p99/p99.9/max"
     );
     for row in &report.rows {
         let percent =
             |r: Option<f64>| r.map_or_else(|| "-".to_owned(), |r| format!("{:.0}%", r * 100.0));
         let (ratio, paired) = (percent(row.ratio), percent(row.paired_ratio));
+        let cpu = row
+            .cpu_us_per_update
+            .map_or_else(|| "-".to_owned(), |c| format!("{c:.1}"));
         let latency = row.latency_us.as_ref().map_or_else(
             || "-".to_owned(),
             |l| format!("{} / {} / {} / {} µs", l.p50, l.p99, l.p999, l.max),
@@ -355,7 +385,7 @@ fn print_table(report: &Report) {
             |(low, high)| format!("{low:.0}–{high:.0}"),
         );
         println!(
-            "{:<24} {:>9} {:>8.2} {:>12.0} {:>17} {:>8} {:>8} {:>7}  {:<26}",
+            "{:<24} {:>9} {:>8.2} {:>12.0} {:>17} {:>8} {:>8} {:>7} {:>8}  {:<26}",
             row.name,
             row.updates,
             row.seconds,
@@ -364,6 +394,7 @@ fn print_table(report: &Report) {
             batches,
             ratio,
             paired,
+            cpu,
             latency
         );
     }
@@ -371,7 +402,8 @@ fn print_table(report: &Report) {
         "\nvs base: the pipe's rate over the row it is compared with (1 pusher: raw \
          sequential; 16: raw batched 10/tx; 256: raw batched 100/tx; signed: the same pipe \
          row unsigned; sides: raw, envelopes), both medians.\npaired: the median of each \
-         round's ratio to the baseline measured just before it in the same round."
+         round's ratio to the baseline measured just before it in the same round.\nCPU µs: this \
+         process's CPU time per update (pushers, listener, connections; not the server's)."
     );
 }
 
@@ -634,6 +666,7 @@ fn row(n: u64, seconds: f64, latency: Option<Latency>, batches: Option<u64>) -> 
         baseline: None,
         ratio: None,
         paired_ratio: None,
+        cpu_us_per_update: None,
         latency_us: latency,
         batches,
         spread: None,
