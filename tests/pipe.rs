@@ -417,3 +417,35 @@ async fn status_counts_the_listeners_on_the_channel() {
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+/// A pipe outlives the runtime it first pushed from: what it keeps from one push to the
+/// next (a connection, a timer) is replaced, not used with a runtime that is gone.
+#[test]
+fn a_pipe_pushes_from_a_second_runtime_once_the_first_is_gone() {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let channel = unique("runtimes");
+    let first = runtime();
+    let pusher = first.block_on(async {
+        let pusher = PgPipe::new(config_on(&channel)).unwrap();
+        pusher.push(&new_message(1, 1)).await.unwrap();
+        pusher
+    });
+    drop(first);
+
+    let second = runtime();
+    second.block_on(async {
+        let (listener, mut rx) = listening(config_on(&channel)).await;
+        pusher.push(&new_message(1, 2)).await.unwrap();
+        pusher.push(&new_message(1, 3)).await.unwrap();
+        let got = receive_exactly(&mut rx, 2).await;
+        assert_eq!(got, [new_message(1, 2), new_message(1, 3)]);
+        pusher.close().await.unwrap();
+        listener.close().await.unwrap();
+    });
+}
