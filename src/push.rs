@@ -75,8 +75,9 @@ struct Shared {
     queue: Mutex<Queue>,
     /// The connection the last flush went out on, kept for the next one (flushes take turns,
     /// so one serves them all) instead of going back to the pool: a pool round trip per
-    /// flush is a measurable part of a lone push. Kept only when the pool has room for
-    /// another connection (the listener's heartbeats and `queue_usage` need one).
+    /// flush is a measurable part of a lone push. Kept only with a pool of 3 or more, so
+    /// that the listener's heartbeats need not queue behind `queue_usage` or `status` for
+    /// the one other connection.
     held: Mutex<Option<Object>>,
     keep_held: bool,
     /// The flushes' timer, and the runtime it belongs to (see `Shared::until`).
@@ -153,7 +154,7 @@ impl Pusher {
             counters,
             queue: Mutex::new(Queue::default()),
             held: Mutex::new(None),
-            keep_held: config.pool_size() >= 2,
+            keep_held: config.pool_size() >= 3,
             flush_timer: Mutex::new(None),
             idle: Notify::new(),
         });
@@ -293,6 +294,8 @@ impl Pusher {
             idle.await;
         }
         drop(shared.held.lock().expect("held connection lock").take());
+        // The timer holds its runtime's driver: let it go with the pipe's work.
+        drop(shared.flush_timer.lock().expect("flush timer lock").take());
         shared.pool.close();
     }
 }
@@ -325,19 +328,34 @@ impl Shared {
             Ok(runtime) => {
                 runtime.spawn(self.drain());
             }
-            Err(_) => {
-                // No runtime (it is shutting down): nothing can be sent any more.
-                let mut queue = self.queue.lock().expect("push queue lock");
-                queue.pending.clear();
-                queue.flushing = false;
-                drop(queue);
-                self.idle.notify_waiters();
-            }
+            // No runtime (it is shutting down): nothing can be sent any more.
+            Err(_) => self.abandon(),
         }
+    }
+
+    /// Gives up what is queued (each waiting push is told the pipe is closed) and ends the
+    /// flush: the runtime that was to send it is gone.
+    fn abandon(&self) {
+        let mut queue = self.queue.lock().expect("push queue lock");
+        queue.pending.clear();
+        queue.flushing = false;
+        drop(queue);
+        self.idle.notify_waiters();
     }
 
     /// A flusher task: flushes until the queue is empty.
     async fn drain(self: Arc<Self>) {
+        // Dropped unfinished (its runtime shut down), the task must not leave the queue
+        // claimed: later pushes would wait behind it forever.
+        struct Abandon<'a>(Option<&'a Shared>);
+        impl Drop for Abandon<'_> {
+            fn drop(&mut self) {
+                if let Some(shared) = self.0 {
+                    shared.abandon();
+                }
+            }
+        }
+        let mut guard = Abandon(Some(&self));
         if !self.max_batch_wait.is_zero() {
             // Let company gather, up to the bound.
             let deadline = Instant::now() + self.max_batch_wait;
@@ -347,6 +365,7 @@ impl Shared {
         }
         loop {
             if !self.flush_queued().await {
+                guard.0 = None;
                 return;
             }
         }
@@ -531,8 +550,9 @@ impl Shared {
             }
             Err(e) => {
                 if e.as_db_error().is_some() {
-                    // The connection is fine; the statement failed.
-                    self.release(guard.0.take());
+                    // The statement failed; the connection may be fine (or on its way out:
+                    // a terminated backend reports an error too), so the pool checks it.
+                    drop(guard.0.take());
                 }
                 Err(Error::Postgres(e))
             }
@@ -540,9 +560,9 @@ impl Shared {
     }
 
     /// Keeps a connection that served a flush for the next one, or gives it back to the
-    /// pool.
+    /// pool (which checks it before anyone uses it again).
     fn release(&self, client: Option<Object>) {
-        if self.keep_held {
+        if self.keep_held && client.as_ref().is_some_and(|c| !c.is_closed()) {
             let mut held = self.held.lock().expect("held connection lock");
             if held.is_none() {
                 *held = client;

@@ -418,17 +418,18 @@ async fn status_counts_the_listeners_on_the_channel() {
     b.close().await.unwrap();
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A pipe outlives the runtime it first pushed from: what it keeps from one push to the
 /// next (a connection, a timer) is replaced, not used with a runtime that is gone.
 #[test]
 fn a_pipe_pushes_from_a_second_runtime_once_the_first_is_gone() {
-    let runtime = || {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-    };
     let channel = unique("runtimes");
     let first = runtime();
     let pusher = first.block_on(async {
@@ -446,6 +447,41 @@ fn a_pipe_pushes_from_a_second_runtime_once_the_first_is_gone() {
         let got = receive_exactly(&mut rx, 2).await;
         assert_eq!(got, [new_message(1, 2), new_message(1, 3)]);
         pusher.close().await.unwrap();
+        listener.close().await.unwrap();
+    });
+}
+
+/// A runtime that shuts down while a push waits for its flusher task does not leave the
+/// queue claimed: later pushes from another runtime go out, and `close` returns.
+#[test]
+fn a_flusher_task_lost_with_its_runtime_does_not_block_later_pushes() {
+    let channel = unique("lostflusher");
+    let config = || {
+        config_on(&channel)
+            .with_max_batch_wait(Duration::from_secs(1))
+            .with_push_timeout(Duration::from_secs(3))
+    };
+    let first = runtime();
+    let pusher = first.block_on(async {
+        let pusher = PgPipe::new(config()).unwrap();
+        // The push starts a flusher task that gathers company for a second: give up on the
+        // push before then, and shut the runtime down with the task still waiting.
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(50), pusher.push(&new_message(1, 1))).await;
+        assert!(gave_up.is_err());
+        pusher
+    });
+    drop(first);
+
+    let second = runtime();
+    second.block_on(async {
+        let (listener, mut rx) = listening(config_on(&channel)).await;
+        pusher.push(&new_message(1, 2)).await.unwrap();
+        assert_eq!(receive_exactly(&mut rx, 1).await, [new_message(1, 2)]);
+        tokio::time::timeout(Duration::from_secs(5), pusher.close())
+            .await
+            .expect("close returns")
+            .unwrap();
         listener.close().await.unwrap();
     });
 }
