@@ -462,6 +462,7 @@ impl Task {
         stopped: &mut oneshot::Receiver<()>,
         attempt: &mut u32,
     ) -> Option<Session> {
+        let mut receiver_gone = self.sink.closed();
         loop {
             let delay = self.config.backoff().delay(*attempt);
             let wake = Instant::now() + delay;
@@ -475,7 +476,7 @@ impl Task {
                         Some(n) => self.delivered(n),
                         None => return None,
                     },
-                    () = self.sink.closed(), if !self.has_ready() => return None,
+                    () = &mut receiver_gone, if !self.has_ready() => return None,
                 }
             }
             let opened = tokio::select! {
