@@ -249,14 +249,14 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
         row.cpu_us_per_update = cpu.get(cpu.len() / 2).copied();
         row.name = name.to_owned();
         row.spread = Some(spread);
+        // Rows are in the order of `names`, each baseline before the rows compared with it.
         if let Some(baseline) = baseline
-            && let Some(base_row) = rows.iter().find(|r| r.name == baseline)
+            && let Some(j) = names.iter().position(|n| *n == baseline)
+            && let Some(base_row) = rows.get(j)
         {
             row.ratio = Some(row.updates_per_sec / base_row.updates_per_sec);
             row.baseline = Some(baseline.to_owned());
-            if let Some(j) = names.iter().position(|n| *n == baseline) {
-                row.paired_ratio = Some(paired(i, j));
-            }
+            row.paired_ratio = Some(paired(i, j));
         }
         rows.push(row);
     }
@@ -499,7 +499,7 @@ async fn raw(config: &Config, payloads: &[String], per_tx: usize) -> anyhow::Res
     let listener = RawListener::start(config, n, parse_json).await?;
     let pusher = RawPusher::connect(config).await?;
     let started = Instant::now();
-    pusher.send(config, payloads, per_tx).await?;
+    pusher.send(payloads, per_tx).await?;
     listener.wait(n).await?;
     let seconds = started.elapsed().as_secs_f64();
     pusher.close().await;
@@ -540,6 +540,7 @@ fn envelope_payloads(n: u64) -> Vec<String> {
 /// A plain tokio-postgres pusher on a connection of its own, its statements prepared.
 struct RawPusher {
     client: tokio_postgres::Client,
+    channel: String,
     connection: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
     one: tokio_postgres::Statement,
     many: tokio_postgres::Statement,
@@ -556,6 +557,7 @@ impl RawPusher {
             .await?;
         Ok(RawPusher {
             client,
+            channel: config.channel().as_str().to_owned(),
             connection,
             one,
             many,
@@ -563,20 +565,18 @@ impl RawPusher {
     }
 
     /// Sends `per_tx` payloads per transaction, one transaction in flight.
-    async fn send(
-        &self,
-        config: &Config,
-        payloads: &[String],
-        per_tx: usize,
-    ) -> anyhow::Result<()> {
-        let channel = config.channel().as_str();
+    async fn send(&self, payloads: &[String], per_tx: usize) -> anyhow::Result<()> {
         if per_tx == 1 {
             for payload in payloads {
-                self.client.execute(&self.one, &[&channel, payload]).await?;
+                self.client
+                    .execute(&self.one, &[&self.channel, payload])
+                    .await?;
             }
         } else {
             for chunk in payloads.chunks(per_tx) {
-                self.client.execute(&self.many, &[&channel, &chunk]).await?;
+                self.client
+                    .execute(&self.many, &[&self.channel, &chunk])
+                    .await?;
             }
         }
         Ok(())
@@ -595,10 +595,7 @@ async fn pipe_push_raw_listen(config: Config, n: u64) -> anyhow::Result<Row> {
     pusher.init_push().await?;
     let started = Instant::now();
     for i in 0..n {
-        let uid = u32::try_from(i % u64::from(u32::MAX)).unwrap_or(1) + 1;
-        pusher
-            .push(&Update::new_message(i % 256, SeqSet::single(uid)?))
-            .await?;
+        pusher.push(&numbered(i % 256, i)?).await?;
     }
     listener.wait(n).await?;
     let seconds = started.elapsed().as_secs_f64();
@@ -612,11 +609,8 @@ async fn raw_push_pipe_listen(config: Config, n: u64) -> anyhow::Result<Row> {
     let payloads = envelope_payloads(n);
     let pusher = RawPusher::connect(&config).await?;
     let started = Instant::now();
-    pusher.send(&config, &payloads, 1).await?;
-    let finished = tokio::time::timeout(Duration::from_secs(120), counter)
-        .await
-        .map_err(|_| anyhow::anyhow!("deliveries did not complete"))??
-        .ok_or_else(|| anyhow::anyhow!("the listener stopped early"))?;
+    pusher.send(&payloads, 1).await?;
+    let finished = last_delivery(counter).await?;
     let seconds = (finished - started).as_secs_f64();
     pusher.close().await;
     listener.close().await?;
@@ -648,7 +642,7 @@ async fn raw_paced(config: &Config, rate: u64, n: u64) -> anyhow::Result<Row> {
         tokio::time::sleep_until((started + period.mul_f64(i as f64)).into()).await;
         let sent = origin.elapsed().as_nanos() as u64;
         let payload = format!(r#"{{"Type":0,"Key":{sent},"SeqSet":"1"}}"#);
-        pusher.send(config, &[payload], 1).await?;
+        pusher.send(&[payload], 1).await?;
     }
     listener.wait(n).await?;
     let seconds = started.elapsed().as_secs_f64();
@@ -696,6 +690,22 @@ async fn pipe_listener(
     Ok((listener, counter))
 }
 
+/// When the counting task of [`pipe_listener`] saw its last update.
+async fn last_delivery(
+    counter: tokio::task::JoinHandle<Option<Instant>>,
+) -> anyhow::Result<Instant> {
+    tokio::time::timeout(Duration::from_secs(120), counter)
+        .await
+        .map_err(|_| anyhow::anyhow!("deliveries did not complete"))??
+        .ok_or_else(|| anyhow::anyhow!("the listener stopped early"))
+}
+
+/// The `i`-th new-message update (from 0) of a pusher for mailbox `key`: UIDs count from 1.
+fn numbered(key: u64, i: u64) -> Result<Update, updatepipe::Error> {
+    let uid = u32::try_from(i % u64::from(u32::MAX)).unwrap_or(1) + 1;
+    Ok(Update::new_message(key, SeqSet::single(uid)?))
+}
+
 /// The pipe with `pushers` concurrent tasks, each pushing its share one update at a time.
 async fn pipe(config: Config, n: u64, pushers: usize) -> anyhow::Result<Row> {
     if config.durable() {
@@ -712,10 +722,7 @@ async fn pipe(config: Config, n: u64, pushers: usize) -> anyhow::Result<Row> {
         let count = each + u64::from(key < extra);
         tokio::spawn(async move {
             for i in 0..count {
-                let uid = u32::try_from(i % u64::from(u32::MAX)).unwrap_or(1) + 1;
-                pusher
-                    .push(&Update::new_message(key, SeqSet::single(uid)?))
-                    .await?;
+                pusher.push(&numbered(key, i)?).await?;
             }
             Ok::<_, updatepipe::Error>(())
         })
@@ -723,10 +730,7 @@ async fn pipe(config: Config, n: u64, pushers: usize) -> anyhow::Result<Row> {
     for result in try_join_all(tasks).await? {
         result?;
     }
-    let finished = tokio::time::timeout(Duration::from_secs(120), counter)
-        .await
-        .map_err(|_| anyhow::anyhow!("deliveries did not complete"))??
-        .ok_or_else(|| anyhow::anyhow!("the listener stopped early"))?;
+    let finished = last_delivery(counter).await?;
     let seconds = (finished - started).as_secs_f64();
     let batches = pusher.stats().batches;
     pusher.close().await?;
@@ -771,10 +775,7 @@ async fn paced(config: Config, rate: u64, n: u64) -> anyhow::Result<Row> {
     while let Some(done) = pushes.join_next().await {
         done??;
     }
-    let finished = tokio::time::timeout(Duration::from_secs(120), counter)
-        .await
-        .map_err(|_| anyhow::anyhow!("deliveries did not complete"))??
-        .ok_or_else(|| anyhow::anyhow!("the listener stopped early"))?;
+    let finished = last_delivery(counter).await?;
     let seconds = (finished - started).as_secs_f64();
     let batches = pusher.stats().batches;
     pusher.close().await?;
