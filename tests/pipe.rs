@@ -438,15 +438,22 @@ fn a_pipe_pushes_from_a_second_runtime_once_the_first_is_gone() {
         pusher
     });
     drop(first);
+    pushes_from_a_new_runtime(pusher, &channel, &[new_message(1, 2), new_message(1, 3)]);
+}
 
-    let second = runtime();
-    second.block_on(async {
-        let (listener, mut rx) = listening(config_on(&channel)).await;
-        pusher.push(&new_message(1, 2)).await.unwrap();
-        pusher.push(&new_message(1, 3)).await.unwrap();
-        let got = receive_exactly(&mut rx, 2).await;
-        assert_eq!(got, [new_message(1, 2), new_message(1, 3)]);
-        pusher.close().await.unwrap();
+/// On a runtime of its own, `pusher` sends `updates` to a new listener on `channel`, which
+/// receives them; then `close` returns.
+fn pushes_from_a_new_runtime(pusher: PgPipe, channel: &str, updates: &[Update]) {
+    runtime().block_on(async {
+        let (listener, mut rx) = listening(config_on(channel)).await;
+        for update in updates {
+            pusher.push(update).await.unwrap();
+        }
+        assert_eq!(receive_exactly(&mut rx, updates.len()).await, updates);
+        tokio::time::timeout(Duration::from_secs(5), pusher.close())
+            .await
+            .expect("close returns")
+            .unwrap();
         listener.close().await.unwrap();
     });
 }
@@ -472,16 +479,5 @@ fn a_flusher_task_lost_with_its_runtime_does_not_block_later_pushes() {
         pusher
     });
     drop(first);
-
-    let second = runtime();
-    second.block_on(async {
-        let (listener, mut rx) = listening(config_on(&channel)).await;
-        pusher.push(&new_message(1, 2)).await.unwrap();
-        assert_eq!(receive_exactly(&mut rx, 1).await, [new_message(1, 2)]);
-        tokio::time::timeout(Duration::from_secs(5), pusher.close())
-            .await
-            .expect("close returns")
-            .unwrap();
-        listener.close().await.unwrap();
-    });
+    pushes_from_a_new_runtime(pusher, &channel, &[new_message(1, 2)]);
 }
