@@ -22,6 +22,9 @@ pub const DEFAULT_PUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default bound on the updates one push transaction carries.
 pub const DEFAULT_MAX_BATCH: usize = 4096;
 
+/// The default bound on push transactions in flight at once on the push connection.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 2;
+
 /// The default health interval: a listener proves its connection end to end this often.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -120,6 +123,7 @@ pub struct Config {
     push_timeout: Duration,
     max_batch: usize,
     max_batch_wait: Duration,
+    max_in_flight: usize,
     durable: bool,
     backoff: Backoff,
     health_interval: Duration,
@@ -292,6 +296,7 @@ impl Config {
             push_timeout: DEFAULT_PUSH_TIMEOUT,
             max_batch: DEFAULT_MAX_BATCH,
             max_batch_wait: Duration::ZERO,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             durable: false,
             backoff: Backoff::default(),
             health_interval: DEFAULT_HEALTH_INTERVAL,
@@ -343,6 +348,17 @@ impl Config {
     /// small wait makes bigger batches at low concurrency, at the cost of that latency.
     pub fn with_max_batch_wait(mut self, wait: Duration) -> Self {
         self.max_batch_wait = wait;
+        self
+    }
+
+    /// How many push transactions may be in flight at once (default 2, at least 1). They
+    /// are pipelined on one connection, so they still commit in the order they were sent;
+    /// with more than one, a push that arrives while another is in flight goes out at
+    /// once instead of waiting for it to commit. Set 1 behind a transaction-pooling proxy
+    /// that may route pipelined transactions to different servers. Durable pushes, and
+    /// pushes through a proxy detected as transaction-pooling, go one at a time.
+    pub fn with_max_in_flight(mut self, transactions: usize) -> Self {
+        self.max_in_flight = transactions.max(1);
         self
     }
 
@@ -496,6 +512,11 @@ impl Config {
         self.max_batch_wait
     }
 
+    /// The bound on push transactions in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
     /// Whether delivery is durable.
     pub fn durable(&self) -> bool {
         self.durable
@@ -576,6 +597,7 @@ impl fmt::Debug for Config {
             .field("push_timeout", &self.push_timeout)
             .field("max_batch", &self.max_batch)
             .field("max_batch_wait", &self.max_batch_wait)
+            .field("max_in_flight", &self.max_in_flight)
             .field("durable", &self.durable)
             .field("backoff", &self.backoff)
             .field("health_interval", &self.health_interval)

@@ -2,18 +2,25 @@
 //! channel, through the pool or inside the caller's own transaction.
 //!
 //! Pool pushes are batched. Each push encodes and checks its own updates (so a bad update
-//! fails only its own push), then queues them. One flush is in flight at a time: it sends
-//! whatever is queued in one statement (one transaction), packing the updates into as few
-//! envelopes as fit; while it is in flight, new pushes gather for the next. A push that
-//! finds no flush in flight sends its own updates at once, on its own task (no hand-off, so a
-//! lone push costs what a plain `pg_notify` costs); when it is done and others have queued
-//! meanwhile, a flusher task takes over until the queue is empty. Every push resolves only
-//! when the transaction holding its updates has committed, with that transaction's outcome.
+//! fails only its own push), then goes out in a *flight*: one statement (one transaction)
+//! carrying whatever was queued, packed into as few envelopes as fit. Up to
+//! `max_in_flight` flights are out at once, pipelined on one connection; while they are,
+//! new pushes gather for the next. A push that finds nothing queued and room for a flight
+//! sends its own updates at once, on its own task (no hand-off, so a lone push costs what a
+//! plain `pg_notify` costs); queued pushes go out on flusher tasks. Every push resolves
+//! only when the transaction holding its updates has committed, with that transaction's
+//! outcome.
+//!
+//! Envelope numbers say when something was missed: a listener that sees a sender's number
+//! skipped raises a resync. So flights must commit in number order. Each takes its numbers
+//! and sends its statement in one step, under one lock, on the one connection they share;
+//! PostgreSQL runs a connection's statements in the order they arrive.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::Poll;
 use std::time::Duration;
 
 use deadpool_postgres::{
@@ -21,9 +28,9 @@ use deadpool_postgres::{
 };
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
-use tokio_postgres::GenericClient;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{GenericClient, Statement};
 
 use crate::config::Config;
 use crate::envelope::{MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, Marks, Origin, Packer};
@@ -45,6 +52,9 @@ const NOTIFY_MANY: &str =
 /// Where the numbers of envelopes pushed inside callers' transactions start (2⁶²).
 pub(crate) const TRANSACTIONAL_SEQ_BASE: u64 = 1 << 62;
 
+/// Envelopes with their numbers, ready to send.
+type Payloads = Vec<(u64, String)>;
+
 /// Sends this pipe's updates.
 #[derive(Debug)]
 pub(crate) struct Pusher {
@@ -62,8 +72,8 @@ struct Shared {
     /// Send unnamed statements (set for good once prepared ones fail: a transaction-pooling
     /// proxy).
     unnamed: AtomicBool,
-    /// Numbers for pool pushes: consecutive, and committed in order (one flush at a time),
-    /// so a listener that sees one skipped knows it missed something.
+    /// Numbers for pool pushes: consecutive, and committed in order (see `order`), so a
+    /// listener that sees one skipped knows it missed something.
     seq: AtomicU64,
     /// Numbers for pushes in callers' transactions, from a range of their own: those may
     /// roll back or commit out of order, so listeners do not check them for gaps.
@@ -71,31 +81,42 @@ struct Shared {
     timeout: Duration,
     max_batch: usize,
     max_batch_wait: Duration,
+    max_in_flight: usize,
     counters: Arc<Counters>,
     queue: Mutex<Queue>,
-    /// The connection the last flush went out on, kept for the next one (flushes take turns,
-    /// so one serves them all) instead of going back to the pool: a pool round trip per
-    /// flush is a measurable part of a lone push. Kept only with a pool of 3 or more, so
-    /// that the listener's heartbeats need not queue behind `queue_usage` or `status` for
-    /// the one other connection.
-    held: Mutex<Option<Object>>,
+    /// Held while a flight takes its numbers and sends its statement: flights are sent in
+    /// number order.
+    order: Mutex<()>,
+    /// The connection flights go out on, shared by those in flight. Kept from one flight to
+    /// the next (a pool round trip per flight is a measurable part of a lone push); when
+    /// no flight is left, given back to the pool unless the pool has 3 or more connections,
+    /// so that the listener's heartbeats need not queue behind `queue_usage` or `status`
+    /// for the one other connection.
+    held: Mutex<Option<Arc<Held>>>,
     keep_held: bool,
-    /// The flushes' timer, and the runtime it belongs to (see `Shared::until`).
-    flush_timer: Mutex<Option<(tokio::runtime::Id, Pin<Box<tokio::time::Sleep>>)>>,
-    /// Signalled whenever the last flush ends with nothing queued.
+    /// One checkout at a time: flights that find no connection share the next one.
+    connecting: tokio::sync::Mutex<()>,
+    /// The flights' timers, kept from flight to flight, each with the runtime it belongs
+    /// to (see `Shared::until`).
+    flush_timers: Mutex<Vec<(tokio::runtime::Id, Pin<Box<tokio::time::Sleep>>)>>,
+    /// Signalled whenever the last flight ends with nothing queued.
     idle: Notify,
 }
 
-/// The pushes waiting for a flush, and whether one is in flight.
+/// The pushes waiting for a flight, and the flights out.
 #[derive(Debug, Default)]
 struct Queue {
     pending: VecDeque<Request>,
-    flushing: bool,
+    /// Flights started and not yet over: at most the pipe's depth (`Shared::depth`).
+    flights: usize,
+    /// A flusher task has been started and has not taken its batch yet: pushes queued now
+    /// go with it.
+    gathering: bool,
     closed: bool,
 }
 
-/// How a push goes out: alone and at once (no flush was in flight), or queued for the next
-/// flush, which it starts (`lead`) when none was in flight.
+/// How a push goes out: alone and at once (nothing was queued and there was room for a
+/// flight), or queued for a flusher task, which it starts (`lead`) when none is gathering.
 enum Turn {
     Alone(Vec<String>),
     Queued {
@@ -104,12 +125,31 @@ enum Turn {
     },
 }
 
-/// One push waiting for a flush: its updates, already encoded and checked, and where to
+/// One push waiting for a flight: its updates, already encoded and checked, and where to
 /// send the outcome.
 #[derive(Debug)]
 struct Request {
     updates: Vec<String>,
     done: oneshot::Sender<Result<(), Arc<Error>>>,
+}
+
+/// The pooled connection flights go out on, shared by those in flight.
+#[derive(Debug)]
+struct Held {
+    client: Option<Object>,
+    /// Its state is unknown (a send on it failed midway, timed out or was abandoned): it is
+    /// closed, not pooled again, when the last flight on it lets it go.
+    broken: AtomicBool,
+    /// The statements flights run, prepared on this connection before the first is sent
+    /// (so that sending one never waits).
+    statements: tokio::sync::OnceCell<Statements>,
+}
+
+/// A connection's prepared statements for this pipe's flights.
+#[derive(Debug)]
+enum Statements {
+    Notify { one: Statement, many: Statement },
+    Durable(Statement),
 }
 
 impl Pusher {
@@ -151,11 +191,14 @@ impl Pusher {
             timeout: config.push_timeout(),
             max_batch: config.max_batch(),
             max_batch_wait: config.max_batch_wait(),
+            max_in_flight: config.max_in_flight(),
             counters,
             queue: Mutex::new(Queue::default()),
+            order: Mutex::new(()),
             held: Mutex::new(None),
             keep_held: config.pool_size() >= 3,
-            flush_timer: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            flush_timers: Mutex::new(Vec::new()),
             idle: Notify::new(),
         });
         Ok(Pusher { shared })
@@ -186,8 +229,9 @@ impl Pusher {
             if queue.closed {
                 return Err(Error::Closed);
             }
-            let lead = !std::mem::replace(&mut queue.flushing, true);
-            if lead && shared.max_batch_wait.is_zero() {
+            let room = queue.flights < shared.depth();
+            if room && queue.pending.is_empty() && shared.max_batch_wait.is_zero() {
+                queue.flights += 1;
                 Turn::Alone(encoded)
             } else {
                 let (done, outcome) = oneshot::channel();
@@ -195,23 +239,27 @@ impl Pusher {
                     updates: encoded,
                     done,
                 });
+                let lead = room && !queue.gathering;
+                if lead {
+                    queue.flights += 1;
+                    queue.gathering = true;
+                }
                 Turn::Queued { lead, outcome }
             }
         };
         let outcome = match turn {
             Turn::Alone(encoded) => {
-                // No flush was in flight: these updates go out alone, from here, at once (no
-                // hand-off). Alone: if the caller gives up midway, no other push's flush is
-                // cut short with it. Pushes that queue meanwhile go to a flusher task after.
-                let mut guard = LeadGuard(Some(shared.clone()));
-                let sent = shared.flush(encoded.iter().map(String::as_str)).await;
-                guard.0 = None;
-                shared.clone().hand_over();
-                sent.map_err(Arc::new)
+                // These updates go out alone, from here, at once (no hand-off). Alone: if
+                // the caller gives up midway, no other push's flight is cut short with it.
+                let _flight = Flight(shared.clone());
+                shared
+                    .flush(encoded.iter().map(String::as_str))
+                    .await
+                    .map_err(Arc::new)
             }
             Turn::Queued { lead, outcome } => {
                 if lead {
-                    tokio::spawn(shared.clone().drain());
+                    tokio::spawn(shared.clone().fly());
                 }
                 let timeout = shared.timeout;
                 tokio::time::timeout(timeout, outcome)
@@ -278,8 +326,7 @@ impl Pusher {
             .collect()
     }
 
-    /// Stops taking pushes, lets the flushes in flight finish what is queued, then closes
-    /// the pool.
+    /// Stops taking pushes, lets the flights finish what is queued, then closes the pool.
     pub(crate) async fn close(&self) {
         let shared = &self.shared;
         loop {
@@ -287,71 +334,92 @@ impl Pusher {
             {
                 let mut queue = shared.queue.lock().expect("push queue lock");
                 queue.closed = true;
-                if !queue.flushing {
+                if queue.flights == 0 {
                     break;
                 }
             }
             idle.await;
         }
         drop(shared.held.lock().expect("held connection lock").take());
-        // The timer holds its runtime's driver: let it go with the pipe's work.
-        drop(shared.flush_timer.lock().expect("flush timer lock").take());
+        // The timers hold their runtime's driver: let them go with the pipe's work.
+        drop(std::mem::take(
+            &mut *shared.flush_timers.lock().expect("flush timers lock"),
+        ));
         shared.pool.close();
     }
 }
 
-/// Hands the queue to a flusher task if the push leading it is dropped mid-flush (its
-/// caller gave up), so the pushes queued behind it are not stranded.
-struct LeadGuard(Option<Arc<Shared>>);
+/// Ends a flight when dropped: however its flush ended (sent, failed, or its caller gave up
+/// midway), the pushes queued meanwhile are not stranded.
+struct Flight(Arc<Shared>);
 
-impl Drop for LeadGuard {
+impl Drop for Flight {
     fn drop(&mut self) {
-        if let Some(shared) = self.0.take() {
-            shared.hand_over();
-        }
+        let shared = &self.0;
+        let mut queue = shared.queue.lock().expect("push queue lock");
+        queue.flights -= 1;
+        let released = shared.dispatch(&mut queue);
+        drop(queue);
+        drop(released);
     }
 }
 
 impl Shared {
-    /// Ends a flush: with nothing queued, no flush is in flight any more; otherwise a
-    /// flusher task takes over.
-    fn hand_over(self: Arc<Self>) {
-        let mut queue = self.queue.lock().expect("push queue lock");
-        if queue.pending.is_empty() {
-            queue.flushing = false;
-            drop(queue);
-            self.idle.notify_waiters();
-            return;
+    /// How many flights may be out at once. One for durable pushes (a durable flight that
+    /// lost its connection is sent again on another, which must not overtake the flights
+    /// after it) and through a transaction-pooling proxy (which may route pipelined
+    /// transactions to different servers).
+    fn depth(&self) -> usize {
+        if self.durable || self.unnamed.load(Ordering::Relaxed) {
+            1
+        } else {
+            self.max_in_flight
         }
-        drop(queue);
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(self.drain());
+    }
+
+    /// After a flight has started or ended: starts a flusher task for the queued pushes
+    /// when none is gathering and there is room; with no flight left, wakes `close` and
+    /// returns the connection to let go (unless it is kept), to drop once the queue is
+    /// unlocked.
+    fn dispatch(self: &Arc<Self>, queue: &mut Queue) -> Option<Arc<Held>> {
+        if !queue.pending.is_empty() && !queue.gathering && queue.flights < self.depth() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    queue.flights += 1;
+                    queue.gathering = true;
+                    runtime.spawn(self.clone().fly());
+                }
+                // No runtime (it is shutting down): nothing queued can be sent any more.
+                Err(_) => queue.pending.clear(),
             }
-            // No runtime (it is shutting down): nothing can be sent any more.
-            Err(_) => self.abandon(),
         }
-    }
-
-    /// Gives up what is queued (each waiting push is told the pipe is closed) and ends the
-    /// flush: the runtime that was to send it is gone.
-    fn abandon(&self) {
-        let mut queue = self.queue.lock().expect("push queue lock");
-        queue.pending.clear();
-        queue.flushing = false;
-        drop(queue);
+        if queue.flights > 0 {
+            return None;
+        }
         self.idle.notify_waiters();
+        if self.keep_held {
+            return None;
+        }
+        self.held.lock().expect("held connection lock").take()
     }
 
-    /// A flusher task: flushes until the queue is empty.
-    async fn drain(self: Arc<Self>) {
-        // Dropped unfinished (its runtime shut down), the task must not leave the queue
-        // claimed: later pushes would wait behind it forever.
+    /// A flusher task: one flight, which takes batches from the queue until it is empty.
+    async fn fly(self: Arc<Self>) {
+        // Dropped unfinished (its runtime shut down), the task must not leave its flight
+        // counted: later pushes would wait behind it forever. What is queued is given up
+        // (each waiting push is told the pipe is closed): the runtime that was to send it
+        // is gone.
         struct Abandon<'a>(Option<&'a Shared>);
         impl Drop for Abandon<'_> {
             fn drop(&mut self) {
                 if let Some(shared) = self.0 {
-                    shared.abandon();
+                    let mut queue = shared.queue.lock().expect("push queue lock");
+                    queue.pending.clear();
+                    queue.gathering = false;
+                    queue.flights -= 1;
+                    if queue.flights == 0 {
+                        shared.idle.notify_waiters();
+                    }
                 }
             }
         }
@@ -363,12 +431,22 @@ impl Shared {
                 tokio::time::sleep(Duration::from_micros(100).min(self.max_batch_wait)).await;
             }
         }
-        loop {
-            if !self.flush_queued().await {
-                guard.0 = None;
-                return;
+        let mut gatherer = true;
+        while let Some(batch) = self.next_batch(std::mem::take(&mut gatherer)) {
+            let outcome = self
+                .flush(
+                    batch
+                        .iter()
+                        .flat_map(|r| r.updates.iter().map(String::as_str)),
+                )
+                .await
+                .map_err(Arc::new);
+            for request in batch {
+                // A pusher that gave up (timeout, cancelled) no longer listens: fine.
+                let _ = request.done.send(outcome.clone());
             }
         }
+        guard.0 = None;
     }
 
     fn queued(&self) -> usize {
@@ -376,51 +454,36 @@ impl Shared {
         queue.pending.iter().map(|r| r.updates.len()).sum()
     }
 
-    /// Flushes one batch of queued pushes (up to the batch bound) and resolves them.
-    /// Returns false, with the flush marked finished, when the queue was empty.
-    async fn flush_queued(&self) -> bool {
-        let batch = {
-            let mut queue = self.queue.lock().expect("push queue lock");
-            if queue.pending.is_empty() {
-                queue.flushing = false;
-                drop(queue);
-                self.idle.notify_waiters();
-                return false;
+    /// The next batch of queued pushes (up to the batch bound) for a flusher task's flight,
+    /// `gatherer` on its first; `None`, with the flight over, when nothing is queued. When
+    /// more is queued than the batch takes, another flight may start.
+    fn next_batch(self: &Arc<Self>, gatherer: bool) -> Option<Vec<Request>> {
+        let mut queue = self.queue.lock().expect("push queue lock");
+        if gatherer {
+            queue.gathering = false;
+        }
+        let mut count = 0;
+        let mut batch = Vec::new();
+        while let Some(request) = queue.pending.front() {
+            if request.done.is_closed() {
+                // Its caller gave up (timed out or cancelled) before it was sent: it was
+                // told it failed, so it must not be sent now.
+                queue.pending.pop_front();
+                continue;
             }
-            let mut count = 0;
-            let mut batch = Vec::new();
-            while let Some(request) = queue.pending.front() {
-                if request.done.is_closed() {
-                    // Its caller gave up (timed out or cancelled) before it was sent: it
-                    // was told it failed, so it must not be sent now.
-                    queue.pending.pop_front();
-                    continue;
-                }
-                if count > 0 && count + request.updates.len() > self.max_batch {
-                    break;
-                }
-                count += request.updates.len();
-                batch.push(queue.pending.pop_front().expect("a front request"));
+            if count > 0 && count + request.updates.len() > self.max_batch {
+                break;
             }
-            batch
-        };
+            count += request.updates.len();
+            batch.push(queue.pending.pop_front().expect("a front request"));
+        }
         if batch.is_empty() {
-            // Every queued push had been given up: look again.
-            return true;
+            queue.flights -= 1;
         }
-        let outcome = self
-            .flush(
-                batch
-                    .iter()
-                    .flat_map(|r| r.updates.iter().map(String::as_str)),
-            )
-            .await
-            .map_err(Arc::new);
-        for request in batch {
-            // A pusher that gave up (timeout, cancelled) no longer listens: fine.
-            let _ = request.done.send(outcome.clone());
-        }
-        true
+        let released = self.dispatch(&mut queue);
+        drop(queue);
+        drop(released);
+        (!batch.is_empty()).then_some(batch)
     }
 
     /// Sends one batch of encoded updates in one statement, within the push timeout.
@@ -429,20 +492,33 @@ impl Shared {
             transactional: false,
             durable: self.durable,
         };
-        let payloads = self.pack(encoded, marks);
-        let outcome = self.flush_payloads(&payloads, marks).await;
+        let packed = OnceLock::new();
+        let outcome = self
+            .flush_packed(&packed, || self.pack(encoded, marks), marks)
+            .await;
         if let Err(e) = &outcome {
-            tracing::warn!(target: TARGET, error = %e, envelopes = payloads.len(), "a push batch failed");
+            let envelopes = packed.get().map_or(0, Vec::len);
+            tracing::warn!(target: TARGET, error = %e, envelopes, "a push batch failed");
         }
         outcome
     }
 
-    /// Sends packed payloads in one statement by the deadline (a durable batch may try twice).
-    async fn flush_payloads(&self, payloads: &[(u64, String)], marks: Marks) -> Result<(), Error> {
+    /// Sends a batch by the deadline, packed (numbered) by `pack` when it is sent into
+    /// `packed`. A durable batch may be sent twice.
+    async fn flush_packed(
+        &self,
+        packed: &OnceLock<Payloads>,
+        pack: impl FnOnce() -> Payloads,
+        marks: Marks,
+    ) -> Result<(), Error> {
         let deadline = Instant::now() + self.timeout;
+        let mut pack = Some(pack);
         let mut retried = false;
         loop {
-            match self.until(deadline, self.send(payloads, marks)).await {
+            match self
+                .until(deadline, self.send(packed, &mut pack, marks))
+                .await
+            {
                 Ok(Ok(())) => {
                     self.counters.batch();
                     return Ok(());
@@ -474,19 +550,18 @@ impl Shared {
         }
     }
 
-    /// Runs `work` until `deadline` (`Err` past it) on a timer kept from flush to flush
-    /// (they take turns). Moving a registered timer later is a compare-and-swap, where a new
-    /// timer per flush takes the timer wheel's lock twice and, whenever it is the earliest,
-    /// wakes a parked runtime thread to re-arm its wait (perf and strace saw both). Kept
-    /// only within one runtime: a timer must not outlive the runtime that drives it.
+    /// Runs `work` until `deadline` (`Err` past it) on a timer kept from flight to flight.
+    /// Moving a registered timer later is a compare-and-swap, where a new timer per flight
+    /// takes the timer wheel's lock twice and, whenever it is the earliest, wakes a parked
+    /// runtime thread to re-arm its wait (perf and strace saw both). Kept only within one
+    /// runtime: a timer must not outlive the runtime that drives it.
     async fn until<T>(&self, deadline: Instant, work: impl Future<Output = T>) -> Result<T, ()> {
         let runtime = tokio::runtime::Handle::current().id();
-        let kept = self
-            .flush_timer
-            .lock()
-            .expect("flush timer lock")
-            .take()
-            .filter(|(id, _)| *id == runtime);
+        let kept = {
+            let mut timers = self.flush_timers.lock().expect("flush timers lock");
+            // Another runtime's timers are let go (that runtime may be gone).
+            std::iter::from_fn(|| timers.pop()).find(|(id, _)| *id == runtime)
+        };
         let mut timer = match kept {
             Some((_, mut timer)) => {
                 timer.as_mut().reset(deadline);
@@ -502,107 +577,160 @@ impl Shared {
                 () = &mut timer => Err(()),
             }
         };
-        *self.flush_timer.lock().expect("flush timer lock") = Some((runtime, timer));
+        self.flush_timers
+            .lock()
+            .expect("flush timers lock")
+            .push((runtime, timer));
         outcome
     }
 
-    /// One try at sending a batch's payloads on a pooled connection. A connection that
-    /// fails (or is abandoned on timeout) is taken out of the pool.
-    async fn send(&self, payloads: &[(u64, String)], marks: Marks) -> Result<(), Error> {
-        let held = self.held.lock().expect("held connection lock").take();
-        let mut client = match held {
-            Some(client) => client,
-            None => self.checkout().await?,
+    /// One try at sending a batch on the flights' connection. The first try packs the
+    /// batch, taking its numbers, and sends it in one step under the order lock; a second
+    /// try sends the same envelopes. A connection whose send fails (or is abandoned on
+    /// timeout) is let go.
+    async fn send(
+        &self,
+        packed: &OnceLock<Payloads>,
+        pack: &mut Option<impl FnOnce() -> Payloads>,
+        marks: Marks,
+    ) -> Result<(), Error> {
+        let held = self.connection().await?;
+        let mut guard = Discard(Some((self, &held)));
+        let client = held.client();
+        let statements = if self.unnamed.load(Ordering::Relaxed) {
+            None
+        } else {
+            match held.statements(self.durable).await {
+                Ok(statements) => Some(statements),
+                Err(e) if is_proxy_refusal(&e) => {
+                    self.use_unnamed();
+                    None
+                }
+                Err(e) => return Err(self.failed(guard, e)),
+            }
         };
-        if client.is_closed() {
-            // Closed since it was pooled (a server restart): nothing was sent on it yet.
-            drop(Object::take(client));
-            client = self.checkout().await?;
-        }
-        let mut guard = Discard(Some(client));
-        let client = guard.0.as_ref().expect("a client");
-        let mut sent = self
-            .execute(
-                client,
-                payloads,
-                marks,
-                self.unnamed.load(Ordering::Relaxed),
-            )
-            .await;
+        let mut request = std::pin::pin!(async {
+            let payloads = packed.get_or_init(|| pack.take().expect("packed once")());
+            self.execute(client, statements, payloads, marks).await
+        });
+        // Until its first await, the request takes its numbers and hands its statement to
+        // the connection (a prepared statement is sent at once, an unnamed one too): polling
+        // it first under the order lock sends flights in number order.
+        let first = std::future::poll_fn(|cx| {
+            let _order = self.order.lock().expect("send order lock");
+            Poll::Ready(request.as_mut().poll(cx))
+        })
+        .await;
+        let mut sent = match first {
+            Poll::Ready(sent) => sent,
+            Poll::Pending => request.await,
+        };
         if let Err(e) = &sent
-            && !self.unnamed.load(Ordering::Relaxed)
-            && matches!(
-                e.code(),
-                Some(&SqlState::DUPLICATE_PSTATEMENT | &SqlState::INVALID_SQL_STATEMENT_NAME)
-            )
+            && statements.is_some()
+            && is_proxy_refusal(e)
         {
-            // Prepared statements do not survive between transactions here: a
-            // transaction-pooling proxy. Nothing was executed (the statement could not be
-            // prepared or found); send unnamed statements from now on.
-            tracing::warn!(target: TARGET, "prepared statements do not last on this connection (a transaction-pooling proxy?): using unnamed statements");
-            self.unnamed.store(true, Ordering::Relaxed);
-            sent = self.execute(client, payloads, marks, true).await;
+            // Nothing was executed: the statement could not be found. Sent again unnamed,
+            // after any flight pipelined behind it (a listener may see a gap once).
+            self.use_unnamed();
+            let payloads = packed.get().expect("packed before it was sent");
+            sent = self.execute(client, None, payloads, marks).await;
         }
         match sent {
             Ok(_) => {
-                self.release(guard.0.take());
+                guard.0 = None;
                 Ok(())
             }
-            Err(e) => {
-                if e.as_db_error().is_some() {
-                    // The statement failed; the connection may be fine (or on its way out:
-                    // a terminated backend reports an error too), so the pool checks it.
-                    drop(guard.0.take());
-                }
-                Err(Error::Postgres(e))
-            }
+            Err(e) => Err(self.failed(guard, e)),
         }
     }
 
-    /// Keeps a connection that served a flush for the next one, or gives it back to the
-    /// pool (which checks it before anyone uses it again).
-    fn release(&self, client: Option<Object>) {
-        if self.keep_held && client.as_ref().is_some_and(|c| !c.is_closed()) {
-            let mut held = self.held.lock().expect("held connection lock");
-            if held.is_none() {
-                *held = client;
-                return;
-            }
+    /// Prepared statements do not survive between transactions here: a
+    /// transaction-pooling proxy. Unnamed statements from now on, one flight at a time.
+    fn use_unnamed(&self) {
+        if !self.unnamed.swap(true, Ordering::Relaxed) {
+            tracing::warn!(target: TARGET, "prepared statements do not last on this connection (a transaction-pooling proxy?): using unnamed statements");
         }
-        drop(client);
     }
 
-    /// Runs a batch's one statement: prepared and cached on the connection (the fast way),
-    /// or `unnamed`, with its parameter types, which no transaction-pooling proxy breaks.
+    /// A send failed: its connection is let go. After a statement error it may be fine (or
+    /// on its way out: a terminated backend reports an error too), so the pool checks it;
+    /// otherwise its state is unknown and it is closed.
+    fn failed(&self, mut guard: Discard<'_>, e: tokio_postgres::Error) -> Error {
+        if e.as_db_error().is_some()
+            && let Some((shared, held)) = guard.0.take()
+        {
+            shared.let_go(held);
+        }
+        Error::Postgres(e)
+    }
+
+    /// Takes a connection out of the flights' slot (later flights take another); it goes
+    /// back to the pool, or is closed if broken, once the flights on it are over.
+    fn let_go(&self, held: &Arc<Held>) {
+        let mut slot = self.held.lock().expect("held connection lock");
+        let released = slot.take_if(|kept| Arc::ptr_eq(kept, held));
+        drop(slot);
+        drop(released);
+    }
+
+    /// The connection flights go out on: the one in the slot while it is open, otherwise a
+    /// pooled one, checked out by one flight at a time (concurrent flights share it).
+    async fn connection(&self) -> Result<Arc<Held>, Error> {
+        if let Some(held) = self.usable() {
+            return Ok(held);
+        }
+        let _turn = self.connecting.lock().await;
+        if let Some(held) = self.usable() {
+            return Ok(held);
+        }
+        // One closed since it was kept (a server restart) goes first, so that the pool,
+        // which discards it, has room for its replacement.
+        let closed = self.held.lock().expect("held connection lock").take();
+        drop(closed);
+        let held = Arc::new(Held {
+            client: Some(self.checkout().await?),
+            broken: AtomicBool::new(false),
+            statements: tokio::sync::OnceCell::new(),
+        });
+        *self.held.lock().expect("held connection lock") = Some(held.clone());
+        Ok(held)
+    }
+
+    /// The connection in the slot, if it is open.
+    fn usable(&self) -> Option<Arc<Held>> {
+        let slot = self.held.lock().expect("held connection lock");
+        slot.as_ref()
+            .filter(|held| !held.client().is_closed())
+            .cloned()
+    }
+
+    /// Runs a batch's one statement: prepared on the connection (the fast way), or unnamed
+    /// (`None`), with its parameter types, which no transaction-pooling proxy breaks.
+    /// Sends before its first await.
     async fn execute(
         &self,
-        client: &Object,
+        client: &tokio_postgres::Client,
+        statements: Option<&Statements>,
         payloads: &[(u64, String)],
         marks: Marks,
-        unnamed: bool,
     ) -> Result<u64, tokio_postgres::Error> {
-        if unnamed {
-            let client: &tokio_postgres::Client = client;
-            return self.execute_unnamed(client, payloads, marks).await;
-        }
         let channel = self.channel.as_str();
-        if self.durable {
-            let (seqs, logged, notes) = self.durable_parts(payloads, marks);
-            let statement = client.prepare_cached(LOG_AND_NOTIFY).await?;
-            return client
-                .execute(
-                    &statement,
-                    &[&channel, &self.origin, &seqs, &logged, &notes],
-                )
-                .await;
+        match statements {
+            None => self.execute_unnamed(client, payloads, marks).await,
+            Some(Statements::Durable(statement)) => {
+                let (seqs, logged, notes) = self.durable_parts(payloads, marks);
+                client
+                    .execute(statement, &[&channel, &self.origin, &seqs, &logged, &notes])
+                    .await
+            }
+            Some(Statements::Notify { one, .. }) if payloads.len() == 1 => {
+                client.execute(one, &[&channel, &payloads[0].1]).await
+            }
+            Some(Statements::Notify { many, .. }) => {
+                let notes: Vec<&str> = payloads.iter().map(|(_, p)| p.as_str()).collect();
+                client.execute(many, &[&channel, &notes]).await
+            }
         }
-        if let [(_, payload)] = payloads {
-            let statement = client.prepare_cached(NOTIFY_ONE).await?;
-            return client.execute(&statement, &[&channel, payload]).await;
-        }
-        let notes: Vec<&str> = payloads.iter().map(|(_, p)| p.as_str()).collect();
-        let statement = client.prepare_cached(NOTIFY_MANY).await?;
-        client.execute(&statement, &[&channel, &notes]).await
     }
 
     /// The same statements, unnamed and with their parameter types given, on any client
@@ -709,14 +837,60 @@ impl Shared {
     }
 }
 
-/// A pooled connection that is taken out of the pool when dropped still held: the send it
-/// served failed or was abandoned midway (timeout, cancellation), so its state is unknown.
-struct Discard(Option<Object>);
+/// A connection let go (taken out of the slot, and closed rather than pooled again) when
+/// dropped still set: the send on it failed or was abandoned midway (timeout,
+/// cancellation), so its state is unknown.
+struct Discard<'a>(Option<(&'a Shared, &'a Arc<Held>)>);
 
-impl Drop for Discard {
+impl Drop for Discard<'_> {
     fn drop(&mut self) {
-        if let Some(client) = self.0.take() {
+        if let Some((shared, held)) = self.0.take() {
+            held.broken.store(true, Ordering::Relaxed);
+            shared.let_go(held);
+        }
+    }
+}
+
+impl Held {
+    fn client(&self) -> &tokio_postgres::Client {
+        self.client.as_ref().expect("a held connection's client")
+    }
+
+    /// The statements for this pipe's flights, prepared on this connection the first time
+    /// (through the pool's statement cache, so a connection that comes back from the pool
+    /// does not prepare them again).
+    async fn statements(&self, durable: bool) -> Result<&Statements, tokio_postgres::Error> {
+        let client = self.client.as_ref().expect("a held connection's client");
+        self.statements
+            .get_or_try_init(|| async {
+                if durable {
+                    return Ok(Statements::Durable(
+                        client.prepare_cached(LOG_AND_NOTIFY).await?,
+                    ));
+                }
+                Ok(Statements::Notify {
+                    one: client.prepare_cached(NOTIFY_ONE).await?,
+                    many: client.prepare_cached(NOTIFY_MANY).await?,
+                })
+            })
+            .await
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take()
+            && self.broken.load(Ordering::Relaxed)
+        {
             drop(Object::take(client));
         }
     }
+}
+
+/// The errors of a transaction-pooling proxy that does not keep prepared statements.
+fn is_proxy_refusal(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(&SqlState::DUPLICATE_PSTATEMENT | &SqlState::INVALID_SQL_STATEMENT_NAME)
+    )
 }

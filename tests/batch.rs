@@ -18,7 +18,9 @@ async fn concurrent_pushes_keep_their_own_errors_and_order() {
     let listener = PgPipe::new(config_on(&channel)).unwrap();
     let (tx, mut rx) = mpsc::channel(100_000);
     listener.listen(tx).await.unwrap();
-    let pusher = Arc::new(PgPipe::new(config_on(&channel)).unwrap());
+    // Four flights out at once on one connection, to give a mistake in their order every
+    // chance to show.
+    let pusher = Arc::new(PgPipe::new(config_on(&channel).with_max_in_flight(4)).unwrap());
 
     let mut tasks = Vec::new();
     for key in 0..PUSHERS {
@@ -57,6 +59,9 @@ async fn concurrent_pushes_keep_their_own_errors_and_order() {
     }
     assert_eq!(next.len(), PUSHERS as usize);
     assert!(next.values().all(|n| *n == EACH + 1));
+    // Flights pipelined on one connection committed in number order: the listener saw
+    // no number skipped, so it raised no resync.
+    assert_eq!(listener.stats().resyncs, 0, "{:?}", listener.stats());
 
     // Batching happened: fewer transactions than pushes.
     let stats = pusher.stats();

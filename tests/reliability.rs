@@ -746,3 +746,65 @@ async fn a_durable_listener_can_replay_from_a_time_or_a_position() {
     }
     pusher.close().await.unwrap();
 }
+
+/// A push whose caller gives up while its flight is out (sent, not yet answered) does not
+/// cut short the flight pipelined behind it on the same connection: that one commits after
+/// it, in number order (no resync), and its push succeeds. The connection whose state the
+/// first left unknown is not used again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_given_up_in_flight_does_not_cut_short_the_flight_behind_it() {
+    let cluster = own_cluster();
+    let channel = unique("givenup");
+    let listener = PgPipe::new(cluster_config(cluster.port(), &channel)).unwrap();
+    let (tx, mut rx) = mpsc::channel(100);
+    listener.listen(tx).await.unwrap();
+    let proxy = Proxy::start(cluster.port()).await;
+    let pusher = Arc::new(PgPipe::new(cluster_config(proxy.port(), &channel)).unwrap());
+    // The push connection is open and its statements prepared.
+    pusher.push(&numbered(1, 1)).await.unwrap();
+    assert_eq!(support::receive_exactly(&mut rx, 1).await, [numbered(1, 1)]);
+
+    proxy.hold();
+    let first = tokio::spawn({
+        let pusher = pusher.clone();
+        async move { pusher.push(&numbered(1, 2)).await }
+    });
+    // Within the push timeout (3 s), so that nothing here is a retry after one.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while proxy.held() == 0 {
+        assert!(Instant::now() < deadline, "the first flight never went out");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = tokio::spawn({
+        let pusher = pusher.clone();
+        async move { pusher.push(&numbered(1, 3)).await }
+    });
+    // The second goes out at once, behind the first, on the same connection.
+    while proxy.held() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the second flight waited for the first"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(proxy.accepted(), 1);
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    proxy.up();
+    second.await.unwrap().unwrap();
+    // The first was sent before it was given up: it commits too, first.
+    assert_eq!(
+        support::receive_exactly(&mut rx, 2).await,
+        [numbered(1, 2), numbered(1, 3)]
+    );
+    pusher.push(&numbered(1, 4)).await.unwrap();
+    assert_eq!(support::receive_exactly(&mut rx, 1).await, [numbered(1, 4)]);
+    assert_eq!(listener.stats().resyncs, 0, "{:?}", listener.stats());
+    assert_eq!(
+        proxy.accepted(),
+        2,
+        "a fresh connection after the one given up"
+    );
+    pusher.close().await.unwrap();
+    listener.close().await.unwrap();
+}

@@ -1,6 +1,7 @@
-//! A TCP proxy for tests that break the path between a listener and the server: it can
+//! A TCP proxy for tests that break the path between a client and the server: it can
 //! blackhole (keep connections open and swallow every byte, like a dead NAT or a pulled
-//! cable) or go down (close every connection and refuse new ones).
+//! cable), go down (close every connection and refuse new ones), or hold (keep every byte
+//! until released, like a stalled network).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tokio::sync::watch;
 const UP: u8 = 0;
 const BLACKHOLE: u8 = 1;
 const DOWN: u8 = 2;
+const HOLD: u8 = 3;
 
 /// The proxy; dropping it stops it and closes its connections.
 pub struct Proxy {
@@ -21,6 +23,8 @@ pub struct Proxy {
     /// Bumped to close every connection open now.
     generation: watch::Sender<u64>,
     accepted: Arc<AtomicU64>,
+    /// Chunks read while holding.
+    held: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -32,8 +36,10 @@ impl Proxy {
         let mode = Arc::new(AtomicU8::new(UP));
         let (generation, _) = watch::channel(0u64);
         let accepted = Arc::new(AtomicU64::new(0));
+        let held = Arc::new(AtomicU64::new(0));
         let task = {
             let mode = mode.clone();
+            let held = held.clone();
             let generation = generation.clone();
             let accepted = accepted.clone();
             tokio::spawn(async move {
@@ -47,13 +53,14 @@ impl Proxy {
                     }
                     accepted.fetch_add(1, Ordering::SeqCst);
                     let mode = mode.clone();
+                    let held = held.clone();
                     let closed = generation.subscribe();
                     tokio::spawn(async move {
                         let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await
                         else {
                             return;
                         };
-                        pipe_both(client, server, mode, closed).await;
+                        pipe_both(client, server, mode, held, closed).await;
                     });
                 }
             })
@@ -63,6 +70,7 @@ impl Proxy {
             mode,
             generation,
             accepted,
+            held,
             task,
         }
     }
@@ -81,14 +89,24 @@ impl Proxy {
         self.mode.store(BLACKHOLE, Ordering::SeqCst);
     }
 
+    /// Keep every byte read from now on, both ways, until `up`.
+    pub fn hold(&self) {
+        self.mode.store(HOLD, Ordering::SeqCst);
+    }
+
+    /// Chunks of bytes read while holding.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::SeqCst)
+    }
+
     /// Close every connection and refuse new ones.
     pub fn down(&self) {
         self.mode.store(DOWN, Ordering::SeqCst);
         self.generation.send_modify(|g| *g += 1);
     }
 
-    /// Forward again. Connections that were blackholed are closed (they lost bytes and
-    /// could never recover), as a restored NAT would reset them.
+    /// Forward again, held bytes first. Connections that were blackholed are closed (they
+    /// lost bytes and could never recover), as a restored NAT would reset them.
     pub fn up(&self) {
         if self.mode.swap(UP, Ordering::SeqCst) == BLACKHOLE {
             self.generation.send_modify(|g| *g += 1);
@@ -107,12 +125,13 @@ async fn pipe_both(
     client: TcpStream,
     server: TcpStream,
     mode: Arc<AtomicU8>,
+    held: Arc<AtomicU64>,
     mut closed: watch::Receiver<u64>,
 ) {
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
-    let up = pump(cr, sw, mode.clone());
-    let down = pump(sr, cw, mode);
+    let up = pump(cr, sw, mode.clone(), held.clone());
+    let down = pump(sr, cw, mode, held);
     tokio::select! {
         _ = up => {}
         _ = down => {}
@@ -120,23 +139,54 @@ async fn pipe_both(
     }
 }
 
-/// Copies one direction while the proxy is up; drops what arrives while it is not.
+/// Copies one direction while the proxy is up; keeps what arrives while it holds (reading
+/// on) until it is up again; drops what arrives while it is otherwise.
 async fn pump(
     mut from: impl AsyncRead + Unpin,
-    mut to: impl AsyncWrite + Unpin,
+    mut to: impl AsyncWrite + Unpin + Send + 'static,
     mode: Arc<AtomicU8>,
+    held: Arc<AtomicU64>,
 ) {
+    let (chunks, mut queued) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let mut writer = AbortOnDrop({
+        let mode = mode.clone();
+        tokio::spawn(async move {
+            while let Some(chunk) = queued.recv().await {
+                while mode.load(Ordering::SeqCst) == HOLD {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                if mode.load(Ordering::SeqCst) != UP {
+                    continue;
+                }
+                if to.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        })
+    });
     let mut buf = vec![0u8; 16384];
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if mode.load(Ordering::SeqCst) != UP {
-            continue;
+        if mode.load(Ordering::SeqCst) == HOLD {
+            held.fetch_add(1, Ordering::SeqCst);
         }
-        if to.write_all(&buf[..n]).await.is_err() {
+        if chunks.send(buf[..n].to_vec()).is_err() {
             break;
         }
+    }
+    // What was read is written (unless the proxy drops it) before the connection closes.
+    drop(chunks);
+    let _ = (&mut writer.0).await;
+}
+
+/// A task stopped (its half of the connection closed) when the pump that started it is.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -35,6 +35,11 @@ pub struct BenchArgs {
     /// baselines they are compared with.
     #[arg(long, value_name = "TEXT")]
     only: Vec<String>,
+
+    /// The pipe's bound on push transactions in flight at once (`Config::with_max_in_flight`;
+    /// default the library's, 2).
+    #[arg(long, value_name = "N")]
+    max_in_flight: Option<usize>,
 }
 
 /// One measured row.
@@ -85,6 +90,8 @@ struct Report {
     server_version: String,
     cores: usize,
     rounds: u32,
+    /// The pipe's bound on push transactions in flight at once.
+    max_in_flight: usize,
     rows: Vec<Row>,
 }
 
@@ -98,6 +105,10 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
         ))
     };
     let rounds = args.rounds.max(1);
+    let base = match args.max_in_flight {
+        Some(n) => base.with_max_in_flight(n),
+        None => base,
+    };
     let per_round = |n: u64| scale(n).div_ceil(u64::from(rounds)).max(100);
     // Each pipe row right after the baseline it is compared with, so both see the same
     // machine; all of it `rounds` times.
@@ -273,6 +284,7 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
         server_version,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         rounds,
+        max_in_flight: base.max_in_flight(),
         rows,
     };
     if args.json {
@@ -350,8 +362,8 @@ enum Sides {
 fn print_table(report: &Report) {
     println!(
         "PostgreSQL {} on {} cores; updates/s delivered end to end (first push to last delivery), \
-         median of {} rounds\n",
-        report.server_version, report.cores, report.rounds
+         median of {} rounds; pipe with up to {} push transactions in flight\n",
+        report.server_version, report.cores, report.rounds, report.max_in_flight
     );
     println!(
         "{:<24} {:>9} {:>8} {:>12} {:>17} {:>8} {:>8} {:>7} {:>8}  {:<26}",
