@@ -358,9 +358,56 @@ impl Drop for Flight {
         let shared = &self.0;
         let mut queue = shared.queue.lock().expect("push queue lock");
         queue.flights -= 1;
-        let released = shared.dispatch(&mut queue);
+        let followup = shared.dispatch(&mut queue);
         drop(queue);
-        drop(released);
+        followup.run();
+    }
+}
+
+/// What a change to the queue leaves to do once the queue is unlocked: start a flusher
+/// task, let a connection go. (On a closing runtime a spawned task is dropped at once, and
+/// its guard locks the queue.)
+#[must_use]
+struct Followup {
+    flight: Option<Arc<Shared>>,
+    release: Option<Arc<Held>>,
+}
+
+impl Followup {
+    fn run(self) {
+        drop(self.release);
+        if let Some(shared) = self.flight {
+            let flight = shared.fly();
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(flight);
+                }
+                // No runtime (it is shutting down): dropped unpolled, the task gives its
+                // flight back, and what is queued with it.
+                Err(_) => drop(flight),
+            }
+        }
+    }
+}
+
+/// A flusher task's flight, given back if the task is dropped unfinished: its runtime
+/// shut down, possibly before the task was ever polled. It must not stay counted (later
+/// pushes would wait behind it forever, and `close` with them). What is queued is given up
+/// (each waiting push is told the pipe is closed): the runtime that was to send it is
+/// gone.
+struct Abandon(Option<Arc<Shared>>);
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            let mut queue = shared.queue.lock().expect("push queue lock");
+            queue.pending.clear();
+            queue.gathering = false;
+            queue.flights -= 1;
+            if queue.flights == 0 {
+                shared.idle.notify_waiters();
+            }
+        }
     }
 }
 
@@ -377,53 +424,44 @@ impl Shared {
         }
     }
 
-    /// After a flight has started or ended: starts a flusher task for the queued pushes
-    /// when none is gathering and there is room; with no flight left, wakes `close` and
-    /// returns the connection to let go (unless it is kept), to drop once the queue is
-    /// unlocked.
-    fn dispatch(self: &Arc<Self>, queue: &mut Queue) -> Option<Arc<Held>> {
+    /// After a flight has started or ended: a flusher task to start for the queued pushes
+    /// when none is gathering and there is room; with no flight left, `close` woken and
+    /// the connection to let go (unless it is kept).
+    fn dispatch(self: &Arc<Self>, queue: &mut Queue) -> Followup {
+        let mut followup = Followup {
+            flight: None,
+            release: None,
+        };
         if !queue.pending.is_empty() && !queue.gathering && queue.flights < self.depth() {
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => {
-                    queue.flights += 1;
-                    queue.gathering = true;
-                    runtime.spawn(self.clone().fly());
-                }
-                // No runtime (it is shutting down): nothing queued can be sent any more.
-                Err(_) => queue.pending.clear(),
+            queue.flights += 1;
+            queue.gathering = true;
+            followup.flight = Some(self.clone());
+        }
+        if queue.flights == 0 {
+            self.idle.notify_waiters();
+            if !self.keep_held {
+                followup.release = self.held.lock().expect("held connection lock").take();
             }
         }
-        if queue.flights > 0 {
-            return None;
-        }
-        self.idle.notify_waiters();
-        if self.keep_held {
-            return None;
-        }
-        self.held.lock().expect("held connection lock").take()
+        followup
     }
 
     /// A flusher task: one flight, which takes batches from the queue until it is empty.
-    async fn fly(self: Arc<Self>) {
-        // Dropped unfinished (its runtime shut down), the task must not leave its flight
-        // counted: later pushes would wait behind it forever. What is queued is given up
-        // (each waiting push is told the pipe is closed): the runtime that was to send it
-        // is gone.
-        struct Abandon<'a>(Option<&'a Shared>);
-        impl Drop for Abandon<'_> {
-            fn drop(&mut self) {
-                if let Some(shared) = self.0 {
-                    let mut queue = shared.queue.lock().expect("push queue lock");
-                    queue.pending.clear();
-                    queue.gathering = false;
-                    queue.flights -= 1;
-                    if queue.flights == 0 {
-                        shared.idle.notify_waiters();
-                    }
-                }
+    /// Its flight is given back if the task is dropped unfinished, even unpolled (see
+    /// `Abandon`).
+    fn fly(self: Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
+        let guard = Abandon(Some(self));
+        async move {
+            let mut guard = guard;
+            if let Some(shared) = &guard.0 {
+                shared.fly_batches().await;
             }
+            guard.0 = None;
         }
-        let mut guard = Abandon(Some(&self));
+    }
+
+    /// The work of a flusher task's flight.
+    async fn fly_batches(self: &Arc<Self>) {
         if !self.max_batch_wait.is_zero() {
             // Let company gather, up to the bound.
             let deadline = Instant::now() + self.max_batch_wait;
@@ -446,7 +484,6 @@ impl Shared {
                 let _ = request.done.send(outcome.clone());
             }
         }
-        guard.0 = None;
     }
 
     fn queued(&self) -> usize {
@@ -480,9 +517,9 @@ impl Shared {
         if batch.is_empty() {
             queue.flights -= 1;
         }
-        let released = self.dispatch(&mut queue);
+        let followup = self.dispatch(&mut queue);
         drop(queue);
-        drop(released);
+        followup.run();
         (!batch.is_empty()).then_some(batch)
     }
 
@@ -513,10 +550,11 @@ impl Shared {
     ) -> Result<(), Error> {
         let deadline = Instant::now() + self.timeout;
         let mut pack = Some(pack);
+        let mut used = None;
         let mut retried = false;
         loop {
             match self
-                .until(deadline, self.send(packed, &mut pack, marks))
+                .until(deadline, self.send(packed, &mut pack, &mut used, marks))
                 .await
             {
                 Ok(Ok(())) => {
@@ -541,6 +579,11 @@ impl Shared {
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
+                    // The server did not answer in time: whatever this connection is busy
+                    // with, later flights must not queue behind it.
+                    if let Some(held) = &used {
+                        self.discard(held);
+                    }
                     return Err(Error::Timeout {
                         what: "pushing",
                         after: self.timeout,
@@ -584,63 +627,70 @@ impl Shared {
         outcome
     }
 
-    /// One try at sending a batch on the flights' connection. The first try packs the
-    /// batch, taking its numbers, and sends it in one step under the order lock; a second
-    /// try sends the same envelopes. A connection whose send fails (or is abandoned on
-    /// timeout) is let go.
+    /// One try at sending a batch on the flights' connection, which it notes in `used`.
+    /// The first try packs the batch, taking its numbers, and sends it in one step under
+    /// the order lock; a second try sends the same envelopes. A connection whose send
+    /// fails is let go.
     async fn send(
         &self,
         packed: &OnceLock<Payloads>,
         pack: &mut Option<impl FnOnce() -> Payloads>,
+        used: &mut Option<Arc<Held>>,
         marks: Marks,
     ) -> Result<(), Error> {
-        let held = self.connection().await?;
-        let mut guard = Discard(Some((self, &held)));
-        let client = held.client();
-        let statements = if self.unnamed.load(Ordering::Relaxed) {
-            None
-        } else {
-            match held.statements(self.durable).await {
-                Ok(statements) => Some(statements),
-                Err(e) if is_proxy_refusal(&e) => {
-                    self.use_unnamed();
-                    None
+        loop {
+            let held = self.connection().await?;
+            *used = Some(held.clone());
+            let client = held.client();
+            let statements = if self.unnamed.load(Ordering::Relaxed) {
+                None
+            } else {
+                match held.statements(self.durable).await {
+                    Ok(statements) => Some(statements),
+                    Err(e) if is_proxy_refusal(&e) => {
+                        self.use_unnamed();
+                        None
+                    }
+                    Err(e) => return Err(self.failed(&held, e)),
                 }
-                Err(e) => return Err(self.failed(guard, e)),
+            };
+            let mut request = std::pin::pin!(async {
+                let payloads = packed.get_or_init(|| pack.take().expect("packed once")());
+                self.execute(client, statements, payloads, marks).await
+            });
+            // Until its first await, the request takes its numbers and hands its statement
+            // to the connection (a prepared statement is sent at once, an unnamed one too):
+            // polling it first under the order lock sends flights in number order, on the
+            // connection in the slot. One let go meanwhile (another flight failed on it) is
+            // not used: a flight after ours could be on its replacement already.
+            let first = std::future::poll_fn(|cx| {
+                let _order = self.order.lock().expect("send order lock");
+                if !self.is_current(&held) {
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Some(request.as_mut().poll(cx)))
+            })
+            .await;
+            let mut sent = match first {
+                None => continue,
+                Some(Poll::Ready(sent)) => sent,
+                Some(Poll::Pending) => request.await,
+            };
+            if let Err(e) = &sent
+                && statements.is_some()
+                && is_proxy_refusal(e)
+            {
+                // Nothing was executed: the statement could not be found. Sent again
+                // unnamed, after any flight pipelined behind it (a listener may see a gap
+                // once).
+                self.use_unnamed();
+                let payloads = packed.get().expect("packed before it was sent");
+                sent = self.execute(client, None, payloads, marks).await;
             }
-        };
-        let mut request = std::pin::pin!(async {
-            let payloads = packed.get_or_init(|| pack.take().expect("packed once")());
-            self.execute(client, statements, payloads, marks).await
-        });
-        // Until its first await, the request takes its numbers and hands its statement to
-        // the connection (a prepared statement is sent at once, an unnamed one too): polling
-        // it first under the order lock sends flights in number order.
-        let first = std::future::poll_fn(|cx| {
-            let _order = self.order.lock().expect("send order lock");
-            Poll::Ready(request.as_mut().poll(cx))
-        })
-        .await;
-        let mut sent = match first {
-            Poll::Ready(sent) => sent,
-            Poll::Pending => request.await,
-        };
-        if let Err(e) = &sent
-            && statements.is_some()
-            && is_proxy_refusal(e)
-        {
-            // Nothing was executed: the statement could not be found. Sent again unnamed,
-            // after any flight pipelined behind it (a listener may see a gap once).
-            self.use_unnamed();
-            let payloads = packed.get().expect("packed before it was sent");
-            sent = self.execute(client, None, payloads, marks).await;
-        }
-        match sent {
-            Ok(_) => {
-                guard.0 = None;
-                Ok(())
-            }
-            Err(e) => Err(self.failed(guard, e)),
+            return match sent {
+                Ok(_) => Ok(()),
+                Err(e) => Err(self.failed(&held, e)),
+            };
         }
     }
 
@@ -655,13 +705,27 @@ impl Shared {
     /// A send failed: its connection is let go. After a statement error it may be fine (or
     /// on its way out: a terminated backend reports an error too), so the pool checks it;
     /// otherwise its state is unknown and it is closed.
-    fn failed(&self, mut guard: Discard<'_>, e: tokio_postgres::Error) -> Error {
-        if e.as_db_error().is_some()
-            && let Some((shared, held)) = guard.0.take()
-        {
-            shared.let_go(held);
+    fn failed(&self, held: &Arc<Held>, e: tokio_postgres::Error) -> Error {
+        if e.as_db_error().is_some() {
+            self.let_go(held);
+        } else {
+            self.discard(held);
         }
         Error::Postgres(e)
+    }
+
+    /// Lets a connection go whose state is unknown (a send on it failed midway or ran past
+    /// the deadline): closed, not pooled again, once the flights on it are over.
+    fn discard(&self, held: &Arc<Held>) {
+        held.broken.store(true, Ordering::Relaxed);
+        self.let_go(held);
+    }
+
+    /// Whether `held` is still the connection flights go out on.
+    fn is_current(&self, held: &Arc<Held>) -> bool {
+        let slot = self.held.lock().expect("held connection lock");
+        slot.as_ref().is_some_and(|kept| Arc::ptr_eq(kept, held))
+            && !held.broken.load(Ordering::Relaxed)
     }
 
     /// Takes a connection out of the flights' slot (later flights take another); it goes
@@ -700,7 +764,7 @@ impl Shared {
     fn usable(&self) -> Option<Arc<Held>> {
         let slot = self.held.lock().expect("held connection lock");
         slot.as_ref()
-            .filter(|held| !held.client().is_closed())
+            .filter(|held| !held.client().is_closed() && !held.broken.load(Ordering::Relaxed))
             .cloned()
     }
 
@@ -834,20 +898,6 @@ impl Shared {
             PoolError::Closed => Error::Closed,
             other => Error::Pool(other),
         })
-    }
-}
-
-/// A connection let go (taken out of the slot, and closed rather than pooled again) when
-/// dropped still set: the send on it failed or was abandoned midway (timeout,
-/// cancellation), so its state is unknown.
-struct Discard<'a>(Option<(&'a Shared, &'a Arc<Held>)>);
-
-impl Drop for Discard<'_> {
-    fn drop(&mut self) {
-        if let Some((shared, held)) = self.0.take() {
-            held.broken.store(true, Ordering::Relaxed);
-            shared.let_go(held);
-        }
     }
 }
 
