@@ -23,7 +23,7 @@ pub const DEFAULT_PUSH_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_BATCH: usize = 4096;
 
 /// The default bound on push transactions in flight at once on the push connection.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 2;
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1;
 
 /// The default health interval: a listener proves its connection end to end this often.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
@@ -351,12 +351,15 @@ impl Config {
         self
     }
 
-    /// How many push transactions may be in flight at once (default 2, at least 1). They
-    /// are pipelined on one connection, so they still commit in the order they were sent;
-    /// with more than one, a push that arrives while another is in flight goes out at
-    /// once instead of waiting for it to commit. Set 1 behind a transaction-pooling proxy
-    /// that may route pipelined transactions to different servers. Durable pushes, and
-    /// pushes through a proxy detected as transaction-pooling, go one at a time.
+    /// How many push transactions may be in flight at once (default 1, at least 1). More
+    /// than one are pipelined on one connection, so they still commit in the order they
+    /// were sent, and a push that arrives while another is in flight goes out at once
+    /// instead of waiting for that one's round trip: worth it over a network. On the
+    /// server's own machine, where the round trip is short, waiting makes bigger batches,
+    /// which cost the server less (`BENCHMARKS.md` has both). Keep 1 behind a
+    /// transaction-pooling proxy that may route pipelined transactions to different
+    /// servers. Durable pushes, and pushes through a proxy detected as
+    /// transaction-pooling, go one at a time whatever this says.
     pub fn with_max_in_flight(mut self, transactions: usize) -> Self {
         self.max_in_flight = transactions.max(1);
         self

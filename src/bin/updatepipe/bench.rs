@@ -7,12 +7,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use futures_util::future::try_join_all;
+use futures_util::stream::FuturesOrdered;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 use tokio_postgres::AsyncMessage;
+use tokio_postgres::types::ToSql;
 use updatepipe::{ChannelName, Config, PgPipe, SeqSet, Update, UpdatePipe};
 
 /// Options of `updatepipe bench`.
@@ -37,7 +40,7 @@ pub struct BenchArgs {
     only: Vec<String>,
 
     /// The pipe's bound on push transactions in flight at once (`Config::with_max_in_flight`;
-    /// default the library's, 2).
+    /// default the library's, 1).
     #[arg(long, value_name = "N")]
     max_in_flight: Option<usize>,
 }
@@ -504,8 +507,9 @@ impl Drop for RawListener {
 }
 
 /// The baseline: plain tokio-postgres, `per_tx` notifications per transaction (one
-/// statement over an array when more than one), one transaction in flight, as the pipe's
-/// flusher works; a listener that parses each payload's JSON and counts it.
+/// statement over an array when more than one), as many transactions pipelined as the
+/// pipe may have in flight (one at a time when `per_tx` is 1: the sequential baseline);
+/// a listener that parses each payload's JSON and counts it.
 async fn raw(config: &Config, payloads: &[String], per_tx: usize) -> anyhow::Result<Row> {
     let n = payloads.len() as u64;
     let listener = RawListener::start(config, n, parse_json).await?;
@@ -556,6 +560,8 @@ struct RawPusher {
     connection: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
     one: tokio_postgres::Statement,
     many: tokio_postgres::Statement,
+    /// Transactions pipelined when batching: the pipe's bound.
+    in_flight: usize,
 }
 
 impl RawPusher {
@@ -573,10 +579,13 @@ impl RawPusher {
             connection,
             one,
             many,
+            in_flight: config.max_in_flight(),
         })
     }
 
-    /// Sends `per_tx` payloads per transaction, one transaction in flight.
+    /// Sends `per_tx` payloads per transaction. One payload per transaction: one at a time
+    /// (the sequential baseline). More: up to `in_flight` transactions pipelined, as the
+    /// pipe's flights.
     async fn send(&self, payloads: &[String], per_tx: usize) -> anyhow::Result<()> {
         if per_tx == 1 {
             for payload in payloads {
@@ -584,12 +593,24 @@ impl RawPusher {
                     .execute(&self.one, &[&self.channel, payload])
                     .await?;
             }
-        } else {
-            for chunk in payloads.chunks(per_tx) {
-                self.client
-                    .execute(&self.many, &[&self.channel, &chunk])
-                    .await?;
+            return Ok(());
+        }
+        let chunks: Vec<&[String]> = payloads.chunks(per_tx).collect();
+        let params: Vec<[&(dyn ToSql + Sync); 2]> = chunks
+            .iter()
+            .map(|chunk| [&self.channel as &(dyn ToSql + Sync), chunk])
+            .collect();
+        let mut in_flight = FuturesOrdered::new();
+        for params in &params {
+            if in_flight.len() == self.in_flight
+                && let Some(done) = in_flight.next().await
+            {
+                done?;
             }
+            in_flight.push_back(self.client.execute(&self.many, params));
+        }
+        while let Some(done) = in_flight.next().await {
+            done?;
         }
         Ok(())
     }
