@@ -873,3 +873,42 @@ fn a_runtime_shut_down_mid_flight_leaves_the_pipe_usable() {
         listener.close().await.unwrap();
     });
 }
+
+/// Pushes queued behind a flight that never comes back fail within their own push
+/// timeout, counted from their own call: not one timeout for the flight ahead and another
+/// for theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_queued_behind_a_stalled_flight_fail_within_the_push_timeout() {
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    let cluster = own_cluster();
+    let proxy = Proxy::start(cluster.port()).await;
+    // Connecting may take longer than a push: the push's deadline must cut it short.
+    let config = cluster_config(proxy.port(), &unique("stalled"))
+        .with_push_timeout(TIMEOUT)
+        .with_connect_timeout(TIMEOUT * 5);
+    let pusher = Arc::new(PgPipe::new(config).unwrap());
+    pusher.push(&numbered(1, 1)).await.unwrap();
+    proxy.hold();
+    let timed_push = |uid| {
+        let pusher = pusher.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let outcome = pusher.push(&numbered(1, uid)).await;
+            (outcome, started.elapsed())
+        })
+    };
+    // One goes out and stalls; halfway through its timeout, others queue behind it. The
+    // flight that takes them when the first gives up must give up by their deadline.
+    let mut pushes = vec![timed_push(2)];
+    tokio::time::sleep(TIMEOUT / 2).await;
+    pushes.extend((3..=5).map(timed_push));
+    for push in pushes {
+        let (outcome, took) = push.await.unwrap();
+        let err = outcome.unwrap_err();
+        assert!(err.is_connection(), "{err:?}");
+        assert!(took < TIMEOUT * 13 / 10, "failed after {took:?}");
+    }
+    proxy.up();
+    pusher.push(&numbered(1, 6)).await.unwrap();
+    pusher.close().await.unwrap();
+}
