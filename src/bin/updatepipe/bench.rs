@@ -29,8 +29,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1.0, value_name = "FACTOR")]
     scale: f64,
 
-    /// Run the throughput rows this many times, each baseline next to the row compared with
-    /// it, and report the median (the machine's noise shows in the spread).
+    /// Run every row this many times, each baseline next to the row compared with it, and
+    /// report the median (the machine's noise shows in the spread; for the latency rows, in
+    /// the range of their p99).
     #[arg(long, default_value_t = 3, value_name = "N")]
     rounds: u32,
 
@@ -62,8 +63,11 @@ struct Row {
     /// connecting and closing included; the server's is not counted. Steadier than the
     /// rate on a noisy machine.
     cpu_us_per_update: Option<f64>,
-    /// Push-to-delivery latency, in microseconds (paced rows).
+    /// Push-to-delivery latency, in microseconds (paced rows): the round with the median
+    /// p99.
     latency_us: Option<Latency>,
+    /// Each round's p99, lowest first (paced rows).
+    p99_rounds_us: Option<Vec<u64>>,
     batches: Option<u64>,
     /// The slowest and fastest round's rate (throughput rows).
     spread: Option<(f64, f64)>,
@@ -207,7 +211,7 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
             anyhow::bail!("no row's name contains {:?}", args.only);
         }
     }
-    let steps = throughput.len() as u64 * u64::from(rounds) + paced_rows.len() as u64;
+    let steps = (throughput.len() + paced_rows.len()) as u64 * u64::from(rounds);
     let progress = if args.json {
         ProgressBar::hidden()
     } else {
@@ -274,13 +278,25 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
         }
         rows.push(row);
     }
-    for (name, step) in paced_rows {
-        progress.set_message(name.to_owned());
-        let config = base.clone().with_channel(channel("x")?).with_pool_size(4);
-        let mut row = measure(config, step).await?;
+    // The paced rows in rounds too: one 5-second window's tail is at the mercy of what
+    // else the machine did in it.
+    let mut paced: Vec<Vec<Row>> = paced_rows.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        for (i, (name, step)) in paced_rows.iter().enumerate() {
+            progress.set_message(format!("{name} (round {round} of {rounds})"));
+            let config = base.clone().with_channel(channel("x")?).with_pool_size(4);
+            paced[i].push(measure(config, *step).await?);
+            progress.inc(1);
+        }
+    }
+    for ((name, _), mut runs) in paced_rows.into_iter().zip(paced) {
+        let p99 = |row: &Row| row.latency_us.as_ref().map_or(0, |l| l.p99);
+        runs.sort_by_key(p99);
+        let p99s = runs.iter().map(p99).collect();
+        let mut row = runs.swap_remove(runs.len() / 2);
         row.name = name.to_owned();
+        row.p99_rounds_us = Some(p99s);
         rows.push(row);
-        progress.inc(1);
     }
     progress.finish_and_clear();
     let report = Report {
@@ -392,6 +408,10 @@ fn print_table(report: &Report) {
             || "-".to_owned(),
             |l| format!("{} / {} / {} / {} µs", l.p50, l.p99, l.p999, l.max),
         );
+        let latency = match row.p99_rounds_us.as_deref() {
+            Some([low, .., high]) => format!("{latency} (p99 {low}–{high})"),
+            _ => latency,
+        };
         let batches = row
             .batches
             .map_or_else(|| "-".to_owned(), |b| b.to_string());
@@ -418,7 +438,9 @@ fn print_table(report: &Report) {
          sequential; 16: raw batched 10/tx; 256: raw batched 100/tx; signed: the same pipe \
          row unsigned; sides: raw, envelopes), both medians.\npaired: the median of each \
          round's ratio to the baseline measured just before it in the same round.\nCPU µs: this \
-         process's CPU time per update (pushers, listener, connections; not the server's)."
+         process's CPU time per update (pushers, listener, connections; not the server's).\n\
+         latency: the round with the median p99, and the lowest and highest p99 of the rounds; \
+         paced rows are open loop (each push starts on schedule, whatever earlier ones do)."
     );
 }
 
@@ -651,8 +673,10 @@ async fn raw_push_pipe_listen(config: Config, n: u64) -> anyhow::Result<Row> {
 }
 
 /// Push-to-delivery latency of plain tokio-postgres at a paced rate: what the server and
-/// the machine allow, to read the pipe's latency against. Each payload carries its send
-/// time as its key.
+/// the machine allow, to read the pipe's latency against. Open-loop like the pipe's row:
+/// each send starts on schedule in a task of its own, whatever earlier ones do (sends that
+/// overlap are pipelined on the one connection). Each payload carries its send time as
+/// its key.
 async fn raw_paced(config: &Config, rate: u64, n: u64) -> anyhow::Result<Row> {
     let origin = Instant::now();
     let histogram = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new(3)?));
@@ -668,18 +692,31 @@ async fn raw_paced(config: &Config, rate: u64, n: u64) -> anyhow::Result<Row> {
         }
     })
     .await?;
-    let pusher = RawPusher::connect(config).await?;
+    let pusher = Arc::new(RawPusher::connect(config).await?);
     let period = Duration::from_secs_f64(1.0 / rate as f64);
     let started = Instant::now();
+    let mut sends = tokio::task::JoinSet::new();
     for i in 0..n {
         tokio::time::sleep_until((started + period.mul_f64(i as f64)).into()).await;
-        let sent = origin.elapsed().as_nanos() as u64;
-        let payload = format!(r#"{{"Type":0,"Key":{sent},"SeqSet":"1"}}"#);
-        pusher.send(&[payload], 1).await?;
+        let pusher = pusher.clone();
+        sends.spawn(async move {
+            let sent = origin.elapsed().as_nanos() as u64;
+            let payload = format!(r#"{{"Type":0,"Key":{sent},"SeqSet":"1"}}"#);
+            pusher.send(&[payload], 1).await
+        });
+        // Reap finished sends as we go so the set stays small.
+        while let Some(done) = sends.try_join_next() {
+            done??;
+        }
+    }
+    while let Some(done) = sends.join_next().await {
+        done??;
     }
     listener.wait(n).await?;
     let seconds = started.elapsed().as_secs_f64();
-    pusher.close().await;
+    if let Ok(pusher) = Arc::try_unwrap(pusher) {
+        pusher.close().await;
+    }
     let latency = Latency::of(&histogram.lock().expect("histogram"));
     Ok(row(n, seconds, Some(latency), None))
 }
@@ -695,6 +732,7 @@ fn row(n: u64, seconds: f64, latency: Option<Latency>, batches: Option<u64>) -> 
         paired_ratio: None,
         cpu_us_per_update: None,
         latency_us: latency,
+        p99_rounds_us: None,
         batches,
         spread: None,
     }
