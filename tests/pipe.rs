@@ -418,20 +418,12 @@ async fn status_counts_the_listeners_on_the_channel() {
     b.close().await.unwrap();
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// A pipe outlives the runtime it first pushed from: what it keeps from one push to the
 /// next (a connection, a timer) is replaced, not used with a runtime that is gone.
 #[test]
 fn a_pipe_pushes_from_a_second_runtime_once_the_first_is_gone() {
     let channel = unique("runtimes");
-    let first = runtime();
+    let first = support::runtime();
     let pusher = first.block_on(async {
         let pusher = PgPipe::new(config_on(&channel)).unwrap();
         pusher.push(&new_message(1, 1)).await.unwrap();
@@ -444,7 +436,7 @@ fn a_pipe_pushes_from_a_second_runtime_once_the_first_is_gone() {
 /// On a runtime of its own, `pusher` sends `updates` to a new listener on `channel`, which
 /// receives them; then `close` returns.
 fn pushes_from_a_new_runtime(pusher: PgPipe, channel: &str, updates: &[Update]) {
-    runtime().block_on(async {
+    support::runtime().block_on(async {
         let (listener, mut rx) = listening(config_on(channel)).await;
         for update in updates {
             pusher.push(update).await.unwrap();
@@ -468,7 +460,7 @@ fn a_flusher_task_lost_with_its_runtime_does_not_block_later_pushes() {
             .with_max_batch_wait(Duration::from_secs(1))
             .with_push_timeout(Duration::from_secs(3))
     };
-    let first = runtime();
+    let first = support::runtime();
     let pusher = first.block_on(async {
         let pusher = PgPipe::new(config()).unwrap();
         // The push starts a flusher task that gathers company for a second: give up on the

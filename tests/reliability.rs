@@ -807,14 +807,6 @@ async fn a_push_given_up_in_flight_does_not_cut_short_the_flight_behind_it() {
     listener.close().await.unwrap();
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// A runtime shut down with a push in flight and another queued behind it: the flusher
 /// task the first starts for the second as it is dropped never runs (the runtime is
 /// closing), and must not leave its flight counted. Pushes from another runtime go out,
@@ -824,7 +816,7 @@ fn a_runtime_shut_down_mid_flight_leaves_the_pipe_usable() {
     let cluster = own_cluster();
     let channel = unique("midflight");
     // The proxy and the listener live on a runtime of their own, which stays.
-    let side = runtime();
+    let side = support::runtime();
     let proxy = side.block_on(Proxy::start(cluster.port()));
     let (listener, mut rx) = side.block_on(async {
         let listener = PgPipe::new(cluster_config(cluster.port(), &channel)).unwrap();
@@ -833,7 +825,7 @@ fn a_runtime_shut_down_mid_flight_leaves_the_pipe_usable() {
         (listener, rx)
     });
     let pusher = Arc::new(PgPipe::new(cluster_config(proxy.port(), &channel)).unwrap());
-    let first = runtime();
+    let first = support::runtime();
     first.block_on(async {
         pusher.push(&numbered(1, 1)).await.unwrap();
         proxy.hold();

@@ -75,6 +75,15 @@ pub fn config_on(channel: &str) -> Config {
         .with_application_name(&unique("up"))
 }
 
+/// A runtime of a test's own (two worker threads), for tests that outlive one runtime.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A plain client on the test database, for SQL the test runs itself.
 pub async fn sql() -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(&url(), tokio_postgres::NoTls)
