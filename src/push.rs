@@ -121,7 +121,7 @@ enum Turn {
     Alone(Vec<String>),
     Queued {
         lead: bool,
-        outcome: oneshot::Receiver<Outcome>,
+        outcome: oneshot::Receiver<Result<(), Arc<Error>>>,
     },
 }
 
@@ -130,27 +130,16 @@ enum Turn {
 #[derive(Debug)]
 struct Request {
     updates: Vec<String>,
-    done: oneshot::Sender<Outcome>,
-    /// The push timeout from the push's call: a flight carrying this push gives up by then,
-    /// and one not started by then leaves it out.
-    deadline: Instant,
-}
-
-/// What a queued push is told: its flight's outcome, or that none took it in time.
-type Outcome = Result<(), Failure>;
-
-#[derive(Debug, Clone)]
-enum Failure {
-    Batch(Arc<Error>),
-    Expired,
+    done: oneshot::Sender<Result<(), Arc<Error>>>,
 }
 
 /// The pooled connection flights go out on, shared by those in flight.
 #[derive(Debug)]
 struct Held {
     client: Option<Object>,
-    /// Its state is unknown (a send on it failed midway, timed out or was abandoned): it is
-    /// closed, not pooled again, when the last flight on it lets it go.
+    /// Its state is unknown (a send on it failed midway or ran past its deadline): it is
+    /// closed, not pooled again, when the last flight on it lets it go. (A send its caller
+    /// gave up leaves it in use: tokio-postgres discards the answer nobody waits for.)
     broken: AtomicBool,
     /// The statements flights run, prepared on this connection before the first is sent
     /// (so that sending one never waits).
@@ -250,7 +239,6 @@ impl Pusher {
                 queue.pending.push_back(Request {
                     updates: encoded,
                     done,
-                    deadline: Instant::now() + shared.timeout,
                 });
                 let lead = room && !queue.gathering;
                 if lead {
@@ -260,35 +248,31 @@ impl Pusher {
                 Turn::Queued { lead, outcome }
             }
         };
-        match turn {
+        let outcome = match turn {
             Turn::Alone(encoded) => {
                 // These updates go out alone, from here, at once (no hand-off). Alone: if
                 // the caller gives up midway, no other push's flight is cut short with it.
                 let _flight = Flight(shared.clone());
-                let deadline = Instant::now() + shared.timeout;
                 shared
-                    .flush(encoded.iter().map(String::as_str), deadline)
+                    .flush(encoded.iter().map(String::as_str))
                     .await
-                    .map_err(|e| Error::Batch(Arc::new(e)))?;
+                    .map_err(Arc::new)
             }
             Turn::Queued { lead, outcome } => {
                 if lead {
                     tokio::spawn(shared.clone().fly());
                 }
-                // No timer of its own: the flight that takes this push gives up by its
-                // deadline, and no flight takes it later (see `Request::deadline`).
-                match outcome.await.map_err(|_| Error::Closed)? {
-                    Ok(()) => {}
-                    Err(Failure::Batch(e)) => return Err(Error::Batch(e)),
-                    Err(Failure::Expired) => {
-                        return Err(Error::Timeout {
-                            what: "pushing",
-                            after: shared.timeout,
-                        });
-                    }
-                }
+                let timeout = shared.timeout;
+                tokio::time::timeout(timeout, outcome)
+                    .await
+                    .map_err(|_| Error::Timeout {
+                        what: "pushing",
+                        after: timeout,
+                    })?
+                    .map_err(|_| Error::Closed)?
             }
-        }
+        };
+        outcome.map_err(Error::Batch)?;
         shared.counters.pushed(updates.len());
         Ok(())
     }
@@ -488,18 +472,14 @@ impl Shared {
         }
         let mut gatherer = true;
         while let Some(batch) = self.next_batch(std::mem::take(&mut gatherer)) {
-            // The earliest deadline of the batch's pushes (the first's: the queue is in
-            // call order, and every push has the same timeout).
-            let deadline = batch.iter().map(|r| r.deadline).min().expect("a request");
             let outcome = self
                 .flush(
                     batch
                         .iter()
                         .flat_map(|r| r.updates.iter().map(String::as_str)),
-                    deadline,
                 )
                 .await
-                .map_err(|e| Failure::Batch(Arc::new(e)));
+                .map_err(Arc::new);
             for request in batch {
                 // A pusher that gave up (timeout, cancelled) no longer listens: fine.
                 let _ = request.done.send(outcome.clone());
@@ -522,19 +502,11 @@ impl Shared {
         }
         let mut count = 0;
         let mut batch = Vec::new();
-        let now = Instant::now();
         while let Some(request) = queue.pending.front() {
             if request.done.is_closed() {
-                // Its caller gave up (cancelled) before it was sent: it must not be sent
-                // now.
+                // Its caller gave up (timed out or cancelled) before it was sent: it was
+                // told it failed, so it must not be sent now.
                 queue.pending.pop_front();
-                continue;
-            }
-            if request.deadline <= now {
-                // Its time ran out in the queue (the flights before it were slow): it
-                // fails without being sent.
-                let expired = queue.pending.pop_front().expect("a front request");
-                let _ = expired.done.send(Err(Failure::Expired));
                 continue;
             }
             if count > 0 && count + request.updates.len() > self.max_batch {
@@ -552,19 +524,15 @@ impl Shared {
         (!batch.is_empty()).then_some(batch)
     }
 
-    /// Sends one batch of encoded updates in one statement, by `deadline`.
-    async fn flush<'a>(
-        &self,
-        encoded: impl IntoIterator<Item = &'a str>,
-        deadline: Instant,
-    ) -> Result<(), Error> {
+    /// Sends one batch of encoded updates in one statement, within the push timeout.
+    async fn flush<'a>(&self, encoded: impl IntoIterator<Item = &'a str>) -> Result<(), Error> {
         let marks = Marks {
             transactional: false,
             durable: self.durable,
         };
         let packed = OnceLock::new();
         let outcome = self
-            .flush_packed(&packed, || self.pack(encoded, marks), marks, deadline)
+            .flush_packed(&packed, || self.pack(encoded, marks), marks)
             .await;
         if let Err(e) = &outcome {
             let envelopes = packed.get().map_or(0, Vec::len);
@@ -580,8 +548,8 @@ impl Shared {
         packed: &OnceLock<Payloads>,
         pack: impl FnOnce() -> Payloads,
         marks: Marks,
-        deadline: Instant,
     ) -> Result<(), Error> {
+        let deadline = Instant::now() + self.timeout;
         let mut pack = Some(pack);
         let mut used = None;
         let mut retried = false;
