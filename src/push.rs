@@ -19,7 +19,7 @@
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -359,9 +359,7 @@ impl Drop for Flight {
         let shared = &self.0;
         let mut queue = shared.queue.lock().expect("push queue lock");
         queue.flights -= 1;
-        let followup = shared.dispatch(&mut queue);
-        drop(queue);
-        followup.run();
+        shared.settle(queue);
     }
 }
 
@@ -405,9 +403,7 @@ impl Drop for Abandon {
             queue.pending.clear();
             queue.gathering = false;
             queue.flights -= 1;
-            if queue.flights == 0 {
-                shared.idle.notify_waiters();
-            }
+            shared.settle(queue);
         }
     }
 }
@@ -423,6 +419,14 @@ impl Shared {
         } else {
             self.max_in_flight
         }
+    }
+
+    /// Unlocks the queue after a flight has started or ended, then does what `dispatch`
+    /// left to do.
+    fn settle(self: &Arc<Self>, mut queue: MutexGuard<'_, Queue>) {
+        let followup = self.dispatch(&mut queue);
+        drop(queue);
+        followup.run();
     }
 
     /// After a flight has started or ended: a flusher task to start for the queued pushes
@@ -518,9 +522,7 @@ impl Shared {
         if batch.is_empty() {
             queue.flights -= 1;
         }
-        let followup = self.dispatch(&mut queue);
-        drop(queue);
-        followup.run();
+        self.settle(queue);
         (!batch.is_empty()).then_some(batch)
     }
 
