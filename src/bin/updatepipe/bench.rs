@@ -102,15 +102,37 @@ struct Report {
     rows: Vec<Row>,
 }
 
+/// A channel of the benchmark's own, fresh for each row.
+fn channel(tag: &str) -> Result<ChannelName, updatepipe::Error> {
+    ChannelName::new(format!(
+        "updatepipe_bench_{tag}_{:08x}",
+        rand::random::<u32>()
+    ))
+}
+
+/// Runs every step `rounds` times, round by round (so in every round a baseline runs just
+/// before the rows compared with it); each step's rows, in round order.
+async fn in_rounds(
+    base: &Config,
+    steps: &[(&str, Step)],
+    rounds: u32,
+    progress: &ProgressBar,
+) -> anyhow::Result<Vec<Vec<Row>>> {
+    let mut measured: Vec<Vec<Row>> = steps.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        for ((name, step), runs) in steps.iter().zip(&mut measured) {
+            progress.set_message(format!("{name} (round {round} of {rounds})"));
+            let config = base.clone().with_channel(channel("x")?).with_pool_size(4);
+            runs.push(measure(config, *step).await?);
+            progress.inc(1);
+        }
+    }
+    Ok(measured)
+}
+
 /// The whole benchmark.
 pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
     let scale = |n: u64| ((n as f64 * args.scale).round() as u64).max(100);
-    let channel = |tag: &str| {
-        ChannelName::new(format!(
-            "updatepipe_bench_{tag}_{:08x}",
-            rand::random::<u32>()
-        ))
-    };
     let rounds = args.rounds.max(1);
     let base = match args.max_in_flight {
         Some(n) => base.with_max_in_flight(n),
@@ -230,15 +252,8 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
         1,
     )
     .await?;
-    let mut measured: Vec<Vec<Row>> = throughput.iter().map(|_| Vec::new()).collect();
-    for round in 1..=rounds {
-        for (i, (name, step, _)) in throughput.iter().enumerate() {
-            progress.set_message(format!("{name} (round {round} of {rounds})"));
-            let config = base.clone().with_channel(channel("x")?).with_pool_size(4);
-            measured[i].push(measure(config, *step).await?);
-            progress.inc(1);
-        }
-    }
+    let steps: Vec<(&str, Step)> = throughput.iter().map(|(n, s, _)| (*n, *s)).collect();
+    let measured = in_rounds(&base, &steps, rounds, &progress).await?;
     // Each round's rate over its baseline's in the same round, before the rounds are sorted.
     let rates: Vec<Vec<f64>> = measured
         .iter()
@@ -280,15 +295,7 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
     }
     // The paced rows in rounds too: one 5-second window's tail is at the mercy of what
     // else the machine did in it.
-    let mut paced: Vec<Vec<Row>> = paced_rows.iter().map(|_| Vec::new()).collect();
-    for round in 1..=rounds {
-        for (i, (name, step)) in paced_rows.iter().enumerate() {
-            progress.set_message(format!("{name} (round {round} of {rounds})"));
-            let config = base.clone().with_channel(channel("x")?).with_pool_size(4);
-            paced[i].push(measure(config, *step).await?);
-            progress.inc(1);
-        }
-    }
+    let paced = in_rounds(&base, &paced_rows, rounds, &progress).await?;
     for ((name, _), mut runs) in paced_rows.into_iter().zip(paced) {
         let p99 = |row: &Row| row.latency_us.as_ref().map_or(0, |l| l.p99);
         runs.sort_by_key(p99);
@@ -673,37 +680,87 @@ async fn raw_push_pipe_listen(config: Config, n: u64) -> anyhow::Result<Row> {
 }
 
 /// Push-to-delivery latency of plain tokio-postgres at a paced rate: what the server and
-/// the machine allow, to read the pipe's latency against. Open-loop like the pipe's row:
-/// each send starts on schedule in a task of its own, whatever earlier ones do (sends that
-/// overlap are pipelined on the one connection). Each payload carries its send time as
-/// its key.
+/// the machine allow, to read the pipe's latency against. Open loop like the pipe's row
+/// (overlapping sends pipeline on the one connection). Each payload carries its send time
+/// as its key.
 async fn raw_paced(config: &Config, rate: u64, n: u64) -> anyhow::Result<Row> {
-    let origin = Instant::now();
-    let histogram = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new(3)?));
-    let recorder = histogram.clone();
+    let latencies = Latencies::new()?;
+    let recorder = latencies.clone();
     let listener = RawListener::start(config, n, move |payload| {
-        let now = origin.elapsed().as_nanos() as u64;
         let sent = serde_json::from_str::<serde_json::Value>(payload)
             .ok()
             .and_then(|v| v["Key"].as_u64());
         if let Some(sent) = sent {
-            let micros = now.saturating_sub(sent) / 1_000;
-            let _ = recorder.lock().expect("histogram").record(micros.max(1));
+            recorder.delivered(sent);
         }
     })
     .await?;
     let pusher = Arc::new(RawPusher::connect(config).await?);
+    let started = open_loop(rate, n, || {
+        let (pusher, latencies) = (pusher.clone(), latencies.clone());
+        async move {
+            let sent = latencies.now();
+            let payload = format!(r#"{{"Type":0,"Key":{sent},"SeqSet":"1"}}"#);
+            pusher.send(&[payload], 1).await
+        }
+    })
+    .await?;
+    listener.wait(n).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    if let Ok(pusher) = Arc::try_unwrap(pusher) {
+        pusher.close().await;
+    }
+    Ok(row(n, seconds, Some(latencies.summary()), None))
+}
+
+/// Push-to-delivery times of updates that carry their send time (nanoseconds since the
+/// origin, see `now`), in an HDR histogram.
+#[derive(Clone)]
+struct Latencies {
+    origin: Instant,
+    histogram: Arc<std::sync::Mutex<Histogram<u64>>>,
+}
+
+impl Latencies {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Latencies {
+            origin: Instant::now(),
+            histogram: Arc::new(std::sync::Mutex::new(Histogram::new(3)?)),
+        })
+    }
+
+    /// The time now, as a send time for an update to carry.
+    fn now(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64
+    }
+
+    /// Records the delivery, now, of an update sent at `sent`.
+    fn delivered(&self, sent: u64) {
+        let micros = self.now().saturating_sub(sent) / 1_000;
+        let _ = self
+            .histogram
+            .lock()
+            .expect("histogram")
+            .record(micros.max(1));
+    }
+
+    fn summary(&self) -> Latency {
+        Latency::of(&self.histogram.lock().expect("histogram"))
+    }
+}
+
+/// Starts `send()` `n` times on a fixed schedule, `rate` a second, each in a task of its
+/// own whatever earlier ones do (open loop); returns the schedule's start once all are done.
+async fn open_loop<F>(rate: u64, n: u64, mut send: impl FnMut() -> F) -> anyhow::Result<Instant>
+where
+    F: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
     let period = Duration::from_secs_f64(1.0 / rate as f64);
     let started = Instant::now();
     let mut sends = tokio::task::JoinSet::new();
     for i in 0..n {
         tokio::time::sleep_until((started + period.mul_f64(i as f64)).into()).await;
-        let pusher = pusher.clone();
-        sends.spawn(async move {
-            let sent = origin.elapsed().as_nanos() as u64;
-            let payload = format!(r#"{{"Type":0,"Key":{sent},"SeqSet":"1"}}"#);
-            pusher.send(&[payload], 1).await
-        });
+        sends.spawn(send());
         // Reap finished sends as we go so the set stays small.
         while let Some(done) = sends.try_join_next() {
             done??;
@@ -712,13 +769,7 @@ async fn raw_paced(config: &Config, rate: u64, n: u64) -> anyhow::Result<Row> {
     while let Some(done) = sends.join_next().await {
         done??;
     }
-    listener.wait(n).await?;
-    let seconds = started.elapsed().as_secs_f64();
-    if let Ok(pusher) = Arc::try_unwrap(pusher) {
-        pusher.close().await;
-    }
-    let latency = Latency::of(&histogram.lock().expect("histogram"));
-    Ok(row(n, seconds, Some(latency), None))
+    Ok(started)
 }
 
 fn row(n: u64, seconds: f64, latency: Option<Latency>, batches: Option<u64>) -> Row {
@@ -812,45 +863,31 @@ async fn pipe(config: Config, n: u64, pushers: usize) -> anyhow::Result<Row> {
 /// Open-loop latency: pushes start on a fixed schedule whatever earlier pushes do; each
 /// update carries its push time (nanoseconds since the start) as its mailbox key.
 async fn paced(config: Config, rate: u64, n: u64) -> anyhow::Result<Row> {
-    let origin = Instant::now();
-    let histogram = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new(3)?));
-    let recorder = histogram.clone();
+    let latencies = Latencies::new()?;
+    let recorder = latencies.clone();
     let (listener, counter) = pipe_listener(&config, n, move |update| {
         if let updatepipe::MailboxKey::Id(sent) = update.key() {
-            let now = origin.elapsed().as_nanos() as u64;
-            let micros = now.saturating_sub(*sent) / 1_000;
-            let _ = recorder.lock().expect("histogram").record(micros.max(1));
+            recorder.delivered(*sent);
         }
     })
     .await?;
     let pusher = Arc::new(PgPipe::new(config)?);
     pusher.init_push().await?;
-    let period = Duration::from_secs_f64(1.0 / rate as f64);
-    let started = Instant::now();
-    let mut pushes = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let due = started + period.mul_f64(i as f64);
-        tokio::time::sleep_until(due.into()).await;
-        let pusher = pusher.clone();
-        pushes.spawn(async move {
-            let sent = origin.elapsed().as_nanos() as u64;
+    let started = open_loop(rate, n, || {
+        let (pusher, latencies) = (pusher.clone(), latencies.clone());
+        async move {
+            let sent = latencies.now();
             pusher
                 .push(&Update::new_message(sent, SeqSet::single(1)?))
-                .await
-        });
-        // Reap finished pushes as we go so the set stays small.
-        while let Some(done) = pushes.try_join_next() {
-            done??;
+                .await?;
+            Ok(())
         }
-    }
-    while let Some(done) = pushes.join_next().await {
-        done??;
-    }
+    })
+    .await?;
     let finished = last_delivery(counter).await?;
     let seconds = (finished - started).as_secs_f64();
     let batches = pusher.stats().batches;
     pusher.close().await?;
     listener.close().await?;
-    let latency = Latency::of(&histogram.lock().expect("histogram"));
-    Ok(row(n, seconds, Some(latency), Some(batches)))
+    Ok(row(n, seconds, Some(latencies.summary()), Some(batches)))
 }
