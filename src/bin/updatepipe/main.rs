@@ -4,6 +4,11 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc: pushes allocate on one thread and their batches are freed on another, which
+/// glibc's allocator does slowly (docs/operations.md, section 4).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod demo;
 
