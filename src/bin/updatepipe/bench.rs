@@ -44,6 +44,12 @@ pub struct BenchArgs {
     /// default the library's, 1).
     #[arg(long, value_name = "N")]
     max_in_flight: Option<usize>,
+
+    /// Transactions the raw batched baselines pipeline on their connection (the issue's
+    /// "pipelined pg_notify"), whatever the pipe's bound.
+    #[arg(long, default_value_t = 2, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    raw_in_flight: u16,
 }
 
 /// One measured row.
@@ -99,6 +105,8 @@ struct Report {
     rounds: u32,
     /// The pipe's bound on push transactions in flight at once.
     max_in_flight: usize,
+    /// Transactions the raw batched baselines pipeline.
+    raw_in_flight: usize,
     rows: Vec<Row>,
 }
 
@@ -139,12 +147,17 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
         None => base,
     };
     let per_round = |n: u64| scale(n).div_ceil(u64::from(rounds)).max(100);
+    let raw_in_flight = usize::from(args.raw_in_flight);
+    let batched = |per_tx| RawSend::Batched {
+        per_tx,
+        in_flight: raw_in_flight,
+    };
     // Each pipe row right after the baseline it is compared with, so both see the same
     // machine; all of it `rounds` times.
     let mut throughput: Vec<(&str, Step, Option<&str>)> = vec![
         (
             "raw sequential",
-            Step::RawSequential(per_round(20_000)),
+            Step::Raw(per_round(20_000), RawSend::Each),
             None,
         ),
         (
@@ -154,7 +167,7 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
         ),
         (
             "raw batched 10/tx",
-            Step::RawBatched(per_round(200_000), 10),
+            Step::Raw(per_round(200_000), batched(10)),
             None,
         ),
         (
@@ -164,7 +177,7 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
         ),
         (
             "raw batched 100/tx",
-            Step::RawBatched(per_round(600_000), 100),
+            Step::Raw(per_round(600_000), batched(100)),
             None,
         ),
         (
@@ -249,7 +262,7 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
     raw(
         &base.clone().with_channel(channel("warmup")?),
         update_payloads(scale(5_000)),
-        1,
+        RawSend::Each,
     )
     .await?;
     let steps: Vec<(&str, Step)> = throughput.iter().map(|(n, s, _)| (*n, *s)).collect();
@@ -311,6 +324,7 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         rounds,
         max_in_flight: base.max_in_flight(),
+        raw_in_flight,
         rows,
     };
     if args.json {
@@ -343,9 +357,8 @@ fn cpu_time() -> anyhow::Result<Duration> {
 
 async fn run_step(config: Config, step: Step) -> anyhow::Result<Row> {
     match step {
-        Step::RawSequential(n) => raw(&config, update_payloads(n), 1).await,
-        Step::RawBatched(n, per_tx) => raw(&config, update_payloads(n), per_tx).await,
-        Step::Sides(n, Sides::Raw) => raw(&config, envelope_payloads(n), 1).await,
+        Step::Raw(n, send) => raw(&config, update_payloads(n), send).await,
+        Step::Sides(n, Sides::Raw) => raw(&config, envelope_payloads(n), RawSend::Each).await,
         Step::Sides(n, Sides::PipePush) => pipe_push_raw_listen(config, n).await,
         Step::Sides(n, Sides::PipeListen) => raw_push_pipe_listen(config, n).await,
         Step::Pipe(n, pushers) => pipe(config, n, pushers).await,
@@ -361,8 +374,8 @@ async fn run_step(config: Config, step: Step) -> anyhow::Result<Row> {
 
 #[derive(Clone, Copy, Debug)]
 enum Step {
-    RawSequential(u64),
-    RawBatched(u64, usize),
+    /// The baselines: plain tokio-postgres.
+    Raw(u64, RawSend),
     Pipe(u64, usize),
     Durable(u64, usize),
     /// Pushers and listener sign and check every envelope.
@@ -388,8 +401,13 @@ enum Sides {
 fn print_table(report: &Report) {
     println!(
         "PostgreSQL {} on {} cores; updates/s delivered end to end (first push to last delivery), \
-         median of {} rounds; pipe with up to {} push transactions in flight\n",
-        report.server_version, report.cores, report.rounds, report.max_in_flight
+         median of {} rounds; pipe with up to {} push transactions in flight, raw batched \
+         baselines pipelining {}\n",
+        report.server_version,
+        report.cores,
+        report.rounds,
+        report.max_in_flight,
+        report.raw_in_flight
     );
     println!(
         "{:<24} {:>9} {:>8} {:>12} {:>17} {:>8} {:>8} {:>7} {:>8}  {:<26}",
@@ -535,17 +553,15 @@ impl Drop for RawListener {
     }
 }
 
-/// The baseline: plain tokio-postgres, `per_tx` notifications per transaction (one
-/// statement over an array when more than one), as many transactions pipelined as the
-/// pipe may have in flight (one at a time when `per_tx` is 1: the sequential baseline);
-/// a listener that parses each payload's JSON and counts it.
-async fn raw(config: &Config, payloads: Vec<String>, per_tx: usize) -> anyhow::Result<Row> {
+/// The baseline: plain tokio-postgres sending as `send` says, and a listener that parses
+/// each payload's JSON and counts it.
+async fn raw(config: &Config, payloads: Vec<String>, send: RawSend) -> anyhow::Result<Row> {
     let n = payloads.len() as u64;
     let listener = RawListener::start(config, n, parse_json).await?;
     let pusher = RawPusher::connect(config).await?;
     let started = Instant::now();
     let pusher = on_worker(async move {
-        pusher.send(&payloads, per_tx).await?;
+        pusher.send(&payloads, send).await?;
         Ok(pusher)
     })
     .await?;
@@ -602,8 +618,17 @@ struct RawPusher {
     connection: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
     one: tokio_postgres::Statement,
     many: tokio_postgres::Statement,
-    /// Transactions pipelined when batching: the pipe's bound.
-    in_flight: usize,
+}
+
+/// How a raw pusher sends.
+#[derive(Clone, Copy, Debug)]
+enum RawSend {
+    /// One notification per transaction, one transaction at a time: the sequential
+    /// baseline.
+    Each,
+    /// `per_tx` notifications per transaction (one statement over an array), up to
+    /// `in_flight` transactions pipelined on the connection.
+    Batched { per_tx: usize, in_flight: usize },
 }
 
 impl RawPusher {
@@ -621,37 +646,33 @@ impl RawPusher {
             connection,
             one,
             many,
-            in_flight: config.max_in_flight(),
         })
     }
 
-    /// Sends `per_tx` payloads per transaction. One payload per transaction: one at a time
-    /// (the sequential baseline). More: up to `in_flight` transactions pipelined, as the
-    /// pipe's flights.
-    async fn send(&self, payloads: &[String], per_tx: usize) -> anyhow::Result<()> {
-        if per_tx == 1 {
+    async fn send(&self, payloads: &[String], send: RawSend) -> anyhow::Result<()> {
+        let RawSend::Batched { per_tx, in_flight } = send else {
             for payload in payloads {
                 self.client
                     .execute(&self.one, &[&self.channel, payload])
                     .await?;
             }
             return Ok(());
-        }
+        };
         let chunks: Vec<&[String]> = payloads.chunks(per_tx).collect();
         let params: Vec<[&(dyn ToSql + Sync); 2]> = chunks
             .iter()
             .map(|chunk| [&self.channel as &(dyn ToSql + Sync), chunk])
             .collect();
-        let mut in_flight = FuturesOrdered::new();
+        let mut out = FuturesOrdered::new();
         for params in &params {
-            if in_flight.len() == self.in_flight
-                && let Some(done) = in_flight.next().await
+            if out.len() == in_flight
+                && let Some(done) = out.next().await
             {
                 done?;
             }
-            in_flight.push_back(self.client.execute(&self.many, params));
+            out.push_back(self.client.execute(&self.many, params));
         }
-        while let Some(done) = in_flight.next().await {
+        while let Some(done) = out.next().await {
             done?;
         }
         Ok(())
@@ -689,7 +710,7 @@ async fn raw_push_pipe_listen(config: Config, n: u64) -> anyhow::Result<Row> {
     let pusher = RawPusher::connect(&config).await?;
     let started = Instant::now();
     let pusher = on_worker(async move {
-        pusher.send(&payloads, 1).await?;
+        pusher.send(&payloads, RawSend::Each).await?;
         Ok(pusher)
     })
     .await?;
@@ -722,7 +743,7 @@ async fn raw_paced(config: &Config, rate: u64, n: u64) -> anyhow::Result<Row> {
         async move {
             let sent = latencies.now();
             let payload = format!(r#"{{"Type":0,"Key":{sent},"SeqSet":"1"}}"#);
-            pusher.send(&[payload], 1).await
+            pusher.send(&[payload], RawSend::Each).await
         }
     })
     .await?;
