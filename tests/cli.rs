@@ -311,6 +311,8 @@ fn bench_runs_every_row_and_reports_json() {
     let output = run(&["bench", "--scale", "0.005", "--rounds", "1", "--json"]);
     assert!(output.status.success(), "{}", stderr(&output));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(report["max_in_flight"], 1, "the library's default");
+    assert_eq!(report["raw_in_flight"], 2, "the raw baselines pipeline");
     let rows = report["rows"].as_array().expect("rows");
     let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
     for expected in [
@@ -335,4 +337,15 @@ fn bench_runs_every_row_and_reports_json() {
             assert!(row["latency_us"]["p99"].as_u64().unwrap() > 0, "{row}");
         }
     }
+}
+
+#[test]
+fn bench_refuses_a_raw_baseline_that_pipelines_nothing() {
+    let output = run(&["bench", "--raw-in-flight", "0"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("--raw-in-flight"),
+        "{}",
+        stderr(&output)
+    );
 }
