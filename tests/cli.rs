@@ -340,12 +340,10 @@ fn bench_runs_every_row_and_reports_json() {
 }
 
 #[test]
-fn bench_refuses_a_raw_baseline_that_pipelines_nothing() {
-    let output = run(&["bench", "--raw-in-flight", "0"]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("--raw-in-flight"),
-        "{}",
-        stderr(&output)
-    );
+fn bench_refuses_a_depth_of_zero() {
+    for flag in ["--raw-in-flight", "--max-in-flight"] {
+        let output = run(&["bench", flag, "0"]);
+        assert_eq!(output.status.code(), Some(2));
+        assert!(stderr(&output).contains(flag), "{}", stderr(&output));
+    }
 }

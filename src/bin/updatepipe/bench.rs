@@ -42,11 +42,11 @@ pub struct BenchArgs {
 
     /// The pipe's bound on push transactions in flight at once (`Config::with_max_in_flight`;
     /// default the library's, 1).
-    #[arg(long, value_name = "N")]
-    max_in_flight: Option<usize>,
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    max_in_flight: Option<u16>,
 
-    /// Transactions the raw batched baselines pipeline on their connection (the issue's
-    /// "pipelined pg_notify"), whatever the pipe's bound.
+    /// Transactions the raw batched baselines pipeline on their connection, whatever the
+    /// pipe's bound (a hand-written batching pusher would pipeline too).
     #[arg(long, default_value_t = 2, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..))]
     raw_in_flight: u16,
@@ -143,7 +143,7 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
     let scale = |n: u64| ((n as f64 * args.scale).round() as u64).max(100);
     let rounds = args.rounds.max(1);
     let base = match args.max_in_flight {
-        Some(n) => base.with_max_in_flight(n),
+        Some(n) => base.with_max_in_flight(usize::from(n)),
         None => base,
     };
     let per_round = |n: u64| scale(n).div_ceil(u64::from(rounds)).max(100);
@@ -560,11 +560,7 @@ async fn raw(config: &Config, payloads: Vec<String>, send: RawSend) -> anyhow::R
     let listener = RawListener::start(config, n, parse_json).await?;
     let pusher = RawPusher::connect(config).await?;
     let started = Instant::now();
-    let pusher = on_worker(async move {
-        pusher.send(&payloads, send).await?;
-        Ok(pusher)
-    })
-    .await?;
+    let (pusher, _payloads) = pusher.send_on_worker(payloads, send).await?;
     listener.wait(n).await?;
     let seconds = started.elapsed().as_secs_f64();
     pusher.close().await;
@@ -623,8 +619,9 @@ struct RawPusher {
 /// How a raw pusher sends.
 #[derive(Clone, Copy, Debug)]
 enum RawSend {
-    /// One notification per transaction, one transaction at a time: the sequential
-    /// baseline.
+    /// One notification per transaction, each sent once the one before has committed
+    /// (the sequential baseline; the paced row overlaps such sends from tasks of their
+    /// own).
     Each,
     /// `per_tx` notifications per transaction (one statement over an array), up to
     /// `in_flight` transactions pipelined on the connection.
@@ -647,6 +644,20 @@ impl RawPusher {
             one,
             many,
         })
+    }
+
+    /// `send` from a task of its own (see [`on_worker`]); gives the payloads back, so that
+    /// the caller frees them after its timing, as it made them before.
+    async fn send_on_worker(
+        self,
+        payloads: Vec<String>,
+        send: RawSend,
+    ) -> anyhow::Result<(Self, Vec<String>)> {
+        on_worker(async move {
+            self.send(&payloads, send).await?;
+            Ok((self, payloads))
+        })
+        .await
     }
 
     async fn send(&self, payloads: &[String], send: RawSend) -> anyhow::Result<()> {
@@ -709,11 +720,7 @@ async fn raw_push_pipe_listen(config: Config, n: u64) -> anyhow::Result<Row> {
     let payloads = envelope_payloads(n);
     let pusher = RawPusher::connect(&config).await?;
     let started = Instant::now();
-    let pusher = on_worker(async move {
-        pusher.send(&payloads, RawSend::Each).await?;
-        Ok(pusher)
-    })
-    .await?;
+    let (pusher, _payloads) = pusher.send_on_worker(payloads, RawSend::Each).await?;
     let finished = last_delivery(counter).await?;
     let seconds = (finished - started).as_secs_f64();
     pusher.close().await;
