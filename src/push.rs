@@ -7,7 +7,8 @@
 //! `max_in_flight` flights are out at once, pipelined on one connection; while they are,
 //! new pushes gather for the next. A push that finds nothing queued and room for a flight
 //! sends its own updates at once, on its own task (no hand-off, so a lone push costs what a
-//! plain `pg_notify` costs); queued pushes go out on flusher tasks. Every push resolves
+//! plain `pg_notify` costs); queued pushes go out on flusher tasks, which give the pushers
+//! a flight has just resolved a few scheduler turns to push again and join the next batch. Every push resolves
 //! only when the transaction holding its updates has committed, with that transaction's
 //! outcome.
 //!
@@ -48,6 +49,10 @@ const NOTIFY_ONE: &str = "SELECT pg_notify($1, $2)";
 /// array order.
 const NOTIFY_MANY: &str =
     "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, n) ORDER BY n";
+
+/// The most scheduler turns a flusher gives pushers to join its batch (see
+/// `Shared::let_company_in`).
+const GATHER_TURNS: usize = 4;
 
 /// Where the numbers of envelopes pushed inside callers' transactions start (2⁶²).
 pub(crate) const TRANSACTIONAL_SEQ_BASE: u64 = 1 << 62;
@@ -475,7 +480,11 @@ impl Shared {
             }
         }
         let mut gatherer = true;
-        while let Some(batch) = self.next_batch(std::mem::take(&mut gatherer)) {
+        loop {
+            self.let_company_in().await;
+            let Some(batch) = self.next_batch(std::mem::take(&mut gatherer)) else {
+                break;
+            };
             let outcome = self
                 .flush(
                     batch
@@ -488,6 +497,25 @@ impl Shared {
                 // A pusher that gave up (timeout, cancelled) no longer listens: fine.
                 let _ = request.done.send(outcome.clone());
             }
+        }
+    }
+
+    /// Before a flusher takes a batch. The pushers whose flight has just ended were woken
+    /// a moment ago and push again as soon as they run: a few turns of the scheduler let
+    /// them join this batch instead of waiting a whole flight for the next. (Without them,
+    /// 16 pushers settle into two batches of about 8 that take turns, one waiting while
+    /// the other is out.) Turns are given while the last one brought a push, at most
+    /// `GATHER_TURNS`: a push that comes alone waits one turn.
+    async fn let_company_in(&self) {
+        let pending = || self.queue.lock().expect("push queue lock").pending.len();
+        let mut queued = pending();
+        for _ in 0..GATHER_TURNS {
+            tokio::task::yield_now().await;
+            let now = pending();
+            if now == queued {
+                break;
+            }
+            queued = now;
         }
     }
 
