@@ -480,11 +480,20 @@ impl Shared {
             }
         }
         let mut gatherer = true;
+        // Whether pushers were just woken who may push again: those of the flight that
+        // ended to make room for this one, then those of this flusher's last batch.
+        let mut woken = true;
         loop {
-            self.let_company_in().await;
+            if woken {
+                self.let_company_in().await;
+            }
             let Some(batch) = self.next_batch(std::mem::take(&mut gatherer)) else {
                 break;
             };
+            // A batch of one push woke one pusher: made to wait, a pusher in a loop
+            // would be queued behind this flusher for good, where with the flight over
+            // its next push goes out at once, alone.
+            woken = batch.len() > 1;
             let outcome = self
                 .flush(
                     batch
@@ -500,18 +509,20 @@ impl Shared {
         }
     }
 
-    /// Before a flusher takes a batch. The pushers whose flight has just ended were woken
-    /// a moment ago and push again as soon as they run: a few turns of the scheduler let
-    /// them join this batch instead of waiting a whole flight for the next. (Without them,
-    /// 16 pushers settle into two batches of about 8 that take turns, one waiting while
-    /// the other is out.) Turns are given while the last one brought a push, at most
-    /// `GATHER_TURNS`: a push that comes alone waits one turn.
+    /// Before a flusher takes a batch, when a flight has just ended: its pushers were woken
+    /// a moment ago and push again as soon as they run, so a few turns of the scheduler
+    /// let them join this batch instead of waiting a whole flight for the next. (Without
+    /// them, 16 pushers settle into two batches of about 8 that take turns, one waiting
+    /// while the other is out.) Turns are given while the last one brought updates, at
+    /// most `GATHER_TURNS`, and none once a full batch is queued.
     async fn let_company_in(&self) {
-        let pending = || self.queue.lock().expect("push queue lock").pending.len();
-        let mut queued = pending();
+        let mut queued = self.queued();
         for _ in 0..GATHER_TURNS {
+            if queued >= self.max_batch {
+                break;
+            }
             tokio::task::yield_now().await;
-            let now = pending();
+            let now = self.queued();
             if now == queued {
                 break;
             }
