@@ -353,8 +353,9 @@ impl Config {
 
     /// How many push transactions may be in flight at once (default 1, at least 1). More
     /// than one are pipelined on one connection, so they still commit in the order they
-    /// were sent, and a push that arrives while another is in flight goes out at once
-    /// instead of waiting for that one's round trip: worth it over a network. On the
+    /// were sent, and a push that arrives while another is in flight goes out at once (or
+    /// after a few scheduler turns, when a batch is being gathered) instead of waiting for
+    /// that one's round trip: worth it over a network. On the
     /// server's own machine, where the round trip is short, waiting makes bigger batches,
     /// which cost the server less (`BENCHMARKS.md` has both). Keep 1 behind a
     /// transaction-pooling proxy that may route pipelined transactions to different
