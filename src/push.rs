@@ -8,9 +8,9 @@
 //! new pushes gather for the next. A push that finds nothing queued and room for a flight
 //! sends its own updates at once, on its own task (no hand-off, so a lone push costs what a
 //! plain `pg_notify` costs); queued pushes go out on flusher tasks, which give the pushers
-//! a flight has just resolved a few scheduler turns to push again and join the next batch. Every push resolves
-//! only when the transaction holding its updates has committed, with that transaction's
-//! outcome.
+//! a flight has just resolved a few scheduler turns to push again and join the next batch.
+//! Every push resolves only when the transaction holding its updates has committed, with
+//! that transaction's outcome.
 //!
 //! Envelope numbers say when something was missed: a listener that sees a sender's number
 //! skipped raises a resync. So flights must commit in number order. Each takes its numbers
