@@ -358,8 +358,8 @@ impl Config {
     /// that one's round trip: worth it over a network. On the server's own machine, where
     /// the round trip is short, waiting makes bigger batches, which cost the server less
     /// (`BENCHMARKS.md` has both). Keep 1 behind a transaction-pooling proxy that may route
-    /// pipelined transactions to different servers. Durable pushes, and pushes through a proxy detected as
-    /// transaction-pooling, go one at a time whatever this says.
+    /// pipelined transactions to different servers. Durable pushes, and pushes through a
+    /// proxy detected as transaction-pooling, go one at a time whatever this says.
     pub fn with_max_in_flight(mut self, transactions: usize) -> Self {
         self.max_in_flight = transactions.max(1);
         self
