@@ -10,13 +10,13 @@
 //! The decoder also reads maddy's legacy payload, `<sender id>;<update JSON>\n` with every
 //! `;` of the JSON replaced by the byte 0x10.
 
-use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
-use crate::error::{DecodeError, Error, excerpt};
-use crate::limits::{Limit, Limits};
+use crate::error::{DecodeError, Error, Limit};
+use crate::limits::Limits;
+use crate::origin::Origin;
 use crate::sign::{self, Signer};
 use crate::update::{RawUpdate, Update};
 
@@ -30,65 +30,6 @@ pub const MAX_LOGGED_ENVELOPE_LEN: usize = 1 << 20;
 
 /// The envelope version this build writes and reads.
 pub const ENVELOPE_VERSION: u64 = 1;
-
-/// The longest origin accepted from the wire, in bytes.
-const MAX_ORIGIN_LEN: usize = 64;
-
-/// Who sent an envelope: one pipe instance.
-///
-/// A pipe's origin is 128 random bits, written as 32 hex digits, drawn when the pipe is
-/// created: two pipes in one process differ, and so do two processes that share an OS PID
-/// on different hosts (every container is PID 1). Legacy (maddy) payloads carry their own
-/// sender id, kept here as it came.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Origin(String);
-
-impl Origin {
-    /// A fresh random origin.
-    pub fn random() -> Self {
-        Origin(format!("{:032x}", rand::random::<u128>()))
-    }
-
-    /// An origin from the wire: 1 to 64 printable ASCII characters.
-    pub fn parse(text: &str) -> Result<Self, DecodeError> {
-        Self::check(text)?;
-        Ok(Origin(text.to_owned()))
-    }
-
-    /// The same, keeping the string it is given.
-    fn parse_owned(text: String) -> Result<Self, DecodeError> {
-        Self::check(&text)?;
-        Ok(Origin(text))
-    }
-
-    fn check(text: &str) -> Result<(), DecodeError> {
-        let printable = text.bytes().all(|b| b.is_ascii_graphic());
-        if text.is_empty() || text.len() > MAX_ORIGIN_LEN || !printable {
-            return Err(DecodeError::Malformed(format!(
-                "origin {:?} is not 1 to 64 printable ASCII characters",
-                excerpt(text)
-            )));
-        }
-        Ok(())
-    }
-
-    /// The origin's text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Origin({})", self.0)
-    }
-}
 
 /// Which wire form a payload used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -546,7 +487,7 @@ fn decode_v1(payload: &str, limits: &Limits) -> Result<Envelope, DecodeError> {
     let updates = wire
         .u
         .into_iter()
-        .map(|raw| raw.validate_within(limits))
+        .map(|raw| limits.admit(raw))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Envelope {
         format: WireFormat::V1,
@@ -582,7 +523,7 @@ fn decode_legacy(payload: &str, limits: &Limits) -> Result<Envelope, DecodeError
         origin,
         pid: None,
         seq: None,
-        updates: vec![raw.validate_within(limits)?],
+        updates: vec![limits.admit(raw)?],
         marks: Marks::default(),
         reference: false,
         heartbeat: false,
@@ -627,12 +568,6 @@ mod tests {
             payload,
             r#"{"v":1,"o":"abc","p":7,"s":3,"u":[{"Type":3,"Key":5}]}"#
         );
-    }
-
-    #[test]
-    fn origins_differ() {
-        assert_ne!(Origin::random(), Origin::random());
-        assert_eq!(Origin::random().as_str().len(), 32);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The crate's errors: one [`Error`] for every operation, with typed details for bad updates
 //! ([`UpdateError`]) and bad payloads ([`DecodeError`]).
 
+use std::fmt;
 use std::time::Duration;
 
 /// Everything that can go wrong in `updatepipe`.
@@ -218,7 +219,7 @@ pub enum DecodeError {
     #[error("{found} {limit}, over the limit of {max}")]
     OverLimit {
         /// Which bound.
-        limit: crate::limits::Limit,
+        limit: Limit,
         /// What the payload asked for (for the depth: the first level past the bound).
         found: usize,
         /// The bound.
@@ -265,6 +266,34 @@ impl DecodeError {
             DecodeError::Forged => "forged",
             DecodeError::Replayed(_) => "replayed",
         }
+    }
+}
+
+/// Which bound a payload broke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Limit {
+    /// Updates in one envelope.
+    Updates,
+    /// Flags on one update.
+    Flags,
+    /// Bytes in one flag.
+    FlagLength,
+    /// Bytes in one sequence set.
+    SeqSetLength,
+    /// Nesting depth of the JSON.
+    Depth,
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Limit::Updates => "updates in one envelope",
+            Limit::Flags => "flags on one update",
+            Limit::FlagLength => "bytes in one flag",
+            Limit::SeqSetLength => "bytes in one sequence set",
+            Limit::Depth => "nesting depth",
+        })
     }
 }
 

@@ -93,6 +93,7 @@ mod limits;
 mod listen;
 mod log;
 mod migrate;
+mod origin;
 mod pipe;
 mod push;
 mod seqset;
@@ -109,12 +110,13 @@ pub use config::{
     DEFAULT_RETENTION, Since,
 };
 pub use envelope::{
-    ENVELOPE_VERSION, Envelope, MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, Origin, WireFormat,
+    ENVELOPE_VERSION, Envelope, MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, WireFormat,
 };
-pub use error::{DecodeError, Error, ReplayKind, UpdateError};
-pub use limits::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_UPDATES, Limit, Limits};
+pub use error::{DecodeError, Error, Limit, ReplayKind, UpdateError};
+pub use limits::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_UPDATES, Limits};
 pub use listen::{Event, ResyncReason};
 pub use migrate::{MIGRATION_TABLE, MigrationInfo, embedded_migrations};
+pub use origin::Origin;
 pub use pipe::{PgPipe, UpdatePipe};
 pub use seqset::{MAX_SEQ_SET_LEN, SeqNum, SeqRange, SeqSet};
 pub use sign::{DEFAULT_REPLAY_WINDOW, MIN_SECRET_LEN, Secret, Signer};

@@ -3,11 +3,9 @@
 //! builds anything from it; each violation is a typed [`DecodeError::OverLimit`], counted
 //! as `over_limit`.
 
-use std::fmt;
-
-use crate::error::DecodeError;
+use crate::error::{DecodeError, Limit};
 use crate::seqset::MAX_SEQ_SET_LEN;
-use crate::update::{MAX_FLAG_LEN, MAX_FLAGS};
+use crate::update::{MAX_FLAG_LEN, MAX_FLAGS, RawUpdate, Update};
 
 /// The default bound on updates in one envelope. A full notification (7999 bytes) holds at
 /// most about 420 of the smallest updates, so this never refuses what a pipe sends.
@@ -107,6 +105,19 @@ impl Limits {
         self.max_depth
     }
 
+    /// Admits an update decoded from an untrusted payload: checks what it asks for against
+    /// these bounds before the update is built, then validates it.
+    pub(crate) fn admit(&self, raw: RawUpdate) -> Result<Update, DecodeError> {
+        let seq_set_len = raw.seq_set().map_or(0, str::len);
+        Limits::check(Limit::SeqSetLength, seq_set_len, self.max_seq_set_len)?;
+        if let Some(flags) = raw.flags() {
+            Limits::check(Limit::Flags, flags.len(), self.max_flags)?;
+            let longest = flags.iter().map(String::len).max().unwrap_or(0);
+            Limits::check(Limit::FlagLength, longest, self.max_flag_len)?;
+        }
+        Ok(raw.validate()?)
+    }
+
     /// `Err` when `found` exceeds `max` for `limit`.
     pub(crate) fn check(limit: Limit, found: usize, max: usize) -> Result<(), DecodeError> {
         if found > max {
@@ -146,34 +157,6 @@ impl Limits {
             }
         }
         Ok(())
-    }
-}
-
-/// Which bound a payload broke.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Limit {
-    /// Updates in one envelope.
-    Updates,
-    /// Flags on one update.
-    Flags,
-    /// Bytes in one flag.
-    FlagLength,
-    /// Bytes in one sequence set.
-    SeqSetLength,
-    /// Nesting depth of the JSON.
-    Depth,
-}
-
-impl fmt::Display for Limit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Limit::Updates => "updates in one envelope",
-            Limit::Flags => "flags on one update",
-            Limit::FlagLength => "bytes in one flag",
-            Limit::SeqSetLength => "bytes in one sequence set",
-            Limit::Depth => "nesting depth",
-        })
     }
 }
 

@@ -9,10 +9,10 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_postgres::GenericClient;
 
 use crate::config::Config;
-use crate::envelope::Origin;
 use crate::error::Error;
 use crate::listen::{Event, Listener, Sink};
 use crate::migrate::{MigrationInfo, migrate};
+use crate::origin::Origin;
 use crate::push::Pusher;
 use crate::stats::{Counters, Stats};
 use crate::update::Update;

@@ -34,9 +34,10 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Statement};
 
 use crate::config::Config;
-use crate::envelope::{MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, Marks, Origin, Packer};
+use crate::envelope::{MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, Marks, Packer};
 use crate::error::Error;
 use crate::log::LOG_AND_NOTIFY;
+use crate::origin::Origin;
 use crate::stats::Counters;
 use crate::update::Update;
 

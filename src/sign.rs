@@ -23,8 +23,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::channel::ChannelName;
-use crate::envelope::Origin;
 use crate::error::{DecodeError, Error, ReplayKind};
+use crate::origin::Origin;
 
 type HmacSha256 = Hmac<Sha256>;
 

@@ -11,8 +11,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::ser::{SerializeStruct, Serializer};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{DecodeError, UpdateError};
-use crate::limits::{Limit, Limits};
+use crate::error::UpdateError;
 use crate::seqset::SeqSet;
 
 /// The most flags one update may carry.
@@ -388,16 +387,14 @@ pub(crate) struct RawUpdate {
 }
 
 impl RawUpdate {
-    /// Checks the payload's bounds, then validates.
-    pub(crate) fn validate_within(self, limits: &Limits) -> Result<Update, DecodeError> {
-        let seq_set_len = self.seq_set.as_ref().map_or(0, String::len);
-        Limits::check(Limit::SeqSetLength, seq_set_len, limits.max_seq_set_len())?;
-        if let Some(flags) = &self.flags {
-            Limits::check(Limit::Flags, flags.len(), limits.max_flags())?;
-            let longest = flags.iter().map(String::len).max().unwrap_or(0);
-            Limits::check(Limit::FlagLength, longest, limits.max_flag_len())?;
-        }
-        Ok(self.validate()?)
+    /// The sequence set as written, if any.
+    pub(crate) fn seq_set(&self) -> Option<&str> {
+        self.seq_set.as_deref()
+    }
+
+    /// The flags as written, if any.
+    pub(crate) fn flags(&self) -> Option<&[String]> {
+        self.flags.as_deref()
     }
 
     pub(crate) fn validate(self) -> Result<Update, UpdateError> {
