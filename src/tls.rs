@@ -124,18 +124,20 @@ pub(crate) struct TlsOptions {
     client_key: Option<PathBuf>,
 }
 
-/// The connection-string settings read here rather than by tokio-postgres.
-const KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
-
 impl TlsOptions {
-    /// Sets one of [`KEYS`].
+    /// Sets one of the TLS keys of a connection string (`sslmode`, `sslrootcert`, `sslcert`,
+    /// `sslkey`).
     pub(crate) fn set(&mut self, key: &str, value: &str) -> Result<(), Error> {
         match key {
             "sslmode" => self.mode = value.parse()?,
             "sslrootcert" => self.set_root_cert(value),
             "sslcert" => self.client_cert = Some(value.into()),
             "sslkey" => self.client_key = Some(value.into()),
-            _ => unreachable!("only KEYS are set"),
+            other => {
+                return Err(Error::Config(format!(
+                    "{other:?} is not a TLS setting (sslmode, sslrootcert, sslcert, sslkey)"
+                )));
+            }
         }
         Ok(())
     }
@@ -278,133 +280,6 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     Ok(certs)
 }
 
-/// Splits the settings of [`KEYS`] off a connection string (URL or key=value), returning
-/// the rest for tokio-postgres and the settings for [`TlsOptions::set`]. A string it cannot
-/// take apart is returned whole, for tokio-postgres to report.
-pub(crate) fn split_params(conn: &str) -> Result<(String, Vec<(String, String)>), Error> {
-    if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
-        // The query starts at the first `?` after the credentials (tokio-postgres reads
-        // them up to the first `@`, `?` included).
-        let after = conn.find('@').map_or(0, |at| at + 1);
-        let Some(mark) = conn[after..].find('?').map(|i| after + i) else {
-            return Ok((conn.to_owned(), Vec::new()));
-        };
-        let (base, query) = (&conn[..mark], &conn[mark + 1..]);
-        let mut kept = Vec::new();
-        let mut found = Vec::new();
-        for part in query.split('&') {
-            let (key, value) = part.split_once('=').unwrap_or((part, ""));
-            let key = percent_decode(key)?;
-            if KEYS.contains(&key.as_str()) {
-                found.push((key, percent_decode(value)?));
-            } else {
-                kept.push(part);
-            }
-        }
-        let rest = if kept.is_empty() {
-            base.to_owned()
-        } else {
-            format!("{base}?{}", kept.join("&"))
-        };
-        return Ok((rest, found));
-    }
-    let Some(pairs) = key_value_pairs(conn) else {
-        return Ok((conn.to_owned(), Vec::new()));
-    };
-    let mut rest = String::with_capacity(conn.len());
-    let mut found = Vec::new();
-    let mut from = 0;
-    for (key, value, span) in pairs {
-        if KEYS.contains(&key.as_str()) {
-            rest.push_str(&conn[from..span.start]);
-            from = span.end;
-            found.push((key, value));
-        }
-    }
-    rest.push_str(&conn[from..]);
-    Ok((rest, found))
-}
-
-/// The `key = value` pairs of a libpq connection string, each with its span; `None` when
-/// the string does not follow the grammar.
-fn key_value_pairs(conn: &str) -> Option<Vec<(String, String, std::ops::Range<usize>)>> {
-    let bytes = conn.as_bytes();
-    let mut i = 0;
-    let mut pairs = Vec::new();
-    let skip_space = |i: &mut usize| {
-        while *i < bytes.len() && bytes[*i].is_ascii_whitespace() {
-            *i += 1;
-        }
-    };
-    loop {
-        skip_space(&mut i);
-        if i == bytes.len() {
-            return Some(pairs);
-        }
-        let start = i;
-        while i < bytes.len() && bytes[i] != b'=' && !bytes[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        let key = conn[start..i].to_owned();
-        skip_space(&mut i);
-        if key.is_empty() || bytes.get(i) != Some(&b'=') {
-            return None;
-        }
-        i += 1;
-        skip_space(&mut i);
-        let mut value = Vec::new();
-        if bytes.get(i) == Some(&b'\'') {
-            i += 1;
-            loop {
-                match *bytes.get(i)? {
-                    b'\'' => break,
-                    b'\\' => {
-                        value.push(*bytes.get(i + 1)?);
-                        i += 2;
-                    }
-                    b => {
-                        value.push(b);
-                        i += 1;
-                    }
-                }
-            }
-            i += 1;
-        } else {
-            while i < bytes.len() && !bytes[i].is_ascii_whitespace() {
-                if bytes[i] == b'\\' {
-                    i += 1;
-                }
-                value.push(*bytes.get(i)?);
-                i += 1;
-            }
-        }
-        pairs.push((key, String::from_utf8(value).ok()?, start..i));
-    }
-}
-
-fn percent_decode(text: &str) -> Result<String, Error> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = text
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| {
-                    Error::Config("a TLS setting in the URL has a bad %-escape".into())
-                })?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out)
-        .map_err(|_| Error::Config("a TLS setting in the URL is not UTF-8".into()))
-}
-
 /// Checks a server's certificate as far as the mode asks: not at all (`prefer`, `require`
 /// without a root: the connection is encrypted, but nothing proves who is at the other
 /// end), its chain to the root (`verify-ca`, `require` with a root), or its chain and the
@@ -479,56 +354,6 @@ impl ServerCertVerifier for Verifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn split(conn: &str) -> (String, Vec<(String, String)>) {
-        split_params(conn).unwrap()
-    }
-
-    fn pair(k: &str, v: &str) -> (String, String) {
-        (k.to_owned(), v.to_owned())
-    }
-
-    #[test]
-    fn splits_tls_settings_off_a_url() {
-        let (rest, found) = split(
-            "postgres://u:p%40w@h/db?application_name=x&sslmode=verify-full&sslrootcert=%2Ftmp%2Fca%20b.pem",
-        );
-        assert_eq!(rest, "postgres://u:p%40w@h/db?application_name=x");
-        assert_eq!(
-            found,
-            [
-                pair("sslmode", "verify-full"),
-                pair("sslrootcert", "/tmp/ca b.pem")
-            ]
-        );
-        let (rest, found) = split("postgresql://h/db?sslmode=require");
-        assert_eq!((rest.as_str(), found.len()), ("postgresql://h/db", 1));
-        // A `?` in the credentials is not the query.
-        let (rest, found) = split("postgres://u:x?&sslmode=disable&@h/db?sslmode=verify-full");
-        assert_eq!(rest, "postgres://u:x?&sslmode=disable&@h/db");
-        assert_eq!(found, [pair("sslmode", "verify-full")]);
-        assert_eq!(split("postgres://h/db").0, "postgres://h/db");
-        assert!(split_params("postgres://h/db?sslrootcert=%zz").is_err());
-    }
-
-    #[test]
-    fn splits_tls_settings_off_key_value() {
-        let (rest, found) = split(
-            "host=h sslmode = verify-ca password='a b\\'c' sslrootcert='/x y/ca.pem' sslkey=/k\\ ey",
-        );
-        assert_eq!(rest, "host=h  password='a b\\'c'  ");
-        assert_eq!(
-            found,
-            [
-                pair("sslmode", "verify-ca"),
-                pair("sslrootcert", "/x y/ca.pem"),
-                pair("sslkey", "/k ey"),
-            ]
-        );
-        // Not the grammar: left whole for tokio-postgres to report.
-        assert_eq!(split("host h").0, "host h");
-        assert_eq!(split("sslmode='open").0, "sslmode='open");
-    }
 
     #[test]
     fn modes_parse_and_map() {

@@ -1,0 +1,324 @@
+//! Configuration: where the database is (here and in `conninfo`), which channel, and the
+//! pipe's bounds (`options`).
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::channel::ChannelName;
+use crate::error::Error;
+use crate::limits::Limits;
+use crate::sign::{DEFAULT_REPLAY_WINDOW, Secret};
+use crate::tls::{SslMode, TlsOptions};
+
+mod conninfo;
+mod options;
+
+pub use options::{
+    Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEALTH_INTERVAL, DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_BUFFERED, DEFAULT_MAX_IN_FLIGHT, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT,
+    DEFAULT_RETENTION, Since,
+};
+
+/// How a pipe reaches PostgreSQL, and its bounds.
+///
+/// Built from what users already have: [`Config::from_url`] takes a `postgres://` URL or a
+/// libpq `key=value` string, [`Config::from_env`] reads `DATABASE_URL` or the standard `PG*`
+/// variables, [`Config::from_pg`] wraps a [`tokio_postgres::Config`]. The rest has defaults
+/// and builder-style setters:
+///
+/// ```
+/// use std::time::Duration;
+/// use updatepipe::{ChannelName, Config};
+///
+/// let config = Config::from_url("postgres://mail:hunter2@db.example/mail?sslmode=verify-full")?
+///     .with_channel(ChannelName::new("imap_updates")?)
+///     .with_pool_size(4)
+///     .with_push_timeout(Duration::from_secs(5));
+/// assert!(!format!("{config:?}").contains("hunter2"));
+/// assert_eq!(config.ssl_mode(), updatepipe::SslMode::VerifyFull);
+/// # Ok::<(), updatepipe::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Config {
+    pg: tokio_postgres::Config,
+    channel: ChannelName,
+    pool_size: usize,
+    connect_timeout: Duration,
+    push_timeout: Duration,
+    max_batch: usize,
+    max_batch_wait: Duration,
+    max_in_flight: usize,
+    durable: bool,
+    backoff: Backoff,
+    health_interval: Duration,
+    retention: Duration,
+    max_buffered: usize,
+    since: Option<Since>,
+    tls: TlsOptions,
+    secrets: Vec<Secret>,
+    accept_unsigned: bool,
+    replay_window: Duration,
+    limits: Limits,
+}
+
+impl Config {
+    /// From a `postgres://` URL or a libpq `key=value` connection string. The TLS settings
+    /// `sslmode` (up to `verify-full`), `sslrootcert`, `sslcert` and `sslkey` are read as
+    /// libpq reads them.
+    pub fn from_url(url: &str) -> Result<Self, Error> {
+        Config::from_url_and(url, |_| None)
+    }
+
+    /// As [`Config::from_url`], with the `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT` and
+    /// `PGSSLKEY` variables as defaults for the TLS settings the string leaves out, as libpq
+    /// reads them. The CLI's `--url` and `DATABASE_URL` are read this way.
+    pub fn from_url_with_env(url: &str) -> Result<Self, Error> {
+        Config::from_url_and(url, |name| {
+            std::env::var(name).ok().filter(|v| !v.is_empty())
+        })
+    }
+
+    /// Applies TLS settings (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`), and tells
+    /// tokio-postgres the mode.
+    fn apply_tls(&mut self, params: Vec<(String, String)>) -> Result<(), Error> {
+        for (key, value) in params {
+            self.tls.set(&key, &value)?;
+        }
+        self.pg.ssl_mode(self.tls.mode.pg());
+        Ok(())
+    }
+
+    /// From the environment: `DATABASE_URL` when set (with the `PGSSL*` variables as defaults
+    /// for the TLS settings it leaves out), otherwise the standard libpq variables
+    /// `PGHOST`, `PGHOSTADDR`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`, `PGAPPNAME`,
+    /// `PGCONNECT_TIMEOUT`, `PGOPTIONS`, `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT` and
+    /// `PGSSLKEY`. Unset, the host is `localhost`, the
+    /// user is `$USER` (or `postgres`), and the database is named after the user.
+    pub fn from_env() -> Result<Self, Error> {
+        Config::from_vars(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// Whether the environment names a database (`DATABASE_URL` or `PGHOST`).
+    pub fn env_names_database() -> bool {
+        ["DATABASE_URL", "PGHOST", "PGHOSTADDR"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()))
+    }
+
+    pub(crate) fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
+        let settings = conninfo::from_vars(&var)?;
+        Config::from_settings(settings)
+    }
+
+    /// From a connection string, with `var` giving the `PGSSL*` defaults for the TLS
+    /// settings the string leaves out.
+    fn from_url_and(url: &str, var: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
+        Config::from_settings(conninfo::parse(url, &var)?)
+    }
+
+    /// From what a connection string or the environment said.
+    fn from_settings(settings: conninfo::Settings) -> Result<Self, Error> {
+        let mut config = Config::from_pg(settings.pg);
+        config.apply_tls(settings.tls)?;
+        if let Some(timeout) = settings.connect_timeout {
+            config = config.with_connect_timeout(timeout);
+        }
+        Ok(config)
+    }
+
+    /// From a `tokio_postgres::Config`. The application name defaults to `updatepipe`. With
+    /// host addresses and no host names, each address stands for its name too, as in libpq
+    /// (TLS needs a name; `verify-full` then checks the address).
+    pub fn from_pg(mut pg: tokio_postgres::Config) -> Self {
+        if pg.get_application_name().is_none() {
+            pg.application_name("updatepipe");
+        }
+        if pg.get_hosts().is_empty() {
+            for addr in pg.get_hostaddrs().to_vec() {
+                pg.host(addr.to_string());
+            }
+        }
+        let connect_timeout = pg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        pg.connect_timeout(connect_timeout);
+        let mut tls = TlsOptions::default();
+        tls.mode = match pg.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Disable => SslMode::Disable,
+            tokio_postgres::config::SslMode::Require => SslMode::Require,
+            _ => SslMode::Prefer,
+        };
+        Config {
+            pg,
+            channel: ChannelName::default(),
+            pool_size: DEFAULT_POOL_SIZE,
+            connect_timeout,
+            push_timeout: DEFAULT_PUSH_TIMEOUT,
+            max_batch: DEFAULT_MAX_BATCH,
+            max_batch_wait: Duration::ZERO,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            durable: false,
+            backoff: Backoff::default(),
+            health_interval: DEFAULT_HEALTH_INTERVAL,
+            retention: DEFAULT_RETENTION,
+            max_buffered: DEFAULT_MAX_BUFFERED,
+            since: None,
+            tls,
+            secrets: Vec::new(),
+            accept_unsigned: false,
+            replay_window: DEFAULT_REPLAY_WINDOW,
+            limits: Limits::default(),
+        }
+    }
+
+    /// The time allowed to establish a connection (default 10 s).
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self.pg.connect_timeout(timeout);
+        self
+    }
+
+    /// How connections use TLS (default `prefer`, as libpq), as `sslmode` in the URL sets it.
+    pub fn with_ssl_mode(mut self, mode: SslMode) -> Self {
+        self.tls.mode = mode;
+        self.pg.ssl_mode(mode.pg());
+        self
+    }
+
+    /// The root certificate(s) that server certificates must chain to: a PEM file, or
+    /// `system` for the operating system's store (`sslrootcert`; `system` only with
+    /// [`SslMode::VerifyFull`], or the pipe refuses to start).
+    pub fn with_ssl_root_cert(mut self, path: impl AsRef<std::path::Path>) -> Self {
+        self.tls.set_root_cert(path);
+        self
+    }
+
+    /// A client certificate and its private key, both PEM files (`sslcert`, `sslkey`), for
+    /// servers that authenticate clients by certificate.
+    pub fn with_ssl_client_cert(
+        mut self,
+        cert: impl Into<std::path::PathBuf>,
+        key: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        self.tls.set_client_cert(cert.into(), key.into());
+        self
+    }
+
+    /// The `application_name` the pipe's connections report (default `updatepipe`), as seen
+    /// in `pg_stat_activity`.
+    pub fn with_application_name(mut self, name: &str) -> Self {
+        self.pg.application_name(name);
+        self
+    }
+
+    /// The PostgreSQL connection settings.
+    pub fn pg(&self) -> &tokio_postgres::Config {
+        &self.pg
+    }
+
+    /// The connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// How connections use TLS.
+    pub fn ssl_mode(&self) -> SslMode {
+        self.tls.mode
+    }
+
+    /// A TLS connector for these settings (reading the certificate files now), for
+    /// connections of your own that should use TLS as the pipe does:
+    /// `config.pg().connect(config.tls_connector()?)`.
+    pub fn tls_connector(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, Error> {
+        self.tls.connector()
+    }
+}
+
+/// [`Config::from_url`]: `"postgres://mail@db/mail".parse::<Config>()`.
+impl FromStr for Config {
+    type Err = Error;
+
+    fn from_str(conn: &str) -> Result<Self, Error> {
+        Config::from_url(conn)
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // tokio_postgres::Config's Debug redacts the password.
+        f.debug_struct("Config")
+            .field("pg", &self.pg)
+            .field("channel", &self.channel)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("push_timeout", &self.push_timeout)
+            .field("max_batch", &self.max_batch)
+            .field("max_batch_wait", &self.max_batch_wait)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("durable", &self.durable)
+            .field("backoff", &self.backoff)
+            .field("health_interval", &self.health_interval)
+            .field("retention", &self.retention)
+            .field("max_buffered", &self.max_buffered)
+            .field("since", &self.since)
+            .field("tls", &self.tls)
+            .field("secrets", &self.secrets.len())
+            .field("accept_unsigned", &self.accept_unsigned)
+            .field("replay_window", &self.replay_window)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_url_and_key_value() {
+        let c = Config::from_url("postgres://u:pw@db.example:6543/mail").unwrap();
+        assert_eq!(c.pg().get_user(), Some("u"));
+        assert_eq!(c.pg().get_dbname(), Some("mail"));
+        assert_eq!(c.pg().get_ports(), &[6543]);
+        let c = Config::from_url("host=localhost port=5433 user=x dbname=y").unwrap();
+        assert_eq!(c.pg().get_ports(), &[5433]);
+        assert_eq!(c.pg().get_application_name(), Some("updatepipe"));
+        let c = Config::from_url("postgres://u@h/d?application_name=mine").unwrap();
+        assert_eq!(c.pg().get_application_name(), Some("mine"));
+    }
+
+    #[test]
+    fn backoff_is_bounded_full_jitter() {
+        let b = Backoff::default();
+        for attempt in 0..40 {
+            let ceiling = (b.initial * 2u32.pow(attempt.min(20))).min(b.max);
+            for _ in 0..20 {
+                assert!(b.delay(attempt) <= ceiling);
+            }
+        }
+        // Jitter: not always the ceiling.
+        let delays: std::collections::HashSet<_> = (0..20).map(|_| b.delay(10)).collect();
+        assert!(delays.len() > 1);
+    }
+
+    #[test]
+    fn parses_with_from_str() {
+        let c: Config = "postgres://u@h:6543/d".parse().unwrap();
+        assert_eq!(c.pg().get_ports(), &[6543]);
+        assert!(matches!("host h".parse::<Config>(), Err(Error::Config(_))));
+    }
+
+    #[test]
+    fn password_never_shows() {
+        let secret = "s3cr3t-pw";
+        let c = Config::from_url(&format!("postgres://u:{secret}@h/d")).unwrap();
+        assert!(!format!("{c:?}").contains(secret));
+        let err = Config::from_url(&format!("postgres://u:{secret}@h:bad/d")).unwrap_err();
+        assert!(!err.to_string().contains(secret), "{err}");
+        assert!(!format!("{err:?}").contains(secret), "{err:?}");
+        let err = Config::from_url(&format!("host=h password={secret} port=bad")).unwrap_err();
+        assert!(!err.to_string().contains(secret), "{err}");
+    }
+}

@@ -1,0 +1,303 @@
+//! The pipe's options beyond where the database is: the channel, the bounds on pushing and
+//! listening, durability, signing, and their defaults.
+
+use std::time::Duration;
+
+use super::Config;
+use crate::channel::ChannelName;
+use crate::limits::Limits;
+use crate::sign::{Secret, Signer};
+
+/// The default number of pooled connections used for pushing.
+pub const DEFAULT_POOL_SIZE: usize = 8;
+
+/// The default time allowed to establish a connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The default time allowed for one push, from the call to the commit.
+pub const DEFAULT_PUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The default bound on the updates one push transaction carries.
+pub const DEFAULT_MAX_BATCH: usize = 4096;
+
+/// The default bound on push transactions in flight at once on the push connection.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1;
+
+/// The default health interval: a listener proves its connection end to end this often.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The default retention of the durable log.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// The default bound on deliveries a listener holds for a caller that is not reading.
+pub const DEFAULT_MAX_BUFFERED: usize = 65_536;
+
+/// The longest replay window [`Config::with_replay_window`] takes.
+const MAX_REPLAY_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How a listener retries after losing its connection: full-jitter exponential backoff.
+///
+/// Attempt `n` waits a random time between zero and `min(max, initial × 2ⁿ)`; the count
+/// starts again once a connection has stayed up for `stable_after`. With `max_attempts`
+/// unset (the default) the listener never gives up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// The first delay's upper bound (default 100 ms).
+    pub initial: Duration,
+    /// The cap on any delay (default 10 s).
+    pub max: Duration,
+    /// How long a connection must last for the backoff to start over (default 30 s).
+    pub stable_after: Duration,
+    /// Give up after this many failed attempts in a row (default: never).
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+            stable_after: Duration::from_secs(30),
+            max_attempts: None,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before attempt `attempt` (0-based): uniform in `[0, min(max, initial·2ⁿ)]`.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let ceiling = self
+            .initial
+            .saturating_mul(2u32.saturating_pow(attempt.min(31)))
+            .min(self.max);
+        ceiling.mul_f64(rand::random::<f64>())
+    }
+}
+
+/// Where a durable listener starts: by default now; with a `Since`, it first replays the
+/// log from that point.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Since {
+    /// The entries written at or after this time (by the server's clock).
+    Time(std::time::SystemTime),
+    /// The entries after this log position (an `updatepipe.log` id).
+    Position(i64),
+}
+
+impl Config {
+    /// The channel every update travels on (default `updatepipe`).
+    pub fn with_channel(mut self, channel: ChannelName) -> Self {
+        self.channel = channel;
+        self
+    }
+
+    /// How many pooled connections pushes may use at once (default 8, at least 1).
+    pub fn with_pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size.max(1);
+        self
+    }
+
+    /// The time allowed for one push, from the call to the commit (default 10 s).
+    pub fn with_push_timeout(mut self, timeout: Duration) -> Self {
+        self.push_timeout = timeout;
+        self
+    }
+
+    /// The most updates one push transaction gathers from concurrent pushes (default 4096,
+    /// at least 1). A single `push_many` larger than this still goes in one transaction.
+    pub fn with_max_batch(mut self, updates: usize) -> Self {
+        self.max_batch = updates.max(1);
+        self
+    }
+
+    /// How long a push waits for company before it is sent (default zero: a push goes out
+    /// at once, and pushes that arrive while one is in flight gather for the next). A
+    /// small wait makes bigger batches at low concurrency, at the cost of that latency.
+    pub fn with_max_batch_wait(mut self, wait: Duration) -> Self {
+        self.max_batch_wait = wait;
+        self
+    }
+
+    /// How many push transactions may be in flight at once (default 1, at least 1). More
+    /// than one are pipelined on one connection, so they still commit in the order they
+    /// were sent, and a push that arrives while another is in flight goes out at once (or
+    /// after a few scheduler turns, when a batch is being gathered) instead of waiting for
+    /// that one's round trip: worth it over a network. On the server's own machine, where
+    /// the round trip is short, waiting makes bigger batches, which cost the server less
+    /// (`BENCHMARKS.md` has both). Keep 1 behind a transaction-pooling proxy that may route
+    /// pipelined transactions to different servers. Durable pushes, and pushes through a
+    /// proxy detected as transaction-pooling, go one at a time whatever this says.
+    pub fn with_max_in_flight(mut self, transactions: usize) -> Self {
+        self.max_in_flight = transactions.max(1);
+        self
+    }
+
+    /// Durable delivery (default off). Every push also writes its envelope to the
+    /// `updatepipe.log` table in the same transaction as its notification, and the listener
+    /// reads durable updates from the log, so after a disconnect it replays exactly what it
+    /// missed. Costs an insert per push transaction (batched) and a log query per wake-up;
+    /// needs [`PgPipe::migrate`](crate::PgPipe::migrate). Envelopes too large for a
+    /// notification travel through the log.
+    pub fn with_durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
+        self
+    }
+
+    /// How the listener retries after losing its connection.
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// How often the listener proves its connection end to end (default 10 s): it notifies
+    /// its own channel and expects the heartbeat back within this interval, or treats the
+    /// connection as dead. Zero turns the check off.
+    pub fn with_health_interval(mut self, interval: Duration) -> Self {
+        self.health_interval = interval;
+        self
+    }
+
+    /// How long the durable log keeps entries (default 24 h). A listener away longer than
+    /// this receives a resync instead of a partial replay.
+    pub fn with_retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// How many deliveries the listener holds for a caller that is not reading (default
+    /// 65,536). Past that it lets go: see the slow-consumer policy in `docs/delivery.md`.
+    pub fn with_max_buffered(mut self, max: usize) -> Self {
+        self.max_buffered = max.max(1);
+        self
+    }
+
+    /// Durable mode only (ignored otherwise): replay the log from this point before the live
+    /// updates, instead of starting from now. The entries still in the log (see the
+    /// retention) are delivered once, in log order, then everything after them as usual.
+    /// A time is approximate: the log is entered at the last entry whose transaction
+    /// started before it.
+    pub fn with_since(mut self, since: Since) -> Self {
+        self.since = Some(since);
+        self
+    }
+
+    /// Signs every envelope this pipe sends with the first secret, and makes its listener
+    /// accept only envelopes signed with one of them, not seen before and within the replay
+    /// window (default off: no secret). All pipes on a channel need the same secrets; see
+    /// `docs/security.md`.
+    pub fn with_secrets(mut self, secrets: Vec<Secret>) -> Self {
+        self.secrets = secrets;
+        self
+    }
+
+    /// With signing on, while it is being rolled out: sign what this pipe sends, check
+    /// signed envelopes as usual, and also accept unsigned ones (default off). Turn it on
+    /// for every pipe first, then off everywhere once every sender signs (see
+    /// `docs/security.md`).
+    pub fn with_accept_unsigned(mut self, accept: bool) -> Self {
+        self.accept_unsigned = accept;
+        self
+    }
+
+    /// With signing on: how far a notification's time may be from the listener's clock,
+    /// either way (default 5 minutes, at most a week). Covers clock skew between hosts and
+    /// the time a push inside a caller's transaction waits for its commit; durable log
+    /// entries are allowed the retention on top.
+    pub fn with_replay_window(mut self, window: Duration) -> Self {
+        self.replay_window = window.min(MAX_REPLAY_WINDOW);
+        self
+    }
+
+    /// Bounds on what one received payload may ask for (default [`Limits::default`]).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The channel.
+    pub fn channel(&self) -> &ChannelName {
+        &self.channel
+    }
+
+    /// The push pool's size.
+    pub fn pool_size(&self) -> usize {
+        self.pool_size
+    }
+
+    /// The push timeout.
+    pub fn push_timeout(&self) -> Duration {
+        self.push_timeout
+    }
+
+    /// The bound on updates per push transaction.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// How long a push waits for company.
+    pub fn max_batch_wait(&self) -> Duration {
+        self.max_batch_wait
+    }
+
+    /// The bound on push transactions in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
+    /// Whether delivery is durable.
+    pub fn durable(&self) -> bool {
+        self.durable
+    }
+
+    /// The listener's reconnect backoff.
+    pub fn backoff(&self) -> &Backoff {
+        &self.backoff
+    }
+
+    /// The listener's health interval (zero: off).
+    pub fn health_interval(&self) -> Duration {
+        self.health_interval
+    }
+
+    /// The durable log's retention.
+    pub fn retention(&self) -> Duration {
+        self.retention
+    }
+
+    /// The bound on deliveries held for a caller that is not reading.
+    pub fn max_buffered(&self) -> usize {
+        self.max_buffered
+    }
+
+    /// Where a durable listener starts (`None`: now).
+    pub fn since(&self) -> Option<Since> {
+        self.since
+    }
+
+    /// Whether envelopes are signed and checked.
+    pub fn signing(&self) -> bool {
+        !self.secrets.is_empty()
+    }
+
+    /// Whether a signing listener also accepts unsigned envelopes (a rollout).
+    pub fn accepts_unsigned(&self) -> bool {
+        self.accept_unsigned
+    }
+
+    /// The replay window of signed envelopes.
+    pub fn replay_window(&self) -> Duration {
+        self.replay_window
+    }
+
+    /// The bounds on received payloads.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The signer for this channel, when signing is on.
+    pub(crate) fn signer(&self) -> Option<Signer> {
+        (!self.secrets.is_empty())
+            .then(|| Signer::from_parts(self.secrets.clone(), self.channel.clone()))
+    }
+}
