@@ -134,7 +134,7 @@ impl Envelope {
 
     /// Decodes a payload: a version 1 envelope or a legacy maddy payload, within the default
     /// [`Limits`]. Everything is validated; nothing invalid gets through. A signature, if
-    /// any, is not checked here: see [`Signer::verify`].
+    /// any, is not checked here: see [`Signer::verify`](crate::Signer::verify).
     pub fn decode(payload: &str) -> Result<Envelope, DecodeError> {
         Envelope::decode_with(payload, &Limits::default())
     }
