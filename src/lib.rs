@@ -84,6 +84,7 @@
 //! | throwaway clusters for tests and the demo | [`cluster`] |
 
 mod channel;
+#[cfg(feature = "cluster")]
 pub mod cluster;
 mod config;
 mod connect;
