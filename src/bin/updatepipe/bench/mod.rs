@@ -1,0 +1,336 @@
+//! `updatepipe bench`: throughput and latency of the pipe, side by side with a raw
+//! tokio-postgres baseline, measured end to end (from the first push to the last delivery)
+//! in one run.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use updatepipe::{ChannelName, Config, PgPipe};
+
+mod pipe;
+mod raw;
+mod report;
+mod timing;
+
+use pipe::{paced, pipe, pipe_push_raw_listen, raw_push_pipe_listen};
+use raw::{RawSend, envelope_payloads, raw, raw_paced, update_payloads};
+use report::{Report, Row, print_table};
+use timing::cpu_time;
+
+/// Options of `updatepipe bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Print the results as one JSON document instead of a table.
+    #[arg(long)]
+    json: bool,
+
+    /// Multiply every row's number of updates (and paced durations) by this factor.
+    #[arg(long, default_value_t = 1.0, value_name = "FACTOR")]
+    scale: f64,
+
+    /// Run every row this many times, each baseline next to the row compared with it, and
+    /// report the median (the machine's noise shows in the spread; for the latency rows, in
+    /// the range of their p99).
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    rounds: u32,
+
+    /// Run only the rows whose name contains this text (repeat for several), with the
+    /// baselines they are compared with.
+    #[arg(long, value_name = "TEXT")]
+    only: Vec<String>,
+
+    /// The pipe's bound on push transactions in flight at once (`Config::with_max_in_flight`;
+    /// default the library's, 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    max_in_flight: Option<u16>,
+
+    /// Transactions the raw batched baselines pipeline on their connection, whatever the
+    /// pipe's bound (a hand-written batching pusher would pipeline too).
+    #[arg(long, default_value_t = 2, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    raw_in_flight: u16,
+}
+
+/// A channel of the benchmark's own, fresh for each row.
+fn channel(tag: &str) -> Result<ChannelName, updatepipe::Error> {
+    ChannelName::new(format!(
+        "updatepipe_bench_{tag}_{:08x}",
+        rand::random::<u32>()
+    ))
+}
+
+/// Runs every step `rounds` times, round by round (so in every round a baseline runs just
+/// before the rows compared with it); each step's rows, in round order.
+async fn in_rounds(
+    base: &Config,
+    steps: &[(&str, Step)],
+    rounds: u32,
+    progress: &ProgressBar,
+) -> anyhow::Result<Vec<Vec<Row>>> {
+    let mut measured: Vec<Vec<Row>> = steps.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        for ((name, step), runs) in steps.iter().zip(&mut measured) {
+            progress.set_message(format!("{name} (round {round} of {rounds})"));
+            let config = base.clone().with_channel(channel("x")?).with_pool_size(4);
+            runs.push(measure(config, *step).await?);
+            progress.inc(1);
+        }
+    }
+    Ok(measured)
+}
+
+/// The whole benchmark.
+pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
+    let scale = |n: u64| ((n as f64 * args.scale).round() as u64).max(100);
+    let rounds = args.rounds.max(1);
+    let base = match args.max_in_flight {
+        Some(n) => base.with_max_in_flight(usize::from(n)),
+        None => base,
+    };
+    let per_round = |n: u64| scale(n).div_ceil(u64::from(rounds)).max(100);
+    let raw_in_flight = usize::from(args.raw_in_flight);
+    let batched = |per_tx| RawSend::Batched {
+        per_tx,
+        in_flight: raw_in_flight,
+    };
+    // Each pipe row right after the baseline it is compared with, so both see the same
+    // machine; all of it `rounds` times.
+    let mut throughput: Vec<(&str, Step, Option<&str>)> = vec![
+        (
+            "raw sequential",
+            Step::Raw(per_round(20_000), RawSend::Each),
+            None,
+        ),
+        (
+            "pipe, 1 pusher",
+            Step::Pipe(per_round(20_000), 1),
+            Some("raw sequential"),
+        ),
+        (
+            "raw batched 10/tx",
+            Step::Raw(per_round(200_000), batched(10)),
+            None,
+        ),
+        (
+            "pipe, 16 pushers",
+            Step::Pipe(per_round(200_000), 16),
+            Some("raw batched 10/tx"),
+        ),
+        (
+            "raw batched 100/tx",
+            Step::Raw(per_round(600_000), batched(100)),
+            None,
+        ),
+        (
+            "pipe, 256 pushers",
+            Step::Pipe(per_round(600_000), 256),
+            Some("raw batched 100/tx"),
+        ),
+        (
+            "signed, 1 pusher",
+            Step::Signed(per_round(20_000), 1),
+            Some("pipe, 1 pusher"),
+        ),
+        (
+            "signed, 256 pushers",
+            Step::Signed(per_round(600_000), 256),
+            Some("pipe, 256 pushers"),
+        ),
+        // Where a sequential pusher's cost lies: each side of the pipe against plain
+        // tokio-postgres on the other, with the same envelopes on the wire.
+        (
+            "sides: raw, envelopes",
+            Step::Sides(per_round(20_000), Sides::Raw),
+            None,
+        ),
+        (
+            "sides: pipe push only",
+            Step::Sides(per_round(20_000), Sides::PipePush),
+            Some("sides: raw, envelopes"),
+        ),
+        (
+            "sides: pipe listen only",
+            Step::Sides(per_round(20_000), Sides::PipeListen),
+            Some("sides: raw, envelopes"),
+        ),
+        (
+            "durable, 1 pusher",
+            Step::Durable(per_round(3_000), 1),
+            None,
+        ),
+        (
+            "durable, 16 pushers",
+            Step::Durable(per_round(30_000), 16),
+            None,
+        ),
+        (
+            "durable, 256 pushers",
+            Step::Durable(per_round(200_000), 256),
+            None,
+        ),
+    ];
+    let mut paced_rows: Vec<(&str, Step)> = vec![
+        ("raw latency @1,000/s", Step::RawPaced(1_000, scale(5_000))),
+        ("pipe latency @1,000/s", Step::Paced(1_000, scale(5_000))),
+        ("pipe latency @10,000/s", Step::Paced(10_000, scale(50_000))),
+    ];
+    if !args.only.is_empty() {
+        let wanted = |name: &str| args.only.iter().any(|text| name.contains(text.as_str()));
+        let baselines: Vec<&str> = throughput
+            .iter()
+            .filter(|(name, _, _)| wanted(name))
+            .filter_map(|(_, _, baseline)| *baseline)
+            .collect();
+        throughput.retain(|(name, _, _)| wanted(name) || baselines.contains(name));
+        paced_rows.retain(|(name, _)| wanted(name));
+        if throughput.is_empty() && paced_rows.is_empty() {
+            anyhow::bail!("no row's name contains {:?}", args.only);
+        }
+    }
+    let steps = (throughput.len() + paced_rows.len()) as u64 * u64::from(rounds);
+    let progress = if args.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(steps)
+    };
+    progress.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("a valid template"),
+    );
+    let server_version = server_version(&base).await?;
+    // The durable rows need the schema; apply it before anything is timed.
+    PgPipe::new(base.clone())?.migrate().await?;
+    // Warm the server up (connections, caches) so that the first row is not penalized.
+    raw(
+        &base.clone().with_channel(channel("warmup")?),
+        update_payloads(scale(5_000)),
+        RawSend::Each,
+    )
+    .await?;
+    let steps: Vec<(&str, Step)> = throughput.iter().map(|(n, s, _)| (*n, *s)).collect();
+    let measured = in_rounds(&base, &steps, rounds, &progress).await?;
+    // Each round's rate over its baseline's in the same round, before the rounds are sorted.
+    let rates: Vec<Vec<f64>> = measured
+        .iter()
+        .map(|runs| runs.iter().map(|r| r.updates_per_sec).collect())
+        .collect();
+    let paired = |row: usize, baseline: usize| {
+        let mut ratios: Vec<f64> = rates[row]
+            .iter()
+            .zip(&rates[baseline])
+            .map(|(rate, base)| rate / base)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        ratios[ratios.len() / 2]
+    };
+    let names: Vec<&str> = throughput.iter().map(|(name, _, _)| *name).collect();
+    let mut rows: Vec<Row> = Vec::new();
+    for (i, ((name, _, baseline), mut runs)) in throughput.into_iter().zip(measured).enumerate() {
+        runs.sort_by(|a, b| a.updates_per_sec.total_cmp(&b.updates_per_sec));
+        let spread = (
+            runs[0].updates_per_sec,
+            runs[runs.len() - 1].updates_per_sec,
+        );
+        let mut cpu: Vec<f64> = runs.iter().filter_map(|r| r.cpu_us_per_update).collect();
+        cpu.sort_by(f64::total_cmp);
+        let mut row = runs.swap_remove(runs.len() / 2);
+        row.cpu_us_per_update = cpu.get(cpu.len() / 2).copied();
+        row.name = name.to_owned();
+        row.spread = Some(spread);
+        // Rows are in the order of `names`, each baseline before the rows compared with it.
+        if let Some(baseline) = baseline
+            && let Some(j) = names.iter().position(|n| *n == baseline)
+            && let Some(base_row) = rows.get(j)
+        {
+            row.ratio = Some(row.updates_per_sec / base_row.updates_per_sec);
+            row.baseline = Some(baseline.to_owned());
+            row.paired_ratio = Some(paired(i, j));
+        }
+        rows.push(row);
+    }
+    // The paced rows in rounds too: one 5-second window's tail is at the mercy of what
+    // else the machine did in it.
+    let paced = in_rounds(&base, &paced_rows, rounds, &progress).await?;
+    for ((name, _), mut runs) in paced_rows.into_iter().zip(paced) {
+        let p99 = |row: &Row| row.latency_us.as_ref().map_or(0, |l| l.p99);
+        runs.sort_by_key(p99);
+        let p99s = runs.iter().map(p99).collect();
+        let mut row = runs.swap_remove(runs.len() / 2);
+        row.name = name.to_owned();
+        row.p99_rounds_us = Some(p99s);
+        rows.push(row);
+    }
+    progress.finish_and_clear();
+    let report = Report {
+        server_version,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        rounds,
+        max_in_flight: base.max_in_flight(),
+        raw_in_flight,
+        rows,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+/// Runs one step, and notes the CPU time this process spent on it per update.
+async fn measure(config: Config, step: Step) -> anyhow::Result<Row> {
+    let before = cpu_time()?;
+    let mut row = run_step(config, step).await?;
+    let spent = cpu_time()?.saturating_sub(before);
+    row.cpu_us_per_update = Some(spent.as_secs_f64() * 1e6 / row.updates as f64);
+    Ok(row)
+}
+
+async fn run_step(config: Config, step: Step) -> anyhow::Result<Row> {
+    match step {
+        Step::Raw(n, send) => raw(&config, update_payloads(n), send).await,
+        Step::Sides(n, Sides::Raw) => raw(&config, envelope_payloads(n), RawSend::Each).await,
+        Step::Sides(n, Sides::PipePush) => pipe_push_raw_listen(config, n).await,
+        Step::Sides(n, Sides::PipeListen) => raw_push_pipe_listen(config, n).await,
+        Step::Pipe(n, pushers) => pipe(config, n, pushers).await,
+        Step::Durable(n, pushers) => pipe(config.with_durable(true), n, pushers).await,
+        Step::Signed(n, pushers) => {
+            let secret = updatepipe::Secret::new(rand::random::<[u8; 32]>().to_vec())?;
+            pipe(config.with_secrets(vec![secret]), n, pushers).await
+        }
+        Step::Paced(rate, n) => paced(config, rate, n).await,
+        Step::RawPaced(rate, n) => raw_paced(&config, rate, n).await,
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    /// The baselines: plain tokio-postgres.
+    Raw(u64, RawSend),
+    Pipe(u64, usize),
+    Durable(u64, usize),
+    /// Pushers and listener sign and check every envelope.
+    Signed(u64, usize),
+    Paced(u64, u64),
+    /// The baseline of `Paced`: plain tokio-postgres, one notification per transaction on
+    /// one connection, at the same pace.
+    RawPaced(u64, u64),
+    /// One sequential pusher with either side, or neither, the pipe's.
+    Sides(u64, Sides),
+}
+
+/// Which side of a sequential pusher's path is the pipe's; the other is plain
+/// tokio-postgres, sending or parsing the same version 1 envelopes the pipe does.
+#[derive(Clone, Copy, Debug)]
+enum Sides {
+    /// Neither: the baseline of the other two.
+    Raw,
+    PipePush,
+    PipeListen,
+}
+
+async fn server_version(config: &Config) -> anyhow::Result<String> {
+    let (client, connection) = config.pg().connect(config.tls_connector()?).await?;
+    let task = tokio::spawn(connection);
+    let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
+    drop(client);
+    let _ = task.await;
+    Ok(version)
+}

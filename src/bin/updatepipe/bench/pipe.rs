@@ -1,0 +1,148 @@
+//! The pipe's rows: its pushers and listeners, alone and against the raw baselines.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::try_join_all;
+use tokio::sync::mpsc;
+use updatepipe::{Config, PgPipe, SeqSet, Update, UpdatePipe};
+
+use super::raw::{RawListener, RawPusher, RawSend, envelope_payloads, on_worker, parse_json};
+use super::report::{Row, row};
+use super::timing::{Latencies, open_loop};
+
+/// The pipe's pushes, one at a time, to a plain tokio-postgres listener.
+pub(super) async fn pipe_push_raw_listen(config: Config, n: u64) -> anyhow::Result<Row> {
+    let listener = RawListener::start(&config, n, parse_json).await?;
+    let pusher = PgPipe::new(config)?;
+    pusher.init_push().await?;
+    let started = Instant::now();
+    let pusher = on_worker(async move {
+        for i in 0..n {
+            pusher.push(&numbered(i % 256, i)?).await?;
+        }
+        Ok(pusher)
+    })
+    .await?;
+    listener.wait(n).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    pusher.close().await?;
+    Ok(row(n, seconds, None, None))
+}
+
+/// Plain tokio-postgres pushes of the pipe's envelopes, one at a time, to a pipe listener.
+pub(super) async fn raw_push_pipe_listen(config: Config, n: u64) -> anyhow::Result<Row> {
+    let (listener, counter) = pipe_listener(&config, n, |_| {}).await?;
+    let payloads = envelope_payloads(n);
+    let pusher = RawPusher::connect(&config).await?;
+    let started = Instant::now();
+    let (pusher, _payloads) = pusher.send_on_worker(payloads, RawSend::Each).await?;
+    let finished = last_delivery(counter).await?;
+    let seconds = (finished - started).as_secs_f64();
+    pusher.close().await;
+    listener.close().await?;
+    Ok(row(n, seconds, None, None))
+}
+
+/// Starts a pipe listening on the channel and a task that counts what it delivers.
+pub(super) async fn pipe_listener(
+    config: &Config,
+    n: u64,
+    on_update: impl Fn(&Update) + Send + 'static,
+) -> anyhow::Result<(PgPipe, tokio::task::JoinHandle<Option<Instant>>)> {
+    let listener = PgPipe::new(config.clone())?;
+    let (tx, mut rx) = mpsc::channel(65_536);
+    listener.listen(tx).await?;
+    let counter = tokio::spawn(async move {
+        let mut seen = 0;
+        while let Some(update) = rx.recv().await {
+            on_update(&update);
+            seen += 1;
+            if seen == n {
+                return Some(Instant::now());
+            }
+        }
+        None
+    });
+    Ok((listener, counter))
+}
+
+/// When the counting task of [`pipe_listener`] saw its last update.
+pub(super) async fn last_delivery(
+    counter: tokio::task::JoinHandle<Option<Instant>>,
+) -> anyhow::Result<Instant> {
+    tokio::time::timeout(Duration::from_secs(120), counter)
+        .await
+        .map_err(|_| anyhow::anyhow!("deliveries did not complete"))??
+        .ok_or_else(|| anyhow::anyhow!("the listener stopped early"))
+}
+
+/// The `i`-th new-message update (from 0) of a pusher for mailbox `key`: UIDs count from 1.
+pub(super) fn numbered(key: u64, i: u64) -> Result<Update, updatepipe::Error> {
+    let uid = u32::try_from(i % u64::from(u32::MAX)).unwrap_or(1) + 1;
+    Ok(Update::new_message(key, SeqSet::single(uid)?))
+}
+
+/// The pipe with `pushers` concurrent tasks, each pushing its share one update at a time.
+pub(super) async fn pipe(config: Config, n: u64, pushers: usize) -> anyhow::Result<Row> {
+    if config.durable() {
+        PgPipe::new(config.clone())?.migrate().await?;
+    }
+    let (listener, counter) = pipe_listener(&config, n, |_| {}).await?;
+    let pusher = Arc::new(PgPipe::new(config)?);
+    pusher.init_push().await?;
+    let started = Instant::now();
+    let each = n / pushers as u64;
+    let extra = n % pushers as u64;
+    let tasks = (0..pushers as u64).map(|key| {
+        let pusher = pusher.clone();
+        let count = each + u64::from(key < extra);
+        tokio::spawn(async move {
+            for i in 0..count {
+                pusher.push(&numbered(key, i)?).await?;
+            }
+            Ok::<_, updatepipe::Error>(())
+        })
+    });
+    for result in try_join_all(tasks).await? {
+        result?;
+    }
+    let finished = last_delivery(counter).await?;
+    let seconds = (finished - started).as_secs_f64();
+    let batches = pusher.stats().batches;
+    pusher.close().await?;
+    listener.close().await?;
+    Ok(row(n, seconds, None, Some(batches)))
+}
+
+/// Open-loop latency: pushes start on a fixed schedule whatever earlier pushes do; each
+/// update carries its push time (nanoseconds since the start) as its mailbox key.
+pub(super) async fn paced(config: Config, rate: u64, n: u64) -> anyhow::Result<Row> {
+    let latencies = Latencies::new()?;
+    let recorder = latencies.clone();
+    let (listener, counter) = pipe_listener(&config, n, move |update| {
+        if let updatepipe::MailboxKey::Id(sent) = update.key() {
+            recorder.delivered(*sent);
+        }
+    })
+    .await?;
+    let pusher = Arc::new(PgPipe::new(config)?);
+    pusher.init_push().await?;
+    let started = open_loop(rate, n, || {
+        let (pusher, latencies) = (pusher.clone(), latencies.clone());
+        async move {
+            let sent = latencies.now();
+            pusher
+                .push(&Update::new_message(sent, SeqSet::single(1)?))
+                .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let finished = last_delivery(counter).await?;
+    let seconds = (finished - started).as_secs_f64();
+    let batches = pusher.stats().batches;
+    pusher.close().await?;
+    listener.close().await?;
+    Ok(row(n, seconds, Some(latencies.summary()), Some(batches)))
+}
