@@ -1,0 +1,254 @@
+//! The command line: commands, options and how their values parse.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use updatepipe::{ChannelName, MailboxKey, Since, UpdateKind};
+
+use crate::bench;
+
+/// Carries IMAP mailbox updates between processes through PostgreSQL LISTEN/NOTIFY.
+///
+/// The connection comes from --url, else DATABASE_URL, else the standard PG* variables
+/// (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, ...).
+#[derive(Parser, Debug)]
+#[command(name = "updatepipe", version, propagate_version = true)]
+pub(crate) struct Cli {
+    /// PostgreSQL URL (postgres://user:password@host:port/db) or key=value string.
+    #[arg(long, global = true, value_name = "URL")]
+    pub(crate) url: Option<String>,
+
+    /// The channel updates travel on.
+    #[arg(long, global = true, value_name = "NAME", default_value = ChannelName::DEFAULT)]
+    pub(crate) channel: String,
+
+    /// How log lines on standard error look (the level comes from RUST_LOG, default warn).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub(crate) log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Command {
+    /// Print every update other senders push, one JSON line each, until interrupted.
+    ///
+    /// Connection events (connected, disconnected, resync) go to standard error. With
+    /// --durable, updates pushed durably are never lost: after a disconnect the listener
+    /// replays them from the log.
+    ///
+    /// Examples:
+    ///   updatepipe listen --channel imap_updates
+    ///   updatepipe listen --pretty --key 42 --type new --type expunge
+    ///   updatepipe listen --durable --since 10m > updates.jsonl
+    #[command(verbatim_doc_comment)]
+    Listen {
+        /// Durable delivery (applies the migrations it needs first).
+        #[arg(long)]
+        durable: bool,
+
+        /// With --durable: first replay the log from this point: a time ago (30s, 10m, 2h,
+        /// 1d), a time in seconds since the epoch, or a log position (id:N).
+        #[arg(long, value_name = "WHEN", value_parser = parse_since, requires = "durable")]
+        since: Option<Since>,
+
+        /// One readable line per update instead of JSON.
+        #[arg(long)]
+        pretty: bool,
+
+        /// Only updates of this mailbox key (repeat for several).
+        #[arg(long = "key", value_name = "KEY")]
+        keys: Vec<String>,
+
+        /// Only updates of this type (repeat for several).
+        #[arg(long = "type", value_name = "TYPE", value_enum)]
+        kinds: Vec<KindArg>,
+
+        /// Accept only envelopes signed with one of the secrets in this file (one per
+        /// line), not seen before and within the replay window; count and drop the rest.
+        #[arg(long, value_name = "PATH", env = "UPDATEPIPE_SECRET_FILE")]
+        secret_file: Option<PathBuf>,
+
+        /// With --secret-file, while signing is rolled out: also accept unsigned
+        /// envelopes (signed ones are still checked).
+        #[arg(long, requires = "secret_file")]
+        accept_unsigned: bool,
+    },
+
+    /// Push updates and exit once they are committed.
+    ///
+    /// Give one update as JSON, or none to read one JSON update per line from standard
+    /// input; all of them are sent in one transaction, and nothing is sent if any is
+    /// invalid.
+    ///
+    /// Examples:
+    ///   updatepipe push '{"Type":0,"Key":42,"SeqSet":"7"}'
+    ///   printf '%s\n' '{"Type":2,"Key":42,"SeqSet":"3:5"}' '{"Type":3,"Key":7}' | updatepipe push
+    ///   updatepipe push --type flags --key 42 --uid 17 --flag '\Seen'
+    #[command(verbatim_doc_comment)]
+    Push {
+        /// Durable delivery: also write the updates to the log (applies the migrations it
+        /// needs first).
+        #[arg(long)]
+        durable: bool,
+
+        /// One update in the JSON contract: {"Type":1,"Key":42,"SeqSet":"17","NewFlags":["\\Seen"]}.
+        #[arg(conflicts_with_all = ["kind", "key"])]
+        json: Option<String>,
+
+        /// The update's type, to give it as options instead of JSON.
+        #[arg(long = "type", value_name = "TYPE", value_enum, requires = "key")]
+        kind: Option<KindArg>,
+
+        /// The mailbox key: a number or a name.
+        #[arg(long, value_name = "KEY", requires = "kind")]
+        key: Option<String>,
+
+        /// The messages: a UID (for flags) or an IMAP sequence set (1:3,7).
+        #[arg(
+            long = "uid",
+            visible_alias = "seq",
+            value_name = "SET",
+            default_value = ""
+        )]
+        seq_set: String,
+
+        /// A flag after the change (repeat for several): \Seen, $Junk.
+        #[arg(long = "flag", value_name = "FLAG")]
+        flags: Vec<String>,
+
+        /// Sign the updates with the first secret in this file (one per line), for
+        /// listeners that accept only signed envelopes.
+        #[arg(long, value_name = "PATH", env = "UPDATEPIPE_SECRET_FILE")]
+        secret_file: Option<PathBuf>,
+    },
+
+    /// Apply updatepipe's schema migrations (safe to repeat).
+    ///
+    /// Example: updatepipe migrate --dry-run
+    #[command(verbatim_doc_comment)]
+    Migrate {
+        /// List the migrations that would be applied, and apply none.
+        #[arg(long)]
+        dry_run: bool,
+    },
+
+    /// Show the server as the pipe sees it: version, primary or standby, whether LISTEN
+    /// works through this connection (not through a transaction-pooling proxy), the
+    /// notification queue, the durable log and the schema version.
+    ///
+    /// Example: updatepipe status --url postgres://mail@db/mail
+    #[command(verbatim_doc_comment)]
+    Status,
+
+    /// Show two nodes and an admin tool exchanging updates through PostgreSQL.
+    ///
+    /// Uses --url or DATABASE_URL when given; otherwise starts a throwaway PostgreSQL
+    /// cluster from the local installation and removes it afterwards.
+    ///
+    /// Example: updatepipe demo
+    #[command(verbatim_doc_comment)]
+    Demo,
+
+    /// Measure throughput and latency, side by side with a raw tokio-postgres baseline.
+    ///
+    /// Uses --url or DATABASE_URL when given; otherwise a throwaway cluster.
+    ///
+    /// Examples:
+    ///   updatepipe bench
+    ///   updatepipe bench --scale 0.2 --json
+    #[command(verbatim_doc_comment)]
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+/// An update type as the command line spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum KindArg {
+    New,
+    Flags,
+    Expunge,
+    Destroyed,
+}
+
+impl KindArg {
+    pub(crate) fn kind(self) -> UpdateKind {
+        match self {
+            KindArg::New => UpdateKind::NewMessage,
+            KindArg::Flags => UpdateKind::FlagsChanged,
+            KindArg::Expunge => UpdateKind::Expunge,
+            KindArg::Destroyed => UpdateKind::MailboxDestroyed,
+        }
+    }
+}
+
+/// `--since`: `30s`, `10m`, `2h`, `1d` ago; seconds since the epoch; or `id:N`.
+pub(crate) fn parse_since(text: &str) -> Result<Since, String> {
+    if let Some(id) = text.strip_prefix("id:") {
+        return id
+            .parse()
+            .map(Since::Position)
+            .map_err(|_| format!("{id:?} is not a log position"));
+    }
+    let unit = match text.chars().last() {
+        Some('s') => Some(1),
+        Some('m') => Some(60),
+        Some('h') => Some(3600),
+        Some('d') => Some(86_400),
+        _ => None,
+    };
+    let number = if unit.is_some() {
+        &text[..text.len() - 1]
+    } else {
+        text
+    };
+    let value: u64 = number.parse().map_err(|_| {
+        format!("{text:?} is not a time ago (30s, 10m, 2h, 1d), epoch seconds or id:N")
+    })?;
+    let at = match unit {
+        Some(seconds) => std::time::SystemTime::now()
+            .checked_sub(std::time::Duration::from_secs(
+                value.saturating_mul(seconds),
+            ))
+            .unwrap_or(std::time::UNIX_EPOCH),
+        None => std::time::UNIX_EPOCH + std::time::Duration::from_secs(value),
+    };
+    Ok(Since::Time(at))
+}
+
+/// A mailbox key from the command line: digits make a number, anything else a name.
+pub(crate) fn parse_key(text: &str) -> MailboxKey {
+    text.parse::<u64>()
+        .map_or_else(|_| MailboxKey::from(text), MailboxKey::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_forms() {
+        assert_eq!(parse_since("id:42"), Ok(Since::Position(42)));
+        assert!(matches!(parse_since("10m"), Ok(Since::Time(_))));
+        assert_eq!(
+            parse_since("1000"),
+            Ok(Since::Time(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(1000)
+            ))
+        );
+        assert!(parse_since("soon").is_err());
+        assert!(parse_since("id:x").is_err());
+    }
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,243 @@
+//! What `listen`, `push` and `status` do, over the library.
+
+use std::io::{BufRead, Write};
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use updatepipe::{
+    Config, Error, Event, Flag, MailboxKey, PgPipe, SeqSet, Update, UpdateKind, UpdatePipe,
+    embedded_migrations,
+};
+
+use crate::args::{KindArg, parse_key};
+
+/// Which updates `listen` prints.
+#[derive(Debug, Default)]
+pub(crate) struct Filter {
+    pub(crate) keys: Vec<MailboxKey>,
+    pub(crate) kinds: Vec<UpdateKind>,
+}
+
+impl Filter {
+    fn accepts(&self, update: &Update) -> bool {
+        (self.keys.is_empty() || self.keys.contains(update.key()))
+            && (self.kinds.is_empty() || self.kinds.contains(&update.kind()))
+    }
+}
+
+/// One readable line for an update.
+pub(crate) fn pretty_line(update: &Update) -> String {
+    let flags: Vec<&str> = update.flags().iter().map(Flag::as_str).collect();
+    match update.kind() {
+        UpdateKind::NewMessage => format!(
+            "new message(s) {} in mailbox {}",
+            update.seq_set(),
+            update.key()
+        ),
+        UpdateKind::FlagsChanged => format!(
+            "flags of uid {} in mailbox {}: ({})",
+            update.seq_set(),
+            update.key(),
+            flags.join(" ")
+        ),
+        UpdateKind::Expunge => format!("expunged {} in mailbox {}", update.seq_set(), update.key()),
+        UpdateKind::MailboxDestroyed => format!("mailbox {} destroyed", update.key()),
+        other => format!("{other} in mailbox {}", update.key()),
+    }
+}
+
+pub(crate) async fn listen(config: Config, filter: &Filter, pretty: bool) -> anyhow::Result<()> {
+    let pipe = PgPipe::new(config)?;
+    if pipe.config().durable() {
+        pipe.migrate().await?;
+    }
+    let (tx, mut rx) = mpsc::channel(1024);
+    pipe.listen_events(tx).await?;
+    let mut stdout = std::io::stdout();
+    let outcome = loop {
+        tokio::select! {
+            event = rx.recv() => match event {
+                Some(Event::Update(update)) => {
+                    if !filter.accepts(&update) {
+                        continue;
+                    }
+                    let line = if pretty { pretty_line(&update) } else { update.to_json() };
+                    if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
+                        // Standard output is gone (a closed pipe): stop quietly.
+                        break Ok(());
+                    }
+                }
+                Some(Event::Connected) => eprintln!(
+                    "updatepipe: listening on channel {:?}{}",
+                    pipe.config().channel().as_str(),
+                    if pipe.config().durable() { " (durable)" } else { "" }
+                ),
+                Some(Event::Disconnected { reason }) => {
+                    eprintln!("updatepipe: disconnected ({reason}); reconnecting");
+                }
+                Some(Event::Resync(reason)) => {
+                    eprintln!("updatepipe: resync: updates may have been missed ({reason:?})");
+                }
+                Some(other) => eprintln!("updatepipe: {other:?}"),
+                None => break Err(anyhow::anyhow!(
+                    "the listener stopped: it could not reconnect to PostgreSQL (see the log above)"
+                )),
+            },
+            () = shutdown_signal() => break Ok(()),
+        }
+    };
+    pipe.close().await?;
+    let stats = pipe.stats();
+    eprintln!(
+        "updatepipe: delivered {}, echoes dropped {}, rejected {}, reconnects {}, replayed {}, resyncs {}",
+        stats.delivered,
+        stats.echoes_dropped,
+        stats.rejected_total(),
+        stats.reconnects,
+        stats.replayed,
+        stats.resyncs
+    );
+    outcome
+}
+
+/// An update given as options (`--type flags --key 42 --uid 17 --flag '\Seen'`).
+pub(crate) fn update_from_options(
+    kind: KindArg,
+    key: &str,
+    seq_set: &str,
+    flags: &[String],
+) -> Result<Update, Error> {
+    let flags = flags
+        .iter()
+        .map(|f| Flag::new(f.as_str()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let seq_set = SeqSet::parse(seq_set)?;
+    Ok(Update::from_parts(
+        kind.kind(),
+        parse_key(key),
+        seq_set,
+        flags,
+    )?)
+}
+
+pub(crate) fn print_status(pipe: &PgPipe, status: &updatepipe::Status) {
+    println!("server version      {}", status.server_version);
+    println!(
+        "primary             {}",
+        if status.in_recovery {
+            "no: a standby (in recovery); LISTEN and NOTIFY work only on the primary"
+        } else {
+            "yes"
+        }
+    );
+    match status.listen_works {
+        Some(true) => println!("LISTEN works        yes (a probe notification arrived)"),
+        Some(false) => println!(
+            "LISTEN works        NO: a probe notification never arrived; a transaction-pooling \
+             proxy (PgBouncer in transaction mode) breaks LISTEN: connect listeners directly"
+        ),
+        None => println!("LISTEN works        unknown (cannot NOTIFY on a standby)"),
+    }
+    println!("queue usage         {:.6} %", status.queue_usage * 100.0);
+    if let Some(n) = status.listeners {
+        println!("listeners           {n} on this channel (heard by their heartbeats)");
+    }
+    println!("channel             {}", pipe.config().channel());
+    match status.schema_version {
+        Some(v) => println!(
+            "schema version      {v} (this build has {})",
+            embedded_migrations().len()
+        ),
+        None => {
+            println!("schema version      not migrated (run updatepipe migrate for durable mode)")
+        }
+    }
+    if let Some(n) = status.log_entries {
+        let age = status
+            .oldest_log_entry_secs
+            .map_or_else(|| "-".to_owned(), |s| format!("{s:.0} s"));
+        println!("durable log         {n} entries on this channel, oldest {age}");
+    }
+}
+
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+pub(crate) async fn push(
+    config: Config,
+    json: Option<String>,
+    given: Option<Update>,
+) -> anyhow::Result<()> {
+    let updates = match (json, given) {
+        (_, Some(update)) => vec![update],
+        (Some(json), None) => vec![Update::from_json(&json).map_err(Error::from)?],
+        (None, None) => read_updates(std::io::stdin().lock())?,
+    };
+    if updates.is_empty() {
+        return Err(
+            Error::Config("no update given (pass one as JSON or pipe JSON lines)".into()).into(),
+        );
+    }
+    let pipe = PgPipe::new(config)?;
+    if pipe.config().durable() {
+        pipe.migrate().await?;
+    }
+    let pushed = pipe.push_many(&updates).await;
+    pipe.close().await?;
+    pushed?;
+    eprintln!("updatepipe: pushed {} update(s)", updates.len());
+    Ok(())
+}
+
+/// One update per non-empty line; the first bad line is an error naming its number.
+pub(crate) fn read_updates(input: impl BufRead) -> anyhow::Result<Vec<Update>> {
+    let mut updates = Vec::new();
+    for (i, line) in input.lines().enumerate() {
+        let line = line.context("cannot read standard input")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let update = Update::from_json(line.trim())
+            .map_err(Error::from)
+            .with_context(|| format!("line {}", i + 1))?;
+        updates.push(update);
+    }
+    Ok(updates)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{exit, exit_code, one_line};
+
+    #[test]
+    fn reads_json_lines_and_names_the_bad_one() {
+        let ok = "{\"Type\":0,\"Key\":1}\n\n{\"Type\":3,\"Key\":\"x\"}\n";
+        assert_eq!(read_updates(ok.as_bytes()).unwrap().len(), 2);
+        let bad = "{\"Type\":0,\"Key\":1}\n{\"Type\":9,\"Key\":1}\n";
+        let err = read_updates(bad.as_bytes()).unwrap_err();
+        assert!(
+            one_line(&err).starts_with("line 2: unknown update type 9"),
+            "{err:#}"
+        );
+        assert_eq!(exit_code(&err), exit::BAD_INPUT);
+    }
+}
