@@ -127,7 +127,7 @@ enum Turn {
     Alone(Vec<String>),
     Queued {
         lead: bool,
-        outcome: oneshot::Receiver<Result<(), Arc<Error>>>,
+        outcome: oneshot::Receiver<Result<(), Error>>,
     },
 }
 
@@ -136,7 +136,7 @@ enum Turn {
 #[derive(Debug)]
 struct Request {
     updates: Vec<String>,
-    done: oneshot::Sender<Result<(), Arc<Error>>>,
+    done: oneshot::Sender<Result<(), Error>>,
 }
 
 /// The pooled connection flights go out on, shared by those in flight.
@@ -262,7 +262,6 @@ impl Pusher {
                 shared
                     .flush(encoded.iter().map(String::as_str))
                     .await
-                    .map_err(Arc::new)
             }
             Turn::Queued { lead, outcome } => {
                 if lead {
@@ -278,7 +277,7 @@ impl Pusher {
                     .map_err(|_| Error::Closed)?
             }
         };
-        outcome.map_err(Error::Batch)?;
+        outcome?;
         shared.counters.pushed(updates.len());
         Ok(())
     }
@@ -501,8 +500,7 @@ impl Shared {
                         .iter()
                         .flat_map(|r| r.updates.iter().map(String::as_str)),
                 )
-                .await
-                .map_err(Arc::new);
+                .await;
             for request in batch {
                 // A pusher that gave up (timeout, cancelled) no longer listens: fine.
                 let _ = request.done.send(outcome.clone());
@@ -754,7 +752,7 @@ impl Shared {
         } else {
             self.discard(held);
         }
-        Error::Postgres(e)
+        Error::from(e)
     }
 
     /// Lets a connection go whose state is unknown (a send on it failed midway or ran past
@@ -933,13 +931,13 @@ impl Shared {
     /// A pooled connection, with the pool's errors told as what they mean to the caller.
     async fn checkout(&self) -> Result<Object, Error> {
         self.pool.get().await.map_err(|e| match e {
-            PoolError::Backend(e) => Error::Connect(e),
+            PoolError::Backend(e) => Error::Connect(Arc::new(e)),
             PoolError::Timeout(_) => Error::Timeout {
                 what: "waiting for a pooled connection",
                 after: self.timeout,
             },
             PoolError::Closed => Error::Closed,
-            other => Error::Pool(other),
+            other => Error::from(other),
         })
     }
 }
