@@ -179,7 +179,7 @@ async fn a_refused_batch_gives_each_push_the_servers_error() {
     let (database, url) = support::fresh_database("unmigrated").await;
     let config = Config::from_url(&url)
         .unwrap()
-        .with_channel(ChannelName::new(&unique("refused")).unwrap())
+        .with_channel(ChannelName::new(unique("refused")).unwrap())
         .with_durable(true)
         // The pushes gather into one batch.
         .with_max_batch_wait(std::time::Duration::from_millis(50));
