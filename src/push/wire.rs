@@ -305,15 +305,67 @@ mod tests {
         Wire::new("ch".to_owned(), origin.as_str().to_owned(), durable, packer)
     }
 
-    /// A server that only answers the startup: reads the startup message, then says
-    /// AuthenticationOk and ReadyForQuery. Returns its end of the stream.
-    async fn answer_startup(mut server: DuplexStream) -> DuplexStream {
+    /// A server on an in-memory stream that answers the startup (AuthenticationOk and
+    /// ReadyForQuery), then `prepares` preparations (ParseComplete, the parameter types
+    /// asked for, NoData, ReadyForQuery), and nothing more. Returns its end of the stream.
+    async fn fake_server(mut server: DuplexStream, prepares: usize) -> DuplexStream {
         let len = server.read_u32().await.unwrap() as usize;
         let mut startup = vec![0; len - 4];
         server.read_exact(&mut startup).await.unwrap();
         server.write_all(b"R\0\0\0\x08\0\0\0\0").await.unwrap();
         server.write_all(b"Z\0\0\0\x05I").await.unwrap();
+        for _ in 0..prepares {
+            let mut types = Vec::new();
+            loop {
+                let kind = server.read_u8().await.unwrap();
+                let len = server.read_u32().await.unwrap() as usize;
+                let mut body = vec![0; len - 4];
+                server.read_exact(&mut body).await.unwrap();
+                match kind {
+                    // Parse: name, query, then the parameter types.
+                    b'P' => {
+                        let mut fields = body.splitn(3, |b| *b == 0);
+                        let rest = fields.nth(2).unwrap();
+                        types = rest[2..].to_vec();
+                    }
+                    b'S' => break,
+                    _ => {}
+                }
+            }
+            let mut answer = b"1\0\0\0\x04t".to_vec();
+            answer.extend((6 + types.len() as u32).to_be_bytes());
+            answer.extend((types.len() as u16 / 4).to_be_bytes());
+            answer.extend(&types);
+            answer.extend(b"n\0\0\0\x04Z\0\0\0\x05I");
+            server.write_all(&answer).await.unwrap();
+        }
         server
+    }
+
+    /// The statements, prepared on `client` as `Statements::prepare` prepares them.
+    async fn prepare(client: &tokio_postgres::Client, durable: bool) -> Statements {
+        if durable {
+            let types = [
+                Type::TEXT,
+                Type::TEXT,
+                Type::INT8_ARRAY,
+                Type::TEXT_ARRAY,
+                Type::TEXT_ARRAY,
+            ];
+            return Statements::Durable(
+                client.prepare_typed(LOG_AND_NOTIFY, &types).await.unwrap(),
+            );
+        }
+        Statements::Notify {
+            one: client
+                .prepare_typed(NOTIFY_ONE, &[Type::TEXT, Type::TEXT])
+                .await
+                .unwrap(),
+            many: client
+                .prepare_typed(NOTIFY_MANY, &[Type::TEXT, Type::TEXT_ARRAY])
+                .await
+                .unwrap(),
+        }
     }
 
     /// The frontend messages in `bytes` (after the startup): their types and bodies.
@@ -331,55 +383,82 @@ mod tests {
         haystack.windows(needle.len()).any(|w| w == needle)
     }
 
-    /// The commit-order invariant's test: in the one poll `send_in_number_order` gives it
-    /// under the order lock, the request takes its numbers and hands its statement to the
-    /// connection. Fails if an await is added before the statement is sent.
+    /// The commit-order invariant's test: in the one poll `take_numbers_and_send` gives it
+    /// under the order lock, a batch's request takes its numbers and hands its statement
+    /// to the connection, prepared or unnamed, durable or not. Fails if an await is added
+    /// before the statement is sent.
     #[tokio::test]
     async fn numbers_are_taken_and_sent_in_one_poll() {
-        for durable in [false, true] {
+        for (durable, prepared) in [(false, false), (true, false), (false, true), (true, true)] {
+            let case = format!("durable {durable}, prepared {prepared}");
+            let prepares = match (prepared, durable) {
+                (false, _) => 0,
+                (true, true) => 1,
+                (true, false) => 2,
+            };
             let (ours, theirs) = tokio::io::duplex(1 << 16);
-            let server = tokio::spawn(answer_startup(theirs));
+            let server = tokio::spawn(fake_server(theirs, prepares));
             let (client, connection) = tokio_postgres::Config::new()
                 .user("u")
                 .connect_raw(ours, tokio_postgres::NoTls)
                 .await
                 .unwrap();
-            let mut server = server.await.unwrap();
             let mut connection = pin!(connection);
+            let statements = if prepared {
+                tokio::select! {
+                    biased;
+                    statements = prepare(&client, durable) => Some(statements),
+                    ended = connection.as_mut() => panic!("{case}: connection ended: {ended:?}"),
+                }
+            } else {
+                None
+            };
+            let mut server = server.await.unwrap();
 
             let wire = wire(durable);
             let packed = OnceLock::new();
             let mut encoded = Some(["{\"a\":1}"]);
-            let mut request = pin!(wire.batch_request(&client, None, &packed, &mut encoded));
+            let mut request =
+                pin!(wire.batch_request(&client, statements.as_ref(), &packed, &mut encoded));
             let mut cx = Context::from_waker(Waker::noop());
             let first = wire.take_numbers_and_send(request.as_mut(), &mut cx, || true);
-            assert!(matches!(first, Some(Poll::Pending)), "no answer yet");
+            assert!(
+                matches!(first, Some(Poll::Pending)),
+                "{case}: no answer yet"
+            );
             let payloads = packed
                 .get()
-                .expect("the numbers are taken in the first poll");
+                .unwrap_or_else(|| panic!("{case}: the numbers are taken in the first poll"));
             assert_eq!(payloads.len(), 1);
-            assert_eq!(payloads[0].0, 1, "the first pool number");
+            assert_eq!(payloads[0].0, 1, "{case}: the first pool number");
             assert!(contains(payloads[0].1.as_bytes(), b"{\"a\":1}"));
 
             // The connection writes what the client handed it: nothing is left to a later
             // poll of the request.
             assert!(connection.as_mut().poll(&mut cx).is_pending());
             let mut sent = vec![0; 1 << 16];
-            let n = tokio::time::timeout(std::time::Duration::from_secs(1), server.read(&mut sent))
+            let read = server.read(&mut sent);
+            let n = tokio::time::timeout(std::time::Duration::from_secs(1), read)
                 .await
-                .expect("the statement is on the wire")
+                .unwrap_or_else(|_| panic!("{case}: the statement is on the wire"))
                 .unwrap();
             let messages = messages(&sent[..n]);
             let kinds: Vec<u8> = messages.iter().map(|(kind, _)| *kind).collect();
-            assert_eq!(kinds, b"PBDES", "Parse, Bind, Describe, Execute, Sync");
-            let sql = if durable { LOG_AND_NOTIFY } else { NOTIFY_ONE };
+            let bind = if prepared {
+                assert_eq!(kinds, b"BES", "{case}: Bind, Execute, Sync");
+                messages[0].1
+            } else {
+                assert_eq!(
+                    kinds, b"PBDES",
+                    "{case}: Parse, Bind, Describe, Execute, Sync"
+                );
+                let sql = if durable { LOG_AND_NOTIFY } else { NOTIFY_ONE };
+                assert!(contains(messages[0].1, sql.as_bytes()), "{case}: parsed");
+                messages[1].1
+            };
             assert!(
-                contains(messages[0].1, sql.as_bytes()),
-                "the statement is parsed"
-            );
-            assert!(
-                contains(messages[1].1, payloads[0].1.as_bytes()),
-                "the numbered envelope is bound"
+                contains(bind, payloads[0].1.as_bytes()),
+                "{case}: the numbered envelope is bound"
             );
         }
     }
@@ -389,7 +468,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_let_go_takes_no_numbers() {
         let (ours, theirs) = tokio::io::duplex(1 << 16);
-        let server = tokio::spawn(answer_startup(theirs));
+        let server = tokio::spawn(fake_server(theirs, 0));
         let (client, _connection) = tokio_postgres::Config::new()
             .user("u")
             .connect_raw(ours, tokio_postgres::NoTls)
