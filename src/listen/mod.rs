@@ -26,9 +26,13 @@ use crate::envelope::{Envelope, MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, Packer
 use crate::error::{DecodeError, Error, pg_message};
 use crate::log::{CURSOR_SINCE_SQL, CURSOR_SQL, Cursor, FETCH_SQL, PRUNE_SQL, TAIL_SQL, Tail};
 use crate::origin::Origin;
-use crate::sign::{self, ReplayGuard, Signer};
+use crate::sign::{self, Signer};
 use crate::stats::Counters;
 use crate::update::Update;
+
+mod replay;
+
+use replay::ReplayGuard;
 
 const TARGET: &str = "updatepipe::listen";
 
