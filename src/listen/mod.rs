@@ -17,14 +17,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_postgres::types::Type;
-use tokio_postgres::{AsyncMessage, Client, Notification, Row};
+use tokio_postgres::{AsyncMessage, Client, Notification};
 
 use crate::config::Config;
-use crate::config::Since;
 use crate::connect::{RawConnection, close_politely, connect, drive_until};
 use crate::envelope::{Envelope, MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, Packer};
 use crate::error::{DecodeError, Error, pg_message};
-use crate::log::{CURSOR_SINCE_SQL, CURSOR_SQL, Cursor, FETCH_SQL, PRUNE_SQL, TAIL_SQL, Tail};
+use crate::log::{self, Cursor, Tail};
 use crate::origin::Origin;
 use crate::sign::{self, Signer};
 use crate::stats::Counters;
@@ -281,34 +280,7 @@ impl Session {
             }
             let cursor = if want_cursor {
                 let channel = config.channel().as_str();
-                let row = match config.since() {
-                    None => {
-                        client
-                            .query_typed_one(CURSOR_SQL, &[(&channel, Type::TEXT)])
-                            .await?
-                    }
-                    Some(since) => {
-                        let (position, time): (Option<i64>, f64) = match since {
-                            Since::Position(id) => (Some(id), 0.0),
-                            Since::Time(at) => (
-                                None,
-                                at.duration_since(std::time::UNIX_EPOCH)
-                                    .map_or(0.0, |d| d.as_secs_f64()),
-                            ),
-                        };
-                        client
-                            .query_typed_one(
-                                CURSOR_SINCE_SQL,
-                                &[
-                                    (&channel, Type::TEXT),
-                                    (&position, Type::INT8),
-                                    (&time, Type::FLOAT8),
-                                ],
-                            )
-                            .await?
-                    }
-                };
-                Some(Cursor::from_row(&row))
+                Some(log::read_cursor(&client, channel, config.since()).await?)
             } else {
                 None
             };
@@ -349,7 +321,7 @@ enum End {
 
 /// What the listener's one query slot produced.
 enum QueryOutcome {
-    Tail(Result<Vec<Row>, tokio_postgres::Error>),
+    Tail(Result<Option<Tail>, tokio_postgres::Error>),
     Fetch(Result<Option<String>, tokio_postgres::Error>),
     Heartbeat(Result<u64, tokio_postgres::Error>),
     HeartbeatUnsent(String),
@@ -707,39 +679,15 @@ impl Task {
             self.tail_needed = false;
             let channel = self.channel.clone();
             return Some(
-                async move {
-                    QueryOutcome::Tail(
-                        client
-                            .query_typed(
-                                TAIL_SQL,
-                                &[
-                                    (&channel, Type::TEXT),
-                                    (&cursor.snapshot, Type::TEXT),
-                                    (&cursor.max_id, Type::INT8),
-                                    (&cursor.read_at, Type::FLOAT8),
-                                ],
-                            )
-                            .await,
-                    )
-                }
-                .boxed(),
+                async move { QueryOutcome::Tail(log::read_tail(client, &channel, &cursor).await) }
+                    .boxed(),
             );
         }
         if let Some((origin, seq)) = self.fetches.front().cloned() {
             let channel = self.channel.clone();
             return Some(
                 async move {
-                    let row = client
-                        .query_typed_opt(
-                            FETCH_SQL,
-                            &[
-                                (&channel, Type::TEXT),
-                                (&origin.as_str(), Type::TEXT),
-                                (&(seq as i64), Type::INT8),
-                            ],
-                        )
-                        .await;
-                    QueryOutcome::Fetch(row.map(|r| r.map(|r| r.get(0))))
+                    QueryOutcome::Fetch(log::fetch(client, &channel, &origin, seq).await)
                 }
                 .boxed(),
             );
@@ -749,19 +697,9 @@ impl Task {
             self.next_prune =
                 now + (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
             let channel = self.channel.clone();
-            let seconds = retention.as_secs_f64();
             return Some(
-                async move {
-                    QueryOutcome::Prune(
-                        client
-                            .execute_typed(
-                                PRUNE_SQL,
-                                &[(&channel, Type::TEXT), (&seconds, Type::FLOAT8)],
-                            )
-                            .await,
-                    )
-                }
-                .boxed(),
+                async move { QueryOutcome::Prune(log::prune(client, &channel, retention).await) }
+                    .boxed(),
             );
         }
         None
@@ -838,11 +776,8 @@ impl Task {
     }
 
     /// Delivers the log rows a tail returned, and moves the cursor.
-    fn apply_tail(&mut self, rows: Vec<Row>) {
-        let Some(previous) = &self.cursor else { return };
-        let Some(tail) = Tail::from_rows(rows, previous) else {
-            return;
-        };
+    fn apply_tail(&mut self, tail: Option<Tail>) {
+        let Some(tail) = tail else { return };
         if tail.pruned {
             self.resync(ResyncReason::LogPruned);
         }
