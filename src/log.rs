@@ -22,12 +22,12 @@ pub(crate) const LOG_AND_NOTIFY: &str = "WITH logged AS (\
      SELECT pg_notify($1, n) FROM unnest($5::text[]) WITH ORDINALITY AS t(n, i) ORDER BY i";
 
 /// Reads what the log gained since the previous read, whose snapshot was `$2`, whose
-/// highest visible id was `$3` and whose server time was `$4`: rows committed before this statement's snapshot and not
-/// before the previous one (by transaction id), plus rows with a higher id than any seen
-/// then (after a crash the server may hand out a transaction id again, never an id). In id
-/// order, which is commit order for each sender's successive transactions. Returns the new
-/// snapshot, clock, whether pruning may have taken entries that read had not seen, and the
-/// highest id, even when no row is new.
+/// highest visible id was `$3` and whose server time was `$4`: rows committed before this
+/// statement's snapshot and not before the previous one (by transaction id), plus rows with
+/// a higher id than any seen then (after a crash the server may hand out a transaction id
+/// again, never an id). In id order, which is commit order for each sender's successive
+/// transactions. Returns the new snapshot, clock, whether pruning may have taken entries
+/// that read had not seen, and the highest id, even when no row is new.
 const TAIL_SQL: &str = "\
     SELECT s.snap::text, extract(epoch FROM now())::float8, \
            (SELECT p.pruned_before > to_timestamp($4) \
@@ -79,6 +79,7 @@ const PRUNE_SQL: &str = "\
 
 /// A durable listener's position in the log: everything visible in `snapshot` was read.
 #[derive(Clone, Debug)]
+#[cfg_attr(test, derive(Default))]
 pub(crate) struct Cursor {
     /// `pg_current_snapshot()` as text, taken by the last read.
     snapshot: String,

@@ -1,5 +1,6 @@
 //! Signed envelopes: HMAC-SHA256 over each envelope with a shared secret, and the time check
-//! against replays (the listener's memory of numbers is `listen::replay`). `docs/security.md` says what this protects and what it does not.
+//! against replays (the listener's memory of numbers is `listen::replay`).
+//! `docs/security.md` says what this protects and what it does not.
 //!
 //! A signed envelope is a version 1 envelope with two more fields: `"w"`, the time it was
 //! sealed (milliseconds since the Unix epoch, by the sender's clock), before `"u"`; and
@@ -99,7 +100,11 @@ fn warn_if_readable_by_others(path: &Path) {
     if let Ok(meta) = std::fs::metadata(path)
         && meta.permissions().mode() & 0o077 != 0
     {
-        tracing::warn!(target: "updatepipe::sign", path = %path.display(), "the secret file can be read by other users; chmod 600 it");
+        tracing::warn!(
+            target: "updatepipe::sign",
+            path = %path.display(),
+            "the secret file can be read by other users; chmod 600 it"
+        );
     }
 }
 
