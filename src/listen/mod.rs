@@ -42,6 +42,7 @@ use crate::stats::Counters;
 use crate::update::Update;
 
 mod connector;
+mod dispatch;
 mod durable;
 mod gaps;
 mod heartbeat;
@@ -132,8 +133,7 @@ impl Listener {
         let (session, cursor) = connector.open_first().await?;
         let now = Instant::now();
         let packer = Packer::new(&origin, std::process::id(), settings.signer.clone());
-        let mut task = task::ConnectionLoop {
-            connector,
+        let mut dispatch = dispatch::Dispatch {
             intake: intake::Intake::new(&settings, origin),
             outbox: outbox::Outbox::new(sink, settings.max_buffered, counters.clone()),
             // A replay from the past counts as replayed.
@@ -152,10 +152,14 @@ impl Listener {
             ),
             rejections: pacer::Pacer::default(),
             counters,
+        };
+        dispatch.outbox.emit(Event::Connected);
+        let task = task::ConnectionLoop {
+            connector,
+            dispatch,
             channel: settings.channel.clone(),
             query_deadline: settings.query_deadline(),
         };
-        task.outbox.emit(Event::Connected);
         let (stop, stopped) = oneshot::channel();
         Ok(Listener {
             stop: Some(stop),
