@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use tokio::time::Instant;
-use tokio_postgres::Notification;
 
 use super::durable::{Ask, LogReader};
 use super::heartbeat::{Heartbeat, Sent};
@@ -182,12 +181,7 @@ impl Dispatch {
     }
 
     /// Classifies one notification and does what its verdict says.
-    pub(super) fn on_notification(&mut self, notification: &Notification) {
-        let incoming = Incoming {
-            channel: notification.channel(),
-            payload: notification.payload(),
-            sender_pid: notification.process_id(),
-        };
+    pub(super) fn on_notification(&mut self, incoming: Incoming<'_>) {
         let carried = match self.intake.classify(incoming, Moment::now()) {
             Verdict::OtherChannel => return,
             Verdict::Rejected(e) => return self.reject_incoming(&e, incoming),
@@ -264,3 +258,6 @@ fn fatal_or(e: &tokio_postgres::Error, what: &str) -> Result<(), String> {
     tracing::error!(target: TARGET, error = %pg_message(e), "{what}");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

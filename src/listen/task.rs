@@ -10,11 +10,12 @@ use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Fuse, FusedFuture};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tokio_postgres::{AsyncMessage, Client};
+use tokio_postgres::{AsyncMessage, Client, Notification};
 
 use super::connector::Connector;
 use super::dispatch::{Dispatch, QueryOutcome};
 use super::durable::Ask;
+use super::intake::Incoming;
 use super::session::Session;
 use super::{Event, TARGET};
 use crate::error::pg_message;
@@ -100,7 +101,7 @@ impl ConnectionLoop {
     ) -> (End, Session) {
         tracing::trace!(target: TARGET, buffered = self.dispatch.outbox.len(), "serving a session");
         for notification in std::mem::take(&mut session.backlog) {
-            self.dispatch.on_notification(&notification);
+            self.dispatch.on_notification(incoming(&notification));
         }
         let mut receiver_gone = self.dispatch.outbox.closed();
         let mut ticker = tokio::time::interval(self.dispatch.heartbeat.clock.tick_every());
@@ -143,7 +144,7 @@ impl ConnectionLoop {
                     }
                     message = poll_fn(|cx| connection.poll_message(cx)) => match message {
                         Some(Ok(AsyncMessage::Notification(n))) => {
-                            self.dispatch.on_notification(&n);
+                            self.dispatch.on_notification(incoming(&n));
                             // Hand it over now if there is room: no extra turn of the loop.
                             match self.dispatch.outbox.try_deliver() {
                                 Some(sent) => {
@@ -206,5 +207,14 @@ impl ConnectionLoop {
             }
             .boxed(),
         )
+    }
+}
+
+/// A notification, as the intake takes it.
+fn incoming(notification: &Notification) -> Incoming<'_> {
+    Incoming {
+        channel: notification.channel(),
+        payload: notification.payload(),
+        sender_pid: notification.process_id(),
     }
 }
