@@ -90,6 +90,7 @@ mod config;
 mod connect;
 mod envelope;
 mod error;
+mod layout;
 mod limits;
 mod listen;
 mod log;
@@ -114,6 +115,7 @@ pub use envelope::{
     ENVELOPE_VERSION, Envelope, MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, WireFormat,
 };
 pub use error::{DecodeError, Error, Limit, ReplayKind, UpdateError};
+pub use layout::{Layout, MADDY_SENDER_PREFIX};
 pub use limits::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_UPDATES, Limits};
 pub use listen::{Event, ResyncReason};
 pub use migrate::{MIGRATION_TABLE, MigrationInfo, embedded_migrations};

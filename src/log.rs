@@ -21,6 +21,16 @@ pub(crate) const LOG_AND_NOTIFY: &str = "WITH logged AS (\
        ORDER BY i) \
      SELECT pg_notify($1, n) FROM unnest($5::text[]) WITH ORDINALITY AS t(n, i) ORDER BY i";
 
+/// [`LOG_AND_NOTIFY`] in the maddy layout: the same log rows, and each notification on the
+/// channel `$6` names (its maddy copies), or on `$1` where `$6` has none (the envelopes).
+/// Keep the two in step.
+pub(crate) const LOG_AND_NOTIFY_MAPPED: &str = "WITH logged AS (\
+       INSERT INTO updatepipe.log (channel, origin, seq, payload) \
+       SELECT $1, $2, s, p FROM unnest($3::bigint[], $4::text[]) WITH ORDINALITY AS t(s, p, i) \
+       ORDER BY i) \
+     SELECT pg_notify(coalesce(c, $1), n) \
+     FROM unnest($5::text[], $6::text[]) WITH ORDINALITY AS t(n, c, i) ORDER BY i";
+
 /// Reads what the log gained since the previous read, whose snapshot was `$2`, whose
 /// highest visible id was `$3` and whose server time was `$4`: rows committed before this
 /// statement's snapshot and not before the previous one (by transaction id), plus rows with

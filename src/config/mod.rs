@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::channel::ChannelName;
 use crate::error::Error;
+use crate::layout::Layout;
 use crate::limits::Limits;
 use crate::sign::{DEFAULT_REPLAY_WINDOW, Secret};
 use crate::tls::{SslMode, TlsOptions};
@@ -60,6 +61,8 @@ pub struct Config {
     accept_unsigned: bool,
     replay_window: Duration,
     limits: Limits,
+    layout: Layout,
+    accept_maddy: bool,
 }
 
 impl Config {
@@ -170,6 +173,8 @@ impl Config {
             accept_unsigned: false,
             replay_window: DEFAULT_REPLAY_WINDOW,
             limits: Limits::default(),
+            layout: Layout::Shared,
+            accept_maddy: false,
         }
     }
 
@@ -268,6 +273,8 @@ impl fmt::Debug for Config {
             .field("accept_unsigned", &self.accept_unsigned)
             .field("replay_window", &self.replay_window)
             .field("limits", &self.limits)
+            .field("layout", &self.layout)
+            .field("accept_maddy", &self.accept_maddy)
             .finish()
     }
 }

@@ -36,6 +36,7 @@ use tokio_postgres::GenericClient;
 use crate::config::Config;
 use crate::envelope::{MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, Marks, Packer};
 use crate::error::Error;
+use crate::layout::Layout;
 use crate::origin::Origin;
 use crate::stats::Counters;
 use crate::update::Update;
@@ -86,6 +87,10 @@ impl Pusher {
             config.durable(),
             Packer::new(&origin, std::process::id(), config.signer()),
         );
+        let wire = match config.layout() {
+            Layout::Maddy => wire.with_maddy_copies(origin.clone()),
+            _ => wire,
+        };
         let link = Link::new(pool, config.push_timeout(), config.pool_size() >= 3);
         let sender = BatchSender::new(wire, link, config.push_timeout(), counters);
         let batcher = Batcher::new(
@@ -174,10 +179,7 @@ impl Pusher {
         } else {
             MAX_PAYLOAD_LEN
         };
-        updates
-            .iter()
-            .map(|u| wire.packer().encode(u, limit))
-            .collect()
+        updates.iter().map(|u| wire.encode(u, limit)).collect()
     }
 
     /// Stops taking pushes, lets the flights finish what is queued, then closes the pool.

@@ -79,7 +79,7 @@ impl BatchSender {
         let packed = OnceLock::new();
         let outcome = self.flush_packed(&packed, encoded).await;
         if let Err(e) = &outcome {
-            let envelopes = packed.get().map_or(0, Vec::len);
+            let envelopes = packed.get().map_or(0, |p| p.envelopes.len());
             tracing::warn!(target: TARGET, error = %e, envelopes, "a push batch failed");
         }
         outcome
@@ -150,10 +150,7 @@ impl BatchSender {
             let connection = self.link.connection().await?;
             *used = Some(connection.clone());
             let client = connection.client();
-            let statements = self
-                .link
-                .statements(&connection, self.wire.durable())
-                .await?;
+            let statements = self.link.statements(&connection, self.wire.shape()).await?;
             let still_current = || self.link.is_current(&connection);
             let Some(mut sent) = self
                 .wire
