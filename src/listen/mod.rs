@@ -30,7 +30,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -39,7 +39,7 @@ use crate::envelope::Packer;
 use crate::error::Error;
 use crate::origin::Origin;
 use crate::stats::Counters;
-use crate::update::Update;
+use crate::update::{MailboxKey, Update};
 
 mod connector;
 mod dispatch;
@@ -52,11 +52,16 @@ mod pacer;
 mod replay;
 mod session;
 mod settings;
+mod subscriptions;
 mod task;
 
 pub(crate) use outbox::Sink;
+pub(crate) use subscriptions::Command;
 
 const TARGET: &str = "updatepipe::listen";
+
+/// How many subscription changes may wait for the listener task (more wait to be queued).
+const COMMAND_QUEUE: usize = 64;
 
 /// What a listener tells an application that asked for events
 /// ([`PgPipe::listen_events`](crate::PgPipe::listen_events)), in order.
@@ -108,6 +113,19 @@ pub enum ResyncReason {
         /// How many updates were let go.
         dropped: u64,
     },
+    /// The maddy layout: the connection was lost and is back, subscribed again to these
+    /// mailboxes' channels. maddy's updates are not logged, so whatever maddy nodes sent
+    /// them meanwhile is lost, in durable mode too: reload these mailboxes.
+    Resubscribed {
+        /// The subscribed mailboxes.
+        keys: Vec<MailboxKey>,
+    },
+    /// The maddy layout: a maddy node sent an update for this mailbox that the pipe cannot
+    /// take as it is (a flag it refuses, such as a non-ASCII one): reload the mailbox.
+    Unrepresentable {
+        /// The mailbox.
+        key: MailboxKey,
+    },
 }
 
 /// The running listener: its task, and the signal that stops it.
@@ -115,6 +133,8 @@ pub enum ResyncReason {
 pub(crate) struct Listener {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    /// Subscriptions by mailbox, for the task.
+    commands: mpsc::Sender<Command>,
 }
 
 impl Listener {
@@ -161,10 +181,18 @@ impl Listener {
             query_deadline: settings.query_deadline(),
         };
         let (stop, stopped) = oneshot::channel();
+        let (commands, received) = mpsc::channel(COMMAND_QUEUE);
         Ok(Listener {
             stop: Some(stop),
-            task: tokio::spawn(task.run(session, stopped)),
+            task: tokio::spawn(task.run(session, stopped, received)),
+            commands,
         })
+    }
+
+    /// Where subscriptions are asked for: the task answers each once the server has
+    /// confirmed it (or a new session has subscribed again).
+    pub(crate) fn commands(&self) -> mpsc::Sender<Command> {
+        self.commands.clone()
     }
 
     /// Stops the task and waits for it: the connection is closed and the caller's channel
