@@ -141,9 +141,10 @@ impl PgPipe {
     /// client opens the mailbox. Reference-counted: each call needs an
     /// [`unsubscribe`](PgPipe::unsubscribe). Returns once the server has confirmed the
     /// `LISTEN` (or, after a lost connection, once the new one is subscribed again). Every
-    /// reconnect subscribes to the whole set again and raises
-    /// [`ResyncReason::Resubscribed`](crate::ResyncReason::Resubscribed) for it, since
-    /// maddy's updates are not logged. Updates between updatepipe pipes need no subscription:
+    /// reconnect subscribes to the whole set again, with a resync that covers it, since
+    /// maddy's updates are not logged: [`ResyncReason::Reconnected`](crate::ResyncReason)
+    /// in best-effort mode, [`ResyncReason::Resubscribed`](crate::ResyncReason) naming the
+    /// keys in durable mode. Updates between updatepipe pipes need no subscription:
     /// they travel on the pipe's channel.
     ///
     /// Fails with [`Error::NotListening`] before [`listen`](UpdatePipe::listen) or outside

@@ -115,7 +115,9 @@ pub enum ResyncReason {
     },
     /// The maddy layout: the connection was lost and is back, subscribed again to these
     /// mailboxes' channels. maddy's updates are not logged, so whatever maddy nodes sent
-    /// them meanwhile is lost, in durable mode too: reload these mailboxes.
+    /// them meanwhile is lost, in durable mode too: reload these mailboxes. Raised when the
+    /// reconnect owes no [`Reconnected`](ResyncReason::Reconnected) resync, which covers
+    /// every mailbox (that is, in durable mode).
     Resubscribed {
         /// The subscribed mailboxes.
         keys: Vec<MailboxKey>,
@@ -126,6 +128,17 @@ pub enum ResyncReason {
         /// The mailbox.
         key: MailboxKey,
     },
+}
+
+impl ResyncReason {
+    /// Whether it concerns some mailboxes only, which it names (the maddy layout's), rather
+    /// than everything.
+    pub fn is_per_mailbox(&self) -> bool {
+        matches!(
+            self,
+            ResyncReason::Resubscribed { .. } | ResyncReason::Unrepresentable { .. }
+        )
+    }
 }
 
 /// The running listener: its task, and the signal that stops it.

@@ -182,7 +182,7 @@ mod tests {
             None
         );
         assert!(subs.contains("__uint64_18446744073709551615"));
-        assert_eq!(subs.keys(), [big.clone()]);
+        assert_eq!(subs.keys(), vec![big.clone()]);
         assert_eq!(ask(&mut subs, false, big.clone()), None);
         assert_eq!(ask(&mut subs, false, big.clone()), None);
         assert_eq!(
