@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use updatepipe::{ChannelName, MailboxKey, Since, UpdateKind};
+use updatepipe::{ChannelName, Layout, MailboxKey, Since, UpdateKind};
 
 use crate::bench;
 
@@ -42,8 +42,15 @@ pub(crate) enum Command {
     ///   updatepipe listen --channel imap_updates
     ///   updatepipe listen --pretty --key 42 --type new --type expunge
     ///   updatepipe listen --durable --since 10m > updates.jsonl
+    ///   updatepipe listen --layout maddy --key 42 --key INBOX
     #[command(verbatim_doc_comment)]
     Listen {
+        /// The channel layout: shared (updatepipe nodes only), or maddy (also hear maddy
+        /// nodes' updates on the mailboxes given with --key, and drop the copies other
+        /// updatepipe senders make for maddy).
+        #[arg(long, value_enum, default_value_t = LayoutArg::Shared)]
+        layout: LayoutArg,
+
         /// Durable delivery (applies the migrations it needs first).
         #[arg(long)]
         durable: bool,
@@ -57,7 +64,8 @@ pub(crate) enum Command {
         #[arg(long)]
         pretty: bool,
 
-        /// Only updates of this mailbox key (repeat for several).
+        /// Only updates of this mailbox key (repeat for several). With --layout maddy, also
+        /// subscribe to that mailbox's maddy channel.
         #[arg(long = "key", value_name = "KEY")]
         keys: Vec<String>,
 
@@ -74,6 +82,11 @@ pub(crate) enum Command {
         /// envelopes (signed ones are still checked).
         #[arg(long, requires = "secret_file")]
         accept_unsigned: bool,
+
+        /// With --secret-file and --layout maddy: also deliver maddy nodes' updates, which
+        /// cannot be signed.
+        #[arg(long, requires = "secret_file")]
+        accept_maddy: bool,
     },
 
     /// Push updates and exit once they are committed.
@@ -86,8 +99,14 @@ pub(crate) enum Command {
     ///   updatepipe push '{"Type":0,"Key":42,"SeqSet":"7"}'
     ///   printf '%s\n' '{"Type":2,"Key":42,"SeqSet":"3:5"}' '{"Type":3,"Key":7}' | updatepipe push
     ///   updatepipe push --type flags --key 42 --uid 17 --flag '\Seen'
+    ///   updatepipe push --layout maddy '{"Type":3,"Key":42}'
     #[command(verbatim_doc_comment)]
     Push {
+        /// The channel layout: shared, or maddy (also send each update to maddy nodes on
+        /// its mailbox's channel, in maddy's form, in the same transaction).
+        #[arg(long, value_enum, default_value_t = LayoutArg::Shared)]
+        layout: LayoutArg,
+
         /// Durable delivery: also write the updates to the log (applies the migrations it
         /// needs first).
         #[arg(long)]
@@ -148,9 +167,17 @@ pub(crate) enum Command {
     /// Uses --url or DATABASE_URL when given; otherwise starts a throwaway PostgreSQL
     /// cluster from the local installation and removes it afterwards.
     ///
-    /// Example: updatepipe demo
+    /// With --layout maddy: a maddy-format node among updatepipe nodes, both ways.
+    ///
+    /// Examples:
+    ///   updatepipe demo
+    ///   updatepipe demo --layout maddy
     #[command(verbatim_doc_comment)]
-    Demo,
+    Demo {
+        /// The channel layout to show.
+        #[arg(long, value_enum, default_value_t = LayoutArg::Shared)]
+        layout: LayoutArg,
+    },
 
     /// Measure throughput and latency, side by side with a raw tokio-postgres baseline.
     ///
@@ -167,6 +194,22 @@ pub(crate) enum Command {
 pub(crate) enum LogFormat {
     Text,
     Json,
+}
+
+/// A channel layout as the command line spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LayoutArg {
+    Shared,
+    Maddy,
+}
+
+impl LayoutArg {
+    pub(crate) fn layout(self) -> Layout {
+        match self {
+            LayoutArg::Shared => Layout::Shared,
+            LayoutArg::Maddy => Layout::Maddy,
+        }
+    }
 }
 
 /// An update type as the command line spells it.

@@ -5,7 +5,7 @@ use std::io::{BufRead, Write};
 use anyhow::Context;
 use tokio::sync::mpsc;
 use updatepipe::{
-    Config, Error, Event, Flag, MailboxKey, PgPipe, SeqSet, Update, UpdateKind, UpdatePipe,
+    Config, Error, Event, Flag, Layout, MailboxKey, PgPipe, SeqSet, Update, UpdateKind, UpdatePipe,
     embedded_migrations,
 };
 
@@ -53,6 +53,11 @@ pub(crate) async fn listen(config: Config, filter: &Filter, pretty: bool) -> any
     }
     let (tx, mut rx) = mpsc::channel(1024);
     pipe.listen_events(tx).await?;
+    if pipe.config().layout() == Layout::Maddy {
+        for key in &filter.keys {
+            pipe.subscribe(key.clone()).await?;
+        }
+    }
     let mut stdout = std::io::stdout();
     let outcome = loop {
         tokio::select! {
@@ -68,9 +73,14 @@ pub(crate) async fn listen(config: Config, filter: &Filter, pretty: bool) -> any
                     }
                 }
                 Some(Event::Connected) => eprintln!(
-                    "updatepipe: listening on channel {:?}{}",
+                    "updatepipe: listening on channel {:?}{}{}",
                     pipe.config().channel().as_str(),
-                    if pipe.config().durable() { " (durable)" } else { "" }
+                    if pipe.config().durable() { " (durable)" } else { "" },
+                    if pipe.config().layout() == Layout::Maddy {
+                        " and maddy's channels of the --key mailboxes"
+                    } else {
+                        ""
+                    }
                 ),
                 Some(Event::Disconnected { reason }) => {
                     eprintln!("updatepipe: disconnected ({reason}); reconnecting");

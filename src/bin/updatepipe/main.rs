@@ -16,7 +16,9 @@ use args::{Cli, Command, LogFormat, parse_key};
 use clap::Parser;
 use commands::{Filter, listen, print_status, push, update_from_options};
 use updatepipe::cluster::{TempCluster, env_or_temp};
-use updatepipe::{ChannelName, Config, Error, PgPipe, Secret, UpdatePipe, embedded_migrations};
+use updatepipe::{
+    ChannelName, Config, Error, Layout, PgPipe, Secret, UpdatePipe, embedded_migrations,
+};
 
 /// Exit codes: distinct for bad input, connection failure and server errors.
 mod exit {
@@ -88,6 +90,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let channel = ChannelName::new(&cli.channel)?;
     match cli.command {
         Command::Listen {
+            layout,
+            accept_maddy,
             durable,
             since,
             pretty,
@@ -104,13 +108,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_channel(channel)
                 .with_durable(durable)
                 .with_secrets(secrets(secret_file.as_deref())?)
-                .with_accept_unsigned(accept_unsigned);
+                .with_accept_unsigned(accept_unsigned)
+                .with_layout(layout.layout())
+                .with_accept_maddy(accept_maddy);
             if let Some(since) = since {
                 config = config.with_since(since);
             }
             listen(config, &filter, pretty).await
         }
         Command::Push {
+            layout,
             json,
             durable,
             kind,
@@ -126,7 +133,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = config(cli.url.as_deref())?
                 .with_channel(channel)
                 .with_durable(durable)
-                .with_secrets(secrets(secret_file.as_deref())?);
+                .with_secrets(secrets(secret_file.as_deref())?)
+                .with_layout(layout.layout());
             push(config, json, given).await
         }
         Command::Migrate { dry_run } => {
@@ -162,9 +170,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_status(&pipe, &status);
             Ok(())
         }
-        Command::Demo => {
+        Command::Demo { layout } => {
             let (config, _cluster) = database(cli.url.as_deref(), "demo").await?;
-            demo::run(config).await
+            match layout.layout() {
+                Layout::Maddy => demo::run_maddy(config).await,
+                _ => demo::run(config).await,
+            }
         }
         Command::Bench(args) => {
             let (config, _cluster) = database(cli.url.as_deref(), "benchmark").await?;
