@@ -74,6 +74,7 @@
 //! | the update model and its JSON contract | `update`, `seqset` |
 //! | the wire format (envelope v1, maddy's legacy form) | `envelope` |
 //! | configuration, channel names | `config`, `channel` |
+//! | channel layouts: the shared channel, maddy's channel per mailbox | `layout` |
 //! | the pipe interface and its PostgreSQL implementation | `pipe` |
 //! | the push path (batching) / the listen path (reconnect, heartbeats, resync) | `push` / `listen` |
 //! | the durable log: writing, reading in commit order, pruning | `log` |
