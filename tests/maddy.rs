@@ -16,11 +16,39 @@ use updatepipe::{
     UpdatePipe,
 };
 
-/// Above 2⁵³: exact only when read as an integer, never as a float.
-const BIG: u64 = (1 << 53) + 1;
+/// The mailboxes of one test. The tests share a database and run in parallel, and maddy's
+/// channels are named by key alone: each test has keys of its own.
+struct Keys {
+    /// A small id (the first test's is 42, so its channel is `__uint64_42`).
+    small: u64,
+    /// Above 2⁵³: exact only when read as an integer, never as a float.
+    big: u64,
+    /// A string key holding `;`, the separator of maddy's payload.
+    named: String,
+}
 
-/// A string key holding `;`, the separator of maddy's payload.
-const NAMED: &str = "INBOX;maddy";
+fn keys(base: u64) -> Keys {
+    Keys {
+        small: base,
+        big: (1 << 53) + base,
+        named: format!("INBOX;maddy{base}"),
+    }
+}
+
+impl Keys {
+    fn all(&self) -> [MailboxKey; 3] {
+        [
+            MailboxKey::Id(self.big),
+            self.named.as_str().into(),
+            MailboxKey::Id(self.small),
+        ]
+    }
+
+    /// A mailbox of this test that no node opens.
+    fn unopened(&self) -> u64 {
+        self.small + 1
+    }
+}
 
 /// An update as maddy's decoder reads it (go-imap-mess's fields, numbers as u64).
 #[derive(Debug, Deserialize, PartialEq, Eq)]
@@ -175,18 +203,19 @@ fn maddy_layout(channel: &str) -> Config {
 
 /// Every update kind, on a u64 key above 2⁵³, a string key with `;`, flags with `;` and
 /// none.
-fn every_kind() -> Vec<Update> {
+fn every_kind(k: &Keys) -> Vec<Update> {
+    let named = k.named.as_str();
     vec![
-        Update::new_message(BIG, SeqSet::parse("1:3,7").unwrap()),
+        Update::new_message(k.big, SeqSet::parse("1:3,7").unwrap()),
         Update::flags_changed(
-            NAMED,
+            named,
             7,
             [Flag::new("\\Seen").unwrap(), Flag::new("a;b").unwrap()],
         )
         .unwrap(),
-        Update::flags_changed(NAMED, 8, []).unwrap(),
-        Update::expunge(42u64, SeqSet::single(5).unwrap()),
-        Update::mailbox_destroyed(BIG),
+        Update::flags_changed(named, 8, []).unwrap(),
+        Update::expunge(k.small, SeqSet::single(5).unwrap()),
+        Update::mailbox_destroyed(k.big),
     ]
 }
 
@@ -224,12 +253,13 @@ async fn updates_exactly(rx: &mut mpsc::Receiver<Event>, n: usize) -> Vec<Update
 #[tokio::test]
 async fn updatepipe_to_maddy_every_kind_once_and_atomic_with_the_transaction() {
     let channel = unique("maddy_out");
+    let k = keys(42);
     let mut maddy = MaddyNode::start(&support::url()).await;
-    for key in [MailboxKey::Id(BIG), NAMED.into(), MailboxKey::Id(42)] {
+    for key in k.all() {
         maddy.open(&key).await;
     }
     let pipe = PgPipe::new(maddy_layout(&channel)).unwrap();
-    let updates = every_kind();
+    let updates = every_kind(&k);
 
     // One push each, through the pool.
     for update in &updates {
@@ -243,7 +273,7 @@ async fn updatepipe_to_maddy_every_kind_once_and_atomic_with_the_transaction() {
     assert_eq!(got, expected);
 
     // Two identical updates to one mailbox in one transaction reach maddy twice.
-    let twice = Update::expunge(42u64, SeqSet::single(9).unwrap());
+    let twice = Update::expunge(k.small, SeqSet::single(9).unwrap());
     pipe.push_many(&[twice.clone(), twice.clone()])
         .await
         .unwrap();
@@ -270,7 +300,9 @@ async fn updatepipe_to_maddy_every_kind_once_and_atomic_with_the_transaction() {
     maddy.assert_silent(SILENCE).await;
 
     // A mailbox maddy has not opened hears nothing; a key that cannot be a channel fails.
-    pipe.push(&Update::mailbox_destroyed(43u64)).await.unwrap();
+    pipe.push(&Update::mailbox_destroyed(k.unopened()))
+        .await
+        .unwrap();
     maddy.assert_silent(SILENCE).await;
     let err = pipe.push(&Update::mailbox_destroyed("")).await.unwrap_err();
     assert!(matches!(err, Error::InvalidChannel(_)), "{err}");
@@ -286,12 +318,13 @@ async fn updatepipe_to_maddy_every_kind_once_and_atomic_with_the_transaction() {
 async fn maddy_to_updatepipe_every_kind_on_subscribed_mailboxes_only() {
     let channel = unique("maddy_in");
     let mut maddy = MaddyNode::start(&support::url()).await;
+    let k = keys(1042);
     let (pipe, mut events) = listening_events(maddy_layout(&channel)).await;
-    for key in [MailboxKey::Id(BIG), NAMED.into(), MailboxKey::Id(42)] {
+    for key in k.all() {
         pipe.subscribe(key.clone()).await.unwrap();
         maddy.open(&key).await;
     }
-    let updates = every_kind();
+    let updates = every_kind(&k);
     for update in &updates {
         maddy.push(update).await;
     }
@@ -303,29 +336,32 @@ async fn maddy_to_updatepipe_every_kind_on_subscribed_mailboxes_only() {
     // mailbox.
     maddy
         .push_json(
-            "__uint64_42",
-            r#"{"Type":1,"Key":42,"SeqSet":"3","NewFlags":["é"]}"#,
+            &channel_of(&k.small.into()),
+            &format!(
+                r#"{{"Type":1,"Key":{},"SeqSet":"3","NewFlags":["é"]}}"#,
+                k.small
+            ),
         )
         .await;
     assert_eq!(
         next_event(&mut events).await,
         Event::Resync(ResyncReason::Unrepresentable {
-            key: MailboxKey::Id(42)
+            key: MailboxKey::Id(k.small)
         })
     );
     assert_eq!(rejected(&pipe), 1);
 
     // Not subscribed: not heard. Unsubscribed (once per subscribe): no longer heard.
-    maddy.push(&Update::mailbox_destroyed(43u64)).await;
-    pipe.subscribe(42u64).await.unwrap();
-    pipe.unsubscribe(42u64).await.unwrap();
-    maddy.push(&Update::mailbox_destroyed(42u64)).await;
+    maddy.push(&Update::mailbox_destroyed(k.unopened())).await;
+    pipe.subscribe(k.small).await.unwrap();
+    pipe.unsubscribe(k.small).await.unwrap();
+    maddy.push(&Update::mailbox_destroyed(k.small)).await;
     assert_eq!(
         updates_exactly(&mut events, 1).await,
-        [Update::mailbox_destroyed(42u64)]
+        [Update::mailbox_destroyed(k.small)]
     );
-    pipe.unsubscribe(42u64).await.unwrap();
-    maddy.push(&Update::mailbox_destroyed(42u64)).await;
+    pipe.unsubscribe(k.small).await.unwrap();
+    maddy.push(&Update::mailbox_destroyed(k.small)).await;
     updates_exactly(&mut events, 0).await;
 
     // Subscriptions need a listening pipe in the maddy layout, and a key that can be one.
@@ -352,14 +388,17 @@ async fn maddy_to_updatepipe_every_kind_on_subscribed_mailboxes_only() {
 #[tokio::test]
 async fn no_echo_and_nothing_but_updates_on_maddy_channels() {
     let channel = unique("maddy_quiet");
+    let k = keys(2042);
     let mut maddy = MaddyNode::start(&support::url()).await;
-    maddy.open(&MailboxKey::Id(42)).await;
+    maddy.open(&MailboxKey::Id(k.small)).await;
     // Quick heartbeats: several would have gone out in the window below.
     let config = maddy_layout(&channel).with_health_interval(Duration::from_millis(200));
     let (pipe, mut events) = listening_events(config).await;
-    pipe.subscribe(42u64).await.unwrap();
+    pipe.subscribe(k.small).await.unwrap();
     // Its own push comes back neither as an envelope nor as maddy's copy.
-    pipe.push(&Update::mailbox_destroyed(42u64)).await.unwrap();
+    pipe.push(&Update::mailbox_destroyed(k.small))
+        .await
+        .unwrap();
     assert_eq!(maddy.receive_exactly(1).await.len(), 1);
     updates_exactly(&mut events, 0).await;
     // Heartbeats, the status probe and the durable log's references stay off maddy's
@@ -378,14 +417,15 @@ async fn two_updatepipe_nodes_in_the_maddy_layout_exchange_durable_envelopes_onc
     let config = maddy_layout(&channel).with_durable(true);
     let a = PgPipe::new(config.clone()).unwrap();
     a.migrate().await.unwrap();
+    let k = keys(3042);
     let (b, mut b_events) = listening_events(config.clone()).await;
     // b also hears a's copies for maddy on the mailbox it subscribed to: it must drop them.
-    b.subscribe(42u64).await.unwrap();
+    b.subscribe(k.small).await.unwrap();
     let mut maddy = MaddyNode::start(&support::url()).await;
-    maddy.open(&MailboxKey::Id(42)).await;
+    maddy.open(&MailboxKey::Id(k.small)).await;
 
     let sent: Vec<Update> = (1..=6)
-        .map(|uid| Update::new_message(42u64, SeqSet::single(uid).unwrap()))
+        .map(|uid| Update::new_message(k.small, SeqSet::single(uid).unwrap()))
         .collect();
     a.push(&sent[0]).await.unwrap();
     a.push_many(&sent[1..4]).await.unwrap();
@@ -424,6 +464,7 @@ fn a_subscription_survives_a_reconnect() {
     let rt = support::runtime();
     let cluster = own_cluster();
     rt.block_on(async {
+        let k = keys(4042);
         for durable in [false, true] {
             let channel = unique("maddy_reconnect");
             let config = cluster_config(cluster.port(), &channel)
@@ -438,7 +479,7 @@ fn a_subscription_survives_a_reconnect() {
                     .unwrap();
             }
             let (pipe, mut events) = listening_events(config).await;
-            pipe.subscribe(BIG).await.unwrap();
+            pipe.subscribe(k.big).await.unwrap();
             let url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port());
             let maddy = MaddyNode::start(&url).await;
             let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
@@ -457,7 +498,7 @@ fn a_subscription_survives_a_reconnect() {
             assert!(killed >= 1);
             let expected = if durable {
                 ResyncReason::Resubscribed {
-                    keys: vec![MailboxKey::Id(BIG)],
+                    keys: vec![MailboxKey::Id(k.big)],
                 }
             } else {
                 ResyncReason::Reconnected
@@ -470,7 +511,7 @@ fn a_subscription_survives_a_reconnect() {
                     other => panic!("durable {durable}: unexpected {other:?}"),
                 }
             }
-            let update = Update::expunge(BIG, SeqSet::single(1).unwrap());
+            let update = Update::expunge(k.big, SeqSet::single(1).unwrap());
             maddy.push(&update).await;
             assert_eq!(
                 updates_exactly(&mut events, 1).await,
@@ -487,12 +528,13 @@ async fn signing_listeners_take_maddy_updates_only_when_told() {
     let channel = unique("maddy_signed");
     let secret = updatepipe::Secret::new("a shared secret, long enough").unwrap();
     let signed = maddy_layout(&channel).with_secrets(vec![secret]);
+    let k = keys(5042);
     let maddy = MaddyNode::start(&support::url()).await;
     let (strict, mut strict_events) = listening_events(signed.clone()).await;
     let (open, mut open_events) = listening_events(signed.with_accept_maddy(true)).await;
-    strict.subscribe(42u64).await.unwrap();
-    open.subscribe(42u64).await.unwrap();
-    let update = Update::mailbox_destroyed(42u64);
+    strict.subscribe(k.small).await.unwrap();
+    open.subscribe(k.small).await.unwrap();
+    let update = Update::mailbox_destroyed(k.small);
     maddy.push(&update).await;
     assert_eq!(updates_exactly(&mut open_events, 1).await, [update]);
     updates_exactly(&mut strict_events, 0).await;
