@@ -2,7 +2,12 @@
 //! decisions over the payload, the listener's identity and settings, the numbers seen so
 //! far and the time given; the connection loop acts on the [`Verdict`].
 //!
-//! A notification is, in order: on another channel (ignored); refused (a signature, decoding,
+//! On a subscribed mailbox's channel (the maddy layout), a notification is maddy's form only:
+//! an updatepipe sender's copy (dropped: its envelope is on the pipe's channel), or one
+//! update from a maddy node, best effort, or what the pipe refuses (see `classify_maddy`).
+//!
+//! On the pipe's channel, a notification is, in order: on another channel (ignored); an
+//! updatepipe sender's copy for maddy (dropped); refused (a signature, decoding,
 //! limit or replay check failed: counted and logged); a heartbeat (this listener's own, with
 //! its number, or another's); an echo of this pipe's own push; in durable mode, a durable
 //! envelope (read from the log instead); or updates to deliver, or a reference to an

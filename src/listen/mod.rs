@@ -15,6 +15,9 @@
 //! - `connector` and `session`: the backoff, and opening one subscribed connection.
 //! - `intake` (with `gaps` and `replay`): the pure verdict on a notification or a log row.
 //!   On a reconnect, best effort forgets the senders' numbers.
+//! - `subscriptions` (in the intake): the maddy layout's mailboxes, reference-counted, and
+//!   the `LISTEN`/`UNLISTEN` each change needs, run one at a time in the loop's own slot. On
+//!   a reconnect, the new session listens on the whole set, and a resync covers it.
 //! - `outbox`: the bounded hand-off to the caller, and the slow-consumer policy.
 //! - `durable`: the log position, and what to read, fetch or prune next. On a reconnect, in
 //!   durable mode, the tail is read as a catch-up; it says whether a resync is owed.

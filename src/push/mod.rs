@@ -1,5 +1,7 @@
 //! The push path: updates become version 1 envelopes sent with `pg_notify` on the shared
-//! channel, through the pool or inside the caller's own transaction.
+//! channel, through the pool or inside the caller's own transaction. In the maddy layout the
+//! same statement also sends a copy of each update in maddy's form on its mailbox's channel
+//! (`wire`), so the copies commit with the envelopes.
 //!
 //! Pool pushes are batched. Each push encodes and checks its own updates (so a bad update
 //! fails only its own push), then goes out in a *flight*: one statement (one transaction)
