@@ -17,9 +17,15 @@ use crate::origin::Origin;
 
 /// A durable batch: the envelopes go to the log and their notifications out, in one
 /// statement (a data-modifying CTE always runs to completion), so one transaction.
-pub(crate) const LOG_AND_NOTIFY: &str = "WITH logged AS (\
+///
+/// The transaction takes its id (`me`, evaluated before the first row is built) before its
+/// rows take theirs from the log's sequence, which does not assign one: the reader relies on
+/// it (a row whose id is at most the highest a snapshot saw belongs to a transaction that
+/// had its id by then, so in progress or visible in that snapshot; see `PAGE_SQL`).
+pub(crate) const LOG_AND_NOTIFY: &str = "WITH me AS MATERIALIZED (SELECT pg_current_xact_id()), \
+     logged AS (\
        INSERT INTO updatepipe.log (channel, origin, seq, payload) \
-       SELECT $1, $2, s, p FROM unnest($3::bigint[], $4::text[]) WITH ORDINALITY AS t(s, p, i) \
+       SELECT $1, $2, s, p FROM me, unnest($3::bigint[], $4::text[]) WITH ORDINALITY AS t(s, p, i) \
        ORDER BY i) \
      SELECT pg_notify($1, n) FROM unnest($5::text[]) WITH ORDINALITY AS t(n, i) ORDER BY i";
 
@@ -30,10 +36,12 @@ pub(crate) const LOG_AND_NOTIFY: &str = "WITH logged AS (\
 /// and `$10` bytes of payload (the first row whatever its size).
 ///
 /// What is new since the cursor: rows of the transactions in progress at its snapshot (its
-/// `xip` list: a handful, found by the `(channel, xid)` index, however far back an unrelated
-/// long transaction holds the snapshot's `xmin`), and rows with a higher id than any seen
-/// then (an id-ordered scan; after a crash the server may hand out a transaction id again,
-/// never an id). Of those, only rows committed by the target snapshot, so that when the
+/// `xip` list: a handful, each looked up by the `(channel, xid)` index, at most a page each,
+/// however far back an unrelated long transaction holds the snapshot's `xmin`), and rows
+/// with a higher id than any seen then (an id-ordered scan; after a crash the server may
+/// hand out a transaction id again, never an id). A row with an id up to the cursor's
+/// highest belongs to a transaction that had its id by then (writers take the transaction
+/// id before the row id: see `LOG_AND_NOTIFY`), so visible then or in the `xip` list. Of those, only rows committed by the target snapshot, so that when the
 /// last page is read, the target is a position at which everything visible was delivered.
 /// In id order, which is commit order for each sender's successive transactions.
 ///
@@ -49,11 +57,14 @@ const PAGE_SQL: &str = "\
                     ELSE $7::int8 END AS max_id), \
     page AS ( \
         SELECT u.id, u.origin, u.seq, u.payload FROM ( \
-            (SELECT l.id, l.origin, l.seq, l.payload FROM updatepipe.log l, t \
-             WHERE l.channel = $1 \
-               AND l.xid = ANY (ARRAY(SELECT pg_snapshot_xip($2::text::pg_snapshot))) \
-               AND l.id <= $3 AND l.id > $8 \
-               AND pg_visible_in_snapshot(l.xid, t.snap)) \
+            (SELECT l.id, l.origin, l.seq, l.payload \
+             FROM t, pg_snapshot_xip($2::text::pg_snapshot) AS x(xid) \
+             CROSS JOIN LATERAL ( \
+                 SELECT l.id, l.origin, l.seq, l.payload FROM updatepipe.log l \
+                 WHERE l.channel = $1 AND l.xid = x.xid \
+                   AND l.id <= $3 AND l.id > $8 \
+                   AND pg_visible_in_snapshot(l.xid, t.snap) \
+                 ORDER BY l.id LIMIT $9) l) \
             UNION ALL \
             (SELECT l.id, l.origin, l.seq, l.payload FROM updatepipe.log l, t \
              WHERE l.channel = $1 AND l.id > greatest($3, $8) \
@@ -154,8 +165,8 @@ pub(crate) struct CatchUp {
 pub(crate) struct Page {
     /// The snapshot this page read towards.
     target: Cursor,
-    /// Whether this was a catch-up's first page.
-    pub(crate) first: bool,
+    /// The highest id delivered before this page (0 on a first page).
+    after_id: i64,
     /// Whether entries this listener had not read may have been pruned since its cursor.
     pub(crate) pruned: bool,
     /// Whether the target is reached: nothing more to read towards it.
@@ -198,11 +209,11 @@ impl Page {
                 })
             })
             .collect();
-        let rows_budget = i64::try_from(budget.rows).unwrap_or(i64::MAX);
+        let rows_budget = i64::try_from(budget.rows.max(1)).unwrap_or(i64::MAX);
         let complete = entries.len() as i64 == total && total < rows_budget;
         Some(Page {
             target,
-            first: catch_up.is_none(),
+            after_id: catch_up.map_or(0, |c| c.after_id),
             pruned: first.get::<_, Option<bool>>(2).unwrap_or(false),
             complete,
             entries,
@@ -215,10 +226,13 @@ impl Page {
     pub(crate) fn advance(self, previous: &Cursor) -> (Cursor, Option<CatchUp>, Vec<Entry>) {
         if self.complete {
             let mut cursor = self.target;
-            cursor.max_id = cursor.max_id.max(previous.max_id);
+            // Nor below a row delivered (after a crash, a reused transaction id may make a row
+            // above the target's highest id visible in it).
+            let delivered = self.entries.last().map_or(self.after_id, |e| e.id);
+            cursor.max_id = cursor.max_id.max(previous.max_id).max(delivered);
             return (cursor, None, self.entries);
         }
-        let after_id = self.entries.last().map_or(0, |e| e.id);
+        let after_id = self.entries.last().map_or(self.after_id, |e| e.id);
         let catch_up = CatchUp {
             target: self.target,
             after_id,
@@ -367,7 +381,7 @@ impl Page {
                 max_id: target_max_id,
                 read_at: 0.0,
             },
-            first: true,
+            after_id: 0,
             pruned: false,
             complete,
             entries: ids

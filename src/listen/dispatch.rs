@@ -132,7 +132,7 @@ impl Dispatch {
 
     /// Delivers the log rows a page returned, and moves the reader on.
     fn apply_page(&mut self, page: Page) {
-        if page.first && page.pruned {
+        if self.reader.prune_news(page.pruned) {
             self.outbox.resync(ResyncReason::LogPruned);
         }
         let (rows, bytes) = page.size();

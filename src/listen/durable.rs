@@ -24,6 +24,8 @@ pub(super) enum Ask {
         from: Cursor,
         catch_up: Option<CatchUp>,
         budget: PageBudget,
+        /// Not before this (a page the server cancelled is read again after a pause).
+        not_before: Option<Instant>,
     },
     /// One oversize envelope, by sender and number.
     Fetch(Origin, u64),
@@ -46,6 +48,8 @@ pub(super) struct LogReader {
     configured: PageBudget,
     /// No tail before this (a page was cancelled: a backoff).
     not_before: Option<Instant>,
+    /// Pruning that may have taken unread entries was reported during this read.
+    prune_reported: bool,
     tail_needed: bool,
     /// The next tail is a catch-up (after a reconnect, or from a starting point in the
     /// past): its updates are counted as replayed.
@@ -77,6 +81,7 @@ impl LogReader {
             budget,
             configured: budget,
             not_before: None,
+            prune_reported: false,
             tail_needed: durable,
             replaying: durable && replay_from_the_past,
             heard_best_effort: false,
@@ -111,20 +116,21 @@ impl LogReader {
     /// What to ask next, by priority: the tail (only with `room` for what it brings), the
     /// oldest fetch, pruning when due (every tenth of the retention, between 1 s and 60 s).
     pub(super) fn next_ask(&mut self, room: bool, now: Instant) -> Option<Ask> {
-        let backing_off = self.not_before.is_some_and(|at| now < at);
-        if self.tail_needed && room && !backing_off {
+        if self.tail_needed && room {
             let from = self.cursor.clone()?;
             self.tail_needed = false;
             return Some(Ask::Tail {
                 from,
                 catch_up: self.catch_up.clone(),
                 budget: self.budget,
+                not_before: self.not_before.filter(|at| now < *at),
             });
         }
         if let Some((origin, seq)) = self.fetches.front() {
             return Some(Ask::Fetch(origin.clone(), *seq));
         }
-        if self.durable && now >= self.next_prune {
+        // Not while a catch-up is under way: it would prune what it is about to read.
+        if self.durable && self.catch_up.is_none() && now >= self.next_prune {
             self.next_prune =
                 now + (self.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
             return Some(Ask::Prune(self.retention));
@@ -150,7 +156,18 @@ impl LogReader {
             self.tail_needed = true;
             return (entries, self.replaying);
         }
+        self.prune_reported = false;
         (entries, std::mem::take(&mut self.replaying))
+    }
+
+    /// Whether a page's news that entries may have been pruned is to be told now: once per
+    /// read, on whichever of its pages sees it (pruning may run between pages).
+    pub(super) fn prune_news(&mut self, pruned: bool) -> bool {
+        if !pruned || self.prune_reported {
+            return false;
+        }
+        self.prune_reported = true;
+        true
     }
 
     /// The server cancelled a page (its `statement_timeout`, say): read it again after a
@@ -159,12 +176,6 @@ impl LogReader {
         self.budget.rows = (self.budget.rows / 2).max(1);
         self.tail_needed = true;
         self.not_before = Some(now + pause);
-    }
-
-    /// Whether a tail is waiting for its backoff to end, and when it ends.
-    #[cfg(test)]
-    pub(super) fn paused_until(&self) -> Option<Instant> {
-        self.not_before.filter(|_| self.tail_needed)
     }
 
     /// The oldest fetch is done (read, or given up on).
@@ -328,14 +339,13 @@ mod tests {
         let mut reader = durable(now);
         reader.next_ask(true, now);
         reader.page_cancelled(now, SECOND);
-        assert_eq!(reader.paused_until(), Some(now + SECOND));
-        assert!(!matches!(
-            reader.next_ask(true, now),
-            Some(Ask::Tail { .. })
-        ));
-        let Some(Ask::Tail { budget, .. }) = reader.next_ask(true, now + SECOND) else {
-            panic!("the page again");
+        let Some(Ask::Tail {
+            budget, not_before, ..
+        }) = reader.next_ask(true, now)
+        else {
+            panic!("the page again, after a pause");
         };
+        assert_eq!(not_before, Some(now + SECOND));
         assert_eq!(budget.rows, BUDGET.rows / 2);
         for _ in 0..10 {
             reader.page_cancelled(now, SECOND);
@@ -344,13 +354,32 @@ mod tests {
             panic!("the page again");
         };
         assert_eq!(budget.rows, 1, "one row at the least");
-        // Pages that fit let the budget grow back.
+        // Pages that fit let the budget grow back, with no pause.
         reader.advance(Page::for_tests(1, true, &[1]));
         reader.read_soon();
-        let Some(Ask::Tail { budget, .. }) = reader.next_ask(true, now + SECOND) else {
+        let Some(Ask::Tail {
+            budget, not_before, ..
+        }) = reader.next_ask(true, now + SECOND)
+        else {
             panic!("a page");
         };
-        assert_eq!(budget.rows, 2);
+        assert_eq!((budget.rows, not_before), (2, None));
+    }
+
+    #[test]
+    fn no_pruning_during_a_catch_up_and_its_news_told_once() {
+        let now = Instant::now();
+        let mut reader = durable(now);
+        reader.next_ask(true, now);
+        reader.advance(Page::for_tests(10, false, &[1]));
+        // The next page first; with no room, nothing, not even pruning.
+        assert!(reader.next_ask(false, now).is_none());
+        assert!(reader.prune_news(true));
+        assert!(!reader.prune_news(true), "once per read");
+        reader.next_ask(true, now);
+        reader.advance(Page::for_tests(10, true, &[2]));
+        assert!(matches!(reader.next_ask(true, now), Some(Ask::Prune(_))));
+        assert!(reader.prune_news(true), "a new read may tell it again");
     }
 
     #[test]

@@ -191,9 +191,15 @@ impl ConnectionLoop {
                     from,
                     catch_up,
                     budget,
-                } => QueryOutcome::Tail(
-                    log::read_page(client, &channel, &from, catch_up.as_ref(), budget).await,
-                ),
+                    not_before,
+                } => {
+                    if let Some(at) = not_before {
+                        tokio::time::sleep_until(at).await;
+                    }
+                    QueryOutcome::Tail(
+                        log::read_page(client, &channel, &from, catch_up.as_ref(), budget).await,
+                    )
+                }
                 Ask::Fetch(origin, seq) => {
                     QueryOutcome::Fetch(log::fetch(client, &channel, &origin, seq).await)
                 }
