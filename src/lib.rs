@@ -113,7 +113,7 @@ pub use config::{
 pub use envelope::{
     ENVELOPE_VERSION, Envelope, MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, WireFormat,
 };
-pub use error::{DecodeError, Error, Limit, ReplayKind, UpdateError};
+pub use error::{ConnectError, DecodeError, Error, Limit, ReplayKind, UpdateError};
 pub use limits::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_UPDATES, Limits};
 pub use listen::{Event, ResyncReason};
 pub use migrate::{MIGRATION_TABLE, MigrationInfo, embedded_migrations};

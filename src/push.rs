@@ -71,6 +71,8 @@ pub(crate) struct Pusher {
 #[derive(Debug)]
 struct Shared {
     pool: Pool,
+    /// Why the pool's last connection attempt failed, in the pipe's words.
+    connect_failure: Arc<std::sync::Mutex<Option<Error>>>,
     channel: String,
     origin: String,
     durable: bool,
@@ -166,9 +168,12 @@ impl Pusher {
         origin: Origin,
         counters: Arc<Counters>,
     ) -> Result<Self, Error> {
-        let manager = Manager::from_config(
+        // Checked now, so that a bad certificate file fails here rather than at the first push.
+        config.tls_connector()?;
+        let (connector, connect_failure) = crate::connect::PoolConnector::new(config);
+        let manager = Manager::from_connect(
             config.pg().clone(),
-            config.tls_connector()?,
+            connector,
             ManagerConfig {
                 // A broken connection is noticed by `is_closed`, and one that failed a
                 // flush is taken out of the pool; a query per checkout would cost a round
@@ -181,13 +186,17 @@ impl Pusher {
             .runtime(Runtime::Tokio1)
             .timeouts(Timeouts {
                 wait: Some(config.push_timeout()),
-                create: Some(config.connect_timeout()),
+                // Each host in turn, each within the connect timeout.
+                create: Some(
+                    config.connect_timeout() * config.pg().get_hosts().len().max(1) as u32,
+                ),
                 recycle: Some(config.connect_timeout()),
             })
             .build()
             .map_err(|e| Error::Config(format!("cannot build the connection pool: {e}")))?;
         let shared = Arc::new(Shared {
             pool,
+            connect_failure,
             channel: config.channel().as_str().to_owned(),
             origin: origin.as_str().to_owned(),
             durable: config.durable(),
@@ -933,7 +942,12 @@ impl Shared {
     /// A pooled connection, with the pool's errors told as what they mean to the caller.
     async fn checkout(&self) -> Result<Object, Error> {
         self.pool.get().await.map_err(|e| match e {
-            PoolError::Backend(e) => Error::Connect(e),
+            PoolError::Backend(e) => self
+                .connect_failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .unwrap_or(Error::Postgres(e)),
             PoolError::Timeout(_) => Error::Timeout {
                 what: "waiting for a pooled connection",
                 after: self.timeout,
