@@ -148,12 +148,20 @@ impl PgPipe {
 
     /// The server's status as this pipe sees it: version, primary or standby, whether
     /// LISTEN works through this connection (it does not through a transaction-pooling
-    /// proxy), notification queue usage, schema version and durable log size.
-    /// `listeners` counts the listeners heard by their heartbeats during one heartbeat
-    /// period of this configuration.
+    /// proxy), notification queue usage, schema version and durable log size. Quick: a
+    /// round trip or two, and the LISTEN probe's own notification. `listeners` is `None`;
+    /// [`PgPipe::status_with_listeners`] counts them.
     pub async fn status(&self) -> Result<crate::Status, Error> {
         self.check_open()?;
-        crate::status::status(&self.inner.config).await
+        crate::status::status(&self.inner.config, false).await
+    }
+
+    /// As [`PgPipe::status`], and `listeners` counts the listeners heard by their
+    /// heartbeats during one heartbeat period of this configuration (half its health
+    /// interval: about 5.5 s by default).
+    pub async fn status_with_listeners(&self) -> Result<crate::Status, Error> {
+        self.check_open()?;
+        crate::status::status(&self.inner.config, true).await
     }
 
     /// The configuration.
