@@ -176,6 +176,16 @@ impl ConnectError {
         self.attempts.iter().map(|a| a.server.as_str())
     }
 
+    /// Whether every server tried was reached and found read-only (a standby), passed over
+    /// because `target_session_attrs=read-write` asks for a primary.
+    pub fn is_read_only(&self) -> bool {
+        !self.attempts.is_empty()
+            && self.attempts.iter().all(|a| match &a.failure {
+                Failure::Postgres(e) => pg_message(e).contains("does not allow writes"),
+                Failure::TimedOut(_) => false,
+            })
+    }
+
     /// Whether a server refused the login (SQLSTATE class 28, or a password it asked for
     /// and none was given).
     pub fn is_auth(&self) -> bool {

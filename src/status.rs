@@ -5,6 +5,7 @@ use std::collections::{HashSet, VecDeque};
 use std::future::poll_fn;
 use std::time::Duration;
 
+use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, Notification};
 
@@ -47,7 +48,17 @@ pub struct Status {
 /// Gathers the status on two dedicated connections; `count_listeners` waits a heartbeat
 /// period to count them.
 pub(crate) async fn status(config: &Config, count_listeners: bool) -> Result<Status, Error> {
-    let (client, connection) = connect(config).await?;
+    // The server the pipe would use; when every host is a standby, the first of them, to
+    // say so (rather than only that none accepts writes).
+    let (client, connection) = match connect(config).await {
+        Err(Error::Connect(e)) if e.is_read_only() => {
+            let any = config
+                .clone()
+                .with_target_session_attrs(TargetSessionAttrs::Any);
+            connect(&any).await?
+        }
+        other => other?,
+    };
     let task = tokio::spawn(connection);
     let row = client
         .query_typed_one(

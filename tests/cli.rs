@@ -357,7 +357,12 @@ fn each_failure_class_has_its_exit_code() {
         vec!["push", "--url", "", "{\"Type\":0,\"Key\":1}"],
     ] {
         let output = run(&args);
-        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
         assert_eq!(stderr(&output).lines().count(), 1, "{}", stderr(&output));
     }
     // 3, unreachable: an_unreachable_server_exits_3_quickly; 5, refused login:
@@ -388,7 +393,12 @@ fn each_failure_class_has_its_exit_code() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"\xff\xfe\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"\xff\xfe\n")
+        .unwrap();
     let output = child.wait_with_output().unwrap();
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
 }
@@ -457,10 +467,18 @@ fn a_key_with_leading_zeros_is_a_name() {
     let channel = support::unique("cli_key");
     let (mut listener, out, _ready) = start_listener(&["--channel", &channel]);
     let output = run(&[
-        "push", "--channel", &channel, "--type", "destroyed", "--key", "007",
+        "push",
+        "--channel",
+        &channel,
+        "--type",
+        "destroyed",
+        "--key",
+        "007",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
-    let line = out.recv_timeout(Duration::from_secs(10)).expect("the update");
+    let line = out
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the update");
     assert_eq!(line, "{\"Type\":3,\"Key\":\"007\"}");
     listener.kill().unwrap();
     listener.wait().unwrap();
