@@ -121,7 +121,9 @@ pub use origin::Origin;
 pub use pipe::{PgPipe, UpdatePipe};
 pub use seqset::{MAX_SEQ_SET_LEN, SeqNum, SeqRange, SeqSet};
 pub use sign::{DEFAULT_REPLAY_WINDOW, MIN_SECRET_LEN, Secret, Signer};
-pub use stats::Stats;
+#[cfg(feature = "metrics")]
+pub use stats::describe_metrics;
+pub use stats::{METRICS, Stats};
 pub use status::Status;
 pub use tls::SslMode;
 pub use update::{Flag, MAX_FLAG_LEN, MAX_FLAGS, MailboxKey, Update, UpdateKind};

@@ -99,7 +99,10 @@ impl PgPipe {
     /// They are packed into as few notifications as fit.
     pub async fn push_many(&self, updates: &[Update]) -> Result<(), Error> {
         self.check_open()?;
-        self.inner.pusher.push(updates).await
+        let started = std::time::Instant::now();
+        self.inner.pusher.push(updates).await?;
+        crate::stats::push_latency(started.elapsed());
+        Ok(())
     }
 
     /// Sends an update on the caller's connection, inside whatever transaction it is in:
@@ -140,10 +143,13 @@ impl PgPipe {
     /// cluster fails.
     pub async fn queue_usage(&self) -> Result<f64, Error> {
         self.check_open()?;
-        self.inner
+        let usage = self
+            .inner
             .pusher
             .query_f64("SELECT pg_notification_queue_usage()")
-            .await
+            .await?;
+        crate::stats::queue_usage(usage);
+        Ok(usage)
     }
 
     /// The server's status as this pipe sees it: version, primary or standby, whether

@@ -483,3 +483,76 @@ fn a_key_with_leading_zeros_is_a_name() {
     listener.kill().unwrap();
     listener.wait().unwrap();
 }
+
+#[test]
+fn the_metrics_endpoint_counts_deliveries_and_rejections() {
+    let channel = support::unique("cli_metrics");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let (mut listener, _out, ready) = start_listener(&["--channel", &channel, "--metrics", &addr]);
+    assert!(ready.contains("listening"), "{ready}");
+    for key in 1..=3 {
+        let update = format!("{{\"Type\":0,\"Key\":{key},\"SeqSet\":\"1\"}}");
+        let output = run(&["push", "--channel", &channel, &update]);
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    support::runtime().block_on(async {
+        support::sql()
+            .await
+            .execute("SELECT pg_notify($1, 'not an envelope')", &[&channel])
+            .await
+            .unwrap();
+    });
+    let url = format!("http://{addr}/metrics");
+    let value = |text: &str, series: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = ureq::get(&url)
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap();
+        let rejected = value(&text, "updatepipe_rejected_total{reason=\"unrecognized\"}");
+        if (value(&text, "updatepipe_delivered_total") == Some(3.0) && rejected == Some(1.0))
+            || std::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        value(&text, "updatepipe_delivered_total"),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "updatepipe_rejected_total{reason=\"unrecognized\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    // Every counter is there from the start, at zero until its first event.
+    assert_eq!(
+        value(&text, "updatepipe_reconnects_total"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "updatepipe_rejected_total{reason=\"forged\"}"),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE updatepipe_delivered_total counter"),
+        "{text}"
+    );
+    listener.kill().unwrap();
+    listener.wait().unwrap();
+}

@@ -99,6 +99,13 @@ pub(crate) enum Command {
         /// envelopes (signed ones are still checked).
         #[arg(long, requires = "secret_file")]
         accept_unsigned: bool,
+
+        /// Serve Prometheus metrics on this address (GET /metrics), for example
+        /// 127.0.0.1:9187: the pipe's counters (updatepipe_*_total), the notification
+        /// queue usage (read every 10 s) and the heartbeat lag. docs/operations.md lists
+        /// them.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
 
     /// Push updates and exit once they are committed.

@@ -117,6 +117,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             kinds,
             secret_file,
             accept_unsigned,
+            metrics,
         } => {
             let filter = Filter {
                 keys: keys.iter().map(|k| parse_key(k)).collect(),
@@ -130,7 +131,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(since) = since {
                 config = config.with_since(since);
             }
-            listen(config, &filter, pretty).await
+            if let Some(addr) = metrics {
+                commands::serve_metrics(addr)?;
+            }
+            listen(config, &filter, pretty, metrics.is_some()).await
         }
         Command::Push {
             channel,
