@@ -196,7 +196,7 @@ pub(crate) async fn drive_until<F: Future>(
             message = poll_fn(|cx| connection.poll_message(cx)) => match message {
                 Some(Ok(AsyncMessage::Notification(n))) => backlog.push_back(n),
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(Error::Postgres(e)),
+                Some(Err(e)) => return Err(e.into()),
                 // The connection ended: `work` fails with the reason on its next poll.
                 None => return Ok(work.await),
             },

@@ -2,13 +2,15 @@
 //! ([`UpdateError`]) and bad payloads ([`DecodeError`]).
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Everything that can go wrong in `updatepipe`.
 ///
 /// Each variant says what happened; its message says what the user can do about it.
-/// Messages never contain a password.
-#[derive(Debug, thiserror::Error)]
+/// Messages never contain a password. An error can be cloned: every push of a failed
+/// batch gets the batch's one error, the same cause (the sources it wraps are shared).
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// An update is not valid (bad sequence set, flag, key or type).
@@ -47,15 +49,15 @@ pub enum Error {
 
     /// PostgreSQL answered a statement with an error, or the connection broke.
     #[error("PostgreSQL error: {}", pg_message(.0))]
-    Postgres(#[from] tokio_postgres::Error),
+    Postgres(#[source] Arc<tokio_postgres::Error>),
 
     /// The connection pool could not hand out a connection.
     #[error("no pooled connection: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
+    Pool(#[source] Arc<deadpool_postgres::PoolError>),
 
     /// Applying the schema migrations failed.
     #[error("migration failed: {}", migrate_message(.0))]
-    Migrate(#[from] refinery::Error),
+    Migrate(#[source] Arc<refinery::Error>),
 
     /// An operation did not finish in its configured time.
     #[error("{what} timed out after {after:?}; is the server reachable and not overloaded?")]
@@ -65,12 +67,6 @@ pub enum Error {
         /// The configured limit.
         after: Duration,
     },
-
-    /// The batch this push travelled in failed; every push in it gets the same cause.
-    /// Nothing of the batch was committed, unless the connection broke while committing
-    /// (then the outcome is unknown, as for any statement whose answer is lost).
-    #[error("{0}")]
-    Batch(std::sync::Arc<Error>),
 
     /// The server is a standby (in recovery), where LISTEN/NOTIFY do not work.
     #[error(
@@ -97,7 +93,6 @@ impl Error {
     /// connection) rather than from bad input or from the server refusing a statement.
     pub fn is_connection(&self) -> bool {
         match self {
-            Error::Batch(e) => e.is_connection(),
             Error::Connect(e) => !e.is_auth(),
             Error::Timeout { .. } => true,
             Error::Pool(_) => true,
@@ -116,9 +111,6 @@ impl Error {
     /// Whether the error is bad input from the caller (an invalid update, channel or
     /// configuration).
     pub fn is_invalid_input(&self) -> bool {
-        if let Error::Batch(e) = self {
-            return e.is_invalid_input();
-        }
         matches!(
             self,
             Error::InvalidUpdate(_)
@@ -240,6 +232,24 @@ impl fmt::Display for ConnectError {
 }
 
 impl std::error::Error for ConnectError {}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Error::Postgres(Arc::new(e))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for Error {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        Error::Pool(Arc::new(e))
+    }
+}
+
+impl From<refinery::Error> for Error {
+    fn from(e: refinery::Error) -> Self {
+        Error::Migrate(Arc::new(e))
+    }
+}
 
 /// Why an update is not valid.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

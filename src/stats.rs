@@ -137,7 +137,6 @@ pub(crate) fn queue_usage(usage: f64) {
 }
 
 /// Records the time a listener's own heartbeat took to come back to it.
-#[allow(dead_code)]
 pub(crate) fn heartbeat_lag(lag: std::time::Duration) {
     #[cfg(feature = "metrics")]
     {
