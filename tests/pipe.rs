@@ -257,6 +257,16 @@ async fn close_leaves_no_task_or_connection_behind() {
         connections(&observer, &app).await >= 2,
         "listener and pool connected"
     );
+    // The listener's connection is told from the pool's by its application_name.
+    let listener: i64 = observer
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&format!("{app}/listen")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(listener, 1);
 
     pipe.close().await.unwrap();
     // The caller's channel has ended: the listener task is gone and dropped its sender.
