@@ -65,23 +65,44 @@
 //!   and dropped; the listener goes on. With signing on ([`Config::with_secrets`]), so is
 //!   one that is unsigned, forged or replayed.
 //!
-//! `docs/delivery.md` states this fully and argues why it holds.
+//! [`guide::delivery`] states this fully and argues why it holds.
 //!
-//! ## Modules
+//! ## Where things are
 //!
-//! | concept | module |
+//! | concept | items |
 //! |---|---|
-//! | the update model and its JSON contract | `update`, `seqset` |
-//! | the wire format (envelope v1, maddy's legacy form) | `envelope` |
-//! | configuration, channel names | `config`, `channel` |
-//! | the pipe interface and its PostgreSQL implementation | `pipe` |
-//! | the push path (batching) / the listen path (reconnect, heartbeats, resync) | `push` / `listen` |
-//! | the durable log: writing, reading in commit order, pruning | `log` |
-//! | migrations (the `updatepipe` schema and log table) | `migrate` |
-//! | counters; the server's status | `stats`; `status` |
-//! | untrusted input: payload limits, signed envelopes and replay checks | `limits`, `sign` |
-//! | TLS (`sslmode` up to `verify-full`, with rustls) | `tls` |
-//! | throwaway clusters for tests and the demo | [`cluster`] |
+//! | the pipe interface and its PostgreSQL implementation | [`UpdatePipe`], [`PgPipe`] |
+//! | the update model and its JSON contract | [`Update`], [`UpdateKind`], [`MailboxKey`], [`SeqSet`], [`Flag`] |
+//! | the wire format (envelope v1, maddy's legacy form) | [`Envelope`], [`guide::wire_format`] |
+//! | configuration: libpq's connection settings, the pipe's options | [`Config`], [`ChannelName`], [`Backoff`], [`Limits`] |
+//! | what the listener tells an application | [`Event`], [`ResyncReason`] |
+//! | errors | [`Error`], [`ConnectError`], [`UpdateError`], [`DecodeError`] |
+//! | counters, metrics and the server's status | [`Stats`], [`METRICS`], [`Status`] |
+//! | signed envelopes | [`Secret`], [`Signer`] |
+//! | migrations (the `updatepipe` schema and log table) | [`embedded_migrations`], [`PgPipe::migrate`] |
+//! | TLS (`sslmode` up to `verify-full`, with rustls) | [`SslMode`] |
+//! | throwaway clusters for tests and the demo (feature `cluster`) | `cluster` |
+//! | the guides: delivery, wire format, operations, security | [`guide`] |
+//!
+//! ## Features
+//!
+//! - `cli` (default): the `updatepipe` command-line tool; it enables the other two. A
+//!   library user leaves it out: `default-features = false`.
+//! - `cluster`: the `cluster` module, throwaway PostgreSQL clusters from the local
+//!   binaries.
+//! - `metrics`: the counters, the push latency and the queue usage through the `metrics`
+//!   facade, under the names of [`METRICS`].
+//!
+//! ## Versions of tokio-postgres and deadpool-postgres
+//!
+//! [`PgPipe::push_in`] takes an application's own `tokio_postgres` client or transaction,
+//! and a deadpool-postgres `Object` derefs to one: they must be the versions this crate is
+//! built with (tokio-postgres 0.7, deadpool-postgres 0.14), or the types do not match.
+//! Both are re-exported, so an application can use them rather than name its own:
+//! `updatepipe::tokio_postgres`, `updatepipe::deadpool_postgres`.
+
+pub use deadpool_postgres;
+pub use tokio_postgres;
 
 mod channel;
 #[cfg(feature = "cluster")]
@@ -90,6 +111,7 @@ mod config;
 mod connect;
 mod envelope;
 mod error;
+pub mod guide;
 mod limits;
 mod listen;
 mod log;

@@ -284,7 +284,7 @@ impl Config {
         self.tls.mode
     }
 
-    /// Opens a connection of your own (for [`crate::UpdatePipe::push_in`], say) as the
+    /// Opens a connection of your own (for [`crate::PgPipe::push_in`], say) as the
     /// pipe opens its own: each host in turn within the connect timeout, TLS as
     /// configured, the password file's password for a host when none was given. Drive the
     /// returned connection (spawn it) for the client to work.
