@@ -13,6 +13,10 @@
 // The guides are Markdown for people first: what rustdoc would read as a link or an HTML
 // tag in them is prose.
 #![allow(
+    clippy::doc_lazy_continuation,
+    clippy::doc_markdown,
+    clippy::doc_overindented_list_items,
+    clippy::too_long_first_doc_paragraph,
     rustdoc::broken_intra_doc_links,
     rustdoc::invalid_html_tags,
     rustdoc::bare_urls,

@@ -72,14 +72,14 @@
 //! | concept | items |
 //! |---|---|
 //! | the pipe interface and its PostgreSQL implementation | [`UpdatePipe`], [`PgPipe`] |
-//! | the update model and its JSON contract | [`Update`], [`UpdateKind`], [`MailboxKey`], [`SeqSet`], [`Flag`] |
+//! | the update model and its JSON contract | [`Update`], [`MailboxKey`], [`SeqSet`], [`Flag`] |
 //! | the wire format (envelope v1, maddy's legacy form) | [`Envelope`], [`guide::wire_format`] |
-//! | configuration: libpq's connection settings, the pipe's options | [`Config`], [`ChannelName`], [`Backoff`], [`Limits`] |
+//! | configuration: libpq's settings, the pipe's options | [`Config`], [`ChannelName`] |
 //! | what the listener tells an application | [`Event`], [`ResyncReason`] |
-//! | errors | [`Error`], [`ConnectError`], [`UpdateError`], [`DecodeError`] |
+//! | errors | [`Error`], [`ConnectError`], [`DecodeError`] |
 //! | counters, metrics and the server's status | [`Stats`], [`METRICS`], [`Status`] |
 //! | signed envelopes | [`Secret`], [`Signer`] |
-//! | migrations (the `updatepipe` schema and log table) | [`embedded_migrations`], [`PgPipe::migrate`] |
+//! | migrations (the `updatepipe` schema, the log) | [`embedded_migrations`], [`PgPipe::migrate`] |
 //! | TLS (`sslmode` up to `verify-full`, with rustls) | [`SslMode`] |
 //! | throwaway clusters for tests and the demo (feature `cluster`) | `cluster` |
 //! | the guides: delivery, wire format, operations, security | [`guide`] |

@@ -35,7 +35,8 @@ pub struct Status {
     /// updatepipe listeners on the channel, counted by the heartbeats heard during one
     /// heartbeat period of this configuration (half its health interval), from
     /// [`PgPipe::status_with_listeners`](crate::PgPipe::status_with_listeners); `None` from
-    /// [`PgPipe::status`](crate::PgPipe::status) and on a standby. Listeners with a longer health interval, or none, may be missed.
+    /// [`PgPipe::status`](crate::PgPipe::status) and on a standby. Listeners with a longer
+    /// health interval, or none, may be missed.
     pub listeners: Option<usize>,
     /// The newest migration applied (`None`: not migrated).
     pub schema_version: Option<i64>,

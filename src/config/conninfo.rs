@@ -574,7 +574,8 @@ mod tests {
     fn reads_a_url_into_settings() {
         assert_eq!(
             pairs(
-                "postgres://u:p%40w@h1:5433,[::1]:5434,h3/my%20db?sslmode=require&application_name=x"
+                "postgres://u:p%40w@h1:5433,[::1]:5434,h3/my%20db",
+                "?sslmode=require&application_name=x"
             ),
             [
                 pair("application_name", "x"),
@@ -791,7 +792,10 @@ mod tests {
         let user = dir.path().join("services");
         std::fs::write(
             &user,
-            "# mine\n[other]\nhost=wrong\n\n[mail]\nhost=svc-host\nport = 6543\nuser=svc\nsslmode=require\n",
+            concat!(
+                "# mine\n[other]\nhost=wrong\n\n",
+                "[mail]\nhost=svc-host\nport = 6543\nuser=svc\nsslmode=require\n"
+            ),
         )
         .unwrap();
         let sys = dir.path().join("etc");

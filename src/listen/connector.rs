@@ -99,7 +99,12 @@ impl Connector {
                      debug level)"
                 );
             } else {
-                tracing::debug!(target: TARGET, error = %e, attempt, "listener cannot reconnect yet");
+                tracing::debug!(
+                    target: TARGET,
+                    error = %e,
+                    attempt,
+                    "listener cannot reconnect yet"
+                );
             }
             if self
                 .settings

@@ -71,7 +71,11 @@ impl ConnectionLoop {
                     // A caller that asked for events is told by one; the others only
                     // by the log.
                     if self.dispatch.outbox.tells_events() {
-                        tracing::debug!(target: TARGET, %reason, "listener connection lost; reconnecting");
+                        tracing::debug!(
+                            target: TARGET,
+                            %reason,
+                            "listener connection lost; reconnecting"
+                        );
                     } else {
                         tracing::warn!(
                             target: TARGET,
