@@ -24,7 +24,6 @@
 //! # let channel = ChannelName::new(format!("quickstart_{}", std::process::id()))?;
 //! let config = Config::from_url(&url)?; // or Config::from_env()?
 //! # let config = config.with_channel(channel);
-//! let (config_pg, tls) = (config.pg().clone(), config.tls_connector()?);
 //! let store = PgPipe::new(config.clone())?;
 //! let server = PgPipe::new(config)?;
 //!
@@ -33,8 +32,8 @@
 //! server.listen(tx).await?;
 //!
 //! // The mail store: delivered if and only if the transaction commits.
-//! // Its own connection, with the pipe's TLS settings.
-//! let (mut client, connection) = config_pg.connect(tls).await?;
+//! // Its own connection, made as the pipe makes its own (hosts, TLS, ~/.pgpass).
+//! let (mut client, connection) = store.config().connect().await?;
 //! tokio::spawn(connection);
 //! let tx = client.transaction().await?;
 //! tx.batch_execute("CREATE TEMP TABLE messages (mailbox int8, uid int4)").await?;

@@ -573,10 +573,10 @@ mod tests {
     #[test]
     fn reads_a_url_into_settings() {
         assert_eq!(
-            pairs(
+            pairs(concat!(
                 "postgres://u:p%40w@h1:5433,[::1]:5434,h3/my%20db",
                 "?sslmode=require&application_name=x"
-            ),
+            )),
             [
                 pair("application_name", "x"),
                 pair("dbname", "my db"),
