@@ -2,6 +2,7 @@
 //! read on docs.rs as well; the README links here. (Links from one guide to another are
 //! relative to `docs/` and resolve in the repository, not on this page: use this list.)
 //!
+//! - [`architecture`]: the map of the modules, and the one-way flow of an update.
 //! - [`delivery`]: the guarantees, and why they hold.
 //! - [`wire_format`]: the notification payload, for other languages.
 //! - [`operations`]: a deployment checklist; PgBouncer, standbys, the queue, sizing,
@@ -22,6 +23,9 @@
     rustdoc::bare_urls,
     rustdoc::invalid_rust_codeblocks
 )]
+
+#[doc = include_str!("../docs/architecture.md")]
+pub mod architecture {}
 
 #[doc = include_str!("../docs/delivery.md")]
 pub mod delivery {}

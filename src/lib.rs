@@ -66,6 +66,16 @@
 //!
 //! [`guide::delivery`] states this fully and argues why it holds.
 //!
+//! ## How it is built
+//!
+//! An update travels one way: the push path packs it into a version 1 envelope (the wire
+//! format: `{"v":1,"o":origin,"s":number,"u":[updates]}`) and sends it with `pg_notify`,
+//! batched with concurrent pushes; the listen path decodes each notification, decides what
+//! it is (an update from another sender, its own echo, a heartbeat, a gap, a forgery) and
+//! hands the updates over in order. In durable mode the same statement writes a log row,
+//! which listeners read in commit order. [`guide::architecture`] has the map of
+//! the (private) modules; the public items are all re-exported here.
+//!
 //! ## Where things are
 //!
 //! | concept | items |
@@ -127,9 +137,9 @@ mod update;
 
 pub use channel::{ChannelName, MAX_CHANNEL_LEN};
 pub use config::{
-    Backoff, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEALTH_INTERVAL, DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_BUFFERED, DEFAULT_MAX_IN_FLIGHT, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT,
-    DEFAULT_RETENTION, Since,
+    Backoff, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEALTH_INTERVAL, DEFAULT_LOG_PAGE_BYTES,
+    DEFAULT_LOG_PAGE_ROWS, DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT, DEFAULT_RETENTION, Since,
 };
 pub use envelope::{
     ENVELOPE_VERSION, Envelope, MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, WireFormat,
