@@ -120,6 +120,8 @@ mod config;
 mod connect;
 mod envelope;
 mod error;
+// Not collected as doctests: the guides' code blocks are shell, SQL and excerpts.
+#[cfg(not(doctest))]
 pub mod guide;
 mod limits;
 mod listen;
