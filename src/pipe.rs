@@ -99,7 +99,10 @@ impl PgPipe {
     /// They are packed into as few notifications as fit.
     pub async fn push_many(&self, updates: &[Update]) -> Result<(), Error> {
         self.check_open()?;
-        self.inner.pusher.push(updates).await
+        let started = std::time::Instant::now();
+        self.inner.pusher.push(updates).await?;
+        crate::stats::push_latency(started.elapsed());
+        Ok(())
     }
 
     /// Sends an update on the caller's connection, inside whatever transaction it is in:
@@ -140,20 +143,31 @@ impl PgPipe {
     /// cluster fails.
     pub async fn queue_usage(&self) -> Result<f64, Error> {
         self.check_open()?;
-        self.inner
+        let usage = self
+            .inner
             .pusher
             .query_f64("SELECT pg_notification_queue_usage()")
-            .await
+            .await?;
+        crate::stats::queue_usage(usage);
+        Ok(usage)
     }
 
     /// The server's status as this pipe sees it: version, primary or standby, whether
     /// LISTEN works through this connection (it does not through a transaction-pooling
-    /// proxy), notification queue usage, schema version and durable log size.
-    /// `listeners` counts the listeners heard by their heartbeats during one heartbeat
-    /// period of this configuration.
+    /// proxy), notification queue usage, schema version and durable log size. Quick: a
+    /// round trip or two, and the LISTEN probe's own notification. `listeners` is `None`;
+    /// [`PgPipe::status_with_listeners`] counts them.
     pub async fn status(&self) -> Result<crate::Status, Error> {
         self.check_open()?;
-        crate::status::status(&self.inner.config).await
+        crate::status::status(&self.inner.config, false).await
+    }
+
+    /// As [`PgPipe::status`], and `listeners` counts the listeners heard by their
+    /// heartbeats during one heartbeat period of this configuration (half its health
+    /// interval: about 5.5 s by default).
+    pub async fn status_with_listeners(&self) -> Result<crate::Status, Error> {
+        self.check_open()?;
+        crate::status::status(&self.inner.config, true).await
     }
 
     /// The configuration.

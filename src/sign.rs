@@ -76,7 +76,11 @@ impl Secret {
                 continue;
             }
             secrets.push(Secret::new(line).map_err(|e| {
-                Error::Config(format!("line {} of the secret file {shown}: {e}", n + 1))
+                let why = match e {
+                    Error::Config(why) => why,
+                    other => other.to_string(),
+                };
+                Error::Config(format!("line {} of the secret file {shown}: {why}", n + 1))
             })?);
         }
         if secrets.is_empty() {

@@ -9,7 +9,7 @@ use tokio_postgres::{Client, Notification};
 use super::TARGET;
 use super::settings::Settings;
 use crate::config::Config;
-use crate::connect::{RawConnection, close_politely, connect, drive_until};
+use crate::connect::{RawConnection, close_politely, connect_listener, drive_until};
 use crate::error::Error;
 use crate::log::{self, Cursor};
 
@@ -29,7 +29,7 @@ impl Session {
         settings: &Settings,
         want_cursor: bool,
     ) -> Result<(Session, Option<Cursor>), Error> {
-        let (client, mut connection) = connect(config).await?;
+        let (client, mut connection) = connect_listener(config).await?;
         let mut backlog = VecDeque::new();
         let after = settings.connect_timeout;
         let channel = config.channel();

@@ -68,11 +68,21 @@ impl ConnectionLoop {
                 End::Connection(reason) => {
                     // A dead connection gets no polite goodbye: it may never be written.
                     drop(current);
-                    tracing::warn!(
-                        target: TARGET,
-                        %reason,
-                        "listener connection lost; reconnecting"
-                    );
+                    // A caller that asked for events is told by one; the others only
+                    // by the log.
+                    if self.dispatch.outbox.tells_events() {
+                        tracing::debug!(
+                            target: TARGET,
+                            %reason,
+                            "listener connection lost; reconnecting"
+                        );
+                    } else {
+                        tracing::warn!(
+                            target: TARGET,
+                            %reason,
+                            "listener connection lost; reconnecting"
+                        );
+                    }
                     self.dispatch.counters.disconnect();
                     self.dispatch.outbox.emit(Event::Disconnected { reason });
                     self.connector.lost(connected_at.elapsed());
