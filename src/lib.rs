@@ -77,7 +77,8 @@
 //! | the pipe interface and its PostgreSQL implementation | `pipe` |
 //! | the push path (batching) / the listen path (reconnect, heartbeats, resync) | `push` / `listen` |
 //! | the durable log: writing, reading in commit order, pruning | `log` |
-//! | migrations (the `updatepipe` schema and log table) | `migrate` |
+//! | migrations (the `updatepipe` schema and log table), the schema version check | `migrate` |
+//! | the runtime roles' privileges (`updatepipe grant`) | `grant` |
 //! | counters; the server's status | `stats`; `status` |
 //! | untrusted input: payload limits, signed envelopes and replay checks | `limits`, `sign` |
 //! | TLS (`sslmode` up to `verify-full`, with rustls) | `tls` |
@@ -90,6 +91,7 @@ mod config;
 mod connect;
 mod envelope;
 mod error;
+mod grant;
 mod limits;
 mod listen;
 mod log;
@@ -114,13 +116,14 @@ pub use envelope::{
     ENVELOPE_VERSION, Envelope, MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, WireFormat,
 };
 pub use error::{DecodeError, Error, Limit, ReplayKind, UpdateError};
+pub use grant::{Role, grant_statements};
 pub use limits::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_UPDATES, Limits};
 pub use listen::{Event, ResyncReason};
 pub use migrate::{MIGRATION_TABLE, MigrationInfo, embedded_migrations};
 pub use origin::Origin;
 pub use pipe::{PgPipe, UpdatePipe};
 pub use seqset::{MAX_SEQ_SET_LEN, SeqNum, SeqRange, SeqSet};
-pub use sign::{DEFAULT_REPLAY_WINDOW, MIN_SECRET_LEN, Secret, Signer};
+pub use sign::{DEFAULT_REPLAY_WINDOW, MAX_SECRET_FILE_LEN, MIN_SECRET_LEN, Secret, Signer};
 pub use stats::Stats;
 pub use status::Status;
 pub use tls::SslMode;
