@@ -22,7 +22,8 @@ const HOW_TO_GET_ONE: &str = "set DATABASE_URL to a PostgreSQL server \
 ///
 /// When the process runs as root, the cluster runs as the `postgres` OS user (PostgreSQL
 /// refuses to run as root). It is stopped and its directory removed when the value is
-/// dropped (which blocks for `pg_ctl stop`: in async code, drop it in `spawn_blocking`), and also, by a small watchdog process, when the owning process dies without
+/// dropped (which blocks for `pg_ctl stop`: in async code, drop it in `spawn_blocking`),
+/// and also, by a small watchdog process, when the owning process dies without
 /// dropping it (a test binary's statics are never dropped).
 #[derive(Debug)]
 pub struct TempCluster {
@@ -357,7 +358,11 @@ impl Drop for TempCluster {
         if self.running
             && let Err(e) = self.stop("fast")
         {
-            tracing::warn!(target: "updatepipe::cluster", error = %e, "cannot stop the throwaway cluster");
+            tracing::warn!(
+                target: "updatepipe::cluster",
+                error = %e,
+                "cannot stop the throwaway cluster"
+            );
             let _ = self.stop("immediate");
         }
         if let Some(mut watchdog) = self.watchdog.take() {

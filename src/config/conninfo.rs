@@ -278,9 +278,10 @@ mod tests {
 
     #[test]
     fn splits_tls_settings_off_a_url() {
-        let (rest, found) = split(
-            "postgres://u:p%40w@h/db?application_name=x&sslmode=verify-full&sslrootcert=%2Ftmp%2Fca%20b.pem",
-        );
+        let (rest, found) = split(concat!(
+            "postgres://u:p%40w@h/db?application_name=x&sslmode=verify-full",
+            "&sslrootcert=%2Ftmp%2Fca%20b.pem"
+        ));
         assert_eq!(rest, "postgres://u:p%40w@h/db?application_name=x");
         assert_eq!(
             found,
@@ -301,9 +302,10 @@ mod tests {
 
     #[test]
     fn splits_tls_settings_off_key_value() {
-        let (rest, found) = split(
-            "host=h sslmode = verify-ca password='a b\\'c' sslrootcert='/x y/ca.pem' sslkey=/k\\ ey",
-        );
+        let (rest, found) = split(concat!(
+            "host=h sslmode = verify-ca password='a b\\'c' ",
+            "sslrootcert='/x y/ca.pem' sslkey=/k\\ ey"
+        ));
         assert_eq!(rest, "host=h  password='a b\\'c'  ");
         assert_eq!(
             found,

@@ -4,7 +4,8 @@
 //! Version 1 is one compact JSON object:
 //!
 //! ```json
-//! {"v":1,"o":"5f0c9a3e4b1d7a2c8e6f0b1a2c3d4e5f","p":4242,"s":17,"u":[{"Type":0,"Key":42,"SeqSet":"7"}]}
+//! {"v":1,"o":"5f0c9a3e4b1d7a2c8e6f0b1a2c3d4e5f","p":4242,"s":17,
+//!  "u":[{"Type":0,"Key":42,"SeqSet":"7"}]}
 //! ```
 //!
 //! The decoder also reads maddy's legacy payload, `<sender id>;<update JSON>\n` with every

@@ -95,7 +95,8 @@ pub(crate) enum Command {
         #[arg(long)]
         durable: bool,
 
-        /// One update in the JSON contract: {"Type":1,"Key":42,"SeqSet":"17","NewFlags":["\\Seen"]}.
+        /// One update in the JSON contract:
+        /// {"Type":1,"Key":42,"SeqSet":"17","NewFlags":["\\Seen"]}.
         #[arg(conflicts_with_all = ["kind", "key"])]
         json: Option<String>,
 

@@ -93,7 +93,8 @@ pub(crate) async fn listen(config: Config, filter: &Filter, pretty: bool) -> any
     pipe.close().await?;
     let stats = pipe.stats();
     eprintln!(
-        "updatepipe: delivered {}, echoes dropped {}, rejected {}, reconnects {}, replayed {}, resyncs {}",
+        "updatepipe: delivered {}, echoes dropped {}, rejected {}, reconnects {}, replayed {}, \
+         resyncs {}",
         stats.delivered,
         stats.echoes_dropped,
         stats.rejected_total(),

@@ -44,7 +44,8 @@ impl RawListener {
                 loop {
                     tokio::select! {
                         done = &mut subscribe, if ready.is_some() => {
-                            let _ = ready.take().expect("once").send(done.map_err(|e| e.to_string()));
+                            let done = done.map_err(|e| e.to_string());
+                            let _ = ready.take().expect("once").send(done);
                         }
                         message = poll_fn(|cx| connection.poll_message(cx)) => match message {
                             Some(Ok(AsyncMessage::Notification(n))) => {
@@ -139,10 +140,15 @@ pub(super) fn envelope_payloads(n: u64) -> Vec<String> {
     (0..n)
         .map(|i| {
             format!(
-                r#"{{"v":1,"o":"{origin}","p":{pid},"s":{},"u":[{{"Type":0,"Key":{},"SeqSet":"{}"}}]}}"#,
+                concat!(
+                    r#"{{"v":1,"o":"{origin}","p":{pid},"s":{},"#,
+                    r#""u":[{{"Type":0,"Key":{},"SeqSet":"{}"}}]}}"#
+                ),
                 i + 1,
                 i % 256,
-                i + 1
+                i + 1,
+                origin = origin,
+                pid = pid,
             )
         })
         .collect()
@@ -176,7 +182,10 @@ impl RawPusher {
         let one = client.prepare("SELECT pg_notify($1, $2)").await?;
         // As the pipe's flusher does: one statement per transaction, over an array.
         let many = client
-            .prepare("SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, n) ORDER BY n")
+            .prepare(
+                "SELECT pg_notify($1, p) \
+                 FROM unnest($2::text[]) WITH ORDINALITY AS t(p, n) ORDER BY n",
+            )
             .await?;
         Ok(RawPusher {
             client,
