@@ -23,7 +23,8 @@ BEGIN
     END IF;
     -- A channel name has at most 63 bytes, an origin at most 64.
     IF octet_length(NEW.channel) > 63 OR octet_length(NEW.origin) > 64 THEN
-        RAISE EXCEPTION 'updatepipe.log: a channel of % bytes or an origin of % bytes is over the limit (63 and 64)',
+        RAISE EXCEPTION
+            'updatepipe.log: a channel of % or an origin of % bytes is over the limit (63, 64)',
             octet_length(NEW.channel), octet_length(NEW.origin)
             USING ERRCODE = 'program_limit_exceeded';
     END IF;

@@ -23,7 +23,8 @@ pub enum Role {
 /// order. Idempotent: granting twice changes nothing.
 ///
 /// - Both: `USAGE` on schema `updatepipe` (to name anything in it) and `SELECT` on the
-///   history table (the schema version check, [`PgPipe::check_schema`](crate::PgPipe::check_schema)).
+///   history table (the schema version check,
+///   [`PgPipe::check_schema`](crate::PgPipe::check_schema)).
 /// - A pusher: `INSERT` on the log's columns `channel, origin, seq, payload` only; the
 ///   server sets `id`, `xid` and `created_at` (a trigger, migration V4).
 /// - A listener: `SELECT` on the log (the tail reads, fetches of oversize envelopes) and on
@@ -76,7 +77,8 @@ pub(crate) async fn grant(config: &Config, roles: &[(&str, Role)]) -> Result<(),
                 "SELECT current_user::text, \
                         bool_and(pg_has_role(c.relowner, 'USAGE')) \
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE n.nspname = 'updatepipe' AND c.relname IN ('log', 'pruned', 'schema_history')",
+                 WHERE n.nspname = 'updatepipe' \
+                   AND c.relname IN ('log', 'pruned', 'schema_history')",
                 &[],
             )
             .await?;

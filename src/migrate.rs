@@ -91,7 +91,8 @@ async fn prepare_history(client: &mut tokio_postgres::Client) -> Result<(), Erro
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'updatepipe'), \
                     EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                            WHERE n.nspname = 'public' AND c.relname = 'updatepipe_schema_history'), \
+                            WHERE n.nspname = 'public' \
+                              AND c.relname = 'updatepipe_schema_history'), \
                     EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                             WHERE n.nspname = 'updatepipe' AND c.relname = 'schema_history')",
             &[],

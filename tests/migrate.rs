@@ -26,10 +26,7 @@ async fn migrations_apply_once_even_when_run_concurrently() {
 
     let client = support::sql().await;
     let history: i64 = client
-        .query_one(
-            &format!("SELECT count(*) FROM {MIGRATION_TABLE}"),
-            &[],
-        )
+        .query_one(&format!("SELECT count(*) FROM {MIGRATION_TABLE}"), &[])
         .await
         .unwrap()
         .get(0);

@@ -73,7 +73,10 @@ async fn server() -> &'static Server {
                 TempCluster::builder()
                     .setting("synchronous_commit", "off")
                     .setting("password_encryption", "scram-sha-256")
-                    .hba("host all up_owner,up_pusher,up_listener,up_wide_pusher 127.0.0.1/32 scram-sha-256")
+                    .hba(&format!(
+                        "host all {OWNER},{PUSHER},{LISTENER},{WIDE_PUSHER} 127.0.0.1/32 \
+                         scram-sha-256"
+                    ))
                     .start()
                     .unwrap_or_else(|e| panic!("{e}"))
             })
@@ -106,7 +109,13 @@ async fn server() -> &'static Server {
             let migrated = cli(&["migrate", "--url", &url]);
             assert!(migrated.status.success(), "{}", text(&migrated.stderr));
             let granted = cli(&[
-                "grant", "--url", &url, "--pusher", PUSHER, "--listener", LISTENER,
+                "grant",
+                "--url",
+                &url,
+                "--pusher",
+                PUSHER,
+                "--listener",
+                LISTENER,
             ]);
             assert!(granted.status.success(), "{}", text(&granted.stderr));
             // The wide pusher: INSERT on every column, as the docs said before the grant
@@ -209,9 +218,12 @@ async fn runtime_roles_create_nothing_and_only_the_owner_migrates() {
     // no delete, nothing on `pruned`.
     let pusher = server.client(PUSHER, "mail").await;
     for sql in [
-        "INSERT INTO updatepipe.log (channel, origin, seq, payload, xid) VALUES ('c', 'o', 1, 'p', '1')",
-        "INSERT INTO updatepipe.log (channel, origin, seq, payload, created_at) VALUES ('c', 'o', 1, 'p', now())",
-        "INSERT INTO updatepipe.log (id, channel, origin, seq, payload) OVERRIDING SYSTEM VALUE VALUES (1, 'c', 'o', 1, 'p')",
+        "INSERT INTO updatepipe.log (channel, origin, seq, payload, xid) \
+         VALUES ('c', 'o', 1, 'p', '1')",
+        "INSERT INTO updatepipe.log (channel, origin, seq, payload, created_at) \
+         VALUES ('c', 'o', 1, 'p', now())",
+        "INSERT INTO updatepipe.log (id, channel, origin, seq, payload) OVERRIDING SYSTEM VALUE \
+         VALUES (1, 'c', 'o', 1, 'p')",
         "SELECT * FROM updatepipe.log",
         "DELETE FROM updatepipe.log",
         "UPDATE updatepipe.pruned SET pruned_xid = NULL",
@@ -254,7 +266,10 @@ async fn grant_is_idempotent_prints_its_sql_and_refuses_unknown_roles() {
     assert!(dry.status.success(), "{}", text(&dry.stderr));
     let sql = text(&dry.stdout);
     assert!(
-        sql.contains("GRANT INSERT (channel, origin, seq, payload) ON updatepipe.log TO \"Mail \"\"Admin\"\"\";"),
+        sql.contains(
+            "GRANT INSERT (channel, origin, seq, payload) ON updatepipe.log \
+             TO \"Mail \"\"Admin\"\"\";"
+        ),
         "{sql}"
     );
     let again = cli(&[
@@ -461,10 +476,13 @@ async fn an_old_deployment_is_upgraded_by_migrate() {
         .unwrap();
     owner
         .batch_execute(
-            "INSERT INTO updatepipe.log (channel, origin, seq, payload) VALUES ('c', 'real', 1, 'p'); \
+            "INSERT INTO updatepipe.log (channel, origin, seq, payload) \
+                 VALUES ('c', 'real', 1, 'p'); \
              INSERT INTO updatepipe.log (channel, origin, seq, payload, xid) \
-                 VALUES ('c', 'future_xid', 1, 'p', (pg_current_xact_id()::text::int8 + 1000000)::text::xid8); \
-             INSERT INTO updatepipe.log (id, channel, origin, seq, payload) OVERRIDING SYSTEM VALUE \
+                 VALUES ('c', 'future_xid', 1, 'p', \
+                         (pg_current_xact_id()::text::int8 + 1000000)::text::xid8); \
+             INSERT INTO updatepipe.log (id, channel, origin, seq, payload) \
+                 OVERRIDING SYSTEM VALUE \
                  VALUES (1000, 'c', 'next_id', 1, 'p'); \
              INSERT INTO updatepipe.log (channel, origin, seq, payload, created_at) \
                  VALUES ('c', 'future_time', 1, 'p', '2999-01-01')",
@@ -571,7 +589,8 @@ async fn log_rows_written_by_any_inserting_role_cannot_lie() {
     // More rows at the next ids; every sender's durable pushes must go on.
     for k in 1..=20i64 {
         wide.execute(
-            "INSERT INTO updatepipe.log (id, channel, origin, seq, payload) OVERRIDING SYSTEM VALUE \
+            "INSERT INTO updatepipe.log (id, channel, origin, seq, payload) \
+             OVERRIDING SYSTEM VALUE \
              VALUES ($1, $2, 'squatter', $3, 'x')",
             &[&(next + k), &format!("{channel}_other"), &k],
         )
@@ -587,7 +606,8 @@ async fn log_rows_written_by_any_inserting_role_cannot_lie() {
     for client in [&wide, &server.client(PUSHER, "mail").await] {
         let err = client
             .execute(
-                "INSERT INTO updatepipe.log (channel, origin, seq, payload) VALUES ($1, 'o', 99, $2)",
+                "INSERT INTO updatepipe.log (channel, origin, seq, payload) \
+                 VALUES ($1, 'o', 99, $2)",
                 &[&channel, &huge],
             )
             .await
