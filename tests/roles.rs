@@ -21,6 +21,8 @@ const PUSHER: &str = "up_pusher";
 const LISTENER: &str = "up_listener";
 /// A role holding `INSERT` on the whole log table, as earlier docs told operators to grant.
 const WIDE_PUSHER: &str = "up_wide_pusher";
+/// A role that may connect and was granted nothing.
+const STRANGER: &str = "up_stranger";
 const PASSWORD: &str = "pw-roles-Ahuizotl-5521";
 
 struct Server {
@@ -74,8 +76,8 @@ async fn server() -> &'static Server {
                     .setting("synchronous_commit", "off")
                     .setting("password_encryption", "scram-sha-256")
                     .hba(&format!(
-                        "host all {OWNER},{PUSHER},{LISTENER},{WIDE_PUSHER} 127.0.0.1/32 \
-                         scram-sha-256"
+                        "host all {OWNER},{PUSHER},{LISTENER},{WIDE_PUSHER},{STRANGER} \
+                         127.0.0.1/32 scram-sha-256"
                     ))
                     .start()
                     .unwrap_or_else(|e| panic!("{e}"))
@@ -84,7 +86,7 @@ async fn server() -> &'static Server {
             .unwrap();
             let server = Server { cluster };
             let admin = server.client("postgres", "postgres").await;
-            for role in [OWNER, PUSHER, LISTENER, WIDE_PUSHER] {
+            for role in [OWNER, PUSHER, LISTENER, WIDE_PUSHER, STRANGER] {
                 admin
                     .batch_execute(&format!("CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}'"))
                     .await
@@ -447,6 +449,26 @@ async fn an_unmigrated_schema_is_one_line_naming_the_command_and_role() {
         );
     }
     pipe.close().await.unwrap();
+    // A role granted nothing, on a migrated schema: told to get the grants.
+    let stranger = PgPipe::new(server.config(STRANGER, "stranger")).unwrap();
+    let err = stranger.push(&update(1)).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::SchemaNotGranted { role } if role == STRANGER),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("updatepipe grant --pusher up_stranger"),
+        "{err}"
+    );
+    stranger.close().await.unwrap();
+    let out = cli(&[
+        "listen",
+        "--durable",
+        "--url",
+        &server.url(STRANGER, "mail"),
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
     // Best effort needs no schema.
     let best_effort = PgPipe::new(Config::from_url(&url).unwrap()).unwrap();
     best_effort.push(&update(1)).await.unwrap();
