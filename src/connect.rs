@@ -20,7 +20,7 @@ pub(crate) async fn connect(config: &Config) -> Result<(Client, RawConnection), 
     let after = config.connect_timeout();
     match tokio::time::timeout(after, config.pg().connect(connector)).await {
         Ok(Ok(pair)) => Ok(pair),
-        Ok(Err(e)) => Err(Error::Connect(e)),
+        Ok(Err(e)) => Err(Error::Connect(e.into())),
         Err(_) => Err(Error::Timeout {
             what: "connecting to PostgreSQL",
             after,
@@ -55,7 +55,7 @@ pub(crate) async fn drive_until<F: Future>(
             message = poll_fn(|cx| connection.poll_message(cx)) => match message {
                 Some(Ok(AsyncMessage::Notification(n))) => backlog.push_back(n),
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(Error::Postgres(e)),
+                Some(Err(e)) => return Err(e.into()),
                 // The connection ended: `work` fails with the reason on its next poll.
                 None => return Ok(work.await),
             },

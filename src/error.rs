@@ -2,13 +2,15 @@
 //! ([`UpdateError`]) and bad payloads ([`DecodeError`]).
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Everything that can go wrong in `updatepipe`.
 ///
 /// Each variant says what happened; its message says what the user can do about it.
-/// Messages never contain a password.
-#[derive(Debug, thiserror::Error)]
+/// Messages never contain a password. An error can be cloned: every push of a failed
+/// batch gets the batch's one error, the same cause (the sources it wraps are shared).
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// An update is not valid (bad sequence set, flag, key or type).
@@ -46,19 +48,19 @@ pub enum Error {
          connections",
         pg_message(.0)
     )]
-    Connect(#[source] tokio_postgres::Error),
+    Connect(#[source] Arc<tokio_postgres::Error>),
 
     /// PostgreSQL answered a statement with an error, or the connection broke.
     #[error("PostgreSQL error: {}", pg_message(.0))]
-    Postgres(#[from] tokio_postgres::Error),
+    Postgres(#[source] Arc<tokio_postgres::Error>),
 
     /// The connection pool could not hand out a connection.
     #[error("no pooled connection: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
+    Pool(#[source] Arc<deadpool_postgres::PoolError>),
 
     /// Applying the schema migrations failed.
     #[error("migration failed: {0}")]
-    Migrate(#[from] refinery::Error),
+    Migrate(#[source] Arc<refinery::Error>),
 
     /// The `updatepipe` schema is missing or older than this build needs, in durable mode.
     /// Runtime roles never migrate: the schema's owner runs `updatepipe migrate`
@@ -112,12 +114,6 @@ pub enum Error {
         after: Duration,
     },
 
-    /// The batch this push travelled in failed; every push in it gets the same cause.
-    /// Nothing of the batch was committed, unless the connection broke while committing
-    /// (then the outcome is unknown, as for any statement whose answer is lost).
-    #[error("{0}")]
-    Batch(std::sync::Arc<Error>),
-
     /// The server is a standby (in recovery), where LISTEN/NOTIFY do not work.
     #[error(
         "the server is a standby (in recovery): LISTEN and NOTIFY work only on a primary; \
@@ -143,7 +139,6 @@ impl Error {
     /// connection) rather than from bad input or from the server refusing a statement.
     pub fn is_connection(&self) -> bool {
         match self {
-            Error::Batch(e) => e.is_connection(),
             Error::Connect(_) | Error::Timeout { .. } => true,
             Error::Pool(_) => true,
             Error::Postgres(e) => e.as_db_error().is_none(),
@@ -154,9 +149,6 @@ impl Error {
     /// Whether the error is bad input from the caller (an invalid update, channel or
     /// configuration).
     pub fn is_invalid_input(&self) -> bool {
-        if let Error::Batch(e) = self {
-            return e.is_invalid_input();
-        }
         matches!(
             self,
             Error::InvalidUpdate(_)
@@ -165,6 +157,24 @@ impl Error {
                 | Error::Config(_)
                 | Error::UnknownRole(_)
         )
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Error::Postgres(Arc::new(e))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for Error {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        Error::Pool(Arc::new(e))
+    }
+}
+
+impl From<refinery::Error> for Error {
+    fn from(e: refinery::Error) -> Self {
+        Error::Migrate(Arc::new(e))
     }
 }
 

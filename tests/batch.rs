@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use support::{config_on, receive_exactly, unique};
 use tokio::sync::mpsc;
-use updatepipe::{Error, MailboxKey, PgPipe, SeqSet, Update, UpdatePipe};
+use tokio_postgres::error::{DbError, SqlState};
+use updatepipe::{ChannelName, Config, Error, MailboxKey, PgPipe, SeqSet, Update, UpdatePipe};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_pushes_keep_their_own_errors_and_order() {
@@ -168,4 +169,45 @@ async fn a_push_resolves_only_after_its_update_is_committed() {
     }
     assert!(pusher.stats().batches < 32 * 20, "pushes were batched");
     pusher.close().await.unwrap();
+}
+
+/// A pool push whose statement the server refuses (a durable push into a database without
+/// the log) fails with the server's own error, which a caller can match on, its source
+/// chained; every push of the batch gets that error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_batch_gives_each_push_the_servers_error() {
+    let (database, url) = support::fresh_database("unmigrated").await;
+    let config = Config::from_url(&url)
+        .unwrap()
+        .with_channel(ChannelName::new(unique("refused")).unwrap())
+        .with_durable(true)
+        // The pushes gather into one batch.
+        .with_max_batch_wait(std::time::Duration::from_millis(50));
+    let pusher = Arc::new(PgPipe::new(config).unwrap());
+    let mut tasks = Vec::new();
+    for uid in 1..=4 {
+        let pusher = pusher.clone();
+        tasks.push(tokio::spawn(async move {
+            pusher
+                .push(&Update::new_message(1, SeqSet::single(uid).unwrap()))
+                .await
+        }));
+    }
+    for task in tasks {
+        let err = task.await.unwrap().unwrap_err();
+        let Error::Postgres(pg) = &err else {
+            panic!("not a PostgreSQL error: {err:?}");
+        };
+        let db = pg.as_db_error().expect("an error from the server");
+        assert_eq!(db.code(), &SqlState::UNDEFINED_TABLE, "{err}");
+        assert!(!err.is_connection() && !err.is_invalid_input(), "{err:?}");
+        assert!(err.to_string().contains("updatepipe.log"), "{err}");
+        // The chain: the client's error, then the server's.
+        let source = std::error::Error::source(&err).expect("a source");
+        assert!(source.to_string().contains("db error"), "{source}");
+        let cause = source.source().expect("the server's error");
+        assert!(cause.downcast_ref::<DbError>().is_some(), "{cause:?}");
+    }
+    pusher.close().await.unwrap();
+    support::drop_database(&database).await;
 }

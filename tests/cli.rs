@@ -238,6 +238,47 @@ fn durable_listen_and_push_from_the_command_line() {
     listener.wait().unwrap();
 }
 
+/// A push whose statement the server refuses exits 4, as a server error (here a durable
+/// push into a log that refuses every row).
+#[test]
+fn a_push_the_server_refuses_exits_4() {
+    let runtime = support::runtime();
+    let (database, url) = runtime.block_on(support::fresh_database("cli_refused"));
+    let output = updatepipe()
+        .env("DATABASE_URL", &url)
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let connection = tokio::spawn(connection);
+        client
+            .batch_execute(
+                "ALTER TABLE updatepipe.log ADD CONSTRAINT refuse_every_row CHECK (false) \
+                 NOT VALID",
+            )
+            .await
+            .unwrap();
+        drop(client);
+        connection.await.unwrap().unwrap();
+    });
+    let channel = support::unique("cli_refused");
+    let output = updatepipe()
+        .env("DATABASE_URL", &url)
+        .args(["push", "--durable", "--channel", &channel])
+        .arg("{\"Type\":0,\"Key\":1,\"SeqSet\":\"1\"}")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(4), "{message}");
+    assert!(message.contains("refuse_every_row"), "{message}");
+    runtime.block_on(support::drop_database(&database));
+}
+
 #[test]
 fn status_reports_a_primary_where_listen_works() {
     let output = run(&["status"]);

@@ -75,6 +75,48 @@ pub fn config_on(channel: &str) -> Config {
         .with_application_name(&unique("up"))
 }
 
+/// The test server's URL with another database in it (the URL's path replaced).
+pub fn url_of_database(name: &str) -> String {
+    let url = url();
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url.as_str(), None),
+    };
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    let path = base[authority..]
+        .find('/')
+        .map_or(base.len(), |i| authority + i);
+    let mut url = format!("{}/{name}", &base[..path]);
+    if let Some(query) = query {
+        url.push('?');
+        url.push_str(query);
+    }
+    url
+}
+
+/// A database of its own on the test server, without updatepipe's schema (for a test that
+/// needs one unmigrated, or changes its schema): its name and URL. Drop it with
+/// [`drop_database`].
+pub async fn fresh_database(prefix: &str) -> (String, String) {
+    let name = unique(prefix);
+    sql()
+        .await
+        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+        .await
+        .expect("create a database");
+    let url = url_of_database(&name);
+    (name, url)
+}
+
+/// Drops a database made by [`fresh_database`], with whatever is still connected to it.
+pub async fn drop_database(name: &str) {
+    sql()
+        .await
+        .batch_execute(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+        .await
+        .expect("drop a database");
+}
+
 /// A runtime of a test's own (two worker threads), for tests that outlive one runtime.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

@@ -41,7 +41,7 @@ pub async fn run(base: Config) -> anyhow::Result<()> {
         .pg()
         .connect(config.tls_connector()?)
         .await
-        .map_err(Error::Connect)?;
+        .map_err(|e| Error::Connect(e.into()))?;
     let connection = tokio::spawn(connection);
     client
         .batch_execute("CREATE TEMP TABLE messages (mailbox text, uid int, body text)")

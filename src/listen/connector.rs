@@ -1,0 +1,123 @@
+//! Reconnecting: the backoff between attempts, delivering what is buffered meanwhile, and
+//! giving up after the configured number of attempts.
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::outbox::Outbox;
+use super::session::Session;
+use super::settings::Settings;
+use super::{Event, TARGET};
+use crate::config::Config;
+use crate::error::Error;
+use crate::log::Cursor;
+use crate::stats::Counters;
+
+/// Opens the listener's sessions, and counts the attempts.
+#[derive(Debug)]
+pub(super) struct Connector {
+    /// For connecting only: the listener's settings are read from it once, at the start.
+    config: Config,
+    settings: Settings,
+    attempt: u32,
+}
+
+impl Connector {
+    pub(super) fn new(config: Config, settings: Settings) -> Connector {
+        Connector {
+            config,
+            settings,
+            attempt: 0,
+        }
+    }
+
+    /// The first session, with the log position in durable mode; its errors are the
+    /// caller's.
+    pub(super) async fn open_first(&self) -> Result<(Session, Option<Cursor>), Error> {
+        Session::open(&self.config, &self.settings, self.settings.durable).await
+    }
+
+    /// A session that lasted `connected_for` was lost: after a stable one, attempts count
+    /// from zero again.
+    pub(super) fn lost(&mut self, connected_for: std::time::Duration) {
+        if connected_for >= self.settings.backoff.stable_after {
+            self.attempt = 0;
+        }
+    }
+
+    /// Retries with backoff until a session is open, delivering what is buffered meanwhile;
+    /// `None` when stopped, when the caller went away, or after the configured number of
+    /// attempts (then the caller is told, and what is left is delivered first).
+    pub(super) async fn reconnect(
+        &mut self,
+        outbox: &mut Outbox,
+        counters: &Counters,
+        stopped: &mut oneshot::Receiver<()>,
+    ) -> Option<Session> {
+        let mut receiver_gone = outbox.closed();
+        loop {
+            let delay = self.settings.backoff.delay(self.attempt);
+            let wake = Instant::now() + delay;
+            // Wait, delivering what is buffered meanwhile.
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut *stopped => return None,
+                    () = tokio::time::sleep_until(wake) => break,
+                    sent = outbox.deliver(), if outbox.has_ready() => match sent {
+                        Some(n) => outbox.delivered(n),
+                        None => return None,
+                    },
+                    () = &mut receiver_gone, if !outbox.has_ready() => return None,
+                }
+            }
+            let opened = tokio::select! {
+                biased;
+                _ = &mut *stopped => return None,
+                opened = Session::open(&self.config, &self.settings, false) => opened,
+            };
+            let e = match opened {
+                Ok((session, _)) => {
+                    counters.reconnect();
+                    tracing::info!(
+                        target: TARGET,
+                        attempts = self.attempt + 1,
+                        "listener reconnected"
+                    );
+                    return Some(session);
+                }
+                Err(e) => e,
+            };
+            self.attempt = self.attempt.saturating_add(1);
+            let attempt = self.attempt;
+            tracing::warn!(
+                target: TARGET,
+                error = %e,
+                attempt,
+                "listener cannot reconnect yet"
+            );
+            if self
+                .settings
+                .backoff
+                .max_attempts
+                .is_some_and(|max| attempt >= max)
+            {
+                let reason = format!("gave up reconnecting after {attempt} attempts: {e}");
+                tracing::error!(target: TARGET, %reason);
+                outbox.emit(Event::Disconnected { reason });
+                // Deliver what is left, then end (unless stopped first).
+                while outbox.has_ready() {
+                    tokio::select! {
+                        biased;
+                        _ = &mut *stopped => return None,
+                        sent = outbox.deliver() => match sent {
+                            Some(n) => outbox.delivered(n),
+                            None => break,
+                        },
+                    }
+                }
+                return None;
+            }
+        }
+    }
+}

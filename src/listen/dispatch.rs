@@ -1,0 +1,263 @@
+//! Dispatch: what the connection loop does with what arrives (a notification, a heartbeat
+//! sent, a log read, a new connection), by asking the sub-states. No I/O: the loop in
+//! `task` does that.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::durable::{Ask, LogReader};
+use super::heartbeat::{Heartbeat, Sent};
+use super::intake::{Content, Incoming, Intake, LogRow, Moment, RowVerdict, Verdict};
+use super::outbox::Outbox;
+use super::pacer::Pacer;
+use super::session::is_fatal;
+use super::{Event, ResyncReason, TARGET};
+use crate::error::{DecodeError, pg_message};
+use crate::log::Tail;
+use crate::origin::Origin;
+use crate::stats::Counters;
+
+/// What the listener's one query slot produced.
+pub(super) enum QueryOutcome {
+    Tail(Result<Option<Tail>, tokio_postgres::Error>),
+    Fetch(Result<Option<String>, tokio_postgres::Error>),
+    Prune(Result<u64, tokio_postgres::Error>),
+    TimedOut(std::time::Duration),
+}
+
+/// The sub-states the connection loop dispatches to.
+#[derive(Debug)]
+pub(super) struct Dispatch {
+    pub(super) intake: Intake,
+    pub(super) outbox: Outbox,
+    pub(super) reader: LogReader,
+    pub(super) heartbeat: Heartbeat,
+    /// Paces the warnings about rejected payloads, which senders can provoke.
+    pub(super) rejections: Pacer,
+    pub(super) counters: Arc<Counters>,
+}
+
+impl Dispatch {
+    /// A new connection: each sub-state does what a reconnect does to it, and the caller
+    /// hears `Connected`, then a resync if one is owed.
+    pub(super) fn on_reconnect(&mut self) {
+        self.outbox.emit(Event::Connected);
+        let resync_owed = self.reader.on_reconnect();
+        self.intake.on_reconnect();
+        if resync_owed {
+            self.outbox.resync(ResyncReason::Reconnected);
+        }
+        self.heartbeat.clock.on_reconnect(Instant::now());
+    }
+
+    /// What to ask the log next, with room for the tail under half the bound.
+    pub(super) fn next_ask(&mut self) -> Option<Ask> {
+        let room = self.outbox.has_room_for_tail();
+        self.reader.next_ask(room, Instant::now())
+    }
+
+    /// A heartbeat was sent, or could not be.
+    pub(super) fn on_heartbeat_sent(&mut self, sent: Sent) {
+        if self.heartbeat.on_sent(sent) {
+            // In durable mode, also read the log now and then: a safety net should a
+            // wake-up ever be missed.
+            self.reader.read_soon();
+        }
+    }
+
+    /// Handles a finished query; an error means the connection must be dropped.
+    pub(super) fn on_query(&mut self, outcome: QueryOutcome) -> Result<(), String> {
+        match outcome {
+            QueryOutcome::Prune(Ok(_)) => Ok(()),
+            QueryOutcome::TimedOut(limit) => Err(format!(
+                "a query did not answer within {limit:?}: the connection is dead"
+            )),
+            QueryOutcome::Tail(Ok(tail)) => {
+                if let Some(tail) = tail {
+                    self.apply_tail(tail);
+                }
+                Ok(())
+            }
+            QueryOutcome::Fetch(Ok(payload)) => {
+                if let Some((origin, seq)) = self.reader.fetched() {
+                    self.apply_fetch(&origin, seq, payload);
+                }
+                Ok(())
+            }
+            QueryOutcome::Tail(Err(e)) => {
+                // Retried after the next heartbeat.
+                fatal_or(
+                    &e,
+                    "reading the durable log failed (is the schema migrated? run updatepipe \
+                     migrate)",
+                )
+            }
+            QueryOutcome::Prune(Err(e)) => fatal_or(&e, "pruning the durable log failed"),
+            QueryOutcome::Fetch(Err(e)) => {
+                fatal_or(&e, "fetching an oversize envelope from the log failed")?;
+                // Do not hold the order up on an envelope that cannot be read.
+                if let Some((origin, _)) = self.reader.fetched() {
+                    self.outbox.fill_fetch(Vec::new());
+                    self.outbox.resync(ResyncReason::Unreadable {
+                        origin: origin.to_string(),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Delivers the log rows a tail returned, and moves the cursor.
+    fn apply_tail(&mut self, tail: Tail) {
+        if tail.pruned {
+            self.outbox.resync(ResyncReason::LogPruned);
+        }
+        let replaying = self.reader.advance(tail.cursor);
+        for entry in &tail.entries {
+            let row = LogRow {
+                origin: &entry.origin,
+                seq: entry.seq,
+                payload: &entry.payload,
+            };
+            match self.intake.classify_row(row, Moment::now()) {
+                RowVerdict::Own => {}
+                RowVerdict::Updates(updates) => {
+                    if replaying {
+                        self.counters.replayed(updates.len());
+                    }
+                    for update in updates {
+                        self.outbox.push_logged(update);
+                    }
+                }
+                RowVerdict::Refused { error, resync } => {
+                    self.refuse_logged(&error, resync, &entry.origin, entry.payload.len());
+                }
+            }
+        }
+    }
+
+    /// Fills the oldest fetching slot with an oversize envelope read from the log.
+    fn apply_fetch(&mut self, origin: &Origin, seq: u64, payload: Option<String>) {
+        let Some(payload) = payload else {
+            // Pruned, or never committed: the update is gone.
+            tracing::debug!(
+                target: TARGET,
+                %origin,
+                seq,
+                "an oversize envelope is not in the log"
+            );
+            self.outbox.fill_fetch(Vec::new());
+            self.outbox.resync(ResyncReason::Unreadable {
+                origin: origin.to_string(),
+            });
+            return;
+        };
+        let row = LogRow {
+            origin: origin.as_str(),
+            seq: i64::try_from(seq).unwrap_or(i64::MAX),
+            payload: &payload,
+        };
+        match self.intake.classify_row(row, Moment::now()) {
+            RowVerdict::Updates(updates) => self.outbox.fill_fetch(updates),
+            // Never: a reference of this pipe's own is an echo, and never fetched.
+            RowVerdict::Own => self.outbox.fill_fetch(Vec::new()),
+            RowVerdict::Refused { error, resync } => {
+                self.outbox.fill_fetch(Vec::new());
+                self.refuse_logged(&error, resync, origin.as_str(), payload.len());
+            }
+        }
+    }
+
+    /// A log entry was refused: counted, and, when it was a committed update the application
+    /// will not see, a resync.
+    fn refuse_logged(&mut self, e: &DecodeError, resync: bool, origin: &str, bytes: usize) {
+        self.reject(e, 0, bytes);
+        if resync {
+            self.outbox.resync(ResyncReason::Unreadable {
+                origin: origin.to_owned(),
+            });
+        }
+    }
+
+    /// Classifies one notification and does what its verdict says.
+    pub(super) fn on_notification(&mut self, incoming: Incoming<'_>) {
+        let carried = match self.intake.classify(incoming, Moment::now()) {
+            Verdict::OtherChannel => return,
+            Verdict::Rejected(e) => return self.reject_incoming(&e, incoming),
+            Verdict::Heartbeat { own } => {
+                if let Some(seq) = own {
+                    self.heartbeat.clock.heard(seq);
+                }
+                return;
+            }
+            Verdict::Echo => return self.counters.echo(),
+            Verdict::InLog => return self.reader.read_soon(),
+            Verdict::Carries(carried) => carried,
+        };
+        if carried.best_effort_sender {
+            self.reader.heard_best_effort();
+        }
+        if let Some(gap) = carried.gap {
+            self.outbox.resync(gap);
+        }
+        match carried.content {
+            Content::Updates(updates) => {
+                for update in updates {
+                    self.outbox.enqueue(update);
+                }
+            }
+            Content::Refused(e) => self.reject_incoming(&e, incoming),
+            // A bounded number waits for its fetch: past that, the update is let go, with a
+            // resync.
+            Content::Fetch { .. } if !self.reader.can_fetch() || self.outbox.is_full() => {
+                self.outbox.let_go();
+            }
+            Content::Fetch { origin, seq } => {
+                self.reader.queue_fetch(origin, seq);
+                self.outbox.hold_for_fetch();
+            }
+        }
+    }
+
+    fn reject_incoming(&mut self, e: &DecodeError, incoming: Incoming<'_>) {
+        self.reject(e, incoming.sender_pid, incoming.payload.len());
+    }
+
+    /// Counts a rejected payload and logs it: its reason at warn level (at most one such
+    /// line per [`WARN_INTERVAL`](super::pacer::WARN_INTERVAL), saying how many were left
+    /// out), the details, which quote the payload, only at debug level.
+    fn reject(&mut self, e: &DecodeError, sender_pid: i32, bytes: usize) {
+        self.counters.rejected(e);
+        tracing::debug!(
+            target: TARGET,
+            reason = e.reason(),
+            error = %e,
+            sender_pid,
+            bytes,
+            "rejected a payload"
+        );
+        if let Some(suppressed) = self.rejections.due(std::time::Instant::now()) {
+            tracing::warn!(
+                target: TARGET,
+                reason = e.reason(),
+                sender_pid,
+                bytes,
+                suppressed,
+                "rejected a payload (details at debug level)"
+            );
+        }
+    }
+}
+
+/// A fatal error ends the session (`Err`); another is logged, and the session goes on.
+fn fatal_or(e: &tokio_postgres::Error, what: &str) -> Result<(), String> {
+    if is_fatal(e) {
+        return Err(pg_message(e));
+    }
+    tracing::error!(target: TARGET, error = %pg_message(e), "{what}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,262 @@
+//! What arrives, and what the caller then hears, in order: without a server.
+
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::config::Config;
+use crate::envelope::{Marks, Packer};
+use crate::listen::durable::MAX_PENDING_FETCHES;
+use crate::listen::heartbeat::Clock;
+use crate::listen::outbox::Sink;
+use crate::listen::settings::Settings;
+use crate::log::{Cursor, Entry};
+use crate::update::Update;
+
+const CHANNEL: &str = "updatepipe";
+
+fn config() -> Config {
+    Config::from_url("postgres://u@localhost/db").unwrap()
+}
+
+fn dispatch(config: &Config) -> (Dispatch, mpsc::Receiver<Event>) {
+    let settings = Settings::from_config(config);
+    assert_eq!(settings.channel, CHANNEL);
+    let (tx, rx) = mpsc::channel(1024);
+    let manager = deadpool_postgres::Manager::new(config.pg().clone(), tokio_postgres::NoTls);
+    let pool = deadpool_postgres::Pool::builder(manager).build().unwrap();
+    let now = Instant::now();
+    let counters = Arc::new(Counters::default());
+    let me = Origin::parse("me").unwrap();
+    let dispatch = Dispatch {
+        intake: Intake::new(&settings, me.clone()),
+        outbox: Outbox::new(Sink::Events(tx), settings.max_buffered, counters.clone()),
+        reader: LogReader::new(
+            settings.durable,
+            settings.retention,
+            settings.durable.then(Cursor::default),
+            false,
+            now,
+        ),
+        heartbeat: Heartbeat::new(
+            Clock::new(settings.health_interval, now),
+            Packer::new(&me, 1, None),
+            settings.channel.clone(),
+            pool,
+        ),
+        rejections: Pacer::default(),
+        counters,
+    };
+    (dispatch, rx)
+}
+
+/// What the caller hears now.
+fn heard(dispatch: &mut Dispatch, rx: &mut mpsc::Receiver<Event>) -> Vec<Event> {
+    if let Some(sent) = dispatch.outbox.try_deliver() {
+        dispatch.outbox.delivered(sent);
+        dispatch.outbox.try_deliver();
+    }
+    std::iter::from_fn(|| rx.try_recv().ok()).collect()
+}
+
+fn update(key: u64) -> Event {
+    Event::Update(Update::mailbox_destroyed(key))
+}
+
+fn envelope(sender: &str, seq: u64, marks: Marks) -> String {
+    let json = Update::mailbox_destroyed(seq).to_json();
+    let packer = Packer::new(&Origin::parse(sender).unwrap(), 7, None);
+    packer.pack([json.as_str()], marks, || seq).remove(0).1
+}
+
+const DURABLE: Marks = Marks {
+    transactional: false,
+    durable: true,
+};
+
+fn on(payload: &str) -> Incoming<'_> {
+    Incoming {
+        channel: CHANNEL,
+        payload,
+        sender_pid: 1,
+    }
+}
+
+#[test]
+fn a_reconnect_in_best_effort_says_connected_then_resync() {
+    let (mut d, mut rx) = dispatch(&config());
+    d.on_notification(on(&envelope("other", 1, Marks::default())));
+    d.on_reconnect();
+    let resync = Event::Resync(ResyncReason::Reconnected);
+    assert_eq!(
+        heard(&mut d, &mut rx),
+        [update(1), Event::Connected, resync]
+    );
+    // The numbers were forgotten: no gap across the reconnect.
+    d.on_notification(on(&envelope("other", 5, Marks::default())));
+    assert_eq!(heard(&mut d, &mut rx), [update(5)]);
+}
+
+#[test]
+fn a_durable_reconnect_reads_the_log_and_owes_a_resync_for_best_effort_senders() {
+    let (mut d, mut rx) = dispatch(&config().with_durable(true));
+    assert!(matches!(d.next_ask(), Some(Ask::Tail(_))));
+    d.on_reconnect();
+    assert_eq!(heard(&mut d, &mut rx), [Event::Connected]);
+    assert!(matches!(d.next_ask(), Some(Ask::Tail(_))));
+    // A durable envelope is read from the log, not from the notification.
+    d.on_notification(on(&envelope("other", 1, DURABLE)));
+    assert_eq!(heard(&mut d, &mut rx), []);
+    assert!(matches!(d.next_ask(), Some(Ask::Tail(_))));
+    d.on_notification(on(&envelope("pool", 1, Marks::default())));
+    d.on_reconnect();
+    let resync = Event::Resync(ResyncReason::Reconnected);
+    assert_eq!(
+        heard(&mut d, &mut rx),
+        [update(1), Event::Connected, resync]
+    );
+}
+
+fn entry(origin: &str, seq: i64, payload: String) -> Entry {
+    Entry {
+        origin: origin.into(),
+        seq,
+        payload,
+    }
+}
+
+#[test]
+fn a_tail_delivers_others_rows_in_order_and_counts_a_catch_up() {
+    let (mut d, mut rx) = dispatch(&config().with_durable(true));
+    d.on_reconnect();
+    let Some(Ask::Tail(cursor)) = d.next_ask() else {
+        panic!("a tail first");
+    };
+    let tail = Tail {
+        cursor,
+        pruned: true,
+        entries: vec![
+            entry("me", 1, envelope("me", 1, DURABLE)),
+            entry("other", 2, envelope("other", 2, DURABLE)),
+            entry("other", 3, "{".into()),
+            entry("other", 4, envelope("other", 4, DURABLE)),
+        ],
+    };
+    d.on_query(QueryOutcome::Tail(Ok(Some(tail)))).unwrap();
+    let unreadable = ResyncReason::Unreadable {
+        origin: "other".into(),
+    };
+    assert_eq!(
+        heard(&mut d, &mut rx),
+        [
+            Event::Connected,
+            Event::Resync(ResyncReason::LogPruned),
+            update(2),
+            Event::Resync(unreadable),
+            update(4),
+        ]
+    );
+    let stats = d.counters.snapshot();
+    assert_eq!((stats.replayed, stats.rejected_total()), (2, 1));
+    // The next tail is no catch-up.
+    d.on_notification(on(&envelope("other", 5, DURABLE)));
+    let Some(Ask::Tail(cursor)) = d.next_ask() else {
+        panic!("a tail");
+    };
+    let tail = Tail {
+        cursor,
+        pruned: false,
+        entries: vec![entry("other", 5, envelope("other", 5, DURABLE))],
+    };
+    d.on_query(QueryOutcome::Tail(Ok(Some(tail)))).unwrap();
+    assert_eq!(heard(&mut d, &mut rx), [update(5)]);
+    assert_eq!(d.counters.snapshot().replayed, 2);
+}
+
+#[test]
+fn an_oversize_envelope_waits_in_its_place_for_its_fetch() {
+    let (mut d, mut rx) = dispatch(&config());
+    let other = Origin::parse("other").unwrap();
+    let packer = Packer::new(&other, 7, None);
+    d.on_notification(on(&packer.reference(1, DURABLE)));
+    d.on_notification(on(&envelope("other", 2, Marks::default())));
+    d.on_notification(on(&packer.reference(3, DURABLE)));
+    assert_eq!(heard(&mut d, &mut rx), []);
+    assert!(matches!(d.next_ask(), Some(Ask::Fetch(o, 1)) if o == other));
+    let fetched = envelope("other", 1, DURABLE);
+    d.on_query(QueryOutcome::Fetch(Ok(Some(fetched)))).unwrap();
+    assert_eq!(heard(&mut d, &mut rx), [update(1), update(2)]);
+    // Gone from the log: its place goes, and the caller is told.
+    assert!(matches!(d.next_ask(), Some(Ask::Fetch(_, 3))));
+    d.on_query(QueryOutcome::Fetch(Ok(None))).unwrap();
+    let unreadable = ResyncReason::Unreadable {
+        origin: "other".into(),
+    };
+    assert_eq!(heard(&mut d, &mut rx), [Event::Resync(unreadable)]);
+    assert!(d.next_ask().is_none());
+}
+
+#[test]
+fn past_the_pending_fetches_a_reference_is_let_go() {
+    let (mut d, mut rx) = dispatch(&config());
+    let packer = Packer::new(&Origin::parse("other").unwrap(), 7, None);
+    for seq in 1..=MAX_PENDING_FETCHES as u64 + 1 {
+        d.on_notification(on(&packer.reference(seq, DURABLE)));
+    }
+    assert_eq!(d.counters.snapshot().dropped_slow_consumer, 1);
+    for _ in 0..MAX_PENDING_FETCHES {
+        d.on_query(QueryOutcome::Fetch(Ok(None))).unwrap();
+    }
+    let events = heard(&mut d, &mut rx);
+    // One resync stands for the fetches that found nothing; then the one let go is told.
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(
+        events[1],
+        Event::Resync(ResyncReason::SlowConsumer { dropped: 1 })
+    );
+}
+
+#[test]
+fn only_this_listeners_heartbeat_of_that_number_comes_back() {
+    let (mut d, mut rx) = dispatch(&config());
+    let later = Instant::now() + crate::DEFAULT_HEALTH_INTERVAL;
+    assert_eq!(d.heartbeat.clock.due(later), Some(1));
+    let dead = later + crate::DEFAULT_HEALTH_INTERVAL;
+    let others = Packer::new(&Origin::parse("other").unwrap(), 7, None).heartbeat(1);
+    d.on_notification(on(&others));
+    d.on_notification(on(
+        &Packer::new(&Origin::parse("me").unwrap(), 1, None).heartbeat(2)
+    ));
+    assert!(d.heartbeat.clock.late(dead).is_some());
+    d.on_notification(on(
+        &Packer::new(&Origin::parse("me").unwrap(), 1, None).heartbeat(1)
+    ));
+    assert!(d.heartbeat.clock.late(dead).is_none());
+    // Neither is an update, nor an echo.
+    assert_eq!(heard(&mut d, &mut rx), []);
+    assert_eq!(d.counters.snapshot().echoes_dropped, 0);
+}
+
+#[test]
+fn rejected_and_echoed_payloads_are_counted_not_delivered() {
+    let (mut d, mut rx) = dispatch(&config());
+    d.on_notification(on("garbage"));
+    d.on_notification(on(&envelope("me", 1, Marks::default())));
+    d.on_notification(on(
+        &Packer::new(&Origin::parse("x").unwrap(), 7, None).reference(1, Marks::default())
+    ));
+    assert_eq!(heard(&mut d, &mut rx), []);
+    let stats = d.counters.snapshot();
+    assert_eq!((stats.rejected_total(), stats.echoes_dropped), (2, 1));
+}
+
+#[test]
+fn a_query_that_does_not_answer_ends_the_session() {
+    let (mut d, _rx) = dispatch(&config().with_durable(true));
+    let reason = d
+        .on_query(QueryOutcome::TimedOut(std::time::Duration::from_secs(60)))
+        .unwrap_err();
+    assert_eq!(
+        reason,
+        "a query did not answer within 60s: the connection is dead"
+    );
+}

@@ -1,0 +1,401 @@
+//! Every verdict of the intake, without a server.
+
+use std::time::Duration;
+
+use super::*;
+use crate::config::Config;
+use crate::envelope::{Marks, Packer};
+use crate::error::ReplayKind;
+use crate::sign::Secret;
+
+const CHANNEL: &str = "mail";
+
+fn config() -> Config {
+    Config::from_url("postgres://u@localhost/db")
+        .unwrap()
+        .with_channel(crate::channel::ChannelName::new(CHANNEL).unwrap())
+}
+
+fn signed(config: Config) -> Config {
+    config.with_secrets(vec![Secret::new("a shared secret, long enough").unwrap()])
+}
+
+fn intake(config: &Config) -> Intake {
+    Intake::new(&Settings::from_config(config), origin("me"))
+}
+
+fn origin(name: &str) -> Origin {
+    Origin::parse(name).unwrap()
+}
+
+fn update(key: u64) -> Update {
+    Update::mailbox_destroyed(key)
+}
+
+/// A packer for `sender`, signing as `config` says.
+fn packer(config: &Config, sender: &str) -> Packer {
+    Packer::new(&origin(sender), 7, config.signer())
+}
+
+/// One envelope of `sender` numbered `seq`, with these marks.
+fn envelope(config: &Config, sender: &str, seq: u64, marks: Marks, updates: &[Update]) -> String {
+    let encoded: Vec<String> = updates.iter().map(Update::to_json).collect();
+    let mut packed = packer(config, sender).pack(encoded.iter().map(String::as_str), marks, || seq);
+    assert_eq!(packed.len(), 1);
+    packed.remove(0).1
+}
+
+fn plain(config: &Config, sender: &str, seq: u64) -> String {
+    envelope(config, sender, seq, Marks::default(), &[update(seq)])
+}
+
+const DURABLE: Marks = Marks {
+    transactional: false,
+    durable: true,
+};
+
+fn on(payload: &str) -> Incoming<'_> {
+    Incoming {
+        channel: CHANNEL,
+        payload,
+        sender_pid: 42,
+    }
+}
+
+fn updates(keys: &[u64]) -> Verdict {
+    Verdict::Carries(Carried {
+        best_effort_sender: false,
+        gap: None,
+        content: Content::Updates(keys.iter().map(|&k| update(k)).collect()),
+    })
+}
+
+#[test]
+fn another_channel_is_ignored() {
+    let config = config();
+    let payload = plain(&config, "other", 1);
+    let incoming = Incoming {
+        channel: "elsewhere",
+        ..on(&payload)
+    };
+    assert_eq!(
+        intake(&config).classify(incoming, Moment::now()),
+        Verdict::OtherChannel
+    );
+}
+
+#[test]
+fn another_senders_updates_are_delivered() {
+    let config = config();
+    let mut intake = intake(&config);
+    assert_eq!(
+        intake.classify(on(&plain(&config, "other", 1)), Moment::now()),
+        updates(&[1])
+    );
+    // maddy's legacy form too.
+    let legacy = Envelope::encode_legacy("12-0xc000", &update(9));
+    assert_eq!(intake.classify(on(&legacy), Moment::now()), updates(&[9]));
+}
+
+#[test]
+fn garbage_and_what_exceeds_the_limits_are_rejected() {
+    let config = config();
+    let mut intake = intake(&config);
+    assert_eq!(
+        intake.classify(on("not an envelope"), Moment::now()),
+        Verdict::Rejected(DecodeError::Unrecognized)
+    );
+    let limited = config
+        .clone()
+        .with_limits(Limits::default().with_max_updates(1));
+    let two = envelope(
+        &limited,
+        "other",
+        1,
+        Marks::default(),
+        &[update(1), update(2)],
+    );
+    let verdict = Intake::new(&Settings::from_config(&limited), origin("me"))
+        .classify(on(&two), Moment::now());
+    assert!(
+        matches!(verdict, Verdict::Rejected(DecodeError::OverLimit { .. })),
+        "{verdict:?}"
+    );
+}
+
+#[test]
+fn own_pushes_are_echoes_and_not_noted() {
+    let config = config();
+    let mut intake = intake(&config);
+    assert_eq!(
+        intake.classify(on(&plain(&config, "me", 1)), Moment::now()),
+        Verdict::Echo
+    );
+    assert_eq!(
+        intake.classify(on(&plain(&config, "me", 5)), Moment::now()),
+        Verdict::Echo
+    );
+    assert_eq!(intake.gaps.len(), 0);
+}
+
+#[test]
+fn heartbeats_own_with_their_number_and_others() {
+    let config = config();
+    let mut intake = intake(&config);
+    let own = packer(&config, "me").heartbeat(3);
+    assert_eq!(
+        intake.classify(on(&own), Moment::now()),
+        Verdict::Heartbeat { own: Some(3) }
+    );
+    let others = packer(&config, "other").heartbeat(3);
+    assert_eq!(
+        intake.classify(on(&others), Moment::now()),
+        Verdict::Heartbeat { own: None }
+    );
+}
+
+#[test]
+fn a_skipped_number_is_a_gap_but_not_in_a_transaction() {
+    let config = config();
+    let mut intake = intake(&config);
+    intake.classify(on(&plain(&config, "other", 1)), Moment::now());
+    let verdict = intake.classify(on(&plain(&config, "other", 4)), Moment::now());
+    let gap = ResyncReason::SequenceGap {
+        origin: "other".into(),
+        expected: 2,
+        got: 4,
+    };
+    assert_eq!(
+        verdict,
+        Verdict::Carries(Carried {
+            best_effort_sender: false,
+            gap: Some(gap),
+            content: Content::Updates(vec![update(4)]),
+        })
+    );
+    let in_transaction = Marks {
+        transactional: true,
+        durable: false,
+    };
+    let payload = envelope(&config, "other", 9, in_transaction, &[update(9)]);
+    assert_eq!(intake.classify(on(&payload), Moment::now()), updates(&[9]));
+    assert_eq!(
+        intake.classify(on(&plain(&config, "other", 5)), Moment::now()),
+        updates(&[5])
+    );
+}
+
+#[test]
+fn a_reconnect_forgets_numbers_in_best_effort() {
+    let config = config();
+    let mut intake = intake(&config);
+    intake.classify(on(&plain(&config, "other", 1)), Moment::now());
+    intake.on_reconnect();
+    assert_eq!(
+        intake.classify(on(&plain(&config, "other", 9)), Moment::now()),
+        updates(&[9])
+    );
+}
+
+#[test]
+fn durable_mode_reads_durable_envelopes_from_the_log() {
+    let config = config().with_durable(true);
+    let mut intake = intake(&config);
+    let durable = envelope(&config, "other", 1, DURABLE, &[update(1)]);
+    assert_eq!(intake.classify(on(&durable), Moment::now()), Verdict::InLog);
+    let reference = packer(&config, "other").reference(2, DURABLE);
+    assert_eq!(
+        intake.classify(on(&reference), Moment::now()),
+        Verdict::InLog
+    );
+    // A best-effort sender is heard: a disconnect loses its updates.
+    let verdict = intake.classify(on(&plain(&config, "pool", 1)), Moment::now());
+    assert_eq!(
+        verdict,
+        Verdict::Carries(Carried {
+            best_effort_sender: true,
+            gap: None,
+            content: Content::Updates(vec![update(1)]),
+        })
+    );
+    // Numbers go on across a reconnect: the log has what was missed.
+    intake.on_reconnect();
+    let verdict = intake.classify(on(&plain(&config, "pool", 3)), Moment::now());
+    assert!(
+        matches!(&verdict, Verdict::Carries(Carried { gap: Some(_), .. })),
+        "{verdict:?}"
+    );
+}
+
+#[test]
+fn references_are_fetched_and_forged_without_the_durable_mark() {
+    let config = config();
+    let mut intake = intake(&config);
+    let reference = packer(&config, "other").reference(1, DURABLE);
+    assert_eq!(
+        intake.classify(on(&reference), Moment::now()),
+        Verdict::Carries(Carried {
+            best_effort_sender: false,
+            gap: None,
+            content: Content::Fetch {
+                origin: origin("other"),
+                seq: 1,
+            },
+        })
+    );
+    let forged = packer(&config, "other").reference(3, Marks::default());
+    let Verdict::Carries(carried) = intake.classify(on(&forged), Moment::now()) else {
+        panic!("a reference carries");
+    };
+    // Its number is noted all the same.
+    assert!(carried.gap.is_some());
+    assert!(matches!(
+        carried.content,
+        Content::Refused(DecodeError::Malformed(_))
+    ));
+}
+
+#[test]
+fn with_signing_unsigned_forged_and_replayed_are_rejected() {
+    let config = signed(config());
+    let mut intake = intake(&config);
+    let good = plain(&config, "other", 1);
+    assert_eq!(intake.classify(on(&good), Moment::now()), updates(&[1]));
+    assert_eq!(
+        intake.classify(on(&good), Moment::now()),
+        Verdict::Rejected(DecodeError::Replayed(ReplayKind::Number))
+    );
+    let unsigned = plain(&self::config(), "other", 2);
+    assert_eq!(
+        intake.classify(on(&unsigned), Moment::now()),
+        Verdict::Rejected(DecodeError::Unsigned)
+    );
+    let other_key = config
+        .clone()
+        .with_secrets(vec![Secret::new("another secret, long").unwrap()]);
+    let forged = plain(&other_key, "other", 3);
+    assert_eq!(
+        intake.classify(on(&forged), Moment::now()),
+        Verdict::Rejected(DecodeError::Forged)
+    );
+    let later = Moment {
+        wall: SystemTime::now() + config.replay_window() + Duration::from_secs(1),
+        mono: Instant::now(),
+    };
+    assert_eq!(
+        intake.classify(on(&plain(&config, "other", 4)), later),
+        Verdict::Rejected(DecodeError::Replayed(ReplayKind::Stale))
+    );
+    let too_large = "x".repeat(MAX_PAYLOAD_LEN + 1);
+    assert_eq!(
+        intake.classify(on(&too_large), Moment::now()),
+        Verdict::Rejected(DecodeError::TooLarge(MAX_PAYLOAD_LEN + 1))
+    );
+}
+
+#[test]
+fn with_signing_unsigned_may_be_accepted() {
+    let config = signed(config()).with_accept_unsigned(true);
+    let mut intake = intake(&config);
+    let unsigned = plain(&self::config(), "other", 1);
+    assert_eq!(intake.classify(on(&unsigned), Moment::now()), updates(&[1]));
+    // Unsigned, it is not checked for replays.
+    assert_eq!(intake.classify(on(&unsigned), Moment::now()), updates(&[1]));
+}
+
+fn row<'a>(origin: &'a str, seq: i64, payload: &'a str) -> LogRow<'a> {
+    LogRow {
+        origin,
+        seq,
+        payload,
+    }
+}
+
+#[test]
+fn log_rows_their_senders_durable_envelopes() {
+    let config = config().with_durable(true);
+    let mut intake = intake(&config);
+    let payload = envelope(&config, "other", 5, DURABLE, &[update(5)]);
+    assert_eq!(
+        intake.classify_row(row("other", 5, &payload), Moment::now()),
+        RowVerdict::Updates(vec![update(5)])
+    );
+    assert_eq!(
+        intake.classify_row(row("me", 5, &payload), Moment::now()),
+        RowVerdict::Own
+    );
+    // Another sender or number than the envelope's, or not a durable envelope.
+    for (sender, seq, payload) in [
+        ("else", 5, payload.clone()),
+        ("other", 6, payload.clone()),
+        ("other", 5, plain(&config, "other", 5)),
+        ("other", 5, packer(&config, "other").reference(5, DURABLE)),
+    ] {
+        let verdict = intake.classify_row(row(sender, seq, &payload), Moment::now());
+        assert!(
+            matches!(
+                verdict,
+                RowVerdict::Refused {
+                    error: DecodeError::Malformed(_),
+                    resync: true
+                }
+            ),
+            "{verdict:?}"
+        );
+    }
+    let garbage = intake.classify_row(row("other", 1, "{"), Moment::now());
+    assert!(
+        matches!(garbage, RowVerdict::Refused { resync: true, .. }),
+        "{garbage:?}"
+    );
+}
+
+#[test]
+fn signed_log_rows_forged_unsigned_or_too_large_owe_no_resync() {
+    let config = signed(config().with_durable(true));
+    let mut intake = intake(&config);
+    let payload = envelope(&config, "other", 5, DURABLE, &[update(5)]);
+    assert_eq!(
+        intake.classify_row(row("other", 5, &payload), Moment::now()),
+        RowVerdict::Updates(vec![update(5)])
+    );
+    // Read again (a log row is exactly once by the cursor, not by the replay guard).
+    assert_eq!(
+        intake.classify_row(row("other", 5, &payload), Moment::now()),
+        RowVerdict::Updates(vec![update(5)])
+    );
+    let unsigned = envelope(&self::config(), "other", 6, DURABLE, &[update(6)]);
+    let too_large = "x".repeat(MAX_LOGGED_ENVELOPE_LEN + 1);
+    for (seq, payload, error) in [
+        (6, payload.as_str(), DecodeError::Forged),
+        (6, unsigned.as_str(), DecodeError::Unsigned),
+        (
+            7,
+            too_large.as_str(),
+            DecodeError::TooLarge(too_large.len()),
+        ),
+    ] {
+        assert_eq!(
+            intake.classify_row(row("other", seq, payload), Moment::now()),
+            RowVerdict::Refused {
+                error,
+                resync: false
+            }
+        );
+    }
+    // Older than the retention and the window allow: a committed update lost.
+    let late = Moment {
+        wall: SystemTime::now()
+            + config.retention()
+            + config.replay_window()
+            + Duration::from_secs(1),
+        mono: Instant::now(),
+    };
+    assert_eq!(
+        intake.classify_row(row("other", 5, &payload), late),
+        RowVerdict::Refused {
+            error: DecodeError::Replayed(ReplayKind::Stale),
+            resync: true
+        }
+    );
+}

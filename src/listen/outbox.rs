@@ -1,0 +1,378 @@
+//! The bounded hand-off to the caller: what is waiting to be delivered, in order, and the
+//! policy when the caller does not read (best effort: let updates go, then one
+//! [`ResyncReason::SlowConsumer`] once it has caught up; durable updates are never let go,
+//! the log holds them and a tail is read only when there is room).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use super::pacer::Pacer;
+use super::{Event, ResyncReason, TARGET};
+use crate::stats::Counters;
+use crate::update::Update;
+
+/// Where deliveries go.
+#[derive(Debug)]
+pub(crate) enum Sink {
+    /// Updates only (maddy's interface); events are logged and counted.
+    Updates(mpsc::Sender<Update>),
+    /// Updates and events, in one ordered stream.
+    Events(mpsc::Sender<Event>),
+}
+
+impl Sink {
+    fn wants_events(&self) -> bool {
+        matches!(self, Sink::Events(_))
+    }
+
+    /// Completes once the receiver is gone. It holds a sender of its own, so one can serve
+    /// a whole session (registered once, not made anew at every turn of the loop).
+    fn closed(&self) -> BoxFuture<'static, ()> {
+        match self {
+            Sink::Updates(tx) => {
+                let tx = tx.clone();
+                async move { tx.closed().await }.boxed()
+            }
+            Sink::Events(tx) => {
+                let tx = tx.clone();
+                async move { tx.closed().await }.boxed()
+            }
+        }
+    }
+
+    /// Sends as many ready items from the front of `buffer` as fit now, without waiting.
+    /// Returns how many updates went out, or `None` when the receiver is gone.
+    fn try_deliver(&self, buffer: &mut VecDeque<Slot>) -> Option<usize> {
+        let mut sent = 0;
+        while let Some(Slot::Ready(_)) = buffer.front() {
+            let room = match self {
+                Sink::Updates(tx) => tx.try_reserve().map(Permit::Updates),
+                Sink::Events(tx) => tx.try_reserve().map(Permit::Events),
+            };
+            let permit = match room {
+                Ok(permit) => permit,
+                Err(mpsc::error::TrySendError::Full(())) => break,
+                Err(mpsc::error::TrySendError::Closed(())) => return None,
+            };
+            if let Some(Slot::Ready(event)) = buffer.pop_front() {
+                sent += usize::from(matches!(event, Event::Update(_)));
+                permit.send(event);
+            }
+        }
+        Some(sent)
+    }
+
+    /// Waits for room, then sends as many ready items from the front of `buffer` as fit.
+    /// Returns how many updates went out, or `None` when the receiver is gone.
+    async fn deliver(&self, buffer: &mut VecDeque<Slot>) -> Option<usize> {
+        let permit = match self {
+            Sink::Updates(tx) => Permit::Updates(tx.reserve().await.ok()?),
+            Sink::Events(tx) => Permit::Events(tx.reserve().await.ok()?),
+        };
+        let mut sent = 0;
+        if let Some(Slot::Ready(_)) = buffer.front()
+            && let Some(Slot::Ready(event)) = buffer.pop_front()
+        {
+            sent += usize::from(matches!(event, Event::Update(_)));
+            permit.send(event);
+        }
+        Some(sent + self.try_deliver(buffer)?)
+    }
+}
+
+/// Room reserved in either kind of sink.
+enum Permit<'a> {
+    Updates(mpsc::Permit<'a, Update>),
+    Events(mpsc::Permit<'a, Event>),
+}
+
+impl Permit<'_> {
+    fn send(self, event: Event) {
+        match (self, event) {
+            (Permit::Updates(p), Event::Update(u)) => p.send(u),
+            (Permit::Events(p), event) => p.send(event),
+            // An updates-only sink is never given events (see `Outbox::emit`).
+            (Permit::Updates(_), _) => {}
+        }
+    }
+}
+
+/// One place in the delivery order: ready, or waiting for an envelope fetched from the log.
+#[derive(Debug)]
+enum Slot {
+    Ready(Event),
+    Fetching,
+}
+
+/// What waits to be delivered, and how it goes out.
+#[derive(Debug)]
+pub(super) struct Outbox {
+    sink: Sink,
+    buffer: VecDeque<Slot>,
+    /// The updates in `buffer` (events are not counted: they are few, and never let go).
+    buffered_updates: usize,
+    max_buffered: usize,
+    /// Updates let go since the buffer last overflowed (best effort).
+    dropped: u64,
+    /// Paces the warnings about resyncs, which senders can provoke.
+    resyncs: Pacer,
+    counters: Arc<Counters>,
+}
+
+impl Outbox {
+    pub(super) fn new(sink: Sink, max_buffered: usize, counters: Arc<Counters>) -> Outbox {
+        Outbox {
+            sink,
+            buffer: VecDeque::new(),
+            buffered_updates: 0,
+            max_buffered,
+            dropped: 0,
+            resyncs: Pacer::default(),
+            counters,
+        }
+    }
+
+    /// How many places wait (for tracing).
+    pub(super) fn len(&self) -> usize {
+        self.buffer.len()
+    }
+
+    /// Whether the front of the order can go out.
+    pub(super) fn has_ready(&self) -> bool {
+        matches!(self.buffer.front(), Some(Slot::Ready(_)))
+    }
+
+    /// Whether the bound is reached: a best-effort update would be let go.
+    pub(super) fn is_full(&self) -> bool {
+        self.buffered_updates >= self.max_buffered
+    }
+
+    /// Whether there is room to read the log's tail (under half the bound), whose updates
+    /// are never let go.
+    pub(super) fn has_room_for_tail(&self) -> bool {
+        self.buffered_updates < self.max_buffered / 2
+    }
+
+    /// Queues a best-effort update, or lets it go when the caller is too far behind (a
+    /// resync follows once the caller has caught up).
+    pub(super) fn enqueue(&mut self, update: Update) {
+        if self.is_full() {
+            if self.dropped == 0 {
+                tracing::warn!(
+                    target: TARGET,
+                    bound = self.max_buffered,
+                    "the application is not reading; letting updates go until it catches up"
+                );
+            }
+            self.let_go();
+            return;
+        }
+        self.push_ready(update);
+    }
+
+    /// Queues an update read from the log, whatever the bound: the log holds it for us, and
+    /// a tail runs only when there is room.
+    pub(super) fn push_logged(&mut self, update: Update) {
+        self.push_ready(update);
+    }
+
+    fn push_ready(&mut self, update: Update) {
+        self.buffered_updates += 1;
+        self.buffer.push_back(Slot::Ready(Event::Update(update)));
+    }
+
+    /// Lets one update go (a resync follows once the caller has caught up).
+    pub(super) fn let_go(&mut self) {
+        self.dropped += 1;
+        self.counters.dropped(1);
+    }
+
+    /// Keeps a place in the order for an envelope to be fetched from the log.
+    pub(super) fn hold_for_fetch(&mut self) {
+        self.buffer.push_back(Slot::Fetching);
+    }
+
+    /// Replaces the first place held for a fetch with these updates, keeping their place.
+    pub(super) fn fill_fetch(&mut self, updates: Vec<Update>) {
+        let Some(at) = self.buffer.iter().position(|s| matches!(s, Slot::Fetching)) else {
+            return;
+        };
+        self.buffer.remove(at);
+        for (i, update) in updates.into_iter().enumerate() {
+            self.buffered_updates += 1;
+            self.buffer
+                .insert(at + i, Slot::Ready(Event::Update(update)));
+        }
+    }
+
+    /// Tells the caller that updates may have been missed. One resync not yet delivered
+    /// says it all: a flood of them (forged numbers, say) must not fill memory.
+    pub(super) fn resync(&mut self, reason: ResyncReason) {
+        tracing::debug!(target: TARGET, ?reason, "updates may have been missed: resync");
+        if let Some(suppressed) = self.resyncs.due(std::time::Instant::now()) {
+            tracing::warn!(
+                target: TARGET,
+                ?reason,
+                suppressed,
+                "updates may have been missed: resync"
+            );
+        }
+        self.counters.resync();
+        if let Some(Slot::Ready(Event::Resync(_))) = self.buffer.back() {
+            return;
+        }
+        self.emit(Event::Resync(reason));
+    }
+
+    /// Queues an event for a caller that asked for events (always, whatever the bound:
+    /// events are few and must not be lost).
+    pub(super) fn emit(&mut self, event: Event) {
+        if self.sink.wants_events() {
+            self.buffer.push_back(Slot::Ready(event));
+        }
+    }
+
+    /// Completes once the caller's receiver is gone.
+    pub(super) fn closed(&self) -> BoxFuture<'static, ()> {
+        self.sink.closed()
+    }
+
+    /// Sends what is ready and fits now; `None` when the receiver is gone.
+    pub(super) fn try_deliver(&mut self) -> Option<usize> {
+        self.sink.try_deliver(&mut self.buffer)
+    }
+
+    /// Waits for room, then sends what is ready and fits; `None` when the receiver is gone.
+    pub(super) async fn deliver(&mut self) -> Option<usize> {
+        self.sink.deliver(&mut self.buffer).await
+    }
+
+    /// `n` updates went out. Once everything is delivered after updates were let go, the
+    /// caller hears how many.
+    pub(super) fn delivered(&mut self, n: usize) {
+        self.buffered_updates -= n;
+        self.counters.delivered(n);
+        if self.buffer.is_empty() && self.dropped > 0 {
+            let dropped = std::mem::take(&mut self.dropped);
+            self.resync(ResyncReason::SlowConsumer { dropped });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(key: u64) -> Update {
+        Update::mailbox_destroyed(key)
+    }
+
+    fn events(room: usize, max_buffered: usize) -> (Outbox, mpsc::Receiver<Event>) {
+        let (tx, rx) = mpsc::channel(room);
+        let outbox = Outbox::new(Sink::Events(tx), max_buffered, Arc::default());
+        (outbox, rx)
+    }
+
+    fn drain(rx: &mut mpsc::Receiver<Event>) -> Vec<Event> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    #[test]
+    fn a_slow_consumer_loses_updates_then_hears_how_many() {
+        let (mut outbox, mut rx) = events(1, 2);
+        for key in 1..=5 {
+            outbox.enqueue(update(key));
+        }
+        assert!(outbox.is_full());
+        assert_eq!(outbox.try_deliver(), Some(1));
+        outbox.delivered(1);
+        assert_eq!(drain(&mut rx), [Event::Update(update(1))]);
+        assert_eq!(outbox.try_deliver(), Some(1));
+        // The buffer is empty: the caller has caught up, and hears what it lost.
+        outbox.delivered(1);
+        assert_eq!(drain(&mut rx), [Event::Update(update(2))]);
+        assert_eq!(outbox.try_deliver(), Some(0));
+        let resync = Event::Resync(ResyncReason::SlowConsumer { dropped: 3 });
+        assert_eq!(drain(&mut rx), [resync]);
+        assert_eq!(outbox.counters.snapshot().dropped_slow_consumer, 3);
+    }
+
+    #[test]
+    fn logged_updates_are_never_let_go() {
+        let (mut outbox, _rx) = events(1, 2);
+        for key in 1..=4 {
+            outbox.push_logged(update(key));
+        }
+        assert_eq!(outbox.buffered_updates, 4);
+        assert!(!outbox.has_room_for_tail());
+        assert_eq!(outbox.dropped, 0);
+    }
+
+    #[test]
+    fn room_for_a_tail_is_under_half_the_bound() {
+        let (mut outbox, _rx) = events(1, 4);
+        assert!(outbox.has_room_for_tail());
+        outbox.enqueue(update(1));
+        assert!(outbox.has_room_for_tail());
+        outbox.enqueue(update(2));
+        assert!(!outbox.has_room_for_tail());
+        assert!(!outbox.is_full());
+    }
+
+    #[test]
+    fn one_undelivered_resync_stands_for_many() {
+        let (mut outbox, mut rx) = events(8, 8);
+        outbox.resync(ResyncReason::LogPruned);
+        outbox.resync(ResyncReason::Reconnected);
+        outbox.enqueue(update(1));
+        outbox.resync(ResyncReason::Reconnected);
+        assert_eq!(outbox.try_deliver(), Some(1));
+        assert_eq!(
+            drain(&mut rx),
+            [
+                Event::Resync(ResyncReason::LogPruned),
+                Event::Update(update(1)),
+                Event::Resync(ResyncReason::Reconnected),
+            ]
+        );
+        // Each is counted all the same.
+        assert_eq!(outbox.counters.snapshot().resyncs, 3);
+    }
+
+    #[test]
+    fn a_fetch_keeps_its_place_and_holds_the_order_up() {
+        let (mut outbox, mut rx) = events(8, 8);
+        outbox.enqueue(update(1));
+        outbox.hold_for_fetch();
+        outbox.enqueue(update(4));
+        outbox.hold_for_fetch();
+        assert_eq!(outbox.try_deliver(), Some(1));
+        assert!(!outbox.has_ready());
+        outbox.fill_fetch(vec![update(2), update(3)]);
+        assert_eq!(outbox.try_deliver(), Some(3));
+        // The second fetch found nothing: its place goes.
+        outbox.fill_fetch(Vec::new());
+        assert_eq!(outbox.len(), 0);
+        let keys: Vec<Event> = (1..=4).map(|k| Event::Update(update(k))).collect();
+        assert_eq!(drain(&mut rx), keys);
+    }
+
+    #[test]
+    fn an_updates_sink_gets_no_events_and_a_gone_receiver_is_seen() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut outbox = Outbox::new(Sink::Updates(tx), 8, Arc::default());
+        outbox.emit(Event::Connected);
+        outbox.resync(ResyncReason::Reconnected);
+        assert!(!outbox.has_ready());
+        outbox.enqueue(update(1));
+        assert_eq!(outbox.try_deliver(), Some(1));
+        assert_eq!(rx.try_recv().unwrap(), update(1));
+        drop(rx);
+        outbox.enqueue(update(2));
+        assert_eq!(outbox.try_deliver(), None);
+    }
+}

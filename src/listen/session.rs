@@ -1,0 +1,91 @@
+//! One connection of the listener, subscribed: how it is opened (connect, refuse a standby,
+//! take the log position before `LISTEN`, `LISTEN` on the quoted channel) and closed, and
+//! which errors end it.
+
+use std::collections::VecDeque;
+
+use tokio_postgres::{Client, Notification};
+
+use super::TARGET;
+use super::settings::Settings;
+use crate::config::Config;
+use crate::connect::{RawConnection, close_politely, connect, drive_until};
+use crate::error::Error;
+use crate::log::{self, Cursor};
+
+/// One connection, subscribed.
+pub(super) struct Session {
+    pub(super) client: Client,
+    pub(super) connection: RawConnection,
+    /// Notifications that arrived while it was being opened.
+    pub(super) backlog: VecDeque<Notification>,
+}
+
+impl Session {
+    /// Connects, refuses a standby, takes the log position when asked (before `LISTEN`, so
+    /// that nothing committed between the two is missed), and subscribes.
+    pub(super) async fn open(
+        config: &Config,
+        settings: &Settings,
+        want_cursor: bool,
+    ) -> Result<(Session, Option<Cursor>), Error> {
+        let (client, mut connection) = connect(config).await?;
+        let mut backlog = VecDeque::new();
+        let after = settings.connect_timeout;
+        let channel = config.channel();
+        let setup = async {
+            let recovery = client
+                .query_typed_one("SELECT pg_is_in_recovery()", &[])
+                .await?;
+            if recovery.get::<_, bool>(0) {
+                return Err(Error::Standby);
+            }
+            let cursor = if want_cursor {
+                Some(log::read_cursor(&client, channel.as_str(), settings.since).await?)
+            } else {
+                None
+            };
+            client
+                .batch_execute(&format!("LISTEN {}", channel.quoted()))
+                .await?;
+            Ok(cursor)
+        };
+        let cursor = tokio::time::timeout(after, drive_until(&mut connection, setup, &mut backlog))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "subscribing with LISTEN",
+                after,
+            })???;
+        tracing::debug!(target: TARGET, %channel, "listening");
+        Ok((
+            Session {
+                client,
+                connection,
+                backlog,
+            },
+            cursor,
+        ))
+    }
+
+    /// Ends the session politely.
+    pub(super) async fn close(self) {
+        close_politely(self.client, self.connection).await;
+    }
+}
+
+/// Whether an error ends the session: a broken connection, or the server ending it
+/// (severity FATAL or PANIC, such as an administrator's terminate or a shutdown).
+pub(super) fn is_fatal(e: &tokio_postgres::Error) -> bool {
+    match e.as_db_error() {
+        None => true,
+        Some(db) => {
+            matches!(
+                db.parsed_severity(),
+                Some(
+                    tokio_postgres::error::Severity::Fatal | tokio_postgres::error::Severity::Panic
+                )
+            ) || db.code().code().starts_with("57")
+                || db.code().code().starts_with("08")
+        }
+    }
+}

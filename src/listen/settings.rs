@@ -1,0 +1,59 @@
+//! The listener's settings, read once from the configuration when it starts (as the push
+//! side reads its own). The configuration itself is kept only for connecting.
+
+use std::time::Duration;
+
+use crate::config::{Backoff, Config, Since};
+use crate::limits::Limits;
+use crate::sign::Signer;
+
+/// What the listen path reads from the configuration.
+#[derive(Clone, Debug)]
+pub(super) struct Settings {
+    /// The channel listened on, as the server names it.
+    pub(super) channel: String,
+    /// Whether durable updates are read from the log.
+    pub(super) durable: bool,
+    /// How often the connection is proven by a heartbeat (zero: never).
+    pub(super) health_interval: Duration,
+    pub(super) connect_timeout: Duration,
+    /// The most updates held for a caller that does not read.
+    pub(super) max_buffered: usize,
+    /// How long the log keeps entries.
+    pub(super) retention: Duration,
+    /// With signing on: how far a notification's time may be from this clock.
+    pub(super) replay_window: Duration,
+    pub(super) accept_unsigned: bool,
+    pub(super) limits: Limits,
+    pub(super) backoff: Backoff,
+    /// Durable mode: where the first read of the log starts.
+    pub(super) since: Option<Since>,
+    /// With signing on: checks every payload's signature, and signs heartbeats.
+    pub(super) signer: Option<Signer>,
+}
+
+impl Settings {
+    pub(super) fn from_config(config: &Config) -> Settings {
+        Settings {
+            channel: config.channel().as_str().to_owned(),
+            durable: config.durable(),
+            health_interval: config.health_interval(),
+            connect_timeout: config.connect_timeout(),
+            max_buffered: config.max_buffered(),
+            retention: config.retention(),
+            replay_window: config.replay_window(),
+            accept_unsigned: config.accepts_unsigned(),
+            limits: config.limits().clone(),
+            backoff: config.backoff().clone(),
+            since: config.since(),
+            signer: config.signer(),
+        }
+    }
+
+    /// The deadline of a query on the listener's connection. A backstop only: the heartbeat
+    /// finds a dead connection sooner. Generous, so that a long catch-up read after a long
+    /// absence can finish.
+    pub(super) fn query_deadline(&self) -> Duration {
+        (self.health_interval + self.connect_timeout).max(Duration::from_secs(60))
+    }
+}

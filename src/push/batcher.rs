@@ -1,0 +1,274 @@
+//! The batcher: pushes admitted to the queue, flights started and ended, flusher tasks,
+//! and the drop guards that keep a flight counted exactly as long as it is out, however
+//! it ends.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::link::FlightConnection;
+use super::queue::{Outcome, Queue, Request, Turn};
+use super::send::BatchSender;
+use crate::error::Error;
+
+/// The most scheduler turns a flusher gives pushers to join its batch (see
+/// `Batcher::let_woken_pushers_rejoin`).
+const GATHER_TURNS: usize = 4;
+
+/// Batches the pipe's pool pushes into flights.
+#[derive(Debug)]
+pub(super) struct Batcher {
+    sender: BatchSender,
+    queue: Mutex<Queue>,
+    max_batch_wait: Duration,
+    max_in_flight: usize,
+    /// Signalled whenever the last flight ends with nothing queued.
+    idle: Notify,
+}
+
+/// Ends a flight when dropped: however its flush ended (sent, failed, or its caller gave up
+/// midway), the pushes queued meanwhile are not stranded.
+struct Flight(Arc<Batcher>);
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        let batcher = &self.0;
+        let mut queue = batcher.queue.lock().expect("push queue lock");
+        queue.end_flight();
+        batcher.settle(queue);
+    }
+}
+
+/// What a change to the queue leaves to do once the queue is unlocked: start a flusher
+/// task, let a connection go. (On a closing runtime a spawned task is dropped at once, and
+/// its guard locks the queue.)
+#[must_use]
+struct Followup {
+    flight: Option<Arc<Batcher>>,
+    release: Option<Arc<FlightConnection>>,
+}
+
+impl Followup {
+    fn run(self) {
+        drop(self.release);
+        if let Some(batcher) = self.flight {
+            let flight = batcher.fly();
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(flight);
+                }
+                // No runtime (it is shutting down): dropped unpolled, the task gives its
+                // flight back, and what is queued with it.
+                Err(_) => drop(flight),
+            }
+        }
+    }
+}
+
+/// A flusher task's flight, given back if the task is dropped unfinished: its runtime
+/// shut down, possibly before the task was ever polled. It must not stay counted (later
+/// pushes would wait behind it forever, and `close` with them). What is queued is given up
+/// (each waiting push is told the pipe is closed): the runtime that was to send it is
+/// gone.
+struct Abandon(Option<Arc<Batcher>>);
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        if let Some(batcher) = self.0.take() {
+            let mut queue = batcher.queue.lock().expect("push queue lock");
+            queue.abandon_flusher();
+            batcher.settle(queue);
+        }
+    }
+}
+
+impl Batcher {
+    pub(super) fn new(
+        sender: BatchSender,
+        max_batch: usize,
+        max_batch_wait: Duration,
+        max_in_flight: usize,
+    ) -> Self {
+        Batcher {
+            sender,
+            queue: Mutex::new(Queue::new(max_batch, !max_batch_wait.is_zero())),
+            max_batch_wait,
+            max_in_flight,
+            idle: Notify::new(),
+        }
+    }
+
+    pub(super) fn sender(&self) -> &BatchSender {
+        &self.sender
+    }
+
+    /// Sends encoded updates in a flight: at once and alone when nothing is queued and
+    /// there is room, otherwise with the pushes queued for the next flight. Resolves when
+    /// the flight's transaction has committed, with its outcome.
+    pub(super) async fn push(self: &Arc<Self>, encoded: Vec<String>) -> Result<(), Error> {
+        let turn = self
+            .queue
+            .lock()
+            .expect("push queue lock")
+            .admit(encoded, self.depth())?;
+        match turn {
+            Turn::Alone(encoded) => {
+                // These updates go out alone, from here, at once (no hand-off). Alone: if
+                // the caller gives up midway, no other push's flight is cut short with it.
+                let _flight = Flight(self.clone());
+                self.sender.flush(encoded.iter().map(String::as_str)).await
+            }
+            Turn::Queued { lead, outcome } => {
+                if lead {
+                    tokio::spawn(self.clone().fly());
+                }
+                let timeout = self.sender.timeout();
+                tokio::time::timeout(timeout, outcome)
+                    .await
+                    .map_err(|_| Error::Timeout {
+                        what: "pushing",
+                        after: timeout,
+                    })?
+                    .map_err(|_| Error::Closed)?
+            }
+        }
+    }
+
+    /// Stops taking pushes, lets the flights finish what is queued, then closes the pool.
+    pub(super) async fn close(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.queue.lock().expect("push queue lock").close() {
+                break;
+            }
+            idle.await;
+        }
+        let link = self.sender.link();
+        drop(link.take_current());
+        // The timers hold their runtime's driver: let them go with the pipe's work.
+        self.sender.forget_timers();
+        link.pool().close();
+    }
+
+    /// How many flights may be out at once. One for durable pushes (a durable flight that
+    /// lost its connection is sent again on another, which must not overtake the flights
+    /// after it) and through a transaction-pooling proxy (which may route pipelined
+    /// transactions to different servers).
+    fn depth(&self) -> usize {
+        if self.sender.wire().durable() || self.sender.link().unnamed() {
+            1
+        } else {
+            self.max_in_flight
+        }
+    }
+
+    /// Unlocks the queue after a flight has started or ended, then does what `dispatch`
+    /// left to do.
+    fn settle(self: &Arc<Self>, mut queue: MutexGuard<'_, Queue>) {
+        let followup = self.dispatch(&mut queue);
+        drop(queue);
+        followup.run();
+    }
+
+    /// After a flight has started or ended: a flusher task to start for the queued pushes
+    /// when none is gathering and there is room; with no flight left, `close` woken and
+    /// the connection to let go (unless it is kept).
+    fn dispatch(self: &Arc<Self>, queue: &mut Queue) -> Followup {
+        let flight = queue.start_flusher(self.depth()).then(|| self.clone());
+        let mut release = None;
+        if queue.is_idle() {
+            self.idle.notify_waiters();
+            release = self.sender.link().release_when_idle();
+        }
+        Followup { flight, release }
+    }
+
+    /// A flusher task: one flight, which takes batches from the queue until it is empty.
+    /// Its flight is given back if the task is dropped unfinished, even unpolled (see
+    /// `Abandon`).
+    fn fly(self: Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
+        let guard = Abandon(Some(self));
+        async move {
+            let mut guard = guard;
+            if let Some(batcher) = &guard.0 {
+                batcher.fly_batches().await;
+            }
+            guard.0 = None;
+        }
+    }
+
+    /// The work of a flusher task's flight.
+    async fn fly_batches(self: &Arc<Self>) {
+        if !self.max_batch_wait.is_zero() {
+            // Let company gather, up to the bound.
+            let deadline = Instant::now() + self.max_batch_wait;
+            while Instant::now() < deadline && self.room_in_batch() > 0 {
+                tokio::time::sleep(Duration::from_micros(100).min(self.max_batch_wait)).await;
+            }
+        }
+        let mut gatherer = true;
+        // Whether pushers were just woken who may push again: those of the flight that
+        // ended to make room for this one, then those of this flusher's last batch.
+        let mut woken = true;
+        loop {
+            if woken {
+                self.let_woken_pushers_rejoin().await;
+            }
+            let Some(batch) = self.next_batch(std::mem::take(&mut gatherer)) else {
+                break;
+            };
+            // A batch of one push woke one pusher: made to wait, a pusher in a loop
+            // would be queued behind this flusher for good, where with the flight over
+            // its next push goes out at once, alone.
+            woken = batch.len() > 1;
+            let outcome: Outcome = self
+                .sender
+                .flush(
+                    batch
+                        .iter()
+                        .flat_map(|r| r.updates().iter().map(String::as_str)),
+                )
+                .await;
+            for request in batch {
+                request.resolve(outcome.clone());
+            }
+        }
+    }
+
+    /// Before a flusher takes a batch, when a flight has just ended: its pushers were woken
+    /// a moment ago and push again as soon as they run, so a few turns of the scheduler
+    /// let them join this batch instead of waiting a whole flight for the next. (Without
+    /// them, 16 pushers settle into two batches of about 8 that take turns, one waiting
+    /// while the other is out.) Turns are given while the last one brought updates, at
+    /// most `GATHER_TURNS`, and none once a full batch is queued.
+    async fn let_woken_pushers_rejoin(&self) {
+        let mut room = self.room_in_batch();
+        for _ in 0..GATHER_TURNS {
+            if room == 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+            let now = self.room_in_batch();
+            if now == room {
+                break;
+            }
+            room = now;
+        }
+    }
+
+    fn room_in_batch(&self) -> usize {
+        self.queue.lock().expect("push queue lock").room_in_batch()
+    }
+
+    /// The next batch of queued pushes for a flusher task's flight, `gatherer` on its
+    /// first; `None`, with the flight over, when nothing is queued. When more is queued
+    /// than the batch takes, another flight may start.
+    fn next_batch(self: &Arc<Self>, gatherer: bool) -> Option<Vec<Request>> {
+        let mut queue = self.queue.lock().expect("push queue lock");
+        let batch = queue.take_batch(gatherer);
+        self.settle(queue);
+        batch
+    }
+}

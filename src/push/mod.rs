@@ -1,0 +1,187 @@
+//! The push path: updates become version 1 envelopes sent with `pg_notify` on the shared
+//! channel, through the pool or inside the caller's own transaction.
+//!
+//! Pool pushes are batched. Each push encodes and checks its own updates (so a bad update
+//! fails only its own push), then goes out in a *flight*: one statement (one transaction)
+//! carrying whatever was queued, packed into as few envelopes as fit. Up to
+//! `max_in_flight` flights are out at once, pipelined on one connection; while they are,
+//! new pushes gather for the next. A push that finds nothing queued and room for a flight
+//! sends its own updates at once, on its own task (no hand-off, so a lone push costs what a
+//! plain `pg_notify` costs); queued pushes go out on flusher tasks, which give the pushers
+//! a flight has just resolved a few scheduler turns to push again and join the next batch.
+//! Every push resolves only when the transaction holding its updates has committed, with
+//! that transaction's outcome.
+//!
+//! Envelope numbers say when something was missed: a listener that sees a sender's number
+//! skipped raises a resync. So flights must commit in number order. Each takes its numbers
+//! and sends its statement in one step, under one lock, on the one connection they share;
+//! PostgreSQL runs a connection's statements in the order they arrive. That one step is
+//! `Wire::send_in_number_order` (in `wire`).
+//!
+//! The parts: `batcher` (flights and flusher tasks over `queue`, the pushes waiting and the
+//! decisions about them), `send` (one batch on the wire by its deadline), `link` (the pool
+//! and the connection flights share), `wire` (numbers, packing, statements).
+
+mod batcher;
+mod link;
+mod queue;
+mod send;
+mod wire;
+
+use std::sync::Arc;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use tokio_postgres::GenericClient;
+
+use crate::config::Config;
+use crate::envelope::{MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, Marks, Packer};
+use crate::error::Error;
+use crate::origin::Origin;
+use crate::stats::Counters;
+use crate::update::Update;
+
+use batcher::Batcher;
+use link::Link;
+use send::BatchSender;
+use wire::Wire;
+
+const TARGET: &str = "updatepipe::push";
+
+/// Sends this pipe's updates.
+#[derive(Debug)]
+pub(crate) struct Pusher {
+    batcher: Arc<Batcher>,
+}
+
+impl Pusher {
+    /// A pusher with its pool. Nothing connects until the first push.
+    pub(crate) fn new(
+        config: &Config,
+        origin: Origin,
+        counters: Arc<Counters>,
+    ) -> Result<Self, Error> {
+        let manager = Manager::from_config(
+            config.pg().clone(),
+            config.tls_connector()?,
+            ManagerConfig {
+                // A broken connection is noticed by `is_closed`, and one that failed a
+                // flush is taken out of the pool; a query per checkout would cost a round
+                // trip per flush.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size())
+            .runtime(Runtime::Tokio1)
+            .timeouts(Timeouts {
+                wait: Some(config.push_timeout()),
+                create: Some(config.connect_timeout()),
+                recycle: Some(config.connect_timeout()),
+            })
+            .build()
+            .map_err(|e| Error::Config(format!("cannot build the connection pool: {e}")))?;
+        let wire = Wire::new(
+            config.channel().as_str().to_owned(),
+            origin.as_str().to_owned(),
+            config.durable(),
+            Packer::new(&origin, std::process::id(), config.signer()),
+        );
+        let link = Link::new(pool, config.push_timeout(), config.pool_size() >= 3);
+        let sender = BatchSender::new(wire, link, config.push_timeout(), counters);
+        let batcher = Batcher::new(
+            sender,
+            config.max_batch(),
+            config.max_batch_wait(),
+            config.max_in_flight(),
+        );
+        Ok(Pusher {
+            batcher: Arc::new(batcher),
+        })
+    }
+
+    fn sender(&self) -> &BatchSender {
+        self.batcher.sender()
+    }
+
+    /// Checks out a connection and proves it works: early errors for `init_push`.
+    pub(crate) async fn init(&self) -> Result<(), Error> {
+        let sender = self.sender();
+        sender
+            .within("preparing to push", async {
+                let client = sender.link().checkout().await?;
+                client.execute_typed("SELECT 1", &[]).await?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Sends updates through the pool, batched with concurrent pushes; returns once they are
+    /// committed. All of them travel in one transaction: delivered together or not at all.
+    /// A failed batch gives every push in it the same error; nothing of it was committed,
+    /// unless the connection broke while committing (then the outcome is unknown, as for
+    /// any statement whose answer is lost).
+    pub(crate) async fn push(&self, updates: &[Update]) -> Result<(), Error> {
+        let encoded = self.encode(updates)?;
+        if encoded.is_empty() {
+            return Ok(());
+        }
+        self.batcher.push(encoded).await?;
+        self.sender().counters().pushed(updates.len());
+        Ok(())
+    }
+
+    /// Sends updates on the caller's client or transaction: delivered when, and only when,
+    /// the caller's transaction commits (at once, outside a transaction). Durable pushes
+    /// write their log rows in that same transaction.
+    pub(crate) async fn push_in<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        updates: &[Update],
+    ) -> Result<(), Error> {
+        let encoded = self.encode(updates)?;
+        let wire = self.sender().wire();
+        let marks = Marks {
+            transactional: true,
+            durable: wire.durable(),
+        };
+        let payloads = wire.pack(encoded.iter().map(String::as_str), marks);
+        // Unnamed: the caller's connection may go through a transaction-pooling proxy.
+        wire.execute_unnamed(client, &payloads, marks).await?;
+        self.sender().counters().pushed(updates.len());
+        Ok(())
+    }
+
+    /// The pool (the listener sends its heartbeats through it).
+    pub(crate) fn pool(&self) -> Pool {
+        self.sender().link().pool().clone()
+    }
+
+    /// Runs a one-value query on a pooled connection.
+    pub(crate) async fn query_f64(&self, sql: &str) -> Result<f64, Error> {
+        let sender = self.sender();
+        sender
+            .within("querying the server", async {
+                let client = sender.link().checkout().await?;
+                Ok(client.query_typed_one(sql, &[]).await?.get(0))
+            })
+            .await
+    }
+
+    fn encode(&self, updates: &[Update]) -> Result<Vec<String>, Error> {
+        let wire = self.sender().wire();
+        let limit = if wire.durable() {
+            MAX_LOGGED_ENVELOPE_LEN
+        } else {
+            MAX_PAYLOAD_LEN
+        };
+        updates
+            .iter()
+            .map(|u| wire.packer().encode(u, limit))
+            .collect()
+    }
+
+    /// Stops taking pushes, lets the flights finish what is queued, then closes the pool.
+    pub(crate) async fn close(&self) {
+        self.batcher.close().await;
+    }
+}

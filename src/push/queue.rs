@@ -1,0 +1,307 @@
+//! The pushes waiting for a flight, and the flights out: the batcher's decisions, as plain
+//! functions on a plain struct (the batcher holds it under a lock and does the I/O).
+
+use std::collections::VecDeque;
+
+use tokio::sync::oneshot;
+
+use crate::error::Error;
+
+/// A push's outcome: its batch's, shared by every push in the batch.
+pub(super) type Outcome = Result<(), Error>;
+
+/// One push waiting for a flight: its updates, already encoded and checked, and where to
+/// send the outcome.
+#[derive(Debug)]
+pub(super) struct Request {
+    updates: Vec<String>,
+    done: oneshot::Sender<Outcome>,
+}
+
+impl Request {
+    pub(super) fn updates(&self) -> &[String] {
+        &self.updates
+    }
+
+    /// Tells the pusher its batch's outcome. One that gave up (timeout, cancelled) no
+    /// longer listens: fine.
+    pub(super) fn resolve(self, outcome: Outcome) {
+        let _ = self.done.send(outcome);
+    }
+}
+
+/// How a push goes out: alone and at once (nothing was queued and there was room for a
+/// flight), or queued for a flusher task, which it starts (`lead`) when none is gathering.
+#[derive(Debug)]
+pub(super) enum Turn {
+    Alone(Vec<String>),
+    Queued {
+        lead: bool,
+        outcome: oneshot::Receiver<Outcome>,
+    },
+}
+
+/// The pushes waiting for a flight, and the flights out.
+#[derive(Debug)]
+pub(super) struct Queue {
+    pending: VecDeque<Request>,
+    /// Flights started and not yet over: at most the depth each decision is given.
+    flights: usize,
+    /// A flusher task has been started and has not taken its batch yet: pushes queued now
+    /// go with it.
+    gathering: bool,
+    closed: bool,
+    /// The most updates a batch takes (a single push of more is still one batch).
+    max_batch: usize,
+    /// Pushes wait for company (a batch wait is configured): none goes out alone.
+    wait_for_company: bool,
+}
+
+impl Queue {
+    pub(super) fn new(max_batch: usize, wait_for_company: bool) -> Self {
+        Queue {
+            pending: VecDeque::new(),
+            flights: 0,
+            gathering: false,
+            closed: false,
+            max_batch,
+            wait_for_company,
+        }
+    }
+
+    /// Admits a push, with room for `depth` flights: alone, when nothing is queued and
+    /// there is room for a flight (which it takes); otherwise queued, and the lead (taking
+    /// a flight for the flusher task it starts) when there is room and no flusher is
+    /// gathering. `Closed` once the pipe is closing.
+    pub(super) fn admit(&mut self, updates: Vec<String>, depth: usize) -> Result<Turn, Error> {
+        if self.closed {
+            return Err(Error::Closed);
+        }
+        let room = self.flights < depth;
+        if room && self.pending.is_empty() && !self.wait_for_company {
+            self.flights += 1;
+            return Ok(Turn::Alone(updates));
+        }
+        let (done, outcome) = oneshot::channel();
+        self.pending.push_back(Request { updates, done });
+        let lead = room && !self.gathering;
+        if lead {
+            self.flights += 1;
+            self.gathering = true;
+        }
+        Ok(Turn::Queued { lead, outcome })
+    }
+
+    /// After a flight has started or ended: whether to start a flusher task (taking a
+    /// flight for it) for the queued pushes, which it does when none is gathering and there
+    /// is room for `depth` flights.
+    pub(super) fn start_flusher(&mut self, depth: usize) -> bool {
+        if self.pending.is_empty() || self.gathering || self.flights >= depth {
+            return false;
+        }
+        self.flights += 1;
+        self.gathering = true;
+        true
+    }
+
+    /// The next batch of a flusher task's flight (`gatherer` on its first): the queued
+    /// pushes in order, up to `max_batch` updates (a single larger push is one batch),
+    /// skipping those whose caller gave up. `None`, with the flight over, when nothing is
+    /// queued.
+    pub(super) fn take_batch(&mut self, gatherer: bool) -> Option<Vec<Request>> {
+        if gatherer {
+            self.gathering = false;
+        }
+        let mut count = 0;
+        let mut batch = Vec::new();
+        while let Some(request) = self.pending.front() {
+            if request.done.is_closed() {
+                // Its caller gave up (timed out or cancelled) before it was sent: it was
+                // told it failed, so it must not be sent now.
+                self.pending.pop_front();
+                continue;
+            }
+            if count > 0 && count + request.updates.len() > self.max_batch {
+                break;
+            }
+            count += request.updates.len();
+            batch.push(self.pending.pop_front().expect("a front request"));
+        }
+        if batch.is_empty() {
+            self.flights -= 1;
+            return None;
+        }
+        Some(batch)
+    }
+
+    /// A flight is over (its flush ended however it ended).
+    pub(super) fn end_flight(&mut self) {
+        self.flights -= 1;
+    }
+
+    /// A flusher task was dropped unfinished (its runtime shut down): its flight is over,
+    /// and what is queued is given up (each waiting push is told the pipe is closed).
+    pub(super) fn abandon_flusher(&mut self) {
+        self.pending.clear();
+        self.gathering = false;
+        self.flights -= 1;
+    }
+
+    /// Takes no more pushes; whether no flight is out.
+    pub(super) fn close(&mut self) -> bool {
+        self.closed = true;
+        self.is_idle()
+    }
+
+    /// Whether no flight is out.
+    pub(super) fn is_idle(&self) -> bool {
+        self.flights == 0
+    }
+
+    /// How many updates are queued.
+    pub(super) fn queued(&self) -> usize {
+        self.pending.iter().map(|r| r.updates.len()).sum()
+    }
+
+    /// How many more updates the next batch would take: 0 once a full batch is queued.
+    pub(super) fn room_in_batch(&self) -> usize {
+        self.max_batch.saturating_sub(self.queued())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn updates(n: usize) -> Vec<String> {
+        (0..n).map(|i| i.to_string()).collect()
+    }
+
+    fn queued(turn: Result<Turn, Error>) -> (bool, oneshot::Receiver<Outcome>) {
+        match turn.unwrap() {
+            Turn::Queued { lead, outcome } => (lead, outcome),
+            Turn::Alone(_) => panic!("went alone"),
+        }
+    }
+
+    fn sizes(batch: &[Request]) -> Vec<usize> {
+        batch.iter().map(|r| r.updates().len()).collect()
+    }
+
+    #[test]
+    fn a_lone_push_goes_alone_and_takes_a_flight() {
+        let mut queue = Queue::new(10, false);
+        assert!(matches!(queue.admit(updates(1), 2), Ok(Turn::Alone(u)) if u.len() == 1));
+        assert!(!queue.is_idle());
+        // Room for a second flight, nothing queued: alone too.
+        assert!(matches!(queue.admit(updates(1), 2), Ok(Turn::Alone(_))));
+        queue.end_flight();
+        queue.end_flight();
+        assert!(queue.is_idle());
+    }
+
+    #[test]
+    fn flights_are_bounded_by_depth() {
+        let mut queue = Queue::new(10, false);
+        assert!(matches!(queue.admit(updates(1), 1), Ok(Turn::Alone(_))));
+        // No room: queued, and no flusher started (no flight taken).
+        let (lead, _a) = queued(queue.admit(updates(1), 1));
+        assert!(!lead);
+        assert!(!queue.start_flusher(1));
+        // The flight ends: a flusher starts, in the flight freed.
+        queue.end_flight();
+        assert!(queue.start_flusher(1));
+        assert!(!queue.start_flusher(1), "one gathering at a time");
+        assert!(
+            !queue.start_flusher(5),
+            "one gathering at a time, whatever the room"
+        );
+        assert_eq!(queue.flights, 1);
+    }
+
+    #[test]
+    fn the_first_queued_push_with_room_leads_and_the_others_join_it() {
+        let mut queue = Queue::new(10, false);
+        assert!(matches!(queue.admit(updates(1), 3), Ok(Turn::Alone(_))));
+        let (lead, _a) = queued(queue.admit(updates(1), 1));
+        assert!(!lead, "no room for a second flight");
+        // Something is queued: not alone, though there is room; the lead takes the flight.
+        let (lead, _b) = queued(queue.admit(updates(1), 3));
+        assert!(lead);
+        let (lead, _c) = queued(queue.admit(updates(1), 3));
+        assert!(!lead, "a flusher is gathering already");
+        assert_eq!(queue.flights, 2);
+        // Once the flusher has taken its batch, a queued push may lead again.
+        assert_eq!(queue.take_batch(true).map(|b| b.len()), Some(3));
+        let (lead, _d) = queued(queue.admit(updates(1), 1));
+        assert!(!lead, "no room");
+        let (lead, _e) = queued(queue.admit(updates(1), 3));
+        assert!(lead);
+        assert_eq!(queue.flights, 3);
+    }
+
+    #[test]
+    fn with_a_batch_wait_no_push_goes_alone() {
+        let mut queue = Queue::new(10, true);
+        let (lead, _a) = queued(queue.admit(updates(1), 4));
+        assert!(lead);
+        assert_eq!(queue.flights, 1);
+    }
+
+    #[test]
+    fn batches_are_taken_in_order_up_to_the_bound() {
+        let mut queue = Queue::new(5, true);
+        let mut outcomes = Vec::new();
+        for n in [2, 2, 2, 7, 1] {
+            outcomes.push(queued(queue.admit(updates(n), 1)).1);
+        }
+        assert_eq!(queue.queued(), 14);
+        assert_eq!(queue.room_in_batch(), 0);
+        let first = queue.take_batch(true).unwrap();
+        assert_eq!(sizes(&first), [2, 2], "up to 5 updates, whole pushes only");
+        assert_eq!(first[0].updates()[0], "0");
+        let second = queue.take_batch(false).unwrap();
+        assert_eq!(
+            sizes(&second),
+            [2],
+            "a push that does not fit waits for the next"
+        );
+        let third = queue.take_batch(false).unwrap();
+        assert_eq!(
+            sizes(&third),
+            [7],
+            "a push larger than the bound is one batch"
+        );
+        assert_eq!(sizes(&queue.take_batch(false).unwrap()), [1]);
+        assert_eq!(queue.flights, 1);
+        assert!(queue.take_batch(false).is_none());
+        assert!(queue.is_idle(), "nothing queued: the flight is over");
+    }
+
+    #[test]
+    fn pushes_whose_caller_gave_up_are_not_sent() {
+        let mut queue = Queue::new(10, true);
+        let (_, gave_up) = queued(queue.admit(updates(1), 1));
+        let (_, waiting) = queued(queue.admit(updates(2), 1));
+        drop(gave_up);
+        let batch = queue.take_batch(true).unwrap();
+        assert_eq!(sizes(&batch), [2]);
+        for request in batch {
+            request.resolve(Ok(()));
+        }
+        assert!(matches!(waiting.blocking_recv(), Ok(Ok(()))));
+    }
+
+    #[test]
+    fn a_closed_queue_takes_no_push_and_abandoning_tells_the_waiting() {
+        let mut queue = Queue::new(10, true);
+        let (_, waiting) = queued(queue.admit(updates(1), 1));
+        assert!(!queue.close(), "a flight is out");
+        assert!(matches!(queue.admit(updates(1), 1), Err(Error::Closed)));
+        queue.abandon_flusher();
+        assert!(queue.is_idle());
+        assert!(!queue.gathering);
+        assert!(waiting.blocking_recv().is_err(), "told its flight is gone");
+        assert!(queue.close());
+    }
+}
