@@ -151,6 +151,7 @@ impl Listener {
                 heartbeat_pool,
             ),
             rejections: pacer::Pacer::default(),
+            log_errors: pacer::Pacer::default(),
             counters,
         };
         dispatch.outbox.emit(Event::Connected);
