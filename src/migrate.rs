@@ -128,12 +128,13 @@ pub(crate) fn needed_version() -> i64 {
 /// Reads the schema version, from the history table or, on a deployment not yet upgraded,
 /// its old place; `None` when neither exists. A read that every granted role may do; a role
 /// that may not read the table gets [`Error::SchemaNotGranted`].
-pub(crate) async fn schema_version<C: tokio_postgres::GenericClient + Sync>(
-    client: &C,
-) -> Result<Option<i64>, Error> {
+///
+/// Unnamed statements only (`query_typed`), so that it works through a transaction-pooling
+/// proxy like the rest of the status.
+pub(crate) async fn schema_version(client: &tokio_postgres::Client) -> Result<Option<i64>, Error> {
     // The catalogs, not to_regclass: that fails on a schema the role has no USAGE on.
     let found = client
-        .query_opt(
+        .query_typed(
             "SELECT format('%I.%I', n.nspname, c.relname), \
                     has_schema_privilege(n.oid, 'USAGE') AND has_table_privilege(c.oid, 'SELECT'), \
                     current_user::text \
@@ -143,7 +144,9 @@ pub(crate) async fn schema_version<C: tokio_postgres::GenericClient + Sync>(
              ORDER BY n.nspname = 'updatepipe' DESC LIMIT 1",
             &[],
         )
-        .await?;
+        .await?
+        .into_iter()
+        .next();
     let Some(row) = found else {
         return Ok(None);
     };
@@ -152,16 +155,14 @@ pub(crate) async fn schema_version<C: tokio_postgres::GenericClient + Sync>(
         return Err(Error::SchemaNotGranted { role });
     }
     let version: Option<i64> = client
-        .query_one(&format!("SELECT max(version)::int8 FROM {table}"), &[])
+        .query_typed_one(&format!("SELECT max(version)::int8 FROM {table}"), &[])
         .await?
         .get(0);
     Ok(version)
 }
 
 /// Checks that the schema is migrated as far as this build needs.
-pub(crate) async fn check_schema<C: tokio_postgres::GenericClient + Sync>(
-    client: &C,
-) -> Result<i64, Error> {
+pub(crate) async fn check_schema(client: &tokio_postgres::Client) -> Result<i64, Error> {
     let needed = needed_version();
     match schema_version(client).await? {
         Some(found) if found >= needed => Ok(found),
