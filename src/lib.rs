@@ -67,22 +67,15 @@
 //!
 //! `docs/delivery.md` states this fully and argues why it holds.
 //!
-//! ## Modules
+//! ## How it is built
 //!
-//! | concept | module |
-//! |---|---|
-//! | the update model and its JSON contract | `update`, `seqset` |
-//! | the wire format (envelope v1, maddy's legacy form) | `envelope` |
-//! | configuration, channel names | `config`, `channel` |
-//! | the pipe interface and its PostgreSQL implementation | `pipe` |
-//! | the push path (batching) / the listen path (reconnect, heartbeats, resync) | `push` / `listen` |
-//! | the durable log: writing, reading in commit order, pruning | `log` |
-//! | migrations (the `updatepipe` schema and log table), the schema version check | `migrate` |
-//! | the runtime roles' privileges (`updatepipe grant`) | `grant` |
-//! | counters; the server's status | `stats`; `status` |
-//! | untrusted input: payload limits, signed envelopes and replay checks | `limits`, `sign` |
-//! | TLS (`sslmode` up to `verify-full`, with rustls) | `tls` |
-//! | throwaway clusters for tests and the demo | [`cluster`] |
+//! An update travels one way: the push path packs it into a version 1 envelope (the wire
+//! format: `{"v":1,"o":origin,"s":number,"u":[updates]}`) and sends it with `pg_notify`,
+//! batched with concurrent pushes; the listen path decodes each notification, decides what
+//! it is (an update from another sender, its own echo, a heartbeat, a gap, a forgery) and
+//! hands the updates over in order. In durable mode the same statement writes a log row,
+//! which listeners read in commit order. `docs/architecture.md` has the map of the
+//! (private) modules; the public items are all re-exported here.
 
 mod channel;
 #[cfg(feature = "cluster")]
