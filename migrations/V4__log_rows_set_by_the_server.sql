@@ -51,3 +51,7 @@ WHERE xid >= pg_snapshot_xmax(pg_current_snapshot())
    OR octet_length(payload) > 1114112
    OR octet_length(channel) > 63
    OR octet_length(origin) > 64;
+
+-- Only ever run as the trigger (a trigger function cannot be called directly, and firing a
+-- trigger needs no EXECUTE): nobody else needs it.
+REVOKE ALL ON FUNCTION updatepipe.log_row_stamp() FROM PUBLIC;
