@@ -6,7 +6,7 @@ use crate::channel::quote_identifier;
 use crate::config::Config;
 use crate::connect::connect_spawned;
 use crate::error::Error;
-use crate::migrate::{MIGRATION_TABLE, check_schema};
+use crate::migrate::{MIGRATION_LOCK, MIGRATION_TABLE, check_schema};
 
 /// What a runtime role does with the pipe, for [`grant_statements`] and
 /// [`PgPipe::grant`](crate::PgPipe::grant).
@@ -100,6 +100,9 @@ pub(crate) async fn grant(config: &Config, roles: &[(&str, Role)]) -> Result<(),
             return Err(Error::UnknownRole(role));
         }
         let tx = client.transaction().await?;
+        // One grant or migration at a time: concurrent GRANTs on a table fail.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
         for (role, what) in roles {
             for sql in grant_statements(role, *what) {
                 tx.batch_execute(&sql).await?;

@@ -20,7 +20,8 @@ pub const MIGRATION_TABLE: &str = "updatepipe.schema_history";
 pub(crate) const LEGACY_MIGRATION_TABLE: &str = "public.updatepipe_schema_history";
 
 /// The advisory lock key that serializes concurrent migrations ("updpipe1" in ASCII).
-const MIGRATION_LOCK: i64 = 0x7570_6470_6970_6531;
+/// `grant` takes it too: concurrent GRANTs on one table fail ("tuple concurrently updated").
+pub(crate) const MIGRATION_LOCK: i64 = 0x7570_6470_6970_6531;
 
 /// A migration that `migrate` applied or would apply.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -13,7 +13,8 @@ use tokio::sync::{OnceCell, mpsc};
 use tokio_postgres::error::SqlState;
 use updatepipe::cluster::TempCluster;
 use updatepipe::{
-    ChannelName, Config, Error, Event, PgPipe, SeqSet, Update, UpdatePipe, embedded_migrations,
+    ChannelName, Config, Error, Event, PgPipe, Role, SeqSet, Update, UpdatePipe,
+    embedded_migrations, grant_statements,
 };
 
 const OWNER: &str = "up_owner";
@@ -23,6 +24,10 @@ const LISTENER: &str = "up_listener";
 const WIDE_PUSHER: &str = "up_wide_pusher";
 /// A role that may connect and was granted nothing.
 const STRANGER: &str = "up_stranger";
+/// The group whose members (one per privilege left out) log in with a password too.
+const LACKING: &str = "up_lacking";
+/// The advisory lock `migrate` and `grant` take (src/migrate.rs, `MIGRATION_LOCK`).
+const GRANT_LOCK: i64 = 0x7570_6470_6970_6531;
 const PASSWORD: &str = "pw-roles-Ahuizotl-5521";
 
 struct Server {
@@ -76,8 +81,8 @@ async fn server() -> &'static Server {
                     .setting("synchronous_commit", "off")
                     .setting("password_encryption", "scram-sha-256")
                     .hba(&format!(
-                        "host all {OWNER},{PUSHER},{LISTENER},{WIDE_PUSHER},{STRANGER} \
-                         127.0.0.1/32 scram-sha-256"
+                        "host all {OWNER},{PUSHER},{LISTENER},{WIDE_PUSHER},{STRANGER},\
+                         +{LACKING} 127.0.0.1/32 scram-sha-256"
                     ))
                     .start()
                     .unwrap_or_else(|e| panic!("{e}"))
@@ -92,6 +97,10 @@ async fn server() -> &'static Server {
                     .await
                     .unwrap();
             }
+            admin
+                .batch_execute(&format!("CREATE ROLE {LACKING} NOLOGIN"))
+                .await
+                .unwrap();
             for db in ["mail", "fresh"] {
                 admin
                     .batch_execute(&format!("CREATE DATABASE {db} OWNER up_owner"))
@@ -673,4 +682,143 @@ async fn log_rows_written_by_any_inserting_role_cannot_lie() {
     // issue 17.)
     listener.close().await.unwrap();
     real.close().await.unwrap();
+}
+
+/// Each privilege `grant` gives is needed: a role granted everything but one of them fails
+/// where that one is used.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_privilege_grant_gives_is_needed() {
+    let server = server().await;
+    let cases: &[(&str, Role, &str)] = &[
+        (
+            "usage",
+            Role::Pusher,
+            "REVOKE USAGE ON SCHEMA updatepipe FROM {r}",
+        ),
+        (
+            "history",
+            Role::Pusher,
+            "REVOKE SELECT ON updatepipe.schema_history FROM {r}",
+        ),
+        (
+            "insert",
+            Role::Pusher,
+            "REVOKE INSERT (channel, origin, seq, payload) ON updatepipe.log FROM {r}",
+        ),
+        (
+            "usage",
+            Role::Listener,
+            "REVOKE USAGE ON SCHEMA updatepipe FROM {r}",
+        ),
+        (
+            "history",
+            Role::Listener,
+            "REVOKE SELECT ON updatepipe.schema_history FROM {r}",
+        ),
+        (
+            "select log",
+            Role::Listener,
+            "REVOKE SELECT ON updatepipe.log FROM {r}",
+        ),
+        (
+            "select pruned",
+            Role::Listener,
+            "REVOKE SELECT ON updatepipe.pruned FROM {r}",
+        ),
+        (
+            "delete",
+            Role::Listener,
+            "REVOKE DELETE ON updatepipe.log FROM {r}",
+        ),
+        (
+            "insert pruned",
+            Role::Listener,
+            "REVOKE INSERT ON updatepipe.pruned FROM {r}",
+        ),
+        (
+            "update pruned",
+            Role::Listener,
+            "REVOKE UPDATE ON updatepipe.pruned FROM {r}",
+        ),
+    ];
+    let mut runs = Vec::new();
+    for (i, (what, role_kind, revoke)) in cases.iter().enumerate() {
+        let role = format!("up_lack_{i}");
+        runs.push(async move {
+            let admin = server.client("postgres", "mail").await;
+            admin
+                .batch_execute(&format!(
+                    "CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}' IN ROLE {LACKING}"
+                ))
+                .await
+                .unwrap();
+            let mut owner = server.client(OWNER, "mail").await;
+            // Under the lock `grant` and `migrate` take: concurrent GRANTs on a table fail.
+            let tx = owner.transaction().await.unwrap();
+            tx.batch_execute(&format!("SELECT pg_advisory_xact_lock({GRANT_LOCK})"))
+                .await
+                .unwrap();
+            for sql in grant_statements(&role, *role_kind) {
+                tx.batch_execute(&sql).await.unwrap();
+            }
+            tx.batch_execute(&revoke.replace("{r}", &role))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            let channel = support::unique("lacking");
+            let failed = match role_kind {
+                Role::Pusher => {
+                    let pipe = PgPipe::new(server.config(&role, &channel)).unwrap();
+                    let pushed = pipe.push(&update(1)).await;
+                    pipe.close().await.unwrap();
+                    pushed.is_err()
+                }
+                _ => lacking_listener_fails(server, &admin, &role, &channel).await,
+            };
+            assert!(
+                failed,
+                "a {role_kind:?} without {what} works: it is not needed"
+            );
+        });
+    }
+    futures_util::future::join_all(runs).await;
+}
+
+/// Runs a durable listener as `role` (pruning every second, retention 2 s) while the pusher
+/// pushes: whether it fails to start, to deliver, or to prune.
+async fn lacking_listener_fails(
+    server: &Server,
+    admin: &tokio_postgres::Client,
+    role: &str,
+    channel: &str,
+) -> bool {
+    let pipe = PgPipe::new(
+        server
+            .config(role, channel)
+            .with_retention(Duration::from_secs(2)),
+    )
+    .unwrap();
+    let (tx, mut rx) = mpsc::channel(16);
+    if pipe.listen_events(tx).await.is_err() {
+        pipe.close().await.unwrap();
+        return true;
+    }
+    let pusher = PgPipe::new(server.config(PUSHER, channel)).unwrap();
+    pusher.push(&update(1)).await.unwrap();
+    let (got, _) = collect(&mut rx, Duration::from_secs(4)).await;
+    pusher.close().await.unwrap();
+    pipe.close().await.unwrap();
+    if got != [update(1)] {
+        return true;
+    }
+    // Delivered; after 4 s (retention 2 s, a prune each second) the row must be gone.
+    let left: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM updatepipe.log WHERE channel = $1",
+            &[&channel],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    left > 0
 }
