@@ -29,6 +29,10 @@ pub(crate) struct Counters {
     replayed: AtomicU64,
     resyncs: AtomicU64,
     dropped: AtomicU64,
+    log_pages: AtomicU64,
+    log_page_rows_max: AtomicU64,
+    log_page_bytes_max: AtomicU64,
+    log_pages_cancelled: AtomicU64,
     rejected: [AtomicU64; REJECT_REASONS.len()],
 }
 
@@ -65,6 +69,20 @@ impl Counters {
         self.dropped.fetch_add(n as u64, Ordering::Relaxed);
     }
 
+    /// A page of the durable log was read: its rows and payload bytes.
+    pub(crate) fn log_page(&self, rows: usize, bytes: usize) {
+        self.log_pages.fetch_add(1, Ordering::Relaxed);
+        self.log_page_rows_max
+            .fetch_max(rows as u64, Ordering::Relaxed);
+        self.log_page_bytes_max
+            .fetch_max(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// The server cancelled a page of the durable log read.
+    pub(crate) fn log_page_cancelled(&self) {
+        self.log_pages_cancelled.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn echo(&self) {
         self.echoes.fetch_add(1, Ordering::Relaxed);
     }
@@ -89,6 +107,10 @@ impl Counters {
             replayed: self.replayed.load(Ordering::Relaxed),
             resyncs: self.resyncs.load(Ordering::Relaxed),
             dropped_slow_consumer: self.dropped.load(Ordering::Relaxed),
+            log_pages: self.log_pages.load(Ordering::Relaxed),
+            log_page_rows_max: self.log_page_rows_max.load(Ordering::Relaxed),
+            log_page_bytes_max: self.log_page_bytes_max.load(Ordering::Relaxed),
+            log_pages_cancelled: self.log_pages_cancelled.load(Ordering::Relaxed),
             rejected: REJECT_REASONS
                 .iter()
                 .zip(&self.rejected)
@@ -121,6 +143,18 @@ pub struct Stats {
     pub resyncs: u64,
     /// Updates let go because the application was not reading (best effort).
     pub dropped_slow_consumer: u64,
+    /// Pages of the durable log read (durable mode: one per wake-up, more during a
+    /// catch-up).
+    pub log_pages: u64,
+    /// The most rows one page held: the log reader holds one page at a time, within
+    /// [`Config::with_log_page_rows`](crate::Config::with_log_page_rows).
+    pub log_page_rows_max: u64,
+    /// The most payload bytes one page held (within
+    /// [`Config::with_log_page_bytes`](crate::Config::with_log_page_bytes), but for a
+    /// single larger row).
+    pub log_page_bytes_max: u64,
+    /// Pages the server cancelled (its `statement_timeout`), each read again smaller.
+    pub log_pages_cancelled: u64,
     /// Payloads rejected, by reason (`unrecognized`, `unknown_version`, `malformed`,
     /// `invalid_update`, `too_large`, `over_limit`; with signing on also `unsigned`,
     /// `forged` and `replayed`).

@@ -15,9 +15,9 @@ mod conninfo;
 mod options;
 
 pub use options::{
-    Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEALTH_INTERVAL, DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_BUFFERED, DEFAULT_MAX_IN_FLIGHT, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT,
-    DEFAULT_RETENTION, Since,
+    Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEALTH_INTERVAL, DEFAULT_LOG_PAGE_BYTES,
+    DEFAULT_LOG_PAGE_ROWS, DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT, DEFAULT_RETENTION, Since,
 };
 
 /// How a pipe reaches PostgreSQL, and its bounds.
@@ -54,6 +54,8 @@ pub struct Config {
     health_interval: Duration,
     retention: Duration,
     max_buffered: usize,
+    log_page_rows: usize,
+    log_page_bytes: usize,
     since: Option<Since>,
     tls: TlsOptions,
     secrets: Vec<Secret>,
@@ -164,6 +166,8 @@ impl Config {
             health_interval: DEFAULT_HEALTH_INTERVAL,
             retention: DEFAULT_RETENTION,
             max_buffered: DEFAULT_MAX_BUFFERED,
+            log_page_rows: DEFAULT_LOG_PAGE_ROWS,
+            log_page_bytes: DEFAULT_LOG_PAGE_BYTES,
             since: None,
             tls,
             secrets: Vec::new(),
@@ -262,6 +266,8 @@ impl fmt::Debug for Config {
             .field("health_interval", &self.health_interval)
             .field("retention", &self.retention)
             .field("max_buffered", &self.max_buffered)
+            .field("log_page_rows", &self.log_page_rows)
+            .field("log_page_bytes", &self.log_page_bytes)
             .field("since", &self.since)
             .field("tls", &self.tls)
             .field("secrets", &self.secrets.len())

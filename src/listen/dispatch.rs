@@ -14,13 +14,13 @@ use super::pacer::Pacer;
 use super::session::is_fatal;
 use super::{Event, ResyncReason, TARGET};
 use crate::error::{DecodeError, pg_message};
-use crate::log::Tail;
+use crate::log::Page;
 use crate::origin::Origin;
 use crate::stats::Counters;
 
 /// What the listener's one query slot produced.
 pub(super) enum QueryOutcome {
-    Tail(Result<Option<Tail>, tokio_postgres::Error>),
+    Tail(Result<Option<Page>, tokio_postgres::Error>),
     Fetch(Result<Option<String>, tokio_postgres::Error>),
     Prune(Result<u64, tokio_postgres::Error>),
     TimedOut(std::time::Duration),
@@ -38,6 +38,10 @@ pub(super) struct Dispatch {
     /// Paces the errors of log queries, which senders can provoke too (a reference to the
     /// log is one notification).
     pub(super) log_errors: Pacer,
+    /// Paces the warnings about log pages the server cancelled.
+    pub(super) cancelled_pages: Pacer,
+    /// How long to wait before reading a cancelled page again.
+    pub(super) page_pause: std::time::Duration,
     pub(super) counters: Arc<Counters>,
 }
 
@@ -76,15 +80,33 @@ impl Dispatch {
             QueryOutcome::TimedOut(limit) => Err(format!(
                 "a query did not answer within {limit:?}: the connection is dead"
             )),
-            QueryOutcome::Tail(Ok(tail)) => {
-                if let Some(tail) = tail {
-                    self.apply_tail(tail);
+            QueryOutcome::Tail(Ok(page)) => {
+                if let Some(page) = page {
+                    self.apply_page(page);
                 }
                 Ok(())
             }
             QueryOutcome::Fetch(Ok(payload)) => {
                 if let Some((origin, seq)) = self.reader.fetched() {
                     self.apply_fetch(&origin, seq, payload);
+                }
+                Ok(())
+            }
+            QueryOutcome::Tail(Err(e))
+                if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) =>
+            {
+                // The server gave up on the page (its statement_timeout): the connection is
+                // fine; the page is read again, smaller, after a pause.
+                self.counters.log_page_cancelled();
+                let pause = self.page_pause;
+                self.reader.page_cancelled(Instant::now(), pause);
+                if let Some(suppressed) = self.cancelled_pages.due(std::time::Instant::now()) {
+                    tracing::warn!(
+                        target: TARGET,
+                        suppressed,
+                        "the server cancelled a page of the durable log read \
+                         (statement_timeout?); reading it again, smaller"
+                    );
                 }
                 Ok(())
             }
@@ -146,13 +168,15 @@ impl Dispatch {
         }
     }
 
-    /// Delivers the log rows a tail returned, and moves the cursor.
-    fn apply_tail(&mut self, tail: Tail) {
-        if tail.pruned {
+    /// Delivers the log rows a page returned, and moves the reader on.
+    fn apply_page(&mut self, page: Page) {
+        if page.first && page.pruned {
             self.outbox.resync(ResyncReason::LogPruned);
         }
-        let replaying = self.reader.advance(tail.cursor);
-        for entry in &tail.entries {
+        let (rows, bytes) = page.size();
+        self.counters.log_page(rows, bytes);
+        let (entries, replaying) = self.reader.advance(page);
+        for entry in &entries {
             let row = LogRow {
                 origin: &entry.origin,
                 seq: entry.seq,

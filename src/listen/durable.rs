@@ -1,7 +1,8 @@
-//! The log reader's state: in durable mode, the position in the log and whether its tail
-//! must be read; in either mode, the oversize envelopes to fetch from it; and when to prune
-//! it. It decides what the connection loop asks the log next ([`LogReader::next_ask`]);
-//! `log.rs` says how.
+//! The log reader's state: in durable mode, the position in the log, whether its tail must
+//! be read, and a catch-up under way (read in pages, within a budget, so that a listener
+//! back from a long absence holds one page at a time); in either mode, the oversize
+//! envelopes to fetch from it; and when to prune it. It decides what the connection loop
+//! asks the log next ([`LogReader::next_ask`]); `log.rs` says how.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 
-use crate::log::Cursor;
+use crate::log::{CatchUp, Cursor, Entry, Page, PageBudget};
 use crate::origin::Origin;
 
 /// The most oversize envelopes a best-effort listener waits to fetch at once.
@@ -18,8 +19,13 @@ pub(super) const MAX_PENDING_FETCHES: usize = 64;
 /// What to ask the log next.
 #[derive(Debug)]
 pub(super) enum Ask {
-    /// What was committed since this position.
-    Tail(Cursor),
+    /// A page of what was committed since this position, continuing `catch_up` if one is
+    /// under way.
+    Tail {
+        from: Cursor,
+        catch_up: Option<CatchUp>,
+        budget: PageBudget,
+    },
     /// One oversize envelope, by sender and number.
     Fetch(Origin, u64),
     /// Pruning the entries older than the retention.
@@ -31,8 +37,16 @@ pub(super) enum Ask {
 pub(super) struct LogReader {
     durable: bool,
     retention: Duration,
-    /// Durable mode: the log position.
+    /// Durable mode: the log position: everything visible in its snapshot was delivered.
     cursor: Option<Cursor>,
+    /// A catch-up read in pages, under way from `cursor`.
+    catch_up: Option<CatchUp>,
+    /// How much a page may hold: the configured budget, halved while the server cancels
+    /// pages (its `statement_timeout`).
+    budget: PageBudget,
+    configured: PageBudget,
+    /// No tail before this (a page was cancelled: a backoff).
+    not_before: Option<Instant>,
     tail_needed: bool,
     /// The next tail is a catch-up (after a reconnect, or from a starting point in the
     /// past): its updates are counted as replayed.
@@ -67,6 +81,7 @@ impl LogReader {
     pub(super) fn new(
         durable: bool,
         retention: Duration,
+        budget: PageBudget,
         cursor: Option<Cursor>,
         replay_from_the_past: bool,
         now: Instant,
@@ -75,6 +90,10 @@ impl LogReader {
             durable,
             retention,
             cursor,
+            catch_up: None,
+            budget,
+            configured: budget,
+            not_before: None,
             tail_needed: durable,
             replaying: durable && replay_from_the_past,
             heard_best_effort: false,
@@ -122,10 +141,15 @@ impl LogReader {
     /// What to ask next, by priority: the tail (only with `room` for what it brings), the
     /// oldest fetch, pruning when due (every tenth of the retention, between 1 s and 60 s).
     pub(super) fn next_ask(&mut self, room: bool, now: Instant) -> Option<Ask> {
-        if self.tail_needed && room {
-            let cursor = self.cursor.clone()?;
+        let backing_off = self.not_before.is_some_and(|at| now < at);
+        if self.tail_needed && room && !backing_off {
+            let from = self.cursor.clone()?;
             self.tail_needed = false;
-            return Some(Ask::Tail(cursor));
+            return Some(Ask::Tail {
+                from,
+                catch_up: self.catch_up.clone(),
+                budget: self.budget,
+            });
         }
         if let Some((origin, seq)) = self.fetches.front() {
             return Some(Ask::Fetch(origin.clone(), *seq));
@@ -138,10 +162,39 @@ impl LogReader {
         None
     }
 
-    /// A tail was read up to `cursor`; `true` when it was a catch-up.
-    pub(super) fn advance(&mut self, cursor: Cursor) -> bool {
+    /// A page was read: the position moves to its target once the page completes it, and
+    /// otherwise the next page is read as soon as there is room. Returns its entries, and
+    /// whether they are a catch-up's (counted as replayed).
+    pub(super) fn advance(&mut self, page: Page) -> (Vec<Entry>, bool) {
+        let Some(previous) = &self.cursor else {
+            return (Vec::new(), false);
+        };
+        let complete = page.complete;
+        let (cursor, catch_up, entries) = page.advance(previous);
         self.cursor = Some(cursor);
-        std::mem::take(&mut self.replaying)
+        self.catch_up = catch_up;
+        self.not_before = None;
+        // A page that was read: the budget may grow back towards what is configured.
+        self.budget.rows = self.budget.rows.saturating_mul(2).min(self.configured.rows);
+        if !complete {
+            self.tail_needed = true;
+            return (entries, self.replaying);
+        }
+        (entries, std::mem::take(&mut self.replaying))
+    }
+
+    /// The server cancelled a page (its `statement_timeout`, say): read it again after a
+    /// pause, half as large (one row at the least), rather than repeat what cannot finish.
+    pub(super) fn page_cancelled(&mut self, now: Instant, pause: Duration) {
+        self.budget.rows = (self.budget.rows / 2).max(1);
+        self.tail_needed = true;
+        self.not_before = Some(now + pause);
+    }
+
+    /// Whether a tail is waiting for its backoff to end, and when it ends.
+    #[cfg(test)]
+    pub(super) fn paused_until(&self) -> Option<Instant> {
+        self.not_before.filter(|_| self.tail_needed)
     }
 
     /// The oldest fetch is done (read, or given up on).
@@ -169,13 +222,24 @@ mod tests {
     use super::*;
 
     const SECOND: Duration = Duration::from_secs(1);
+    const BUDGET: PageBudget = PageBudget {
+        rows: 8,
+        bytes: 1 << 20,
+    };
 
     fn origin() -> Origin {
         Origin::parse("a").unwrap()
     }
 
     fn durable(now: Instant) -> LogReader {
-        LogReader::new(true, 100 * SECOND, Some(Cursor::default()), false, now)
+        LogReader::new(
+            true,
+            100 * SECOND,
+            BUDGET,
+            Some(Cursor::default()),
+            false,
+            now,
+        )
     }
 
     #[test]
@@ -187,14 +251,14 @@ mod tests {
             reader.next_ask(false, now),
             Some(Ask::Fetch(_, 7))
         ));
-        assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail(_))));
+        assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail { .. })));
         // Asked once: the fetch next, until it is done.
         assert!(matches!(reader.next_ask(true, now), Some(Ask::Fetch(_, 7))));
         assert!(matches!(reader.fetched(), Some((_, 7))));
         assert!(matches!(reader.next_ask(true, now), Some(Ask::Prune(r)) if r == 100 * SECOND));
         assert!(reader.next_ask(true, now).is_none());
         reader.read_soon();
-        assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail(_))));
+        assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail { .. })));
     }
 
     #[test]
@@ -208,7 +272,14 @@ mod tests {
             reader.next_ask(true, now + 10 * SECOND),
             Some(Ask::Prune(_))
         ));
-        let mut long = LogReader::new(true, 86_400 * SECOND, Some(Cursor::default()), false, now);
+        let mut long = LogReader::new(
+            true,
+            86_400 * SECOND,
+            BUDGET,
+            Some(Cursor::default()),
+            false,
+            now,
+        );
         long.next_ask(true, now);
         long.next_ask(true, now);
         assert!(long.next_ask(true, now + 59 * SECOND).is_none());
@@ -221,7 +292,7 @@ mod tests {
     #[test]
     fn best_effort_fetches_but_never_tails_nor_prunes() {
         let now = Instant::now();
-        let mut reader = LogReader::new(false, 100 * SECOND, None, true, now);
+        let mut reader = LogReader::new(false, 100 * SECOND, BUDGET, None, true, now);
         reader.read_soon();
         assert!(reader.next_ask(true, now).is_none());
         for seq in 0..MAX_PENDING_FETCHES as u64 {
@@ -236,17 +307,103 @@ mod tests {
     }
 
     #[test]
+    fn a_catch_up_reads_page_after_page_then_settles() {
+        let now = Instant::now();
+        let mut reader = durable(now);
+        let Some(Ask::Tail {
+            catch_up: None,
+            budget,
+            ..
+        }) = reader.next_ask(true, now)
+        else {
+            panic!("a first page");
+        };
+        assert_eq!(budget, BUDGET);
+        let (entries, _) = reader.advance(Page::for_tests(100, false, &[1, 2, 3]));
+        assert_eq!(entries.len(), 3);
+        // More to read: the next page at once, past the last row.
+        let Some(Ask::Tail {
+            catch_up: Some(_), ..
+        }) = reader.next_ask(true, now)
+        else {
+            panic!("a next page");
+        };
+        // Not without room, though.
+        reader.advance(Page::for_tests(100, false, &[4]));
+        assert!(!matches!(
+            reader.next_ask(false, now),
+            Some(Ask::Tail { .. })
+        ));
+        assert!(matches!(
+            reader.next_ask(true, now),
+            Some(Ask::Tail {
+                catch_up: Some(_),
+                ..
+            })
+        ));
+        reader.advance(Page::for_tests(100, true, &[5]));
+        // Done: nothing until a wake-up.
+        assert!(!matches!(
+            reader.next_ask(true, now),
+            Some(Ask::Tail { .. })
+        ));
+        reader.read_soon();
+        assert!(matches!(
+            reader.next_ask(true, now),
+            Some(Ask::Tail { catch_up: None, .. })
+        ));
+    }
+
+    #[test]
+    fn a_cancelled_page_is_read_again_smaller_after_a_pause() {
+        let now = Instant::now();
+        let mut reader = durable(now);
+        reader.next_ask(true, now);
+        reader.page_cancelled(now, SECOND);
+        assert_eq!(reader.paused_until(), Some(now + SECOND));
+        assert!(!matches!(
+            reader.next_ask(true, now),
+            Some(Ask::Tail { .. })
+        ));
+        let Some(Ask::Tail { budget, .. }) = reader.next_ask(true, now + SECOND) else {
+            panic!("the page again");
+        };
+        assert_eq!(budget.rows, BUDGET.rows / 2);
+        for _ in 0..10 {
+            reader.page_cancelled(now, SECOND);
+        }
+        let Some(Ask::Tail { budget, .. }) = reader.next_ask(true, now + SECOND) else {
+            panic!("the page again");
+        };
+        assert_eq!(budget.rows, 1, "one row at the least");
+        // Pages that fit let the budget grow back.
+        reader.advance(Page::for_tests(1, true, &[1]));
+        reader.read_soon();
+        let Some(Ask::Tail { budget, .. }) = reader.next_ask(true, now + SECOND) else {
+            panic!("a page");
+        };
+        assert_eq!(budget.rows, 2);
+    }
+
+    #[test]
     fn a_reconnect_in_durable_mode_catches_up() {
         let now = Instant::now();
-        let mut reader = LogReader::new(true, 100 * SECOND, Some(Cursor::default()), true, now);
-        assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail(_))));
+        let mut reader = LogReader::new(
+            true,
+            100 * SECOND,
+            BUDGET,
+            Some(Cursor::default()),
+            true,
+            now,
+        );
+        assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail { .. })));
         // A replay from the past is a catch-up; the next read is not.
-        assert!(reader.advance(Cursor::default()));
-        assert!(!reader.advance(Cursor::default()));
+        assert!(reader.advance(Page::complete_for_tests()).1);
+        assert!(!reader.advance(Page::complete_for_tests()).1);
         // Only durable senders heard: the log has all, no resync owed.
         assert!(!reader.on_reconnect());
-        assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail(_))));
-        assert!(reader.advance(Cursor::default()));
+        assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail { .. })));
+        assert!(reader.advance(Page::complete_for_tests()).1);
         reader.heard_best_effort();
         assert!(reader.on_reconnect());
     }
@@ -259,7 +416,7 @@ mod tests {
         assert!(!no_log(Some(&SqlState::QUERY_CANCELED)));
         assert!(!no_log(None));
         let now = Instant::now();
-        let mut reader = LogReader::new(false, SECOND, None, false, now);
+        let mut reader = LogReader::new(false, SECOND, BUDGET, None, false, now);
         reader.queue_fetch(origin(), 1);
         reader.queue_fetch(origin(), 2);
         let dropped = reader.stop_fetching();

@@ -140,6 +140,7 @@ impl Listener {
             reader: durable::LogReader::new(
                 settings.durable,
                 settings.retention,
+                settings.page,
                 cursor,
                 settings.since.is_some(),
                 now,
@@ -152,6 +153,8 @@ impl Listener {
             ),
             rejections: pacer::Pacer::default(),
             log_errors: pacer::Pacer::default(),
+            cancelled_pages: pacer::Pacer::default(),
+            page_pause: settings.page_pause(),
             counters,
         };
         dispatch.outbox.emit(Event::Connected);

@@ -187,9 +187,13 @@ impl ConnectionLoop {
         let channel = self.channel.clone();
         let query = async move {
             match ask {
-                Ask::Tail(cursor) => {
-                    QueryOutcome::Tail(log::read_tail(client, &channel, &cursor).await)
-                }
+                Ask::Tail {
+                    from,
+                    catch_up,
+                    budget,
+                } => QueryOutcome::Tail(
+                    log::read_page(client, &channel, &from, catch_up.as_ref(), budget).await,
+                ),
                 Ask::Fetch(origin, seq) => {
                     QueryOutcome::Fetch(log::fetch(client, &channel, &origin, seq).await)
                 }
