@@ -677,9 +677,50 @@ async fn log_rows_written_by_any_inserting_role_cannot_lie() {
     want.sort_by_key(|u| u.to_json());
     assert_eq!(got, want);
     assert_eq!(resyncs, 0);
-    // The far-future row is pruned like any other (its time is the server's).
-    // (The memory a listener uses on huge rows is bounded by the paged catch-up's budget:
-    // issue 17.)
+    listener.close().await.unwrap();
+    real.close().await.unwrap();
+}
+
+/// Rows of about 1 MiB with a future `xid`, by a role with `INSERT` on every column: each is
+/// read once (refused once), and a listener's page of the log stays within its byte budget
+/// (a row past the budget is read alone).
+#[tokio::test(flavor = "multi_thread")]
+async fn huge_rows_with_a_future_xid_are_read_once_within_the_page_budget() {
+    const BUDGET: usize = 256 * 1024;
+    const HUGE: i64 = 8;
+    let server = server().await;
+    let channel = support::unique("roles_huge");
+    let listener = PgPipe::new(
+        server
+            .config(LISTENER, &channel)
+            .with_log_page_bytes(BUDGET),
+    )
+    .unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    listener.listen_events(tx).await.unwrap();
+    let wide = server.client(WIDE_PUSHER, "mail").await;
+    for seq in 1..=HUGE {
+        wide.execute(
+            "INSERT INTO updatepipe.log (channel, origin, seq, payload, xid) \
+             VALUES ($1, 'huge', $2, repeat('x', 1000000), \
+                     (pg_current_xact_id()::text::int8 + 1000000)::text::xid8)",
+            &[&channel, &seq],
+        )
+        .await
+        .unwrap();
+    }
+    let real = PgPipe::new(server.config(PUSHER, &channel)).unwrap();
+    real.push(&update(1)).await.unwrap();
+    // Several reads (a heartbeat a second, and the push's wake-up).
+    let (got, _) = collect(&mut rx, Duration::from_secs(4)).await;
+    real.push(&update(2)).await.unwrap();
+    let (more, _) = collect(&mut rx, Duration::from_secs(2)).await;
+    assert_eq!([got, more].concat(), [update(1), update(2)]);
+    let stats = listener.stats();
+    // Each huge row was read and refused once, however many reads there were.
+    assert_eq!(stats.rejected_total(), HUGE as u64, "{stats:?}");
+    assert!(stats.log_page_bytes_max <= 1_114_112, "{stats:?}");
+    assert!(stats.log_page_rows_max >= 1, "{stats:?}");
     listener.close().await.unwrap();
     real.close().await.unwrap();
 }
