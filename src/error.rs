@@ -59,6 +59,49 @@ pub enum Error {
     #[error("migration failed: {}", migrate_message(.0))]
     Migrate(#[source] Arc<refinery::Error>),
 
+    /// The `updatepipe` schema is missing or older than this build needs, in durable mode.
+    /// Runtime roles never migrate: the schema's owner runs `updatepipe migrate`
+    /// ([`PgPipe::migrate`](crate::PgPipe::migrate)).
+    #[error(
+        "{}, this build needs {needed}: run `updatepipe migrate` as the schema's owner",
+        match .found {
+            Some(v) => format!("the updatepipe schema is at version {v}"),
+            None => "the updatepipe schema is not migrated".to_owned(),
+        }
+    )]
+    SchemaOutdated {
+        /// The version found (`None`: not migrated at all).
+        found: Option<i64>,
+        /// The version this build needs.
+        needed: i64,
+    },
+
+    /// The connecting role may not read the `updatepipe` schema's version: it was not
+    /// granted what durable mode needs.
+    #[error(
+        "role {role:?} may not read the updatepipe schema: run `updatepipe grant --pusher \
+         {role}` (or `--listener {role}`) as the schema's owner"
+    )]
+    SchemaNotGranted {
+        /// The connecting role.
+        role: String,
+    },
+
+    /// `grant` was run by a role that does not own the `updatepipe` schema's tables
+    /// (PostgreSQL would only warn, and grant nothing).
+    #[error(
+        "role {role:?} does not own the updatepipe schema's tables: run `updatepipe grant` as \
+         the role that ran `updatepipe migrate`"
+    )]
+    NotSchemaOwner {
+        /// The connecting role.
+        role: String,
+    },
+
+    /// `grant` was asked to grant to a role that does not exist.
+    #[error("role {0:?} does not exist; create it first (CREATE ROLE … LOGIN PASSWORD …)")]
+    UnknownRole(String),
+
     /// An operation did not finish in its configured time.
     #[error("{what} timed out after {after:?}; is the server reachable and not overloaded?")]
     Timeout {
@@ -117,6 +160,7 @@ impl Error {
                 | Error::PayloadTooLarge { .. }
                 | Error::InvalidChannel(_)
                 | Error::Config(_)
+                | Error::UnknownRole(_)
         )
     }
 }

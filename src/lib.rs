@@ -121,6 +121,7 @@ mod connect;
 mod envelope;
 mod error;
 // Not collected as doctests: the guides' code blocks are shell, SQL and excerpts.
+mod grant;
 #[cfg(not(doctest))]
 pub mod guide;
 mod limits;
@@ -147,13 +148,14 @@ pub use envelope::{
     ENVELOPE_VERSION, Envelope, MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, WireFormat,
 };
 pub use error::{ConnectError, DecodeError, Error, Limit, ReplayKind, UpdateError};
+pub use grant::{Role, grant_statements};
 pub use limits::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_UPDATES, Limits};
 pub use listen::{Event, ResyncReason};
 pub use migrate::{MIGRATION_TABLE, MigrationInfo, embedded_migrations};
 pub use origin::Origin;
 pub use pipe::{PgPipe, UpdatePipe};
 pub use seqset::{MAX_SEQ_SET_LEN, SeqNum, SeqRange, SeqSet};
-pub use sign::{DEFAULT_REPLAY_WINDOW, MIN_SECRET_LEN, Secret, Signer};
+pub use sign::{DEFAULT_REPLAY_WINDOW, MAX_SECRET_FILE_LEN, MIN_SECRET_LEN, Secret, Signer};
 #[cfg(feature = "metrics")]
 pub use stats::describe_metrics;
 pub use stats::{METRICS, Stats};

@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::connect::{close_politely, connect, drive_until};
 use crate::envelope::Envelope;
 use crate::error::Error;
-use crate::migrate::MIGRATION_TABLE;
+use crate::migrate::schema_version;
 
 /// A snapshot of the server as the pipe sees it, from [`PgPipe::status`](crate::PgPipe::status).
 #[derive(Clone, Debug, PartialEq)]
@@ -38,9 +38,12 @@ pub struct Status {
     /// [`PgPipe::status`](crate::PgPipe::status) and on a standby. Listeners with a longer
     /// health interval, or none, may be missed.
     pub listeners: Option<usize>,
-    /// The newest migration applied (`None`: not migrated).
+    /// The newest migration applied (`None`: not migrated, or this role may not read the
+    /// history table). Read from `updatepipe.schema_history`, or from where releases before
+    /// it kept the history (`public.updatepipe_schema_history`) until `migrate` moves it.
     pub schema_version: Option<i64>,
-    /// Entries in the durable log for this pipe's channel (`None`: not migrated).
+    /// Entries in the durable log for this pipe's channel (`None`: not migrated, or this
+    /// role may not read the log).
     pub log_entries: Option<i64>,
     /// Age in seconds of the oldest of them (`None`: none, or not migrated).
     pub oldest_log_entry_secs: Option<f64>,
@@ -65,25 +68,22 @@ pub(crate) async fn status(config: &Config, count_listeners: bool) -> Result<Sta
         .query_typed_one(
             "SELECT current_setting('server_version'), pg_is_in_recovery(), \
                     pg_notification_queue_usage()::float8, \
-                    to_regclass($1) IS NOT NULL, to_regclass('updatepipe.log') IS NOT NULL",
-            &[(&format!("public.{MIGRATION_TABLE}"), Type::TEXT)],
+                    EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                            WHERE n.nspname = 'updatepipe' AND c.relname = 'log' \
+                              AND has_schema_privilege(n.oid, 'USAGE') \
+                              AND has_table_privilege(c.oid, 'SELECT'))",
+            &[],
         )
         .await?;
     let server_version: String = row.get(0);
     let in_recovery: bool = row.get(1);
     let queue_usage: f64 = row.get(2);
-    let migrated: bool = row.get(3);
-    let has_log: bool = row.get(4);
-    let schema_version = if migrated {
-        client
-            .query_typed_one(
-                &format!("SELECT max(version)::int8 FROM public.{MIGRATION_TABLE}"),
-                &[],
-            )
-            .await?
-            .get(0)
-    } else {
-        None
+    // A log this role may not read (a pusher's) is shown as unknown, not as an error.
+    let has_log: bool = row.get(3);
+    let schema_version = match schema_version(&client).await {
+        Ok(version) => version,
+        Err(Error::SchemaNotGranted { .. }) => None,
+        Err(e) => return Err(e),
     };
     let (log_entries, oldest_log_entry_secs) = if has_log {
         let row = client

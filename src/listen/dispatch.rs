@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::durable::{Ask, LogReader};
+use super::durable::{Ask, LogReader, no_log};
 use super::heartbeat::{Heartbeat, Sent};
 use super::intake::{Content, Incoming, Intake, LogRow, Moment, RowVerdict, Verdict};
 use super::outbox::Outbox;
@@ -35,6 +35,9 @@ pub(super) struct Dispatch {
     pub(super) heartbeat: Heartbeat,
     /// Paces the warnings about rejected payloads, which senders can provoke.
     pub(super) rejections: Pacer,
+    /// Paces the errors of log queries, which senders can provoke too (a reference to the
+    /// log is one notification).
+    pub(super) log_errors: Pacer,
     /// Paces the warnings about log pages the server cancelled.
     pub(super) cancelled_pages: Pacer,
     /// How long to wait before reading a cancelled page again.
@@ -109,15 +112,19 @@ impl Dispatch {
             }
             QueryOutcome::Tail(Err(e)) => {
                 // Retried after the next heartbeat.
-                fatal_or(
+                self.log_failed(
                     &e,
                     "reading the durable log failed (is the schema migrated? run updatepipe \
                      migrate)",
                 )
             }
-            QueryOutcome::Prune(Err(e)) => fatal_or(&e, "pruning the durable log failed"),
+            QueryOutcome::Prune(Err(e)) => self.log_failed(&e, "pruning the durable log failed"),
+            QueryOutcome::Fetch(Err(e)) if !is_fatal(&e) && no_log(e.code()) => {
+                self.stop_fetching(&e);
+                Ok(())
+            }
             QueryOutcome::Fetch(Err(e)) => {
-                fatal_or(&e, "fetching an oversize envelope from the log failed")?;
+                self.log_failed(&e, "fetching an oversize envelope from the log failed")?;
                 // Do not hold the order up on an envelope that cannot be read.
                 if let Some((origin, _)) = self.reader.fetched() {
                     self.outbox.fill_fetch(Vec::new());
@@ -127,6 +134,37 @@ impl Dispatch {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// A fatal error ends the session (`Err`); another is logged, at most one line per
+    /// [`WARN_INTERVAL`](super::pacer::WARN_INTERVAL), and the session goes on.
+    fn log_failed(&mut self, e: &tokio_postgres::Error, what: &str) -> Result<(), String> {
+        if is_fatal(e) {
+            return Err(pg_message(e));
+        }
+        tracing::debug!(target: TARGET, error = %pg_message(e), "{what}");
+        if let Some(suppressed) = self.log_errors.due(std::time::Instant::now()) {
+            tracing::error!(target: TARGET, error = %pg_message(e), suppressed, "{what}");
+        }
+        Ok(())
+    }
+
+    /// The log is not there, or this role may not read it: says so once, and until the
+    /// next connection lets every reference go with a resync instead of fetching it.
+    fn stop_fetching(&mut self, e: &tokio_postgres::Error) {
+        tracing::warn!(
+            target: TARGET,
+            error = %pg_message(e),
+            "no durable log to read: oversize envelopes that notifications point at are let \
+             go, each with a resync, until the listener reconnects (run updatepipe migrate, or \
+             updatepipe grant --listener ROLE, as the schema's owner)"
+        );
+        for (origin, _) in self.reader.stop_fetching() {
+            self.outbox.fill_fetch(Vec::new());
+            self.outbox.resync(ResyncReason::Unreadable {
+                origin: origin.to_string(),
+            });
         }
     }
 
@@ -232,6 +270,12 @@ impl Dispatch {
                 }
             }
             Content::Refused(e) => self.reject_incoming(&e, incoming),
+            // No log to fetch from: the update is gone.
+            Content::Fetch { origin, .. } if self.reader.is_unreadable() => {
+                self.outbox.resync(ResyncReason::Unreadable {
+                    origin: origin.to_string(),
+                });
+            }
             // A bounded number waits for its fetch: past that, the update is let go, with a
             // resync.
             Content::Fetch { .. } if !self.reader.can_fetch() || self.outbox.is_full() => {
@@ -272,15 +316,6 @@ impl Dispatch {
             );
         }
     }
-}
-
-/// A fatal error ends the session (`Err`); another is logged, and the session goes on.
-fn fatal_or(e: &tokio_postgres::Error, what: &str) -> Result<(), String> {
-    if is_fatal(e) {
-        return Err(pg_message(e));
-    }
-    tracing::error!(target: TARGET, error = %pg_message(e), "{what}");
-    Ok(())
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tokio_postgres::error::SqlState;
 
 use crate::log::{CatchUp, Cursor, Entry, Page, PageBudget};
 use crate::origin::Origin;
@@ -59,7 +60,23 @@ pub(super) struct LogReader {
     heard_best_effort: bool,
     /// Oversize envelopes to fetch from the log, in delivery order.
     fetches: VecDeque<(Origin, u64)>,
+    /// The log does not exist, or this role may not read it: fetching stopped until the
+    /// next connection (references are let go, with a resync).
+    unreadable: bool,
     next_prune: Instant,
+}
+
+/// Whether a log query's error says that this listener has no log to read (the schema is
+/// not migrated, or the role was not granted it): asking again will not help.
+pub(super) fn no_log(code: Option<&SqlState>) -> bool {
+    code.is_some_and(|code| {
+        [
+            SqlState::UNDEFINED_TABLE,
+            SqlState::INVALID_SCHEMA_NAME,
+            SqlState::INSUFFICIENT_PRIVILEGE,
+        ]
+        .contains(code)
+    })
 }
 
 impl LogReader {
@@ -86,6 +103,7 @@ impl LogReader {
             replaying: durable && replay_from_the_past,
             heard_best_effort: false,
             fetches: VecDeque::new(),
+            unreadable: false,
             next_prune: now,
         }
     }
@@ -101,6 +119,18 @@ impl LogReader {
     /// A best-effort sender's updates were heard in durable mode.
     pub(super) fn heard_best_effort(&mut self) {
         self.heard_best_effort = true;
+    }
+
+    /// Stops fetching (the log is not there, or not readable), until the next connection;
+    /// returns the fetches that were waiting, none of which will be made.
+    pub(super) fn stop_fetching(&mut self) -> Vec<(Origin, u64)> {
+        self.unreadable = true;
+        self.fetches.drain(..).collect()
+    }
+
+    /// Whether fetching stopped ([`stop_fetching`](LogReader::stop_fetching)).
+    pub(super) fn is_unreadable(&self) -> bool {
+        self.unreadable
     }
 
     /// Whether another oversize envelope may wait for its fetch.
@@ -187,6 +217,8 @@ impl LogReader {
     /// catch-up). Returns whether a resync is owed all the same: in best effort always, in
     /// durable mode when best-effort senders were heard (what they sent meanwhile is lost).
     pub(super) fn on_reconnect(&mut self) -> bool {
+        // The schema may have been migrated, or the role granted, meanwhile.
+        self.unreadable = false;
         if !self.durable {
             return true;
         }
@@ -403,5 +435,24 @@ mod tests {
         assert!(reader.advance(Page::complete_for_tests()).1);
         reader.heard_best_effort();
         assert!(reader.on_reconnect());
+    }
+
+    #[test]
+    fn no_log_to_read_stops_fetching_until_the_next_connection() {
+        assert!(no_log(Some(&SqlState::UNDEFINED_TABLE)));
+        assert!(no_log(Some(&SqlState::INSUFFICIENT_PRIVILEGE)));
+        assert!(no_log(Some(&SqlState::INVALID_SCHEMA_NAME)));
+        assert!(!no_log(Some(&SqlState::QUERY_CANCELED)));
+        assert!(!no_log(None));
+        let now = Instant::now();
+        let mut reader = LogReader::new(false, SECOND, BUDGET, None, false, now);
+        reader.queue_fetch(origin(), 1);
+        reader.queue_fetch(origin(), 2);
+        let dropped = reader.stop_fetching();
+        assert_eq!(dropped.len(), 2);
+        assert!(reader.is_unreadable());
+        assert!(reader.next_ask(true, now).is_none());
+        reader.on_reconnect();
+        assert!(!reader.is_unreadable());
     }
 }

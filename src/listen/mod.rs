@@ -152,6 +152,7 @@ impl Listener {
                 heartbeat_pool,
             ),
             rejections: pacer::Pacer::default(),
+            log_errors: pacer::Pacer::default(),
             cancelled_pages: pacer::Pacer::default(),
             page_pause: settings.page_pause(),
             counters,

@@ -68,7 +68,8 @@ pub(crate) enum Command {
         #[command(flatten)]
         channel: ChannelArg,
 
-        /// Durable delivery (applies the migrations it needs first).
+        /// Durable delivery. The schema must be migrated (`updatepipe migrate`, as its owner)
+        /// and the role granted (`updatepipe grant --listener ROLE`).
         #[arg(long)]
         durable: bool,
 
@@ -123,8 +124,9 @@ pub(crate) enum Command {
         #[command(flatten)]
         channel: ChannelArg,
 
-        /// Durable delivery: also write the updates to the log (applies the migrations it
-        /// needs first).
+        /// Durable delivery: also write the updates to the log. The schema must be migrated
+        /// (`updatepipe migrate`, as its owner) and the role granted (`updatepipe grant
+        /// --pusher ROLE`).
         #[arg(long)]
         durable: bool,
 
@@ -161,12 +163,41 @@ pub(crate) enum Command {
         secret_file: Option<PathBuf>,
     },
 
-    /// Apply updatepipe's schema migrations (safe to repeat).
+    /// Apply updatepipe's schema migrations (safe to repeat), as the role that owns the
+    /// updatepipe schema: nothing else migrates.
     ///
     /// Example: updatepipe migrate --dry-run
     #[command(verbatim_doc_comment)]
     Migrate {
         /// List the migrations that would be applied, and apply none.
+        #[arg(long)]
+        dry_run: bool,
+    },
+
+    /// Grant runtime roles what they need, and nothing more (run as the schema's owner,
+    /// after migrate; safe to repeat).
+    ///
+    /// A pusher may push, best effort and durable; a listener may listen, read the durable
+    /// log and prune it. Neither may create anything. docs/security.md lists each privilege.
+    ///
+    /// Examples:
+    ///   updatepipe grant --pusher mail_admin --pusher imap_node --listener imap_node
+    ///   updatepipe grant --listener imap_node --dry-run
+    #[command(verbatim_doc_comment)]
+    Grant {
+        /// A role that pushes (repeat for several).
+        #[arg(
+            long = "pusher",
+            value_name = "ROLE",
+            required_unless_present = "listeners"
+        )]
+        pushers: Vec<String>,
+
+        /// A role that listens (repeat for several).
+        #[arg(long = "listener", value_name = "ROLE")]
+        listeners: Vec<String>,
+
+        /// Print the SQL, and grant nothing.
         #[arg(long)]
         dry_run: bool,
     },

@@ -79,7 +79,11 @@ pub(crate) async fn listen(
 ) -> anyhow::Result<()> {
     let pipe = PgPipe::new(config)?;
     if pipe.config().durable() {
-        pipe.migrate().await?;
+        // Never migrates: a runtime role cannot, and must not need to.
+        if let Err(e) = pipe.check_schema().await {
+            pipe.close().await?;
+            return Err(e.into());
+        }
     }
     let (tx, mut rx) = mpsc::channel(1024);
     pipe.listen_events(tx).await?;
@@ -235,7 +239,11 @@ pub(crate) async fn push(
     }
     let pipe = PgPipe::new(config)?;
     if pipe.config().durable() {
-        pipe.migrate().await?;
+        // Never migrates: a runtime role cannot, and must not need to.
+        if let Err(e) = pipe.check_schema().await {
+            pipe.close().await?;
+            return Err(e.into());
+        }
     }
     let pushed = pipe.push_many(&updates).await;
     pipe.close().await?;

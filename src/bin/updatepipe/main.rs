@@ -17,7 +17,10 @@ use args::{Cli, Command, LogFormat, parse_key};
 use clap::Parser;
 use commands::{Filter, listen, print_status, push, update_from_options};
 use updatepipe::cluster::{TempCluster, env_or_temp};
-use updatepipe::{ChannelName, Config, Error, PgPipe, Secret, UpdatePipe, embedded_migrations};
+use updatepipe::{
+    ChannelName, Config, Error, PgPipe, Role, Secret, UpdatePipe, embedded_migrations,
+    grant_statements,
+};
 
 /// Exit codes, one per class of failure (`updatepipe --help` and the README list them).
 mod exit {
@@ -99,7 +102,13 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         Some(e) if e.is_invalid_input() => exit::BAD_INPUT,
         Some(e) if e.is_auth() => exit::AUTH,
         Some(e) if e.is_connection() => exit::CONNECTION,
-        Some(Error::Postgres(_) | Error::Migrate(_)) => exit::SERVER,
+        Some(
+            Error::Postgres(_)
+            | Error::Migrate(_)
+            | Error::SchemaOutdated { .. }
+            | Error::SchemaNotGranted { .. }
+            | Error::NotSchemaOwner { .. },
+        ) => exit::SERVER,
         Some(_) => exit::FAILURE,
         None if e.downcast_ref::<updatepipe::UpdateError>().is_some() => exit::BAD_INPUT,
         None => exit::FAILURE,
@@ -180,6 +189,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             pipe.close().await?;
+            Ok(())
+        }
+        Command::Grant {
+            pushers,
+            listeners,
+            dry_run,
+        } => {
+            let roles: Vec<(&str, Role)> = pushers
+                .iter()
+                .map(|r| (r.as_str(), Role::Pusher))
+                .chain(listeners.iter().map(|r| (r.as_str(), Role::Listener)))
+                .collect();
+            if dry_run {
+                for (role, what) in &roles {
+                    for sql in grant_statements(role, *what) {
+                        println!("{sql};");
+                    }
+                }
+                return Ok(());
+            }
+            let pipe = PgPipe::new(config(cli.url.as_deref())?)?;
+            let granted = pipe.grant(&roles).await;
+            pipe.close().await?;
+            granted?;
+            for (role, what) in &roles {
+                let what = if *what == Role::Pusher {
+                    "pusher"
+                } else {
+                    "listener"
+                };
+                println!("granted {role} what a {what} needs");
+            }
             Ok(())
         }
         Command::Status { channel, listeners } => {

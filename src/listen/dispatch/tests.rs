@@ -45,6 +45,7 @@ fn dispatch(config: &Config) -> (Dispatch, mpsc::Receiver<Event>) {
             pool,
         ),
         rejections: Pacer::default(),
+        log_errors: Pacer::default(),
         cancelled_pages: Pacer::default(),
         page_pause: settings.page_pause(),
         counters,
@@ -195,6 +196,27 @@ fn an_oversize_envelope_waits_in_its_place_for_its_fetch() {
     };
     assert_eq!(heard(&mut d, &mut rx), [Event::Resync(unreadable)]);
     assert!(d.next_ask().is_none());
+}
+
+#[test]
+fn without_a_log_a_reference_is_a_resync_and_no_fetch() {
+    let (mut d, mut rx) = dispatch(&config());
+    let packer = Packer::new(&Origin::parse("other").unwrap(), 7, None);
+    d.on_notification(on(&packer.reference(1, DURABLE)));
+    // The fetch found no log (the dispatcher's answer to such an error).
+    assert!(matches!(d.next_ask(), Some(Ask::Fetch(_, 1))));
+    assert_eq!(d.reader.stop_fetching().len(), 1);
+    d.outbox.fill_fetch(Vec::new());
+    for seq in 2..100 {
+        d.on_notification(on(&packer.reference(seq, DURABLE)));
+    }
+    assert!(d.next_ask().is_none(), "fetched without a log");
+    let unreadable = ResyncReason::Unreadable {
+        origin: "other".into(),
+    };
+    // One resync queued (a resync right behind another is not queued again), all counted.
+    assert_eq!(heard(&mut d, &mut rx), [Event::Resync(unreadable)]);
+    assert_eq!(d.counters.snapshot().resyncs, 98);
 }
 
 #[test]
