@@ -138,8 +138,8 @@ async fn passwords_and_signing_secrets_never_show_in_logs_errors_or_debug() {
     pusher.close().await.unwrap();
 
     // The command line, at the most verbose level, with a bad and a good password: a
-    // connection failure (exit code 3), then success.
-    for (password, code) in [(WRONG_PASSWORD, 3), (PASSWORD, 0)] {
+    // refused login (exit code 5), then success.
+    for (password, code) in [(WRONG_PASSWORD, 5), (PASSWORD, 0)] {
         let secret_file = secret_file.to_str().unwrap();
         for args in [
             vec!["status"],

@@ -176,6 +176,7 @@ impl Listener {
             reader: durable::LogReader::new(
                 settings.durable,
                 settings.retention,
+                settings.page,
                 cursor,
                 settings.since.is_some(),
                 now,
@@ -187,6 +188,9 @@ impl Listener {
                 heartbeat_pool,
             ),
             rejections: pacer::Pacer::default(),
+            log_errors: pacer::Pacer::default(),
+            cancelled_pages: pacer::Pacer::default(),
+            page_pause: settings.page_pause(),
             counters,
         };
         dispatch.outbox.emit(Event::Connected);

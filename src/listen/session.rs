@@ -10,7 +10,7 @@ use super::TARGET;
 use super::settings::Settings;
 use crate::channel::quote_identifier;
 use crate::config::Config;
-use crate::connect::{RawConnection, close_politely, connect, drive_until};
+use crate::connect::{RawConnection, close_politely, connect_listener, drive_until};
 use crate::error::Error;
 use crate::log::{self, Cursor};
 
@@ -31,7 +31,7 @@ impl Session {
         want_cursor: bool,
         mailboxes: &[String],
     ) -> Result<(Session, Option<Cursor>), Error> {
-        let (client, mut connection) = connect(config).await?;
+        let (client, mut connection) = connect_listener(config).await?;
         let mut backlog = VecDeque::new();
         let after = settings.connect_timeout;
         let channel = config.channel();

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::config::{Backoff, Config, Since};
 use crate::limits::Limits;
+use crate::log::PageBudget;
 use crate::sign::Signer;
 
 /// What the listen path reads from the configuration.
@@ -32,6 +33,8 @@ pub(super) struct Settings {
     pub(super) since: Option<Since>,
     /// With signing on: checks every payload's signature, and signs heartbeats.
     pub(super) signer: Option<Signer>,
+    /// Durable mode: how much one page of a log read may hold.
+    pub(super) page: PageBudget,
 }
 
 impl Settings {
@@ -50,13 +53,22 @@ impl Settings {
             backoff: config.backoff().clone(),
             since: config.since(),
             signer: config.signer(),
+            page: PageBudget {
+                rows: config.log_page_rows(),
+                bytes: config.log_page_bytes(),
+            },
         }
     }
 
     /// The deadline of a query on the listener's connection. A backstop only: the heartbeat
-    /// finds a dead connection sooner. Generous, so that a long catch-up read after a long
-    /// absence can finish.
+    /// finds a dead connection sooner. Generous: a log read is one page, but a page can wait
+    /// on a slow disk.
     pub(super) fn query_deadline(&self) -> Duration {
         (self.health_interval + self.connect_timeout).max(Duration::from_secs(60))
+    }
+
+    /// How long to wait before reading again a log page the server cancelled.
+    pub(super) fn page_pause(&self) -> Duration {
+        (self.health_interval / 10).clamp(Duration::from_millis(10), Duration::from_secs(1))
     }
 }

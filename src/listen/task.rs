@@ -74,11 +74,21 @@ impl ConnectionLoop {
                 End::Connection(reason) => {
                     // A dead connection gets no polite goodbye: it may never be written.
                     drop(current);
-                    tracing::warn!(
-                        target: TARGET,
-                        %reason,
-                        "listener connection lost; reconnecting"
-                    );
+                    // A caller that asked for events is told by one; the others only
+                    // by the log.
+                    if self.dispatch.outbox.tells_events() {
+                        tracing::debug!(
+                            target: TARGET,
+                            %reason,
+                            "listener connection lost; reconnecting"
+                        );
+                    } else {
+                        tracing::warn!(
+                            target: TARGET,
+                            %reason,
+                            "listener connection lost; reconnecting"
+                        );
+                    }
                     self.dispatch.counters.disconnect();
                     self.dispatch.outbox.emit(Event::Disconnected { reason });
                     self.connector.lost(connected_at.elapsed());
@@ -210,8 +220,18 @@ impl ConnectionLoop {
         let channel = self.channel.clone();
         let query = async move {
             match ask {
-                Ask::Tail(cursor) => {
-                    QueryOutcome::Tail(log::read_tail(client, &channel, &cursor).await)
+                Ask::Tail {
+                    from,
+                    catch_up,
+                    budget,
+                    not_before,
+                } => {
+                    if let Some(at) = not_before {
+                        tokio::time::sleep_until(at).await;
+                    }
+                    QueryOutcome::Tail(
+                        log::read_page(client, &channel, &from, catch_up.as_ref(), budget).await,
+                    )
                 }
                 Ask::Fetch(origin, seq) => {
                     QueryOutcome::Fetch(log::fetch(client, &channel, &origin, seq).await)

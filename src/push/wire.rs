@@ -94,7 +94,7 @@ impl Statements {
                 copies: true,
             } => {
                 return Ok(Statements::DurableMapped(
-                    client.prepare_cached(LOG_AND_NOTIFY_MAPPED).await?,
+                    client.prepare_cached(&LOG_AND_NOTIFY_MAPPED).await?,
                 ));
             }
             Shape {
@@ -356,7 +356,7 @@ impl Wire {
                 (&notes, Type::TEXT_ARRAY),
                 (&channels, Type::TEXT_ARRAY),
             ];
-            return client.execute_typed(LOG_AND_NOTIFY_MAPPED, &params).await;
+            return client.execute_typed(&LOG_AND_NOTIFY_MAPPED, &params).await;
         }
         if self.maddy.is_some() {
             let notes = payloads.iter().map(|(_, p)| Cow::Borrowed(p.as_str()));
@@ -731,6 +731,21 @@ mod tests {
             wire.encode(&empty, MAX_PAYLOAD_LEN),
             Err(Error::InvalidChannel(_))
         ));
+    }
+
+    #[test]
+    fn the_maddy_layouts_durable_statement_writes_the_log_as_the_shared_one() {
+        let mapped: &str = &LOG_AND_NOTIFY_MAPPED;
+        let insert = LOG_AND_NOTIFY
+            .rsplit_once("SELECT pg_notify")
+            .expect("a notifying SELECT")
+            .0;
+        assert!(mapped.starts_with(insert), "{mapped}");
+        assert!(mapped.contains("pg_notify(coalesce(c, $1), n)"), "{mapped}");
+        assert!(
+            mapped.contains("unnest($5::text[], $6::text[])"),
+            "{mapped}"
+        );
     }
 
     #[test]

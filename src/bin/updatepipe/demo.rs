@@ -8,9 +8,12 @@ use updatepipe::{
 };
 
 /// Two nodes and an admin tool, through one PostgreSQL.
-pub async fn run(base: Config) -> anyhow::Result<()> {
-    // A channel of its own, so the demo never disturbs real listeners.
-    let channel = ChannelName::new(format!("updatepipe_demo_{:08x}", rand::random::<u32>()))?;
+pub async fn run(base: Config, channel: Option<ChannelName>) -> anyhow::Result<()> {
+    // By default a channel of its own, so the demo never disturbs real listeners.
+    let channel = match channel {
+        Some(channel) => channel,
+        None => ChannelName::new(format!("updatepipe_demo_{:08x}", rand::random::<u32>()))?,
+    };
     let config = base
         .with_channel(channel.clone())
         .with_application_name("updatepipe-demo");
@@ -39,11 +42,7 @@ pub async fn run(base: Config) -> anyhow::Result<()> {
     show(&mut nodes, &[1, 0]).await;
 
     println!("the admin tool stores a message and pushes inside the same transaction:");
-    let (mut client, connection) = config
-        .pg()
-        .connect(config.tls_connector()?)
-        .await
-        .map_err(|e| Error::Connect(e.into()))?;
+    let (mut client, connection) = config.connect().await?;
     let connection = tokio::spawn(connection);
     client
         .batch_execute("CREATE TEMP TABLE messages (mailbox text, uid int, body text)")
@@ -133,11 +132,7 @@ struct MaddyNode {
 
 impl MaddyNode {
     async fn start(config: &Config, mailbox: &MailboxKey) -> anyhow::Result<MaddyNode> {
-        let (client, mut connection) = config
-            .pg()
-            .connect(config.tls_connector()?)
-            .await
-            .map_err(|e| Error::Connect(e.into()))?;
+        let (client, mut connection) = config.connect().await?;
         let (tx, heard) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
             while let Some(Ok(message)) =
@@ -198,8 +193,11 @@ impl MaddyNode {
 
 /// `updatepipe demo --layout maddy`: a maddy-format node on mailbox 42 among two updatepipe
 /// nodes in the maddy layout.
-pub async fn run_maddy(base: Config) -> anyhow::Result<()> {
-    let channel = ChannelName::new(format!("updatepipe_demo_{:08x}", rand::random::<u32>()))?;
+pub async fn run_maddy(base: Config, channel: Option<ChannelName>) -> anyhow::Result<()> {
+    let channel = match channel {
+        Some(channel) => channel,
+        None => ChannelName::new(format!("updatepipe_demo_{:08x}", rand::random::<u32>()))?,
+    };
     let config = base
         .with_channel(channel.clone())
         .with_application_name("updatepipe-demo")
