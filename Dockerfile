@@ -1,11 +1,37 @@
-# syntax=docker/dockerfile:1
-# Three targets: `build` compiles the binary, `node` is a small image that runs it, `test`
-# has what the test suite needs (Rust, PostgreSQL's server binaries for the throwaway
-# clusters some tests start, and PgBouncer). docker-compose.yml uses `node` and `test`.
+# Three targets: `build` compiles the binary, `node` is a small image that runs it as an
+# unprivileged user, `test` has what the test suite needs (Rust, PostgreSQL's server
+# binaries for the throwaway clusters some tests start, and PgBouncer). docker-compose.yml
+# uses `node` and `test`.
+#
+# No `# syntax=` line: nothing here needs a newer Dockerfile frontend, and naming one makes
+# BuildKit fetch it from a registry. Builds with the classic builder (Compose 1.29's) and
+# with BuildKit alike.
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-COPY . .
+# 1. The dependencies, in a layer of their own. Only the manifests go in, with empty
+#    stand-ins for the crate's targets (cargo refuses a manifest whose [[test]] or [[bench]]
+#    files are missing), so this layer, the slow one, is rebuilt only when Cargo.toml or
+#    Cargo.lock change.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src/bin/updatepipe tests benches \
+ && touch src/lib.rs \
+ && echo 'fn main() {}' > src/bin/updatepipe/main.rs \
+ && echo 'fn main() {}' > build.rs \
+ && awk '/^\[\[test\]\]/ { dir = "tests"; next } /^\[\[bench\]\]/ { dir = "benches"; next } \
+         /^\[/ { dir = "" } dir && $1 == "name" { gsub(/"/, "", $3); print dir "/" $3 ".rs" }' \
+        Cargo.toml | while read -r stub; do echo 'fn main() {}' > "$stub"; done \
+ && cargo build --release --locked --bin updatepipe \
+ && rm -rf src build.rs \
+ && rm -rf target/release/.fingerprint/updatepipe-* target/release/build/updatepipe-* \
+           target/release/deps/updatepipe-* target/release/deps/libupdatepipe-*
+# 2. The crate: a change to its source rebuilds from here (the stand-ins' fingerprints are
+#    gone above, so cargo never mistakes them for the real thing, whatever the files'
+#    times). Documentation, tests, examples and benchmarks are not copied: changing them
+#    rebuilds nothing.
+COPY build.rs ./
+COPY migrations migrations
+COPY src src
 RUN cargo build --release --locked --bin updatepipe
 
 FROM rust:1.95-bookworm AS test
@@ -17,8 +43,9 @@ WORKDIR /src
 FROM debian:bookworm-slim AS node
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
- && rm -rf /var/lib/apt/lists/*
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin updatepipe
 COPY --from=build /src/target/release/updatepipe /usr/local/bin/updatepipe
-USER nobody
+USER updatepipe
 ENTRYPOINT ["updatepipe"]
 CMD ["listen"]
