@@ -1,7 +1,8 @@
 # Three targets: `build` compiles the binary, `node` is a small image that runs it as an
 # unprivileged user, `test` has what the test suite needs (Rust, PostgreSQL's server
 # binaries for the throwaway clusters some tests start, and PgBouncer). docker-compose.yml
-# uses `node` and `test`.
+# uses `node` and `test`. `test` comes last: the classic builder builds every stage before
+# the target, and `node`, the common one, then skips installing the test tools.
 #
 # No `# syntax=` line: nothing here needs a newer Dockerfile frontend, and naming one makes
 # BuildKit fetch it from a registry. Builds with the classic builder (Compose 1.29's) and
@@ -34,12 +35,6 @@ COPY migrations migrations
 COPY src src
 RUN cargo build --release --locked --bin updatepipe
 
-FROM rust:1.95-bookworm AS test
-RUN apt-get update \
- && apt-get install -y --no-install-recommends postgresql pgbouncer \
- && rm -rf /var/lib/apt/lists/*
-WORKDIR /src
-
 FROM debian:bookworm-slim AS node
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
@@ -49,3 +44,9 @@ COPY --from=build /src/target/release/updatepipe /usr/local/bin/updatepipe
 USER updatepipe
 ENTRYPOINT ["updatepipe"]
 CMD ["listen"]
+
+FROM rust:1.95-bookworm AS test
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends postgresql pgbouncer \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
