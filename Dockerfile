@@ -11,25 +11,31 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 # 1. The dependencies, in a layer of their own. Only the manifests go in, with empty
-#    stand-ins for the crate's targets (cargo refuses a manifest whose [[test]] or [[bench]]
-#    files are missing), so this layer, the slow one, is rebuilt only when Cargo.toml or
-#    Cargo.lock change.
+#    stand-ins for the crate's targets (cargo refuses a manifest whose [[test]], [[bench]]
+#    or [[example]] files are missing: the awk lists them, at `path` or the default place),
+#    so this layer, the slow one, is rebuilt only when Cargo.toml or Cargo.lock change.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src/bin/updatepipe tests benches \
+RUN mkdir -p src/bin/updatepipe \
  && touch src/lib.rs \
  && echo 'fn main() {}' > src/bin/updatepipe/main.rs \
  && echo 'fn main() {}' > build.rs \
- && awk '/^\[\[test\]\]/ { dir = "tests"; next } /^\[\[bench\]\]/ { dir = "benches"; next } \
-         /^\[/ { dir = "" } dir && $1 == "name" { gsub(/"/, "", $3); print dir "/" $3 ".rs" }' \
-        Cargo.toml | while read -r stub; do echo 'fn main() {}' > "$stub"; done \
+ && awk 'function flush() { if (dir != "" && name != "") print (path != "" ? path : dir "/" name ".rs"); dir = name = path = "" } \
+         /^\[\[test\]\]/ { flush(); dir = "tests"; next } \
+         /^\[\[bench\]\]/ { flush(); dir = "benches"; next } \
+         /^\[\[example\]\]/ { flush(); dir = "examples"; next } \
+         /^\[/ { flush(); next } \
+         dir != "" && $1 == "name" { name = $3; gsub(/"/, "", name) } \
+         dir != "" && $1 == "path" { path = $3; gsub(/"/, "", path) } \
+         END { flush() }' Cargo.toml \
+    | while read -r stub; do mkdir -p "$(dirname "$stub")"; echo 'fn main() {}' > "$stub"; done \
  && cargo build --release --locked --bin updatepipe \
  && rm -rf src build.rs \
  && rm -rf target/release/.fingerprint/updatepipe-* target/release/build/updatepipe-* \
            target/release/deps/updatepipe-* target/release/deps/libupdatepipe-*
 # 2. The crate: a change to its source rebuilds from here (the stand-ins' fingerprints are
 #    gone above, so cargo never mistakes them for the real thing, whatever the files'
-#    times). Documentation, tests, examples and benchmarks are not copied: changing them
-#    rebuilds nothing.
+#    times). Documentation, tests, examples and benchmarks are not copied (changing them
+#    rebuilds nothing): their stand-ins stay, since the manifest still names them.
 COPY build.rs ./
 COPY migrations migrations
 COPY src src
