@@ -8,6 +8,7 @@
 //! - [`operations`]: a deployment checklist; PgBouncer, standbys, the queue, sizing,
 //!   monitoring and metrics, and where connection settings differ from libpq's.
 //! - [`security`]: the threat model, signed updates, TLS, who may connect.
+//! - [`containers`]: your own containerized integration tests with PostgreSQL and updatepipe.
 //! - [`benchmarks`]: figures and how to reproduce them.
 //! - [`changelog`]: what changed, release by release.
 
@@ -38,6 +39,9 @@ pub mod operations {}
 
 #[doc = include_str!("../docs/security.md")]
 pub mod security {}
+
+#[doc = include_str!("../docs/containers.md")]
+pub mod containers {}
 
 #[doc = include_str!("../BENCHMARKS.md")]
 pub mod benchmarks {}
