@@ -9,6 +9,7 @@
 //!   monitoring and metrics, and where connection settings differ from libpq's.
 //! - [`security`]: the threat model, signed updates, TLS, who may connect.
 //! - [`maddy`]: mixed fleets with maddy's nodes, and migrating from maddy's pipe.
+//! - [`containers`]: your own containerized integration tests with PostgreSQL and updatepipe.
 //! - [`benchmarks`]: figures and how to reproduce them.
 //! - [`changelog`]: what changed, release by release.
 
@@ -42,6 +43,9 @@ pub mod maddy {}
 
 #[doc = include_str!("../docs/security.md")]
 pub mod security {}
+
+#[doc = include_str!("../docs/containers.md")]
+pub mod containers {}
 
 #[doc = include_str!("../BENCHMARKS.md")]
 pub mod benchmarks {}

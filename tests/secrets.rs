@@ -44,6 +44,9 @@ async fn passwords_and_signing_secrets_never_show_in_logs_errors_or_debug() {
     let cluster = tokio::task::spawn_blocking(|| {
         TempCluster::builder()
             .hba("host all app 127.0.0.1/32 scram-sha-256")
+            // The default from 14 on; 13 would store an md5 hash, which the scram line
+            // above cannot authenticate.
+            .setting("password_encryption", "scram-sha-256")
             .start()
             .unwrap_or_else(|e| panic!("{e}"))
     })
