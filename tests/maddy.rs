@@ -489,13 +489,13 @@ fn a_subscription_survives_a_reconnect() {
             let killed: i64 = admin
                 .query_one(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                     WHERE application_name = $1",
+                     WHERE application_name IN ($1, $1 || '/listen')",
                     &[&app],
                 )
                 .await
                 .unwrap()
                 .get(0);
-            assert!(killed >= 1);
+            assert!(killed >= 1, "the listener's connection is terminated");
             let expected = if durable {
                 ResyncReason::Resubscribed {
                     keys: vec![MailboxKey::Id(k.big)],
