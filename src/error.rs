@@ -126,6 +126,14 @@ pub enum Error {
     #[error("the pipe is closed")]
     Closed,
 
+    /// A subscription by mailbox was asked of a pipe that does not listen, or not in the
+    /// maddy layout.
+    #[error(
+        "subscribing to a mailbox needs a listening pipe in the maddy layout: call listen first, \
+         with Config::with_layout(Layout::Maddy)"
+    )]
+    NotListening,
+
     /// A throwaway PostgreSQL cluster could not be started or stopped.
     #[error("throwaway PostgreSQL cluster: {0}")]
     Cluster(String),

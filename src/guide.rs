@@ -8,6 +8,7 @@
 //! - [`operations`]: a deployment checklist; PgBouncer, standbys, the queue, sizing,
 //!   monitoring and metrics, and where connection settings differ from libpq's.
 //! - [`security`]: the threat model, signed updates, TLS, who may connect.
+//! - [`maddy`]: mixed fleets with maddy's nodes, and migrating from maddy's pipe.
 //! - [`containers`]: your own containerized integration tests with PostgreSQL and updatepipe.
 //! - [`benchmarks`]: figures and how to reproduce them.
 //! - [`changelog`]: what changed, release by release.
@@ -36,6 +37,9 @@ pub mod wire_format {}
 
 #[doc = include_str!("../docs/operations.md")]
 pub mod operations {}
+
+#[doc = include_str!("../docs/maddy.md")]
+pub mod maddy {}
 
 #[doc = include_str!("../docs/security.md")]
 pub mod security {}

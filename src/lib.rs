@@ -84,6 +84,7 @@
 //! | the update model and its JSON contract | [`Update`], [`MailboxKey`], [`SeqSet`], [`Flag`] |
 //! | the wire format (envelope v1, maddy's legacy form) | [`Envelope`], [`guide::wire_format`] |
 //! | configuration: libpq's settings, the pipe's options | [`Config`], [`ChannelName`] |
+//! | channel layouts: the shared channel, maddy's channel per mailbox | [`Layout`], [`guide::maddy`] |
 //! | what the listener tells an application | [`Event`], [`ResyncReason`] |
 //! | errors | [`Error`], [`ConnectError`], [`DecodeError`] |
 //! | counters, metrics and the server's status | [`Stats`], [`METRICS`], [`Status`] |
@@ -124,6 +125,7 @@ mod error;
 mod grant;
 #[cfg(not(doctest))]
 pub mod guide;
+mod layout;
 mod limits;
 mod listen;
 mod log;
@@ -149,6 +151,7 @@ pub use envelope::{
 };
 pub use error::{ConnectError, DecodeError, Error, Limit, ReplayKind, UpdateError};
 pub use grant::{Role, grant_statements};
+pub use layout::{Layout, MADDY_SENDER_PREFIX};
 pub use limits::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_UPDATES, Limits};
 pub use listen::{Event, ResyncReason};
 pub use migrate::{MIGRATION_TABLE, MigrationInfo, embedded_migrations};

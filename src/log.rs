@@ -29,6 +29,22 @@ pub(crate) const LOG_AND_NOTIFY: &str = "WITH me AS MATERIALIZED (SELECT pg_curr
        ORDER BY i) \
      SELECT pg_notify($1, n) FROM unnest($5::text[]) WITH ORDINALITY AS t(n, i) ORDER BY i";
 
+/// [`LOG_AND_NOTIFY`] in the maddy layout: the same log rows, and each notification on the
+/// channel `$6` names (a maddy copy), or on `$1` where `$6` has none (an envelope). Made
+/// from `LOG_AND_NOTIFY` by replacing its last `SELECT`, so that the two write the log alike.
+pub(crate) static LOG_AND_NOTIFY_MAPPED: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| {
+        let tail =
+            "SELECT pg_notify($1, n) FROM unnest($5::text[]) WITH ORDINALITY AS t(n, i) ORDER BY i";
+        let head = LOG_AND_NOTIFY
+            .strip_suffix(tail)
+            .expect("LOG_AND_NOTIFY ends in its notifying SELECT");
+        format!(
+            "{head}SELECT pg_notify(coalesce(c, $1), n) \
+             FROM unnest($5::text[], $6::text[]) WITH ORDINALITY AS t(n, c, i) ORDER BY i"
+        )
+    });
+
 /// One page of what the log gained since the cursor `($2, $3, $4)`: the previous read's
 /// snapshot, highest visible id and server time. A catch-up reads towards a *target*
 /// snapshot, taken by its first page (`$5` is null then; later pages pass it back with its

@@ -11,12 +11,13 @@ use tokio_postgres::GenericClient;
 use crate::config::Config;
 use crate::error::Error;
 use crate::grant::Role;
-use crate::listen::{Event, Listener, Sink};
+use crate::layout::Layout;
+use crate::listen::{Command, Event, Listener, Sink};
 use crate::migrate::{MigrationInfo, migrate};
 use crate::origin::Origin;
 use crate::push::Pusher;
 use crate::stats::{Counters, Stats};
-use crate::update::Update;
+use crate::update::{MailboxKey, Update};
 
 /// An update pipe, with the semantics of maddy's `updatepipe.P`.
 ///
@@ -183,6 +184,56 @@ impl PgPipe {
     /// must reload its state. (With plain `listen`, events are logged and counted only.)
     pub async fn listen_events(&self, events: mpsc::Sender<Event>) -> Result<(), Error> {
         self.start_listening(Sink::Events(events)).await
+    }
+
+    /// The maddy layout: also listen for the updates maddy nodes send about this mailbox,
+    /// on its maddy channel ([`MailboxKey::maddy_channel`]), as a maddy node does when a
+    /// client opens the mailbox. Reference-counted: each call needs an
+    /// [`unsubscribe`](PgPipe::unsubscribe). Returns once the server has confirmed the
+    /// `LISTEN` (or, after a lost connection, once the new one is subscribed again). Every
+    /// reconnect subscribes to the whole set again, with a resync that covers it, since
+    /// maddy's updates are not logged: [`ResyncReason::Reconnected`](crate::ResyncReason)
+    /// in best-effort mode, [`ResyncReason::Resubscribed`](crate::ResyncReason) naming the
+    /// keys in durable mode. Updates between updatepipe pipes need no subscription:
+    /// they travel on the pipe's channel.
+    ///
+    /// Fails with [`Error::NotListening`] before [`listen`](UpdatePipe::listen) or outside
+    /// the maddy layout, and with [`Error::InvalidChannel`] for a key that cannot be a
+    /// channel.
+    pub async fn subscribe(&self, key: impl Into<MailboxKey>) -> Result<(), Error> {
+        let key = key.into();
+        key.maddy_channel()?;
+        self.ask_listener(|reply| Command::Subscribe(key, reply))
+            .await
+    }
+
+    /// Undoes one [`subscribe`](PgPipe::subscribe); after the last, the listener `UNLISTEN`s
+    /// the mailbox's channel. A mailbox not subscribed is left as it is.
+    pub async fn unsubscribe(&self, key: impl Into<MailboxKey>) -> Result<(), Error> {
+        let key = key.into();
+        self.ask_listener(|reply| Command::Unsubscribe(key, reply))
+            .await
+    }
+
+    async fn ask_listener(
+        &self,
+        command: impl FnOnce(tokio::sync::oneshot::Sender<Result<(), Error>>) -> Command,
+    ) -> Result<(), Error> {
+        self.check_open()?;
+        if self.inner.config.layout() != Layout::Maddy {
+            return Err(Error::NotListening);
+        }
+        // Not held while waiting: `close` must not wait for an answer.
+        let commands = match &*self.inner.listener.lock().await {
+            Some(listener) => listener.commands(),
+            None => return Err(Error::NotListening),
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        commands
+            .send(command(reply))
+            .await
+            .map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
     }
 
     /// The server's notification queue usage, from 0 to 1 (`pg_notification_queue_usage()`).

@@ -364,6 +364,8 @@ fn bench_runs_every_row_and_reports_json() {
         "pipe, 1 pusher",
         "pipe, 256 pushers",
         "durable, 256 pushers",
+        "maddy layout, 1 pusher",
+        "maddy layout, 256 pushers",
         "pipe latency @1,000/s",
     ] {
         assert!(
@@ -598,4 +600,63 @@ fn the_metrics_endpoint_counts_deliveries_and_rejections() {
     );
     listener.kill().unwrap();
     listener.wait().unwrap();
+}
+
+#[test]
+fn listen_in_the_maddy_layout_subscribes_to_its_keys_and_hears_a_maddy_push_once() {
+    let channel = support::unique("cli_maddy");
+    let key = 7_000_000 + u64::from(rand::random::<u16>());
+    let mailbox = format!("__uint64_{key}");
+    let (mut listener, out, ready) = start_listener(&[
+        "--channel",
+        &channel,
+        "--layout",
+        "maddy",
+        "--key",
+        &key.to_string(),
+    ]);
+    assert!(ready.contains("listening"), "{ready}");
+    let rt = support::runtime();
+    rt.block_on(async {
+        // A maddy node's update on the mailbox's channel, in maddy's form.
+        let maddy = support::sql().await;
+        let payload = format!("4242-0xc000010000;{{\"Type\":3,\"Key\":{key}}}\n");
+        maddy
+            .execute("SELECT pg_notify($1, $2)", &[&mailbox, &payload])
+            .await
+            .unwrap();
+    });
+    let line = out
+        .recv_timeout(Duration::from_secs(10))
+        .expect("maddy's update");
+    assert_eq!(line, format!("{{\"Type\":3,\"Key\":{key}}}"));
+
+    // push --layout maddy: the listener gets the envelope once (its copy is dropped).
+    let update = format!("{{\"Type\":0,\"Key\":{key},\"SeqSet\":\"1\"}}");
+    let pushed = run(&["push", "--channel", &channel, "--layout", "maddy", &update]);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    let line = out.recv_timeout(Duration::from_secs(10)).expect("the push");
+    assert_eq!(line, update);
+    assert!(
+        out.recv_timeout(Duration::from_millis(500)).is_err(),
+        "once"
+    );
+    listener.kill().unwrap();
+    listener.wait().unwrap();
+}
+
+#[test]
+fn the_maddy_demo_shows_both_ways() {
+    let output = run(&["demo", "--layout", "maddy"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", stderr(&output));
+    assert!(
+        stdout.contains("maddy node received from updatepipe-"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("node A received {\"Type\":1,\"Key\":42"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("unexpected"), "{stdout}");
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::channel::ChannelName;
 use crate::error::Error;
+use crate::layout::Layout;
 use crate::limits::Limits;
 use crate::sign::{DEFAULT_REPLAY_WINDOW, Secret};
 use crate::tls::{SslMode, TlsOptions};
@@ -72,6 +73,8 @@ pub struct Config {
     limits: Limits,
     /// The password file's entries, for hosts with no password given.
     passfile: Option<Arc<PassFile>>,
+    layout: Layout,
+    accept_maddy: bool,
 }
 
 impl Config {
@@ -208,6 +211,8 @@ impl Config {
             replay_window: DEFAULT_REPLAY_WINDOW,
             limits: Limits::default(),
             passfile: None,
+            layout: Layout::Shared,
+            accept_maddy: false,
         }
     }
 
@@ -347,6 +352,8 @@ impl fmt::Debug for Config {
             .field("replay_window", &self.replay_window)
             .field("limits", &self.limits)
             .field("passfile", &self.passfile)
+            .field("layout", &self.layout)
+            .field("accept_maddy", &self.accept_maddy)
             .finish()
     }
 }

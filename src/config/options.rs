@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::Config;
 use crate::channel::ChannelName;
+use crate::layout::Layout;
 use crate::limits::Limits;
 use crate::sign::{Secret, Signer};
 
@@ -235,6 +236,34 @@ impl Config {
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
         self
+    }
+
+    /// Which channels the pipe speaks on (default [`Layout::Shared`]). With
+    /// [`Layout::Maddy`], every push also sends each update in maddy's form on its mailbox's
+    /// channel, in the same transaction, and the listener can subscribe to mailboxes
+    /// ([`PgPipe::subscribe`](crate::PgPipe::subscribe)). See `docs/maddy.md`.
+    pub fn with_layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// With signing on, in the maddy layout: deliver the updates maddy nodes send on
+    /// subscribed mailboxes' channels, which cannot be signed (default off: with signing
+    /// on they are counted as unsigned and dropped). Without signing they are always
+    /// delivered. Anyone who can connect can send such an update: see `docs/maddy.md`.
+    pub fn with_accept_maddy(mut self, accept: bool) -> Self {
+        self.accept_maddy = accept;
+        self
+    }
+
+    /// The channel layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Whether a signing listener delivers maddy's (unsigned) updates.
+    pub fn accepts_maddy(&self) -> bool {
+        self.accept_maddy
     }
 
     /// The channel.

@@ -104,8 +104,12 @@ pub(super) fn decode_legacy(payload: &str, limits: &Limits) -> Result<Envelope, 
     let origin = Origin::parse(sender)?;
     limits.check_depth(json)?;
     let json = json.replace('\u{10}', ";");
-    let raw: RawUpdate =
-        serde_json::from_str(&json).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    // As maddy does: one JSON value, and whatever follows it is ignored.
+    let raw: RawUpdate = match serde_json::Deserializer::from_str(&json).into_iter().next() {
+        Some(Ok(raw)) => raw,
+        Some(Err(e)) => return Err(DecodeError::Malformed(e.to_string())),
+        None => return Err(DecodeError::Malformed("no JSON value".into())),
+    };
     Ok(Envelope {
         format: WireFormat::Legacy,
         origin,
@@ -168,6 +172,16 @@ mod tests {
             let err = Envelope::decode(payload).unwrap_err();
             assert!(check(&err), "{payload:?}: unexpected {err:?}");
         }
+    }
+
+    #[test]
+    fn legacy_reads_one_value_as_maddy_does() {
+        // What follows the first JSON value is ignored, as maddy's decoder ignores it.
+        let env = Envelope::decode("id;{\"Type\":3,\"Key\":1}{\"Type\":9} trailing\n").unwrap();
+        assert_eq!(
+            env.updates(),
+            &[crate::update::Update::mailbox_destroyed(1u64)]
+        );
     }
 
     #[test]

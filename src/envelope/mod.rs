@@ -9,7 +9,9 @@
 //! ```
 //!
 //! The decoder also reads maddy's legacy payload, `<sender id>;<update JSON>\n` with every
-//! `;` of the JSON replaced by the byte 0x10.
+//! `;` of the JSON replaced by the byte 0x10 (one JSON value; what follows it is ignored, as
+//! maddy ignores it). In the maddy layout the push path writes that form too, as copies for
+//! maddy nodes (`push::wire`).
 
 use std::time::SystemTime;
 
@@ -126,7 +128,8 @@ impl Envelope {
     }
 
     /// Encodes one update as maddy does (`<sender id>;<json with ';' as 0x10>\n`). Useful to
-    /// test interoperability; updatepipe itself always sends version 1. The sender id must
+    /// test interoperability; updatepipe sends it only in the maddy layout, as copies for maddy
+    /// nodes next to its version 1 envelopes (`docs/maddy.md`). The sender id must
     /// not contain `;` nor start with `{` (maddy's never do), or the payload does not read
     /// back.
     pub fn encode_legacy(sender_id: &str, update: &Update) -> String {

@@ -34,7 +34,7 @@ impl Connector {
     /// The first session, with the log position in durable mode; its errors are the
     /// caller's.
     pub(super) async fn open_first(&self) -> Result<(Session, Option<Cursor>), Error> {
-        Session::open(&self.config, &self.settings, self.settings.durable).await
+        Session::open(&self.config, &self.settings, self.settings.durable, &[]).await
     }
 
     /// A session that lasted `connected_for` was lost: after a stable one, attempts count
@@ -45,7 +45,8 @@ impl Connector {
         }
     }
 
-    /// Retries with backoff until a session is open, delivering what is buffered meanwhile;
+    /// Retries with backoff until a session is open (subscribed to the pipe's channel and to
+    /// `mailboxes`' channels), delivering what is buffered meanwhile;
     /// `None` when stopped, when the caller went away, or after the configured number of
     /// attempts (then the caller is told, and what is left is delivered first).
     pub(super) async fn reconnect(
@@ -53,6 +54,7 @@ impl Connector {
         outbox: &mut Outbox,
         counters: &Counters,
         stopped: &mut oneshot::Receiver<()>,
+        mailboxes: &[String],
     ) -> Option<Session> {
         let mut receiver_gone = outbox.closed();
         loop {
@@ -74,7 +76,7 @@ impl Connector {
             let opened = tokio::select! {
                 biased;
                 _ = &mut *stopped => return None,
-                opened = Session::open(&self.config, &self.settings, false) => opened,
+                opened = Session::open(&self.config, &self.settings, false, mailboxes) => opened,
             };
             let e = match opened {
                 Ok((session, _)) => {

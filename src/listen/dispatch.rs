@@ -55,6 +55,14 @@ impl Dispatch {
         if resync_owed {
             self.outbox.resync(ResyncReason::Reconnected);
         }
+        // The new session is subscribed to every mailbox again; what maddy nodes sent them
+        // meanwhile is lost (their updates are in no log).
+        let subscriptions = &mut self.intake.subscriptions;
+        subscriptions.on_reconnect();
+        let keys = subscriptions.keys();
+        if !keys.is_empty() {
+            self.outbox.resync(ResyncReason::Resubscribed { keys });
+        }
         self.heartbeat.clock.on_reconnect(Instant::now());
     }
 
@@ -254,6 +262,11 @@ impl Dispatch {
                 return;
             }
             Verdict::Echo => return self.counters.echo(),
+            Verdict::CopyForMaddy => return,
+            Verdict::Unrepresentable { key, error } => {
+                self.reject_incoming(&error, incoming);
+                return self.outbox.resync(ResyncReason::Unrepresentable { key });
+            }
             Verdict::InLog => return self.reader.read_soon(),
             Verdict::Carries(carried) => carried,
         };

@@ -2,7 +2,12 @@
 //! decisions over the payload, the listener's identity and settings, the numbers seen so
 //! far and the time given; the connection loop acts on the [`Verdict`].
 //!
-//! A notification is, in order: on another channel (ignored); refused (a signature, decoding,
+//! On a subscribed mailbox's channel (the maddy layout), a notification is maddy's form only:
+//! an updatepipe sender's copy (dropped: its envelope is on the pipe's channel), or one
+//! update from a maddy node, best effort, or what the pipe refuses (see `classify_maddy`).
+//!
+//! On the pipe's channel, a notification is, in order: on another channel (ignored); an
+//! updatepipe sender's copy for maddy (dropped); refused (a signature, decoding,
 //! limit or replay check failed: counted and logged); a heartbeat (this listener's own, with
 //! its number, or another's); an echo of this pipe's own push; in durable mode, a durable
 //! envelope (read from the log instead); or updates to deliver, or a reference to an
@@ -14,12 +19,14 @@ use super::ResyncReason;
 use super::gaps::Gaps;
 use super::replay::ReplayGuard;
 use super::settings::Settings;
+use super::subscriptions::Subscriptions;
 use crate::envelope::{Envelope, MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN};
 use crate::error::DecodeError;
+use crate::layout::is_updatepipe_sender;
 use crate::limits::Limits;
 use crate::origin::Origin;
 use crate::sign::{self, Signer};
-use crate::update::Update;
+use crate::update::{MailboxKey, Update};
 
 /// One notification, as the connection delivered it.
 #[derive(Clone, Copy, Debug)]
@@ -66,6 +73,13 @@ pub(super) enum Verdict {
     Heartbeat { own: Option<u64> },
     /// This pipe's own push, come back.
     Echo,
+    /// The maddy layout: another updatepipe pipe's copy of an update for maddy nodes, on a
+    /// mailbox's channel (or a copy on the pipe's channel, where a mailbox key names it):
+    /// its envelope on the pipe's channel carries the update.
+    CopyForMaddy,
+    /// The maddy layout: an update from a maddy node that the pipe cannot take as it is (a
+    /// flag it refuses, such as a non-ASCII one): counted, and a resync for its mailbox.
+    Unrepresentable { key: MailboxKey, error: DecodeError },
     /// Durable mode: a durable envelope, to be read from the log (in commit order, exactly
     /// once) rather than from the notification.
     InLog,
@@ -137,6 +151,10 @@ pub(super) struct Intake {
     /// With signing on: the numbers each sender has used.
     replays: ReplayGuard,
     gaps: Gaps,
+    /// With signing on: still deliver maddy's updates, which cannot be signed.
+    accept_maddy: bool,
+    /// The maddy layout: the mailboxes' channels served.
+    pub(super) subscriptions: Subscriptions,
 }
 
 impl Intake {
@@ -152,13 +170,21 @@ impl Intake {
             retention: settings.retention,
             replays: ReplayGuard::default(),
             gaps: Gaps::default(),
+            accept_maddy: settings.accept_maddy,
+            subscriptions: Subscriptions::default(),
         }
     }
 
     /// What one notification means, noting its sender's numbers.
     pub(super) fn classify(&mut self, incoming: Incoming<'_>, now: Moment) -> Verdict {
         if incoming.channel != self.channel {
+            if self.subscriptions.contains(incoming.channel) {
+                return self.classify_maddy(incoming);
+            }
             return Verdict::OtherChannel;
+        }
+        if legacy_sender(incoming.payload).is_some_and(is_updatepipe_sender) {
+            return Verdict::CopyForMaddy;
         }
         let envelope = match self.decode(incoming.payload, Source::Notification, now) {
             Ok(envelope) => envelope,
@@ -208,6 +234,39 @@ impl Intake {
             gap,
             content,
         })
+    }
+
+    /// What a notification on a subscribed mailbox's channel means: maddy's form only, one
+    /// update, best effort (no numbers, no log). With signing on, refused as unsigned unless
+    /// maddy's updates are accepted; one that is valid JSON but carries what the pipe
+    /// refuses (a non-ASCII flag, say) asks for a resync of that mailbox instead.
+    fn classify_maddy(&mut self, incoming: Incoming<'_>) -> Verdict {
+        let Some(sender) = legacy_sender(incoming.payload) else {
+            return Verdict::Rejected(DecodeError::Unrecognized);
+        };
+        if is_updatepipe_sender(sender) {
+            return Verdict::CopyForMaddy;
+        }
+        if self.signer.is_some() && !self.accept_maddy {
+            return Verdict::Rejected(DecodeError::Unsigned);
+        }
+        match Envelope::decode_with(incoming.payload, &self.limits) {
+            Ok(envelope) => Verdict::Carries(Carried {
+                best_effort_sender: false,
+                gap: None,
+                content: Content::Updates(envelope.into_updates()),
+            }),
+            Err(error @ (DecodeError::Update(_) | DecodeError::OverLimit { .. })) => {
+                match self.subscriptions.key(incoming.channel) {
+                    Some(key) => Verdict::Unrepresentable {
+                        key: key.clone(),
+                        error,
+                    },
+                    None => Verdict::Rejected(error),
+                }
+            }
+            Err(error) => Verdict::Rejected(error),
+        }
     }
 
     /// What one log row (from the tail, or an oversize envelope fetched) means.
@@ -304,6 +363,14 @@ impl Intake {
         }
         Ok(envelope)
     }
+}
+
+/// The sender id of a payload in maddy's form (`<sender id>;…`, not a version 1 envelope).
+fn legacy_sender(payload: &str) -> Option<&str> {
+    if payload.starts_with('{') {
+        return None;
+    }
+    payload.split_once(';').map(|(sender, _)| sender)
 }
 
 /// Whether a log row's sender and number are its envelope's. When they differ, the row was

@@ -15,6 +15,9 @@
 //! - `connector` and `session`: the backoff, and opening one subscribed connection.
 //! - `intake` (with `gaps` and `replay`): the pure verdict on a notification or a log row.
 //!   On a reconnect, best effort forgets the senders' numbers.
+//! - `subscriptions` (in the intake): the maddy layout's mailboxes, reference-counted, and
+//!   the `LISTEN`/`UNLISTEN` each change needs, run one at a time in the loop's own slot. On
+//!   a reconnect, the new session listens on the whole set, and a resync covers it.
 //! - `outbox`: the bounded hand-off to the caller, and the slow-consumer policy.
 //! - `durable`: the log position, and what to read, fetch or prune next. On a reconnect, in
 //!   durable mode, the tail is read as a catch-up; it says whether a resync is owed.
@@ -30,7 +33,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -39,7 +42,7 @@ use crate::envelope::Packer;
 use crate::error::Error;
 use crate::origin::Origin;
 use crate::stats::Counters;
-use crate::update::Update;
+use crate::update::{MailboxKey, Update};
 
 mod connector;
 mod dispatch;
@@ -52,11 +55,16 @@ mod pacer;
 mod replay;
 mod session;
 mod settings;
+mod subscriptions;
 mod task;
 
 pub(crate) use outbox::Sink;
+pub(crate) use subscriptions::Command;
 
 const TARGET: &str = "updatepipe::listen";
+
+/// How many subscription changes may wait for the listener task (more wait to be queued).
+const COMMAND_QUEUE: usize = 64;
 
 /// What a listener tells an application that asked for events
 /// ([`PgPipe::listen_events`](crate::PgPipe::listen_events)), in order.
@@ -108,6 +116,32 @@ pub enum ResyncReason {
         /// How many updates were let go.
         dropped: u64,
     },
+    /// The maddy layout: the connection was lost and is back, subscribed again to these
+    /// mailboxes' channels. maddy's updates are not logged, so whatever maddy nodes sent
+    /// them meanwhile is lost, in durable mode too: reload these mailboxes. Raised when the
+    /// reconnect owes no [`Reconnected`](ResyncReason::Reconnected) resync, which covers
+    /// every mailbox (that is, in durable mode).
+    Resubscribed {
+        /// The subscribed mailboxes.
+        keys: Vec<MailboxKey>,
+    },
+    /// The maddy layout: a maddy node sent an update for this mailbox that the pipe cannot
+    /// take as it is (a flag it refuses, such as a non-ASCII one): reload the mailbox.
+    Unrepresentable {
+        /// The mailbox.
+        key: MailboxKey,
+    },
+}
+
+impl ResyncReason {
+    /// Whether it concerns some mailboxes only, which it names (the maddy layout's), rather
+    /// than everything.
+    pub fn is_per_mailbox(&self) -> bool {
+        matches!(
+            self,
+            ResyncReason::Resubscribed { .. } | ResyncReason::Unrepresentable { .. }
+        )
+    }
 }
 
 /// The running listener: its task, and the signal that stops it.
@@ -115,6 +149,8 @@ pub enum ResyncReason {
 pub(crate) struct Listener {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    /// Subscriptions by mailbox, for the task.
+    commands: mpsc::Sender<Command>,
 }
 
 impl Listener {
@@ -165,10 +201,18 @@ impl Listener {
             query_deadline: settings.query_deadline(),
         };
         let (stop, stopped) = oneshot::channel();
+        let (commands, received) = mpsc::channel(COMMAND_QUEUE);
         Ok(Listener {
             stop: Some(stop),
-            task: tokio::spawn(task.run(session, stopped)),
+            task: tokio::spawn(task.run(session, stopped, received)),
+            commands,
         })
+    }
+
+    /// Where subscriptions are asked for: the task answers each once the server has
+    /// confirmed it (or a new session has subscribed again).
+    pub(crate) fn commands(&self) -> mpsc::Sender<Command> {
+        self.commands.clone()
     }
 
     /// Stops the task and waits for it: the connection is closed and the caller's channel

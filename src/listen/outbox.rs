@@ -210,7 +210,10 @@ impl Outbox {
     }
 
     /// Tells the caller that updates may have been missed. One resync not yet delivered
-    /// says it all: a flood of them (forged numbers, say) must not fill memory.
+    /// says it all: a flood of them (forged numbers, say) must not fill memory. A resync
+    /// for some mailboxes only (the maddy layout's) says it for those: it does not stand
+    /// for a later one about others or about everything, so the resyncs at the end of the
+    /// buffer are at most one of each.
     pub(super) fn resync(&mut self, reason: ResyncReason) {
         tracing::debug!(target: TARGET, ?reason, "updates may have been missed: resync");
         // A caller that asked for events is told by the event itself.
@@ -225,7 +228,16 @@ impl Outbox {
             );
         }
         self.counters.resync();
-        if let Some(Slot::Ready(Event::Resync(_))) = self.buffer.back() {
+        let covered = self
+            .buffer
+            .iter()
+            .rev()
+            .map_while(|slot| match slot {
+                Slot::Ready(Event::Resync(waiting)) => Some(waiting),
+                _ => None,
+            })
+            .any(|waiting| *waiting == reason || !waiting.is_per_mailbox());
+        if covered {
             return;
         }
         self.emit(Event::Resync(reason));
@@ -350,6 +362,30 @@ mod tests {
         );
         // Each is counted all the same.
         assert_eq!(outbox.counters.snapshot().resyncs, 3);
+    }
+
+    #[test]
+    fn per_mailbox_resyncs_stand_for_their_mailboxes_only() {
+        let (mut outbox, mut rx) = events(16, 16);
+        let a = ResyncReason::Unrepresentable { key: 1u64.into() };
+        let b = ResyncReason::Unrepresentable { key: 2u64.into() };
+        // A flood alternating between mailboxes holds one of each.
+        for _ in 0..10 {
+            outbox.resync(a.clone());
+            outbox.resync(b.clone());
+        }
+        outbox.resync(ResyncReason::Reconnected);
+        // Everything covers a mailbox.
+        outbox.resync(a.clone());
+        outbox.try_deliver();
+        assert_eq!(
+            drain(&mut rx),
+            [
+                Event::Resync(a),
+                Event::Resync(b),
+                Event::Resync(ResyncReason::Reconnected),
+            ]
+        );
     }
 
     #[test]

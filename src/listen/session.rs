@@ -8,6 +8,7 @@ use tokio_postgres::{Client, Notification};
 
 use super::TARGET;
 use super::settings::Settings;
+use crate::channel::quote_identifier;
 use crate::config::Config;
 use crate::connect::{RawConnection, close_politely, connect_listener, drive_until};
 use crate::error::Error;
@@ -28,6 +29,7 @@ impl Session {
         config: &Config,
         settings: &Settings,
         want_cursor: bool,
+        mailboxes: &[String],
     ) -> Result<(Session, Option<Cursor>), Error> {
         let (client, mut connection) = connect_listener(config).await?;
         let mut backlog = VecDeque::new();
@@ -45,9 +47,13 @@ impl Session {
             } else {
                 None
             };
-            client
-                .batch_execute(&format!("LISTEN {}", channel.quoted()))
-                .await?;
+            // The pipe's channel, and the subscribed mailboxes' channels (maddy layout).
+            let mut listen = format!("LISTEN {}", channel.quoted());
+            for mailbox in mailboxes {
+                listen.push_str("; LISTEN ");
+                listen.push_str(&quote_identifier(mailbox));
+            }
+            client.batch_execute(&listen).await?;
             Ok(cursor)
         };
         let cursor = tokio::time::timeout(after, drive_until(&mut connection, setup, &mut backlog))

@@ -25,6 +25,8 @@ pub(super) struct Settings {
     /// With signing on: how far a notification's time may be from this clock.
     pub(super) replay_window: Duration,
     pub(super) accept_unsigned: bool,
+    /// With signing on: deliver maddy's unsigned updates all the same.
+    pub(super) accept_maddy: bool,
     pub(super) limits: Limits,
     pub(super) backoff: Backoff,
     /// Durable mode: where the first read of the log starts.
@@ -46,6 +48,7 @@ impl Settings {
             retention: config.retention(),
             replay_window: config.replay_window(),
             accept_unsigned: config.accepts_unsigned(),
+            accept_maddy: config.accepts_maddy(),
             limits: config.limits().clone(),
             backoff: config.backoff().clone(),
             since: config.since(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Fuse, FusedFuture};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_postgres::{AsyncMessage, Client, Notification};
 
@@ -17,6 +17,7 @@ use super::dispatch::{Dispatch, QueryOutcome};
 use super::durable::Ask;
 use super::intake::Incoming;
 use super::session::Session;
+use super::subscriptions::Command;
 use super::{Event, TARGET};
 use crate::error::pg_message;
 use crate::log;
@@ -39,7 +40,12 @@ pub(super) struct ConnectionLoop {
 }
 
 impl ConnectionLoop {
-    pub(super) async fn run(mut self, first: Session, mut stopped: oneshot::Receiver<()>) {
+    pub(super) async fn run(
+        mut self,
+        first: Session,
+        mut stopped: oneshot::Receiver<()>,
+        mut commands: mpsc::Receiver<Command>,
+    ) {
         let mut session = Some(first);
         loop {
             let current = match session.take() {
@@ -50,7 +56,7 @@ impl ConnectionLoop {
                 },
             };
             let connected_at = Instant::now();
-            let (end, current) = self.serve(current, &mut stopped).await;
+            let (end, current) = self.serve(current, &mut stopped, &mut commands).await;
             match end {
                 End::Stopped => {
                     tracing::debug!(target: TARGET, "listener stopped");
@@ -96,9 +102,10 @@ impl ConnectionLoop {
     /// does to it.
     async fn reconnect(&mut self, stopped: &mut oneshot::Receiver<()>) -> Option<Session> {
         let d = &mut self.dispatch;
+        let mailboxes = d.intake.subscriptions.channels();
         let session = self
             .connector
-            .reconnect(&mut d.outbox, &d.counters, stopped)
+            .reconnect(&mut d.outbox, &d.counters, stopped, &mailboxes)
             .await?;
         d.on_reconnect();
         Some(session)
@@ -108,6 +115,7 @@ impl ConnectionLoop {
         &mut self,
         mut session: Session,
         stopped: &mut oneshot::Receiver<()>,
+        commands: &mut mpsc::Receiver<Command>,
     ) -> (End, Session) {
         tracing::trace!(target: TARGET, buffered = self.dispatch.outbox.len(), "serving a session");
         for notification in std::mem::take(&mut session.backlog) {
@@ -124,7 +132,15 @@ impl ConnectionLoop {
             let mut query: Pin<&mut Fuse<BoxFuture<'_, QueryOutcome>>> =
                 std::pin::pin!(Fuse::terminated());
             let mut heartbeat = std::pin::pin!(Fuse::terminated());
+            // `LISTEN`/`UNLISTEN` for subscriptions by mailbox, one at a time.
+            let mut subscribing: Pin<&mut Fuse<BoxFuture<'_, Result<(), String>>>> =
+                std::pin::pin!(Fuse::terminated());
             loop {
+                if subscribing.is_terminated()
+                    && let Some(sql) = self.dispatch.intake.subscriptions.next_statement()
+                {
+                    subscribing.set(subscribe(client, sql, self.query_deadline).boxed().fuse());
+                }
                 if query.is_terminated()
                     && let Some(next) = self.next_query(client)
                 {
@@ -142,6 +158,13 @@ impl ConnectionLoop {
                     biased;
                     _ = &mut *stopped => break End::Stopped,
                     sent = &mut heartbeat => self.dispatch.on_heartbeat_sent(sent),
+                    done = &mut subscribing => match done {
+                        Ok(()) => self.dispatch.intake.subscriptions.done(),
+                        Err(reason) => break End::Connection(reason),
+                    },
+                    Some(command) = commands.recv() => {
+                        self.dispatch.intake.subscriptions.apply(command);
+                    }
                     outcome = &mut query => {
                         if let Err(reason) = self.dispatch.on_query(outcome) {
                             break End::Connection(reason);
@@ -227,6 +250,19 @@ impl ConnectionLoop {
             }
             .boxed(),
         )
+    }
+}
+
+/// Runs one subscription statement by its deadline; a failure ends the session (the next
+/// one subscribes to the whole set again).
+async fn subscribe(client: &Client, sql: String, limit: Duration) -> Result<(), String> {
+    match tokio::time::timeout(limit, client.batch_execute(&sql)).await {
+        Ok(Ok(())) => {
+            tracing::debug!(target: TARGET, %sql, "subscription changed");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(format!("{sql} failed: {}", pg_message(&e))),
+        Err(_) => Err(format!("{sql} did not answer within {limit:?}")),
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use deadpool_postgres::{Object, Pool, PoolError};
 
 use super::TARGET;
-use super::wire::{Statements, is_proxy_refusal};
+use super::wire::{Shape, Statements, is_proxy_refusal};
 use crate::error::Error;
 
 /// The pool, and the connection flights go out on.
@@ -93,12 +93,12 @@ impl Link {
     pub(super) async fn statements<'c>(
         &self,
         connection: &'c Arc<FlightConnection>,
-        durable: bool,
+        shape: Shape,
     ) -> Result<Option<&'c Statements>, Error> {
         if self.unnamed() {
             return Ok(None);
         }
-        match connection.statements(durable).await {
+        match connection.statements(shape).await {
             Ok(statements) => Ok(Some(statements)),
             Err(e) if is_proxy_refusal(&e) => {
                 self.use_unnamed();
@@ -219,10 +219,10 @@ impl FlightConnection {
     }
 
     /// The statements for this pipe's flights, prepared on this connection the first time.
-    async fn statements(&self, durable: bool) -> Result<&Statements, tokio_postgres::Error> {
+    async fn statements(&self, shape: Shape) -> Result<&Statements, tokio_postgres::Error> {
         let client = self.client.as_ref().expect("a flight connection's client");
         self.statements
-            .get_or_try_init(|| Statements::prepare(client, durable))
+            .get_or_try_init(|| Statements::prepare(client, shape))
             .await
     }
 }

@@ -1,5 +1,7 @@
 //! The push path: updates become version 1 envelopes sent with `pg_notify` on the shared
-//! channel, through the pool or inside the caller's own transaction.
+//! channel, through the pool or inside the caller's own transaction. In the maddy layout the
+//! same statement also sends a copy of each update in maddy's form on its mailbox's channel
+//! (`wire`), so the copies commit with the envelopes.
 //!
 //! Pool pushes are batched. Each push encodes and checks its own updates (so a bad update
 //! fails only its own push), then goes out in a *flight*: one statement (one transaction)
@@ -36,6 +38,7 @@ use tokio_postgres::GenericClient;
 use crate::config::Config;
 use crate::envelope::{MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, Marks, Packer};
 use crate::error::Error;
+use crate::layout::Layout;
 use crate::origin::Origin;
 use crate::stats::Counters;
 use crate::update::Update;
@@ -92,6 +95,10 @@ impl Pusher {
             config.durable(),
             Packer::new(&origin, std::process::id(), config.signer()),
         );
+        let wire = match config.layout() {
+            Layout::Maddy => wire.with_maddy_copies(origin.clone()),
+            _ => wire,
+        };
         let link = Link::new(
             pool,
             connect_failure,
@@ -185,10 +192,7 @@ impl Pusher {
         } else {
             MAX_PAYLOAD_LEN
         };
-        updates
-            .iter()
-            .map(|u| wire.packer().encode(u, limit))
-            .collect()
+        updates.iter().map(|u| wire.encode(u, limit)).collect()
     }
 
     /// Stops taking pushes, lets the flights finish what is queued, then closes the pool.

@@ -79,7 +79,7 @@ impl BatchSender {
         let packed = OnceLock::new();
         let outcome = self.flush_packed(&packed, encoded).await;
         if let Err(e) = &outcome {
-            let envelopes = packed.get().map_or(0, Vec::len);
+            let envelopes = packed.get().map_or(0, |p| p.envelopes.len());
             // Every push of the batch gets the error back; its caller decides whether it is
             // worth a warning (the CLI printed it twice).
             tracing::debug!(target: TARGET, error = %e, envelopes, "a push batch failed");
@@ -152,10 +152,7 @@ impl BatchSender {
             let connection = self.link.connection().await?;
             *used = Some(connection.clone());
             let client = connection.client();
-            let statements = self
-                .link
-                .statements(&connection, self.wire.durable())
-                .await?;
+            let statements = self.link.statements(&connection, self.wire.shape()).await?;
             let still_current = || self.link.is_current(&connection);
             let Some(mut sent) = self
                 .wire

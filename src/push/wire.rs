@@ -13,7 +13,11 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Statement};
 
 use crate::envelope::{MAX_PAYLOAD_LEN, Marks, Packer};
-use crate::log::LOG_AND_NOTIFY;
+use crate::error::Error;
+use crate::layout::maddy_sender_id;
+use crate::log::{LOG_AND_NOTIFY, LOG_AND_NOTIFY_MAPPED};
+use crate::origin::Origin;
+use crate::update::Update;
 
 /// One notification: the channel and payload are parameters, never SQL text.
 const NOTIFY_ONE: &str = "SELECT pg_notify($1, $2)";
@@ -23,17 +27,58 @@ const NOTIFY_ONE: &str = "SELECT pg_notify($1, $2)";
 const NOTIFY_MANY: &str =
     "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, n) ORDER BY n";
 
+/// The maddy layout: each notification on the channel `$3` names (a maddy copy), or on `$1`
+/// where `$3` has none (an envelope), in array order.
+const NOTIFY_MAPPED: &str = "SELECT pg_notify(coalesce(c, $1), p) \
+     FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS t(p, c, n) ORDER BY n";
+
+/// The longest sender id of a maddy copy (`updatepipe-`, 32 hex digits, `.`, a `u64`).
+const MAX_MADDY_SENDER_LEN: usize = 64;
+
+/// Separates an update's JSON from its maddy channel in the encoded form the push queue
+/// carries in the maddy layout (`<json>\0<channel>`). Neither holds a NUL: JSON escapes it,
+/// and a channel name cannot have one.
+const CHANNEL_SEPARATOR: char = '\0';
+
 /// Where the numbers of envelopes pushed inside callers' transactions start (2⁶²).
 const TRANSACTIONAL_SEQ_BASE: u64 = 1 << 62;
 
-/// Envelopes with their numbers, ready to send.
-pub(super) type Payloads = Vec<(u64, String)>;
+/// What one batch sends: envelopes with their numbers, and in the maddy layout a copy of
+/// each update for maddy nodes.
+#[derive(Debug, Default)]
+pub(super) struct Payloads {
+    pub(super) envelopes: Vec<(u64, String)>,
+    /// Each `(channel, payload)`: `<sender id>;<update JSON with ';' as 0x10>\n`.
+    pub(super) copies: Vec<(String, String)>,
+}
+
+/// Which statements a pipe's batches need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Shape {
+    pub(super) durable: bool,
+    /// The maddy layout: copies on mailboxes' channels too.
+    pub(super) copies: bool,
+}
+
+/// The maddy layout's copies: who they say sent them, and their numbers.
+#[derive(Debug)]
+struct MaddyCopies {
+    origin: Origin,
+    /// Numbers the copies' sender ids, so that no two payloads are identical.
+    next: AtomicU64,
+}
 
 /// A connection's prepared statements for this pipe's flights.
 #[derive(Debug)]
 pub(super) enum Statements {
-    Notify { one: Statement, many: Statement },
+    Notify {
+        one: Statement,
+        many: Statement,
+    },
     Durable(Statement),
+    /// The maddy layout's: envelopes and copies, each on its channel.
+    Mapped(Statement),
+    DurableMapped(Statement),
 }
 
 impl Statements {
@@ -41,9 +86,28 @@ impl Statements {
     /// connection that comes back from the pool does not prepare them again).
     pub(super) async fn prepare(
         client: &deadpool_postgres::ClientWrapper,
-        durable: bool,
+        shape: Shape,
     ) -> Result<Self, tokio_postgres::Error> {
-        if durable {
+        match shape {
+            Shape {
+                durable: true,
+                copies: true,
+            } => {
+                return Ok(Statements::DurableMapped(
+                    client.prepare_cached(&LOG_AND_NOTIFY_MAPPED).await?,
+                ));
+            }
+            Shape {
+                durable: false,
+                copies: true,
+            } => {
+                return Ok(Statements::Mapped(
+                    client.prepare_cached(NOTIFY_MAPPED).await?,
+                ));
+            }
+            _ => {}
+        }
+        if shape.durable {
             return Ok(Statements::Durable(
                 client.prepare_cached(LOG_AND_NOTIFY).await?,
             ));
@@ -71,6 +135,8 @@ pub(super) struct Wire {
     origin: String,
     durable: bool,
     packer: Packer,
+    /// The maddy layout: copies for maddy nodes.
+    maddy: Option<MaddyCopies>,
     /// Numbers for pool pushes: consecutive, and committed in order (see
     /// [`Wire::send_in_number_order`]), so a listener that sees one skipped knows it
     /// missed something.
@@ -89,10 +155,21 @@ impl Wire {
             origin,
             durable,
             packer,
+            maddy: None,
             seq: AtomicU64::new(1),
             tx_seq: AtomicU64::new(TRANSACTIONAL_SEQ_BASE),
             order: Mutex::new(()),
         }
+    }
+
+    /// In the maddy layout: every update also goes, in the same statement, to maddy nodes
+    /// on its mailbox's channel, in maddy's form, sent as `updatepipe-<origin>.<n>`.
+    pub(super) fn with_maddy_copies(mut self, origin: Origin) -> Self {
+        self.maddy = Some(MaddyCopies {
+            origin,
+            next: AtomicU64::new(1),
+        });
+        self
     }
 
     /// Whether pushes write the durable log too.
@@ -100,8 +177,34 @@ impl Wire {
         self.durable
     }
 
-    pub(super) fn packer(&self) -> &Packer {
-        &self.packer
+    /// Which statements batches need.
+    pub(super) fn shape(&self) -> Shape {
+        Shape {
+            durable: self.durable,
+            copies: self.maddy.is_some(),
+        }
+    }
+
+    /// An update's encoded form, checked to fit (see [`Packer::encode`]): its JSON, and in
+    /// the maddy layout its mailbox's channel too, checked to be a channel name, with the
+    /// copy checked to fit in a notification.
+    pub(super) fn encode(&self, update: &Update, limit: usize) -> Result<String, Error> {
+        let json = self.packer.encode(update, limit)?;
+        if self.maddy.is_none() {
+            return Ok(json);
+        }
+        let channel = update.key().maddy_channel()?;
+        let size = MAX_MADDY_SENDER_LEN + 1 + json.len() + 1;
+        if size > MAX_PAYLOAD_LEN {
+            return Err(Error::PayloadTooLarge {
+                size,
+                limit: MAX_PAYLOAD_LEN,
+            });
+        }
+        let mut encoded = json;
+        encoded.push(CHANNEL_SEPARATOR);
+        encoded.push_str(channel.as_str());
+        Ok(encoded)
     }
 
     /// Sends a pool batch, its numbers taken and its statement sent in number order (see
@@ -190,23 +293,38 @@ impl Wire {
         &self,
         client: &tokio_postgres::Client,
         statements: Option<&Statements>,
-        payloads: &[(u64, String)],
+        payloads: &Payloads,
         marks: Marks,
     ) -> Result<u64, tokio_postgres::Error> {
         let channel = self.channel.as_str();
+        let envelopes = &payloads.envelopes;
         match statements {
             None => self.execute_unnamed(client, payloads, marks).await,
             Some(Statements::Durable(statement)) => {
-                let (seqs, logged, notes) = self.durable_parts(payloads, marks);
+                let (seqs, logged, notes) = self.durable_parts(envelopes, marks);
                 client
                     .execute(statement, &[&channel, &self.origin, &seqs, &logged, &notes])
                     .await
             }
-            Some(Statements::Notify { one, .. }) if payloads.len() == 1 => {
-                client.execute(one, &[&channel, &payloads[0].1]).await
+            Some(Statements::DurableMapped(statement)) => {
+                let (seqs, logged, notes) = self.durable_parts(envelopes, marks);
+                let (notes, channels) = with_copies(notes, &payloads.copies);
+                let params: [&(dyn ToSql + Sync); 6] =
+                    [&channel, &self.origin, &seqs, &logged, &notes, &channels];
+                client.execute(statement, &params).await
+            }
+            Some(Statements::Mapped(statement)) => {
+                let notes = envelopes.iter().map(|(_, p)| Cow::Borrowed(p.as_str()));
+                let (notes, channels) = with_copies(notes.collect(), &payloads.copies);
+                client
+                    .execute(statement, &[&channel, &notes, &channels])
+                    .await
+            }
+            Some(Statements::Notify { one, .. }) if envelopes.len() == 1 => {
+                client.execute(one, &[&channel, &envelopes[0].1]).await
             }
             Some(Statements::Notify { many, .. }) => {
-                let notes: Vec<&str> = payloads.iter().map(|(_, p)| p.as_str()).collect();
+                let notes: Vec<&str> = envelopes.iter().map(|(_, p)| p.as_str()).collect();
                 client.execute(many, &[&channel, &notes]).await
             }
         }
@@ -218,13 +336,38 @@ impl Wire {
     pub(super) async fn execute_unnamed<C: GenericClient + Sync>(
         &self,
         client: &C,
-        payloads: &[(u64, String)],
+        payloads: &Payloads,
         marks: Marks,
     ) -> Result<u64, tokio_postgres::Error> {
+        let copies = &payloads.copies;
+        let payloads = payloads.envelopes.as_slice();
         if payloads.is_empty() {
             return Ok(0);
         }
         let channel = self.channel.as_str();
+        if self.durable && self.maddy.is_some() {
+            let (seqs, logged, notes) = self.durable_parts(payloads, marks);
+            let (notes, channels) = with_copies(notes, copies);
+            let params: [(&(dyn ToSql + Sync), Type); 6] = [
+                (&channel, Type::TEXT),
+                (&self.origin, Type::TEXT),
+                (&seqs, Type::INT8_ARRAY),
+                (&logged, Type::TEXT_ARRAY),
+                (&notes, Type::TEXT_ARRAY),
+                (&channels, Type::TEXT_ARRAY),
+            ];
+            return client.execute_typed(&LOG_AND_NOTIFY_MAPPED, &params).await;
+        }
+        if self.maddy.is_some() {
+            let notes = payloads.iter().map(|(_, p)| Cow::Borrowed(p.as_str()));
+            let (notes, channels) = with_copies(notes.collect(), copies);
+            let params: [(&(dyn ToSql + Sync), Type); 3] = [
+                (&channel, Type::TEXT),
+                (&notes, Type::TEXT_ARRAY),
+                (&channels, Type::TEXT_ARRAY),
+            ];
+            return client.execute_typed(NOTIFY_MAPPED, &params).await;
+        }
         if self.durable {
             let (seqs, logged, notes) = self.durable_parts(payloads, marks);
             let params: [(&(dyn ToSql + Sync), Type); 5] = [
@@ -272,8 +415,10 @@ impl Wire {
         (seqs, logged, notes)
     }
 
-    /// Packs encoded updates into envelopes, each with a fresh sequence number, so no two
-    /// payloads are ever identical (PostgreSQL folds identical ones in a transaction).
+    /// Packs encoded updates (from [`Wire::encode`]) into envelopes, each with a fresh
+    /// sequence number, so no two payloads are ever identical (PostgreSQL folds identical
+    /// ones in a transaction); in the maddy layout, with a copy of each update, numbered
+    /// for the same reason.
     pub(super) fn pack<'a>(
         &self,
         encoded: impl IntoIterator<Item = &'a str>,
@@ -284,9 +429,54 @@ impl Wire {
         } else {
             &self.seq
         };
-        self.packer
-            .pack(encoded, marks, || counter.fetch_add(1, Ordering::Relaxed))
+        let next_seq = || counter.fetch_add(1, Ordering::Relaxed);
+        let Some(maddy) = &self.maddy else {
+            return Payloads {
+                envelopes: self.packer.pack(encoded, marks, next_seq),
+                copies: Vec::new(),
+            };
+        };
+        let mut jsons = Vec::new();
+        let mut copies = Vec::new();
+        for item in encoded {
+            let (json, channel) = item
+                .split_once(CHANNEL_SEPARATOR)
+                .expect("encoded with its channel in the maddy layout");
+            let sender = maddy_sender_id(&maddy.origin, maddy.next.fetch_add(1, Ordering::Relaxed));
+            copies.push((channel.to_owned(), maddy_payload(&sender, json)));
+            jsons.push(json);
+        }
+        Payloads {
+            envelopes: self.packer.pack(jsons, marks, next_seq),
+            copies,
+        }
     }
+}
+
+/// One update in maddy's form: `<sender id>;<update JSON with every ';' as 0x10>\n`.
+fn maddy_payload(sender: &str, json: &str) -> String {
+    let mut payload = String::with_capacity(sender.len() + json.len() + 2);
+    payload.push_str(sender);
+    payload.push(';');
+    for c in json.chars() {
+        payload.push(if c == ';' { '\u{10}' } else { c });
+    }
+    payload.push('\n');
+    payload
+}
+
+/// The notifications of a maddy-layout batch: the envelopes (on the pipe's channel: no
+/// channel of their own) then the copies, with the channels to match.
+fn with_copies<'p>(
+    mut notes: Vec<Cow<'p, str>>,
+    copies: &'p [(String, String)],
+) -> (Vec<Cow<'p, str>>, Vec<Option<&'p str>>) {
+    let mut channels: Vec<Option<&str>> = vec![None; notes.len()];
+    for (channel, payload) in copies {
+        notes.push(Cow::Borrowed(payload.as_str()));
+        channels.push(Some(channel.as_str()));
+    }
+    (notes, channels)
 }
 
 #[cfg(test)]
@@ -426,9 +616,10 @@ mod tests {
                 matches!(first, Some(Poll::Pending)),
                 "{case}: no answer yet"
             );
-            let payloads = packed
+            let payloads = &packed
                 .get()
-                .unwrap_or_else(|| panic!("{case}: the numbers are taken in the first poll"));
+                .unwrap_or_else(|| panic!("{case}: the numbers are taken in the first poll"))
+                .envelopes;
             assert_eq!(payloads.len(), 1);
             assert_eq!(payloads[0].0, 1, "{case}: the first pool number");
             assert!(contains(payloads[0].1.as_bytes(), b"{\"a\":1}"));
@@ -485,21 +676,87 @@ mod tests {
         assert!(packed.get().is_none());
         assert!(encoded.is_some());
         assert_eq!(
-            wire.pack(["x"], wire.pool_marks())[0].0,
+            wire.pack(["x"], wire.pool_marks()).envelopes[0].0,
             1,
             "no number was used"
         );
     }
 
     #[test]
+    fn maddy_copies_are_maddy_form_and_unique() {
+        use crate::seqset::SeqSet;
+        use crate::update::Flag;
+        let origin = Origin::random();
+        let wire = wire(false).with_maddy_copies(origin.clone());
+        let flags = [Flag::new("a;b").unwrap()];
+        let same = Update::flags_changed("INBOX;1", 7, flags).unwrap();
+        let updates = [
+            same.clone(),
+            same,
+            Update::new_message(1u64 << 60, SeqSet::single(3).unwrap()),
+        ];
+        let encoded: Vec<String> = updates
+            .iter()
+            .map(|u| wire.encode(u, MAX_PAYLOAD_LEN).unwrap())
+            .collect();
+        let payloads = wire.pack(encoded.iter().map(String::as_str), wire.pool_marks());
+        assert_eq!(
+            payloads.envelopes.len(),
+            1,
+            "the envelope is packed as ever"
+        );
+        assert!(!payloads.envelopes[0].1.contains('\0'));
+        let channels: Vec<&str> = payloads.copies.iter().map(|(c, _)| c.as_str()).collect();
+        assert_eq!(
+            channels,
+            ["INBOX;1", "INBOX;1", "__uint64_1152921504606846976"]
+        );
+        let (first, second) = (&payloads.copies[0].1, &payloads.copies[1].1);
+        assert_ne!(first, second, "identical updates make distinct payloads");
+        for (_, payload) in &payloads.copies {
+            let (sender, json) = payload.split_once(';').unwrap();
+            assert!(sender.starts_with(&format!("updatepipe-{origin}.")));
+            assert!(json.ends_with('\n') && !json.contains(';'));
+        }
+        let json = payloads.copies[0]
+            .1
+            .split_once(';')
+            .unwrap()
+            .1
+            .replace('\u{10}', ";");
+        assert_eq!(Update::from_json(json.trim_end()).unwrap(), updates[0]);
+        // A key that cannot be a channel fails the push.
+        let empty = Update::mailbox_destroyed("");
+        assert!(matches!(
+            wire.encode(&empty, MAX_PAYLOAD_LEN),
+            Err(Error::InvalidChannel(_))
+        ));
+    }
+
+    #[test]
+    fn the_maddy_layouts_durable_statement_writes_the_log_as_the_shared_one() {
+        let mapped: &str = &LOG_AND_NOTIFY_MAPPED;
+        let insert = LOG_AND_NOTIFY
+            .rsplit_once("SELECT pg_notify")
+            .expect("a notifying SELECT")
+            .0;
+        assert!(mapped.starts_with(insert), "{mapped}");
+        assert!(mapped.contains("pg_notify(coalesce(c, $1), n)"), "{mapped}");
+        assert!(
+            mapped.contains("unnest($5::text[], $6::text[])"),
+            "{mapped}"
+        );
+    }
+
+    #[test]
     fn pool_and_transactional_numbers_have_ranges_of_their_own() {
         let wire = wire(false);
-        let pool = wire.pack(["a", "b"], wire.pool_marks());
+        let pool = wire.pack(["a", "b"], wire.pool_marks()).envelopes;
         let tx = Marks {
             transactional: true,
             durable: false,
         };
-        let transactional = wire.pack(["c"], tx);
+        let transactional = wire.pack(["c"], tx).envelopes;
         let numbers: Vec<u64> = pool.iter().chain(&transactional).map(|(n, _)| *n).collect();
         assert_eq!(
             numbers[..numbers.len() - 1],

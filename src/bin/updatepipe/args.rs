@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use updatepipe::{ChannelName, MailboxKey, Since, UpdateKind};
+use updatepipe::{ChannelName, Layout, MailboxKey, Since, UpdateKind};
 
 use crate::bench;
 
@@ -63,8 +63,15 @@ pub(crate) enum Command {
     ///   updatepipe listen --channel imap_updates
     ///   updatepipe listen --pretty --key 42 --type new --type expunge
     ///   updatepipe listen --durable --since 10m > updates.jsonl
+    ///   updatepipe listen --layout maddy --key 42 --key INBOX
     #[command(verbatim_doc_comment)]
     Listen {
+        /// The channel layout: shared (updatepipe nodes only), or maddy (also hear maddy
+        /// nodes' updates on the mailboxes given with --key, and drop the copies other
+        /// updatepipe senders make for maddy).
+        #[arg(long, value_enum, default_value_t = LayoutArg::Shared)]
+        layout: LayoutArg,
+
         #[command(flatten)]
         channel: ChannelArg,
 
@@ -83,7 +90,8 @@ pub(crate) enum Command {
         pretty: bool,
 
         /// Only updates of this mailbox key (repeat for several): a number in canonical
-        /// decimal (42) is a numeric key; anything else (INBOX, 007, +1) is a name.
+        /// decimal (42) is a numeric key; anything else (INBOX, 007, +1) is a name. With
+        /// --layout maddy, also subscribe to that mailbox's maddy channel.
         #[arg(long = "key", value_name = "KEY")]
         keys: Vec<String>,
 
@@ -100,6 +108,11 @@ pub(crate) enum Command {
         /// envelopes (signed ones are still checked).
         #[arg(long, requires = "secret_file")]
         accept_unsigned: bool,
+
+        /// With --secret-file and --layout maddy: also deliver maddy nodes' updates, which
+        /// cannot be signed.
+        #[arg(long, requires = "secret_file")]
+        accept_maddy: bool,
 
         /// Serve Prometheus metrics on this address (GET /metrics), for example
         /// 127.0.0.1:9187: the pipe's counters (updatepipe_*_total), the notification
@@ -119,8 +132,14 @@ pub(crate) enum Command {
     ///   updatepipe push '{"Type":0,"Key":42,"SeqSet":"7"}'
     ///   printf '%s\n' '{"Type":2,"Key":42,"SeqSet":"3:5"}' '{"Type":3,"Key":7}' | updatepipe push
     ///   updatepipe push --type flags --key 42 --uid 17 --flag '\Seen'
+    ///   updatepipe push --layout maddy '{"Type":3,"Key":42}'
     #[command(verbatim_doc_comment)]
     Push {
+        /// The channel layout: shared, or maddy (also send each update to maddy nodes on
+        /// its mailbox's channel, in maddy's form, in the same transaction).
+        #[arg(long, value_enum, default_value_t = LayoutArg::Shared)]
+        layout: LayoutArg,
+
         #[command(flatten)]
         channel: ChannelArg,
 
@@ -227,9 +246,17 @@ pub(crate) enum Command {
     /// otherwise starts a throwaway PostgreSQL cluster from the local installation and
     /// removes it afterwards.
     ///
-    /// Example: updatepipe demo
+    /// With --layout maddy: a maddy-format node among updatepipe nodes, both ways.
+    ///
+    /// Examples:
+    ///   updatepipe demo
+    ///   updatepipe demo --layout maddy
     #[command(verbatim_doc_comment)]
     Demo {
+        /// The channel layout to show.
+        #[arg(long, value_enum, default_value_t = LayoutArg::Shared)]
+        layout: LayoutArg,
+
         /// The channel the demo's nodes use (default: a fresh one of its own, so that the
         /// demo never disturbs real listeners).
         #[arg(long, value_name = "NAME")]
@@ -252,6 +279,22 @@ pub(crate) enum Command {
 pub(crate) enum LogFormat {
     Text,
     Json,
+}
+
+/// A channel layout as the command line spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LayoutArg {
+    Shared,
+    Maddy,
+}
+
+impl LayoutArg {
+    pub(crate) fn layout(self) -> Layout {
+        match self {
+            LayoutArg::Shared => Layout::Shared,
+            LayoutArg::Maddy => Layout::Maddy,
+        }
+    }
 }
 
 /// An update type as the command line spells it.

@@ -5,7 +5,7 @@ use std::io::{BufRead, Write};
 use anyhow::Context;
 use tokio::sync::mpsc;
 use updatepipe::{
-    Config, Error, Event, Flag, MailboxKey, PgPipe, SeqSet, Update, UpdateKind, UpdatePipe,
+    Config, Error, Event, Flag, Layout, MailboxKey, PgPipe, SeqSet, Update, UpdateKind, UpdatePipe,
     embedded_migrations,
 };
 
@@ -87,6 +87,11 @@ pub(crate) async fn listen(
     }
     let (tx, mut rx) = mpsc::channel(1024);
     pipe.listen_events(tx).await?;
+    if pipe.config().layout() == Layout::Maddy {
+        for key in &filter.keys {
+            pipe.subscribe(key.clone()).await?;
+        }
+    }
     let mut stdout = std::io::stdout();
     // With metrics: the notification queue's usage, read every 10 s (a failed read keeps
     // the last value; the listener's own events say what is wrong).
@@ -108,9 +113,14 @@ pub(crate) async fn listen(
                     }
                 }
                 Some(Event::Connected) => eprintln!(
-                    "updatepipe: listening on channel {:?}{}",
+                    "updatepipe: listening on channel {:?}{}{}",
                     pipe.config().channel().as_str(),
-                    if pipe.config().durable() { " (durable)" } else { "" }
+                    if pipe.config().durable() { " (durable)" } else { "" },
+                    if pipe.config().layout() == Layout::Maddy {
+                        " and maddy's channels of the --key mailboxes"
+                    } else {
+                        ""
+                    }
                 ),
                 Some(Event::Disconnected { reason }) => {
                     eprintln!("updatepipe: disconnected ({reason}); reconnecting");

@@ -18,7 +18,7 @@ use clap::Parser;
 use commands::{Filter, listen, print_status, push, update_from_options};
 use updatepipe::cluster::{TempCluster, env_or_temp};
 use updatepipe::{
-    ChannelName, Config, Error, PgPipe, Role, Secret, UpdatePipe, embedded_migrations,
+    ChannelName, Config, Error, Layout, PgPipe, Role, Secret, UpdatePipe, embedded_migrations,
     grant_statements,
 };
 
@@ -118,6 +118,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Listen {
+            layout,
+            accept_maddy,
             channel,
             durable,
             since,
@@ -136,7 +138,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_channel(ChannelName::new(&channel.channel)?)
                 .with_durable(durable)
                 .with_secrets(secrets(secret_file.as_deref())?)
-                .with_accept_unsigned(accept_unsigned);
+                .with_accept_unsigned(accept_unsigned)
+                .with_layout(layout.layout())
+                .with_accept_maddy(accept_maddy);
             if let Some(since) = since {
                 config = config.with_since(since);
             }
@@ -146,6 +150,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen(config, &filter, pretty, metrics.is_some()).await
         }
         Command::Push {
+            layout,
             channel,
             json,
             durable,
@@ -162,7 +167,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = config(cli.url.as_deref())?
                 .with_channel(ChannelName::new(&channel.channel)?)
                 .with_durable(durable)
-                .with_secrets(secrets(secret_file.as_deref())?);
+                .with_secrets(secrets(secret_file.as_deref())?)
+                .with_layout(layout.layout());
             push(config, json, given).await
         }
         Command::Migrate { dry_run } => {
@@ -236,10 +242,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_status(&pipe, &status);
             Ok(())
         }
-        Command::Demo { channel } => {
+        Command::Demo { layout, channel } => {
             let channel = channel.map(ChannelName::new).transpose()?;
             let (config, _cluster) = database(cli.url.as_deref(), "demo").await?;
-            demo::run(config, channel).await
+            match layout.layout() {
+                Layout::Maddy => demo::run_maddy(config, channel).await,
+                _ => demo::run(config, channel).await,
+            }
         }
         Command::Bench(args) => {
             let (config, _cluster) = database(cli.url.as_deref(), "benchmark").await?;

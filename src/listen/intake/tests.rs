@@ -399,3 +399,97 @@ fn signed_log_rows_forged_unsigned_or_too_large_owe_no_resync() {
         }
     );
 }
+
+/// The intake of a maddy-layout listener subscribed to mailbox 42.
+fn subscribed(config: &Config) -> Intake {
+    let mut intake = intake(&config.clone().with_layout(crate::Layout::Maddy));
+    let (reply, _) = tokio::sync::oneshot::channel();
+    intake
+        .subscriptions
+        .apply(super::super::subscriptions::Command::Subscribe(
+            42u64.into(),
+            reply,
+        ));
+    intake
+}
+
+fn on_mailbox(payload: &str) -> Incoming<'_> {
+    Incoming {
+        channel: "__uint64_42",
+        ..on(payload)
+    }
+}
+
+#[test]
+fn maddy_updates_on_subscribed_mailboxes_are_delivered() {
+    let config = config();
+    let mut intake = subscribed(&config);
+    let legacy = Envelope::encode_legacy("12-0xc000", &update(42));
+    assert_eq!(
+        intake.classify(on_mailbox(&legacy), Moment::now()),
+        updates(&[42])
+    );
+    // Not subscribed: not served.
+    let elsewhere = Incoming {
+        channel: "__uint64_43",
+        ..on(&legacy)
+    };
+    assert_eq!(
+        intake.classify(elsewhere, Moment::now()),
+        Verdict::OtherChannel
+    );
+    // Only maddy's form on a mailbox's channel.
+    assert_eq!(
+        intake.classify(on_mailbox(&plain(&config, "other", 1)), Moment::now()),
+        Verdict::Rejected(DecodeError::Unrecognized)
+    );
+}
+
+#[test]
+fn copies_from_updatepipe_senders_are_dropped_wherever_they_come() {
+    let config = config();
+    let mut intake = subscribed(&config);
+    let copy = Envelope::encode_legacy("updatepipe-0123abcd.7", &update(42));
+    assert_eq!(
+        intake.classify(on_mailbox(&copy), Moment::now()),
+        Verdict::CopyForMaddy
+    );
+    assert_eq!(
+        intake.classify(on(&copy), Moment::now()),
+        Verdict::CopyForMaddy
+    );
+}
+
+#[test]
+fn a_maddy_update_the_pipe_refuses_asks_for_a_resync_of_its_mailbox() {
+    let config = config();
+    let mut intake = subscribed(&config);
+    let payload = "12-0xc000;{\"Type\":1,\"Key\":42,\"SeqSet\":\"3\",\"NewFlags\":[\"é\"]}\n";
+    match intake.classify(on_mailbox(payload), Moment::now()) {
+        Verdict::Unrepresentable { key, error } => {
+            assert_eq!(key, MailboxKey::Id(42));
+            assert!(matches!(error, DecodeError::Update(_)), "{error:?}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // Garbage is only garbage.
+    assert!(matches!(
+        intake.classify(on_mailbox("12-0xc000;{\"Type\":"), Moment::now()),
+        Verdict::Rejected(DecodeError::Malformed(_))
+    ));
+}
+
+#[test]
+fn with_signing_on_maddy_updates_need_an_explicit_yes() {
+    let legacy = Envelope::encode_legacy("12-0xc000", &update(42));
+    let mut refusing = subscribed(&signed(config()));
+    assert_eq!(
+        refusing.classify(on_mailbox(&legacy), Moment::now()),
+        Verdict::Rejected(DecodeError::Unsigned)
+    );
+    let mut accepting = subscribed(&signed(config()).with_accept_maddy(true));
+    assert_eq!(
+        accepting.classify(on_mailbox(&legacy), Moment::now()),
+        updates(&[42])
+    );
+}

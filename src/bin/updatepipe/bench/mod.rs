@@ -3,7 +3,7 @@
 //! in one run.
 
 use indicatif::{ProgressBar, ProgressStyle};
-use updatepipe::{ChannelName, Config, PgPipe};
+use updatepipe::{ChannelName, Config, Layout, PgPipe};
 
 mod pipe;
 mod raw;
@@ -123,6 +123,19 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
             "pipe, 256 pushers",
             Step::Pipe(per_round(600_000), 256),
             Some("raw batched 100/tx"),
+        ),
+        // The maddy layout: the same envelopes, and a copy of each update in maddy's form
+        // on its mailbox's channel (256 mailboxes, no maddy node listening), in the same
+        // statement.
+        (
+            "maddy layout, 1 pusher",
+            Step::Maddy(per_round(20_000), 1),
+            Some("pipe, 1 pusher"),
+        ),
+        (
+            "maddy layout, 256 pushers",
+            Step::Maddy(per_round(200_000), 256),
+            Some("pipe, 256 pushers"),
         ),
         (
             "signed, 1 pusher",
@@ -291,6 +304,7 @@ async fn run_step(config: Config, step: Step) -> anyhow::Result<Row> {
         Step::Sides(n, Sides::PipeListen) => raw_push_pipe_listen(config, n).await,
         Step::Pipe(n, pushers) => pipe(config, n, pushers).await,
         Step::Durable(n, pushers) => pipe(config.with_durable(true), n, pushers).await,
+        Step::Maddy(n, pushers) => pipe(config.with_layout(Layout::Maddy), n, pushers).await,
         Step::Signed(n, pushers) => {
             let secret = updatepipe::Secret::new(rand::random::<[u8; 32]>().to_vec())?;
             pipe(config.with_secrets(vec![secret]), n, pushers).await
@@ -306,6 +320,8 @@ enum Step {
     Raw(u64, RawSend),
     Pipe(u64, usize),
     Durable(u64, usize),
+    /// The maddy layout: a copy of every update on its mailbox's channel too.
+    Maddy(u64, usize),
     /// Pushers and listener sign and check every envelope.
     Signed(u64, usize),
     Paced(u64, u64),
