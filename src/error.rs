@@ -87,11 +87,12 @@ pub enum Error {
         role: String,
     },
 
-    /// `grant` was run by a role that does not own the `updatepipe` schema's tables
-    /// (PostgreSQL would only warn, and grant nothing).
+    /// `migrate` or `grant` was run by a role that does not own the `updatepipe` schema or
+    /// its tables (PostgreSQL would only warn on a grant, and grant nothing; a migration into
+    /// another role's schema would trust what that role put there).
     #[error(
-        "role {role:?} does not own the updatepipe schema's tables: run `updatepipe grant` as \
-         the role that ran `updatepipe migrate`"
+        "role {role:?} does not own the updatepipe schema or its tables: run `updatepipe \
+         migrate` and `updatepipe grant` as the schema's owner"
     )]
     NotSchemaOwner {
         /// The connecting role.
@@ -147,7 +148,12 @@ impl Error {
             Error::Connect(e) => !e.is_auth(),
             Error::Timeout { .. } => true,
             Error::Pool(_) => true,
-            Error::Postgres(e) => e.as_db_error().is_none(),
+            // The connection broke, or the server ended it (a terminated backend, a shutdown:
+            // classes 08 and 57P0x).
+            Error::Postgres(e) => e.as_db_error().is_none_or(|db| {
+                let code = db.code().code();
+                code.starts_with("08") || code.starts_with("57P0")
+            }),
             _ => false,
         }
     }

@@ -30,7 +30,12 @@ pub enum Role {
 /// - A listener: `SELECT` on the log (the tail reads, fetches of oversize envelopes) and on
 ///   `updatepipe.pruned`; `DELETE` on the log, `INSERT` and `UPDATE` of `updatepipe.pruned`
 ///   (pruning, and recording how far it pruned).
-pub fn grant_statements(role: &str, what: Role) -> Vec<String> {
+///
+/// Fails for a name that is no role's: empty, over 63 bytes, with a NUL, or one of the names
+/// PostgreSQL reserves (`public`, which even quoted means every role, `none`,
+/// `current_user`, `current_role`, `session_user`).
+pub fn grant_statements(role: &str, what: Role) -> Result<Vec<String>, Error> {
+    check_role_name(role)?;
     let r = quote_identifier(role);
     let mut sql = vec![
         format!("GRANT USAGE ON SCHEMA updatepipe TO {r}"),
@@ -47,12 +52,25 @@ pub fn grant_statements(role: &str, what: Role) -> Vec<String> {
             ));
         }
     }
-    sql
+    Ok(sql)
 }
 
 /// Checks a role name before it goes into SQL text: PostgreSQL would silently shorten a
 /// name over 63 bytes to another role's.
 fn check_role_name(role: &str) -> Result<(), Error> {
+    const RESERVED: [&str; 5] = [
+        "public",
+        "none",
+        "current_user",
+        "current_role",
+        "session_user",
+    ];
+    if RESERVED.contains(&role.to_ascii_lowercase().as_str()) {
+        return Err(Error::Config(format!(
+            "{role:?} is a name PostgreSQL reserves, not a role of yours (\"public\" would grant to \
+             every role)"
+        )));
+    }
     if role.is_empty() || role.len() > 63 || role.contains('\0') {
         return Err(Error::Config(format!(
             "{:?} is not a role name (1 to 63 bytes, no NUL)",
@@ -76,6 +94,7 @@ pub(crate) async fn grant(config: &Config, roles: &[(&str, Role)]) -> Result<(),
             .query_one(
                 "SELECT current_user::text, \
                         bool_and(pg_has_role(c.relowner, 'USAGE')) \
+                            AND bool_and(pg_has_role(n.nspowner, 'USAGE')) \
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                  WHERE n.nspname = 'updatepipe' \
                    AND c.relname IN ('log', 'pruned', 'schema_history')",
@@ -104,7 +123,7 @@ pub(crate) async fn grant(config: &Config, roles: &[(&str, Role)]) -> Result<(),
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await?;
         for (role, what) in roles {
-            for sql in grant_statements(role, *what) {
+            for sql in grant_statements(role, *what)? {
                 tx.batch_execute(&sql).await?;
             }
         }
@@ -123,11 +142,17 @@ mod tests {
 
     #[test]
     fn quotes_the_role_and_grants_the_log_columns_only() {
-        let sql = grant_statements("a\"b", Role::Pusher).join(";\n");
+        let sql = grant_statements("a\"b", Role::Pusher).unwrap().join(";\n");
         assert!(sql.contains("TO \"a\"\"b\""), "{sql}");
         assert!(sql.contains("INSERT (channel, origin, seq, payload) ON updatepipe.log"));
         assert!(!sql.contains("DELETE") && !sql.contains("UPDATE"), "{sql}");
-        let sql = grant_statements("l", Role::Listener).join(";\n");
+        let sql = grant_statements("l", Role::Listener).unwrap().join(";\n");
+        for reserved in ["public", "PUBLIC", "none", "current_user"] {
+            assert!(
+                grant_statements(reserved, Role::Pusher).is_err(),
+                "{reserved}"
+            );
+        }
         assert!(sql.contains("SELECT, DELETE ON updatepipe.log"), "{sql}");
         assert!(
             !sql.contains("INSERT (") && !sql.contains("CREATE"),

@@ -85,30 +85,56 @@ pub(crate) async fn migrate(config: &Config) -> Result<Vec<MigrationInfo>, Error
 }
 
 /// Creates the `updatepipe` schema (when missing) and moves a history table that an earlier
-/// release kept in `public` into it, in one transaction, under the migration lock.
+/// release kept where the migrator's `search_path` put it (`public`, or a schema named after
+/// the role) into it, in one transaction, under the migration lock.
+///
+/// Only what the migrating role itself owns is trusted: a schema `updatepipe`, or a legacy
+/// history table, owned by another role (one that may create in `public`, say) is refused,
+/// since moving it, or running migrations into it, would run that role's triggers with the
+/// migrator's rights and let it claim versions that were never applied.
 async fn prepare_history(client: &mut tokio_postgres::Client) -> Result<(), Error> {
     let tx = client.transaction().await?;
     let row = tx
         .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'updatepipe'), \
+            "SELECT (SELECT pg_get_userbyid(nspowner)::text FROM pg_namespace \
+                     WHERE nspname = 'updatepipe'), \
+                    (SELECT format('%I.%I', n.nspname, c.relname) || ' ' \
+                            || pg_get_userbyid(c.relowner) FROM pg_class c \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE c.oid = to_regclass('updatepipe_schema_history') \
+                       AND n.nspname <> 'updatepipe'), \
                     EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                            WHERE n.nspname = 'public' \
-                              AND c.relname = 'updatepipe_schema_history'), \
-                    EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                            WHERE n.nspname = 'updatepipe' AND c.relname = 'schema_history')",
+                            WHERE n.nspname = 'updatepipe' AND c.relname = 'schema_history'), \
+                    current_user::text",
             &[],
         )
         .await?;
-    let (schema, legacy, current): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
-    if !schema {
-        // Needs CREATE on the database: the role that is to own the schema runs this.
-        tx.batch_execute("CREATE SCHEMA updatepipe").await?;
+    let (schema_owner, legacy, current, me): (Option<String>, Option<String>, bool, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    match schema_owner {
+        None => {
+            // Needs CREATE on the database: the role that is to own the schema runs this.
+            tx.batch_execute("CREATE SCHEMA updatepipe").await?;
+        }
+        Some(owner) if owner != me => {
+            tracing::debug!(target: "updatepipe::migrate", %owner, "the schema has another owner");
+            return Err(Error::NotSchemaOwner { role: me });
+        }
+        Some(_) => {}
     }
-    if legacy && !current {
-        tx.batch_execute(
-            "ALTER TABLE public.updatepipe_schema_history SET SCHEMA updatepipe; \
-             ALTER TABLE updatepipe.updatepipe_schema_history RENAME TO schema_history",
-        )
+    if let Some(legacy) = legacy.filter(|_| !current) {
+        let (table, owner) = legacy.rsplit_once(' ').unwrap_or((legacy.as_str(), ""));
+        if owner != me {
+            return Err(Error::Config(format!(
+                "a migration history {table} exists, owned by {owner:?}, not by {me:?} who \
+                 migrates: refusing to move or trust it (drop it if it is not updatepipe's, or \
+                 migrate as its owner)"
+            )));
+        }
+        tx.batch_execute(&format!(
+            "ALTER TABLE {table} SET SCHEMA updatepipe; \
+             ALTER TABLE updatepipe.updatepipe_schema_history RENAME TO schema_history"
+        ))
         .await?;
         tracing::info!(
             target: "updatepipe::migrate",
@@ -140,8 +166,9 @@ pub(crate) async fn schema_version(client: &tokio_postgres::Client) -> Result<Op
                     has_schema_privilege(n.oid, 'USAGE') AND has_table_privilege(c.oid, 'SELECT'), \
                     current_user::text \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE (n.nspname = 'updatepipe' AND c.relname = 'schema_history') \
-                OR (n.nspname = 'public' AND c.relname = 'updatepipe_schema_history') \
+             WHERE c.relowner = (SELECT nspowner FROM pg_namespace WHERE nspname = 'updatepipe') \
+               AND ((n.nspname = 'updatepipe' AND c.relname = 'schema_history') \
+                    OR (n.nspname = 'public' AND c.relname = 'updatepipe_schema_history')) \
              ORDER BY n.nspname = 'updatepipe' DESC LIMIT 1",
             &[],
         )

@@ -69,6 +69,9 @@ struct Inner {
     counters: Arc<Counters>,
     /// Set once a durable pipe found the schema migrated far enough.
     schema_checked: tokio::sync::OnceCell<()>,
+    /// The last failed schema check, given again for a moment (so that a push-heavy process
+    /// on a schema that is behind does not open a connection per push).
+    schema_refused: std::sync::Mutex<Option<(std::time::Instant, Error)>>,
 }
 
 impl PgPipe {
@@ -89,6 +92,7 @@ impl PgPipe {
                 closed: AtomicBool::new(false),
                 counters,
                 schema_checked: tokio::sync::OnceCell::new(),
+                schema_refused: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -122,14 +126,27 @@ impl PgPipe {
 
     /// For a durable pipe: [`check_schema`](PgPipe::check_schema), once per pipe.
     async fn ensure_schema(&self) -> Result<(), Error> {
-        if !self.inner.config.durable() {
+        /// How long a refused schema check is given again without asking the server.
+        const RECHECK_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+        if !self.inner.config.durable() || self.inner.schema_checked.initialized() {
             return Ok(());
         }
-        self.inner
+        if let Some((at, e)) = &*self.inner.schema_refused.lock().expect("schema check lock")
+            && at.elapsed() < RECHECK_AFTER
+        {
+            return Err(e.clone());
+        }
+        let checked = self
+            .inner
             .schema_checked
             .get_or_try_init(|| async { self.check_schema().await.map(|_| ()) })
             .await
-            .map(|_| ())
+            .map(|_| ());
+        if let Err(e @ (Error::SchemaOutdated { .. } | Error::SchemaNotGranted { .. })) = &checked {
+            *self.inner.schema_refused.lock().expect("schema check lock") =
+                Some((std::time::Instant::now(), e.clone()));
+        }
+        checked
     }
 
     /// Grants the runtime roles what they need, in one transaction: each pusher may push

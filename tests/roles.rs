@@ -799,7 +799,7 @@ async fn every_privilege_grant_gives_is_needed() {
             tx.batch_execute(&format!("SELECT pg_advisory_xact_lock({GRANT_LOCK})"))
                 .await
                 .unwrap();
-            for sql in grant_statements(&role, *role_kind) {
+            for sql in grant_statements(&role, *role_kind).unwrap() {
                 tx.batch_execute(&sql).await.unwrap();
             }
             tx.batch_execute(&revoke.replace("{r}", &role))

@@ -213,9 +213,11 @@ fn conn_pairs(conn: &str) -> Result<BTreeMap<String, String>, Error> {
 /// The settings of a URL (after `postgres://`): user, password, hosts and ports, database,
 /// then the query's parameters.
 fn url_pairs(url: &str) -> Result<Vec<(String, String)>, Error> {
-    // The credentials run up to the first `@` (as tokio-postgres reads them); the query
-    // starts at the first `?` after them.
-    let (creds, rest) = match url.find('@') {
+    // The credentials run up to an `@` before the first `/`, as libpq reads them (an `@` in
+    // the query, say in `password=p@ss`, is not the end of credentials); the query starts at
+    // the first `?` after them.
+    let authority = url.find('/').map_or(url, |slash| &url[..slash]);
+    let (creds, rest) = match authority.find('@') {
         Some(at) => (Some(&url[..at]), &url[at + 1..]),
         None => (None, url),
     };
@@ -595,6 +597,17 @@ mod tests {
                 pair("host", "h"),
                 pair("password", "x?&y"),
                 pair("sslmode", "verify-full"),
+                pair("user", "u"),
+            ]
+        );
+        // An `@` after the first `/` is no end of credentials (as libpq reads it): the host
+        // stays the host, and no part of the password becomes a user name.
+        assert_eq!(
+            pairs("postgres://h/db?user=u&password=p@ss"),
+            [
+                pair("dbname", "db"),
+                pair("host", "h"),
+                pair("password", "p@ss"),
                 pair("user", "u"),
             ]
         );

@@ -209,7 +209,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .collect();
             if dry_run {
                 for (role, what) in &roles {
-                    for sql in grant_statements(role, *what) {
+                    for sql in grant_statements(role, *what)? {
                         println!("{sql};");
                     }
                 }
