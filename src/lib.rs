@@ -83,6 +83,7 @@
 //! | TLS (`sslmode` up to `verify-full`, with rustls) | `tls` |
 //! | throwaway clusters for tests and the demo | [`cluster`] |
 
+mod cancel;
 mod channel;
 #[cfg(feature = "cluster")]
 pub mod cluster;

@@ -403,6 +403,104 @@ async fn a_blackholed_connection_is_found_within_the_health_interval() {
     }
 }
 
+/// Collects the events that arrive within `window`.
+async fn events_within(rx: &mut mpsc::Receiver<Event>, window: Duration) -> Vec<Event> {
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + window;
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        events.push(event);
+    }
+    events
+}
+
+fn disconnects(events: &[Event]) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, Event::Disconnected { .. }))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_path_costs_one_reconnect_then_the_listener_stays_on_fresh_connections() {
+    let cluster = own_cluster();
+    for durable in [true, false] {
+        let channel = unique("halfopen");
+        let proxy = Proxy::start(cluster.port()).await;
+        let health = Duration::from_secs(1);
+        // The listener and its heartbeats' pool both go through the proxy.
+        let listener =
+            PgPipe::new(cluster_config(proxy.port(), &channel).with_durable(durable)).unwrap();
+        if durable {
+            listener.migrate().await.unwrap();
+        }
+        let (tx, mut rx) = mpsc::channel(10_000);
+        listener.listen_events(tx).await.unwrap();
+        collect(&mut rx, |e| e.contains(&Event::Connected)).await;
+        let pusher =
+            PgPipe::new(cluster_config(cluster.port(), &channel).with_durable(durable)).unwrap();
+        pusher.push(&numbered(1, 1)).await.unwrap();
+        collect(&mut rx, |e| updates(e).len() == 1).await;
+        // A few heartbeats: their pooled connection sits idle in the pool between them.
+        let early = events_within(&mut rx, 2 * health).await;
+        assert_eq!(disconnects(&early), 0, "{early:?}");
+        let accepted = proxy.accepted();
+
+        // The path forgets every flow open now (the listener's, the pooled heartbeat
+        // connection's); new ones work.
+        proxy.forget_open();
+        let cut = Instant::now();
+        for n in 2..=5 {
+            pusher.push(&numbered(1, n)).await.unwrap();
+        }
+        let events = collect(&mut rx, |e| {
+            e.iter()
+                .skip_while(|e| !matches!(e, Event::Disconnected { .. }))
+                .any(|e| *e == Event::Connected)
+        })
+        .await;
+        let back = cut.elapsed();
+        assert!(
+            back <= 2 * health + Duration::from_millis(300),
+            "durable {durable}: back after {back:?}; {events:?}"
+        );
+        assert!(proxy.accepted() > accepted, "on fresh connections");
+
+        // Then it stays connected: no further disconnect for five health intervals, with
+        // updates flowing.
+        let mut watched = events;
+        let watch = Instant::now();
+        let mut n = 6;
+        while watch.elapsed() < 5 * health {
+            pusher.push(&numbered(1, n)).await.unwrap();
+            n += 1;
+            watched.extend(events_within(&mut rx, health / 4).await);
+        }
+        watched.extend(events_within(&mut rx, health / 2).await);
+        assert_eq!(
+            disconnects(&watched),
+            1,
+            "durable {durable}: one fault, one disconnect: {watched:?}"
+        );
+        let stats = listener.stats();
+        assert_eq!(stats.disconnects, 1, "durable {durable}: {stats:?}");
+        assert_eq!(stats.reconnects, 1, "durable {durable}: {stats:?}");
+        let got: Vec<u32> = updates(&watched)
+            .iter()
+            .map(|u| u.seq_set().as_single().unwrap())
+            .collect();
+        if durable {
+            // Nothing lost, nothing twice.
+            assert_eq!(got, (2..n).collect::<Vec<_>>(), "durable: {watched:?}");
+        } else {
+            // What was pushed once the listener was back arrived, once each.
+            let live: Vec<u32> = got.iter().copied().filter(|g| *g >= 6).collect();
+            assert_eq!(live, (6..n).collect::<Vec<_>>(), "best effort: {watched:?}");
+        }
+        listener.close().await.unwrap();
+        pusher.close().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_committing_out_of_id_order_across_a_disconnect_arrive_once() {
     let cluster = own_cluster();

@@ -34,6 +34,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::cancel::Canceller;
 use crate::config::Config;
 use crate::envelope::Packer;
 use crate::error::Error;
@@ -129,6 +130,7 @@ impl Listener {
         heartbeat_pool: deadpool_postgres::Pool,
     ) -> Result<Listener, Error> {
         let settings = settings::Settings::from_config(config);
+        let canceller = Canceller::new(config)?;
         let connector = connector::Connector::new(config.clone(), settings.clone());
         let (session, cursor) = connector.open_first().await?;
         let now = Instant::now();
@@ -149,6 +151,7 @@ impl Listener {
                 packer,
                 settings.channel.clone(),
                 heartbeat_pool,
+                canceller.clone(),
             ),
             rejections: pacer::Pacer::default(),
             counters,
