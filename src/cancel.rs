@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use deadpool_postgres::{Object, Pool};
+use deadpool_postgres::Object;
 use tokio_postgres::{CancelToken, Client};
 
 use crate::config::Config;
@@ -149,6 +149,21 @@ impl Lent {
             self.answered();
         }
     }
+
+    /// Its statement's answer: the connection goes back or is closed as
+    /// [`ended_with`](Lent::ended_with) says.
+    pub(crate) fn finish<T>(self, answer: Result<T, tokio_postgres::Error>) -> Result<T, Error> {
+        match answer {
+            Ok(value) => {
+                self.answered();
+                Ok(value)
+            }
+            Err(e) => {
+                self.ended_with(&e);
+                Err(Error::from(e))
+            }
+        }
+    }
 }
 
 impl Drop for Lent {
@@ -158,39 +173,4 @@ impl Drop for Lent {
             drop(Object::take(object));
         }
     }
-}
-
-/// Runs one statement on a pooled connection from `pool` within `deadline` (checkout
-/// included): past it, or dropped unfinished, the statement is cancelled and the
-/// connection closed (see [`Lent`]).
-pub(crate) async fn on_pooled<T, F>(
-    pool: &Pool,
-    canceller: &Canceller,
-    what: &'static str,
-    deadline: Duration,
-    statement: F,
-) -> Result<T, Error>
-where
-    F: for<'c> FnOnce(&'c Client) -> futures_util::future::BoxFuture<'c, Result<T, tokio_postgres::Error>>,
-{
-    let work = async {
-        let object = pool.get().await.map_err(Error::from)?;
-        let lent = Lent::new(object, canceller);
-        match statement(lent.client()).await {
-            Ok(value) => {
-                lent.answered();
-                Ok(value)
-            }
-            Err(e) => {
-                lent.ended_with(&e);
-                Err(Error::from(e))
-            }
-        }
-    };
-    tokio::time::timeout(deadline, work)
-        .await
-        .unwrap_or(Err(Error::Timeout {
-            what,
-            after: deadline,
-        }))
 }

@@ -86,6 +86,19 @@ pub enum Error {
     #[error("the pipe is closed")]
     Closed,
 
+    /// The queue of pool pushes waiting for a flight is full (the server is slow or away),
+    /// and the pipe is configured to fail fast ([`QueueFull::Fail`](crate::QueueFull)):
+    /// nothing of this push was sent. Retry later, or shed load.
+    #[error(
+        "the push queue is full ({pushes} pushes, {bytes} bytes waiting): the server is slow          or unreachable; retry later"
+    )]
+    QueueFull {
+        /// Pushes waiting when this one was refused.
+        pushes: usize,
+        /// Their encoded bytes.
+        bytes: usize,
+    },
+
     /// A throwaway PostgreSQL cluster could not be started or stopped.
     #[error("throwaway PostgreSQL cluster: {0}")]
     Cluster(String),

@@ -29,6 +29,7 @@ pub(crate) struct Counters {
     replayed: AtomicU64,
     resyncs: AtomicU64,
     dropped: AtomicU64,
+    cancelled: AtomicU64,
     rejected: [AtomicU64; REJECT_REASONS.len()],
 }
 
@@ -65,6 +66,10 @@ impl Counters {
         self.dropped.fetch_add(n as u64, Ordering::Relaxed);
     }
 
+    pub(crate) fn statement_cancelled(&self) {
+        self.cancelled.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn echo(&self) {
         self.echoes.fetch_add(1, Ordering::Relaxed);
     }
@@ -89,6 +94,7 @@ impl Counters {
             replayed: self.replayed.load(Ordering::Relaxed),
             resyncs: self.resyncs.load(Ordering::Relaxed),
             dropped_slow_consumer: self.dropped.load(Ordering::Relaxed),
+            queries_cancelled: self.cancelled.load(Ordering::Relaxed),
             rejected: REJECT_REASONS
                 .iter()
                 .zip(&self.rejected)
@@ -121,6 +127,10 @@ pub struct Stats {
     pub resyncs: u64,
     /// Updates let go because the application was not reading (best effort).
     pub dropped_slow_consumer: u64,
+    /// Queries on the listener's connection cancelled past their deadline that answered
+    /// the cancel (blocked, not dead: a lock on the log, say); each is retried without a
+    /// reconnect.
+    pub queries_cancelled: u64,
     /// Payloads rejected, by reason (`unrecognized`, `unknown_version`, `malformed`,
     /// `invalid_update`, `too_large`, `over_limit`; with signing on also `unsigned`,
     /// `forged` and `replayed`).

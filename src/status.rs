@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, Notification};
 
+use crate::cancel::{CancelOnDrop, Canceller};
 use crate::channel::quote_identifier;
 use crate::config::Config;
 use crate::connect::{close_politely, connect, drive_until};
@@ -43,10 +44,26 @@ pub struct Status {
     pub oldest_log_entry_secs: Option<f64>,
 }
 
-/// Gathers the status on two dedicated connections.
+/// Gathers the status on two dedicated connections, within a deadline (two connects, the
+/// listen probe and a few seconds for the statements); a statement given up on is
+/// cancelled on the server.
 pub(crate) async fn status(config: &Config) -> Result<Status, Error> {
+    let after = config.connect_timeout() * 2
+        + (config.health_interval() / 2 + Duration::from_millis(500)).max(Duration::from_secs(2))
+        + Duration::from_secs(10);
+    tokio::time::timeout(after, gather(config))
+        .await
+        .unwrap_or(Err(Error::Timeout {
+            what: "gathering the status",
+            after,
+        }))
+}
+
+async fn gather(config: &Config) -> Result<Status, Error> {
+    let canceller = Canceller::new(config)?;
     let (client, connection) = connect(config).await?;
     let task = tokio::spawn(connection);
+    let mut cancel = CancelOnDrop::new(&canceller, &client);
     let row = client
         .query_typed_one(
             "SELECT current_setting('server_version'), pg_is_in_recovery(), \
@@ -86,9 +103,10 @@ pub(crate) async fn status(config: &Config) -> Result<Status, Error> {
     let (listen_works, listeners) = if in_recovery {
         (None, None)
     } else {
-        let (works, listeners) = listen_probe(config, &client).await?;
+        let (works, listeners) = listen_probe(config, &client, &canceller).await?;
         (Some(works), Some(listeners))
     };
+    cancel.disarm();
     drop(client);
     let _ = task.await;
     Ok(Status {
@@ -110,9 +128,11 @@ pub(crate) async fn status(config: &Config) -> Result<Status, Error> {
 async fn listen_probe(
     config: &Config,
     other: &tokio_postgres::Client,
+    canceller: &Canceller,
 ) -> Result<(bool, usize), Error> {
     let channel = format!("updatepipe_probe_{:016x}", rand::random::<u64>());
     let (client, mut connection) = connect(config).await?;
+    let mut cancel = CancelOnDrop::new(canceller, &client);
     let sql = format!(
         "LISTEN {}; LISTEN {}",
         quote_identifier(&channel),
@@ -154,6 +174,7 @@ async fn listen_probe(
         }
     })
     .await;
+    cancel.disarm();
     close_politely(client, connection).await;
     Ok((arrived, origins.len()))
 }

@@ -502,6 +502,121 @@ async fn a_half_open_path_costs_one_reconnect_then_the_listener_stays_on_fresh_c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_on_the_log_leaves_no_backends_behind_and_loses_no_committed_push() {
+    let cluster = own_cluster();
+    let channel = unique("locked");
+    let health = Duration::from_secs(1);
+    const POOL: usize = 2;
+    let listen_config = cluster_config(cluster.port(), &channel)
+        .with_durable(true)
+        .with_pool_size(POOL);
+    let listen_app = app(&listen_config);
+    let listener = PgPipe::new(listen_config).unwrap();
+    listener.migrate().await.unwrap();
+    let (tx, mut rx) = mpsc::channel(100_000);
+    listener.listen_events(tx).await.unwrap();
+    collect(&mut rx, |e| e.contains(&Event::Connected)).await;
+    let push_config = cluster_config(cluster.port(), &channel)
+        .with_durable(true)
+        .with_pool_size(POOL)
+        .with_push_timeout(health);
+    let push_app = app(&push_config);
+    let pusher = Arc::new(PgPipe::new(push_config).unwrap());
+    pusher.push(&numbered(0, 1)).await.unwrap();
+    collect(&mut rx, |e| updates(e).len() == 1).await;
+
+    // What VACUUM FULL or a stuck migration does: the log locked for five intervals.
+    let mut locker = sql(cluster.port()).await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK updatepipe.log IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let pushing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    const KEYS: u64 = 4;
+    let tasks: Vec<_> = (1..=KEYS)
+        .map(|key| {
+            let pusher = pusher.clone();
+            let pushing = pushing.clone();
+            tokio::spawn(async move {
+                let mut committed = Vec::new();
+                let mut n = 0;
+                while pushing.load(std::sync::atomic::Ordering::SeqCst) {
+                    n += 1;
+                    match pusher.push(&numbered(key, n)).await {
+                        Ok(()) => committed.push(n),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+                committed
+            })
+        })
+        .collect();
+    let admin = sql(cluster.port()).await;
+    let (mut most_listen, mut most_push) = (0, 0);
+    let locked = Instant::now();
+    while locked.elapsed() < 5 * health {
+        most_listen = most_listen.max(backends(&admin, &listen_app).await);
+        most_push = most_push.max(backends(&admin, &push_app).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let during = listener.stats();
+    eprintln!(
+        "during the lock: at most {most_listen} listener-pipe and {most_push} pusher backends; \
+         {} queries cancelled",
+        during.queries_cancelled
+    );
+    lock.rollback().await.unwrap();
+    // Pushing goes on a moment after the lock, then stops.
+    tokio::time::sleep(health).await;
+    pushing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut committed = Vec::new();
+    for (key, task) in (1..=KEYS).zip(tasks) {
+        committed.extend(task.await.unwrap().into_iter().map(|n| (key, n)));
+    }
+    assert!(
+        most_listen <= POOL as i64 + 1,
+        "the listener's pipe had {most_listen} backends (pool {POOL} + 1)"
+    );
+    assert!(
+        most_push <= POOL as i64,
+        "the pusher had {most_push} backends (pool {POOL})"
+    );
+    assert!(
+        during.queries_cancelled >= 1,
+        "the blocked log reads were cancelled: {during:?}"
+    );
+    assert_eq!(during.disconnects, 0, "no reconnect storm: {during:?}");
+    assert!(!committed.is_empty());
+
+    // Every push that returned Ok arrives, exactly once.
+    let wanted: HashSet<(u64, u32)> = committed.iter().copied().collect();
+    let events = collect(&mut rx, |e| {
+        let got: HashSet<(u64, u32)> = updates(e)
+            .iter()
+            .filter_map(|u| match u.key() {
+                MailboxKey::Id(key) => Some((*key, u.seq_set().as_single().unwrap())),
+                _ => None,
+            })
+            .collect();
+        wanted.is_subset(&got)
+    })
+    .await;
+    let mut seen = HashSet::new();
+    for u in updates(&events) {
+        let MailboxKey::Id(key) = u.key() else {
+            panic!("{u:?}")
+        };
+        let n = u.seq_set().as_single().unwrap();
+        assert!(seen.insert((*key, n)), "({key}, {n}) arrived twice");
+    }
+    assert_eq!(listener.stats().disconnects, 0);
+    listener.close().await.unwrap();
+    pusher.close().await.unwrap();
+    assert_eq!(support::connections_left(&admin, &push_app).await, 0);
+    assert_eq!(support::connections_left(&admin, &listen_app).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_committing_out_of_id_order_across_a_disconnect_arrive_once() {
     let cluster = own_cluster();
     let channel = unique("xidorder");

@@ -14,10 +14,12 @@ use crate::tls::{SslMode, TlsOptions};
 mod conninfo;
 mod options;
 
+pub(crate) use options::{QueueBound, SessionLimits};
 pub use options::{
-    Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEALTH_INTERVAL, DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_BUFFERED, DEFAULT_MAX_IN_FLIGHT, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT,
-    DEFAULT_RETENTION, Since,
+    Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEALTH_INTERVAL, DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
+    DEFAULT_LOCK_TIMEOUT, DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_PUSHES, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT,
+    DEFAULT_QUEUE_WARN, DEFAULT_RETENTION, DEFAULT_STATEMENT_TIMEOUT, QueueFull, Since,
 };
 
 /// How a pipe reaches PostgreSQL, and its bounds.
@@ -60,6 +62,11 @@ pub struct Config {
     accept_unsigned: bool,
     replay_window: Duration,
     limits: Limits,
+    /// Backstop session settings on the pipe's own connections.
+    session: SessionLimits,
+    queue_bound: QueueBound,
+    queue_warn: f64,
+    wait_for_server: bool,
 }
 
 impl Config {
@@ -170,6 +177,10 @@ impl Config {
             accept_unsigned: false,
             replay_window: DEFAULT_REPLAY_WINDOW,
             limits: Limits::default(),
+            session: SessionLimits::default(),
+            queue_bound: QueueBound::default(),
+            queue_warn: options::DEFAULT_QUEUE_WARN,
+            wait_for_server: false,
         }
     }
 
@@ -268,6 +279,10 @@ impl fmt::Debug for Config {
             .field("accept_unsigned", &self.accept_unsigned)
             .field("replay_window", &self.replay_window)
             .field("limits", &self.limits)
+            .field("session", &self.session)
+            .field("queue_bound", &self.queue_bound)
+            .field("queue_warn", &self.queue_warn)
+            .field("wait_for_server", &self.wait_for_server)
             .finish()
     }
 }

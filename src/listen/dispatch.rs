@@ -23,7 +23,11 @@ pub(super) enum QueryOutcome {
     Tail(Result<Option<Tail>, tokio_postgres::Error>),
     Fetch(Result<Option<String>, tokio_postgres::Error>),
     Prune(Result<u64, tokio_postgres::Error>),
+    /// No answer by the deadline, not even to a cancel: the connection is dead.
     TimedOut(std::time::Duration),
+    /// Cancelled past the deadline, and the cancel was answered: the connection is fine
+    /// (the loop retries later; see `task::QuerySlot`).
+    Cancelled,
 }
 
 /// The sub-states the connection loop dispatches to.
@@ -69,7 +73,7 @@ impl Dispatch {
     /// Handles a finished query; an error means the connection must be dropped.
     pub(super) fn on_query(&mut self, outcome: QueryOutcome) -> Result<(), String> {
         match outcome {
-            QueryOutcome::Prune(Ok(_)) => Ok(()),
+            QueryOutcome::Prune(Ok(_)) | QueryOutcome::Cancelled => Ok(()),
             QueryOutcome::TimedOut(limit) => Err(format!(
                 "a query did not answer within {limit:?}: the connection is dead"
             )),

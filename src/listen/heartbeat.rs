@@ -88,6 +88,16 @@ impl Clock {
         })
     }
 
+    /// A query on the listener's connection ended now: notifications (the outstanding
+    /// heartbeat among them) waited while it ran, so the heartbeat's time counts from now.
+    pub(super) fn busy_until(&mut self, now: Instant) {
+        if let Some((_, sent_at)) = &mut self.outstanding
+            && *sent_at < now
+        {
+            *sent_at = now;
+        }
+    }
+
     /// The heartbeat could not be sent on the pooled connection: no verdict on this one.
     /// The next goes out soon.
     pub(super) fn send_failed(&mut self, now: Instant) {
@@ -276,6 +286,20 @@ mod tests {
         );
         clock.heard(1);
         assert_eq!(clock.late(start + 60 * SECOND), None);
+    }
+
+    #[test]
+    fn a_query_that_ran_long_gives_the_heartbeat_its_time_again() {
+        let start = Instant::now();
+        let mut clock = Clock::new(10 * SECOND, start);
+        clock.due(start + 5 * SECOND).unwrap();
+        clock.busy_until(start + 20 * SECOND);
+        assert_eq!(clock.late(start + 24 * SECOND), None);
+        assert!(clock.late(start + 25 * SECOND).is_some());
+        // Nothing outstanding: nothing to move.
+        clock.heard(1);
+        clock.busy_until(start + 30 * SECOND);
+        assert_eq!(clock.late(start + 90 * SECOND), None);
     }
 
     #[test]

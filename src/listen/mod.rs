@@ -161,7 +161,11 @@ impl Listener {
             connector,
             dispatch,
             channel: settings.channel.clone(),
-            query_deadline: settings.query_deadline(),
+            slot: task::QuerySlot::new(
+                settings.query_deadline(),
+                settings.cancel_grace(),
+                canceller,
+            ),
         };
         let (stop, stopped) = oneshot::channel();
         Ok(Listener {

@@ -8,6 +8,7 @@ use tokio_postgres::{Client, Notification};
 
 use super::TARGET;
 use super::settings::Settings;
+use crate::cancel::{CancelOnDrop, Canceller};
 use crate::config::Config;
 use crate::connect::{RawConnection, close_politely, connect, drive_until};
 use crate::error::Error;
@@ -33,7 +34,14 @@ impl Session {
         let mut backlog = VecDeque::new();
         let after = settings.connect_timeout;
         let channel = config.channel();
+        // Given up on (the deadline passed, or the caller went away), what runs is
+        // cancelled: reading the log position can wait on a lock.
+        let mut cancel = CancelOnDrop::new(&Canceller::new(config)?, &client);
+        let limits = config.session_limits().sql();
         let setup = async {
+            if let Some(sql) = &limits {
+                client.batch_execute(sql).await?;
+            }
             let recovery = client
                 .query_typed_one("SELECT pg_is_in_recovery()", &[])
                 .await?;
@@ -56,6 +64,7 @@ impl Session {
                 what: "subscribing with LISTEN",
                 after,
             })???;
+        cancel.disarm();
         tracing::debug!(target: TARGET, %channel, "listening");
         Ok((
             Session {

@@ -10,6 +10,7 @@ use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Fuse, FusedFuture};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, Notification};
 
 use super::connector::Connector;
@@ -18,8 +19,11 @@ use super::durable::Ask;
 use super::intake::Incoming;
 use super::session::Session;
 use super::{Event, TARGET};
+use super::pacer::Pacer;
+use crate::cancel::{CancelOnDrop, Canceller};
 use crate::error::pg_message;
 use crate::log;
+use crate::stats::Counters;
 
 /// Why serving a session ended.
 enum End {
@@ -35,7 +39,56 @@ pub(super) struct ConnectionLoop {
     pub(super) dispatch: Dispatch,
     /// The channel, as the log's statements name it.
     pub(super) channel: String,
-    pub(super) query_deadline: Duration,
+    /// The query slot's deadline and cancels (see `next_query`).
+    pub(super) slot: QuerySlot,
+}
+
+/// The listener's query slot: how long a query may take, and what happens past that.
+#[derive(Debug)]
+pub(super) struct QuerySlot {
+    /// How long a query may run before it is cancelled.
+    pub(super) deadline: Duration,
+    /// How long a cancelled query has to answer (with its error) before its connection is
+    /// taken for dead.
+    pub(super) grace: Duration,
+    pub(super) canceller: Canceller,
+    /// No query starts before this: a cancelled one is retried after its deadline again.
+    pub(super) retry_at: Option<Instant>,
+    /// Paces the warning about cancelled queries.
+    pub(super) cancels: Pacer,
+}
+
+impl QuerySlot {
+    pub(super) fn new(deadline: Duration, grace: Duration, canceller: Canceller) -> QuerySlot {
+        QuerySlot {
+            deadline,
+            grace,
+            canceller,
+            retry_at: None,
+            cancels: Pacer::default(),
+        }
+    }
+
+    /// Whether a query may start now.
+    fn open(&self, now: Instant) -> bool {
+        self.retry_at.is_none_or(|at| now >= at)
+    }
+
+    /// A query was cancelled past its deadline and answered (the connection is fine, the
+    /// statement was blocked: a lock on the log, say): counted, warned about (paced), and
+    /// the next query waits a deadline.
+    fn cancelled(&mut self, counters: &Counters, now: Instant) {
+        counters.statement_cancelled();
+        self.retry_at = Some(now + self.deadline);
+        if let Some(suppressed) = self.cancels.due(std::time::Instant::now()) {
+            tracing::warn!(
+                target: TARGET,
+                deadline = ?self.deadline,
+                suppressed,
+                "a query on the listener's connection did not answer in time and was                  cancelled (a lock on updatepipe.log?); retrying, without reconnecting"
+            );
+        }
+    }
 }
 
 impl ConnectionLoop {
@@ -116,6 +169,7 @@ impl ConnectionLoop {
             let mut heartbeat = std::pin::pin!(Fuse::terminated());
             loop {
                 if query.is_terminated()
+                    && self.slot.open(Instant::now())
                     && let Some(next) = self.next_query(client)
                 {
                     query.set(next.fuse());
@@ -133,12 +187,23 @@ impl ConnectionLoop {
                     _ = &mut *stopped => break End::Stopped,
                     sent = &mut heartbeat => self.dispatch.on_heartbeat_sent(sent),
                     outcome = &mut query => {
-                        if let Err(reason) = self.dispatch.on_query(outcome) {
+                        let now = Instant::now();
+                        // Notifications wait while a statement runs: the heartbeat's time
+                        // counts from the end of the query.
+                        self.dispatch.heartbeat.clock.busy_until(now);
+                        if matches!(outcome, QueryOutcome::Cancelled) {
+                            self.slot.cancelled(&self.dispatch.counters, now);
+                        } else if let Err(reason) = self.dispatch.on_query(outcome) {
                             break End::Connection(reason);
                         }
                     }
                     _ = ticker.tick() => {
-                        if let Some(reason) = self.dispatch.heartbeat.clock.late(Instant::now()) {
+                        // While a query runs the backend is not idle and delivers no
+                        // notification, heartbeats included: the query's deadline, and the
+                        // answer to its cancel, say whether the connection is alive.
+                        if query.is_terminated()
+                            && let Some(reason) = self.dispatch.heartbeat.clock.late(Instant::now())
+                        {
                             break End::Connection(reason);
                         }
                     }
@@ -198,16 +263,46 @@ impl ConnectionLoop {
                 }
             }
         };
-        let limit = self.query_deadline;
+        let limit = self.slot.deadline;
+        let grace = self.slot.grace;
+        let canceller = self.slot.canceller.clone();
         Some(
             async move {
-                tokio::time::timeout(limit, query)
-                    .await
-                    .unwrap_or(QueryOutcome::TimedOut(limit))
+                // Dropped unfinished (the session ends), the query is cancelled too: a
+                // backend waiting on a lock does not notice its client left.
+                let mut guard = CancelOnDrop::new(&canceller, client);
+                let mut query = std::pin::pin!(query);
+                let outcome = match tokio::time::timeout(limit, &mut query).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        canceller.cancel(&client.cancel_token()).await;
+                        match tokio::time::timeout(grace, &mut query).await {
+                            // A prompt "canceling statement": the connection is fine.
+                            Ok(outcome) if was_cancelled(&outcome) => QueryOutcome::Cancelled,
+                            Ok(outcome) => outcome,
+                            // No answer even to a cancel: the connection is dead.
+                            Err(_) => QueryOutcome::TimedOut(limit),
+                        }
+                    }
+                };
+                guard.disarm();
+                outcome
             }
             .boxed(),
         )
     }
+}
+
+/// Whether a query ended with the server's "canceling statement" (ours, or the server's
+/// `statement_timeout`).
+fn was_cancelled(outcome: &QueryOutcome) -> bool {
+    let e = match outcome {
+        QueryOutcome::Tail(Err(e)) => e,
+        QueryOutcome::Fetch(Err(e)) => e,
+        QueryOutcome::Prune(Err(e)) => e,
+        _ => return false,
+    };
+    e.code() == Some(&SqlState::QUERY_CANCELED)
 }
 
 /// A notification, as the intake takes it.

@@ -11,6 +11,7 @@ use tokio_postgres::error::SqlState;
 use super::TARGET;
 use super::link::{FlightConnection, Link};
 use super::wire::{Payloads, Wire, is_proxy_refusal};
+use crate::cancel::Canceller;
 use crate::error::Error;
 use crate::stats::Counters;
 
@@ -22,16 +23,25 @@ pub(super) struct BatchSender {
     timeout: Duration,
     counters: Arc<Counters>,
     timers: KeptTimers,
+    /// Cancels a batch given up on, on the server.
+    canceller: Canceller,
 }
 
 impl BatchSender {
-    pub(super) fn new(wire: Wire, link: Link, timeout: Duration, counters: Arc<Counters>) -> Self {
+    pub(super) fn new(
+        wire: Wire,
+        link: Link,
+        timeout: Duration,
+        counters: Arc<Counters>,
+        canceller: Canceller,
+    ) -> Self {
         BatchSender {
             wire,
             link,
             timeout,
             counters,
             timers: KeptTimers::default(),
+            canceller,
         }
     }
 
@@ -123,8 +133,12 @@ impl BatchSender {
                 Ok(Err(e)) => return Err(e),
                 Err(()) => {
                     // The server did not answer in time: whatever this connection is busy
-                    // with, later flights must not queue behind it.
+                    // with is cancelled on the server (a backend waiting on a lock would
+                    // otherwise wait on, for a client that left), and later flights must
+                    // not queue behind it.
                     if let Some(connection) = &used {
+                        self.canceller
+                            .cancel_detached(connection.client().cancel_token());
                         self.link.discard(connection);
                     }
                     return Err(Error::Timeout {
