@@ -111,6 +111,8 @@ impl Error {
         match self {
             Error::Connect(_) | Error::Timeout { .. } => true,
             Error::Pool(_) => true,
+            // The server is too slow or away to take the pushes waiting.
+            Error::QueueFull { .. } => true,
             Error::Postgres(e) => e.as_db_error().is_none(),
             _ => false,
         }

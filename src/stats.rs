@@ -30,6 +30,8 @@ pub(crate) struct Counters {
     resyncs: AtomicU64,
     dropped: AtomicU64,
     cancelled: AtomicU64,
+    queue_peak: AtomicU64,
+    queue_peak_bytes: AtomicU64,
     rejected: [AtomicU64; REJECT_REASONS.len()],
 }
 
@@ -70,6 +72,13 @@ impl Counters {
         self.cancelled.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The push queue is this deep now.
+    pub(crate) fn queue_depth(&self, pushes: usize, bytes: usize) {
+        self.queue_peak.fetch_max(pushes as u64, Ordering::Relaxed);
+        self.queue_peak_bytes
+            .fetch_max(bytes as u64, Ordering::Relaxed);
+    }
+
     pub(crate) fn echo(&self) {
         self.echoes.fetch_add(1, Ordering::Relaxed);
     }
@@ -95,6 +104,8 @@ impl Counters {
             resyncs: self.resyncs.load(Ordering::Relaxed),
             dropped_slow_consumer: self.dropped.load(Ordering::Relaxed),
             queries_cancelled: self.cancelled.load(Ordering::Relaxed),
+            push_queue_peak: self.queue_peak.load(Ordering::Relaxed),
+            push_queue_peak_bytes: self.queue_peak_bytes.load(Ordering::Relaxed),
             rejected: REJECT_REASONS
                 .iter()
                 .zip(&self.rejected)
@@ -131,6 +142,11 @@ pub struct Stats {
     /// the cancel (blocked, not dead: a lock on the log, say); each is retried without a
     /// reconnect.
     pub queries_cancelled: u64,
+    /// The most pool pushes that waited for a flight at once (high-water mark; bounded by
+    /// [`Config::with_max_queued_pushes`](crate::Config::with_max_queued_pushes)).
+    pub push_queue_peak: u64,
+    /// The most encoded bytes of pool pushes that waited for a flight at once.
+    pub push_queue_peak_bytes: u64,
     /// Payloads rejected, by reason (`unrecognized`, `unknown_version`, `malformed`,
     /// `invalid_update`, `too_large`, `over_limit`; with signing on also `unsigned`,
     /// `forged` and `replayed`).

@@ -11,7 +11,8 @@ use support::proxy::Proxy;
 use support::{cluster_config, own_cluster, unique};
 use tokio::sync::mpsc;
 use updatepipe::{
-    Config, Envelope, Error, Event, MailboxKey, PgPipe, ResyncReason, SeqSet, Update, UpdatePipe,
+    Config, Envelope, Error, Event, MailboxKey, PgPipe, QueueFull, ResyncReason, SeqSet, Update,
+    UpdatePipe,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -614,6 +615,79 @@ async fn a_lock_on_the_log_leaves_no_backends_behind_and_loses_no_committed_push
     pusher.close().await.unwrap();
     assert_eq!(support::connections_left(&admin, &push_app).await, 0);
     assert_eq!(support::connections_left(&admin, &listen_app).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_storm_during_an_outage_stays_within_the_queue_bound() {
+    let cluster = own_cluster();
+    const BOUND: usize = 16;
+    const STORM: u32 = 200;
+    let timeout = Duration::from_secs(1);
+    for when_full in [QueueFull::Fail, QueueFull::Wait] {
+        let proxy = Proxy::start(cluster.port()).await;
+        let config = cluster_config(proxy.port(), &unique("storm"))
+            .with_max_queued_pushes(BOUND)
+            .with_queue_full(when_full)
+            .with_push_timeout(timeout);
+        let pipe = Arc::new(PgPipe::new(config).unwrap());
+        pipe.push(&numbered(1, 1)).await.unwrap();
+        // The server stops answering: the push in flight hangs, the others pile up.
+        proxy.hold();
+        let tasks: Vec<_> = (1..=STORM)
+            .map(|n| {
+                let pipe = pipe.clone();
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let outcome = pipe.push(&numbered(2, n)).await;
+                    (outcome, started.elapsed())
+                })
+            })
+            .collect();
+        let (mut full, mut timed_out, mut slowest) = (0, 0, Duration::ZERO);
+        for task in tasks {
+            let (outcome, took) = task.await.unwrap();
+            slowest = slowest.max(took);
+            match outcome {
+                Err(Error::QueueFull { pushes, .. }) => {
+                    assert_eq!(pushes, BOUND);
+                    full += 1;
+                }
+                Err(Error::Timeout { .. }) => timed_out += 1,
+                other => panic!("{when_full:?}: {other:?}"),
+            }
+        }
+        let peak = pipe.stats().push_queue_peak;
+        eprintln!(
+            "{when_full:?}: {full} refused, {timed_out} timed out, peak {peak} queued, slowest {slowest:?}"
+        );
+        assert!(peak <= BOUND as u64, "{when_full:?}: peak {peak}");
+        assert!(peak >= 1, "{when_full:?}: the queue was used");
+        match when_full {
+            // Past the bound: refused at once; the flight out and the queued ones time out.
+            QueueFull::Fail => {
+                assert!(full >= STORM as usize - BOUND - 1, "{full} refused");
+                assert_eq!(full + timed_out, STORM as usize);
+            }
+            // Past the bound: wait, within the push timeout.
+            _ => {
+                assert_eq!(full, 0);
+                assert_eq!(timed_out, STORM as usize);
+            }
+        }
+        assert!(
+            slowest <= timeout + Duration::from_millis(500),
+            "{when_full:?}: a push took {slowest:?}"
+        );
+        // Back: pushes go through again.
+        proxy.up();
+        let mut tries = 0;
+        while pipe.push(&numbered(3, 1)).await.is_err() {
+            tries += 1;
+            assert!(tries < 20, "pushes do not recover");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        pipe.close().await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,13 +14,13 @@ use crate::tls::{SslMode, TlsOptions};
 mod conninfo;
 mod options;
 
-pub(crate) use options::{QueueBound, SessionLimits};
 pub use options::{
     Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEALTH_INTERVAL, DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
     DEFAULT_LOCK_TIMEOUT, DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_PUSHES, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT,
     DEFAULT_QUEUE_WARN, DEFAULT_RETENTION, DEFAULT_STATEMENT_TIMEOUT, QueueFull, Since,
 };
+pub(crate) use options::{QueueBound, SessionLimits};
 
 /// How a pipe reaches PostgreSQL, and its bounds.
 ///

@@ -83,7 +83,10 @@ impl Pusher {
                 let limits = limits.clone();
                 Box::pin(async move {
                     if let Some(sql) = limits {
-                        client.batch_execute(&sql).await.map_err(HookError::Backend)?;
+                        client
+                            .batch_execute(&sql)
+                            .await
+                            .map_err(HookError::Backend)?;
                     }
                     Ok(())
                 })
@@ -117,6 +120,7 @@ impl Pusher {
             config.max_batch(),
             config.max_batch_wait(),
             config.max_in_flight(),
+            config.queue_bound(),
         );
         Ok(Pusher {
             batcher: Arc::new(batcher),
