@@ -42,6 +42,7 @@ fn dispatch(config: &Config) -> (Dispatch, mpsc::Receiver<Event>) {
             Packer::new(&me, 1, None),
             settings.channel.clone(),
             pool,
+            crate::cancel::Canceller::new(config).unwrap(),
         ),
         rejections: Pacer::default(),
         counters,
