@@ -31,6 +31,8 @@ pub(crate) struct Counters {
     dropped: AtomicU64,
     cancelled: AtomicU64,
     queue_peak: AtomicU64,
+    /// The last notification queue usage sampled, in millionths, plus one (0: none yet).
+    queue_usage: AtomicU64,
     queue_peak_bytes: AtomicU64,
     rejected: [AtomicU64; REJECT_REASONS.len()],
 }
@@ -72,6 +74,12 @@ impl Counters {
         self.cancelled.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The server's notification queue usage, as just sampled (0 to 1).
+    pub(crate) fn queue_usage(&self, usage: f64) {
+        let ppm = (usage.clamp(0.0, 1.0) * 1e6).round() as u64;
+        self.queue_usage.store(ppm + 1, Ordering::Relaxed);
+    }
+
     /// The push queue is this deep now.
     pub(crate) fn queue_depth(&self, pushes: usize, bytes: usize) {
         self.queue_peak.fetch_max(pushes as u64, Ordering::Relaxed);
@@ -105,6 +113,7 @@ impl Counters {
             dropped_slow_consumer: self.dropped.load(Ordering::Relaxed),
             queries_cancelled: self.cancelled.load(Ordering::Relaxed),
             push_queue_peak: self.queue_peak.load(Ordering::Relaxed),
+            queue_usage_ppm: self.queue_usage.load(Ordering::Relaxed).checked_sub(1),
             push_queue_peak_bytes: self.queue_peak_bytes.load(Ordering::Relaxed),
             rejected: REJECT_REASONS
                 .iter()
@@ -147,6 +156,10 @@ pub struct Stats {
     pub push_queue_peak: u64,
     /// The most encoded bytes of pool pushes that waited for a flight at once.
     pub push_queue_peak_bytes: u64,
+    /// The server's notification queue usage (`pg_notification_queue_usage()`) in
+    /// millionths, as the listener last sampled it (every health interval); `None` before
+    /// the first sample, or without a listener. See [`Stats::queue_usage`].
+    pub queue_usage_ppm: Option<u64>,
     /// Payloads rejected, by reason (`unrecognized`, `unknown_version`, `malformed`,
     /// `invalid_update`, `too_large`, `over_limit`; with signing on also `unsigned`,
     /// `forged` and `replayed`).
@@ -154,6 +167,11 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// The server's notification queue usage, from 0 to 1, as last sampled.
+    pub fn queue_usage(&self) -> Option<f64> {
+        self.queue_usage_ppm.map(|ppm| ppm as f64 / 1e6)
+    }
+
     /// All rejected payloads, whatever the reason.
     pub fn rejected_total(&self) -> u64 {
         self.rejected.iter().map(|(_, n)| n).sum()

@@ -32,6 +32,10 @@ pub struct Status {
     pub listen_works: Option<bool>,
     /// `pg_notification_queue_usage()`, from 0 to 1.
     pub queue_usage: f64,
+    /// The server's `idle_session_timeout` for this connection's role and database, in
+    /// milliseconds (0: off; `None`: before PostgreSQL 14). A listener sends a statement
+    /// on its connection every third of it.
+    pub idle_session_timeout_ms: Option<u64>,
     /// updatepipe listeners on the channel, counted by the heartbeats heard during one
     /// heartbeat period of this configuration (half its health interval); `None` on a
     /// standby. Listeners with a longer health interval, or none, may be missed.
@@ -68,7 +72,8 @@ async fn gather(config: &Config) -> Result<Status, Error> {
         .query_typed_one(
             "SELECT current_setting('server_version'), pg_is_in_recovery(), \
                     pg_notification_queue_usage()::float8, \
-                    to_regclass($1) IS NOT NULL, to_regclass('updatepipe.log') IS NOT NULL",
+                    to_regclass($1) IS NOT NULL, to_regclass('updatepipe.log') IS NOT NULL, \
+                    current_setting('idle_session_timeout', true)",
             &[(&format!("public.{MIGRATION_TABLE}"), Type::TEXT)],
         )
         .await?;
@@ -77,6 +82,7 @@ async fn gather(config: &Config) -> Result<Status, Error> {
     let queue_usage: f64 = row.get(2);
     let migrated: bool = row.get(3);
     let has_log: bool = row.get(4);
+    let idle_session_timeout_ms = crate::connect::setting_ms(row.get(5));
     let schema_version = if migrated {
         client
             .query_typed_one(
@@ -114,6 +120,7 @@ async fn gather(config: &Config) -> Result<Status, Error> {
         in_recovery,
         listen_works,
         queue_usage,
+        idle_session_timeout_ms,
         listeners,
         schema_version,
         log_entries,

@@ -388,3 +388,62 @@ fn bench_refuses_a_depth_of_zero() {
         assert!(stderr(&output).contains(flag), "{}", stderr(&output));
     }
 }
+
+/// A session that listens and then sits in an open transaction holds the server's
+/// notification queue: `status` warns past --queue-warn and exits 5 past --queue-fail.
+#[test]
+fn status_flags_a_filling_notification_queue_and_exits_5() {
+    let cluster = support::own_cluster();
+    let url = cluster.url();
+    let runtime = support::runtime();
+    let (_holder, _sender) = runtime.block_on(async {
+        let connect = || async {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            client
+        };
+        let holder = connect().await;
+        holder
+            .batch_execute("LISTEN held")
+            .await
+            .unwrap();
+        holder.batch_execute("BEGIN").await.unwrap();
+        // 64 notifications of nearly a page (8 kB) each, each its own transaction.
+        let sender = connect().await;
+        for _ in 0..64 {
+            sender
+                .batch_execute("SELECT pg_notify('held', repeat('x', 7900))")
+                .await
+                .unwrap();
+        }
+        (holder, sender)
+    });
+    let status = |warn: &str, fail: &str| {
+        updatepipe()
+            .env("DATABASE_URL", &url)
+            .args(["status", "--queue-warn", warn, "--queue-fail", fail])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    // 64 pages of the 8 GB queue: about 0.006 %.
+    let output = status("0.001", "50");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", stderr(&output));
+    assert!(stdout.contains("WARNING"), "{stdout}");
+    assert!(stderr(&output).contains("warning"), "{}", stderr(&output));
+    let output = status("0.001", "0.002");
+    assert_eq!(output.status.code(), Some(5), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("--queue-fail"),
+        "{}",
+        stderr(&output)
+    );
+    // With the defaults, this is healthy.
+    let output = status("10", "50");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(!stdout.contains("WARNING"), "{stdout}");
+}

@@ -691,6 +691,45 @@ async fn a_push_storm_during_an_outage_stays_within_the_queue_bound() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_samples_a_filling_notification_queue() {
+    let cluster = own_cluster();
+    let listener = PgPipe::new(
+        cluster_config(cluster.port(), &unique("queuewatch")).with_queue_warn(0.000_01),
+    )
+    .unwrap();
+    let (tx, mut rx) = mpsc::channel(100);
+    listener.listen_events(tx).await.unwrap();
+    collect(&mut rx, |e| e.contains(&Event::Connected)).await;
+    // A foreign session listens, then sits in an open transaction: the queue is held.
+    let holder = sql(cluster.port()).await;
+    holder
+        .batch_execute("LISTEN held")
+        .await
+        .unwrap();
+    holder.batch_execute("BEGIN").await.unwrap();
+    let sender = sql(cluster.port()).await;
+    for _ in 0..64 {
+        sender
+            .batch_execute("SELECT pg_notify('held', repeat('x', 7900))")
+            .await
+            .unwrap();
+    }
+    // Sampled every health interval (1 s).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let usage = loop {
+        let usage = listener.stats().queue_usage().unwrap_or(0.0);
+        if usage > 0.000_05 || Instant::now() > deadline {
+            break usage;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // 64 pages of about a million.
+    assert!(usage > 0.000_05, "sampled {usage}");
+    holder.batch_execute("COMMIT").await.unwrap();
+    listener.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_committing_out_of_id_order_across_a_disconnect_arrive_once() {
     let cluster = own_cluster();
     let channel = unique("xidorder");

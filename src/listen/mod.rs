@@ -21,6 +21,8 @@
 //! - `heartbeat`: the proof that the connection works. On a reconnect, nothing is
 //!   outstanding, and the next is due in half an interval.
 //! - `pacer`: the pacing of warnings that senders can provoke.
+//! - `watch`: the sampling of the server's notification queue, with a warning when it
+//!   fills. A reconnect does nothing to it.
 //!
 //! The loop only does I/O and dispatch: a notification goes to the intake, and its
 //! [`Verdict`](intake::Verdict) to the outbox, the log reader or the heartbeat; the log
@@ -54,6 +56,7 @@ mod replay;
 mod session;
 mod settings;
 mod task;
+mod watch;
 
 pub(crate) use outbox::Sink;
 
@@ -135,6 +138,8 @@ impl Listener {
         let (session, cursor) = connector.open_first().await?;
         let now = Instant::now();
         let packer = Packer::new(&origin, std::process::id(), settings.signer.clone());
+        let heartbeat_watch_pool = heartbeat_pool.clone();
+        let counters_for_watch = counters.clone();
         let mut dispatch = dispatch::Dispatch {
             intake: intake::Intake::new(&settings, origin),
             outbox: outbox::Outbox::new(sink, settings.max_buffered, counters.clone()),
@@ -157,9 +162,18 @@ impl Listener {
             counters,
         };
         dispatch.outbox.emit(Event::Connected);
+        let watch = watch::QueueWatch::new(
+            heartbeat_watch_pool,
+            canceller.clone(),
+            settings.health_interval,
+            config.queue_warn(),
+            counters_for_watch,
+            now,
+        );
         let task = task::ConnectionLoop {
             connector,
             dispatch,
+            watch,
             channel: settings.channel.clone(),
             slot: task::QuerySlot::new(
                 settings.query_deadline(),

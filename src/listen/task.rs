@@ -19,6 +19,7 @@ use super::durable::Ask;
 use super::intake::Incoming;
 use super::pacer::Pacer;
 use super::session::Session;
+use super::watch::QueueWatch;
 use super::{Event, TARGET};
 use crate::cancel::{CancelOnDrop, Canceller};
 use crate::error::pg_message;
@@ -37,6 +38,7 @@ enum End {
 pub(super) struct ConnectionLoop {
     pub(super) connector: Connector,
     pub(super) dispatch: Dispatch,
+    pub(super) watch: QueueWatch,
     /// The channel, as the log's statements name it.
     pub(super) channel: String,
     /// The query slot's deadline and cancels (see `next_query`).
@@ -167,6 +169,7 @@ impl ConnectionLoop {
             let mut query: Pin<&mut Fuse<BoxFuture<'_, QueryOutcome>>> =
                 std::pin::pin!(Fuse::terminated());
             let mut heartbeat = std::pin::pin!(Fuse::terminated());
+            let mut watch = std::pin::pin!(Fuse::terminated());
             loop {
                 if query.is_terminated()
                     && self.slot.open(Instant::now())
@@ -179,6 +182,11 @@ impl ConnectionLoop {
                 {
                     heartbeat.set(next.fuse());
                 }
+                if watch.is_terminated()
+                    && let Some(next) = self.watch.next(Instant::now())
+                {
+                    watch.set(next.fuse());
+                }
                 let ready = self.dispatch.outbox.has_ready();
                 tokio::select! {
                     // The slots and the clock before the connection, so that steady
@@ -186,6 +194,7 @@ impl ConnectionLoop {
                     biased;
                     _ = &mut *stopped => break End::Stopped,
                     sent = &mut heartbeat => self.dispatch.on_heartbeat_sent(sent),
+                    sampled = &mut watch => self.watch.on_sampled(sampled),
                     outcome = &mut query => {
                         let now = Instant::now();
                         // Notifications wait while a statement runs: the heartbeat's time

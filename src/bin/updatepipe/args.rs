@@ -137,11 +137,23 @@ pub(crate) enum Command {
 
     /// Show the server as the pipe sees it: version, primary or standby, whether LISTEN
     /// works through this connection (not through a transaction-pooling proxy), the
-    /// notification queue, the durable log and the schema version.
+    /// notification queue, the server's idle timeouts, the durable log and the schema
+    /// version.
+    ///
+    /// A health check: exits 5 when the notification queue is fuller than --queue-fail
+    /// (when it is full, every NOTIFY in the cluster fails), and warns above --queue-warn.
     ///
     /// Example: updatepipe status --url postgres://mail@db/mail
     #[command(verbatim_doc_comment)]
-    Status,
+    Status {
+        /// Warn when the notification queue is fuller than this, in percent.
+        #[arg(long, value_name = "PERCENT", default_value_t = 10.0)]
+        queue_warn: f64,
+
+        /// Exit 5 when the notification queue is fuller than this, in percent.
+        #[arg(long, value_name = "PERCENT", default_value_t = 50.0)]
+        queue_fail: f64,
+    },
 
     /// Show two nodes and an admin tool exchanging updates through PostgreSQL.
     ///

@@ -121,7 +121,9 @@ pub(crate) fn update_from_options(
     )?)
 }
 
-pub(crate) fn print_status(pipe: &PgPipe, status: &updatepipe::Status) {
+/// Prints the status; warns (on standard error too) when the notification queue is fuller
+/// than `queue_warn` percent.
+pub(crate) fn print_status(pipe: &PgPipe, status: &updatepipe::Status, queue_warn: f64) {
     println!("server version      {}", status.server_version);
     println!(
         "primary             {}",
@@ -139,7 +141,23 @@ pub(crate) fn print_status(pipe: &PgPipe, status: &updatepipe::Status) {
         ),
         None => println!("LISTEN works        unknown (cannot NOTIFY on a standby)"),
     }
-    println!("queue usage         {:.6} %", status.queue_usage * 100.0);
+    let usage = status.queue_usage * 100.0;
+    if usage > queue_warn {
+        println!(
+            "queue usage         {usage:.6} % WARNING: above {queue_warn} %; some session of \
+             this database listens and does not read (a LISTEN in a transaction left open?)"
+        );
+        eprintln!("updatepipe: warning: the notification queue is {usage:.6} % full");
+    } else {
+        println!("queue usage         {usage:.6} %");
+    }
+    match status.idle_session_timeout_ms {
+        Some(0) | None => {}
+        Some(ms) => println!(
+            "idle timeout        idle_session_timeout is {ms} ms: listeners send a statement \
+             on their connection every third of it"
+        ),
+    }
     if let Some(n) = status.listeners {
         println!("listeners           {n} on this channel (heard by their heartbeats)");
     }

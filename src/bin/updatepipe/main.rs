@@ -24,7 +24,21 @@ mod exit {
     pub const BAD_INPUT: u8 = 2;
     pub const CONNECTION: u8 = 3;
     pub const SERVER: u8 = 4;
+    /// `status` found the server unhealthy (the notification queue past --queue-fail).
+    pub const UNHEALTHY: u8 = 5;
 }
+
+/// `status` found the server unhealthy: exit 5.
+#[derive(Debug)]
+struct Unhealthy(String);
+
+impl std::fmt::Display for Unhealthy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unhealthy {}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -79,6 +93,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         Some(e) if e.is_connection() => exit::CONNECTION,
         Some(Error::Postgres(_) | Error::Migrate(_)) => exit::SERVER,
         Some(_) => exit::FAILURE,
+        None if e.downcast_ref::<Unhealthy>().is_some() => exit::UNHEALTHY,
         None if e.downcast_ref::<updatepipe::UpdateError>().is_some() => exit::BAD_INPUT,
         None => exit::FAILURE,
     }
@@ -155,11 +170,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pipe.close().await?;
             Ok(())
         }
-        Command::Status => {
+        Command::Status {
+            queue_warn,
+            queue_fail,
+        } => {
             let pipe = PgPipe::new(config(cli.url.as_deref())?.with_channel(channel))?;
             let status = pipe.status().await?;
             pipe.close().await?;
-            print_status(&pipe, &status);
+            print_status(&pipe, &status, queue_warn);
+            let usage = status.queue_usage * 100.0;
+            if usage > queue_fail {
+                return Err(Unhealthy(format!(
+                    "the notification queue is {usage:.4} % full, above --queue-fail \
+                     {queue_fail} %: a session of this database listens and does not read"
+                ))
+                .into());
+            }
             Ok(())
         }
         Command::Demo => {
