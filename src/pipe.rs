@@ -225,6 +225,7 @@ impl PgPipe {
             sink,
             self.inner.counters.clone(),
             self.inner.pusher.pool(),
+            &self.inner.closed,
         )
         .await;
         match started {

@@ -167,9 +167,26 @@ fn an_unreachable_server_exits_3_quickly() {
     let output = run(&["--url", &url, "push", "{\"Type\":0,\"Key\":1}"]);
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
     assert!(stderr(&output).contains("cannot connect to PostgreSQL"));
-    let output = run(&["--url", &url, "listen"]);
+    let output = run(&["--url", &url, "listen", "--no-wait"]);
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
     assert!(started.elapsed() < Duration::from_secs(30));
+    // Without --no-wait, listen waits for the server (a node that starts before it).
+    let mut waiting = updatepipe()
+        .args(["--url", &url, "listen"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(waiting.stderr.take().unwrap());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(waiting.try_wait().unwrap().is_none(), "listen waits");
+    waiting.kill().unwrap();
+    let _ = waiting.wait();
+    let said: Vec<String> = err.try_iter().collect();
+    assert!(
+        said.iter().any(|l| l.contains("waiting for the server")),
+        "{said:?}"
+    );
 }
 
 #[test]
@@ -405,10 +422,7 @@ fn status_flags_a_filling_notification_queue_and_exits_5() {
             client
         };
         let holder = connect().await;
-        holder
-            .batch_execute("LISTEN held")
-            .await
-            .unwrap();
+        holder.batch_execute("LISTEN held").await.unwrap();
         holder.batch_execute("BEGIN").await.unwrap();
         // 64 notifications of nearly a page (8 kB) each, each its own transaction.
         let sender = connect().await;

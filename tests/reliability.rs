@@ -702,10 +702,7 @@ async fn the_listener_samples_a_filling_notification_queue() {
     collect(&mut rx, |e| e.contains(&Event::Connected)).await;
     // A foreign session listens, then sits in an open transaction: the queue is held.
     let holder = sql(cluster.port()).await;
-    holder
-        .batch_execute("LISTEN held")
-        .await
-        .unwrap();
+    holder.batch_execute("LISTEN held").await.unwrap();
     holder.batch_execute("BEGIN").await.unwrap();
     let sender = sql(cluster.port()).await;
     for _ in 0..64 {
@@ -727,6 +724,46 @@ async fn the_listener_samples_a_filling_notification_queue() {
     assert!(usage > 0.000_05, "sampled {usage}");
     holder.batch_execute("COMMIT").await.unwrap();
     listener.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_started_before_its_server_becomes_live_once_it_is_there() {
+    let cluster = own_cluster();
+    let proxy = Proxy::start(cluster.port()).await;
+    proxy.down();
+    let channel = unique("waiting");
+    // Fail fast by default.
+    let eager = PgPipe::new(cluster_config(proxy.port(), &channel)).unwrap();
+    let (tx, _rx) = mpsc::channel(10);
+    assert!(eager.listen_events(tx).await.unwrap_err().is_connection());
+    eager.close().await.unwrap();
+
+    let listener = Arc::new(
+        PgPipe::new(cluster_config(proxy.port(), &channel).with_wait_for_server(true)).unwrap(),
+    );
+    let (tx, mut rx) = mpsc::channel(100);
+    let listening = {
+        let listener = listener.clone();
+        tokio::spawn(async move { listener.listen_events(tx).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!listening.is_finished(), "still waiting for the server");
+    proxy.up();
+    let up = Instant::now();
+    listening.await.unwrap().unwrap();
+    collect(&mut rx, |e| e.contains(&Event::Connected)).await;
+    // The backoff's cap is 500 ms in these tests.
+    assert!(
+        up.elapsed() < Duration::from_secs(2),
+        "live {:?} after",
+        up.elapsed()
+    );
+    let pusher = PgPipe::new(cluster_config(cluster.port(), &channel)).unwrap();
+    pusher.push(&numbered(1, 1)).await.unwrap();
+    let events = collect(&mut rx, |e| updates(e).len() == 1).await;
+    assert_eq!(updates(&events), [&numbered(1, 1)]);
+    listener.close().await.unwrap();
+    pusher.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

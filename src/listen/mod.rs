@@ -31,6 +31,7 @@
 //! owed, a resync.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -124,18 +125,25 @@ pub(crate) struct Listener {
 impl Listener {
     /// Connects, issues `LISTEN` on the quoted channel, and returns once the server has
     /// confirmed it: every notification committed from then on reaches the sink. The
-    /// first connection's errors are returned; later ones are retried in the background.
+    /// first connection's errors are returned (with `wait_for_server`, only once retrying
+    /// is over: a bad configuration, the attempts used up, or `closed`); later ones are
+    /// retried in the background.
     pub(crate) async fn start(
         config: &Config,
         origin: Origin,
         sink: Sink,
         counters: Arc<Counters>,
         heartbeat_pool: deadpool_postgres::Pool,
+        closed: &AtomicBool,
     ) -> Result<Listener, Error> {
         let settings = settings::Settings::from_config(config);
         let canceller = Canceller::new(config)?;
         let connector = connector::Connector::new(config.clone(), settings.clone());
-        let (session, cursor) = connector.open_first().await?;
+        let (session, cursor) = if config.wait_for_server() {
+            connector.open_first_waiting(closed).await?
+        } else {
+            connector.open_first().await?
+        };
         let now = Instant::now();
         let packer = Packer::new(&origin, std::process::id(), settings.signer.clone());
         let heartbeat_watch_pool = heartbeat_pool.clone();

@@ -38,6 +38,9 @@ pub(crate) enum Command {
     /// --durable, updates pushed durably are never lost: after a disconnect the listener
     /// replays them from the log.
     ///
+    /// A long-running node: when the server cannot be reached at the start, listen waits
+    /// for it, retrying with the reconnect backoff (--no-wait: exit 3 at once instead).
+    ///
     /// Examples:
     ///   updatepipe listen --channel imap_updates
     ///   updatepipe listen --pretty --key 42 --type new --type expunge
@@ -74,6 +77,11 @@ pub(crate) enum Command {
         /// envelopes (signed ones are still checked).
         #[arg(long, requires = "secret_file")]
         accept_unsigned: bool,
+
+        /// Exit at once (code 3) when the server cannot be reached at the start, instead
+        /// of waiting for it.
+        #[arg(long)]
+        no_wait: bool,
     },
 
     /// Push updates and exit once they are committed.

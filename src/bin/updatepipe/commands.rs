@@ -46,10 +46,27 @@ pub(crate) fn pretty_line(update: &Update) -> String {
     }
 }
 
+/// Applies the migrations; with `wait_for_server`, once the server can be reached.
+async fn migrate_when_reachable(pipe: &PgPipe) -> anyhow::Result<()> {
+    let mut attempt = 0;
+    loop {
+        match pipe.migrate().await {
+            Ok(_) => return Ok(()),
+            Err(e) if pipe.config().wait_for_server() && e.is_connection() => {
+                attempt += 1;
+                eprintln!("updatepipe: waiting for the server ({e})");
+                let delay = pipe.config().backoff().delay(attempt);
+                tokio::time::sleep(delay.max(std::time::Duration::from_millis(100))).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 pub(crate) async fn listen(config: Config, filter: &Filter, pretty: bool) -> anyhow::Result<()> {
     let pipe = PgPipe::new(config)?;
     if pipe.config().durable() {
-        pipe.migrate().await?;
+        migrate_when_reachable(&pipe).await?;
     }
     let (tx, mut rx) = mpsc::channel(1024);
     pipe.listen_events(tx).await?;
@@ -217,7 +234,7 @@ pub(crate) async fn push(
     }
     let pipe = PgPipe::new(config)?;
     if pipe.config().durable() {
-        pipe.migrate().await?;
+        migrate_when_reachable(&pipe).await?;
     }
     let pushed = pipe.push_many(&updates).await;
     pipe.close().await?;

@@ -110,6 +110,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             kinds,
             secret_file,
             accept_unsigned,
+            no_wait,
         } => {
             let filter = Filter {
                 keys: keys.iter().map(|k| parse_key(k)).collect(),
@@ -119,7 +120,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_channel(channel)
                 .with_durable(durable)
                 .with_secrets(secrets(secret_file.as_deref())?)
-                .with_accept_unsigned(accept_unsigned);
+                .with_accept_unsigned(accept_unsigned)
+                .with_wait_for_server(!no_wait);
             if let Some(since) = since {
                 config = config.with_since(since);
             }
