@@ -767,6 +767,36 @@ async fn a_listener_started_before_its_server_becomes_live_once_it_is_there() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_best_effort_listener_outlives_the_servers_idle_session_timeout() {
+    support::init_logging();
+    let cluster = updatepipe::cluster::TempCluster::builder()
+        .setting("synchronous_commit", "off")
+        .setting("idle_session_timeout", "2s")
+        .start()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let channel = unique("idle");
+    // Heartbeats every 5 s: the listening connection is idle longer than the timeout.
+    let listener = PgPipe::new(
+        cluster_config(cluster.port(), &channel).with_health_interval(Duration::from_secs(10)),
+    )
+    .unwrap();
+    let status = listener.status().await.unwrap();
+    assert_eq!(status.idle_session_timeout_ms, Some(2000));
+    let (tx, mut rx) = mpsc::channel(100);
+    listener.listen_events(tx).await.unwrap();
+    // Four times the timeout.
+    let events = events_within(&mut rx, Duration::from_secs(8)).await;
+    assert_eq!(disconnects(&events), 0, "{events:?}");
+    assert_eq!(listener.stats().disconnects, 0);
+    let pusher = PgPipe::new(cluster_config(cluster.port(), &channel)).unwrap();
+    pusher.push(&numbered(1, 1)).await.unwrap();
+    let events = collect(&mut rx, |e| updates(e).len() == 1).await;
+    assert_eq!(disconnects(&events), 0, "{events:?}");
+    listener.close().await.unwrap();
+    pusher.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_committing_out_of_id_order_across_a_disconnect_arrive_once() {
     let cluster = own_cluster();
     let channel = unique("xidorder");

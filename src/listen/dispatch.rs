@@ -25,6 +25,9 @@ pub(super) enum QueryOutcome {
     Prune(Result<u64, tokio_postgres::Error>),
     /// No answer by the deadline, not even to a cancel: the connection is dead.
     TimedOut(std::time::Duration),
+    /// A statement sent only so that the server's `idle_session_timeout` does not end the
+    /// session.
+    KeptAlive(Result<(), tokio_postgres::Error>),
     /// Cancelled past the deadline, and the cancel was answered: the connection is fine
     /// (the loop retries later; see `task::QuerySlot`).
     Cancelled,
@@ -98,6 +101,8 @@ impl Dispatch {
                 )
             }
             QueryOutcome::Prune(Err(e)) => fatal_or(&e, "pruning the durable log failed"),
+            QueryOutcome::KeptAlive(Ok(())) => Ok(()),
+            QueryOutcome::KeptAlive(Err(e)) => fatal_or(&e, "a keep-alive statement failed"),
             QueryOutcome::Fetch(Err(e)) => {
                 fatal_or(&e, "fetching an oversize envelope from the log failed")?;
                 // Do not hold the order up on an envelope that cannot be read.

@@ -159,7 +159,18 @@ impl ConnectionLoop {
             self.dispatch.on_notification(incoming(&notification));
         }
         let mut receiver_gone = self.dispatch.outbox.closed();
-        let mut ticker = tokio::time::interval(self.dispatch.heartbeat.clock.tick_every());
+        // With an idle_session_timeout on the server, a statement every third of it keeps
+        // the session (the listening connection sends nothing otherwise: heartbeats go out
+        // from the pool).
+        let keep_alive = session
+            .idle_timeout
+            .map(|t| (t / 3).max(Duration::from_millis(100)));
+        let mut last_statement = Instant::now();
+        let tick = match keep_alive {
+            Some(every) => self.dispatch.heartbeat.clock.tick_every().min(every / 2),
+            None => self.dispatch.heartbeat.clock.tick_every(),
+        };
+        let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let end = {
             let Session {
@@ -171,11 +182,15 @@ impl ConnectionLoop {
             let mut heartbeat = std::pin::pin!(Fuse::terminated());
             let mut watch = std::pin::pin!(Fuse::terminated());
             loop {
-                if query.is_terminated()
-                    && self.slot.open(Instant::now())
-                    && let Some(next) = self.next_query(client)
-                {
-                    query.set(next.fuse());
+                if query.is_terminated() && self.slot.open(Instant::now()) {
+                    let now = Instant::now();
+                    if let Some(next) = self.next_query(client) {
+                        last_statement = now;
+                        query.set(next.fuse());
+                    } else if keep_alive.is_some_and(|every| now >= last_statement + every) {
+                        last_statement = now;
+                        query.set(self.keep_alive(client).fuse());
+                    }
                 }
                 if heartbeat.is_terminated()
                     && let Some(next) = self.dispatch.heartbeat.next()
@@ -299,6 +314,27 @@ impl ConnectionLoop {
             }
             .boxed(),
         )
+    }
+}
+
+impl ConnectionLoop {
+    /// A cheap statement in the query slot, with the slot's deadline and cancel, so that
+    /// the server's `idle_session_timeout` does not end the session.
+    fn keep_alive<'c>(&self, client: &'c Client) -> BoxFuture<'c, QueryOutcome> {
+        let limit = self.slot.deadline;
+        let canceller = self.slot.canceller.clone();
+        async move {
+            let mut guard = CancelOnDrop::new(&canceller, client);
+            match tokio::time::timeout(limit, client.batch_execute("SELECT 1")).await {
+                Ok(done) => {
+                    guard.disarm();
+                    QueryOutcome::KeptAlive(done)
+                }
+                // Cancelled as the guard goes; no answer in a whole deadline: dead.
+                Err(_) => QueryOutcome::TimedOut(limit),
+            }
+        }
+        .boxed()
     }
 }
 
