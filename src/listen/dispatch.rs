@@ -77,8 +77,8 @@ impl Dispatch {
     pub(super) fn on_query(&mut self, outcome: QueryOutcome) -> Result<(), String> {
         match outcome {
             QueryOutcome::Prune(Ok(_)) | QueryOutcome::Cancelled => Ok(()),
-            QueryOutcome::TimedOut(limit) => Err(format!(
-                "a query did not answer within {limit:?}: the connection is dead"
+            QueryOutcome::TimedOut(after) => Err(format!(
+                "a query did not answer within {after:?}, nor its cancel: the connection is dead"
             )),
             QueryOutcome::Tail(Ok(tail)) => {
                 if let Some(tail) = tail {

@@ -63,8 +63,13 @@ impl Settings {
     }
 
     /// How long a cancelled query has to answer before its connection is taken for dead:
-    /// the time a heartbeat has (0.4 interval), at least a second.
+    /// the time a heartbeat has (0.4 interval; a second without heartbeats), so that a
+    /// dead connection is still found within about one interval while a query runs.
     pub(super) fn cancel_grace(&self) -> Duration {
-        (self.health_interval * 2 / 5).max(Duration::from_secs(1))
+        if self.health_interval.is_zero() {
+            Duration::from_secs(1)
+        } else {
+            (self.health_interval * 2 / 5).max(Duration::from_millis(10))
+        }
     }
 }

@@ -4,11 +4,12 @@
 
 use std::future::poll_fn;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Fuse, FusedFuture};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, Notification};
@@ -58,6 +59,9 @@ pub(super) struct QuerySlot {
     pub(super) retry_at: Option<Instant>,
     /// Paces the warning about cancelled queries.
     pub(super) cancels: Pacer,
+    /// Tells the running query to find out now whether the connection is alive (cancel
+    /// it, and see whether it answers): a heartbeat is late meanwhile.
+    prove: Option<Arc<Notify>>,
 }
 
 impl QuerySlot {
@@ -68,6 +72,7 @@ impl QuerySlot {
             canceller,
             retry_at: None,
             cancels: Pacer::default(),
+            prove: None,
         }
     }
 
@@ -189,6 +194,7 @@ impl ConnectionLoop {
                         query.set(next.fuse());
                     } else if keep_alive.is_some_and(|every| now >= last_statement + every) {
                         last_statement = now;
+                        self.slot.prove = None;
                         query.set(self.keep_alive(client).fuse());
                     }
                 }
@@ -222,13 +228,16 @@ impl ConnectionLoop {
                         }
                     }
                     _ = ticker.tick() => {
-                        // While a query runs the backend is not idle and delivers no
-                        // notification, heartbeats included: the query's deadline, and the
-                        // answer to its cancel, say whether the connection is alive.
-                        if query.is_terminated()
-                            && let Some(reason) = self.dispatch.heartbeat.clock.late(Instant::now())
-                        {
-                            break End::Connection(reason);
+                        if let Some(reason) = self.dispatch.heartbeat.clock.late(Instant::now()) {
+                            if query.is_terminated() {
+                                break End::Connection(reason);
+                            }
+                            // While a query runs the backend is not idle and delivers no
+                            // notification, heartbeats included: a late heartbeat says
+                            // nothing then. Whether the query answers its cancel does.
+                            if let Some(prove) = &self.slot.prove {
+                                prove.notify_one();
+                            }
                         }
                     }
                     message = poll_fn(|cx| connection.poll_message(cx)) => match message {
@@ -290,22 +299,33 @@ impl ConnectionLoop {
         let limit = self.slot.deadline;
         let grace = self.slot.grace;
         let canceller = self.slot.canceller.clone();
+        let prove = Arc::new(Notify::new());
+        self.slot.prove = Some(prove.clone());
         Some(
             async move {
                 // Dropped unfinished (the session ends), the query is cancelled too: a
                 // backend waiting on a lock does not notice its client left.
                 let mut guard = CancelOnDrop::new(&canceller, client);
+                let started = Instant::now();
                 let mut query = std::pin::pin!(query);
-                let outcome = match tokio::time::timeout(limit, &mut query).await {
-                    Ok(outcome) => outcome,
-                    Err(_) => {
-                        canceller.cancel(&client.cancel_token()).await;
+                let answered = tokio::select! {
+                    biased;
+                    outcome = &mut query => Some(outcome),
+                    () = tokio::time::sleep(limit) => None,
+                    () = prove.notified() => None,
+                };
+                let outcome = match answered {
+                    Some(outcome) => outcome,
+                    None => {
+                        // Past its deadline, or a heartbeat is late meanwhile: cancelled,
+                        // and given the time a heartbeat has to answer.
+                        canceller.cancel_detached(client.cancel_token());
                         match tokio::time::timeout(grace, &mut query).await {
                             // A prompt "canceling statement": the connection is fine.
                             Ok(outcome) if was_cancelled(&outcome) => QueryOutcome::Cancelled,
                             Ok(outcome) => outcome,
                             // No answer even to a cancel: the connection is dead.
-                            Err(_) => QueryOutcome::TimedOut(limit),
+                            Err(_) => QueryOutcome::TimedOut(started.elapsed()),
                         }
                     }
                 };
