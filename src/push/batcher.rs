@@ -158,7 +158,9 @@ impl Batcher {
                 // These updates go out alone, from here, at once (no hand-off). Alone: if
                 // the caller gives up midway, no other push's flight is cut short with it.
                 let _flight = Flight(self.clone());
-                self.sender.flush(encoded.iter().map(String::as_str)).await
+                self.sender
+                    .flush_by(deadline, encoded.iter().map(String::as_str))
+                    .await
             }
             Turn::Queued { lead, outcome } => {
                 self.note_depth();

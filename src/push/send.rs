@@ -86,8 +86,18 @@ impl BatchSender {
         &self,
         encoded: impl IntoIterator<Item = &'a str>,
     ) -> Result<(), Error> {
+        self.flush_by(Instant::now() + self.timeout, encoded).await
+    }
+
+    /// Sends one batch of encoded updates in one statement, by `deadline` (a push that
+    /// waited for room in the queue has only what is left of its push timeout).
+    pub(super) async fn flush_by<'a>(
+        &self,
+        deadline: Instant,
+        encoded: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), Error> {
         let packed = OnceLock::new();
-        let outcome = self.flush_packed(&packed, encoded).await;
+        let outcome = self.flush_packed(deadline, &packed, encoded).await;
         if let Err(e) = &outcome {
             let envelopes = packed.get().map_or(0, Vec::len);
             tracing::warn!(target: TARGET, error = %e, envelopes, "a push batch failed");
@@ -99,10 +109,10 @@ impl BatchSender {
     /// durable batch may be sent twice.
     async fn flush_packed<'a>(
         &self,
+        deadline: Instant,
         packed: &OnceLock<Payloads>,
         encoded: impl IntoIterator<Item = &'a str>,
     ) -> Result<(), Error> {
-        let deadline = Instant::now() + self.timeout;
         let mut encoded = Some(encoded);
         let mut used = None;
         let mut retried = false;
