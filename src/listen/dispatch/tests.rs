@@ -258,6 +258,8 @@ fn a_query_that_does_not_answer_ends_the_session() {
         .unwrap_err();
     assert_eq!(
         reason,
-        "a query did not answer within 60s: the connection is dead"
+        "a query did not answer within 60s, nor its cancel: the connection is dead"
     );
+    // Cancelled, and the cancel answered: the connection is fine.
+    assert_eq!(d.on_query(QueryOutcome::Cancelled), Ok(()));
 }
