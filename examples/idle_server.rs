@@ -80,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The listener's connection dies (a failover, a proxy restart...): it reconnects, and
     // since best-effort updates sent meanwhile are lost, it asks for a resync.
-    let (client, connection) = config.pg().connect(config.tls_connector()?).await?;
+    let (client, connection) = config.connect().await?;
     let connection = tokio::spawn(connection);
     client
         .execute(

@@ -30,7 +30,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The mail store: its own connection (as a real store has) and its own pipe.
     let store = PgPipe::new(config.clone())?;
-    let (mut client, connection) = config.pg().connect(config.tls_connector()?).await?;
+    let (mut client, connection) = config.connect().await?;
     let connection = tokio::spawn(connection);
     // A TEMP table lives in this session only: it can never collide with anything.
     client

@@ -128,8 +128,9 @@ impl TempClusterBuilder {
             )?,
             Some(port) => {
                 let port = port.to_string();
+                let pg_basebackup = pg_basebackup(&cluster.bin);
                 cluster.run(
-                    "pg_basebackup",
+                    &pg_basebackup,
                     &[
                         "-h".as_ref(),
                         "127.0.0.1".as_ref(),
@@ -435,6 +436,33 @@ fn find_bin_dir() -> Result<PathBuf, Error> {
         .pop()
         .map(|(_, bin)| bin)
         .ok_or_else(|| Error::Cluster(format!("no PostgreSQL found: {HOW_TO_GET_ONE}")))
+}
+
+/// `pg_basebackup` from `bin` or, when `bin` has none (the npm builds of 13 ship only
+/// `initdb`, `pg_ctl` and `postgres`), the newest `/usr/lib/postgresql/*/bin/pg_basebackup`:
+/// a newer `pg_basebackup` copies an older primary. An absolute path, which
+/// `TempCluster::command`'s `bin.join` keeps as it is; `pg_basebackup` itself (and so an
+/// error naming it) when there is neither.
+fn pg_basebackup(bin: &Path) -> String {
+    const NAME: &str = "pg_basebackup";
+    if bin.join(NAME).is_file() {
+        return NAME.into();
+    }
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let path = entry.path().join("bin").join(NAME);
+            path.is_file().then_some((version, path))
+        })
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .and_then(|(_, path)| path.to_str().map(String::from))
+        .unwrap_or_else(|| NAME.into())
 }
 
 fn free_port() -> Result<u16, Error> {

@@ -42,13 +42,10 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
 
-    /// A connection to PostgreSQL could not be made.
-    #[error(
-        "cannot connect to PostgreSQL: {}; check the URL and that the server runs and accepts \
-         connections",
-        pg_message(.0)
-    )]
-    Connect(#[source] Arc<tokio_postgres::Error>),
+    /// A connection to PostgreSQL could not be made: every host was tried, and the error
+    /// says what happened at each ([`ConnectError`]).
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Connect(ConnectError),
 
     /// PostgreSQL answered a statement with an error, or the connection broke.
     #[error("PostgreSQL error: {}", pg_message(.0))]
@@ -59,8 +56,51 @@ pub enum Error {
     Pool(#[source] Arc<deadpool_postgres::PoolError>),
 
     /// Applying the schema migrations failed.
-    #[error("migration failed: {0}")]
+    #[error("migration failed: {}", migrate_message(.0))]
     Migrate(#[source] Arc<refinery::Error>),
+
+    /// The `updatepipe` schema is missing or older than this build needs, in durable mode.
+    /// Runtime roles never migrate: the schema's owner runs `updatepipe migrate`
+    /// ([`PgPipe::migrate`](crate::PgPipe::migrate)).
+    #[error(
+        "{}, this build needs {needed}: run `updatepipe migrate` as the schema's owner",
+        match .found {
+            Some(v) => format!("the updatepipe schema is at version {v}"),
+            None => "the updatepipe schema is not migrated".to_owned(),
+        }
+    )]
+    SchemaOutdated {
+        /// The version found (`None`: not migrated at all).
+        found: Option<i64>,
+        /// The version this build needs.
+        needed: i64,
+    },
+
+    /// The connecting role may not read the `updatepipe` schema's version: it was not
+    /// granted what durable mode needs.
+    #[error(
+        "role {role:?} may not read the updatepipe schema: run `updatepipe grant --pusher \
+         {role}` (or `--listener {role}`) as the schema's owner"
+    )]
+    SchemaNotGranted {
+        /// The connecting role.
+        role: String,
+    },
+
+    /// `grant` was run by a role that does not own the `updatepipe` schema's tables
+    /// (PostgreSQL would only warn, and grant nothing).
+    #[error(
+        "role {role:?} does not own the updatepipe schema's tables: run `updatepipe grant` as \
+         the role that ran `updatepipe migrate`"
+    )]
+    NotSchemaOwner {
+        /// The connecting role.
+        role: String,
+    },
+
+    /// `grant` was asked to grant to a role that does not exist.
+    #[error("role {0:?} does not exist; create it first (CREATE ROLE … LOGIN PASSWORD …)")]
+    UnknownRole(String),
 
     /// An operation did not finish in its configured time.
     #[error("{what} timed out after {after:?}; is the server reachable and not overloaded?")]
@@ -109,13 +149,21 @@ impl Error {
     /// connection) rather than from bad input or from the server refusing a statement.
     pub fn is_connection(&self) -> bool {
         match self {
-            Error::Connect(_) | Error::Timeout { .. } => true,
+            Error::Connect(e) => !e.is_auth(),
+            Error::Timeout { .. } => true,
             Error::Pool(_) => true,
             // The server is too slow or away to take the pushes waiting.
             Error::QueueFull { .. } => true,
             Error::Postgres(e) => e.as_db_error().is_none(),
             _ => false,
         }
+    }
+
+    /// Whether a server was reached and refused the login (wrong password, no such role,
+    /// `pg_hba.conf` refusing it, or a password needed and none given): the credentials
+    /// are at fault, not the network.
+    pub fn is_auth(&self) -> bool {
+        matches!(self, Error::Connect(e) if e.is_auth())
     }
 
     /// Whether the error is bad input from the caller (an invalid update, channel or
@@ -127,9 +175,122 @@ impl Error {
                 | Error::PayloadTooLarge { .. }
                 | Error::InvalidChannel(_)
                 | Error::Config(_)
+                | Error::UnknownRole(_)
         )
     }
 }
+
+/// Why no connection could be made: each server tried (`host:port`, in the order tried)
+/// and what happened there, in one line.
+#[derive(Clone, Debug)]
+pub struct ConnectError {
+    attempts: Vec<Attempt>,
+}
+
+#[derive(Clone, Debug)]
+struct Attempt {
+    server: String,
+    failure: Failure,
+}
+
+#[derive(Clone, Debug)]
+enum Failure {
+    Postgres(std::sync::Arc<tokio_postgres::Error>),
+    TimedOut(Duration),
+}
+
+impl ConnectError {
+    pub(crate) fn new() -> Self {
+        ConnectError {
+            attempts: Vec::new(),
+        }
+    }
+
+    /// Notes that `server` failed with `e`.
+    pub(crate) fn failed(&mut self, server: String, e: tokio_postgres::Error) {
+        self.attempts.push(Attempt {
+            server,
+            failure: Failure::Postgres(std::sync::Arc::new(e)),
+        });
+    }
+
+    /// Notes that `server` did not answer within `after`.
+    pub(crate) fn timed_out(&mut self, server: String, after: Duration) {
+        self.attempts.push(Attempt {
+            server,
+            failure: Failure::TimedOut(after),
+        });
+    }
+
+    /// The servers tried, as `host:port`, in the order tried.
+    pub fn servers(&self) -> impl Iterator<Item = &str> {
+        self.attempts.iter().map(|a| a.server.as_str())
+    }
+
+    /// Whether every server tried was reached and found read-only (a standby), passed over
+    /// because `target_session_attrs=read-write` asks for a primary.
+    pub fn is_read_only(&self) -> bool {
+        !self.attempts.is_empty()
+            && self.attempts.iter().all(|a| match &a.failure {
+                Failure::Postgres(e) => pg_message(e).contains("does not allow writes"),
+                Failure::TimedOut(_) => false,
+            })
+    }
+
+    /// Whether a server refused the login (SQLSTATE class 28, or a password it asked for
+    /// and none was given).
+    pub fn is_auth(&self) -> bool {
+        self.attempts.iter().any(|a| match &a.failure {
+            Failure::Postgres(e) => is_auth_failure(e),
+            Failure::TimedOut(_) => false,
+        })
+    }
+}
+
+/// Whether a connection error is the server refusing the login.
+fn is_auth_failure(e: &tokio_postgres::Error) -> bool {
+    match e.as_db_error() {
+        Some(db) => db.code().code().starts_with("28"),
+        None => pg_message(e).contains("password missing"),
+    }
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.attempts.is_empty() {
+            return f.write_str("no host to try");
+        }
+        for (i, attempt) in self.attempts.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{}: ", attempt.server)?;
+            match &attempt.failure {
+                Failure::TimedOut(after) => write!(f, "no answer within {after:?}")?,
+                Failure::Postgres(e) => {
+                    let text = pg_message(e);
+                    if text.contains("does not allow writes") {
+                        f.write_str(
+                            "read-only (a standby?), passed over as target_session_attrs=\
+                             read-write asks",
+                        )?;
+                    } else {
+                        f.write_str(&text)?;
+                    }
+                }
+            }
+        }
+        if self.is_auth() {
+            f.write_str("; check the user and the password (PGPASSWORD, ~/.pgpass)")
+        } else {
+            f.write_str(
+                "; check the host and port and that the server runs and accepts connections",
+            )
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {}
 
 impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Self {
@@ -335,8 +496,32 @@ pub(crate) fn pg_message(e: &tokio_postgres::Error) -> String {
         );
     }
     match std::error::Error::source(e) {
+        // "error connecting to server: Connection refused (os error 111)" says it twice.
+        Some(cause) if e.to_string() == "error connecting to server" => cause.to_string(),
         Some(cause) => format!("{e}: {cause}"),
         None => e.to_string(),
+    }
+}
+
+/// A refinery error in our words: what it was doing, and the server's own message.
+pub(crate) fn migrate_message(e: &refinery::Error) -> String {
+    use refinery::error::Kind;
+    match e.kind() {
+        Kind::Connection(doing, cause) => {
+            let cause = match cause.downcast_ref::<tokio_postgres::Error>() {
+                Some(pg) => pg_message(pg),
+                None => cause.to_string(),
+            };
+            format!("{doing}: {cause}")
+        }
+        Kind::MissingVersion(m) => format!(
+            "the database holds migration {m}, which this build does not carry (was it \
+             migrated by a newer updatepipe?)"
+        ),
+        Kind::DivergentVersion(applied, ours) => {
+            format!("the database's migration {applied} differs from this build's {ours}")
+        }
+        other => other.to_string(),
     }
 }
 

@@ -24,7 +24,6 @@
 //! # let channel = ChannelName::new(format!("quickstart_{}", std::process::id()))?;
 //! let config = Config::from_url(&url)?; // or Config::from_env()?
 //! # let config = config.with_channel(channel);
-//! let (config_pg, tls) = (config.pg().clone(), config.tls_connector()?);
 //! let store = PgPipe::new(config.clone())?;
 //! let server = PgPipe::new(config)?;
 //!
@@ -33,8 +32,8 @@
 //! server.listen(tx).await?;
 //!
 //! // The mail store: delivered if and only if the transaction commits.
-//! // Its own connection, with the pipe's TLS settings.
-//! let (mut client, connection) = config_pg.connect(tls).await?;
+//! // Its own connection, made as the pipe makes its own (hosts, TLS, ~/.pgpass).
+//! let (mut client, connection) = store.config().connect().await?;
 //! tokio::spawn(connection);
 //! let tx = client.transaction().await?;
 //! tx.batch_execute("CREATE TEMP TABLE messages (mailbox int8, uid int4)").await?;
@@ -65,23 +64,54 @@
 //!   and dropped; the listener goes on. With signing on ([`Config::with_secrets`]), so is
 //!   one that is unsigned, forged or replayed.
 //!
-//! `docs/delivery.md` states this fully and argues why it holds.
+//! [`guide::delivery`] states this fully and argues why it holds.
 //!
-//! ## Modules
+//! ## How it is built
 //!
-//! | concept | module |
+//! An update travels one way: the push path packs it into a version 1 envelope (the wire
+//! format: `{"v":1,"o":origin,"s":number,"u":[updates]}`) and sends it with `pg_notify`,
+//! batched with concurrent pushes; the listen path decodes each notification, decides what
+//! it is (an update from another sender, its own echo, a heartbeat, a gap, a forgery) and
+//! hands the updates over in order. In durable mode the same statement writes a log row,
+//! which listeners read in commit order. [`guide::architecture`] has the map of
+//! the (private) modules; the public items are all re-exported here.
+//!
+//! ## Where things are
+//!
+//! | concept | items |
 //! |---|---|
-//! | the update model and its JSON contract | `update`, `seqset` |
-//! | the wire format (envelope v1, maddy's legacy form) | `envelope` |
-//! | configuration, channel names | `config`, `channel` |
-//! | the pipe interface and its PostgreSQL implementation | `pipe` |
-//! | the push path (batching) / the listen path (reconnect, heartbeats, resync) | `push` / `listen` |
-//! | the durable log: writing, reading in commit order, pruning | `log` |
-//! | migrations (the `updatepipe` schema and log table) | `migrate` |
-//! | counters; the server's status | `stats`; `status` |
-//! | untrusted input: payload limits, signed envelopes and replay checks | `limits`, `sign` |
-//! | TLS (`sslmode` up to `verify-full`, with rustls) | `tls` |
-//! | throwaway clusters for tests and the demo | [`cluster`] |
+//! | the pipe interface and its PostgreSQL implementation | [`UpdatePipe`], [`PgPipe`] |
+//! | the update model and its JSON contract | [`Update`], [`MailboxKey`], [`SeqSet`], [`Flag`] |
+//! | the wire format (envelope v1, maddy's legacy form) | [`Envelope`], [`guide::wire_format`] |
+//! | configuration: libpq's settings, the pipe's options | [`Config`], [`ChannelName`] |
+//! | what the listener tells an application | [`Event`], [`ResyncReason`] |
+//! | errors | [`Error`], [`ConnectError`], [`DecodeError`] |
+//! | counters, metrics and the server's status | [`Stats`], [`METRICS`], [`Status`] |
+//! | signed envelopes | [`Secret`], [`Signer`] |
+//! | migrations (the `updatepipe` schema, the log) | [`embedded_migrations`], [`PgPipe::migrate`] |
+//! | TLS (`sslmode` up to `verify-full`, with rustls) | [`SslMode`] |
+//! | throwaway clusters for tests and the demo (feature `cluster`) | `cluster` |
+//! | the guides: delivery, wire format, operations, security | [`guide`] |
+//!
+//! ## Features
+//!
+//! - `cli` (default): the `updatepipe` command-line tool; it enables the other two. A
+//!   library user leaves it out: `default-features = false`.
+//! - `cluster`: the `cluster` module, throwaway PostgreSQL clusters from the local
+//!   binaries.
+//! - `metrics`: the counters, the push latency and the queue usage through the `metrics`
+//!   facade, under the names of [`METRICS`].
+//!
+//! ## Versions of tokio-postgres and deadpool-postgres
+//!
+//! [`PgPipe::push_in`] takes an application's own `tokio_postgres` client or transaction,
+//! and a deadpool-postgres `Object` derefs to one: they must be the versions this crate is
+//! built with (tokio-postgres 0.7, deadpool-postgres 0.14), or the types do not match.
+//! Both are re-exported, so an application can use them rather than name its own:
+//! `updatepipe::tokio_postgres`, `updatepipe::deadpool_postgres`.
+
+pub use deadpool_postgres;
+pub use tokio_postgres;
 
 mod cancel;
 mod channel;
@@ -91,6 +121,10 @@ mod config;
 mod connect;
 mod envelope;
 mod error;
+// Not collected as doctests: the guides' code blocks are shell, SQL and excerpts.
+mod grant;
+#[cfg(not(doctest))]
+pub mod guide;
 mod limits;
 mod listen;
 mod log;
@@ -108,23 +142,26 @@ mod update;
 pub use channel::{ChannelName, MAX_CHANNEL_LEN};
 pub use config::{
     Backoff, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEALTH_INTERVAL,
-    DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT, DEFAULT_LOCK_TIMEOUT, DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_BUFFERED, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_QUEUED_BYTES,
-    DEFAULT_MAX_QUEUED_PUSHES, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT, DEFAULT_QUEUE_WARN,
-    DEFAULT_RETENTION, DEFAULT_STATEMENT_TIMEOUT, QueueFull, Since,
+    DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT, DEFAULT_LOCK_TIMEOUT, DEFAULT_LOG_PAGE_BYTES,
+    DEFAULT_LOG_PAGE_ROWS, DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_PUSHES, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT,
+    DEFAULT_QUEUE_WARN, DEFAULT_RETENTION, DEFAULT_STATEMENT_TIMEOUT, QueueFull, Since,
 };
 pub use envelope::{
     ENVELOPE_VERSION, Envelope, MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, WireFormat,
 };
-pub use error::{DecodeError, Error, Limit, ReplayKind, UpdateError};
+pub use error::{ConnectError, DecodeError, Error, Limit, ReplayKind, UpdateError};
+pub use grant::{Role, grant_statements};
 pub use limits::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_UPDATES, Limits};
 pub use listen::{Event, ResyncReason};
 pub use migrate::{MIGRATION_TABLE, MigrationInfo, embedded_migrations};
 pub use origin::Origin;
 pub use pipe::{PgPipe, UpdatePipe};
 pub use seqset::{MAX_SEQ_SET_LEN, SeqNum, SeqRange, SeqSet};
-pub use sign::{DEFAULT_REPLAY_WINDOW, MIN_SECRET_LEN, Secret, Signer};
-pub use stats::Stats;
+pub use sign::{DEFAULT_REPLAY_WINDOW, MAX_SECRET_FILE_LEN, MIN_SECRET_LEN, Secret, Signer};
+#[cfg(feature = "metrics")]
+pub use stats::describe_metrics;
+pub use stats::{METRICS, Stats};
 pub use status::Status;
 pub use tls::SslMode;
 pub use update::{Flag, MAX_FLAG_LEN, MAX_FLAGS, MailboxKey, Update, UpdateKind};

@@ -3,7 +3,9 @@
 //! listener's position in it. `docs/delivery.md` argues why the reading is exactly once.
 //!
 //! Only this module binds the reading statements' parameters and reads their columns: the
-//! listener calls [`read_cursor`], [`read_tail`], [`fetch`] and [`prune`].
+//! listener calls [`read_cursor`], [`read_page`], [`fetch`] and [`prune`]. Reads come in
+//! pages within a [`PageBudget`], so a listener back from a long absence holds one page at a
+//! time, whatever the backlog.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -15,35 +17,73 @@ use crate::origin::Origin;
 
 /// A durable batch: the envelopes go to the log and their notifications out, in one
 /// statement (a data-modifying CTE always runs to completion), so one transaction.
-pub(crate) const LOG_AND_NOTIFY: &str = "WITH logged AS (\
+///
+/// The transaction takes its id (`me`, evaluated before the first row is built) before its
+/// rows take theirs from the log's sequence, which does not assign one: the reader relies on
+/// it (a row whose id is at most the highest a snapshot saw belongs to a transaction that
+/// had its id by then, so in progress or visible in that snapshot; see `PAGE_SQL`).
+pub(crate) const LOG_AND_NOTIFY: &str = "WITH me AS MATERIALIZED (SELECT pg_current_xact_id()), \
+     logged AS (\
        INSERT INTO updatepipe.log (channel, origin, seq, payload) \
-       SELECT $1, $2, s, p FROM unnest($3::bigint[], $4::text[]) WITH ORDINALITY AS t(s, p, i) \
+       SELECT $1, $2, s, p FROM me, unnest($3::bigint[], $4::text[]) WITH ORDINALITY AS t(s, p, i) \
        ORDER BY i) \
      SELECT pg_notify($1, n) FROM unnest($5::text[]) WITH ORDINALITY AS t(n, i) ORDER BY i";
 
-/// Reads what the log gained since the previous read, whose snapshot was `$2`, whose
-/// highest visible id was `$3` and whose server time was `$4`: rows committed before this
-/// statement's snapshot and not before the previous one (by transaction id), plus rows with
-/// a higher id than any seen then (after a crash the server may hand out a transaction id
-/// again, never an id). In id order, which is commit order for each sender's successive
-/// transactions. Returns the new snapshot, clock, whether pruning may have taken entries
-/// that read had not seen, and the highest id, even when no row is new.
-const TAIL_SQL: &str = "\
-    SELECT s.snap::text, extract(epoch FROM now())::float8, \
+/// One page of what the log gained since the cursor `($2, $3, $4)`: the previous read's
+/// snapshot, highest visible id and server time. A catch-up reads towards a *target*
+/// snapshot, taken by its first page (`$5` is null then; later pages pass it back with its
+/// time `$6` and highest id `$7`), past the last id it delivered (`$8`), at most `$9` rows
+/// and `$10` bytes of payload (the first row whatever its size).
+///
+/// What is new since the cursor: rows of the transactions in progress at its snapshot (its
+/// `xip` list: a handful, each looked up by the `(channel, xid)` index, at most a page each,
+/// however far back an unrelated long transaction holds the snapshot's `xmin`), and rows
+/// with a higher id than any seen then (an id-ordered scan; after a crash the server may
+/// hand out a transaction id again, never an id). A row with an id up to the cursor's
+/// highest belongs to a transaction that had its id by then (writers take the transaction
+/// id before the row id: see `LOG_AND_NOTIFY`), so visible then or in the `xip` list. Of those, only rows committed by the target snapshot, so that when the
+/// last page is read, the target is a position at which everything visible was delivered.
+/// In id order, which is commit order for each sender's successive transactions.
+///
+/// Returns the target, whether pruning may have taken entries the cursor had not seen, how
+/// many rows the page held before the byte budget (so whether more may follow), and the
+/// rows; always at least the target row.
+const PAGE_SQL: &str = "\
+    WITH t AS ( \
+        SELECT coalesce($5::text::pg_snapshot, pg_current_snapshot()) AS snap, \
+               coalesce($6::float8, extract(epoch FROM now())::float8) AS at, \
+               CASE WHEN $5::text IS NULL \
+                    THEN (SELECT max(m.id) FROM updatepipe.log m WHERE m.channel = $1) \
+                    ELSE $7::int8 END AS max_id), \
+    page AS ( \
+        SELECT u.id, u.origin, u.seq, u.payload FROM ( \
+            (SELECT l.id, l.origin, l.seq, l.payload \
+             FROM t, pg_snapshot_xip($2::text::pg_snapshot) AS x(xid) \
+             CROSS JOIN LATERAL ( \
+                 SELECT l.id, l.origin, l.seq, l.payload FROM updatepipe.log l \
+                 WHERE l.channel = $1 AND l.xid = x.xid \
+                   AND l.id <= $3 AND l.id > $8 \
+                   AND pg_visible_in_snapshot(l.xid, t.snap) \
+                 ORDER BY l.id LIMIT $9) l) \
+            UNION ALL \
+            (SELECT l.id, l.origin, l.seq, l.payload FROM updatepipe.log l, t \
+             WHERE l.channel = $1 AND l.id > greatest($3, $8) \
+               AND pg_visible_in_snapshot(l.xid, t.snap) \
+             ORDER BY l.id LIMIT $9) \
+        ) u ORDER BY u.id LIMIT $9), \
+    sized AS ( \
+        SELECT page.*, \
+               sum(octet_length(page.payload)) OVER (ORDER BY page.id) AS running, \
+               row_number() OVER (ORDER BY page.id) AS n, \
+               count(*) OVER () AS total \
+        FROM page) \
+    SELECT t.snap::text, t.at, \
            (SELECT p.pruned_before > to_timestamp($4) \
                    OR p.pruned_xid >= pg_snapshot_xmin($2::text::pg_snapshot) \
             FROM updatepipe.pruned p WHERE p.channel = $1), \
-           (SELECT max(m.id) FROM updatepipe.log m WHERE m.channel = $1), \
-           l.origin, l.seq, l.payload \
-    FROM (SELECT pg_current_snapshot() AS snap) s \
-    LEFT JOIN LATERAL ( \
-        SELECT origin, seq, payload, id FROM updatepipe.log \
-        WHERE channel = $1 \
-          AND ((xid >= pg_snapshot_xmin($2::text::pg_snapshot) \
-                AND NOT pg_visible_in_snapshot(xid, $2::text::pg_snapshot)) \
-               OR id > $3) \
-    ) l ON true \
-    ORDER BY l.id";
+           t.max_id, s.total, s.id, s.origin, s.seq, s.payload \
+    FROM t LEFT JOIN sized s ON s.n = 1 OR s.running <= $10 \
+    ORDER BY s.id";
 
 /// The position before the first read: taken before `LISTEN`.
 const CURSOR_SQL: &str = "\
@@ -100,55 +140,110 @@ impl Cursor {
     }
 }
 
-/// What one `TAIL_SQL` read returned.
+/// How much one page of a log read may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PageBudget {
+    /// Rows (envelopes), at least 1.
+    pub(crate) rows: usize,
+    /// Bytes of payload; the first row of a page is read whatever its size (at most
+    /// [`MAX_LOGGED_ENVELOPE_LEN`](crate::MAX_LOGGED_ENVELOPE_LEN) and the log's slack).
+    pub(crate) bytes: usize,
+}
+
+/// A catch-up under way: reading towards `target`, past `after_id`.
+#[derive(Clone, Debug)]
+#[cfg_attr(test, derive(Default))]
+pub(crate) struct CatchUp {
+    /// The snapshot the catch-up's first page took, with its time and highest id.
+    target: Cursor,
+    /// The highest id delivered so far.
+    after_id: i64,
+}
+
+/// What one page read returned.
 #[derive(Debug)]
-pub(crate) struct Tail {
-    /// The position after this read.
-    pub(crate) cursor: Cursor,
-    /// Whether entries this listener had not read may have been pruned since `previous`.
+pub(crate) struct Page {
+    /// The snapshot this page read towards.
+    target: Cursor,
+    /// The highest id delivered before this page (0 on a first page).
+    after_id: i64,
+    /// Whether entries this listener had not read may have been pruned since its cursor.
     pub(crate) pruned: bool,
+    /// Whether the target is reached: nothing more to read towards it.
+    pub(crate) complete: bool,
     /// The new entries, in order.
     pub(crate) entries: Vec<Entry>,
 }
 
-/// One log entry: its sender and number as the row says, and the envelope.
+/// One log entry: its id, its sender and number as the row says, and the envelope.
 #[derive(Debug)]
 pub(crate) struct Entry {
+    pub(crate) id: i64,
     pub(crate) origin: String,
     pub(crate) seq: i64,
     pub(crate) payload: String,
 }
 
-impl Tail {
-    /// Reads a `TAIL_SQL` result; `None` for an empty result (which the statement never
-    /// gives: it always returns the snapshot row).
-    fn from_rows(rows: Vec<Row>, previous: &Cursor) -> Option<Tail> {
+impl Page {
+    /// Reads a `PAGE_SQL` result; `None` for an empty result (which the statement never
+    /// gives: it always returns the target row).
+    fn from_rows(rows: Vec<Row>, catch_up: Option<&CatchUp>, budget: PageBudget) -> Option<Page> {
         let first = rows.first()?;
-        let maybe_pruned: Option<bool> = first.get(2);
-        let cursor = Cursor {
-            snapshot: first.get(0),
-            read_at: first.get(1),
-            // Never move the id mark back (a read after pruning sees a lower maximum).
-            max_id: first
-                .get::<_, Option<i64>>(3)
-                .unwrap_or(0)
-                .max(previous.max_id),
+        let target = match catch_up {
+            Some(catch_up) => catch_up.target.clone(),
+            None => Cursor {
+                snapshot: first.get(0),
+                read_at: first.get(1),
+                max_id: first.get::<_, Option<i64>>(3).unwrap_or(0),
+            },
         };
-        let entries = rows
+        let total = first.get::<_, Option<i64>>(4).unwrap_or(0);
+        let entries: Vec<Entry> = rows
             .iter()
             .filter_map(|row| {
                 Some(Entry {
-                    origin: row.get::<_, Option<String>>(4)?,
-                    seq: row.get(5),
-                    payload: row.get(6),
+                    id: row.get::<_, Option<i64>>(5)?,
+                    origin: row.get(6),
+                    seq: row.get(7),
+                    payload: row.get(8),
                 })
             })
             .collect();
-        Some(Tail {
-            cursor,
-            pruned: maybe_pruned.unwrap_or(false),
+        let rows_budget = i64::try_from(budget.rows.max(1)).unwrap_or(i64::MAX);
+        let complete = entries.len() as i64 == total && total < rows_budget;
+        Some(Page {
+            target,
+            after_id: catch_up.map_or(0, |c| c.after_id),
+            pruned: first.get::<_, Option<bool>>(2).unwrap_or(false),
+            complete,
             entries,
         })
+    }
+
+    /// Where the reader stands after this page: at its target once it is complete (the
+    /// id mark never moving back: a read after pruning sees a lower maximum), otherwise
+    /// still at `previous`, with the catch-up past this page's last row.
+    pub(crate) fn advance(self, previous: &Cursor) -> (Cursor, Option<CatchUp>, Vec<Entry>) {
+        if self.complete {
+            let mut cursor = self.target;
+            // Nor below a row delivered (after a crash, a reused transaction id may make a row
+            // above the target's highest id visible in it).
+            let delivered = self.entries.last().map_or(self.after_id, |e| e.id);
+            cursor.max_id = cursor.max_id.max(previous.max_id).max(delivered);
+            return (cursor, None, self.entries);
+        }
+        let after_id = self.entries.last().map_or(self.after_id, |e| e.id);
+        let catch_up = CatchUp {
+            target: self.target,
+            after_id,
+        };
+        (previous.clone(), Some(catch_up), self.entries)
+    }
+
+    /// The rows and payload bytes this page holds.
+    pub(crate) fn size(&self) -> (usize, usize) {
+        let bytes = self.entries.iter().map(|e| e.payload.len()).sum();
+        (self.entries.len(), bytes)
     }
 }
 
@@ -189,25 +284,38 @@ pub(crate) async fn read_cursor(
     Ok(Cursor::from_row(&row))
 }
 
-/// What the log gained since `previous`, and the position after it; `None` for an empty
-/// result (which the statement never gives: it always returns the snapshot row).
-pub(crate) async fn read_tail(
+/// One page of what the log gained since `from`, within `budget`: the first of a catch-up
+/// (`catch_up` is `None`), or the next one; `None` for an empty result (which the
+/// statement never gives).
+pub(crate) async fn read_page(
     client: &Client,
     channel: &str,
-    previous: &Cursor,
-) -> Result<Option<Tail>, tokio_postgres::Error> {
-    let rows = client
+    from: &Cursor,
+    catch_up: Option<&CatchUp>,
+    budget: PageBudget,
+) -> Result<Option<Page>, tokio_postgres::Error> {
+    let target = catch_up.map(|c| &c.target);
+    let after_id = catch_up.map_or(0, |c| c.after_id);
+    let rows = i64::try_from(budget.rows.max(1)).unwrap_or(i64::MAX);
+    let bytes = i64::try_from(budget.bytes.max(1)).unwrap_or(i64::MAX);
+    let result = client
         .query_typed(
-            TAIL_SQL,
+            PAGE_SQL,
             &[
                 (&channel, Type::TEXT),
-                (&previous.snapshot, Type::TEXT),
-                (&previous.max_id, Type::INT8),
-                (&previous.read_at, Type::FLOAT8),
+                (&from.snapshot, Type::TEXT),
+                (&from.max_id, Type::INT8),
+                (&from.read_at, Type::FLOAT8),
+                (&target.map(|t| t.snapshot.as_str()), Type::TEXT),
+                (&target.map(|t| t.read_at), Type::FLOAT8),
+                (&target.map(|t| t.max_id), Type::INT8),
+                (&after_id, Type::INT8),
+                (&rows, Type::INT8),
+                (&bytes, Type::INT8),
             ],
         )
         .await?;
-    Ok(Tail::from_rows(rows, previous))
+    Ok(Page::from_rows(result, catch_up, budget))
 }
 
 /// The envelope `seq` of `origin` on `channel` (an oversize envelope a notification points
@@ -246,4 +354,82 @@ pub(crate) async fn prune(
             &[(&channel, Type::TEXT), (&seconds, Type::FLOAT8)],
         )
         .await
+}
+
+#[cfg(test)]
+impl Page {
+    /// A page that completes a read towards an empty target.
+    pub(crate) fn complete_for_tests() -> Page {
+        Page::for_tests(0, true, &[])
+    }
+
+    /// A first page that completes its read, with these entries.
+    pub(crate) fn with_entries_for_tests(pruned: bool, entries: Vec<Entry>) -> Page {
+        Page {
+            pruned,
+            entries,
+            ..Page::complete_for_tests()
+        }
+    }
+
+    /// A page towards a target whose highest id is `target_max_id`, with entries of these
+    /// ids.
+    pub(crate) fn for_tests(target_max_id: i64, complete: bool, ids: &[i64]) -> Page {
+        Page {
+            target: Cursor {
+                snapshot: format!("target-{target_max_id}"),
+                max_id: target_max_id,
+                read_at: 0.0,
+            },
+            after_id: 0,
+            pruned: false,
+            complete,
+            entries: ids
+                .iter()
+                .map(|&id| Entry {
+                    id,
+                    origin: "o".into(),
+                    seq: id,
+                    payload: "{}".into(),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(max_id: i64) -> Cursor {
+        Cursor {
+            snapshot: format!("at-{max_id}"),
+            max_id,
+            read_at: 0.0,
+        }
+    }
+
+    #[test]
+    fn an_incomplete_page_keeps_the_position_and_goes_on_past_its_last_row() {
+        let (cursor, catch_up, entries) =
+            Page::for_tests(90, false, &[11, 12, 15]).advance(&at(10));
+        assert_eq!(
+            cursor.snapshot, "at-10",
+            "the position moves only once the target is read"
+        );
+        let catch_up = catch_up.expect("a catch-up under way");
+        assert_eq!(catch_up.after_id, 15);
+        assert_eq!(catch_up.target.snapshot, "target-90");
+        assert_eq!(entries.len(), 3);
+    }
+
+    #[test]
+    fn the_last_page_moves_the_position_to_the_target_never_back() {
+        let (cursor, catch_up, _) = Page::for_tests(90, true, &[88]).advance(&at(10));
+        assert!(catch_up.is_none());
+        assert_eq!((cursor.snapshot.as_str(), cursor.max_id), ("target-90", 90));
+        // After pruning the target may see a lower highest id than the position had.
+        let (cursor, _, _) = Page::for_tests(5, true, &[]).advance(&at(10));
+        assert_eq!(cursor.max_id, 10);
+    }
 }

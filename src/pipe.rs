@@ -10,6 +10,7 @@ use tokio_postgres::GenericClient;
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::grant::Role;
 use crate::listen::{Event, Listener, Sink};
 use crate::migrate::{MigrationInfo, migrate};
 use crate::origin::Origin;
@@ -65,6 +66,8 @@ struct Inner {
     listening: AtomicBool,
     closed: AtomicBool,
     counters: Arc<Counters>,
+    /// Set once a durable pipe found the schema migrated far enough.
+    schema_checked: tokio::sync::OnceCell<()>,
 }
 
 impl PgPipe {
@@ -84,6 +87,7 @@ impl PgPipe {
                 listening: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
                 counters,
+                schema_checked: tokio::sync::OnceCell::new(),
             }),
         })
     }
@@ -95,11 +99,57 @@ impl PgPipe {
         migrate(&self.inner.config).await
     }
 
+    /// Checks that the `updatepipe` schema is migrated as far as this build needs, and
+    /// returns its version. A read any role [`grant`](PgPipe::grant)ed may do, for a runtime
+    /// role that must not migrate: [`Error::SchemaOutdated`] when the schema is missing or
+    /// older, [`Error::SchemaNotGranted`] when the role may not read its version.
+    ///
+    /// A durable pipe checks this itself before its first durable push and before it
+    /// listens, so that a missing migration is one clear error, not a failed statement.
+    pub async fn check_schema(&self) -> Result<i64, Error> {
+        let config = &self.inner.config;
+        let after = config.push_timeout();
+        let (client, connection) = crate::connect::connect_spawned(config).await?;
+        let checked = tokio::time::timeout(after, crate::migrate::check_schema(&client)).await;
+        drop(client);
+        let _ = connection.await;
+        checked.map_err(|_| Error::Timeout {
+            what: "checking the schema version",
+            after,
+        })?
+    }
+
+    /// For a durable pipe: [`check_schema`](PgPipe::check_schema), once per pipe.
+    async fn ensure_schema(&self) -> Result<(), Error> {
+        if !self.inner.config.durable() {
+            return Ok(());
+        }
+        self.inner
+            .schema_checked
+            .get_or_try_init(|| async { self.check_schema().await.map(|_| ()) })
+            .await
+            .map(|_| ())
+    }
+
+    /// Grants the runtime roles what they need, in one transaction: each pusher may push
+    /// (best effort and durable), each listener may listen and prune, and nothing more
+    /// ([`grant_statements`](crate::grant_statements) lists the statements). Run as the
+    /// schema's owner, after [`migrate`](PgPipe::migrate); idempotent. A role that does not
+    /// exist is [`Error::UnknownRole`], and nothing is granted.
+    pub async fn grant(&self, roles: &[(&str, Role)]) -> Result<(), Error> {
+        self.check_open()?;
+        crate::grant::grant(&self.inner.config, roles).await
+    }
+
     /// Sends several updates, in order, in one transaction: all are delivered or none.
     /// They are packed into as few notifications as fit.
     pub async fn push_many(&self, updates: &[Update]) -> Result<(), Error> {
         self.check_open()?;
-        self.inner.pusher.push(updates).await
+        self.ensure_schema().await?;
+        let started = std::time::Instant::now();
+        self.inner.pusher.push(updates).await?;
+        crate::stats::push_latency(started.elapsed());
+        Ok(())
     }
 
     /// Sends an update on the caller's connection, inside whatever transaction it is in:
@@ -140,20 +190,31 @@ impl PgPipe {
     /// cluster fails.
     pub async fn queue_usage(&self) -> Result<f64, Error> {
         self.check_open()?;
-        self.inner
+        let usage = self
+            .inner
             .pusher
             .query_f64("SELECT pg_notification_queue_usage()")
-            .await
+            .await?;
+        crate::stats::queue_usage(usage);
+        Ok(usage)
     }
 
     /// The server's status as this pipe sees it: version, primary or standby, whether
     /// LISTEN works through this connection (it does not through a transaction-pooling
-    /// proxy), notification queue usage, schema version and durable log size.
-    /// `listeners` counts the listeners heard by their heartbeats during one heartbeat
-    /// period of this configuration.
+    /// proxy), notification queue usage, schema version and durable log size. Quick: a
+    /// round trip or two, and the LISTEN probe's own notification. `listeners` is `None`;
+    /// [`PgPipe::status_with_listeners`] counts them.
     pub async fn status(&self) -> Result<crate::Status, Error> {
         self.check_open()?;
-        crate::status::status(&self.inner.config).await
+        crate::status::status(&self.inner.config, false).await
+    }
+
+    /// As [`PgPipe::status`], and `listeners` counts the listeners heard by their
+    /// heartbeats during one heartbeat period of this configuration (half its health
+    /// interval: about 5.5 s by default).
+    pub async fn status_with_listeners(&self) -> Result<crate::Status, Error> {
+        self.check_open()?;
+        crate::status::status(&self.inner.config, true).await
     }
 
     /// The configuration.
@@ -191,6 +252,7 @@ impl UpdatePipe for PgPipe {
 
     async fn init_push(&self) -> Result<(), Error> {
         self.check_open()?;
+        self.ensure_schema().await?;
         self.inner.pusher.init().await
     }
 
@@ -210,6 +272,40 @@ impl UpdatePipe for PgPipe {
 }
 
 impl PgPipe {
+    /// [`ensure_schema`](PgPipe::ensure_schema) before listening: with
+    /// [`Config::with_wait_for_server`], retried with the backoff while the server cannot be
+    /// reached (as the listener's first connection is), until the attempts are used up or
+    /// the pipe is closed.
+    async fn ensure_schema_waiting(&self) -> Result<(), Error> {
+        let config = &self.inner.config;
+        let mut attempt = 0u32;
+        loop {
+            let e = match self.ensure_schema().await {
+                Err(e) if config.wait_for_server() && e.is_connection() => e,
+                other => return other,
+            };
+            attempt = attempt.saturating_add(1);
+            if self.is_closed()
+                || config
+                    .backoff()
+                    .max_attempts
+                    .is_some_and(|max| attempt >= max)
+            {
+                return Err(e);
+            }
+            tracing::warn!(
+                target: "updatepipe::listen",
+                error = %e,
+                attempt,
+                "waiting for the server"
+            );
+            // At least a tenth of a second: a refused connection fails at once.
+            let delay = config.backoff().delay(attempt);
+            tokio::time::sleep(delay.max(std::time::Duration::from_millis(100))).await;
+            self.check_open()?;
+        }
+    }
+
     async fn start_listening(&self, sink: Sink) -> Result<(), Error> {
         self.check_open()?;
         if self.inner.listening.swap(true, Ordering::AcqRel) {
@@ -218,6 +314,7 @@ impl PgPipe {
         // Until a listener is in place, a failed or cancelled attempt does not count: the
         // caller may try again.
         let mut attempt = ListenAttempt(Some(&self.inner.listening));
+        self.ensure_schema_waiting().await?;
         let mut slot = self.inner.listener.lock().await;
         let started = Listener::start(
             &self.inner.config,

@@ -27,6 +27,10 @@ use crate::error::{DecodeError, Error, ReplayKind};
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// The largest secret file [`Secret::read_file`] reads, in bytes: room for a thousand
+/// secrets of 64 bytes.
+pub const MAX_SECRET_FILE_LEN: usize = 64 * 1024;
+
 /// The shortest secret accepted, in bytes.
 pub const MIN_SECRET_LEN: usize = 16;
 
@@ -49,12 +53,17 @@ impl Secret {
     /// A secret of at least [`MIN_SECRET_LEN`] bytes (32 random bytes, or a long random
     /// string, is right).
     pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Self, Error> {
-        let bytes = bytes.into();
+        Secret::checked(bytes.into()).map_err(Error::Config)
+    }
+
+    /// The secret, or why it is refused (without the "invalid configuration" of
+    /// [`Error::Config`], which the caller adds once).
+    fn checked(bytes: Vec<u8>) -> Result<Self, String> {
         if bytes.len() < MIN_SECRET_LEN {
-            return Err(Error::Config(format!(
+            return Err(format!(
                 "a signing secret needs at least {MIN_SECRET_LEN} bytes, this one has {}",
                 bytes.len()
-            )));
+            ));
         }
         Ok(Secret(bytes.into()))
     }
@@ -64,10 +73,27 @@ impl Secret {
     /// listener's second line, then first everywhere, then drop the old one.
     ///
     /// Warns when the file can be read by other users.
+    ///
+    /// A file larger than [`MAX_SECRET_FILE_LEN`] is refused, and no more than that is read
+    /// (a path such as `/dev/zero` cannot make it allocate more).
     pub fn read_file(path: &Path) -> Result<Vec<Secret>, Error> {
+        use std::io::Read;
         let shown = path.display();
-        let text = std::fs::read(path)
-            .map_err(|e| Error::Config(format!("cannot read the secret file {shown}: {e}")))?;
+        let cannot_read =
+            |e: std::io::Error| Error::Config(format!("cannot read the secret file {shown}: {e}"));
+        let mut text = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|file| {
+                file.take(MAX_SECRET_FILE_LEN as u64 + 1)
+                    .read_to_end(&mut text)
+            })
+            .map_err(cannot_read)?;
+        if text.len() > MAX_SECRET_FILE_LEN {
+            return Err(Error::Config(format!(
+                "the secret file {shown} is larger than {MAX_SECRET_FILE_LEN} bytes: is it the \
+                 right file? (one secret per line)"
+            )));
+        }
         warn_if_readable_by_others(path);
         let mut secrets = Vec::new();
         for (n, line) in text.split(|&b| b == b'\n').enumerate() {
@@ -75,7 +101,7 @@ impl Secret {
             if line.is_empty() {
                 continue;
             }
-            secrets.push(Secret::new(line).map_err(|e| {
+            secrets.push(Secret::checked(line.to_vec()).map_err(|e| {
                 Error::Config(format!("line {} of the secret file {shown}: {e}", n + 1))
             })?);
         }
@@ -353,6 +379,18 @@ mod tests {
         std::fs::write(&path, "long-enough-secret-1\ntiny\n").unwrap();
         let err = Secret::read_file(&path).unwrap_err().to_string();
         assert!(err.contains("line 2") && !err.contains("tiny"), "{err}");
+        assert_eq!(err.matches("invalid configuration").count(), 1, "{err}");
+        std::fs::write(&path, vec![b'x'; MAX_SECRET_FILE_LEN + 1]).unwrap();
+        let err = Secret::read_file(&path).unwrap_err().to_string();
+        assert!(err.contains("larger than 65536 bytes"), "{err}");
+        #[cfg(unix)]
+        {
+            // An endless file is cut off at the bound, not read into memory.
+            let err = Secret::read_file(Path::new("/dev/zero"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("larger than"), "{err}");
+        }
         std::fs::write(&path, "\n\n").unwrap();
         assert!(Secret::read_file(&path).is_err());
         assert!(Secret::read_file(&dir.path().join("absent")).is_err());

@@ -1,4 +1,6 @@
 //! Counters the application can read: what the pipe pushed, delivered, dropped and rejected.
+//! With the `metrics` feature, each also goes to the `metrics` facade as it changes, under
+//! the names of [`METRICS`] (summed over the pipes of the process).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -17,6 +19,163 @@ const REJECT_REASONS: [&str; 9] = [
     "replayed",
 ];
 
+/// The names the counters have in the `metrics` facade (feature `metrics`), Prometheus
+/// style, with what each counts. `updatepipe_rejected_total` carries the reason as the
+/// label `reason`.
+pub const METRICS: [(&str, &str); 16] = [
+    (
+        "updatepipe_pushed_total",
+        "updates pushed and committed (or handed to the caller's transaction)",
+    ),
+    (
+        "updatepipe_batches_total",
+        "push transactions committed by the pool-push path",
+    ),
+    (
+        "updatepipe_delivered_total",
+        "updates from other senders delivered to the application",
+    ),
+    (
+        "updatepipe_echoes_dropped_total",
+        "envelopes dropped because this process sent them",
+    ),
+    (
+        "updatepipe_reconnects_total",
+        "times the listener reconnected",
+    ),
+    (
+        "updatepipe_disconnects_total",
+        "times the listener lost its connection",
+    ),
+    (
+        "updatepipe_replayed_total",
+        "updates delivered from the durable log after a reconnect",
+    ),
+    (
+        "updatepipe_resyncs_total",
+        "times the application was told updates may have been missed",
+    ),
+    (
+        "updatepipe_dropped_slow_consumer_total",
+        "updates let go because the application was not reading",
+    ),
+    ("updatepipe_rejected_total", "payloads rejected, by reason"),
+    (
+        "updatepipe_push_duration_seconds",
+        "time from a push call to its commit (histogram)",
+    ),
+    (
+        "updatepipe_notification_queue_usage_ratio",
+        "pg_notification_queue_usage(), 0 to 1, when last read",
+    ),
+    (
+        "updatepipe_heartbeat_lag_seconds",
+        "time a listener's own heartbeat took from its send to its arrival",
+    ),
+    (
+        "updatepipe_queries_cancelled_total",
+        "listener queries cancelled past their deadline that answered the cancel",
+    ),
+    (
+        "updatepipe_push_queue_peak_pushes",
+        "the most pool pushes that waited for a flight at once, in any pipe of the process",
+    ),
+    (
+        "updatepipe_push_queue_peak_bytes",
+        "the most encoded bytes of pool pushes that waited at once, in any pipe of the process",
+    ),
+];
+
+/// Adds `n` to a counter of the `metrics` facade.
+#[cfg(feature = "metrics")]
+fn emit(name: &'static str, n: usize) {
+    describe();
+    metrics::counter!(name).increment(n as u64);
+}
+
+#[cfg(not(feature = "metrics"))]
+fn emit(_: &'static str, _: usize) {}
+
+/// Gives the `metrics` facade's recorder each metric's description and unit, and starts
+/// every counter at zero (so that a scrape shows each series before its first event).
+/// Call it once the recorder is installed; the pipe also calls it on its first record.
+#[cfg(feature = "metrics")]
+pub fn describe_metrics() {
+    describe();
+}
+
+#[cfg(feature = "metrics")]
+fn describe() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for (name, help) in METRICS {
+            if name == "updatepipe_rejected_total" {
+                metrics::describe_counter!(name, help);
+                for reason in REJECT_REASONS {
+                    metrics::counter!(name, "reason" => reason).increment(0);
+                }
+            } else if name.ends_with("_total") {
+                metrics::describe_counter!(name, help);
+                metrics::counter!(name).increment(0);
+            } else if name.ends_with("_duration_seconds") {
+                metrics::describe_histogram!(name, metrics::Unit::Seconds, help);
+            } else {
+                metrics::describe_gauge!(name, help);
+            }
+        }
+    });
+}
+
+/// Records how long one push took, from the call to its commit.
+pub(crate) fn push_latency(elapsed: std::time::Duration) {
+    #[cfg(feature = "metrics")]
+    {
+        describe();
+        metrics::histogram!("updatepipe_push_duration_seconds").record(elapsed.as_secs_f64());
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = elapsed;
+}
+
+/// Records the notification queue's usage as last read.
+pub(crate) fn queue_usage(usage: f64) {
+    #[cfg(feature = "metrics")]
+    {
+        describe();
+        metrics::gauge!("updatepipe_notification_queue_usage_ratio").set(usage);
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = usage;
+}
+
+/// Records the time a listener's own heartbeat took to come back to it.
+pub(crate) fn heartbeat_lag(lag: std::time::Duration) {
+    #[cfg(feature = "metrics")]
+    {
+        describe();
+        metrics::gauge!("updatepipe_heartbeat_lag_seconds").set(lag.as_secs_f64());
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = lag;
+}
+
+/// Records a push queue depth: the facade's gauges keep the most of any pipe of the process.
+#[cfg(feature = "metrics")]
+fn push_queue_peak(pushes: u64, bytes: u64) {
+    static PUSHES: AtomicU64 = AtomicU64::new(0);
+    static BYTES: AtomicU64 = AtomicU64::new(0);
+    describe();
+    if PUSHES.fetch_max(pushes, Ordering::Relaxed) < pushes {
+        metrics::gauge!("updatepipe_push_queue_peak_pushes").set(pushes as f64);
+    }
+    if BYTES.fetch_max(bytes, Ordering::Relaxed) < bytes {
+        metrics::gauge!("updatepipe_push_queue_peak_bytes").set(bytes as f64);
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+fn push_queue_peak(_: u64, _: u64) {}
+
 /// Live counters, shared between the pipe's handle and its tasks.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -34,61 +193,93 @@ pub(crate) struct Counters {
     /// The last notification queue usage sampled, in millionths, plus one (0: none yet).
     queue_usage: AtomicU64,
     queue_peak_bytes: AtomicU64,
+    log_pages: AtomicU64,
+    log_page_rows_max: AtomicU64,
+    log_page_bytes_max: AtomicU64,
+    log_pages_cancelled: AtomicU64,
     rejected: [AtomicU64; REJECT_REASONS.len()],
 }
 
 impl Counters {
     pub(crate) fn pushed(&self, n: usize) {
         self.pushed.fetch_add(n as u64, Ordering::Relaxed);
+        emit("updatepipe_pushed_total", n);
     }
 
     pub(crate) fn batch(&self) {
         self.batches.fetch_add(1, Ordering::Relaxed);
+        emit("updatepipe_batches_total", 1);
     }
 
     pub(crate) fn delivered(&self, n: usize) {
         self.delivered.fetch_add(n as u64, Ordering::Relaxed);
+        emit("updatepipe_delivered_total", n);
     }
 
     pub(crate) fn reconnect(&self) {
         self.reconnects.fetch_add(1, Ordering::Relaxed);
+        emit("updatepipe_reconnects_total", 1);
     }
 
     pub(crate) fn disconnect(&self) {
         self.disconnects.fetch_add(1, Ordering::Relaxed);
+        emit("updatepipe_disconnects_total", 1);
     }
 
     pub(crate) fn replayed(&self, n: usize) {
         self.replayed.fetch_add(n as u64, Ordering::Relaxed);
+        emit("updatepipe_replayed_total", n);
     }
 
     pub(crate) fn resync(&self) {
         self.resyncs.fetch_add(1, Ordering::Relaxed);
+        emit("updatepipe_resyncs_total", 1);
     }
 
     pub(crate) fn dropped(&self, n: usize) {
         self.dropped.fetch_add(n as u64, Ordering::Relaxed);
+        emit("updatepipe_dropped_slow_consumer_total", n);
+    }
+
+    /// A page of the durable log was read: its rows and payload bytes.
+    pub(crate) fn log_page(&self, rows: usize, bytes: usize) {
+        self.log_pages.fetch_add(1, Ordering::Relaxed);
+        self.log_page_rows_max
+            .fetch_max(rows as u64, Ordering::Relaxed);
+        self.log_page_bytes_max
+            .fetch_max(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// The server cancelled a page of the durable log read.
+    pub(crate) fn log_page_cancelled(&self) {
+        self.log_pages_cancelled.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn statement_cancelled(&self) {
         self.cancelled.fetch_add(1, Ordering::Relaxed);
+        emit("updatepipe_queries_cancelled_total", 1);
     }
 
     /// The server's notification queue usage, as just sampled (0 to 1).
     pub(crate) fn queue_usage(&self, usage: f64) {
         let ppm = (usage.clamp(0.0, 1.0) * 1e6).round() as u64;
         self.queue_usage.store(ppm + 1, Ordering::Relaxed);
+        queue_usage(usage);
     }
 
     /// The push queue is this deep now.
     pub(crate) fn queue_depth(&self, pushes: usize, bytes: usize) {
-        self.queue_peak.fetch_max(pushes as u64, Ordering::Relaxed);
-        self.queue_peak_bytes
-            .fetch_max(bytes as u64, Ordering::Relaxed);
+        let (pushes, bytes) = (pushes as u64, bytes as u64);
+        let before = self.queue_peak.fetch_max(pushes, Ordering::Relaxed);
+        let before_bytes = self.queue_peak_bytes.fetch_max(bytes, Ordering::Relaxed);
+        if pushes > before || bytes > before_bytes {
+            push_queue_peak(pushes, bytes);
+        }
     }
 
     pub(crate) fn echo(&self) {
         self.echoes.fetch_add(1, Ordering::Relaxed);
+        emit("updatepipe_echoes_dropped_total", 1);
     }
 
     pub(crate) fn rejected(&self, error: &DecodeError) {
@@ -98,6 +289,11 @@ impl Counters {
             .position(|r| *r == reason)
             .expect("every DecodeError reason is counted");
         self.rejected[index].fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        {
+            describe();
+            metrics::counter!("updatepipe_rejected_total", "reason" => reason).increment(1);
+        }
     }
 
     pub(crate) fn snapshot(&self) -> Stats {
@@ -115,6 +311,10 @@ impl Counters {
             push_queue_peak: self.queue_peak.load(Ordering::Relaxed),
             queue_usage_ppm: self.queue_usage.load(Ordering::Relaxed).checked_sub(1),
             push_queue_peak_bytes: self.queue_peak_bytes.load(Ordering::Relaxed),
+            log_pages: self.log_pages.load(Ordering::Relaxed),
+            log_page_rows_max: self.log_page_rows_max.load(Ordering::Relaxed),
+            log_page_bytes_max: self.log_page_bytes_max.load(Ordering::Relaxed),
+            log_pages_cancelled: self.log_pages_cancelled.load(Ordering::Relaxed),
             rejected: REJECT_REASONS
                 .iter()
                 .zip(&self.rejected)
@@ -160,6 +360,18 @@ pub struct Stats {
     /// millionths, as the listener last sampled it (every health interval); `None` before
     /// the first sample, or without a listener. See [`Stats::queue_usage`].
     pub queue_usage_ppm: Option<u64>,
+    /// Pages of the durable log read (durable mode: one per wake-up, more during a
+    /// catch-up).
+    pub log_pages: u64,
+    /// The most rows one page held: the log reader holds one page at a time, within
+    /// [`Config::with_log_page_rows`](crate::Config::with_log_page_rows).
+    pub log_page_rows_max: u64,
+    /// The most payload bytes one page held (within
+    /// [`Config::with_log_page_bytes`](crate::Config::with_log_page_bytes), but for a
+    /// single larger row).
+    pub log_page_bytes_max: u64,
+    /// Pages the server cancelled (its `statement_timeout`), each read again smaller.
+    pub log_pages_cancelled: u64,
     /// Payloads rejected, by reason (`unrecognized`, `unknown_version`, `malformed`,
     /// `invalid_update`, `too_large`, `over_limit`; with signing on also `unsigned`,
     /// `forged` and `replayed`).

@@ -5,6 +5,7 @@ use std::collections::{HashSet, VecDeque};
 use std::future::poll_fn;
 use std::time::Duration;
 
+use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, Notification};
 
@@ -14,7 +15,7 @@ use crate::config::Config;
 use crate::connect::{close_politely, connect, drive_until};
 use crate::envelope::Envelope;
 use crate::error::Error;
-use crate::migrate::MIGRATION_TABLE;
+use crate::migrate::schema_version;
 
 /// A snapshot of the server as the pipe sees it, from [`PgPipe::status`](crate::PgPipe::status).
 #[derive(Clone, Debug, PartialEq)]
@@ -37,25 +38,32 @@ pub struct Status {
     /// on its connection every third of it.
     pub idle_session_timeout_ms: Option<u64>,
     /// updatepipe listeners on the channel, counted by the heartbeats heard during one
-    /// heartbeat period of this configuration (half its health interval); `None` on a
-    /// standby. Listeners with a longer health interval, or none, may be missed.
+    /// heartbeat period of this configuration (half its health interval), from
+    /// [`PgPipe::status_with_listeners`](crate::PgPipe::status_with_listeners); `None` from
+    /// [`PgPipe::status`](crate::PgPipe::status) and on a standby. Listeners with a longer
+    /// health interval, or none, may be missed.
     pub listeners: Option<usize>,
-    /// The newest migration applied (`None`: not migrated).
+    /// The newest migration applied (`None`: not migrated, or this role may not read the
+    /// history table). Read from `updatepipe.schema_history`, or from where releases before
+    /// it kept the history (`public.updatepipe_schema_history`) until `migrate` moves it.
     pub schema_version: Option<i64>,
-    /// Entries in the durable log for this pipe's channel (`None`: not migrated).
+    /// Entries in the durable log for this pipe's channel (`None`: not migrated, or this
+    /// role may not read the log).
     pub log_entries: Option<i64>,
     /// Age in seconds of the oldest of them (`None`: none, or not migrated).
     pub oldest_log_entry_secs: Option<f64>,
 }
 
-/// Gathers the status on two dedicated connections, within a deadline (two connects, the
+/// Gathers the status on two dedicated connections, within a deadline (the connects, the
 /// listen probe and a few seconds for the statements); a statement given up on is
-/// cancelled on the server.
-pub(crate) async fn status(config: &Config) -> Result<Status, Error> {
-    let after = config.connect_timeout() * 2
+/// cancelled on the server. `count_listeners` waits a heartbeat period to count them.
+pub(crate) async fn status(config: &Config, count_listeners: bool) -> Result<Status, Error> {
+    // Each connect tries every host in turn; the first may be tried again (a standby).
+    let hosts = config.pg().get_hosts().len().max(1) as u32;
+    let after = config.connect_timeout() * 3 * hosts
         + (config.health_interval() / 2 + Duration::from_millis(500)).max(Duration::from_secs(2))
         + Duration::from_secs(10);
-    tokio::time::timeout(after, gather(config))
+    tokio::time::timeout(after, gather(config, count_listeners))
         .await
         .unwrap_or(Err(Error::Timeout {
             what: "gathering the status",
@@ -63,36 +71,43 @@ pub(crate) async fn status(config: &Config) -> Result<Status, Error> {
         }))
 }
 
-async fn gather(config: &Config) -> Result<Status, Error> {
+async fn gather(config: &Config, count_listeners: bool) -> Result<Status, Error> {
     let canceller = Canceller::new(config)?;
-    let (client, connection) = connect(config).await?;
+    // The server the pipe would use; when every host is a standby, the first of them, to
+    // say so (rather than only that none accepts writes).
+    let (client, connection) = match connect(config).await {
+        Err(Error::Connect(e)) if e.is_read_only() => {
+            let any = config
+                .clone()
+                .with_target_session_attrs(TargetSessionAttrs::Any);
+            connect(&any).await?
+        }
+        other => other?,
+    };
     let task = tokio::spawn(connection);
     let mut cancel = CancelOnDrop::new(&canceller, &client);
     let row = client
         .query_typed_one(
             "SELECT current_setting('server_version'), pg_is_in_recovery(), \
                     pg_notification_queue_usage()::float8, \
-                    to_regclass($1) IS NOT NULL, to_regclass('updatepipe.log') IS NOT NULL, \
+                    EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                            WHERE n.nspname = 'updatepipe' AND c.relname = 'log' \
+                              AND has_schema_privilege(n.oid, 'USAGE') \
+                              AND has_table_privilege(c.oid, 'SELECT')), \
                     current_setting('idle_session_timeout', true)",
-            &[(&format!("public.{MIGRATION_TABLE}"), Type::TEXT)],
+            &[],
         )
         .await?;
     let server_version: String = row.get(0);
     let in_recovery: bool = row.get(1);
     let queue_usage: f64 = row.get(2);
-    let migrated: bool = row.get(3);
-    let has_log: bool = row.get(4);
-    let idle_session_timeout_ms = crate::connect::setting_ms(row.get(5));
-    let schema_version = if migrated {
-        client
-            .query_typed_one(
-                &format!("SELECT max(version)::int8 FROM public.{MIGRATION_TABLE}"),
-                &[],
-            )
-            .await?
-            .get(0)
-    } else {
-        None
+    // A log this role may not read (a pusher's) is shown as unknown, not as an error.
+    let has_log: bool = row.get(3);
+    let idle_session_timeout_ms = crate::connect::setting_ms(row.get(4));
+    let schema_version = match schema_version(&client).await {
+        Ok(version) => version,
+        Err(Error::SchemaNotGranted { .. }) => None,
+        Err(e) => return Err(e),
     };
     let (log_entries, oldest_log_entry_secs) = if has_log {
         let row = client
@@ -109,8 +124,8 @@ async fn gather(config: &Config) -> Result<Status, Error> {
     let (listen_works, listeners) = if in_recovery {
         (None, None)
     } else {
-        let (works, listeners) = listen_probe(config, &client, &canceller).await?;
-        (Some(works), Some(listeners))
+        let (works, listeners) = listen_probe(config, &client, &canceller, count_listeners).await?;
+        (Some(works), listeners)
     };
     cancel.disarm();
     drop(client);
@@ -130,13 +145,14 @@ async fn gather(config: &Config) -> Result<Status, Error> {
 
 /// LISTENs on a fresh random channel and on the pipe's channel on one connection, NOTIFYs
 /// the first from `other`, and says whether that notification arrived within two seconds;
-/// also counts the distinct listeners whose heartbeats arrive on the pipe's channel within
-/// one heartbeat period.
+/// with `count`, also counts the distinct listeners whose heartbeats arrive on the pipe's
+/// channel within one heartbeat period.
 async fn listen_probe(
     config: &Config,
     other: &tokio_postgres::Client,
     canceller: &Canceller,
-) -> Result<(bool, usize), Error> {
+    count: bool,
+) -> Result<(bool, Option<usize>), Error> {
     let channel = format!("updatepipe_probe_{:016x}", rand::random::<u64>());
     let (client, mut connection) = connect(config).await?;
     let mut cancel = CancelOnDrop::new(canceller, &client);
@@ -167,15 +183,21 @@ async fn listen_probe(
     for n in &heard {
         hear(n, &mut arrived, &mut origins);
     }
-    let _ = tokio::time::timeout(period.max(Duration::from_secs(2)), async {
+    let wait = if count {
+        period.max(Duration::from_secs(2))
+    } else {
+        Duration::from_secs(2)
+    };
+    let _ = tokio::time::timeout(wait, async {
         loop {
             match poll_fn(|cx| connection.poll_message(cx)).await {
                 Some(Ok(AsyncMessage::Notification(n))) => hear(&n, &mut arrived, &mut origins),
                 Some(Ok(_)) => {}
                 _ => return,
             }
-            // No need to wait out the period when LISTEN does not work at all.
-            if !arrived && started.elapsed() >= Duration::from_secs(2) {
+            // No need to wait out the period when LISTEN does not work at all, nor when
+            // the listeners are not counted.
+            if (!arrived && started.elapsed() >= Duration::from_secs(2)) || (arrived && !count) {
                 return;
             }
         }
@@ -183,5 +205,5 @@ async fn listen_probe(
     .await;
     cancel.disarm();
     close_politely(client, connection).await;
-    Ok((arrived, origins.len()))
+    Ok((arrived, count.then_some(origins.len())))
 }

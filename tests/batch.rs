@@ -171,9 +171,9 @@ async fn a_push_resolves_only_after_its_update_is_committed() {
     pusher.close().await.unwrap();
 }
 
-/// A pool push whose statement the server refuses (a durable push into a database without
-/// the log) fails with the server's own error, which a caller can match on, its source
-/// chained; every push of the batch gets that error.
+/// A pool push whose statement the server refuses (a durable push into a database whose
+/// schema is migrated but whose log table is gone) fails with the server's own error, which
+/// a caller can match on, its source chained; every push of the batch gets that error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_batch_gives_each_push_the_servers_error() {
     let (database, url) = support::fresh_database("unmigrated").await;
@@ -184,6 +184,19 @@ async fn a_refused_batch_gives_each_push_the_servers_error() {
         // The pushes gather into one batch.
         .with_max_batch_wait(std::time::Duration::from_millis(50));
     let pusher = Arc::new(PgPipe::new(config).unwrap());
+    // Migrated (a durable pipe checks the schema version before its first push: an
+    // unmigrated one is `Error::SchemaOutdated`, before any statement), then the log
+    // dropped, so that the batch's own statement is what the server refuses.
+    pusher.migrate().await.unwrap();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute("DROP TABLE updatepipe.log")
+        .await
+        .unwrap();
+    drop(client);
     let mut tasks = Vec::new();
     for uid in 1..=4 {
         let pusher = pusher.clone();

@@ -221,6 +221,8 @@ fn the_demo_shows_no_echo() {
 #[test]
 fn durable_listen_and_push_from_the_command_line() {
     let channel = support::unique("cli_durable");
+    // The CLI never migrates by itself: the owner does, once.
+    assert!(run(&["migrate"]).status.success());
     // A durable listener starts from now: what was pushed before it started is not
     // replayed to it; what is pushed after is delivered once.
     let output = run(&[
@@ -407,9 +409,9 @@ fn bench_refuses_a_depth_of_zero() {
 }
 
 /// A session that listens and then sits in an open transaction holds the server's
-/// notification queue: `status` warns past --queue-warn and exits 5 past --queue-fail.
+/// notification queue: `status` warns past --queue-warn and exits 6 past --queue-fail.
 #[test]
-fn status_flags_a_filling_notification_queue_and_exits_5() {
+fn status_flags_a_filling_notification_queue_and_exits_6() {
     let cluster = support::own_cluster();
     let url = cluster.url();
     let runtime = support::runtime();
@@ -449,7 +451,7 @@ fn status_flags_a_filling_notification_queue_and_exits_5() {
     assert!(stdout.contains("WARNING"), "{stdout}");
     assert!(stderr(&output).contains("warning"), "{}", stderr(&output));
     let output = status("0.001", "0.002");
-    assert_eq!(output.status.code(), Some(5), "{}", stderr(&output));
+    assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
     assert!(
         stderr(&output).contains("--queue-fail"),
         "{}",
@@ -460,4 +462,214 @@ fn status_flags_a_filling_notification_queue_and_exits_5() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
     assert!(!stdout.contains("WARNING"), "{stdout}");
+}
+
+#[test]
+fn each_failure_class_has_its_exit_code() {
+    // 2, bad input: an empty --url, a connection string that does not parse.
+    for args in [
+        vec!["status", "--url", ""],
+        vec!["status", "--url", "host h"],
+        vec!["push", "--url", "", "{\"Type\":0,\"Key\":1}"],
+    ] {
+        let output = run(&args);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert_eq!(stderr(&output).lines().count(), 1, "{}", stderr(&output));
+    }
+    // 3, unreachable: an_unreachable_server_exits_3_quickly; 5, refused login:
+    // tests/libpq.rs (it needs a server that asks for a password); 6, reachable but
+    // unhealthy: status_flags_a_filling_notification_queue_and_exits_6.
+    // 4, a refused statement: migrating as a role that may not create anything.
+    let role = support::unique("weak");
+    support::runtime().block_on(async {
+        support::sql()
+            .await
+            .batch_execute(&format!(
+                "CREATE ROLE {role} LOGIN; REVOKE CREATE ON SCHEMA public FROM PUBLIC"
+            ))
+            .await
+            .unwrap();
+    });
+    let url = format!("{} user={role}", key_value(&support::url()));
+    let output = run(&["migrate", "--url", &url]);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(4), "{message}");
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(message.contains("permission denied"), "{message}");
+    assert!(!message.contains("db error"), "{message}");
+    // 1, anything else: standard input that is not text.
+    let mut child = updatepipe()
+        .arg("push")
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"\xff\xfe\n")
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+}
+
+/// The test database's URL as key=value pairs, so that a `user=` added after it wins.
+fn key_value(url: &str) -> String {
+    let config: updatepipe::Config = url.parse().unwrap();
+    let pg = config.pg();
+    let host = match &pg.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(host) => host.clone(),
+        tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+    };
+    format!(
+        "host={host} port={} dbname={}",
+        pg.get_ports().first().copied().unwrap_or(5432),
+        pg.get_dbname().unwrap_or("postgres")
+    )
+}
+
+#[test]
+fn a_failed_push_prints_one_line_without_escape_codes() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let output = run(&["push", "--url", &url, "{\"Type\":0,\"Key\":1}"]);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(3), "{message}");
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(!message.contains('\x1b'), "{message}");
+    assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+}
+
+#[test]
+fn status_counts_listeners_only_when_asked() {
+    let output = run(&["status"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(!stdout.contains("listeners "), "{stdout}");
+    let output = run(&["status", "--listeners"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout.contains("listeners "), "{stdout}");
+}
+
+#[test]
+fn options_that_mean_nothing_are_not_offered() {
+    let output = run(&["migrate", "--channel", "x"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("--channel"), "{}", stderr(&output));
+}
+
+#[test]
+fn the_demo_uses_the_channel_it_is_given() {
+    let channel = support::unique("demo_chan");
+    let output = run(&["demo", "--channel", &channel]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", stderr(&output));
+    assert!(stdout.contains(&format!("Channel: {channel}")), "{stdout}");
+}
+
+#[test]
+fn a_key_with_leading_zeros_is_a_name() {
+    let channel = support::unique("cli_key");
+    let (mut listener, out, _ready) = start_listener(&["--channel", &channel]);
+    let output = run(&[
+        "push",
+        "--channel",
+        &channel,
+        "--type",
+        "destroyed",
+        "--key",
+        "007",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let line = out
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the update");
+    assert_eq!(line, "{\"Type\":3,\"Key\":\"007\"}");
+    listener.kill().unwrap();
+    listener.wait().unwrap();
+}
+
+#[test]
+fn the_metrics_endpoint_counts_deliveries_and_rejections() {
+    let channel = support::unique("cli_metrics");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let (mut listener, _out, ready) = start_listener(&["--channel", &channel, "--metrics", &addr]);
+    assert!(ready.contains("listening"), "{ready}");
+    for key in 1..=3 {
+        let update = format!("{{\"Type\":0,\"Key\":{key},\"SeqSet\":\"1\"}}");
+        let output = run(&["push", "--channel", &channel, &update]);
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    support::runtime().block_on(async {
+        support::sql()
+            .await
+            .execute("SELECT pg_notify($1, 'not an envelope')", &[&channel])
+            .await
+            .unwrap();
+    });
+    let url = format!("http://{addr}/metrics");
+    let value = |text: &str, series: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = ureq::get(&url)
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap();
+        let rejected = value(&text, "updatepipe_rejected_total{reason=\"unrecognized\"}");
+        if (value(&text, "updatepipe_delivered_total") == Some(3.0) && rejected == Some(1.0))
+            || std::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        value(&text, "updatepipe_delivered_total"),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "updatepipe_rejected_total{reason=\"unrecognized\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    // Every counter is there from the start, at zero until its first event.
+    assert_eq!(
+        value(&text, "updatepipe_reconnects_total"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "updatepipe_rejected_total{reason=\"forged\"}"),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE updatepipe_delivered_total counter"),
+        "{text}"
+    );
+    listener.kill().unwrap();
+    listener.wait().unwrap();
 }

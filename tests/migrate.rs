@@ -26,10 +26,7 @@ async fn migrations_apply_once_even_when_run_concurrently() {
 
     let client = support::sql().await;
     let history: i64 = client
-        .query_one(
-            &format!("SELECT count(*) FROM public.{MIGRATION_TABLE}"),
-            &[],
-        )
+        .query_one(&format!("SELECT count(*) FROM {MIGRATION_TABLE}"), &[])
         .await
         .unwrap()
         .get(0);
@@ -47,4 +44,15 @@ async fn migrations_apply_once_even_when_run_concurrently() {
         .unwrap()
         .get(0);
     assert_eq!(default_table, None);
+    // The history is in the updatepipe schema, where its owner can create it.
+    assert_eq!(MIGRATION_TABLE, "updatepipe.schema_history");
+    let public: Option<String> = client
+        .query_one(
+            "SELECT to_regclass('public.updatepipe_schema_history')::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(public, None);
 }

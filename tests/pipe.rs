@@ -257,6 +257,16 @@ async fn close_leaves_no_task_or_connection_behind() {
         connections(&observer, &app).await >= 2,
         "listener and pool connected"
     );
+    // The listener's connection is told from the pool's by its application_name.
+    let listener: i64 = observer
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&format!("{app}/listen")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(listener, 1);
 
     pipe.close().await.unwrap();
     // The caller's channel has ended: the listener task is gone and dropped its sender.
@@ -406,13 +416,14 @@ async fn status_counts_the_listeners_on_the_channel() {
     let channel = unique("status");
     let quick = |c: updatepipe::Config| c.with_health_interval(Duration::from_secs(1));
     let observer = PgPipe::new(quick(config_on(&channel))).unwrap();
-    let before = observer.status().await.unwrap();
+    assert_eq!(observer.status().await.unwrap().listeners, None);
+    let before = observer.status_with_listeners().await.unwrap();
     assert_eq!(before.listeners, Some(0));
     assert_eq!(before.listen_works, Some(true));
     assert!(!before.in_recovery);
     let (a, _a_rx) = listening(quick(config_on(&channel))).await;
     let (b, _b_rx) = listening(quick(config_on(&channel))).await;
-    let status = observer.status().await.unwrap();
+    let status = observer.status_with_listeners().await.unwrap();
     assert_eq!(status.listeners, Some(2), "{status:?}");
     a.close().await.unwrap();
     b.close().await.unwrap();

@@ -32,11 +32,13 @@ async fn sql(port: u16) -> tokio_postgres::Client {
     client
 }
 
-/// Terminates the backends of this application name; returns how many.
+/// Terminates the backends of this application name (the listener's too, which adds
+/// "/listen"); returns how many.
 async fn terminate(admin: &tokio_postgres::Client, app: &str) -> i64 {
     admin
         .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name IN ($1, $1 || '/listen')",
             &[&app],
         )
         .await

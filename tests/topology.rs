@@ -46,6 +46,19 @@ async fn status_reports_a_standby_and_the_listener_refuses_it() {
     assert_eq!(status.listen_works, None);
     let (tx, _rx) = mpsc::channel(1);
     let err = pipe.listen(tx).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Connect(e) if e.is_read_only()),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("read-only"), "{err}");
+    // Told to take any server, the listener connects and refuses the standby itself.
+    let pipe = PgPipe::new(
+        config(standby.port())
+            .with_target_session_attrs(tokio_postgres::config::TargetSessionAttrs::Any),
+    )
+    .unwrap();
+    let (tx, _rx) = mpsc::channel(1);
+    let err = pipe.listen(tx).await.unwrap_err();
     assert!(matches!(err, Error::Standby), "{err:?}");
     assert!(err.to_string().contains("primary"), "{err}");
 
@@ -63,6 +76,52 @@ async fn status_reports_a_standby_and_the_listener_refuses_it() {
     assert!(
         stdout.contains("primary             no: a standby"),
         "{stdout}"
+    );
+
+    // The standby listed first: passed over for the primary (target_session_attrs is
+    // read-write unless the string says otherwise), by the library and the CLI alike.
+    let both = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres",
+        standby.port(),
+        primary.port()
+    );
+    let pipe = PgPipe::new(
+        Config::from_url(&both)
+            .unwrap()
+            .with_channel(ChannelName::new(unique("topology")).unwrap()),
+    )
+    .unwrap();
+    let (tx, _rx) = mpsc::channel(1);
+    pipe.listen(tx).await.unwrap();
+    assert!(!pipe.status().await.unwrap().in_recovery);
+    pipe.close().await.unwrap();
+    let status = |url: &str| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_updatepipe"))
+            .args(["status", "--url", url])
+            .env_remove("PGTARGETSESSIONATTRS")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    assert!(status(&both).contains("primary             yes"));
+    // With target_session_attrs=any, as psql: the first host, the standby.
+    let any = status(&format!("{both}?target_session_attrs=any"));
+    assert!(any.contains("primary             no: a standby"), "{any}");
+    // Only the standby, read-write: refused by name, not retried forever.
+    let only = format!(
+        "postgres://postgres@127.0.0.1:{}/postgres?connect_timeout=2",
+        standby.port()
+    );
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_updatepipe"))
+        .args(["push", "--url", &only, "{\"Type\":0,\"Key\":1}"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{}: read-only", standby.port())),
+        "{stderr}"
     );
 }
 

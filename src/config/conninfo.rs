@@ -1,175 +1,463 @@
-//! Connection settings as libpq reads them: a `postgres://` URL or a `key=value` string, and
-//! the standard `PG*` variables. tokio-postgres parses the string itself; the TLS keys,
-//! which the pipe handles with rustls, are taken off it first.
+//! Connection settings as libpq reads them, for the keys the pipe supports.
+//!
+//! The order is libpq's: the connection string (a `postgres://` URL or `key=value` pairs)
+//! first; then, for what it leaves out, the service named by `service=` or `PGSERVICE`
+//! (in `PGSERVICEFILE` or `~/.pg_service.conf`, then `PGSYSCONFDIR/pg_service.conf`);
+//! then the `PG*` variables; then the defaults. A password still missing is looked up in
+//! the password file (`passfile=`, `PGPASSFILE` or `~/.pgpass`) for each host as it is
+//! tried. Everything is gathered into one list of `key=value` settings and handed to
+//! tokio-postgres as one string; the keys the pipe reads itself (TLS, which it does with
+//! rustls, the service, the password file and `target_session_attrs`) are kept aside.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::Arc;
 
 use crate::error::Error;
 
 /// The connection-string keys for TLS, read here rather than by tokio-postgres.
 pub(crate) const TLS_KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
 
-/// The variables that set TLS, and the connection-string keys they stand for.
-const TLS_VARS: [(&str, &str); 4] = [
+/// Keys read here, never handed to tokio-postgres.
+const OWN_KEYS: [&str; 7] = [
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "service",
+    "passfile",
+    "target_session_attrs",
+];
+
+/// The variables libpq reads for the keys the pipe supports, and those keys
+/// (`PGSERVICE` is read before these, for the service).
+const VARS: [(&str, &str); 17] = [
+    ("PGHOST", "host"),
+    ("PGHOSTADDR", "hostaddr"),
+    ("PGPORT", "port"),
+    ("PGDATABASE", "dbname"),
+    ("PGUSER", "user"),
+    ("PGPASSWORD", "password"),
+    ("PGPASSFILE", "passfile"),
+    ("PGOPTIONS", "options"),
+    ("PGAPPNAME", "application_name"),
     ("PGSSLMODE", "sslmode"),
     ("PGSSLROOTCERT", "sslrootcert"),
     ("PGSSLCERT", "sslcert"),
     ("PGSSLKEY", "sslkey"),
+    ("PGCONNECT_TIMEOUT", "connect_timeout"),
+    ("PGTARGETSESSIONATTRS", "target_session_attrs"),
+    ("PGCHANNELBINDING", "channel_binding"),
+    ("PGLOADBALANCEHOSTS", "load_balance_hosts"),
 ];
 
-/// What a connection string, or the environment, says.
+/// The most a password or service file may hold; past it the file is refused.
+const MAX_FILE: u64 = 1 << 20;
+
+/// Where settings come from besides the connection string: the environment, and with it
+/// the password and service files it names.
+pub(super) struct Env<'a> {
+    var: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl<'a> Env<'a> {
+    pub(super) fn new(var: &'a dyn Fn(&str) -> Option<String>) -> Self {
+        Env { var }
+    }
+
+    fn var(&self, name: &str) -> Option<String> {
+        (self.var)(name).filter(|v| !v.is_empty())
+    }
+
+    fn home(&self, file: &str) -> Option<PathBuf> {
+        self.var("HOME").map(|home| Path::new(&home).join(file))
+    }
+}
+
+/// Which servers a connection accepts (`target_session_attrs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TargetSession {
+    /// Any server (libpq's default).
+    Any,
+    /// A server that accepts writes (the pipe's default: LISTEN and NOTIFY need a primary).
+    ReadWrite,
+}
+
+/// What a connection string, a service and the environment say.
 #[derive(Debug)]
 pub(super) struct Settings {
-    /// Everything but TLS.
+    /// Everything but what [`OWN_KEYS`] name.
     pub(super) pg: tokio_postgres::Config,
     /// The TLS keys and their values, for `TlsOptions::set`.
     pub(super) tls: Vec<(String, String)>,
-    /// `PGCONNECT_TIMEOUT`, when that is where the settings came from.
-    pub(super) connect_timeout: Option<Duration>,
+    /// `target_session_attrs`: read-write unless the settings say `any`.
+    pub(super) target: TargetSession,
+    /// The password file's entries, when no password was given and the file is usable.
+    pub(super) passfile: Option<Arc<PassFile>>,
 }
 
-/// A connection string (URL or key=value), with `var` giving the `PGSSL*` defaults for the
-/// TLS settings it leaves out.
-pub(super) fn parse(conn: &str, var: &impl Fn(&str) -> Option<String>) -> Result<Settings, Error> {
-    let (rest, mut tls) = split_params(conn)?;
+/// A connection string (URL or key=value) completed as libpq completes it, from `env`.
+pub(super) fn parse(conn: &str, env: &Env<'_>) -> Result<Settings, Error> {
+    let mut given = conn_pairs(conn)?;
+    // A service fills in what the string leaves out; the variables come after it.
+    let service = given
+        .get("service")
+        .cloned()
+        .or_else(|| env.var("PGSERVICE"));
+    if let Some(name) = service {
+        for (key, value) in service_settings(&name, env)? {
+            given.entry(key).or_insert(value);
+        }
+    }
+    for (name, key) in VARS {
+        if !given.contains_key(key)
+            && let Some(value) = env.var(name)
+        {
+            given.insert(key.to_owned(), value);
+        }
+    }
+    if !given.contains_key("host") && !given.contains_key("hostaddr") {
+        given.insert("host".into(), "localhost".into());
+    }
+    if !given.contains_key("user") {
+        let user = env.var("USER").unwrap_or_else(|| "postgres".to_owned());
+        given.insert("user".into(), user);
+    }
+    if !given.contains_key("dbname") {
+        given.insert("dbname".into(), given["user"].clone());
+    }
+    if let Some(secs) = given.get("connect_timeout")
+        && secs.trim().parse::<u64>().is_err()
+    {
+        return Err(Error::Config(format!(
+            "connect_timeout {secs:?} is not a number of seconds"
+        )));
+    }
+    let target = match given.get("target_session_attrs").map(String::as_str) {
+        None | Some("read-write") => TargetSession::ReadWrite,
+        Some("any") => TargetSession::Any,
+        Some(other) => {
+            return Err(Error::Config(format!(
+                "target_session_attrs {other:?} is not supported: the pipe needs a server \
+                 that accepts writes; use read-write (the default) or any"
+            )));
+        }
+    };
+    let passfile = if given.contains_key("password") {
+        None
+    } else {
+        let path = match given.get("passfile") {
+            Some(path) => Some(PathBuf::from(path)),
+            None => env.home(".pgpass"),
+        };
+        path.and_then(|path| PassFile::read(&path)).map(Arc::new)
+    };
+    let mut rest = String::new();
+    let mut tls = Vec::new();
+    for (key, value) in &given {
+        if TLS_KEYS.contains(&key.as_str()) {
+            tls.push((key.clone(), value.clone()));
+        } else if !OWN_KEYS.contains(&key.as_str()) {
+            rest.push_str(key);
+            rest.push_str("='");
+            for c in value.chars() {
+                if c == '\'' || c == '\\' {
+                    rest.push('\\');
+                }
+                rest.push(c);
+            }
+            rest.push_str("' ");
+        }
+    }
     let pg = tokio_postgres::Config::from_str(&rest).map_err(|e| {
         // The parser's messages name the option, never its value; say no more than that.
         Error::Config(format!(
-            "cannot parse the connection string ({}); expected \
+            "cannot parse the connection settings ({}); expected \
              postgres://user:password@host:port/database or key=value pairs",
             crate::error::pg_message(&e)
         ))
     })?;
-    let defaults: Vec<(String, String)> = TLS_VARS
-        .iter()
-        .filter(|(_, key)| !tls.iter().any(|(k, _)| k == key))
-        .filter_map(|(name, key)| Some((key.to_string(), var(name)?)))
-        .collect();
-    tls.extend(defaults);
     Ok(Settings {
         pg,
         tls,
-        connect_timeout: None,
+        target,
+        passfile,
     })
 }
 
-/// `DATABASE_URL` when `var` has it (read by [`parse`]), otherwise the standard libpq
-/// variables `PGHOST`, `PGHOSTADDR`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`,
-/// `PGAPPNAME`, `PGCONNECT_TIMEOUT`, `PGOPTIONS` and the `PGSSL*` ones.
-pub(super) fn from_vars(var: &impl Fn(&str) -> Option<String>) -> Result<Settings, Error> {
-    if let Some(url) = var("DATABASE_URL") {
-        return parse(&url, var);
-    }
-    let mut pg = tokio_postgres::Config::new();
-    match var("PGHOST") {
-        Some(hosts) => hosts.split(',').for_each(|h| {
-            pg.host(h.trim());
-        }),
-        None if var("PGHOSTADDR").is_none() => {
-            pg.host("localhost");
+/// The settings of a connection string, URL or key=value, as key and value.
+fn conn_pairs(conn: &str) -> Result<BTreeMap<String, String>, Error> {
+    let bad = || {
+        Error::Config(
+            "cannot parse the connection string; expected \
+             postgres://user:password@host:port/database or key=value pairs"
+                .into(),
+        )
+    };
+    let pairs = if let Some(rest) = conn
+        .strip_prefix("postgres://")
+        .or_else(|| conn.strip_prefix("postgresql://"))
+    {
+        url_pairs(rest)?
+    } else {
+        key_value_pairs(conn)
+            .ok_or_else(bad)?
+            .into_iter()
+            .map(|(k, v, _)| (k, v))
+            .collect()
+    };
+    Ok(pairs.into_iter().collect())
+}
+
+/// The settings of a URL (after `postgres://`): user, password, hosts and ports, database,
+/// then the query's parameters.
+fn url_pairs(url: &str) -> Result<Vec<(String, String)>, Error> {
+    // The credentials run up to the first `@` (as tokio-postgres reads them); the query
+    // starts at the first `?` after them.
+    let (creds, rest) = match url.find('@') {
+        Some(at) => (Some(&url[..at]), &url[at + 1..]),
+        None => (None, url),
+    };
+    let (rest, query) = match rest.find('?') {
+        Some(mark) => (&rest[..mark], Some(&rest[mark + 1..])),
+        None => (rest, None),
+    };
+    let (netloc, path) = match rest.find('/') {
+        Some(slash) => (&rest[..slash], Some(&rest[slash + 1..])),
+        None => (rest, None),
+    };
+    let mut pairs = Vec::new();
+    if let Some(creds) = creds {
+        let (user, password) = match creds.split_once(':') {
+            Some((u, p)) => (u, Some(p)),
+            None => (creds, None),
+        };
+        if !user.is_empty() {
+            pairs.push(("user".into(), percent_decode(user)?));
         }
-        None => {}
-    }
-    if let Some(addrs) = var("PGHOSTADDR") {
-        for addr in addrs.split(',') {
-            let ip = addr
-                .trim()
-                .parse()
-                .map_err(|_| Error::Config(format!("PGHOSTADDR {addr:?} is not an IP address")))?;
-            pg.hostaddr(ip);
+        if let Some(password) = password {
+            pairs.push(("password".into(), percent_decode(password)?));
         }
     }
-    if let Some(ports) = var("PGPORT") {
-        for port in ports.split(',') {
-            let port = port
-                .trim()
-                .parse()
-                .map_err(|_| Error::Config(format!("PGPORT {port:?} is not a port number")))?;
-            pg.port(port);
+    if !netloc.is_empty() {
+        let (mut hosts, mut ports) = (Vec::new(), Vec::new());
+        for part in netloc.split(',') {
+            let (host, port) = if let Some(v6) = part.strip_prefix('[') {
+                let end = v6.find(']').ok_or_else(|| {
+                    Error::Config("an IPv6 host in the URL lacks its closing ]".into())
+                })?;
+                let port = v6[end + 1..].strip_prefix(':').unwrap_or("");
+                (&v6[..end], port)
+            } else {
+                part.rsplit_once(':').unwrap_or((part, ""))
+            };
+            hosts.push(percent_decode(host)?);
+            ports.push(port.to_owned());
+        }
+        if hosts.iter().any(|h| !h.is_empty()) {
+            pairs.push(("host".into(), hosts.join(",")));
+        }
+        if ports.iter().any(|p| !p.is_empty()) {
+            pairs.push(("port".into(), ports.join(",")));
         }
     }
-    let user = var("PGUSER")
-        .or_else(|| var("USER"))
-        .unwrap_or_else(|| "postgres".to_owned());
-    pg.dbname(var("PGDATABASE").as_deref().unwrap_or(&user));
-    pg.user(&user);
-    if let Some(password) = var("PGPASSWORD") {
-        pg.password(password);
+    if let Some(db) = path.filter(|p| !p.is_empty()) {
+        pairs.push(("dbname".into(), percent_decode(db)?));
     }
-    if let Some(name) = var("PGAPPNAME") {
-        pg.application_name(&name);
+    for part in query.into_iter().flat_map(|q| q.split('&')) {
+        if part.is_empty() {
+            continue;
+        }
+        let (key, value) = part.split_once('=').unwrap_or((part, ""));
+        pairs.push((percent_decode(key)?, percent_decode(value)?));
     }
-    if let Some(options) = var("PGOPTIONS") {
-        pg.options(&options);
+    Ok(pairs)
+}
+
+/// The settings of the service `name`: from the user's service file (`PGSERVICEFILE`, else
+/// `~/.pg_service.conf`) when it defines the service, else from the system's
+/// (`PGSYSCONFDIR/pg_service.conf`, else `/etc/postgresql-common/pg_service.conf`).
+fn service_settings(name: &str, env: &Env<'_>) -> Result<Vec<(String, String)>, Error> {
+    let user = env
+        .var("PGSERVICEFILE")
+        .map(PathBuf::from)
+        .or_else(|| env.home(".pg_service.conf"));
+    let system = Path::new(
+        &env.var("PGSYSCONFDIR")
+            .unwrap_or_else(|| "/etc/postgresql-common".into()),
+    )
+    .join("pg_service.conf");
+    for path in user.into_iter().chain([system]) {
+        let Some(text) = read_bounded(&path)? else {
+            continue;
+        };
+        if let Some(settings) = find_service(&text, name, &path)? {
+            return Ok(settings);
+        }
     }
-    let tls = TLS_VARS
-        .iter()
-        .filter_map(|(name, key)| Some((key.to_string(), var(name)?)))
-        .collect();
-    let connect_timeout = match var("PGCONNECT_TIMEOUT") {
-        None => None,
-        Some(secs) => {
-            let secs: u64 = secs.trim().parse().map_err(|_| {
-                Error::Config(format!(
-                    "PGCONNECT_TIMEOUT {secs:?} is not a number of seconds"
-                ))
-            })?;
-            Some(Duration::from_secs(secs.max(1)))
+    Err(Error::Config(format!(
+        "definition of service {name:?} not found (looked in PGSERVICEFILE or \
+         ~/.pg_service.conf, then PGSYSCONFDIR/pg_service.conf)"
+    )))
+}
+
+/// The settings of section `[name]` of a service file, `None` when it has none.
+fn find_service(
+    text: &str,
+    name: &str,
+    path: &Path,
+) -> Result<Option<Vec<(String, String)>>, Error> {
+    let mut found: Option<Vec<(String, String)>> = None;
+    let mut inside = false;
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(section) = line.strip_prefix('[') {
+            if found.is_some() {
+                break;
+            }
+            inside = section.strip_suffix(']') == Some(name);
+            if inside {
+                found = Some(Vec::new());
+            }
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(Error::Config(format!(
+                "syntax error in service file {}, line {}",
+                path.display(),
+                n + 1
+            )));
+        };
+        let key = key.trim();
+        if key == "service" {
+            return Err(Error::Config(format!(
+                "nested service specifications are not supported (service file {}, line {})",
+                path.display(),
+                n + 1
+            )));
+        }
+        if let Some(settings) = found.as_mut() {
+            settings.push((key.to_owned(), value.trim().to_owned()));
+        }
+    }
+    Ok(found)
+}
+
+/// A file's text, or `None` when it does not exist; refused when over [`MAX_FILE`].
+fn read_bounded(path: &Path) -> Result<Option<String>, Error> {
+    use std::io::Read;
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(Error::Config(format!(
+                "cannot read {}: {e}",
+                path.display()
+            )));
         }
     };
-    Ok(Settings {
-        pg,
-        tls,
-        connect_timeout,
-    })
+    let mut text = String::new();
+    file.take(MAX_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+    if text.len() as u64 > MAX_FILE {
+        return Err(Error::Config(format!(
+            "{} is larger than {MAX_FILE} bytes",
+            path.display()
+        )));
+    }
+    Ok(Some(text))
 }
 
-/// Splits the settings of [`TLS_KEYS`] off a connection string (URL or key=value), returning
-/// the rest for tokio-postgres and the TLS settings. A string it cannot
-/// take apart is returned whole, for tokio-postgres to report.
-pub(crate) fn split_params(conn: &str) -> Result<(String, Vec<(String, String)>), Error> {
-    if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
-        // The query starts at the first `?` after the credentials (tokio-postgres reads
-        // them up to the first `@`, `?` included).
-        let after = conn.find('@').map_or(0, |at| at + 1);
-        let Some(mark) = conn[after..].find('?').map(|i| after + i) else {
-            return Ok((conn.to_owned(), Vec::new()));
-        };
-        let (base, query) = (&conn[..mark], &conn[mark + 1..]);
-        let mut kept = Vec::new();
-        let mut found = Vec::new();
-        for part in query.split('&') {
-            let (key, value) = part.split_once('=').unwrap_or((part, ""));
-            let key = percent_decode(key)?;
-            if TLS_KEYS.contains(&key.as_str()) {
-                found.push((key, percent_decode(value)?));
-            } else {
-                kept.push(part);
+/// A password file's entries: `host:port:database:user:password` lines, each of the first
+/// four a value or `*`, with `\` escaping `:` and `\`.
+pub(crate) struct PassFile {
+    entries: Vec<[String; 5]>,
+}
+
+impl std::fmt::Debug for PassFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the passwords.
+        write!(f, "PassFile({} entries)", self.entries.len())
+    }
+}
+
+impl PassFile {
+    /// The file's entries; `None`, as libpq, when it does not exist, is not a plain file,
+    /// cannot be read, or (with a warning) when its group or others may read it.
+    fn read(path: &Path) -> Option<PassFile> {
+        let meta = std::fs::metadata(path).ok()?;
+        if !meta.is_file() {
+            return None;
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(
+                    target: "updatepipe",
+                    "password file {} has group or world access; permissions should be \
+                     u=rw (0600) or less; ignoring it",
+                    path.display()
+                );
+                return None;
             }
         }
-        let rest = if kept.is_empty() {
-            base.to_owned()
-        } else {
-            format!("{base}?{}", kept.join("&"))
-        };
-        return Ok((rest, found));
-    }
-    let Some(pairs) = key_value_pairs(conn) else {
-        return Ok((conn.to_owned(), Vec::new()));
-    };
-    let mut rest = String::with_capacity(conn.len());
-    let mut found = Vec::new();
-    let mut from = 0;
-    for (key, value, span) in pairs {
-        if TLS_KEYS.contains(&key.as_str()) {
-            rest.push_str(&conn[from..span.start]);
-            from = span.end;
-            found.push((key, value));
+        match read_bounded(path) {
+            Ok(Some(text)) => Some(PassFile::parse(&text)),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(target: "updatepipe", "{e}; ignoring the password file");
+                None
+            }
         }
     }
-    rest.push_str(&conn[from..]);
-    Ok((rest, found))
+
+    fn parse(text: &str) -> PassFile {
+        let mut entries = Vec::new();
+        for line in text.lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let mut fields: Vec<String> = vec![String::new()];
+            let mut chars = line.chars();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some(next) = chars.next() {
+                            fields.last_mut().expect("one field").push(next);
+                        }
+                    }
+                    ':' if fields.len() < 5 => fields.push(String::new()),
+                    c => fields.last_mut().expect("one field").push(c),
+                }
+            }
+            if let Ok(entry) = <[String; 5]>::try_from(fields) {
+                entries.push(entry);
+            }
+        }
+        PassFile { entries }
+    }
+
+    /// The password of the first entry that matches (`*` matching anything).
+    pub(crate) fn password(&self, host: &str, port: u16, dbname: &str, user: &str) -> Option<&str> {
+        let port = port.to_string();
+        self.entries
+            .iter()
+            .find(|[h, p, d, u, _]| {
+                [(h, host), (p, port.as_str()), (d, dbname), (u, user)]
+                    .iter()
+                    .all(|(field, value)| field.as_str() == "*" || field == value)
+            })
+            .map(|entry| entry[4].as_str())
+    }
 }
 
 /// The `key = value` pairs of a libpq connection string, each with its span; `None` when
@@ -238,9 +526,7 @@ fn percent_decode(text: &str) -> Result<String, Error> {
             let hex = text
                 .get(i + 1..i + 3)
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| {
-                    Error::Config("a TLS setting in the URL has a bad %-escape".into())
-                })?;
+                .ok_or_else(|| Error::Config("the URL has a bad %-escape".into()))?;
             out.push(hex);
             i += 3;
         } else {
@@ -248,8 +534,7 @@ fn percent_decode(text: &str) -> Result<String, Error> {
             i += 1;
         }
     }
-    String::from_utf8(out)
-        .map_err(|_| Error::Config("a TLS setting in the URL is not UTF-8".into()))
+    String::from_utf8(out).map_err(|_| Error::Config("a setting in the URL is not UTF-8".into()))
 }
 
 #[cfg(test)]
@@ -258,18 +543,27 @@ mod tests {
     use crate::config::{Config, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT};
     use crate::tls::SslMode;
     use std::collections::HashMap;
-    use tokio_postgres::config::Host;
+    use std::time::Duration;
+    use tokio_postgres::config::{Host, TargetSessionAttrs};
 
-    fn from(vars: &[(&str, &str)]) -> Result<Config, Error> {
-        let map: HashMap<String, String> = vars
-            .iter()
+    fn vars(vars: &[(&str, &str)]) -> HashMap<String, String> {
+        vars.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+            .collect()
+    }
+
+    fn from(v: &[(&str, &str)]) -> Result<Config, Error> {
+        let map = vars(v);
         Config::from_vars(|k| map.get(k).cloned())
     }
 
-    fn split(conn: &str) -> (String, Vec<(String, String)>) {
-        split_params(conn).unwrap()
+    fn url_with(url: &str, v: &[(&str, &str)]) -> Result<Config, Error> {
+        let map = vars(v);
+        Config::from_url_and(url, &|k: &str| map.get(k).cloned())
+    }
+
+    fn pairs(conn: &str) -> Vec<(String, String)> {
+        conn_pairs(conn).unwrap().into_iter().collect()
     }
 
     fn pair(k: &str, v: &str) -> (String, String) {
@@ -277,67 +571,79 @@ mod tests {
     }
 
     #[test]
-    fn splits_tls_settings_off_a_url() {
-        let (rest, found) = split(concat!(
-            "postgres://u:p%40w@h/db?application_name=x&sslmode=verify-full",
-            "&sslrootcert=%2Ftmp%2Fca%20b.pem"
-        ));
-        assert_eq!(rest, "postgres://u:p%40w@h/db?application_name=x");
+    fn reads_a_url_into_settings() {
         assert_eq!(
-            found,
+            pairs(concat!(
+                "postgres://u:p%40w@h1:5433,[::1]:5434,h3/my%20db",
+                "?sslmode=require&application_name=x"
+            )),
             [
-                pair("sslmode", "verify-full"),
-                pair("sslrootcert", "/tmp/ca b.pem")
+                pair("application_name", "x"),
+                pair("dbname", "my db"),
+                pair("host", "h1,::1,h3"),
+                pair("password", "p@w"),
+                pair("port", "5433,5434,"),
+                pair("sslmode", "require"),
+                pair("user", "u"),
             ]
         );
-        let (rest, found) = split("postgresql://h/db?sslmode=require");
-        assert_eq!((rest.as_str(), found.len()), ("postgresql://h/db", 1));
         // A `?` in the credentials is not the query.
-        let (rest, found) = split("postgres://u:x?&sslmode=disable&@h/db?sslmode=verify-full");
-        assert_eq!(rest, "postgres://u:x?&sslmode=disable&@h/db");
-        assert_eq!(found, [pair("sslmode", "verify-full")]);
-        assert_eq!(split("postgres://h/db").0, "postgres://h/db");
-        assert!(split_params("postgres://h/db?sslrootcert=%zz").is_err());
-    }
-
-    #[test]
-    fn splits_tls_settings_off_key_value() {
-        let (rest, found) = split(concat!(
-            "host=h sslmode = verify-ca password='a b\\'c' ",
-            "sslrootcert='/x y/ca.pem' sslkey=/k\\ ey"
-        ));
-        assert_eq!(rest, "host=h  password='a b\\'c'  ");
         assert_eq!(
-            found,
+            pairs("postgres://u:x?&y@h/db?sslmode=verify-full"),
             [
-                pair("sslmode", "verify-ca"),
-                pair("sslrootcert", "/x y/ca.pem"),
-                pair("sslkey", "/k ey"),
+                pair("dbname", "db"),
+                pair("host", "h"),
+                pair("password", "x?&y"),
+                pair("sslmode", "verify-full"),
+                pair("user", "u"),
             ]
         );
-        // Not the grammar: left whole for tokio-postgres to report.
-        assert_eq!(split("host h").0, "host h");
-        assert_eq!(split("sslmode='open").0, "sslmode='open");
+        assert_eq!(pairs("postgresql://"), []);
+        assert!(conn_pairs("postgres://h/db?sslrootcert=%zz").is_err());
     }
 
     #[test]
-    fn tls_variables_fill_in_what_the_url_leaves_out() {
-        let c = from(&[
-            ("DATABASE_URL", "postgres://a@h1/db1?sslmode=require"),
-            ("PGSSLMODE", "disable"),
-        ])
+    fn reads_key_value_settings() {
+        assert_eq!(
+            pairs("host=h sslmode = verify-ca password='a b\\'c' sslkey=/k\\ ey"),
+            [
+                pair("host", "h"),
+                pair("password", "a b'c"),
+                pair("sslkey", "/k ey"),
+                pair("sslmode", "verify-ca"),
+            ]
+        );
+        assert!(conn_pairs("host h").is_err());
+        assert!(conn_pairs("sslmode='open").is_err());
+    }
+
+    #[test]
+    fn variables_fill_in_what_the_string_leaves_out() {
+        let c = url_with(
+            "postgres://a@h1/db1?sslmode=require",
+            &[
+                ("PGSSLMODE", "disable"),
+                ("PGPASSWORD", "hunter2"),
+                ("PGAPPNAME", "imapd"),
+                ("PGHOST", "h2"),
+                ("PGPORT", "6000"),
+            ],
+        )
         .unwrap();
         assert_eq!(c.ssl_mode(), SslMode::Require);
-        let c = from(&[
-            ("DATABASE_URL", "postgres://a@h1/db1"),
-            ("PGSSLMODE", "verify-full"),
-        ])
-        .unwrap();
+        assert_eq!(c.pg().get_password(), Some(&b"hunter2"[..]));
+        assert_eq!(c.pg().get_application_name(), Some("imapd"));
+        assert_eq!(c.pg().get_hosts(), &[Host::Tcp("h1".into())]);
+        assert_eq!(c.pg().get_ports(), &[6000]);
+        let c = url_with("postgres://a@h1/db1", &[("PGSSLMODE", "verify-full")]).unwrap();
         assert_eq!(c.ssl_mode(), SslMode::VerifyFull);
         assert_eq!(
             c.pg().get_ssl_mode(),
             tokio_postgres::config::SslMode::Require
         );
+        // The string's own password wins.
+        let c = url_with("postgres://a:mine@h1/db1", &[("PGPASSWORD", "env")]).unwrap();
+        assert_eq!(c.pg().get_password(), Some(&b"mine"[..]));
         // Plain from_url reads no environment.
         let c = Config::from_url("postgres://a@h1/db1").unwrap();
         assert_eq!(c.ssl_mode(), SslMode::Prefer);
@@ -383,10 +689,33 @@ mod tests {
     }
 
     #[test]
+    fn target_session_attrs_default_to_read_write() {
+        let c = from(&[]).unwrap();
+        assert_eq!(
+            c.pg().get_target_session_attrs(),
+            TargetSessionAttrs::ReadWrite
+        );
+        let c = Config::from_url("postgres://h/d?target_session_attrs=any").unwrap();
+        assert_eq!(c.pg().get_target_session_attrs(), TargetSessionAttrs::Any);
+        let c = from(&[("PGTARGETSESSIONATTRS", "any")]).unwrap();
+        assert_eq!(c.pg().get_target_session_attrs(), TargetSessionAttrs::Any);
+        let c = Config::from_pg(tokio_postgres::Config::new());
+        assert_eq!(
+            c.pg().get_target_session_attrs(),
+            TargetSessionAttrs::ReadWrite
+        );
+        assert!(matches!(
+            Config::from_url("host=h target_session_attrs=standby"),
+            Err(Error::Config(_))
+        ));
+    }
+
+    #[test]
     fn defaults_without_any_variable() {
         let c = from(&[]).unwrap();
         assert_eq!(c.pg().get_hosts(), &[Host::Tcp("localhost".into())]);
         assert_eq!(c.pg().get_user(), Some("postgres"));
+        assert_eq!(c.pg().get_dbname(), Some("postgres"));
         assert_eq!(c.channel().as_str(), "updatepipe");
         assert_eq!(c.pool_size(), DEFAULT_POOL_SIZE);
         assert_eq!(c.push_timeout(), DEFAULT_PUSH_TIMEOUT);
@@ -394,21 +723,110 @@ mod tests {
 
     #[test]
     fn bad_values_are_config_errors() {
-        assert!(matches!(from(&[("PGPORT", "x")]), Err(Error::Config(_))));
-        assert!(matches!(
-            from(&[("PGHOSTADDR", "nope")]),
-            Err(Error::Config(_))
-        ));
-        assert!(matches!(
-            from(&[("PGSSLMODE", "sometimes")]),
-            Err(Error::Config(_))
-        ));
-        assert!(matches!(
-            from(&[("PGCONNECT_TIMEOUT", "soon")]),
-            Err(Error::Config(_))
-        ));
+        for bad in [
+            &[("PGPORT", "x")][..],
+            &[("PGHOSTADDR", "nope")],
+            &[("PGSSLMODE", "sometimes")],
+            &[("PGCONNECT_TIMEOUT", "soon")],
+            &[("PGSERVICE", "nowhere")],
+        ] {
+            assert!(matches!(from(bad), Err(Error::Config(_))), "{bad:?}");
+        }
         assert!(matches!(
             Config::from_url("postgres://u:pw@h:notaport/d"),
+            Err(Error::Config(_))
+        ));
+    }
+
+    #[test]
+    fn password_file_lines_match_as_libpq_matches_them() {
+        let file = PassFile::parse(
+            "# comment\n\
+             db1:5432:mail:u:first\n\
+             db\\:x:*:*:u:esc\\:aped\\\\\n\
+             *:*:*:u:pass:with:colons\n\
+             short:line\n",
+        );
+        assert_eq!(file.password("db1", 5432, "mail", "u"), Some("first"));
+        assert_eq!(
+            file.password("db1", 5433, "mail", "u"),
+            Some("pass:with:colons")
+        );
+        assert_eq!(file.password("db:x", 1, "any", "u"), Some("esc:aped\\"));
+        assert_eq!(file.password("db1", 5432, "mail", "v"), None);
+        assert!(!format!("{file:?}").contains("first"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn password_file_is_read_as_libpq_reads_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pgpass");
+        std::fs::write(&path, "h1:5432:mail:mail:s3cret\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let file = path.to_str().unwrap();
+        let c = url_with("postgres://mail@h1/mail", &[("PGPASSFILE", file)]).unwrap();
+        assert_eq!(c.passfile_password("h1", 5432), Some("s3cret"));
+        assert_eq!(c.passfile_password("h2", 5432), None);
+        assert!(!format!("{c:?}").contains("s3cret"));
+        // From HOME, and `passfile=` in the string.
+        std::fs::copy(&path, dir.path().join(".pgpass")).unwrap();
+        let home = dir.path().to_str().unwrap();
+        let c = url_with("postgres://mail@h1/mail", &[("HOME", home)]).unwrap();
+        assert_eq!(c.passfile_password("h1", 5432), Some("s3cret"));
+        let c = Config::from_url(&format!("host=h1 user=mail passfile={file}")).unwrap();
+        assert_eq!(c.passfile_password("h1", 5432), Some("s3cret"));
+        // A password given wins: the file is not read.
+        let c = url_with("postgres://mail:pw@h1/mail", &[("PGPASSFILE", file)]).unwrap();
+        assert_eq!(c.passfile_password("h1", 5432), None);
+        // Readable by the group: ignored.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let c = url_with("postgres://mail@h1/mail", &[("PGPASSFILE", file)]).unwrap();
+        assert_eq!(c.passfile_password("h1", 5432), None);
+    }
+
+    #[test]
+    fn a_service_fills_in_before_the_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = dir.path().join("services");
+        std::fs::write(
+            &user,
+            concat!(
+                "# mine\n[other]\nhost=wrong\n\n",
+                "[mail]\nhost=svc-host\nport = 6543\nuser=svc\nsslmode=require\n"
+            ),
+        )
+        .unwrap();
+        let sys = dir.path().join("etc");
+        std::fs::create_dir(&sys).unwrap();
+        std::fs::write(sys.join("pg_service.conf"), "[sys]\nhost=sys-host\n").unwrap();
+        let (user, sys) = (user.to_str().unwrap(), sys.to_str().unwrap());
+        let env = [
+            ("PGSERVICEFILE", user),
+            ("PGSYSCONFDIR", sys),
+            ("PGHOST", "env-host"),
+            ("PGUSER", "env-user"),
+            ("PGDATABASE", "envdb"),
+        ];
+        let c = url_with("service=mail user=given", &env).unwrap();
+        assert_eq!(c.pg().get_hosts(), &[Host::Tcp("svc-host".into())]);
+        assert_eq!(c.pg().get_ports(), &[6543]);
+        assert_eq!(c.pg().get_user(), Some("given"));
+        assert_eq!(c.pg().get_dbname(), Some("envdb"));
+        assert_eq!(c.ssl_mode(), SslMode::Require);
+        // PGSERVICE, and the system file when the user's lacks the service.
+        let mut with_service = env.to_vec();
+        with_service.push(("PGSERVICE", "sys"));
+        let c = url_with("", &with_service).unwrap();
+        assert_eq!(c.pg().get_hosts(), &[Host::Tcp("sys-host".into())]);
+        assert!(matches!(
+            url_with("service=none", &env),
+            Err(Error::Config(m)) if m.contains("\"none\" not found")
+        ));
+        std::fs::write(dir.path().join("services"), "[mail]\nservice=x\n").unwrap();
+        assert!(matches!(
+            url_with("service=mail", &env),
             Err(Error::Config(_))
         ));
     }

@@ -10,15 +10,24 @@ use crate::error::Error;
 use crate::limits::Limits;
 use crate::sign::{DEFAULT_REPLAY_WINDOW, Secret};
 use crate::tls::{SslMode, TlsOptions};
+use conninfo::{PassFile, TargetSession};
+use std::sync::Arc;
+use tokio_postgres::config::TargetSessionAttrs;
 
 mod conninfo;
 mod options;
 
+/// A variable of the process's environment, empty counting as unset (as libpq).
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
 pub use options::{
     Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEALTH_INTERVAL, DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
-    DEFAULT_LOCK_TIMEOUT, DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_IN_FLIGHT,
-    DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_PUSHES, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT,
-    DEFAULT_QUEUE_WARN, DEFAULT_RETENTION, DEFAULT_STATEMENT_TIMEOUT, QueueFull, Since,
+    DEFAULT_LOCK_TIMEOUT, DEFAULT_LOG_PAGE_BYTES, DEFAULT_LOG_PAGE_ROWS, DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_BUFFERED, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_MAX_QUEUED_PUSHES, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT, DEFAULT_QUEUE_WARN,
+    DEFAULT_RETENTION, DEFAULT_STATEMENT_TIMEOUT, QueueFull, Since,
 };
 pub(crate) use options::{QueueBound, SessionLimits};
 
@@ -56,6 +65,8 @@ pub struct Config {
     health_interval: Duration,
     retention: Duration,
     max_buffered: usize,
+    log_page_rows: usize,
+    log_page_bytes: usize,
     since: Option<Since>,
     tls: TlsOptions,
     secrets: Vec<Secret>,
@@ -67,23 +78,34 @@ pub struct Config {
     queue_bound: QueueBound,
     queue_warn: f64,
     wait_for_server: bool,
+    /// The password file's entries, for hosts with no password given.
+    passfile: Option<Arc<PassFile>>,
 }
 
 impl Config {
     /// From a `postgres://` URL or a libpq `key=value` connection string. The TLS settings
     /// `sslmode` (up to `verify-full`), `sslrootcert`, `sslcert` and `sslkey` are read as
     /// libpq reads them.
+    ///
+    /// Reads no environment and no file: what the string leaves out has the pipe's
+    /// defaults (host `localhost`, user `postgres`, the database named after the user). A
+    /// `service=` in the string is therefore refused; use [`Config::from_url_with_env`].
     pub fn from_url(url: &str) -> Result<Self, Error> {
-        Config::from_url_and(url, |_| None)
+        Config::from_url_and(url, &|_| None)
     }
 
-    /// As [`Config::from_url`], with the `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT` and
-    /// `PGSSLKEY` variables as defaults for the TLS settings the string leaves out, as libpq
-    /// reads them. The CLI's `--url` and `DATABASE_URL` are read this way.
+    /// As [`Config::from_url`], completed as libpq (and so psql) completes a connection
+    /// string: a service (`service=` or `PGSERVICE`, from `PGSERVICEFILE` or
+    /// `~/.pg_service.conf`, then `PGSYSCONFDIR/pg_service.conf`), then the `PG*`
+    /// variables (`PGHOST`, `PGHOSTADDR`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`,
+    /// `PGAPPNAME`, `PGOPTIONS`, `PGCONNECT_TIMEOUT`, `PGTARGETSESSIONATTRS`, the
+    /// `PGSSL*` ones, ...) for what the string and the service leave out, then the password
+    /// file (`passfile=`, `PGPASSFILE` or `~/.pgpass`, ignored with a warning when its
+    /// group or others may read it) for a password still missing. The CLI's `--url` and
+    /// `DATABASE_URL` are read this way. docs/operations.md lists where the pipe differs
+    /// from libpq.
     pub fn from_url_with_env(url: &str) -> Result<Self, Error> {
-        Config::from_url_and(url, |name| {
-            std::env::var(name).ok().filter(|v| !v.is_empty())
-        })
+        Config::from_url_and(url, &env_var)
     }
 
     /// Applies TLS settings (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`), and tells
@@ -96,48 +118,62 @@ impl Config {
         Ok(())
     }
 
-    /// From the environment: `DATABASE_URL` when set (with the `PGSSL*` variables as defaults
-    /// for the TLS settings it leaves out), otherwise the standard libpq variables
-    /// `PGHOST`, `PGHOSTADDR`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`, `PGAPPNAME`,
-    /// `PGCONNECT_TIMEOUT`, `PGOPTIONS`, `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT` and
-    /// `PGSSLKEY`. Unset, the host is `localhost`, the
+    /// From the environment: `DATABASE_URL` when set, completed as
+    /// [`Config::from_url_with_env`] completes a string; otherwise the service and the
+    /// `PG*` variables alone, as libpq reads them. Unset, the host is `localhost`, the
     /// user is `$USER` (or `postgres`), and the database is named after the user.
     pub fn from_env() -> Result<Self, Error> {
-        Config::from_vars(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+        Config::from_vars(env_var)
     }
 
-    /// Whether the environment names a database (`DATABASE_URL` or `PGHOST`).
+    /// Whether the environment names a database (`DATABASE_URL`, `PGHOST`, `PGHOSTADDR`
+    /// or `PGSERVICE`): the demo, the benchmark and [`crate::cluster::env_or_temp`] then
+    /// use it instead of a throwaway cluster.
     pub fn env_names_database() -> bool {
-        ["DATABASE_URL", "PGHOST", "PGHOSTADDR"]
+        ["DATABASE_URL", "PGHOST", "PGHOSTADDR", "PGSERVICE"]
             .iter()
             .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()))
     }
 
     pub(crate) fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
-        let settings = conninfo::from_vars(&var)?;
-        Config::from_settings(settings)
+        let url = var("DATABASE_URL").filter(|v| !v.is_empty());
+        Config::from_url_and(url.as_deref().unwrap_or(""), &var)
     }
 
-    /// From a connection string, with `var` giving the `PGSSL*` defaults for the TLS
-    /// settings the string leaves out.
-    fn from_url_and(url: &str, var: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
-        Config::from_settings(conninfo::parse(url, &var)?)
+    /// From a connection string, completed from `var` (and the files it names).
+    fn from_url_and(url: &str, var: &dyn Fn(&str) -> Option<String>) -> Result<Self, Error> {
+        Config::from_settings(conninfo::parse(url, &conninfo::Env::new(var))?)
     }
 
-    /// From what a connection string or the environment said.
+    /// From what a connection string, a service and the environment said.
     fn from_settings(settings: conninfo::Settings) -> Result<Self, Error> {
-        let mut config = Config::from_pg(settings.pg);
+        let mut config = Config::from_pg_as_given(settings.pg);
+        config.pg.target_session_attrs(match settings.target {
+            TargetSession::Any => TargetSessionAttrs::Any,
+            TargetSession::ReadWrite => TargetSessionAttrs::ReadWrite,
+        });
+        config.passfile = settings.passfile;
         config.apply_tls(settings.tls)?;
-        if let Some(timeout) = settings.connect_timeout {
-            config = config.with_connect_timeout(timeout);
-        }
         Ok(config)
     }
 
     /// From a `tokio_postgres::Config`. The application name defaults to `updatepipe`. With
     /// host addresses and no host names, each address stands for its name too, as in libpq
     /// (TLS needs a name; `verify-full` then checks the address).
+    ///
+    /// `target_session_attrs` becomes `read-write` (LISTEN and NOTIFY need a primary, and a
+    /// standby listed first is then passed over), since a `tokio_postgres::Config` cannot
+    /// tell an explicit `any` from its default; [`Config::with_target_session_attrs`] sets
+    /// it.
     pub fn from_pg(mut pg: tokio_postgres::Config) -> Self {
+        if pg.get_target_session_attrs() == TargetSessionAttrs::Any {
+            pg.target_session_attrs(TargetSessionAttrs::ReadWrite);
+        }
+        Config::from_pg_as_given(pg)
+    }
+
+    /// As [`Config::from_pg`], keeping `target_session_attrs`.
+    fn from_pg_as_given(mut pg: tokio_postgres::Config) -> Self {
         if pg.get_application_name().is_none() {
             pg.application_name("updatepipe");
         }
@@ -171,6 +207,8 @@ impl Config {
             health_interval: DEFAULT_HEALTH_INTERVAL,
             retention: DEFAULT_RETENTION,
             max_buffered: DEFAULT_MAX_BUFFERED,
+            log_page_rows: DEFAULT_LOG_PAGE_ROWS,
+            log_page_bytes: DEFAULT_LOG_PAGE_BYTES,
             since: None,
             tls,
             secrets: Vec::new(),
@@ -181,10 +219,21 @@ impl Config {
             queue_bound: QueueBound::default(),
             queue_warn: options::DEFAULT_QUEUE_WARN,
             wait_for_server: false,
+            passfile: None,
         }
     }
 
-    /// The time allowed to establish a connection (default 10 s).
+    /// Which servers a connection accepts, as `target_session_attrs` says: `read-write`
+    /// (the default: LISTEN and NOTIFY work only on a primary, and with several hosts a
+    /// standby is passed over for the next one) or `any` (a standby is then connected to,
+    /// and the pipe reports [`Error::Standby`]).
+    pub fn with_target_session_attrs(mut self, attrs: TargetSessionAttrs) -> Self {
+        self.pg.target_session_attrs(attrs);
+        self
+    }
+
+    /// The time allowed to connect to each host (default 10 s): TCP, TLS, the login and the
+    /// `target_session_attrs` check; a host that takes longer is given up for the next.
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self.pg.connect_timeout(timeout);
@@ -229,7 +278,19 @@ impl Config {
         &self.pg
     }
 
-    /// The connect timeout.
+    /// The password file's password for one host, when no password was given.
+    pub(crate) fn passfile_password(&self, host: &str, port: u16) -> Option<&str> {
+        let pg = &self.pg;
+        self.passfile.as_ref()?.password(
+            host,
+            port,
+            pg.get_dbname().unwrap_or_default(),
+            pg.get_user().unwrap_or_default(),
+        )
+    }
+
+    /// The time allowed to connect to each host (default 10 s), as libpq's
+    /// `connect_timeout`: a host that does not answer in time is given up for the next.
     pub fn connect_timeout(&self) -> Duration {
         self.connect_timeout
     }
@@ -237,6 +298,22 @@ impl Config {
     /// How connections use TLS.
     pub fn ssl_mode(&self) -> SslMode {
         self.tls.mode
+    }
+
+    /// Opens a connection of your own (for [`crate::PgPipe::push_in`], say) as the
+    /// pipe opens its own: each host in turn within the connect timeout, TLS as
+    /// configured, the password file's password for a host when none was given. Drive the
+    /// returned connection (spawn it) for the client to work.
+    pub async fn connect(
+        &self,
+    ) -> Result<
+        (
+            tokio_postgres::Client,
+            tokio_postgres::Connection<tokio_postgres::Socket, crate::tls::TlsStream>,
+        ),
+        Error,
+    > {
+        crate::connect::connect(self).await
     }
 
     /// A TLS connector for these settings (reading the certificate files now), for
@@ -273,6 +350,8 @@ impl fmt::Debug for Config {
             .field("health_interval", &self.health_interval)
             .field("retention", &self.retention)
             .field("max_buffered", &self.max_buffered)
+            .field("log_page_rows", &self.log_page_rows)
+            .field("log_page_bytes", &self.log_page_bytes)
             .field("since", &self.since)
             .field("tls", &self.tls)
             .field("secrets", &self.secrets.len())
@@ -283,6 +362,7 @@ impl fmt::Debug for Config {
             .field("queue_bound", &self.queue_bound)
             .field("queue_warn", &self.queue_warn)
             .field("wait_for_server", &self.wait_for_server)
+            .field("passfile", &self.passfile)
             .finish()
     }
 }

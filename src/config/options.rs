@@ -29,6 +29,13 @@ pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
 /// The default retention of the durable log.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
+/// The default bound on the rows (envelopes) one page of a durable log read holds.
+pub const DEFAULT_LOG_PAGE_ROWS: usize = 1000;
+
+/// The default bound on the payload bytes one page of a durable log read holds (a single
+/// larger row is still read, alone).
+pub const DEFAULT_LOG_PAGE_BYTES: usize = 1 << 20;
+
 /// The default bound on deliveries a listener holds for a caller that is not reading.
 pub const DEFAULT_MAX_BUFFERED: usize = 65_536;
 
@@ -372,6 +379,21 @@ impl Config {
         self
     }
 
+    /// Durable mode: the most rows (envelopes) one page of a log read holds (default 1000,
+    /// at least 1). A listener back from an absence reads what it missed page by page, so
+    /// it holds one page at a time, whatever the backlog.
+    pub fn with_log_page_rows(mut self, rows: usize) -> Self {
+        self.log_page_rows = rows.max(1);
+        self
+    }
+
+    /// Durable mode: the most payload bytes one page of a log read holds (default 1 MiB);
+    /// a single row larger than this (up to 1 MiB and the log's slack) is read alone.
+    pub fn with_log_page_bytes(mut self, bytes: usize) -> Self {
+        self.log_page_bytes = bytes.max(1);
+        self
+    }
+
     /// Durable mode only (ignored otherwise): replay the log from this point before the live
     /// updates, instead of starting from now. The entries still in the log (see the
     /// retention) are delivered once, in log order, then everything after them as usual.
@@ -468,6 +490,16 @@ impl Config {
     /// The bound on deliveries held for a caller that is not reading.
     pub fn max_buffered(&self) -> usize {
         self.max_buffered
+    }
+
+    /// The bound on rows in one page of a log read.
+    pub fn log_page_rows(&self) -> usize {
+        self.log_page_rows
+    }
+
+    /// The bound on payload bytes in one page of a log read.
+    pub fn log_page_bytes(&self) -> usize {
+        self.log_page_bytes
     }
 
     /// Where a durable listener starts (`None`: now).

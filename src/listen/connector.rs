@@ -137,12 +137,22 @@ impl Connector {
             };
             self.attempt = self.attempt.saturating_add(1);
             let attempt = self.attempt;
-            tracing::warn!(
-                target: TARGET,
-                error = %e,
-                attempt,
-                "listener cannot reconnect yet"
-            );
+            // One warning per outage, not one per attempt.
+            if attempt == 1 {
+                tracing::warn!(
+                    target: TARGET,
+                    error = %e,
+                    "listener cannot reconnect yet; retrying with backoff (each attempt at \
+                     debug level)"
+                );
+            } else {
+                tracing::debug!(
+                    target: TARGET,
+                    error = %e,
+                    attempt,
+                    "listener cannot reconnect yet"
+                );
+            }
             if self
                 .settings
                 .backoff

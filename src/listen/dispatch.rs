@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::durable::{Ask, LogReader};
+use super::durable::{Ask, LogReader, no_log};
 use super::heartbeat::{Heartbeat, Sent};
 use super::intake::{Content, Incoming, Intake, LogRow, Moment, RowVerdict, Verdict};
 use super::outbox::Outbox;
@@ -14,13 +14,13 @@ use super::pacer::Pacer;
 use super::session::is_fatal;
 use super::{Event, ResyncReason, TARGET};
 use crate::error::{DecodeError, pg_message};
-use crate::log::Tail;
+use crate::log::Page;
 use crate::origin::Origin;
 use crate::stats::Counters;
 
 /// What the listener's one query slot produced.
 pub(super) enum QueryOutcome {
-    Tail(Result<Option<Tail>, tokio_postgres::Error>),
+    Tail(Result<Option<Page>, tokio_postgres::Error>),
     Fetch(Result<Option<String>, tokio_postgres::Error>),
     Prune(Result<u64, tokio_postgres::Error>),
     /// No answer by the deadline, not even to a cancel: the connection is dead.
@@ -28,9 +28,18 @@ pub(super) enum QueryOutcome {
     /// A statement sent only so that the server's `idle_session_timeout` does not end the
     /// session.
     KeptAlive(Result<(), tokio_postgres::Error>),
-    /// Cancelled past the deadline, and the cancel was answered: the connection is fine
-    /// (the loop retries later; see `task::QuerySlot`).
-    Cancelled,
+    /// Cancelled past the deadline (or because a heartbeat was late meanwhile), and the
+    /// cancel was answered: the connection is fine (the loop retries later; see
+    /// `task::QuerySlot`).
+    Cancelled(Asked),
+}
+
+/// Which query of the slot an outcome is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Asked {
+    Tail,
+    Fetch,
+    Prune,
 }
 
 /// The sub-states the connection loop dispatches to.
@@ -42,6 +51,13 @@ pub(super) struct Dispatch {
     pub(super) heartbeat: Heartbeat,
     /// Paces the warnings about rejected payloads, which senders can provoke.
     pub(super) rejections: Pacer,
+    /// Paces the errors of log queries, which senders can provoke too (a reference to the
+    /// log is one notification).
+    pub(super) log_errors: Pacer,
+    /// Paces the warnings about log pages the server cancelled.
+    pub(super) cancelled_pages: Pacer,
+    /// How long to wait before reading a cancelled page again.
+    pub(super) page_pause: std::time::Duration,
     pub(super) counters: Arc<Counters>,
 }
 
@@ -76,13 +92,21 @@ impl Dispatch {
     /// Handles a finished query; an error means the connection must be dropped.
     pub(super) fn on_query(&mut self, outcome: QueryOutcome) -> Result<(), String> {
         match outcome {
-            QueryOutcome::Prune(Ok(_)) | QueryOutcome::Cancelled => Ok(()),
+            QueryOutcome::Prune(Ok(_)) => Ok(()),
+            QueryOutcome::Cancelled(Asked::Tail) => {
+                // Blocked (a lock on the log, say), not dead: the page is read again,
+                // smaller, once the slot opens again (the fetch and the prune are simply
+                // asked again).
+                self.reader.page_cancelled(Instant::now(), self.page_pause);
+                Ok(())
+            }
+            QueryOutcome::Cancelled(Asked::Fetch | Asked::Prune) => Ok(()),
             QueryOutcome::TimedOut(after) => Err(format!(
                 "a query did not answer within {after:?}, nor its cancel: the connection is dead"
             )),
-            QueryOutcome::Tail(Ok(tail)) => {
-                if let Some(tail) = tail {
-                    self.apply_tail(tail);
+            QueryOutcome::Tail(Ok(page)) => {
+                if let Some(page) = page {
+                    self.apply_page(page);
                 }
                 Ok(())
             }
@@ -92,19 +116,41 @@ impl Dispatch {
                 }
                 Ok(())
             }
+            QueryOutcome::Tail(Err(e))
+                if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) =>
+            {
+                // The server gave up on the page (its statement_timeout): the connection is
+                // fine; the page is read again, smaller, after a pause.
+                self.counters.log_page_cancelled();
+                let pause = self.page_pause;
+                self.reader.page_cancelled(Instant::now(), pause);
+                if let Some(suppressed) = self.cancelled_pages.due(std::time::Instant::now()) {
+                    tracing::warn!(
+                        target: TARGET,
+                        suppressed,
+                        "the server cancelled a page of the durable log read \
+                         (statement_timeout?); reading it again, smaller"
+                    );
+                }
+                Ok(())
+            }
             QueryOutcome::Tail(Err(e)) => {
                 // Retried after the next heartbeat.
-                fatal_or(
+                self.log_failed(
                     &e,
                     "reading the durable log failed (is the schema migrated? run updatepipe \
                      migrate)",
                 )
             }
-            QueryOutcome::Prune(Err(e)) => fatal_or(&e, "pruning the durable log failed"),
+            QueryOutcome::Prune(Err(e)) => self.log_failed(&e, "pruning the durable log failed"),
             QueryOutcome::KeptAlive(Ok(())) => Ok(()),
-            QueryOutcome::KeptAlive(Err(e)) => fatal_or(&e, "a keep-alive statement failed"),
+            QueryOutcome::KeptAlive(Err(e)) => self.log_failed(&e, "a keep-alive statement failed"),
+            QueryOutcome::Fetch(Err(e)) if !is_fatal(&e) && no_log(e.code()) => {
+                self.stop_fetching(&e);
+                Ok(())
+            }
             QueryOutcome::Fetch(Err(e)) => {
-                fatal_or(&e, "fetching an oversize envelope from the log failed")?;
+                self.log_failed(&e, "fetching an oversize envelope from the log failed")?;
                 // Do not hold the order up on an envelope that cannot be read.
                 if let Some((origin, _)) = self.reader.fetched() {
                     self.outbox.fill_fetch(Vec::new());
@@ -117,13 +163,46 @@ impl Dispatch {
         }
     }
 
-    /// Delivers the log rows a tail returned, and moves the cursor.
-    fn apply_tail(&mut self, tail: Tail) {
-        if tail.pruned {
+    /// A fatal error ends the session (`Err`); another is logged, at most one line per
+    /// [`WARN_INTERVAL`](super::pacer::WARN_INTERVAL), and the session goes on.
+    fn log_failed(&mut self, e: &tokio_postgres::Error, what: &str) -> Result<(), String> {
+        if is_fatal(e) {
+            return Err(pg_message(e));
+        }
+        tracing::debug!(target: TARGET, error = %pg_message(e), "{what}");
+        if let Some(suppressed) = self.log_errors.due(std::time::Instant::now()) {
+            tracing::error!(target: TARGET, error = %pg_message(e), suppressed, "{what}");
+        }
+        Ok(())
+    }
+
+    /// The log is not there, or this role may not read it: says so once, and until the
+    /// next connection lets every reference go with a resync instead of fetching it.
+    fn stop_fetching(&mut self, e: &tokio_postgres::Error) {
+        tracing::warn!(
+            target: TARGET,
+            error = %pg_message(e),
+            "no durable log to read: oversize envelopes that notifications point at are let \
+             go, each with a resync, until the listener reconnects (run updatepipe migrate, or \
+             updatepipe grant --listener ROLE, as the schema's owner)"
+        );
+        for (origin, _) in self.reader.stop_fetching() {
+            self.outbox.fill_fetch(Vec::new());
+            self.outbox.resync(ResyncReason::Unreadable {
+                origin: origin.to_string(),
+            });
+        }
+    }
+
+    /// Delivers the log rows a page returned, and moves the reader on.
+    fn apply_page(&mut self, page: Page) {
+        if self.reader.prune_news(page.pruned) {
             self.outbox.resync(ResyncReason::LogPruned);
         }
-        let replaying = self.reader.advance(tail.cursor);
-        for entry in &tail.entries {
+        let (rows, bytes) = page.size();
+        self.counters.log_page(rows, bytes);
+        let (entries, replaying) = self.reader.advance(page);
+        for entry in &entries {
             let row = LogRow {
                 origin: &entry.origin,
                 seq: entry.seq,
@@ -217,6 +296,12 @@ impl Dispatch {
                 }
             }
             Content::Refused(e) => self.reject_incoming(&e, incoming),
+            // No log to fetch from: the update is gone.
+            Content::Fetch { origin, .. } if self.reader.is_unreadable() => {
+                self.outbox.resync(ResyncReason::Unreadable {
+                    origin: origin.to_string(),
+                });
+            }
             // A bounded number waits for its fetch: past that, the update is let go, with a
             // resync.
             Content::Fetch { .. } if !self.reader.can_fetch() || self.outbox.is_full() => {
@@ -257,15 +342,6 @@ impl Dispatch {
             );
         }
     }
-}
-
-/// A fatal error ends the session (`Err`); another is logged, and the session goes on.
-fn fatal_or(e: &tokio_postgres::Error, what: &str) -> Result<(), String> {
-    if is_fatal(e) {
-        return Err(pg_message(e));
-    }
-    tracing::error!(target: TARGET, error = %pg_message(e), "{what}");
-    Ok(())
 }
 
 #[cfg(test)]

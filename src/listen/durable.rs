@@ -1,14 +1,16 @@
-//! The log reader's state: in durable mode, the position in the log and whether its tail
-//! must be read; in either mode, the oversize envelopes to fetch from it; and when to prune
-//! it. It decides what the connection loop asks the log next ([`LogReader::next_ask`]);
-//! `log.rs` says how.
+//! The log reader's state: in durable mode, the position in the log, whether its tail must
+//! be read, and a catch-up under way (read in pages, within a budget, so that a listener
+//! back from a long absence holds one page at a time); in either mode, the oversize
+//! envelopes to fetch from it; and when to prune it. It decides what the connection loop
+//! asks the log next ([`LogReader::next_ask`]); `log.rs` says how.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tokio_postgres::error::SqlState;
 
-use crate::log::Cursor;
+use crate::log::{CatchUp, Cursor, Entry, Page, PageBudget};
 use crate::origin::Origin;
 
 /// The most oversize envelopes a best-effort listener waits to fetch at once.
@@ -17,8 +19,15 @@ pub(super) const MAX_PENDING_FETCHES: usize = 64;
 /// What to ask the log next.
 #[derive(Debug)]
 pub(super) enum Ask {
-    /// What was committed since this position.
-    Tail(Cursor),
+    /// A page of what was committed since this position, continuing `catch_up` if one is
+    /// under way.
+    Tail {
+        from: Cursor,
+        catch_up: Option<CatchUp>,
+        budget: PageBudget,
+        /// Not before this (a page the server cancelled is read again after a pause).
+        not_before: Option<Instant>,
+    },
     /// One oversize envelope, by sender and number.
     Fetch(Origin, u64),
     /// Pruning the entries older than the retention.
@@ -30,8 +39,18 @@ pub(super) enum Ask {
 pub(super) struct LogReader {
     durable: bool,
     retention: Duration,
-    /// Durable mode: the log position.
+    /// Durable mode: the log position: everything visible in its snapshot was delivered.
     cursor: Option<Cursor>,
+    /// A catch-up read in pages, under way from `cursor`.
+    catch_up: Option<CatchUp>,
+    /// How much a page may hold: the configured budget, halved while the server cancels
+    /// pages (its `statement_timeout`).
+    budget: PageBudget,
+    configured: PageBudget,
+    /// No tail before this (a page was cancelled: a backoff).
+    not_before: Option<Instant>,
+    /// Pruning that may have taken unread entries was reported during this read.
+    prune_reported: bool,
     tail_needed: bool,
     /// The next tail is a catch-up (after a reconnect, or from a starting point in the
     /// past): its updates are counted as replayed.
@@ -41,7 +60,23 @@ pub(super) struct LogReader {
     heard_best_effort: bool,
     /// Oversize envelopes to fetch from the log, in delivery order.
     fetches: VecDeque<(Origin, u64)>,
+    /// The log does not exist, or this role may not read it: fetching stopped until the
+    /// next connection (references are let go, with a resync).
+    unreadable: bool,
     next_prune: Instant,
+}
+
+/// Whether a log query's error says that this listener has no log to read (the schema is
+/// not migrated, or the role was not granted it): asking again will not help.
+pub(super) fn no_log(code: Option<&SqlState>) -> bool {
+    code.is_some_and(|code| {
+        [
+            SqlState::UNDEFINED_TABLE,
+            SqlState::INVALID_SCHEMA_NAME,
+            SqlState::INSUFFICIENT_PRIVILEGE,
+        ]
+        .contains(code)
+    })
 }
 
 impl LogReader {
@@ -50,6 +85,7 @@ impl LogReader {
     pub(super) fn new(
         durable: bool,
         retention: Duration,
+        budget: PageBudget,
         cursor: Option<Cursor>,
         replay_from_the_past: bool,
         now: Instant,
@@ -58,10 +94,16 @@ impl LogReader {
             durable,
             retention,
             cursor,
+            catch_up: None,
+            budget,
+            configured: budget,
+            not_before: None,
+            prune_reported: false,
             tail_needed: durable,
             replaying: durable && replay_from_the_past,
             heard_best_effort: false,
             fetches: VecDeque::new(),
+            unreadable: false,
             next_prune: now,
         }
     }
@@ -79,6 +121,18 @@ impl LogReader {
         self.heard_best_effort = true;
     }
 
+    /// Stops fetching (the log is not there, or not readable), until the next connection;
+    /// returns the fetches that were waiting, none of which will be made.
+    pub(super) fn stop_fetching(&mut self) -> Vec<(Origin, u64)> {
+        self.unreadable = true;
+        self.fetches.drain(..).collect()
+    }
+
+    /// Whether fetching stopped ([`stop_fetching`](LogReader::stop_fetching)).
+    pub(super) fn is_unreadable(&self) -> bool {
+        self.unreadable
+    }
+
     /// Whether another oversize envelope may wait for its fetch.
     pub(super) fn can_fetch(&self) -> bool {
         self.fetches.len() < MAX_PENDING_FETCHES
@@ -93,14 +147,20 @@ impl LogReader {
     /// oldest fetch, pruning when due (every tenth of the retention, between 1 s and 60 s).
     pub(super) fn next_ask(&mut self, room: bool, now: Instant) -> Option<Ask> {
         if self.tail_needed && room {
-            let cursor = self.cursor.clone()?;
+            let from = self.cursor.clone()?;
             self.tail_needed = false;
-            return Some(Ask::Tail(cursor));
+            return Some(Ask::Tail {
+                from,
+                catch_up: self.catch_up.clone(),
+                budget: self.budget,
+                not_before: self.not_before.filter(|at| now < *at),
+            });
         }
         if let Some((origin, seq)) = self.fetches.front() {
             return Some(Ask::Fetch(origin.clone(), *seq));
         }
-        if self.durable && now >= self.next_prune {
+        // Not while a catch-up is under way: it would prune what it is about to read.
+        if self.durable && self.catch_up.is_none() && now >= self.next_prune {
             self.next_prune =
                 now + (self.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
             return Some(Ask::Prune(self.retention));
@@ -108,10 +168,44 @@ impl LogReader {
         None
     }
 
-    /// A tail was read up to `cursor`; `true` when it was a catch-up.
-    pub(super) fn advance(&mut self, cursor: Cursor) -> bool {
+    /// A page was read: the position moves to its target once the page completes it, and
+    /// otherwise the next page is read as soon as there is room. Returns its entries, and
+    /// whether they are a catch-up's (counted as replayed).
+    pub(super) fn advance(&mut self, page: Page) -> (Vec<Entry>, bool) {
+        let Some(previous) = &self.cursor else {
+            return (Vec::new(), false);
+        };
+        let complete = page.complete;
+        let (cursor, catch_up, entries) = page.advance(previous);
         self.cursor = Some(cursor);
-        std::mem::take(&mut self.replaying)
+        self.catch_up = catch_up;
+        self.not_before = None;
+        // A page that was read: the budget may grow back towards what is configured.
+        self.budget.rows = self.budget.rows.saturating_mul(2).min(self.configured.rows);
+        if !complete {
+            self.tail_needed = true;
+            return (entries, self.replaying);
+        }
+        self.prune_reported = false;
+        (entries, std::mem::take(&mut self.replaying))
+    }
+
+    /// Whether a page's news that entries may have been pruned is to be told now: once per
+    /// read, on whichever of its pages sees it (pruning may run between pages).
+    pub(super) fn prune_news(&mut self, pruned: bool) -> bool {
+        if !pruned || self.prune_reported {
+            return false;
+        }
+        self.prune_reported = true;
+        true
+    }
+
+    /// The server cancelled a page (its `statement_timeout`, say): read it again after a
+    /// pause, half as large (one row at the least), rather than repeat what cannot finish.
+    pub(super) fn page_cancelled(&mut self, now: Instant, pause: Duration) {
+        self.budget.rows = (self.budget.rows / 2).max(1);
+        self.tail_needed = true;
+        self.not_before = Some(now + pause);
     }
 
     /// The oldest fetch is done (read, or given up on).
@@ -123,6 +217,8 @@ impl LogReader {
     /// catch-up). Returns whether a resync is owed all the same: in best effort always, in
     /// durable mode when best-effort senders were heard (what they sent meanwhile is lost).
     pub(super) fn on_reconnect(&mut self) -> bool {
+        // The schema may have been migrated, or the role granted, meanwhile.
+        self.unreadable = false;
         if !self.durable {
             return true;
         }
@@ -137,13 +233,24 @@ mod tests {
     use super::*;
 
     const SECOND: Duration = Duration::from_secs(1);
+    const BUDGET: PageBudget = PageBudget {
+        rows: 8,
+        bytes: 1 << 20,
+    };
 
     fn origin() -> Origin {
         Origin::parse("a").unwrap()
     }
 
     fn durable(now: Instant) -> LogReader {
-        LogReader::new(true, 100 * SECOND, Some(Cursor::default()), false, now)
+        LogReader::new(
+            true,
+            100 * SECOND,
+            BUDGET,
+            Some(Cursor::default()),
+            false,
+            now,
+        )
     }
 
     #[test]
@@ -155,14 +262,14 @@ mod tests {
             reader.next_ask(false, now),
             Some(Ask::Fetch(_, 7))
         ));
-        assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail(_))));
+        assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail { .. })));
         // Asked once: the fetch next, until it is done.
         assert!(matches!(reader.next_ask(true, now), Some(Ask::Fetch(_, 7))));
         assert!(matches!(reader.fetched(), Some((_, 7))));
         assert!(matches!(reader.next_ask(true, now), Some(Ask::Prune(r)) if r == 100 * SECOND));
         assert!(reader.next_ask(true, now).is_none());
         reader.read_soon();
-        assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail(_))));
+        assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail { .. })));
     }
 
     #[test]
@@ -176,7 +283,14 @@ mod tests {
             reader.next_ask(true, now + 10 * SECOND),
             Some(Ask::Prune(_))
         ));
-        let mut long = LogReader::new(true, 86_400 * SECOND, Some(Cursor::default()), false, now);
+        let mut long = LogReader::new(
+            true,
+            86_400 * SECOND,
+            BUDGET,
+            Some(Cursor::default()),
+            false,
+            now,
+        );
         long.next_ask(true, now);
         long.next_ask(true, now);
         assert!(long.next_ask(true, now + 59 * SECOND).is_none());
@@ -189,7 +303,7 @@ mod tests {
     #[test]
     fn best_effort_fetches_but_never_tails_nor_prunes() {
         let now = Instant::now();
-        let mut reader = LogReader::new(false, 100 * SECOND, None, true, now);
+        let mut reader = LogReader::new(false, 100 * SECOND, BUDGET, None, true, now);
         reader.read_soon();
         assert!(reader.next_ask(true, now).is_none());
         for seq in 0..MAX_PENDING_FETCHES as u64 {
@@ -204,18 +318,141 @@ mod tests {
     }
 
     #[test]
+    fn a_catch_up_reads_page_after_page_then_settles() {
+        let now = Instant::now();
+        let mut reader = durable(now);
+        let Some(Ask::Tail {
+            catch_up: None,
+            budget,
+            ..
+        }) = reader.next_ask(true, now)
+        else {
+            panic!("a first page");
+        };
+        assert_eq!(budget, BUDGET);
+        let (entries, _) = reader.advance(Page::for_tests(100, false, &[1, 2, 3]));
+        assert_eq!(entries.len(), 3);
+        // More to read: the next page at once, past the last row.
+        let Some(Ask::Tail {
+            catch_up: Some(_), ..
+        }) = reader.next_ask(true, now)
+        else {
+            panic!("a next page");
+        };
+        // Not without room, though.
+        reader.advance(Page::for_tests(100, false, &[4]));
+        assert!(!matches!(
+            reader.next_ask(false, now),
+            Some(Ask::Tail { .. })
+        ));
+        assert!(matches!(
+            reader.next_ask(true, now),
+            Some(Ask::Tail {
+                catch_up: Some(_),
+                ..
+            })
+        ));
+        reader.advance(Page::for_tests(100, true, &[5]));
+        // Done: nothing until a wake-up.
+        assert!(!matches!(
+            reader.next_ask(true, now),
+            Some(Ask::Tail { .. })
+        ));
+        reader.read_soon();
+        assert!(matches!(
+            reader.next_ask(true, now),
+            Some(Ask::Tail { catch_up: None, .. })
+        ));
+    }
+
+    #[test]
+    fn a_cancelled_page_is_read_again_smaller_after_a_pause() {
+        let now = Instant::now();
+        let mut reader = durable(now);
+        reader.next_ask(true, now);
+        reader.page_cancelled(now, SECOND);
+        let Some(Ask::Tail {
+            budget, not_before, ..
+        }) = reader.next_ask(true, now)
+        else {
+            panic!("the page again, after a pause");
+        };
+        assert_eq!(not_before, Some(now + SECOND));
+        assert_eq!(budget.rows, BUDGET.rows / 2);
+        for _ in 0..10 {
+            reader.page_cancelled(now, SECOND);
+        }
+        let Some(Ask::Tail { budget, .. }) = reader.next_ask(true, now + SECOND) else {
+            panic!("the page again");
+        };
+        assert_eq!(budget.rows, 1, "one row at the least");
+        // Pages that fit let the budget grow back, with no pause.
+        reader.advance(Page::for_tests(1, true, &[1]));
+        reader.read_soon();
+        let Some(Ask::Tail {
+            budget, not_before, ..
+        }) = reader.next_ask(true, now + SECOND)
+        else {
+            panic!("a page");
+        };
+        assert_eq!((budget.rows, not_before), (2, None));
+    }
+
+    #[test]
+    fn no_pruning_during_a_catch_up_and_its_news_told_once() {
+        let now = Instant::now();
+        let mut reader = durable(now);
+        reader.next_ask(true, now);
+        reader.advance(Page::for_tests(10, false, &[1]));
+        // The next page first; with no room, nothing, not even pruning.
+        assert!(reader.next_ask(false, now).is_none());
+        assert!(reader.prune_news(true));
+        assert!(!reader.prune_news(true), "once per read");
+        reader.next_ask(true, now);
+        reader.advance(Page::for_tests(10, true, &[2]));
+        assert!(matches!(reader.next_ask(true, now), Some(Ask::Prune(_))));
+        assert!(reader.prune_news(true), "a new read may tell it again");
+    }
+
+    #[test]
     fn a_reconnect_in_durable_mode_catches_up() {
         let now = Instant::now();
-        let mut reader = LogReader::new(true, 100 * SECOND, Some(Cursor::default()), true, now);
-        assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail(_))));
+        let mut reader = LogReader::new(
+            true,
+            100 * SECOND,
+            BUDGET,
+            Some(Cursor::default()),
+            true,
+            now,
+        );
+        assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail { .. })));
         // A replay from the past is a catch-up; the next read is not.
-        assert!(reader.advance(Cursor::default()));
-        assert!(!reader.advance(Cursor::default()));
+        assert!(reader.advance(Page::complete_for_tests()).1);
+        assert!(!reader.advance(Page::complete_for_tests()).1);
         // Only durable senders heard: the log has all, no resync owed.
         assert!(!reader.on_reconnect());
-        assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail(_))));
-        assert!(reader.advance(Cursor::default()));
+        assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail { .. })));
+        assert!(reader.advance(Page::complete_for_tests()).1);
         reader.heard_best_effort();
         assert!(reader.on_reconnect());
+    }
+
+    #[test]
+    fn no_log_to_read_stops_fetching_until_the_next_connection() {
+        assert!(no_log(Some(&SqlState::UNDEFINED_TABLE)));
+        assert!(no_log(Some(&SqlState::INSUFFICIENT_PRIVILEGE)));
+        assert!(no_log(Some(&SqlState::INVALID_SCHEMA_NAME)));
+        assert!(!no_log(Some(&SqlState::QUERY_CANCELED)));
+        assert!(!no_log(None));
+        let now = Instant::now();
+        let mut reader = LogReader::new(false, SECOND, BUDGET, None, false, now);
+        reader.queue_fetch(origin(), 1);
+        reader.queue_fetch(origin(), 2);
+        let dropped = reader.stop_fetching();
+        assert_eq!(dropped.len(), 2);
+        assert!(reader.is_unreadable());
+        assert!(reader.next_ask(true, now).is_none());
+        reader.on_reconnect();
+        assert!(!reader.is_unreadable());
     }
 }

@@ -71,10 +71,12 @@ impl Clock {
 
     /// This listener's heartbeat `seq` came back.
     pub(super) fn heard(&mut self, seq: u64) {
-        if self
-            .outstanding
-            .is_some_and(|(outstanding, _)| outstanding == seq)
+        if let Some((outstanding, sent_at)) = self.outstanding
+            && outstanding == seq
         {
+            // From the send (before its commit) to its arrival here: the path every update
+            // takes, end to end.
+            crate::stats::heartbeat_lag(sent_at.elapsed());
             self.outstanding = None;
         }
     }

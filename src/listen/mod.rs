@@ -155,6 +155,7 @@ impl Listener {
             reader: durable::LogReader::new(
                 settings.durable,
                 settings.retention,
+                settings.page,
                 cursor,
                 settings.since.is_some(),
                 now,
@@ -167,6 +168,9 @@ impl Listener {
                 canceller.clone(),
             ),
             rejections: pacer::Pacer::default(),
+            log_errors: pacer::Pacer::default(),
+            cancelled_pages: pacer::Pacer::default(),
+            page_pause: settings.page_pause(),
             counters,
         };
         dispatch.outbox.emit(Event::Connected);

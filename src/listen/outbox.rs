@@ -213,7 +213,10 @@ impl Outbox {
     /// says it all: a flood of them (forged numbers, say) must not fill memory.
     pub(super) fn resync(&mut self, reason: ResyncReason) {
         tracing::debug!(target: TARGET, ?reason, "updates may have been missed: resync");
-        if let Some(suppressed) = self.resyncs.due(std::time::Instant::now()) {
+        // A caller that asked for events is told by the event itself.
+        if !self.sink.wants_events()
+            && let Some(suppressed) = self.resyncs.due(std::time::Instant::now())
+        {
             tracing::warn!(
                 target: TARGET,
                 ?reason,
@@ -226,6 +229,12 @@ impl Outbox {
             return;
         }
         self.emit(Event::Resync(reason));
+    }
+
+    /// Whether the caller asked for events (then it hears of disconnects and resyncs from
+    /// them, and the log need not warn as well).
+    pub(super) fn tells_events(&self) -> bool {
+        self.sink.wants_events()
     }
 
     /// Queues an event for a caller that asked for events (always, whatever the bound:

@@ -11,7 +11,7 @@ use super::TARGET;
 use super::settings::Settings;
 use crate::cancel::{CancelOnDrop, Canceller};
 use crate::config::Config;
-use crate::connect::{RawConnection, close_politely, connect, drive_until, setting_ms};
+use crate::connect::{RawConnection, close_politely, connect_listener, drive_until, setting_ms};
 use crate::error::Error;
 use crate::log::{self, Cursor};
 
@@ -34,7 +34,7 @@ impl Session {
         settings: &Settings,
         want_cursor: bool,
     ) -> Result<(Session, Option<Cursor>), Error> {
-        let (client, mut connection) = connect(config).await?;
+        let (client, mut connection) = connect_listener(config).await?;
         let mut backlog = VecDeque::new();
         let after = settings.connect_timeout;
         let channel = config.channel();

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::config::{Backoff, Config, Since};
 use crate::limits::Limits;
+use crate::log::PageBudget;
 use crate::sign::Signer;
 
 /// What the listen path reads from the configuration.
@@ -30,6 +31,8 @@ pub(super) struct Settings {
     pub(super) since: Option<Since>,
     /// With signing on: checks every payload's signature, and signs heartbeats.
     pub(super) signer: Option<Signer>,
+    /// Durable mode: how much one page of a log read may hold.
+    pub(super) page: PageBudget,
 }
 
 impl Settings {
@@ -47,13 +50,18 @@ impl Settings {
             backoff: config.backoff().clone(),
             since: config.since(),
             signer: config.signer(),
+            page: PageBudget {
+                rows: config.log_page_rows(),
+                bytes: config.log_page_bytes(),
+            },
         }
     }
 
     /// The deadline of a query on the listener's connection, past which it is cancelled:
     /// the health interval (at least a second; 60 s without heartbeats). While a query
     /// runs the backend delivers no notification, heartbeats included, so this deadline
-    /// and the answer to the cancel are what prove the connection meanwhile.
+    /// and the answer to the cancel are what prove the connection meanwhile. A log read is
+    /// one page; a cancelled page is read again smaller.
     pub(super) fn query_deadline(&self) -> Duration {
         if self.health_interval.is_zero() {
             Duration::from_secs(60)
@@ -71,5 +79,10 @@ impl Settings {
         } else {
             (self.health_interval * 2 / 5).max(Duration::from_millis(10))
         }
+    }
+
+    /// How long to wait before reading again a log page the server cancelled.
+    pub(super) fn page_pause(&self) -> Duration {
+        (self.health_interval / 10).clamp(Duration::from_millis(10), Duration::from_secs(1))
     }
 }

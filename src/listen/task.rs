@@ -15,7 +15,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, Notification};
 
 use super::connector::Connector;
-use super::dispatch::{Dispatch, QueryOutcome};
+use super::dispatch::{Asked, Dispatch, QueryOutcome};
 use super::durable::Ask;
 use super::intake::Incoming;
 use super::pacer::Pacer;
@@ -92,7 +92,8 @@ impl QuerySlot {
                 target: TARGET,
                 deadline = ?self.deadline,
                 suppressed,
-                "a query on the listener's connection did not answer in time and was                  cancelled (a lock on updatepipe.log?); retrying, without reconnecting"
+                "a query on the listener's connection did not answer in time and was \
+                 cancelled (a lock on updatepipe.log?); retrying, without reconnecting"
             );
         }
     }
@@ -128,11 +129,21 @@ impl ConnectionLoop {
                 End::Connection(reason) => {
                     // A dead connection gets no polite goodbye: it may never be written.
                     drop(current);
-                    tracing::warn!(
-                        target: TARGET,
-                        %reason,
-                        "listener connection lost; reconnecting"
-                    );
+                    // A caller that asked for events is told by one; the others only
+                    // by the log.
+                    if self.dispatch.outbox.tells_events() {
+                        tracing::debug!(
+                            target: TARGET,
+                            %reason,
+                            "listener connection lost; reconnecting"
+                        );
+                    } else {
+                        tracing::warn!(
+                            target: TARGET,
+                            %reason,
+                            "listener connection lost; reconnecting"
+                        );
+                    }
                     self.dispatch.counters.disconnect();
                     self.dispatch.outbox.emit(Event::Disconnected { reason });
                     self.connector.lost(connected_at.elapsed());
@@ -221,9 +232,10 @@ impl ConnectionLoop {
                         // Notifications wait while a statement runs: the heartbeat's time
                         // counts from the end of the query.
                         self.dispatch.heartbeat.clock.busy_until(now);
-                        if matches!(outcome, QueryOutcome::Cancelled) {
+                        if matches!(outcome, QueryOutcome::Cancelled(_)) {
                             self.slot.cancelled(&self.dispatch.counters, now);
-                        } else if let Err(reason) = self.dispatch.on_query(outcome) {
+                        }
+                        if let Err(reason) = self.dispatch.on_query(outcome) {
                             break End::Connection(reason);
                         }
                     }
@@ -282,12 +294,26 @@ impl ConnectionLoop {
     /// with room), with its deadline: a query that does not answer means a dead connection.
     fn next_query<'c>(&mut self, client: &'c Client) -> Option<BoxFuture<'c, QueryOutcome>> {
         let ask = self.dispatch.next_ask()?;
+        let asked = match &ask {
+            Ask::Tail { .. } => Asked::Tail,
+            Ask::Fetch(..) => Asked::Fetch,
+            Ask::Prune(_) => Asked::Prune,
+        };
+        let not_before = match &ask {
+            Ask::Tail { not_before, .. } => *not_before,
+            _ => None,
+        };
         let channel = self.channel.clone();
         let query = async move {
             match ask {
-                Ask::Tail(cursor) => {
-                    QueryOutcome::Tail(log::read_tail(client, &channel, &cursor).await)
-                }
+                Ask::Tail {
+                    from,
+                    catch_up,
+                    budget,
+                    ..
+                } => QueryOutcome::Tail(
+                    log::read_page(client, &channel, &from, catch_up.as_ref(), budget).await,
+                ),
                 Ask::Fetch(origin, seq) => {
                     QueryOutcome::Fetch(log::fetch(client, &channel, &origin, seq).await)
                 }
@@ -303,6 +329,11 @@ impl ConnectionLoop {
         self.slot.prove = Some(prove.clone());
         Some(
             async move {
+                // A page the server cancelled waits its pause first; its deadline counts
+                // from when it is sent.
+                if let Some(at) = not_before {
+                    tokio::time::sleep_until(at).await;
+                }
                 // Dropped unfinished (the session ends), the query is cancelled too: a
                 // backend waiting on a lock does not notice its client left.
                 let mut guard = CancelOnDrop::new(&canceller, client);
@@ -322,7 +353,9 @@ impl ConnectionLoop {
                         canceller.cancel_detached(client.cancel_token());
                         match tokio::time::timeout(grace, &mut query).await {
                             // A prompt "canceling statement": the connection is fine.
-                            Ok(outcome) if was_cancelled(&outcome) => QueryOutcome::Cancelled,
+                            Ok(outcome) if was_cancelled(&outcome) => {
+                                QueryOutcome::Cancelled(asked)
+                            }
                             Ok(outcome) => outcome,
                             // No answer even to a cancel: the connection is dead.
                             Err(_) => QueryOutcome::TimedOut(started.elapsed()),

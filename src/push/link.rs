@@ -15,6 +15,9 @@ use crate::error::Error;
 #[derive(Debug)]
 pub(super) struct Link {
     pool: Pool,
+    /// Why the pool's last connection attempt failed, in the pipe's words (deadpool can
+    /// only carry a `tokio_postgres::Error`).
+    connect_failure: Arc<Mutex<Option<Error>>>,
     /// How long a checkout may wait (for its error message).
     timeout: Duration,
     /// Send unnamed statements (set for good once prepared ones fail: a
@@ -46,9 +49,15 @@ pub(super) struct FlightConnection {
 }
 
 impl Link {
-    pub(super) fn new(pool: Pool, timeout: Duration, keep_between_flights: bool) -> Self {
+    pub(super) fn new(
+        pool: Pool,
+        connect_failure: Arc<Mutex<Option<Error>>>,
+        timeout: Duration,
+        keep_between_flights: bool,
+    ) -> Self {
         Link {
             pool,
+            connect_failure,
             timeout,
             unnamed: AtomicBool::new(false),
             current: Mutex::new(None),
@@ -188,7 +197,12 @@ impl Link {
     /// A pooled connection, with the pool's errors told as what they mean to the caller.
     pub(super) async fn checkout(&self) -> Result<Object, Error> {
         self.pool.get().await.map_err(|e| match e {
-            PoolError::Backend(e) => Error::Connect(Arc::new(e)),
+            PoolError::Backend(e) => self
+                .connect_failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .unwrap_or_else(|| Error::from(e)),
             PoolError::Timeout(_) => Error::Timeout {
                 what: "waiting for a pooled connection",
                 after: self.timeout,

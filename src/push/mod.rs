@@ -65,9 +65,12 @@ impl Pusher {
         origin: Origin,
         counters: Arc<Counters>,
     ) -> Result<Self, Error> {
-        let manager = Manager::from_config(
+        // Checked now, so that a bad certificate file fails here, not at the first push.
+        config.tls_connector()?;
+        let (connector, connect_failure) = crate::connect::PoolConnector::new(config);
+        let manager = Manager::from_connect(
             config.pg().clone(),
-            config.tls_connector()?,
+            connector,
             ManagerConfig {
                 // A broken connection is noticed by `is_closed`, and one that failed a
                 // flush is taken out of the pool; a query per checkout would cost a round
@@ -95,7 +98,10 @@ impl Pusher {
             .runtime(Runtime::Tokio1)
             .timeouts(Timeouts {
                 wait: Some(config.push_timeout()),
-                create: Some(config.connect_timeout()),
+                // Each host in turn, each within the connect timeout.
+                create: Some(
+                    config.connect_timeout() * config.pg().get_hosts().len().max(1) as u32,
+                ),
                 recycle: Some(config.connect_timeout()),
             })
             .build()
@@ -106,7 +112,12 @@ impl Pusher {
             config.durable(),
             Packer::new(&origin, std::process::id(), config.signer()),
         );
-        let link = Link::new(pool, config.push_timeout(), config.pool_size() >= 3);
+        let link = Link::new(
+            pool,
+            connect_failure,
+            config.push_timeout(),
+            config.pool_size() >= 3,
+        );
         let canceller = Canceller::new(config)?;
         let sender = BatchSender::new(
             wire,

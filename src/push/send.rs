@@ -100,7 +100,9 @@ impl BatchSender {
         let outcome = self.flush_packed(deadline, &packed, encoded).await;
         if let Err(e) = &outcome {
             let envelopes = packed.get().map_or(0, Vec::len);
-            tracing::warn!(target: TARGET, error = %e, envelopes, "a push batch failed");
+            // Every push of the batch gets the error back; its caller decides whether it is
+            // worth a warning (the CLI printed it twice).
+            tracing::debug!(target: TARGET, error = %e, envelopes, "a push batch failed");
         }
         outcome
     }

@@ -177,11 +177,15 @@ pub async fn connections_left(client: &tokio_postgres::Client, application_name:
     left
 }
 
-/// How many connections with this application name the server has.
+/// How many connections with this application name the server has (the listener's
+/// included: it adds "/listen").
 pub async fn connections(client: &tokio_postgres::Client, application_name: &str) -> i64 {
     client
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            // The pool's connections carry the name, the listener's the name and
+            // "/listen".
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name IN ($1, $1 || '/listen')",
             &[&application_name],
         )
         .await

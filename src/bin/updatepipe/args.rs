@@ -9,25 +9,47 @@ use crate::bench;
 
 /// Carries IMAP mailbox updates between processes through PostgreSQL LISTEN/NOTIFY.
 ///
-/// The connection comes from --url, else DATABASE_URL, else the standard PG* variables
-/// (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, ...).
+/// The connection comes from --url, else DATABASE_URL, completed as psql completes it: a
+/// service (PGSERVICE, ~/.pg_service.conf), the PG* variables (PGHOST, PGPORT, PGUSER,
+/// PGPASSWORD, PGDATABASE, PGAPPNAME, ...) for what the string leaves out, then ~/.pgpass.
 #[derive(Parser, Debug)]
-#[command(name = "updatepipe", version, propagate_version = true)]
+#[command(
+    name = "updatepipe",
+    version,
+    propagate_version = true,
+    after_help = EXIT_CODES
+)]
 pub(crate) struct Cli {
     /// PostgreSQL URL (postgres://user:password@host:port/db) or key=value string.
     #[arg(long, global = true, value_name = "URL")]
     pub(crate) url: Option<String>,
 
-    /// The channel updates travel on.
-    #[arg(long, global = true, value_name = "NAME", default_value = ChannelName::DEFAULT)]
-    pub(crate) channel: String,
-
-    /// How log lines on standard error look (the level comes from RUST_LOG, default warn).
+    /// How log lines on standard error look (the level comes from RUST_LOG, default warn;
+    /// colour only when standard error is a terminal and NO_COLOR is unset).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub(crate) log_format: LogFormat,
 
     #[command(subcommand)]
     pub(crate) command: Command,
+}
+
+/// What `updatepipe --help` says about exit codes (README.md says the same).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  any other failure
+  2  bad input: an invalid option, update, channel, connection string or secret file
+  3  PostgreSQL unreachable: no host answered, or the connection broke
+  4  PostgreSQL refused a statement (permissions, a failed migration, a full queue)
+  5  PostgreSQL refused the login (password, role, pg_hba.conf)
+  6  status: the server is reachable but unhealthy (notification queue above --queue-fail)";
+
+/// `--channel`, for the commands that use one.
+#[derive(clap::Args, Debug)]
+pub(crate) struct ChannelArg {
+    /// The channel updates travel on.
+    #[arg(long, value_name = "NAME", default_value = ChannelName::DEFAULT)]
+    pub(crate) channel: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -47,7 +69,11 @@ pub(crate) enum Command {
     ///   updatepipe listen --durable --since 10m > updates.jsonl
     #[command(verbatim_doc_comment)]
     Listen {
-        /// Durable delivery (applies the migrations it needs first).
+        #[command(flatten)]
+        channel: ChannelArg,
+
+        /// Durable delivery. The schema must be migrated (`updatepipe migrate`, as its owner)
+        /// and the role granted (`updatepipe grant --listener ROLE`).
         #[arg(long)]
         durable: bool,
 
@@ -60,7 +86,8 @@ pub(crate) enum Command {
         #[arg(long)]
         pretty: bool,
 
-        /// Only updates of this mailbox key (repeat for several).
+        /// Only updates of this mailbox key (repeat for several): a number in canonical
+        /// decimal (42) is a numeric key; anything else (INBOX, 007, +1) is a name.
         #[arg(long = "key", value_name = "KEY")]
         keys: Vec<String>,
 
@@ -82,6 +109,13 @@ pub(crate) enum Command {
         /// of waiting for it.
         #[arg(long)]
         no_wait: bool,
+
+        /// Serve Prometheus metrics on this address (GET /metrics), for example
+        /// 127.0.0.1:9187: the pipe's counters (updatepipe_*_total), the notification
+        /// queue usage (read every 10 s) and the heartbeat lag. docs/operations.md lists
+        /// them.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
 
     /// Push updates and exit once they are committed.
@@ -96,8 +130,12 @@ pub(crate) enum Command {
     ///   updatepipe push --type flags --key 42 --uid 17 --flag '\Seen'
     #[command(verbatim_doc_comment)]
     Push {
-        /// Durable delivery: also write the updates to the log (applies the migrations it
-        /// needs first).
+        #[command(flatten)]
+        channel: ChannelArg,
+
+        /// Durable delivery: also write the updates to the log. The schema must be migrated
+        /// (`updatepipe migrate`, as its owner) and the role granted (`updatepipe grant
+        /// --pusher ROLE`).
         #[arg(long)]
         durable: bool,
 
@@ -110,7 +148,8 @@ pub(crate) enum Command {
         #[arg(long = "type", value_name = "TYPE", value_enum, requires = "key")]
         kind: Option<KindArg>,
 
-        /// The mailbox key: a number or a name.
+        /// The mailbox key: a number in canonical decimal (42) is a numeric key; anything
+        /// else (INBOX, 007, +1) is a name.
         #[arg(long, value_name = "KEY", requires = "kind")]
         key: Option<String>,
 
@@ -133,7 +172,8 @@ pub(crate) enum Command {
         secret_file: Option<PathBuf>,
     },
 
-    /// Apply updatepipe's schema migrations (safe to repeat).
+    /// Apply updatepipe's schema migrations (safe to repeat), as the role that owns the
+    /// updatepipe schema: nothing else migrates.
     ///
     /// Example: updatepipe migrate --dry-run
     #[command(verbatim_doc_comment)]
@@ -143,38 +183,85 @@ pub(crate) enum Command {
         dry_run: bool,
     },
 
+    /// Grant runtime roles what they need, and nothing more (run as the schema's owner,
+    /// after migrate; safe to repeat).
+    ///
+    /// A pusher may push, best effort and durable; a listener may listen, read the durable
+    /// log and prune it. Neither may create anything. docs/security.md lists each privilege.
+    ///
+    /// Examples:
+    ///   updatepipe grant --pusher mail_admin --pusher imap_node --listener imap_node
+    ///   updatepipe grant --listener imap_node --dry-run
+    #[command(verbatim_doc_comment)]
+    Grant {
+        /// A role that pushes (repeat for several).
+        #[arg(
+            long = "pusher",
+            value_name = "ROLE",
+            required_unless_present = "listeners"
+        )]
+        pushers: Vec<String>,
+
+        /// A role that listens (repeat for several).
+        #[arg(long = "listener", value_name = "ROLE")]
+        listeners: Vec<String>,
+
+        /// Print the SQL, and grant nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+
     /// Show the server as the pipe sees it: version, primary or standby, whether LISTEN
     /// works through this connection (not through a transaction-pooling proxy), the
     /// notification queue, the server's idle timeouts, the durable log and the schema
     /// version.
     ///
-    /// A health check: exits 5 when the notification queue is fuller than --queue-fail
+    /// A health check: exits 6 when the notification queue is fuller than --queue-fail
     /// (when it is full, every NOTIFY in the cluster fails), and warns above --queue-warn.
+    ///
+    /// Answers in well under a second; --listeners also counts the listeners on the
+    /// channel, which takes half a health interval (about 5.5 s).
     ///
     /// Example: updatepipe status --url postgres://mail@db/mail
     #[command(verbatim_doc_comment)]
     Status {
+        #[command(flatten)]
+        channel: ChannelArg,
+
+        /// Also count the listeners on the channel, by their heartbeats (waits about
+        /// 5.5 s, half the default health interval).
+        #[arg(long)]
+        listeners: bool,
+
         /// Warn when the notification queue is fuller than this, in percent.
         #[arg(long, value_name = "PERCENT", default_value_t = 10.0)]
         queue_warn: f64,
 
-        /// Exit 5 when the notification queue is fuller than this, in percent.
+        /// Exit 6 when the notification queue is fuller than this, in percent (a health
+        /// check: the server is reachable but unhealthy).
         #[arg(long, value_name = "PERCENT", default_value_t = 50.0)]
         queue_fail: f64,
     },
 
     /// Show two nodes and an admin tool exchanging updates through PostgreSQL.
     ///
-    /// Uses --url or DATABASE_URL when given; otherwise starts a throwaway PostgreSQL
-    /// cluster from the local installation and removes it afterwards.
+    /// Uses --url, DATABASE_URL, PGHOST, PGHOSTADDR or PGSERVICE when one is set;
+    /// otherwise starts a throwaway PostgreSQL cluster from the local installation and
+    /// removes it afterwards.
     ///
     /// Example: updatepipe demo
     #[command(verbatim_doc_comment)]
-    Demo,
+    Demo {
+        /// The channel the demo's nodes use (default: a fresh one of its own, so that the
+        /// demo never disturbs real listeners).
+        #[arg(long, value_name = "NAME")]
+        channel: Option<String>,
+    },
 
     /// Measure throughput and latency, side by side with a raw tokio-postgres baseline.
     ///
-    /// Uses --url or DATABASE_URL when given; otherwise a throwaway cluster.
+    /// Uses --url, DATABASE_URL, PGHOST, PGHOSTADDR or PGSERVICE when one is set;
+    /// otherwise a throwaway cluster.
     ///
     /// Examples:
     ///   updatepipe bench
@@ -243,10 +330,14 @@ pub(crate) fn parse_since(text: &str) -> Result<Since, String> {
     Ok(Since::Time(at))
 }
 
-/// A mailbox key from the command line: digits make a number, anything else a name.
+/// A mailbox key from the command line: a number in canonical decimal (what the number
+/// prints as: `42`, not `042` or `+42`) is a numeric key, anything else a name, so that a
+/// name such as `007` keeps its zeros.
 pub(crate) fn parse_key(text: &str) -> MailboxKey {
-    text.parse::<u64>()
-        .map_or_else(|_| MailboxKey::from(text), MailboxKey::from)
+    match text.parse::<u64>() {
+        Ok(n) if n.to_string() == text => MailboxKey::from(n),
+        _ => MailboxKey::from(text),
+    }
 }
 
 #[cfg(test)]
@@ -265,6 +356,19 @@ mod tests {
         );
         assert!(parse_since("soon").is_err());
         assert!(parse_since("id:x").is_err());
+    }
+
+    #[test]
+    fn keys_are_numbers_only_in_canonical_decimal() {
+        assert_eq!(parse_key("42"), MailboxKey::from(42u64));
+        assert_eq!(parse_key("0"), MailboxKey::from(0u64));
+        assert_eq!(parse_key("007"), MailboxKey::from("007"));
+        assert_eq!(parse_key("+1"), MailboxKey::from("+1"));
+        assert_eq!(parse_key("INBOX"), MailboxKey::from("INBOX"));
+        assert_eq!(
+            parse_key("18446744073709551616"),
+            MailboxKey::from("18446744073709551616")
+        );
     }
 
     #[test]

@@ -46,33 +46,82 @@ pub(crate) fn pretty_line(update: &Update) -> String {
     }
 }
 
-/// Applies the migrations; with `wait_for_server`, once the server can be reached.
-async fn migrate_when_reachable(pipe: &PgPipe) -> anyhow::Result<()> {
+/// Serves the `metrics` facade's values in Prometheus' text format on `addr`, from now on.
+pub(crate) fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let (recorder, exporter) = PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            Matcher::Full("updatepipe_push_duration_seconds".into()),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ],
+        )?
+        .build()
+        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    metrics::set_global_recorder(recorder)
+        .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))?;
+    updatepipe::describe_metrics();
+    tokio::spawn(async move {
+        if let Err(e) = exporter.await {
+            tracing::error!(target: "updatepipe", "the metrics endpoint stopped: {e:?}");
+        }
+    });
+    Ok(())
+}
+
+/// Checks the schema; with `wait_for_server`, once the server can be reached (retried with
+/// the backoff while it cannot).
+async fn check_schema_when_reachable(pipe: &PgPipe) -> Result<i64, Error> {
     let mut attempt = 0;
     loop {
-        match pipe.migrate().await {
-            Ok(_) => return Ok(()),
+        match pipe.check_schema().await {
             Err(e) if pipe.config().wait_for_server() && e.is_connection() => {
                 attempt += 1;
+                if pipe
+                    .config()
+                    .backoff()
+                    .max_attempts
+                    .is_some_and(|max| attempt >= max)
+                {
+                    return Err(e);
+                }
                 eprintln!("updatepipe: waiting for the server ({e})");
                 let delay = pipe.config().backoff().delay(attempt);
                 tokio::time::sleep(delay.max(std::time::Duration::from_millis(100))).await;
             }
-            Err(e) => return Err(e.into()),
+            checked => return checked,
         }
     }
 }
 
-pub(crate) async fn listen(config: Config, filter: &Filter, pretty: bool) -> anyhow::Result<()> {
+pub(crate) async fn listen(
+    config: Config,
+    filter: &Filter,
+    pretty: bool,
+    metrics: bool,
+) -> anyhow::Result<()> {
     let pipe = PgPipe::new(config)?;
     if pipe.config().durable() {
-        migrate_when_reachable(&pipe).await?;
+        // Never migrates: a runtime role cannot, and must not need to. Waits for the
+        // server as the listener does (unless --no-wait).
+        if let Err(e) = check_schema_when_reachable(&pipe).await {
+            pipe.close().await?;
+            return Err(e.into());
+        }
     }
     let (tx, mut rx) = mpsc::channel(1024);
     pipe.listen_events(tx).await?;
     let mut stdout = std::io::stdout();
+    // With metrics: the notification queue's usage, read every 10 s (a failed read keeps
+    // the last value; the listener's own events say what is wrong).
+    let mut queue_reads = tokio::time::interval(std::time::Duration::from_secs(10));
     let outcome = loop {
         tokio::select! {
+            _ = queue_reads.tick(), if metrics => {
+                let _ = pipe.queue_usage().await;
+            }
             event = rx.recv() => match event {
                 Some(Event::Update(update)) => {
                     if !filter.accepts(&update) {
@@ -234,7 +283,11 @@ pub(crate) async fn push(
     }
     let pipe = PgPipe::new(config)?;
     if pipe.config().durable() {
-        migrate_when_reachable(&pipe).await?;
+        // Never migrates: a runtime role cannot, and must not need to.
+        if let Err(e) = pipe.check_schema().await {
+            pipe.close().await?;
+            return Err(e.into());
+        }
     }
     let pushed = pipe.push_many(&updates).await;
     pipe.close().await?;

@@ -6,9 +6,12 @@ use tokio::sync::mpsc;
 use updatepipe::{ChannelName, Config, Error, PgPipe, SeqSet, Update, UpdatePipe};
 
 /// Two nodes and an admin tool, through one PostgreSQL.
-pub async fn run(base: Config) -> anyhow::Result<()> {
-    // A channel of its own, so the demo never disturbs real listeners.
-    let channel = ChannelName::new(format!("updatepipe_demo_{:08x}", rand::random::<u32>()))?;
+pub async fn run(base: Config, channel: Option<ChannelName>) -> anyhow::Result<()> {
+    // By default a channel of its own, so the demo never disturbs real listeners.
+    let channel = match channel {
+        Some(channel) => channel,
+        None => ChannelName::new(format!("updatepipe_demo_{:08x}", rand::random::<u32>()))?,
+    };
     let config = base
         .with_channel(channel.clone())
         .with_application_name("updatepipe-demo");
@@ -37,11 +40,7 @@ pub async fn run(base: Config) -> anyhow::Result<()> {
     show(&mut nodes, &[1, 0]).await;
 
     println!("the admin tool stores a message and pushes inside the same transaction:");
-    let (mut client, connection) = config
-        .pg()
-        .connect(config.tls_connector()?)
-        .await
-        .map_err(|e| Error::Connect(e.into()))?;
+    let (mut client, connection) = config.connect().await?;
     let connection = tokio::spawn(connection);
     client
         .batch_execute("CREATE TEMP TABLE messages (mailbox text, uid int, body text)")

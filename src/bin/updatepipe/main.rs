@@ -13,22 +13,34 @@ mod commands;
 mod demo;
 
 use args::{Cli, Command, LogFormat, parse_key};
+
 use clap::Parser;
 use commands::{Filter, listen, print_status, push, update_from_options};
 use updatepipe::cluster::{TempCluster, env_or_temp};
-use updatepipe::{ChannelName, Config, Error, PgPipe, Secret, UpdatePipe, embedded_migrations};
+use updatepipe::{
+    ChannelName, Config, Error, PgPipe, Role, Secret, UpdatePipe, embedded_migrations,
+    grant_statements,
+};
 
-/// Exit codes: distinct for bad input, connection failure and server errors.
+/// Exit codes, one per class of failure (`updatepipe --help` and the README list them).
 mod exit {
+    /// Anything else.
     pub const FAILURE: u8 = 1;
+    /// Bad input: options, updates, channel, connection string, secret file. Clap's own
+    /// usage errors exit 2 too.
     pub const BAD_INPUT: u8 = 2;
+    /// No server answered, or the connection broke.
     pub const CONNECTION: u8 = 3;
+    /// The server refused a statement.
     pub const SERVER: u8 = 4;
-    /// `status` found the server unhealthy (the notification queue past --queue-fail).
-    pub const UNHEALTHY: u8 = 5;
+    /// The server refused the login.
+    pub const AUTH: u8 = 5;
+    /// `status`: the server is reachable but unhealthy (the notification queue above
+    /// --queue-fail).
+    pub const UNHEALTHY: u8 = 6;
 }
 
-/// `status` found the server unhealthy: exit 5.
+/// `status` found the server unhealthy: exit 6.
 #[derive(Debug)]
 struct Unhealthy(String);
 
@@ -46,6 +58,10 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => logs.init(),
@@ -70,19 +86,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// Whether log lines get colour: only on a terminal, and never with `NO_COLOR` set to
+/// anything but the empty string (<https://no-color.org>).
+fn colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 /// The error and its causes on one line, without repeating a cause the message already
-/// tells.
+/// tells. The library's errors tell their causes themselves (a bare `db error` is all the
+/// next link would add), so the chain stops at the first of them.
 fn one_line(e: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
         }
-        if !line.is_empty() {
-            line.push_str(": ");
+        if cause.downcast_ref::<Error>().is_some() {
+            break;
         }
-        line.push_str(&text);
     }
     line
 }
@@ -90,8 +115,15 @@ fn one_line(e: &anyhow::Error) -> String {
 fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<Error>() {
         Some(e) if e.is_invalid_input() => exit::BAD_INPUT,
+        Some(e) if e.is_auth() => exit::AUTH,
         Some(e) if e.is_connection() => exit::CONNECTION,
-        Some(Error::Postgres(_) | Error::Migrate(_)) => exit::SERVER,
+        Some(
+            Error::Postgres(_)
+            | Error::Migrate(_)
+            | Error::SchemaOutdated { .. }
+            | Error::SchemaNotGranted { .. }
+            | Error::NotSchemaOwner { .. },
+        ) => exit::SERVER,
         Some(_) => exit::FAILURE,
         None if e.downcast_ref::<Unhealthy>().is_some() => exit::UNHEALTHY,
         None if e.downcast_ref::<updatepipe::UpdateError>().is_some() => exit::BAD_INPUT,
@@ -100,9 +132,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let channel = ChannelName::new(&cli.channel)?;
     match cli.command {
         Command::Listen {
+            channel,
             durable,
             since,
             pretty,
@@ -111,13 +143,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             secret_file,
             accept_unsigned,
             no_wait,
+            metrics,
         } => {
             let filter = Filter {
                 keys: keys.iter().map(|k| parse_key(k)).collect(),
                 kinds: kinds.iter().map(|k| k.kind()).collect(),
             };
             let mut config = config(cli.url.as_deref())?
-                .with_channel(channel)
+                .with_channel(ChannelName::new(&channel.channel)?)
                 .with_durable(durable)
                 .with_secrets(secrets(secret_file.as_deref())?)
                 .with_accept_unsigned(accept_unsigned)
@@ -125,9 +158,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(since) = since {
                 config = config.with_since(since);
             }
-            listen(config, &filter, pretty).await
+            if let Some(addr) = metrics {
+                commands::serve_metrics(addr)?;
+            }
+            listen(config, &filter, pretty, metrics.is_some()).await
         }
         Command::Push {
+            channel,
             json,
             durable,
             kind,
@@ -141,7 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 _ => None,
             };
             let config = config(cli.url.as_deref())?
-                .with_channel(channel)
+                .with_channel(ChannelName::new(&channel.channel)?)
                 .with_durable(durable)
                 .with_secrets(secrets(secret_file.as_deref())?);
             push(config, json, given).await
@@ -172,12 +209,52 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pipe.close().await?;
             Ok(())
         }
+        Command::Grant {
+            pushers,
+            listeners,
+            dry_run,
+        } => {
+            let roles: Vec<(&str, Role)> = pushers
+                .iter()
+                .map(|r| (r.as_str(), Role::Pusher))
+                .chain(listeners.iter().map(|r| (r.as_str(), Role::Listener)))
+                .collect();
+            if dry_run {
+                for (role, what) in &roles {
+                    for sql in grant_statements(role, *what) {
+                        println!("{sql};");
+                    }
+                }
+                return Ok(());
+            }
+            let pipe = PgPipe::new(config(cli.url.as_deref())?)?;
+            let granted = pipe.grant(&roles).await;
+            pipe.close().await?;
+            granted?;
+            for (role, what) in &roles {
+                let what = if *what == Role::Pusher {
+                    "pusher"
+                } else {
+                    "listener"
+                };
+                println!("granted {role} what a {what} needs");
+            }
+            Ok(())
+        }
         Command::Status {
+            channel,
+            listeners,
             queue_warn,
             queue_fail,
         } => {
-            let pipe = PgPipe::new(config(cli.url.as_deref())?.with_channel(channel))?;
-            let status = pipe.status().await?;
+            let pipe = PgPipe::new(
+                config(cli.url.as_deref())?.with_channel(ChannelName::new(&channel.channel)?),
+            )?;
+            let status = if listeners {
+                pipe.status_with_listeners().await?
+            } else {
+                pipe.status().await?
+            };
             pipe.close().await?;
             print_status(&pipe, &status, queue_warn);
             let usage = status.queue_usage * 100.0;
@@ -190,9 +267,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Demo => {
+        Command::Demo { channel } => {
+            let channel = channel.map(ChannelName::new).transpose()?;
             let (config, _cluster) = database(cli.url.as_deref(), "demo").await?;
-            demo::run(config).await
+            demo::run(config, channel).await
         }
         Command::Bench(args) => {
             let (config, _cluster) = database(cli.url.as_deref(), "benchmark").await?;
@@ -210,6 +288,11 @@ fn secrets(path: Option<&std::path::Path>) -> Result<Vec<Secret>, Error> {
 
 fn config(url: Option<&str>) -> Result<Config, Error> {
     match url {
+        Some("") => Err(Error::Config(
+            "--url is empty; give a postgres:// URL or key=value pairs, or leave --url out to \
+             use DATABASE_URL and the PG* variables"
+                .into(),
+        )),
         Some(url) => Config::from_url_with_env(url),
         None => Config::from_env(),
     }
@@ -218,8 +301,8 @@ fn config(url: Option<&str>) -> Result<Config, Error> {
 /// The database for the demo and the benchmark: --url, else the environment when it names
 /// one, else a throwaway cluster (returned, so it lives as long as the caller keeps it).
 async fn database(url: Option<&str>, what: &str) -> anyhow::Result<(Config, Option<TempCluster>)> {
-    if let Some(url) = url {
-        return Ok((Config::from_url_with_env(url)?, None));
+    if url.is_some() {
+        return Ok((config(url)?, None));
     }
     if !Config::env_names_database() {
         eprintln!("No DATABASE_URL: starting a throwaway PostgreSQL cluster...");
@@ -232,4 +315,24 @@ async fn database(url: Option<&str>, what: &str) -> anyhow::Result<(Config, Opti
         );
     }
     Ok((config, cluster))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour(true, None));
+        assert!(colour(true, Some(OsStr::new(""))));
+        assert!(!colour(true, Some(OsStr::new("1"))));
+        assert!(!colour(false, None));
+    }
+
+    #[test]
+    fn one_line_stops_at_the_library_error() {
+        let e = anyhow::Error::new(Error::Config("x".into())).context("reading");
+        assert_eq!(one_line(&e), "reading: invalid configuration: x");
+    }
 }

@@ -9,7 +9,7 @@ use crate::listen::durable::MAX_PENDING_FETCHES;
 use crate::listen::heartbeat::Clock;
 use crate::listen::outbox::Sink;
 use crate::listen::settings::Settings;
-use crate::log::{Cursor, Entry};
+use crate::log::{Cursor, Entry, Page};
 use crate::update::Update;
 
 const CHANNEL: &str = "updatepipe";
@@ -33,6 +33,7 @@ fn dispatch(config: &Config) -> (Dispatch, mpsc::Receiver<Event>) {
         reader: LogReader::new(
             settings.durable,
             settings.retention,
+            settings.page,
             settings.durable.then(Cursor::default),
             false,
             now,
@@ -45,6 +46,9 @@ fn dispatch(config: &Config) -> (Dispatch, mpsc::Receiver<Event>) {
             crate::cancel::Canceller::new(config).unwrap(),
         ),
         rejections: Pacer::default(),
+        log_errors: Pacer::default(),
+        cancelled_pages: Pacer::default(),
+        page_pause: settings.page_pause(),
         counters,
     };
     (dispatch, rx)
@@ -100,14 +104,14 @@ fn a_reconnect_in_best_effort_says_connected_then_resync() {
 #[test]
 fn a_durable_reconnect_reads_the_log_and_owes_a_resync_for_best_effort_senders() {
     let (mut d, mut rx) = dispatch(&config().with_durable(true));
-    assert!(matches!(d.next_ask(), Some(Ask::Tail(_))));
+    assert!(matches!(d.next_ask(), Some(Ask::Tail { .. })));
     d.on_reconnect();
     assert_eq!(heard(&mut d, &mut rx), [Event::Connected]);
-    assert!(matches!(d.next_ask(), Some(Ask::Tail(_))));
+    assert!(matches!(d.next_ask(), Some(Ask::Tail { .. })));
     // A durable envelope is read from the log, not from the notification.
     d.on_notification(on(&envelope("other", 1, DURABLE)));
     assert_eq!(heard(&mut d, &mut rx), []);
-    assert!(matches!(d.next_ask(), Some(Ask::Tail(_))));
+    assert!(matches!(d.next_ask(), Some(Ask::Tail { .. })));
     d.on_notification(on(&envelope("pool", 1, Marks::default())));
     d.on_reconnect();
     let resync = Event::Resync(ResyncReason::Reconnected);
@@ -119,6 +123,7 @@ fn a_durable_reconnect_reads_the_log_and_owes_a_resync_for_best_effort_senders()
 
 fn entry(origin: &str, seq: i64, payload: String) -> Entry {
     Entry {
+        id: seq,
         origin: origin.into(),
         seq,
         payload,
@@ -129,19 +134,18 @@ fn entry(origin: &str, seq: i64, payload: String) -> Entry {
 fn a_tail_delivers_others_rows_in_order_and_counts_a_catch_up() {
     let (mut d, mut rx) = dispatch(&config().with_durable(true));
     d.on_reconnect();
-    let Some(Ask::Tail(cursor)) = d.next_ask() else {
+    let Some(Ask::Tail { .. }) = d.next_ask() else {
         panic!("a tail first");
     };
-    let tail = Tail {
-        cursor,
-        pruned: true,
-        entries: vec![
+    let tail = Page::with_entries_for_tests(
+        true,
+        vec![
             entry("me", 1, envelope("me", 1, DURABLE)),
             entry("other", 2, envelope("other", 2, DURABLE)),
             entry("other", 3, "{".into()),
             entry("other", 4, envelope("other", 4, DURABLE)),
         ],
-    };
+    );
     d.on_query(QueryOutcome::Tail(Ok(Some(tail)))).unwrap();
     let unreadable = ResyncReason::Unreadable {
         origin: "other".into(),
@@ -160,14 +164,13 @@ fn a_tail_delivers_others_rows_in_order_and_counts_a_catch_up() {
     assert_eq!((stats.replayed, stats.rejected_total()), (2, 1));
     // The next tail is no catch-up.
     d.on_notification(on(&envelope("other", 5, DURABLE)));
-    let Some(Ask::Tail(cursor)) = d.next_ask() else {
+    let Some(Ask::Tail { .. }) = d.next_ask() else {
         panic!("a tail");
     };
-    let tail = Tail {
-        cursor,
-        pruned: false,
-        entries: vec![entry("other", 5, envelope("other", 5, DURABLE))],
-    };
+    let tail = Page::with_entries_for_tests(
+        false,
+        vec![entry("other", 5, envelope("other", 5, DURABLE))],
+    );
     d.on_query(QueryOutcome::Tail(Ok(Some(tail)))).unwrap();
     assert_eq!(heard(&mut d, &mut rx), [update(5)]);
     assert_eq!(d.counters.snapshot().replayed, 2);
@@ -194,6 +197,27 @@ fn an_oversize_envelope_waits_in_its_place_for_its_fetch() {
     };
     assert_eq!(heard(&mut d, &mut rx), [Event::Resync(unreadable)]);
     assert!(d.next_ask().is_none());
+}
+
+#[test]
+fn without_a_log_a_reference_is_a_resync_and_no_fetch() {
+    let (mut d, mut rx) = dispatch(&config());
+    let packer = Packer::new(&Origin::parse("other").unwrap(), 7, None);
+    d.on_notification(on(&packer.reference(1, DURABLE)));
+    // The fetch found no log (the dispatcher's answer to such an error).
+    assert!(matches!(d.next_ask(), Some(Ask::Fetch(_, 1))));
+    assert_eq!(d.reader.stop_fetching().len(), 1);
+    d.outbox.fill_fetch(Vec::new());
+    for seq in 2..100 {
+        d.on_notification(on(&packer.reference(seq, DURABLE)));
+    }
+    assert!(d.next_ask().is_none(), "fetched without a log");
+    let unreadable = ResyncReason::Unreadable {
+        origin: "other".into(),
+    };
+    // One resync queued (a resync right behind another is not queued again), all counted.
+    assert_eq!(heard(&mut d, &mut rx), [Event::Resync(unreadable)]);
+    assert_eq!(d.counters.snapshot().resyncs, 98);
 }
 
 #[test]
@@ -261,5 +285,34 @@ fn a_query_that_does_not_answer_ends_the_session() {
         "a query did not answer within 60s, nor its cancel: the connection is dead"
     );
     // Cancelled, and the cancel answered: the connection is fine.
-    assert_eq!(d.on_query(QueryOutcome::Cancelled), Ok(()));
+    assert_eq!(d.on_query(QueryOutcome::Cancelled(Asked::Fetch)), Ok(()));
+    assert_eq!(d.on_query(QueryOutcome::Cancelled(Asked::Prune)), Ok(()));
+}
+
+#[test]
+fn a_tail_page_cancelled_past_its_deadline_is_read_again_smaller_after_a_pause() {
+    let (mut d, _rx) = dispatch(&config().with_durable(true));
+    let Some(Ask::Tail { budget, .. }) = d.next_ask() else {
+        panic!("a durable listener reads the tail first");
+    };
+    assert!(
+        d.next_ask()
+            .is_none_or(|ask| !matches!(ask, Ask::Tail { .. }))
+    );
+    // Cancelled by the listener (its deadline, or a late heartbeat), not by the server:
+    // the page is asked again all the same, as when the server cancels it.
+    let before = Instant::now();
+    assert_eq!(d.on_query(QueryOutcome::Cancelled(Asked::Tail)), Ok(()));
+    let Some(Ask::Tail {
+        budget: smaller,
+        not_before: Some(at),
+        ..
+    }) = d.next_ask()
+    else {
+        panic!("a cancelled page is asked again, after a pause");
+    };
+    assert_eq!(smaller.rows, (budget.rows / 2).max(1));
+    assert!(at >= before + d.page_pause);
+    // The server's statement_timeout is counted as a cancelled page; this one is not.
+    assert_eq!(d.counters.snapshot().log_pages_cancelled, 0);
 }
