@@ -732,40 +732,49 @@ async fn the_listener_samples_a_filling_notification_queue() {
 async fn a_listener_started_before_its_server_becomes_live_once_it_is_there() {
     let cluster = own_cluster();
     let proxy = Proxy::start(cluster.port()).await;
-    proxy.down();
-    let channel = unique("waiting");
-    // Fail fast by default.
-    let eager = PgPipe::new(cluster_config(proxy.port(), &channel)).unwrap();
-    let (tx, _rx) = mpsc::channel(10);
-    assert!(eager.listen_events(tx).await.unwrap_err().is_connection());
-    eager.close().await.unwrap();
+    let owner = PgPipe::new(cluster_config(cluster.port(), "updatepipe")).unwrap();
+    owner.migrate().await.unwrap();
+    owner.close().await.unwrap();
+    // Durable too: its schema check before listening waits for the server as well.
+    for durable in [false, true] {
+        proxy.down();
+        let channel = unique("waiting");
+        let config = |port| cluster_config(port, &channel).with_durable(durable);
+        // Fail fast by default.
+        let eager = PgPipe::new(config(proxy.port())).unwrap();
+        let (tx, _rx) = mpsc::channel(10);
+        assert!(eager.listen_events(tx).await.unwrap_err().is_connection());
+        eager.close().await.unwrap();
 
-    let listener = Arc::new(
-        PgPipe::new(cluster_config(proxy.port(), &channel).with_wait_for_server(true)).unwrap(),
-    );
-    let (tx, mut rx) = mpsc::channel(100);
-    let listening = {
-        let listener = listener.clone();
-        tokio::spawn(async move { listener.listen_events(tx).await })
-    };
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(!listening.is_finished(), "still waiting for the server");
-    proxy.up();
-    let up = Instant::now();
-    listening.await.unwrap().unwrap();
-    collect(&mut rx, |e| e.contains(&Event::Connected)).await;
-    // The backoff's cap is 500 ms in these tests.
-    assert!(
-        up.elapsed() < Duration::from_secs(2),
-        "live {:?} after",
-        up.elapsed()
-    );
-    let pusher = PgPipe::new(cluster_config(cluster.port(), &channel)).unwrap();
-    pusher.push(&numbered(1, 1)).await.unwrap();
-    let events = collect(&mut rx, |e| updates(e).len() == 1).await;
-    assert_eq!(updates(&events), [&numbered(1, 1)]);
-    listener.close().await.unwrap();
-    pusher.close().await.unwrap();
+        let listener =
+            Arc::new(PgPipe::new(config(proxy.port()).with_wait_for_server(true)).unwrap());
+        let (tx, mut rx) = mpsc::channel(100);
+        let listening = {
+            let listener = listener.clone();
+            tokio::spawn(async move { listener.listen_events(tx).await })
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            !listening.is_finished(),
+            "still waiting for the server (durable: {durable})"
+        );
+        proxy.up();
+        let up = Instant::now();
+        listening.await.unwrap().unwrap();
+        collect(&mut rx, |e| e.contains(&Event::Connected)).await;
+        // The backoff's cap is 500 ms in these tests.
+        assert!(
+            up.elapsed() < Duration::from_secs(2),
+            "live {:?} after (durable: {durable})",
+            up.elapsed()
+        );
+        let pusher = PgPipe::new(config(cluster.port())).unwrap();
+        pusher.push(&numbered(1, 1)).await.unwrap();
+        let events = collect(&mut rx, |e| updates(e).len() == 1).await;
+        assert_eq!(updates(&events), [&numbered(1, 1)]);
+        listener.close().await.unwrap();
+        pusher.close().await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
