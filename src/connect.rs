@@ -270,3 +270,43 @@ async fn stand_in() -> tokio_postgres::Error {
         .err()
         .expect("a configuration with no host cannot connect")
 }
+
+/// A time setting as `current_setting` shows it (`0`, `250ms`, `20s`, `5min`, `1h`, `1d`;
+/// a bare number in milliseconds), in milliseconds; `None` for no setting or a form not
+/// understood.
+pub(crate) fn setting_ms(value: Option<String>) -> Option<u64> {
+    let value = value?;
+    let value = value.trim();
+    let digits = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let n: u64 = value[..digits].parse().ok()?;
+    let scale = match value[digits..].trim() {
+        "" | "ms" => 1,
+        "s" => 1000,
+        "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    Some(n * scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::setting_ms;
+
+    #[test]
+    fn reads_time_settings_as_the_server_shows_them() {
+        let ms = |s: &str| setting_ms(Some(s.to_owned()));
+        assert_eq!(ms("0"), Some(0));
+        assert_eq!(ms("250ms"), Some(250));
+        assert_eq!(ms("20s"), Some(20_000));
+        assert_eq!(ms("5min"), Some(300_000));
+        assert_eq!(ms("1h"), Some(3_600_000));
+        assert_eq!(ms("2d"), Some(172_800_000));
+        assert_eq!(ms("1500"), Some(1500));
+        assert_eq!(ms("soon"), None);
+        assert_eq!(setting_ms(None), None);
+    }
+}

@@ -135,6 +135,20 @@ pub enum Error {
     )]
     NotListening,
 
+    /// The queue of pool pushes waiting for a flight is full (the server is slow or away),
+    /// and the pipe is configured to fail fast ([`QueueFull::Fail`](crate::QueueFull)):
+    /// nothing of this push was sent. Retry later, or shed load.
+    #[error(
+        "the push queue is full ({pushes} pushes, {bytes} bytes waiting): the server is slow \
+         or unreachable; retry later"
+    )]
+    QueueFull {
+        /// Pushes waiting when this one was refused.
+        pushes: usize,
+        /// Their encoded bytes.
+        bytes: usize,
+    },
+
     /// A throwaway PostgreSQL cluster could not be started or stopped.
     #[error("throwaway PostgreSQL cluster: {0}")]
     Cluster(String),
@@ -148,6 +162,8 @@ impl Error {
             Error::Connect(e) => !e.is_auth(),
             Error::Timeout { .. } => true,
             Error::Pool(_) => true,
+            // The server is too slow or away to take the pushes waiting.
+            Error::QueueFull { .. } => true,
             // The connection broke, or the server ended it (a terminated backend, a shutdown:
             // classes 08 and 57P0x).
             Error::Postgres(e) => e.as_db_error().is_none_or(|db| {

@@ -340,6 +340,40 @@ impl UpdatePipe for PgPipe {
 }
 
 impl PgPipe {
+    /// [`ensure_schema`](PgPipe::ensure_schema) before listening: with
+    /// [`Config::with_wait_for_server`], retried with the backoff while the server cannot be
+    /// reached (as the listener's first connection is), until the attempts are used up or
+    /// the pipe is closed.
+    async fn ensure_schema_waiting(&self) -> Result<(), Error> {
+        let config = &self.inner.config;
+        let mut attempt = 0u32;
+        loop {
+            let e = match self.ensure_schema().await {
+                Err(e) if config.wait_for_server() && e.is_connection() => e,
+                other => return other,
+            };
+            attempt = attempt.saturating_add(1);
+            if self.is_closed()
+                || config
+                    .backoff()
+                    .max_attempts
+                    .is_some_and(|max| attempt >= max)
+            {
+                return Err(e);
+            }
+            tracing::warn!(
+                target: "updatepipe::listen",
+                error = %e,
+                attempt,
+                "waiting for the server"
+            );
+            // At least a tenth of a second: a refused connection fails at once.
+            let delay = config.backoff().delay(attempt);
+            tokio::time::sleep(delay.max(std::time::Duration::from_millis(100))).await;
+            self.check_open()?;
+        }
+    }
+
     async fn start_listening(&self, sink: Sink) -> Result<(), Error> {
         self.check_open()?;
         if self.inner.listening.swap(true, Ordering::AcqRel) {
@@ -348,7 +382,7 @@ impl PgPipe {
         // Until a listener is in place, a failed or cancelled attempt does not count: the
         // caller may try again.
         let mut attempt = ListenAttempt(Some(&self.inner.listening));
-        self.ensure_schema().await?;
+        self.ensure_schema_waiting().await?;
         let mut slot = self.inner.listener.lock().await;
         let started = Listener::start(
             &self.inner.config,
@@ -356,6 +390,7 @@ impl PgPipe {
             sink,
             self.inner.counters.clone(),
             self.inner.pusher.pool(),
+            &self.inner.closed,
         )
         .await;
         match started {

@@ -22,7 +22,7 @@ const REJECT_REASONS: [&str; 9] = [
 /// The names the counters have in the `metrics` facade (feature `metrics`), Prometheus
 /// style, with what each counts. `updatepipe_rejected_total` carries the reason as the
 /// label `reason`.
-pub const METRICS: [(&str, &str); 13] = [
+pub const METRICS: [(&str, &str); 16] = [
     (
         "updatepipe_pushed_total",
         "updates pushed and committed (or handed to the caller's transaction)",
@@ -72,6 +72,18 @@ pub const METRICS: [(&str, &str); 13] = [
         "updatepipe_heartbeat_lag_seconds",
         "time a listener's own heartbeat took from its send to its arrival",
     ),
+    (
+        "updatepipe_queries_cancelled_total",
+        "listener queries cancelled past their deadline that answered the cancel",
+    ),
+    (
+        "updatepipe_push_queue_peak_pushes",
+        "the most pool pushes that waited for a flight at once, in any pipe of the process",
+    ),
+    (
+        "updatepipe_push_queue_peak_bytes",
+        "the most encoded bytes of pool pushes that waited at once, in any pipe of the process",
+    ),
 ];
 
 /// Adds `n` to a counter of the `metrics` facade.
@@ -105,10 +117,10 @@ fn describe() {
             } else if name.ends_with("_total") {
                 metrics::describe_counter!(name, help);
                 metrics::counter!(name).increment(0);
-            } else if name.ends_with("_ratio") || name.ends_with("_lag_seconds") {
-                metrics::describe_gauge!(name, help);
-            } else {
+            } else if name.ends_with("_duration_seconds") {
                 metrics::describe_histogram!(name, metrics::Unit::Seconds, help);
+            } else {
+                metrics::describe_gauge!(name, help);
             }
         }
     });
@@ -147,6 +159,23 @@ pub(crate) fn heartbeat_lag(lag: std::time::Duration) {
     let _ = lag;
 }
 
+/// Records a push queue depth: the facade's gauges keep the most of any pipe of the process.
+#[cfg(feature = "metrics")]
+fn push_queue_peak(pushes: u64, bytes: u64) {
+    static PUSHES: AtomicU64 = AtomicU64::new(0);
+    static BYTES: AtomicU64 = AtomicU64::new(0);
+    describe();
+    if PUSHES.fetch_max(pushes, Ordering::Relaxed) < pushes {
+        metrics::gauge!("updatepipe_push_queue_peak_pushes").set(pushes as f64);
+    }
+    if BYTES.fetch_max(bytes, Ordering::Relaxed) < bytes {
+        metrics::gauge!("updatepipe_push_queue_peak_bytes").set(bytes as f64);
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+fn push_queue_peak(_: u64, _: u64) {}
+
 /// Live counters, shared between the pipe's handle and its tasks.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -159,6 +188,11 @@ pub(crate) struct Counters {
     replayed: AtomicU64,
     resyncs: AtomicU64,
     dropped: AtomicU64,
+    cancelled: AtomicU64,
+    queue_peak: AtomicU64,
+    /// The last notification queue usage sampled, in millionths, plus one (0: none yet).
+    queue_usage: AtomicU64,
+    queue_peak_bytes: AtomicU64,
     log_pages: AtomicU64,
     log_page_rows_max: AtomicU64,
     log_page_bytes_max: AtomicU64,
@@ -221,6 +255,28 @@ impl Counters {
         self.log_pages_cancelled.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn statement_cancelled(&self) {
+        self.cancelled.fetch_add(1, Ordering::Relaxed);
+        emit("updatepipe_queries_cancelled_total", 1);
+    }
+
+    /// The server's notification queue usage, as just sampled (0 to 1).
+    pub(crate) fn queue_usage(&self, usage: f64) {
+        let ppm = (usage.clamp(0.0, 1.0) * 1e6).round() as u64;
+        self.queue_usage.store(ppm + 1, Ordering::Relaxed);
+        queue_usage(usage);
+    }
+
+    /// The push queue is this deep now.
+    pub(crate) fn queue_depth(&self, pushes: usize, bytes: usize) {
+        let (pushes, bytes) = (pushes as u64, bytes as u64);
+        let before = self.queue_peak.fetch_max(pushes, Ordering::Relaxed);
+        let before_bytes = self.queue_peak_bytes.fetch_max(bytes, Ordering::Relaxed);
+        if pushes > before || bytes > before_bytes {
+            push_queue_peak(pushes, bytes);
+        }
+    }
+
     pub(crate) fn echo(&self) {
         self.echoes.fetch_add(1, Ordering::Relaxed);
         emit("updatepipe_echoes_dropped_total", 1);
@@ -251,6 +307,10 @@ impl Counters {
             replayed: self.replayed.load(Ordering::Relaxed),
             resyncs: self.resyncs.load(Ordering::Relaxed),
             dropped_slow_consumer: self.dropped.load(Ordering::Relaxed),
+            queries_cancelled: self.cancelled.load(Ordering::Relaxed),
+            push_queue_peak: self.queue_peak.load(Ordering::Relaxed),
+            queue_usage_ppm: self.queue_usage.load(Ordering::Relaxed).checked_sub(1),
+            push_queue_peak_bytes: self.queue_peak_bytes.load(Ordering::Relaxed),
             log_pages: self.log_pages.load(Ordering::Relaxed),
             log_page_rows_max: self.log_page_rows_max.load(Ordering::Relaxed),
             log_page_bytes_max: self.log_page_bytes_max.load(Ordering::Relaxed),
@@ -287,6 +347,19 @@ pub struct Stats {
     pub resyncs: u64,
     /// Updates let go because the application was not reading (best effort).
     pub dropped_slow_consumer: u64,
+    /// Queries on the listener's connection cancelled past their deadline that answered
+    /// the cancel (blocked, not dead: a lock on the log, say); each is retried without a
+    /// reconnect.
+    pub queries_cancelled: u64,
+    /// The most pool pushes that waited for a flight at once (high-water mark; bounded by
+    /// [`Config::with_max_queued_pushes`](crate::Config::with_max_queued_pushes)).
+    pub push_queue_peak: u64,
+    /// The most encoded bytes of pool pushes that waited for a flight at once.
+    pub push_queue_peak_bytes: u64,
+    /// The server's notification queue usage (`pg_notification_queue_usage()`) in
+    /// millionths, as the listener last sampled it (every health interval); `None` before
+    /// the first sample, or without a listener. See [`Stats::queue_usage`].
+    pub queue_usage_ppm: Option<u64>,
     /// Pages of the durable log read (durable mode: one per wake-up, more during a
     /// catch-up).
     pub log_pages: u64,
@@ -306,6 +379,11 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// The server's notification queue usage, from 0 to 1, as last sampled.
+    pub fn queue_usage(&self) -> Option<f64> {
+        self.queue_usage_ppm.map(|ppm| ppm as f64 / 1e6)
+    }
+
     /// All rejected payloads, whatever the reason.
     pub fn rejected_total(&self) -> u64 {
         self.rejected.iter().map(|(_, n)| n).sum()

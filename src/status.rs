@@ -9,6 +9,7 @@ use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, Notification};
 
+use crate::cancel::{CancelOnDrop, Canceller};
 use crate::channel::quote_identifier;
 use crate::config::Config;
 use crate::connect::{close_politely, connect, drive_until};
@@ -32,6 +33,10 @@ pub struct Status {
     pub listen_works: Option<bool>,
     /// `pg_notification_queue_usage()`, from 0 to 1.
     pub queue_usage: f64,
+    /// The server's `idle_session_timeout` for this connection's role and database, in
+    /// milliseconds (0: off; `None`: before PostgreSQL 14). A listener sends a statement
+    /// on its connection every third of it.
+    pub idle_session_timeout_ms: Option<u64>,
     /// updatepipe listeners on the channel, counted by the heartbeats heard during one
     /// heartbeat period of this configuration (half its health interval), from
     /// [`PgPipe::status_with_listeners`](crate::PgPipe::status_with_listeners); `None` from
@@ -49,9 +54,25 @@ pub struct Status {
     pub oldest_log_entry_secs: Option<f64>,
 }
 
-/// Gathers the status on two dedicated connections; `count_listeners` waits a heartbeat
-/// period to count them.
+/// Gathers the status on two dedicated connections, within a deadline (the connects, the
+/// listen probe and a few seconds for the statements); a statement given up on is
+/// cancelled on the server. `count_listeners` waits a heartbeat period to count them.
 pub(crate) async fn status(config: &Config, count_listeners: bool) -> Result<Status, Error> {
+    // Each connect tries every host in turn; the first may be tried again (a standby).
+    let hosts = config.pg().get_hosts().len().max(1) as u32;
+    let after = config.connect_timeout() * 3 * hosts
+        + (config.health_interval() / 2 + Duration::from_millis(500)).max(Duration::from_secs(2))
+        + Duration::from_secs(10);
+    tokio::time::timeout(after, gather(config, count_listeners))
+        .await
+        .unwrap_or(Err(Error::Timeout {
+            what: "gathering the status",
+            after,
+        }))
+}
+
+async fn gather(config: &Config, count_listeners: bool) -> Result<Status, Error> {
+    let canceller = Canceller::new(config)?;
     // The server the pipe would use; when every host is a standby, the first of them, to
     // say so (rather than only that none accepts writes).
     let (client, connection) = match connect(config).await {
@@ -64,6 +85,7 @@ pub(crate) async fn status(config: &Config, count_listeners: bool) -> Result<Sta
         other => other?,
     };
     let task = tokio::spawn(connection);
+    let mut cancel = CancelOnDrop::new(&canceller, &client);
     let row = client
         .query_typed_one(
             "SELECT current_setting('server_version'), pg_is_in_recovery(), \
@@ -71,7 +93,8 @@ pub(crate) async fn status(config: &Config, count_listeners: bool) -> Result<Sta
                     EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                             WHERE n.nspname = 'updatepipe' AND c.relname = 'log' \
                               AND has_schema_privilege(n.oid, 'USAGE') \
-                              AND has_table_privilege(c.oid, 'SELECT'))",
+                              AND has_table_privilege(c.oid, 'SELECT')), \
+                    current_setting('idle_session_timeout', true)",
             &[],
         )
         .await?;
@@ -80,6 +103,7 @@ pub(crate) async fn status(config: &Config, count_listeners: bool) -> Result<Sta
     let queue_usage: f64 = row.get(2);
     // A log this role may not read (a pusher's) is shown as unknown, not as an error.
     let has_log: bool = row.get(3);
+    let idle_session_timeout_ms = crate::connect::setting_ms(row.get(4));
     let schema_version = match schema_version(&client).await {
         Ok(version) => version,
         Err(Error::SchemaNotGranted { .. }) => None,
@@ -100,9 +124,10 @@ pub(crate) async fn status(config: &Config, count_listeners: bool) -> Result<Sta
     let (listen_works, listeners) = if in_recovery {
         (None, None)
     } else {
-        let (works, listeners) = listen_probe(config, &client, count_listeners).await?;
+        let (works, listeners) = listen_probe(config, &client, &canceller, count_listeners).await?;
         (Some(works), listeners)
     };
+    cancel.disarm();
     drop(client);
     let _ = task.await;
     Ok(Status {
@@ -110,6 +135,7 @@ pub(crate) async fn status(config: &Config, count_listeners: bool) -> Result<Sta
         in_recovery,
         listen_works,
         queue_usage,
+        idle_session_timeout_ms,
         listeners,
         schema_version,
         log_entries,
@@ -124,10 +150,12 @@ pub(crate) async fn status(config: &Config, count_listeners: bool) -> Result<Sta
 async fn listen_probe(
     config: &Config,
     other: &tokio_postgres::Client,
+    canceller: &Canceller,
     count: bool,
 ) -> Result<(bool, Option<usize>), Error> {
     let channel = format!("updatepipe_probe_{:016x}", rand::random::<u64>());
     let (client, mut connection) = connect(config).await?;
+    let mut cancel = CancelOnDrop::new(canceller, &client);
     let sql = format!(
         "LISTEN {}; LISTEN {}",
         quote_identifier(&channel),
@@ -175,6 +203,7 @@ async fn listen_probe(
         }
     })
     .await;
+    cancel.disarm();
     close_politely(client, connection).await;
     Ok((arrived, count.then_some(origins.len())))
 }

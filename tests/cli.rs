@@ -167,9 +167,26 @@ fn an_unreachable_server_exits_3_quickly() {
     let output = run(&["--url", &url, "push", "{\"Type\":0,\"Key\":1}"]);
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
     assert!(stderr(&output).contains("cannot connect to PostgreSQL"));
-    let output = run(&["--url", &url, "listen"]);
+    let output = run(&["--url", &url, "listen", "--no-wait"]);
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
     assert!(started.elapsed() < Duration::from_secs(30));
+    // Without --no-wait, listen waits for the server (a node that starts before it).
+    let mut waiting = updatepipe()
+        .args(["--url", &url, "listen"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(waiting.stderr.take().unwrap());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(waiting.try_wait().unwrap().is_none(), "listen waits");
+    waiting.kill().unwrap();
+    let _ = waiting.wait();
+    let said: Vec<String> = err.try_iter().collect();
+    assert!(
+        said.iter().any(|l| l.contains("waiting for the server")),
+        "{said:?}"
+    );
 }
 
 #[test]
@@ -393,6 +410,62 @@ fn bench_refuses_a_depth_of_zero() {
     }
 }
 
+/// A session that listens and then sits in an open transaction holds the server's
+/// notification queue: `status` warns past --queue-warn and exits 6 past --queue-fail.
+#[test]
+fn status_flags_a_filling_notification_queue_and_exits_6() {
+    let cluster = support::own_cluster();
+    let url = cluster.url();
+    let runtime = support::runtime();
+    let (_holder, _sender) = runtime.block_on(async {
+        let connect = || async {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            client
+        };
+        let holder = connect().await;
+        holder.batch_execute("LISTEN held").await.unwrap();
+        holder.batch_execute("BEGIN").await.unwrap();
+        // 64 notifications of nearly a page (8 kB) each, each its own transaction.
+        let sender = connect().await;
+        for _ in 0..64 {
+            sender
+                .batch_execute("SELECT pg_notify('held', repeat('x', 7900))")
+                .await
+                .unwrap();
+        }
+        (holder, sender)
+    });
+    let status = |warn: &str, fail: &str| {
+        updatepipe()
+            .env("DATABASE_URL", &url)
+            .args(["status", "--queue-warn", warn, "--queue-fail", fail])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    // 64 pages of the 8 GB queue: about 0.006 %.
+    let output = status("0.001", "50");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", stderr(&output));
+    assert!(stdout.contains("WARNING"), "{stdout}");
+    assert!(stderr(&output).contains("warning"), "{}", stderr(&output));
+    let output = status("0.001", "0.002");
+    assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("--queue-fail"),
+        "{}",
+        stderr(&output)
+    );
+    // With the defaults, this is healthy.
+    let output = status("10", "50");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(!stdout.contains("WARNING"), "{stdout}");
+}
+
 #[test]
 fn each_failure_class_has_its_exit_code() {
     // 2, bad input: an empty --url, a connection string that does not parse.
@@ -411,7 +484,8 @@ fn each_failure_class_has_its_exit_code() {
         assert_eq!(stderr(&output).lines().count(), 1, "{}", stderr(&output));
     }
     // 3, unreachable: an_unreachable_server_exits_3_quickly; 5, refused login:
-    // tests/libpq.rs (it needs a server that asks for a password).
+    // tests/libpq.rs (it needs a server that asks for a password); 6, reachable but
+    // unhealthy: status_flags_a_filling_notification_queue_and_exits_6.
     // 4, a refused statement: migrating as a role that may not create anything.
     let role = support::unique("weak");
     support::runtime().block_on(async {

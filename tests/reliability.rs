@@ -11,7 +11,8 @@ use support::proxy::Proxy;
 use support::{cluster_config, own_cluster, unique};
 use tokio::sync::mpsc;
 use updatepipe::{
-    Config, Envelope, Error, Event, MailboxKey, PgPipe, ResyncReason, SeqSet, Update, UpdatePipe,
+    Config, Envelope, Error, Event, MailboxKey, PgPipe, QueueFull, ResyncReason, SeqSet, Update,
+    UpdatePipe,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -403,6 +404,407 @@ async fn a_blackholed_connection_is_found_within_the_health_interval() {
         listener.close().await.unwrap();
         pusher.close().await.unwrap();
     }
+}
+
+/// Collects the events that arrive within `window`.
+async fn events_within(rx: &mut mpsc::Receiver<Event>, window: Duration) -> Vec<Event> {
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + window;
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        events.push(event);
+    }
+    events
+}
+
+fn disconnects(events: &[Event]) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, Event::Disconnected { .. }))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_path_costs_one_reconnect_then_the_listener_stays_on_fresh_connections() {
+    let cluster = own_cluster();
+    for durable in [true, false] {
+        let channel = unique("halfopen");
+        let proxy = Proxy::start(cluster.port()).await;
+        let health = Duration::from_secs(1);
+        // The listener and its heartbeats' pool both go through the proxy.
+        let listener =
+            PgPipe::new(cluster_config(proxy.port(), &channel).with_durable(durable)).unwrap();
+        if durable {
+            listener.migrate().await.unwrap();
+        }
+        let (tx, mut rx) = mpsc::channel(10_000);
+        listener.listen_events(tx).await.unwrap();
+        collect(&mut rx, |e| e.contains(&Event::Connected)).await;
+        let pusher =
+            PgPipe::new(cluster_config(cluster.port(), &channel).with_durable(durable)).unwrap();
+        pusher.push(&numbered(1, 1)).await.unwrap();
+        collect(&mut rx, |e| updates(e).len() == 1).await;
+        // A few heartbeats: their pooled connection sits idle in the pool between them.
+        let early = events_within(&mut rx, 2 * health).await;
+        assert_eq!(disconnects(&early), 0, "{early:?}");
+        let accepted = proxy.accepted();
+
+        // The path forgets every flow open now (the listener's, the pooled heartbeat
+        // connection's); new ones work.
+        proxy.forget_open();
+        let cut = Instant::now();
+        for n in 2..=5 {
+            pusher.push(&numbered(1, n)).await.unwrap();
+        }
+        let events = collect(&mut rx, |e| {
+            e.iter()
+                .skip_while(|e| !matches!(e, Event::Disconnected { .. }))
+                .any(|e| *e == Event::Connected)
+        })
+        .await;
+        let back = cut.elapsed();
+        assert!(
+            back <= 2 * health + Duration::from_millis(300),
+            "durable {durable}: back after {back:?}; {events:?}"
+        );
+        assert!(proxy.accepted() > accepted, "on fresh connections");
+
+        // Then it stays connected: no further disconnect for five health intervals, with
+        // updates flowing.
+        let mut watched = events;
+        let watch = Instant::now();
+        let mut n = 6;
+        while watch.elapsed() < 5 * health {
+            pusher.push(&numbered(1, n)).await.unwrap();
+            n += 1;
+            watched.extend(events_within(&mut rx, health / 4).await);
+        }
+        watched.extend(events_within(&mut rx, health / 2).await);
+        assert_eq!(
+            disconnects(&watched),
+            1,
+            "durable {durable}: one fault, one disconnect: {watched:?}"
+        );
+        let stats = listener.stats();
+        assert_eq!(stats.disconnects, 1, "durable {durable}: {stats:?}");
+        assert_eq!(stats.reconnects, 1, "durable {durable}: {stats:?}");
+        let got: Vec<u32> = updates(&watched)
+            .iter()
+            .map(|u| u.seq_set().as_single().unwrap())
+            .collect();
+        if durable {
+            // Nothing lost, nothing twice.
+            assert_eq!(got, (2..n).collect::<Vec<_>>(), "durable: {watched:?}");
+        } else {
+            // What was pushed once the listener was back arrived, once each.
+            let live: Vec<u32> = got.iter().copied().filter(|g| *g >= 6).collect();
+            assert_eq!(live, (6..n).collect::<Vec<_>>(), "best effort: {watched:?}");
+        }
+        listener.close().await.unwrap();
+        pusher.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_on_the_log_leaves_no_backends_behind_and_loses_no_committed_push() {
+    let cluster = own_cluster();
+    let channel = unique("locked");
+    let health = Duration::from_secs(1);
+    const POOL: usize = 2;
+    let listen_config = cluster_config(cluster.port(), &channel)
+        .with_durable(true)
+        .with_pool_size(POOL);
+    let listen_app = app(&listen_config);
+    let listener = PgPipe::new(listen_config).unwrap();
+    listener.migrate().await.unwrap();
+    let (tx, mut rx) = mpsc::channel(100_000);
+    listener.listen_events(tx).await.unwrap();
+    collect(&mut rx, |e| e.contains(&Event::Connected)).await;
+    let push_config = cluster_config(cluster.port(), &channel)
+        .with_durable(true)
+        .with_pool_size(POOL)
+        .with_push_timeout(health);
+    let push_app = app(&push_config);
+    let pusher = Arc::new(PgPipe::new(push_config).unwrap());
+    pusher.push(&numbered(0, 1)).await.unwrap();
+    collect(&mut rx, |e| updates(e).len() == 1).await;
+
+    // What VACUUM FULL or a stuck migration does: the log locked for five intervals.
+    let mut locker = sql(cluster.port()).await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK updatepipe.log IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let pushing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    const KEYS: u64 = 4;
+    let tasks: Vec<_> = (1..=KEYS)
+        .map(|key| {
+            let pusher = pusher.clone();
+            let pushing = pushing.clone();
+            tokio::spawn(async move {
+                let mut committed = Vec::new();
+                let mut n = 0;
+                while pushing.load(std::sync::atomic::Ordering::SeqCst) {
+                    n += 1;
+                    match pusher.push(&numbered(key, n)).await {
+                        Ok(()) => committed.push(n),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+                committed
+            })
+        })
+        .collect();
+    let admin = sql(cluster.port()).await;
+    let (mut most_listen, mut most_push) = (0, 0);
+    let locked = Instant::now();
+    while locked.elapsed() < 5 * health {
+        most_listen = most_listen.max(backends(&admin, &listen_app).await);
+        most_push = most_push.max(backends(&admin, &push_app).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let during = listener.stats();
+    eprintln!(
+        "during the lock: at most {most_listen} listener-pipe and {most_push} pusher backends; \
+         {} queries cancelled",
+        during.queries_cancelled
+    );
+    lock.rollback().await.unwrap();
+    // Pushing goes on a moment after the lock, then stops.
+    tokio::time::sleep(health).await;
+    pushing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut committed = Vec::new();
+    for (key, task) in (1..=KEYS).zip(tasks) {
+        committed.extend(task.await.unwrap().into_iter().map(|n| (key, n)));
+    }
+    assert!(
+        most_listen <= POOL as i64 + 1,
+        "the listener's pipe had {most_listen} backends (pool {POOL} + 1)"
+    );
+    assert!(
+        most_push <= POOL as i64,
+        "the pusher had {most_push} backends (pool {POOL})"
+    );
+    assert!(
+        during.queries_cancelled >= 1,
+        "the blocked log reads were cancelled: {during:?}"
+    );
+    assert_eq!(during.disconnects, 0, "no reconnect storm: {during:?}");
+    assert!(!committed.is_empty());
+
+    // Every push that returned Ok arrives, exactly once.
+    let wanted: HashSet<(u64, u32)> = committed.iter().copied().collect();
+    let events = collect(&mut rx, |e| {
+        let got: HashSet<(u64, u32)> = updates(e)
+            .iter()
+            .filter_map(|u| match u.key() {
+                MailboxKey::Id(key) => Some((*key, u.seq_set().as_single().unwrap())),
+                _ => None,
+            })
+            .collect();
+        wanted.is_subset(&got)
+    })
+    .await;
+    let mut seen = HashSet::new();
+    for u in updates(&events) {
+        let MailboxKey::Id(key) = u.key() else {
+            panic!("{u:?}")
+        };
+        let n = u.seq_set().as_single().unwrap();
+        assert!(seen.insert((*key, n)), "({key}, {n}) arrived twice");
+    }
+    assert_eq!(listener.stats().disconnects, 0);
+    listener.close().await.unwrap();
+    pusher.close().await.unwrap();
+    assert_eq!(support::connections_left(&admin, &push_app).await, 0);
+    assert_eq!(support::connections_left(&admin, &listen_app).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_storm_during_an_outage_stays_within_the_queue_bound() {
+    let cluster = own_cluster();
+    const BOUND: usize = 16;
+    const STORM: u32 = 200;
+    let timeout = Duration::from_secs(1);
+    for when_full in [QueueFull::Fail, QueueFull::Wait] {
+        let proxy = Proxy::start(cluster.port()).await;
+        let config = cluster_config(proxy.port(), &unique("storm"))
+            .with_max_queued_pushes(BOUND)
+            .with_queue_full(when_full)
+            .with_push_timeout(timeout);
+        let pipe = Arc::new(PgPipe::new(config).unwrap());
+        pipe.push(&numbered(1, 1)).await.unwrap();
+        // The server stops answering: the push in flight hangs, the others pile up.
+        proxy.hold();
+        let tasks: Vec<_> = (1..=STORM)
+            .map(|n| {
+                let pipe = pipe.clone();
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let outcome = pipe.push(&numbered(2, n)).await;
+                    (outcome, started.elapsed())
+                })
+            })
+            .collect();
+        let (mut full, mut timed_out, mut slowest) = (0, 0, Duration::ZERO);
+        for task in tasks {
+            let (outcome, took) = task.await.unwrap();
+            slowest = slowest.max(took);
+            match outcome {
+                Err(Error::QueueFull { pushes, .. }) => {
+                    assert_eq!(pushes, BOUND);
+                    full += 1;
+                }
+                Err(Error::Timeout { .. }) => timed_out += 1,
+                other => panic!("{when_full:?}: {other:?}"),
+            }
+        }
+        let peak = pipe.stats().push_queue_peak;
+        eprintln!(
+            "{when_full:?}: {full} refused, {timed_out} timed out, peak {peak} queued, slowest {slowest:?}"
+        );
+        assert!(peak <= BOUND as u64, "{when_full:?}: peak {peak}");
+        assert!(peak >= 1, "{when_full:?}: the queue was used");
+        match when_full {
+            // Past the bound: refused at once; the flight out and the queued ones time out.
+            QueueFull::Fail => {
+                assert!(full >= STORM as usize - BOUND - 1, "{full} refused");
+                assert_eq!(full + timed_out, STORM as usize);
+            }
+            // Past the bound: wait, within the push timeout.
+            _ => {
+                assert_eq!(full, 0);
+                assert_eq!(timed_out, STORM as usize);
+            }
+        }
+        assert!(
+            slowest <= timeout + Duration::from_millis(500),
+            "{when_full:?}: a push took {slowest:?}"
+        );
+        // Back: pushes go through again.
+        proxy.up();
+        let mut tries = 0;
+        while pipe.push(&numbered(3, 1)).await.is_err() {
+            tries += 1;
+            assert!(tries < 20, "pushes do not recover");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        pipe.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_samples_a_filling_notification_queue() {
+    let cluster = own_cluster();
+    let listener = PgPipe::new(
+        cluster_config(cluster.port(), &unique("queuewatch")).with_queue_warn(0.000_01),
+    )
+    .unwrap();
+    let (tx, mut rx) = mpsc::channel(100);
+    listener.listen_events(tx).await.unwrap();
+    collect(&mut rx, |e| e.contains(&Event::Connected)).await;
+    // A foreign session listens, then sits in an open transaction: the queue is held.
+    let holder = sql(cluster.port()).await;
+    holder.batch_execute("LISTEN held").await.unwrap();
+    holder.batch_execute("BEGIN").await.unwrap();
+    let sender = sql(cluster.port()).await;
+    for _ in 0..64 {
+        sender
+            .batch_execute("SELECT pg_notify('held', repeat('x', 7900))")
+            .await
+            .unwrap();
+    }
+    // Sampled every health interval (1 s).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let usage = loop {
+        let usage = listener.stats().queue_usage().unwrap_or(0.0);
+        if usage > 0.000_05 || Instant::now() > deadline {
+            break usage;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // 64 pages of about a million.
+    assert!(usage > 0.000_05, "sampled {usage}");
+    holder.batch_execute("COMMIT").await.unwrap();
+    listener.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_started_before_its_server_becomes_live_once_it_is_there() {
+    let cluster = own_cluster();
+    let proxy = Proxy::start(cluster.port()).await;
+    let owner = PgPipe::new(cluster_config(cluster.port(), "updatepipe")).unwrap();
+    owner.migrate().await.unwrap();
+    owner.close().await.unwrap();
+    // Durable too: its schema check before listening waits for the server as well.
+    for durable in [false, true] {
+        proxy.down();
+        let channel = unique("waiting");
+        let config = |port| cluster_config(port, &channel).with_durable(durable);
+        // Fail fast by default.
+        let eager = PgPipe::new(config(proxy.port())).unwrap();
+        let (tx, _rx) = mpsc::channel(10);
+        assert!(eager.listen_events(tx).await.unwrap_err().is_connection());
+        eager.close().await.unwrap();
+
+        let listener =
+            Arc::new(PgPipe::new(config(proxy.port()).with_wait_for_server(true)).unwrap());
+        let (tx, mut rx) = mpsc::channel(100);
+        let listening = {
+            let listener = listener.clone();
+            tokio::spawn(async move { listener.listen_events(tx).await })
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            !listening.is_finished(),
+            "still waiting for the server (durable: {durable})"
+        );
+        proxy.up();
+        let up = Instant::now();
+        listening.await.unwrap().unwrap();
+        collect(&mut rx, |e| e.contains(&Event::Connected)).await;
+        // The backoff's cap is 500 ms in these tests.
+        assert!(
+            up.elapsed() < Duration::from_secs(2),
+            "live {:?} after (durable: {durable})",
+            up.elapsed()
+        );
+        let pusher = PgPipe::new(config(cluster.port())).unwrap();
+        pusher.push(&numbered(1, 1)).await.unwrap();
+        let events = collect(&mut rx, |e| updates(e).len() == 1).await;
+        assert_eq!(updates(&events), [&numbered(1, 1)]);
+        listener.close().await.unwrap();
+        pusher.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_best_effort_listener_outlives_the_servers_idle_session_timeout() {
+    support::init_logging();
+    let cluster = updatepipe::cluster::TempCluster::builder()
+        .setting("synchronous_commit", "off")
+        .setting("idle_session_timeout", "2s")
+        .start()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let channel = unique("idle");
+    // Heartbeats every 5 s: the listening connection is idle longer than the timeout.
+    let listener = PgPipe::new(
+        cluster_config(cluster.port(), &channel).with_health_interval(Duration::from_secs(10)),
+    )
+    .unwrap();
+    let status = listener.status().await.unwrap();
+    assert_eq!(status.idle_session_timeout_ms, Some(2000));
+    let (tx, mut rx) = mpsc::channel(100);
+    listener.listen_events(tx).await.unwrap();
+    // Four times the timeout.
+    let events = events_within(&mut rx, Duration::from_secs(8)).await;
+    assert_eq!(disconnects(&events), 0, "{events:?}");
+    assert_eq!(listener.stats().disconnects, 0);
+    let pusher = PgPipe::new(cluster_config(cluster.port(), &channel)).unwrap();
+    pusher.push(&numbered(1, 1)).await.unwrap();
+    let events = collect(&mut rx, |e| updates(e).len() == 1).await;
+    assert_eq!(disconnects(&events), 0, "{events:?}");
+    listener.close().await.unwrap();
+    pusher.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

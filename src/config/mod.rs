@@ -24,10 +24,13 @@ fn env_var(name: &str) -> Option<String> {
 }
 
 pub use options::{
-    Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEALTH_INTERVAL, DEFAULT_LOG_PAGE_BYTES,
-    DEFAULT_LOG_PAGE_ROWS, DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_IN_FLIGHT,
-    DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT, DEFAULT_RETENTION, Since,
+    Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEALTH_INTERVAL, DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
+    DEFAULT_LOCK_TIMEOUT, DEFAULT_LOG_PAGE_BYTES, DEFAULT_LOG_PAGE_ROWS, DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_BUFFERED, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_MAX_QUEUED_PUSHES, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT, DEFAULT_QUEUE_WARN,
+    DEFAULT_RETENTION, DEFAULT_STATEMENT_TIMEOUT, QueueFull, Since,
 };
+pub(crate) use options::{QueueBound, SessionLimits};
 
 /// How a pipe reaches PostgreSQL, and its bounds.
 ///
@@ -71,6 +74,11 @@ pub struct Config {
     accept_unsigned: bool,
     replay_window: Duration,
     limits: Limits,
+    /// Backstop session settings on the pipe's own connections.
+    session: SessionLimits,
+    queue_bound: QueueBound,
+    queue_warn: f64,
+    wait_for_server: bool,
     /// The password file's entries, for hosts with no password given.
     passfile: Option<Arc<PassFile>>,
     layout: Layout,
@@ -210,6 +218,10 @@ impl Config {
             accept_unsigned: false,
             replay_window: DEFAULT_REPLAY_WINDOW,
             limits: Limits::default(),
+            session: SessionLimits::default(),
+            queue_bound: QueueBound::default(),
+            queue_warn: options::DEFAULT_QUEUE_WARN,
+            wait_for_server: false,
             passfile: None,
             layout: Layout::Shared,
             accept_maddy: false,
@@ -351,6 +363,10 @@ impl fmt::Debug for Config {
             .field("accept_unsigned", &self.accept_unsigned)
             .field("replay_window", &self.replay_window)
             .field("limits", &self.limits)
+            .field("session", &self.session)
+            .field("queue_bound", &self.queue_bound)
+            .field("queue_warn", &self.queue_warn)
+            .field("wait_for_server", &self.wait_for_server)
             .field("passfile", &self.passfile)
             .field("layout", &self.layout)
             .field("accept_maddy", &self.accept_maddy)

@@ -40,6 +40,25 @@ pub const DEFAULT_LOG_PAGE_BYTES: usize = 1 << 20;
 /// The default bound on deliveries a listener holds for a caller that is not reading.
 pub const DEFAULT_MAX_BUFFERED: usize = 65_536;
 
+/// The default `statement_timeout` the pipe sets on its own connections (a backstop: every
+/// statement also has a deadline of its own, past which it is cancelled).
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The default `lock_timeout` the pipe sets on its own connections.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default `idle_in_transaction_session_timeout` the pipe sets on its own connections.
+pub const DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The default bound on pool pushes waiting for a flight.
+pub const DEFAULT_MAX_QUEUED_PUSHES: usize = 65_536;
+
+/// The default bound on the encoded bytes of the pool pushes waiting for a flight.
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
+
+/// The default notification queue usage (0 to 1) above which a listener warns.
+pub const DEFAULT_QUEUE_WARN: f64 = 0.1;
+
 /// The longest replay window [`Config::with_replay_window`] takes.
 const MAX_REPLAY_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -93,7 +112,188 @@ pub enum Since {
     Position(i64),
 }
 
+/// What a pool push does when the queue of pushes waiting for a flight is full (see
+/// [`Config::with_max_queued_pushes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum QueueFull {
+    /// Wait for room (backpressure), within the push timeout; past it the push fails with
+    /// [`Error::Timeout`](crate::Error::Timeout), and nothing of it was sent.
+    #[default]
+    Wait,
+    /// Fail at once with [`Error::QueueFull`](crate::Error::QueueFull).
+    Fail,
+}
+
+/// The session settings the pipe sets on its own connections, a backstop to its own
+/// deadlines (zero: the server's setting is left alone).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SessionLimits {
+    pub(crate) statement_timeout: Duration,
+    pub(crate) lock_timeout: Duration,
+    pub(crate) idle_in_transaction_timeout: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            idle_in_transaction_timeout: DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
+        }
+    }
+}
+
+impl SessionLimits {
+    /// The `SET` statements for these settings, or `None` when all are left alone.
+    pub(crate) fn sql(&self) -> Option<String> {
+        let sql: Vec<String> = [
+            ("statement_timeout", self.statement_timeout),
+            ("lock_timeout", self.lock_timeout),
+            (
+                "idle_in_transaction_session_timeout",
+                self.idle_in_transaction_timeout,
+            ),
+        ]
+        .iter()
+        .filter(|(_, d)| !d.is_zero())
+        .map(|(name, d)| format!("SET {name} = {}", d.as_millis().max(1)))
+        .collect();
+        (!sql.is_empty()).then(|| sql.join("; "))
+    }
+}
+
+/// The bound on pool pushes waiting for a flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct QueueBound {
+    pub(crate) pushes: usize,
+    pub(crate) bytes: usize,
+    pub(crate) when_full: QueueFull,
+}
+
+impl Default for QueueBound {
+    fn default() -> Self {
+        QueueBound {
+            pushes: DEFAULT_MAX_QUEUED_PUSHES,
+            bytes: DEFAULT_MAX_QUEUED_BYTES,
+            when_full: QueueFull::Wait,
+        }
+    }
+}
+
 impl Config {
+    /// The `statement_timeout` set on the pipe's own connections (pool and listener; not
+    /// the caller's in [`push_in`](crate::PgPipe::push_in), not migrations), default 60 s;
+    /// zero leaves the server's setting. A backstop: every statement the pipe sends has a
+    /// deadline of its own, past which it is cancelled. Set after connecting (a `SET`, not
+    /// a startup parameter, which PgBouncer refuses); behind a transaction-pooling proxy a
+    /// `SET` reaches whichever server connection runs it and stays there, so set these to
+    /// zero and use `ALTER ROLE ... SET` instead.
+    pub fn with_statement_timeout(mut self, timeout: Duration) -> Self {
+        self.session.statement_timeout = timeout;
+        self
+    }
+
+    /// The `lock_timeout` set on the pipe's own connections (default 30 s; zero: the
+    /// server's). See [`with_statement_timeout`](Config::with_statement_timeout).
+    pub fn with_lock_timeout(mut self, timeout: Duration) -> Self {
+        self.session.lock_timeout = timeout;
+        self
+    }
+
+    /// The `idle_in_transaction_session_timeout` set on the pipe's own connections (default
+    /// 60 s; zero: the server's). See [`with_statement_timeout`](Config::with_statement_timeout).
+    pub fn with_idle_in_transaction_timeout(mut self, timeout: Duration) -> Self {
+        self.session.idle_in_transaction_timeout = timeout;
+        self
+    }
+
+    /// The most pool pushes waiting for a flight (default 65,536, at least 1). Past it, or
+    /// past [`with_max_queued_bytes`](Config::with_max_queued_bytes), a push waits or fails
+    /// as [`with_queue_full`](Config::with_queue_full) says. Memory during an outage is
+    /// bounded by these, not by the number of callers.
+    pub fn with_max_queued_pushes(mut self, pushes: usize) -> Self {
+        self.queue_bound.pushes = pushes.max(1);
+        self
+    }
+
+    /// The most encoded bytes of the pool pushes waiting for a flight (default 64 MiB; a
+    /// single push larger than this is still taken when nothing is queued).
+    pub fn with_max_queued_bytes(mut self, bytes: usize) -> Self {
+        self.queue_bound.bytes = bytes.max(1);
+        self
+    }
+
+    /// What a pool push does when the queue is full (default [`QueueFull::Wait`]).
+    pub fn with_queue_full(mut self, when_full: QueueFull) -> Self {
+        self.queue_bound.when_full = when_full;
+        self
+    }
+
+    /// The notification queue usage (0 to 1) above which the listener warns (default 0.1).
+    /// The listener samples `pg_notification_queue_usage()` every health interval, from the
+    /// pool; the last value is in [`Stats::queue_usage`](crate::Stats::queue_usage).
+    pub fn with_queue_warn(mut self, usage: f64) -> Self {
+        self.queue_warn = usage.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Whether the first connection of [`listen`](crate::UpdatePipe::listen) is retried with
+    /// the reconnect backoff until the server is there (default off: `listen` fails at once
+    /// with the first error, as a command should; a long-running node wants it on).
+    pub fn with_wait_for_server(mut self, wait: bool) -> Self {
+        self.wait_for_server = wait;
+        self
+    }
+
+    /// The `statement_timeout` set on the pipe's own connections (zero: not set).
+    pub fn statement_timeout(&self) -> Duration {
+        self.session.statement_timeout
+    }
+
+    /// The `lock_timeout` set on the pipe's own connections (zero: not set).
+    pub fn lock_timeout(&self) -> Duration {
+        self.session.lock_timeout
+    }
+
+    /// The `idle_in_transaction_session_timeout` set on the pipe's own connections.
+    pub fn idle_in_transaction_timeout(&self) -> Duration {
+        self.session.idle_in_transaction_timeout
+    }
+
+    /// The bound on pool pushes waiting for a flight.
+    pub fn max_queued_pushes(&self) -> usize {
+        self.queue_bound.pushes
+    }
+
+    /// The bound on the encoded bytes of the pool pushes waiting for a flight.
+    pub fn max_queued_bytes(&self) -> usize {
+        self.queue_bound.bytes
+    }
+
+    /// What a pool push does when the queue is full.
+    pub fn queue_full(&self) -> QueueFull {
+        self.queue_bound.when_full
+    }
+
+    /// The notification queue usage above which the listener warns.
+    pub fn queue_warn(&self) -> f64 {
+        self.queue_warn
+    }
+
+    /// Whether `listen` waits for the server.
+    pub fn wait_for_server(&self) -> bool {
+        self.wait_for_server
+    }
+
+    pub(crate) fn session_limits(&self) -> &SessionLimits {
+        &self.session
+    }
+
+    pub(crate) fn queue_bound(&self) -> QueueBound {
+        self.queue_bound
+    }
+
     /// The channel every update travels on (default `updatepipe`).
     pub fn with_channel(mut self, channel: ChannelName) -> Self {
         self.channel = channel;

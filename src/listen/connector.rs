@@ -1,6 +1,8 @@
 //! Reconnecting: the backoff between attempts, delivering what is buffered meanwhile, and
 //! giving up after the configured number of attempts.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -35,6 +37,51 @@ impl Connector {
     /// caller's.
     pub(super) async fn open_first(&self) -> Result<(Session, Option<Cursor>), Error> {
         Session::open(&self.config, &self.settings, self.settings.durable, &[]).await
+    }
+
+    /// The first session, as [`open_first`](Connector::open_first), retried with the
+    /// backoff while the server cannot be reached (or is a standby, or starting up), for a
+    /// node that starts before its database; other errors (bad configuration) are returned
+    /// at once, and so is the last error after the configured number of attempts. Gives
+    /// up when `closed` says the pipe was closed meanwhile.
+    pub(super) async fn open_first_waiting(
+        &self,
+        closed: &AtomicBool,
+    ) -> Result<(Session, Option<Cursor>), Error> {
+        let mut attempt = 0u32;
+        loop {
+            let e = match self.open_first().await {
+                Ok(opened) => return Ok(opened),
+                Err(e) if e.is_connection() || matches!(e, Error::Standby) => e,
+                Err(e) => return Err(e),
+            };
+            attempt = attempt.saturating_add(1);
+            if closed.load(Ordering::Acquire)
+                || self
+                    .settings
+                    .backoff
+                    .max_attempts
+                    .is_some_and(|max| attempt >= max)
+            {
+                return Err(e);
+            }
+            tracing::warn!(
+                target: TARGET,
+                error = %e,
+                attempt,
+                "waiting for the server"
+            );
+            // At least a tenth of a second: a refused connection fails at once.
+            let delay = self
+                .settings
+                .backoff
+                .delay(attempt)
+                .max(std::time::Duration::from_millis(100));
+            tokio::time::sleep(delay).await;
+            if closed.load(Ordering::Acquire) {
+                return Err(Error::Closed);
+            }
+        }
     }
 
     /// A session that lasted `connected_for` was lost: after a stable one, attempts count

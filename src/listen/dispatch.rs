@@ -23,7 +23,23 @@ pub(super) enum QueryOutcome {
     Tail(Result<Option<Page>, tokio_postgres::Error>),
     Fetch(Result<Option<String>, tokio_postgres::Error>),
     Prune(Result<u64, tokio_postgres::Error>),
+    /// No answer by the deadline, not even to a cancel: the connection is dead.
     TimedOut(std::time::Duration),
+    /// A statement sent only so that the server's `idle_session_timeout` does not end the
+    /// session.
+    KeptAlive(Result<(), tokio_postgres::Error>),
+    /// Cancelled past the deadline (or because a heartbeat was late meanwhile), and the
+    /// cancel was answered: the connection is fine (the loop retries later; see
+    /// `task::QuerySlot`).
+    Cancelled(Asked),
+}
+
+/// Which query of the slot an outcome is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Asked {
+    Tail,
+    Fetch,
+    Prune,
 }
 
 /// The sub-states the connection loop dispatches to.
@@ -85,8 +101,16 @@ impl Dispatch {
     pub(super) fn on_query(&mut self, outcome: QueryOutcome) -> Result<(), String> {
         match outcome {
             QueryOutcome::Prune(Ok(_)) => Ok(()),
-            QueryOutcome::TimedOut(limit) => Err(format!(
-                "a query did not answer within {limit:?}: the connection is dead"
+            QueryOutcome::Cancelled(Asked::Tail) => {
+                // Blocked (a lock on the log, say), not dead: the page is read again,
+                // smaller, once the slot opens again (the fetch and the prune are simply
+                // asked again).
+                self.reader.page_cancelled(Instant::now(), self.page_pause);
+                Ok(())
+            }
+            QueryOutcome::Cancelled(Asked::Fetch | Asked::Prune) => Ok(()),
+            QueryOutcome::TimedOut(after) => Err(format!(
+                "a query did not answer within {after:?}, nor its cancel: the connection is dead"
             )),
             QueryOutcome::Tail(Ok(page)) => {
                 if let Some(page) = page {
@@ -127,6 +151,8 @@ impl Dispatch {
                 )
             }
             QueryOutcome::Prune(Err(e)) => self.log_failed(&e, "pruning the durable log failed"),
+            QueryOutcome::KeptAlive(Ok(())) => Ok(()),
+            QueryOutcome::KeptAlive(Err(e)) => self.log_failed(&e, "a keep-alive statement failed"),
             QueryOutcome::Fetch(Err(e)) if !is_fatal(&e) && no_log(e.code()) => {
                 self.stop_fetching(&e);
                 Ok(())

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_postgres::types::Type;
 
 use super::TARGET;
+use crate::cancel::{Canceller, Lent};
 use crate::envelope::Packer;
 use crate::error::pg_message;
 
@@ -89,6 +90,16 @@ impl Clock {
         })
     }
 
+    /// A query on the listener's connection ended now: notifications (the outstanding
+    /// heartbeat among them) waited while it ran, so the heartbeat's time counts from now.
+    pub(super) fn busy_until(&mut self, now: Instant) {
+        if let Some((_, sent_at)) = &mut self.outstanding
+            && *sent_at < now
+        {
+            *sent_at = now;
+        }
+    }
+
     /// The heartbeat could not be sent on the pooled connection: no verdict on this one.
     /// The next goes out soon.
     pub(super) fn send_failed(&mut self, now: Instant) {
@@ -108,7 +119,7 @@ impl Clock {
 #[derive(Debug)]
 pub(super) enum Sent {
     Sent(Result<u64, tokio_postgres::Error>),
-    /// No pooled connection could be had.
+    /// No pooled connection could be had, or the one it went out on did not answer in time.
     Unsent(String),
 }
 
@@ -120,6 +131,8 @@ pub(super) struct Heartbeat {
     channel: String,
     /// Where heartbeats are sent from: the pipe's pool.
     pool: deadpool_postgres::Pool,
+    /// Cancels a heartbeat given up on.
+    canceller: Canceller,
 }
 
 impl Heartbeat {
@@ -128,38 +141,67 @@ impl Heartbeat {
         packer: Packer,
         channel: String,
         pool: deadpool_postgres::Pool,
+        canceller: Canceller,
     ) -> Heartbeat {
         Heartbeat {
             clock,
             packer,
             channel,
             pool,
+            canceller,
         }
     }
 
-    /// Sends the next heartbeat, when one is due.
+    /// Sends the next heartbeat, when one is due, within the time it has to come back
+    /// (checkout included). A heartbeat whose connection does not answer by then, or that
+    /// is dropped unfinished (its session ended), is cancelled and its connection closed,
+    /// never pooled again, and with it the pool's idle connections: they may sit behind the
+    /// same dead path (a NAT or a middlebox that forgot the flows open at one moment), and
+    /// the next heartbeat must go out on a fresh one. (Returned to the pool, a dead one
+    /// would take every later heartbeat with it: the listener would flap for good.)
     pub(super) fn next(&mut self) -> Option<BoxFuture<'static, Sent>> {
         let seq = self.clock.due(Instant::now())?;
         let payload = self.packer.heartbeat(seq);
         let channel = self.channel.clone();
         let pool = self.pool.clone();
+        let canceller = self.canceller.clone();
+        let deadline = self.clock.timeout();
         Some(
             async move {
-                let client = match pool.get().await {
-                    Ok(client) => client,
-                    // No connection to send it: it will not come back, and the listener
-                    // treats its connection as dead when the time is up, as it must when
-                    // the server cannot be reached.
-                    Err(e) => return Sent::Unsent(e.to_string()),
-                };
-                Sent::Sent(
-                    client
+                let mut fresh = FreshAfterFault(Some(pool.clone()));
+                let send = async {
+                    let lent = match pool.get().await {
+                        Ok(client) => Lent::new(client, &canceller),
+                        // No connection to send it: it will not come back, and the listener
+                        // treats its connection as dead when the time is up, as it must
+                        // when the server cannot be reached.
+                        Err(e) => return Sent::Unsent(e.to_string()),
+                    };
+                    let sent = lent
+                        .client()
                         .execute_typed(
                             "SELECT pg_notify($1, $2)",
                             &[(&channel, Type::TEXT), (&payload, Type::TEXT)],
                         )
-                        .await,
-                )
+                        .await;
+                    match &sent {
+                        Ok(_) => lent.answered(),
+                        Err(e) => lent.ended_with(e),
+                    }
+                    Sent::Sent(sent)
+                };
+                match tokio::time::timeout(deadline, send).await {
+                    Ok(sent) => {
+                        if !matches!(sent, Sent::Unsent(_)) {
+                            fresh.0 = None;
+                        }
+                        sent
+                    }
+                    // Left to the clock: a path that does not answer at all looks like this.
+                    Err(_) => Sent::Unsent(format!(
+                        "the pooled connection did not answer within {deadline:?}; closed"
+                    )),
+                }
             }
             .boxed(),
         )
@@ -185,6 +227,24 @@ impl Heartbeat {
                 );
                 self.clock.send_failed(Instant::now());
                 false
+            }
+        }
+    }
+}
+
+/// Lets the pool's idle connections go when dropped armed: a heartbeat was given up on.
+struct FreshAfterFault(Option<deadpool_postgres::Pool>);
+
+impl Drop for FreshAfterFault {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.take() {
+            let closed = pool.retain(|_, _| false).removed.len();
+            if closed > 0 {
+                tracing::debug!(
+                    target: TARGET,
+                    closed,
+                    "a heartbeat was given up on: the pool's idle connections are let go"
+                );
             }
         }
     }
@@ -228,6 +288,20 @@ mod tests {
         );
         clock.heard(1);
         assert_eq!(clock.late(start + 60 * SECOND), None);
+    }
+
+    #[test]
+    fn a_query_that_ran_long_gives_the_heartbeat_its_time_again() {
+        let start = Instant::now();
+        let mut clock = Clock::new(10 * SECOND, start);
+        clock.due(start + 5 * SECOND).unwrap();
+        clock.busy_until(start + 20 * SECOND);
+        assert_eq!(clock.late(start + 24 * SECOND), None);
+        assert!(clock.late(start + 25 * SECOND).is_some());
+        // Nothing outstanding: nothing to move.
+        clock.heard(1);
+        clock.busy_until(start + 30 * SECOND);
+        assert_eq!(clock.late(start + 90 * SECOND), None);
     }
 
     #[test]

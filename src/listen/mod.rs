@@ -24,6 +24,8 @@
 //! - `heartbeat`: the proof that the connection works. On a reconnect, nothing is
 //!   outstanding, and the next is due in half an interval.
 //! - `pacer`: the pacing of warnings that senders can provoke.
+//! - `watch`: the sampling of the server's notification queue, with a warning when it
+//!   fills. A reconnect does nothing to it.
 //!
 //! The loop only does I/O and dispatch: a notification goes to the intake, and its
 //! [`Verdict`](intake::Verdict) to the outbox, the log reader or the heartbeat; the log
@@ -32,11 +34,13 @@
 //! owed, a resync.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::cancel::Canceller;
 use crate::config::Config;
 use crate::envelope::Packer;
 use crate::error::Error;
@@ -57,6 +61,7 @@ mod session;
 mod settings;
 mod subscriptions;
 mod task;
+mod watch;
 
 pub(crate) use outbox::Sink;
 pub(crate) use subscriptions::Command;
@@ -156,19 +161,29 @@ pub(crate) struct Listener {
 impl Listener {
     /// Connects, issues `LISTEN` on the quoted channel, and returns once the server has
     /// confirmed it: every notification committed from then on reaches the sink. The
-    /// first connection's errors are returned; later ones are retried in the background.
+    /// first connection's errors are returned (with `wait_for_server`, only once retrying
+    /// is over: a bad configuration, the attempts used up, or `closed`); later ones are
+    /// retried in the background.
     pub(crate) async fn start(
         config: &Config,
         origin: Origin,
         sink: Sink,
         counters: Arc<Counters>,
         heartbeat_pool: deadpool_postgres::Pool,
+        closed: &AtomicBool,
     ) -> Result<Listener, Error> {
         let settings = settings::Settings::from_config(config);
+        let canceller = Canceller::new(config)?;
         let connector = connector::Connector::new(config.clone(), settings.clone());
-        let (session, cursor) = connector.open_first().await?;
+        let (session, cursor) = if config.wait_for_server() {
+            connector.open_first_waiting(closed).await?
+        } else {
+            connector.open_first().await?
+        };
         let now = Instant::now();
         let packer = Packer::new(&origin, std::process::id(), settings.signer.clone());
+        let heartbeat_watch_pool = heartbeat_pool.clone();
+        let counters_for_watch = counters.clone();
         let mut dispatch = dispatch::Dispatch {
             intake: intake::Intake::new(&settings, origin),
             outbox: outbox::Outbox::new(sink, settings.max_buffered, counters.clone()),
@@ -186,6 +201,7 @@ impl Listener {
                 packer,
                 settings.channel.clone(),
                 heartbeat_pool,
+                canceller.clone(),
             ),
             rejections: pacer::Pacer::default(),
             log_errors: pacer::Pacer::default(),
@@ -194,11 +210,24 @@ impl Listener {
             counters,
         };
         dispatch.outbox.emit(Event::Connected);
+        let watch = watch::QueueWatch::new(
+            heartbeat_watch_pool,
+            canceller.clone(),
+            settings.health_interval,
+            config.queue_warn(),
+            counters_for_watch,
+            now,
+        );
         let task = task::ConnectionLoop {
             connector,
             dispatch,
+            watch,
             channel: settings.channel.clone(),
-            query_deadline: settings.query_deadline(),
+            slot: task::QuerySlot::new(
+                settings.query_deadline(),
+                settings.cancel_grace(),
+                canceller,
+            ),
         };
         let (stop, stopped) = oneshot::channel();
         let (commands, received) = mpsc::channel(COMMAND_QUEUE);

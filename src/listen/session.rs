@@ -3,14 +3,16 @@
 //! which errors end it.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use tokio_postgres::{Client, Notification};
 
 use super::TARGET;
 use super::settings::Settings;
+use crate::cancel::{CancelOnDrop, Canceller};
 use crate::channel::quote_identifier;
 use crate::config::Config;
-use crate::connect::{RawConnection, close_politely, connect_listener, drive_until};
+use crate::connect::{RawConnection, close_politely, connect_listener, drive_until, setting_ms};
 use crate::error::Error;
 use crate::log::{self, Cursor};
 
@@ -20,6 +22,9 @@ pub(super) struct Session {
     pub(super) connection: RawConnection,
     /// Notifications that arrived while it was being opened.
     pub(super) backlog: VecDeque<Notification>,
+    /// The server's `idle_session_timeout` for this session, when set: a statement must
+    /// go out on it more often than that, or the server ends it.
+    pub(super) idle_timeout: Option<Duration>,
 }
 
 impl Session {
@@ -35,13 +40,26 @@ impl Session {
         let mut backlog = VecDeque::new();
         let after = settings.connect_timeout;
         let channel = config.channel();
+        // Given up on (the deadline passed, or the caller went away), what runs is
+        // cancelled: reading the log position can wait on a lock.
+        let mut cancel = CancelOnDrop::new(&Canceller::new(config)?, &client);
+        let limits = config.session_limits().sql();
         let setup = async {
+            if let Some(sql) = &limits {
+                client.batch_execute(sql).await?;
+            }
             let recovery = client
-                .query_typed_one("SELECT pg_is_in_recovery()", &[])
+                .query_typed_one(
+                    "SELECT pg_is_in_recovery(), current_setting('idle_session_timeout', true)",
+                    &[],
+                )
                 .await?;
             if recovery.get::<_, bool>(0) {
                 return Err(Error::Standby);
             }
+            let idle_timeout = setting_ms(recovery.get(1))
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis);
             let cursor = if want_cursor {
                 Some(log::read_cursor(&client, channel.as_str(), settings.since).await?)
             } else {
@@ -54,20 +72,23 @@ impl Session {
                 listen.push_str(&quote_identifier(mailbox));
             }
             client.batch_execute(&listen).await?;
-            Ok(cursor)
+            Ok((cursor, idle_timeout))
         };
-        let cursor = tokio::time::timeout(after, drive_until(&mut connection, setup, &mut backlog))
-            .await
-            .map_err(|_| Error::Timeout {
-                what: "subscribing with LISTEN",
-                after,
-            })???;
+        let (cursor, idle_timeout) =
+            tokio::time::timeout(after, drive_until(&mut connection, setup, &mut backlog))
+                .await
+                .map_err(|_| Error::Timeout {
+                    what: "subscribing with LISTEN",
+                    after,
+                })???;
+        cancel.disarm();
         tracing::debug!(target: TARGET, %channel, "listening");
         Ok((
             Session {
                 client,
                 connection,
                 backlog,
+                idle_timeout,
             },
             cursor,
         ))

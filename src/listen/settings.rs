@@ -60,11 +60,28 @@ impl Settings {
         }
     }
 
-    /// The deadline of a query on the listener's connection. A backstop only: the heartbeat
-    /// finds a dead connection sooner. Generous: a log read is one page, but a page can wait
-    /// on a slow disk.
+    /// The deadline of a query on the listener's connection, past which it is cancelled:
+    /// the health interval (at least a second; 60 s without heartbeats). While a query
+    /// runs the backend delivers no notification, heartbeats included, so this deadline
+    /// and the answer to the cancel are what prove the connection meanwhile. A log read is
+    /// one page; a cancelled page is read again smaller.
     pub(super) fn query_deadline(&self) -> Duration {
-        (self.health_interval + self.connect_timeout).max(Duration::from_secs(60))
+        if self.health_interval.is_zero() {
+            Duration::from_secs(60)
+        } else {
+            self.health_interval.max(Duration::from_secs(1))
+        }
+    }
+
+    /// How long a cancelled query has to answer before its connection is taken for dead:
+    /// the time a heartbeat has (0.4 interval; a second without heartbeats), so that a
+    /// dead connection is still found within about one interval while a query runs.
+    pub(super) fn cancel_grace(&self) -> Duration {
+        if self.health_interval.is_zero() {
+            Duration::from_secs(1)
+        } else {
+            (self.health_interval * 2 / 5).max(Duration::from_millis(10))
+        }
     }
 
     /// How long to wait before reading again a log page the server cancelled.

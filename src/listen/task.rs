@@ -4,23 +4,29 @@
 
 use std::future::poll_fn;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Fuse, FusedFuture};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, Notification};
 
 use super::connector::Connector;
-use super::dispatch::{Dispatch, QueryOutcome};
+use super::dispatch::{Asked, Dispatch, QueryOutcome};
 use super::durable::Ask;
 use super::intake::Incoming;
+use super::pacer::Pacer;
 use super::session::Session;
 use super::subscriptions::Command;
+use super::watch::QueueWatch;
 use super::{Event, TARGET};
+use crate::cancel::{CancelOnDrop, Canceller};
 use crate::error::pg_message;
 use crate::log;
+use crate::stats::Counters;
 
 /// Why serving a session ended.
 enum End {
@@ -34,9 +40,64 @@ enum End {
 pub(super) struct ConnectionLoop {
     pub(super) connector: Connector,
     pub(super) dispatch: Dispatch,
+    pub(super) watch: QueueWatch,
     /// The channel, as the log's statements name it.
     pub(super) channel: String,
-    pub(super) query_deadline: Duration,
+    /// The query slot's deadline and cancels (see `next_query`).
+    pub(super) slot: QuerySlot,
+}
+
+/// The listener's query slot: how long a query may take, and what happens past that.
+#[derive(Debug)]
+pub(super) struct QuerySlot {
+    /// How long a query may run before it is cancelled.
+    pub(super) deadline: Duration,
+    /// How long a cancelled query has to answer (with its error) before its connection is
+    /// taken for dead.
+    pub(super) grace: Duration,
+    pub(super) canceller: Canceller,
+    /// No query starts before this: a cancelled one is retried after its deadline again.
+    pub(super) retry_at: Option<Instant>,
+    /// Paces the warning about cancelled queries.
+    pub(super) cancels: Pacer,
+    /// Tells the running query to find out now whether the connection is alive (cancel
+    /// it, and see whether it answers): a heartbeat is late meanwhile.
+    prove: Option<Arc<Notify>>,
+}
+
+impl QuerySlot {
+    pub(super) fn new(deadline: Duration, grace: Duration, canceller: Canceller) -> QuerySlot {
+        QuerySlot {
+            deadline,
+            grace,
+            canceller,
+            retry_at: None,
+            cancels: Pacer::default(),
+            prove: None,
+        }
+    }
+
+    /// Whether a query may start now.
+    fn open(&self, now: Instant) -> bool {
+        self.retry_at.is_none_or(|at| now >= at)
+    }
+
+    /// A query was cancelled past its deadline and answered (the connection is fine, the
+    /// statement was blocked: a lock on the log, say): counted, warned about (paced), and
+    /// the next query waits a deadline.
+    fn cancelled(&mut self, counters: &Counters, now: Instant) {
+        counters.statement_cancelled();
+        self.retry_at = Some(now + self.deadline);
+        if let Some(suppressed) = self.cancels.due(std::time::Instant::now()) {
+            tracing::warn!(
+                target: TARGET,
+                deadline = ?self.deadline,
+                suppressed,
+                "a query on the listener's connection did not answer in time and was \
+                 cancelled (a lock on updatepipe.log?); retrying, without reconnecting"
+            );
+        }
+    }
 }
 
 impl ConnectionLoop {
@@ -122,7 +183,18 @@ impl ConnectionLoop {
             self.dispatch.on_notification(incoming(&notification));
         }
         let mut receiver_gone = self.dispatch.outbox.closed();
-        let mut ticker = tokio::time::interval(self.dispatch.heartbeat.clock.tick_every());
+        // With an idle_session_timeout on the server, a statement every third of it keeps
+        // the session (the listening connection sends nothing otherwise: heartbeats go out
+        // from the pool).
+        let keep_alive = session
+            .idle_timeout
+            .map(|t| (t / 3).max(Duration::from_millis(100)));
+        let mut last_statement = Instant::now();
+        let tick = match keep_alive {
+            Some(every) => self.dispatch.heartbeat.clock.tick_every().min(every / 2),
+            None => self.dispatch.heartbeat.clock.tick_every(),
+        };
+        let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let end = {
             let Session {
@@ -135,21 +207,33 @@ impl ConnectionLoop {
             // `LISTEN`/`UNLISTEN` for subscriptions by mailbox, one at a time.
             let mut subscribing: Pin<&mut Fuse<BoxFuture<'_, Result<(), String>>>> =
                 std::pin::pin!(Fuse::terminated());
+            let mut watch = std::pin::pin!(Fuse::terminated());
             loop {
                 if subscribing.is_terminated()
                     && let Some(sql) = self.dispatch.intake.subscriptions.next_statement()
                 {
-                    subscribing.set(subscribe(client, sql, self.query_deadline).boxed().fuse());
+                    subscribing.set(subscribe(client, sql, self.slot.deadline).boxed().fuse());
                 }
-                if query.is_terminated()
-                    && let Some(next) = self.next_query(client)
-                {
-                    query.set(next.fuse());
+                if query.is_terminated() && self.slot.open(Instant::now()) {
+                    let now = Instant::now();
+                    if let Some(next) = self.next_query(client) {
+                        last_statement = now;
+                        query.set(next.fuse());
+                    } else if keep_alive.is_some_and(|every| now >= last_statement + every) {
+                        last_statement = now;
+                        self.slot.prove = None;
+                        query.set(self.keep_alive(client).fuse());
+                    }
                 }
                 if heartbeat.is_terminated()
                     && let Some(next) = self.dispatch.heartbeat.next()
                 {
                     heartbeat.set(next.fuse());
+                }
+                if watch.is_terminated()
+                    && let Some(next) = self.watch.next(Instant::now())
+                {
+                    watch.set(next.fuse());
                 }
                 let ready = self.dispatch.outbox.has_ready();
                 tokio::select! {
@@ -165,14 +249,30 @@ impl ConnectionLoop {
                     Some(command) = commands.recv() => {
                         self.dispatch.intake.subscriptions.apply(command);
                     }
+                    sampled = &mut watch => self.watch.on_sampled(sampled),
                     outcome = &mut query => {
+                        let now = Instant::now();
+                        // Notifications wait while a statement runs: the heartbeat's time
+                        // counts from the end of the query.
+                        self.dispatch.heartbeat.clock.busy_until(now);
+                        if matches!(outcome, QueryOutcome::Cancelled(_)) {
+                            self.slot.cancelled(&self.dispatch.counters, now);
+                        }
                         if let Err(reason) = self.dispatch.on_query(outcome) {
                             break End::Connection(reason);
                         }
                     }
                     _ = ticker.tick() => {
                         if let Some(reason) = self.dispatch.heartbeat.clock.late(Instant::now()) {
-                            break End::Connection(reason);
+                            if query.is_terminated() {
+                                break End::Connection(reason);
+                            }
+                            // While a query runs the backend is not idle and delivers no
+                            // notification, heartbeats included: a late heartbeat says
+                            // nothing then. Whether the query answers its cancel does.
+                            if let Some(prove) = &self.slot.prove {
+                                prove.notify_one();
+                            }
                         }
                     }
                     message = poll_fn(|cx| connection.poll_message(cx)) => match message {
@@ -217,6 +317,15 @@ impl ConnectionLoop {
     /// with room), with its deadline: a query that does not answer means a dead connection.
     fn next_query<'c>(&mut self, client: &'c Client) -> Option<BoxFuture<'c, QueryOutcome>> {
         let ask = self.dispatch.next_ask()?;
+        let asked = match &ask {
+            Ask::Tail { .. } => Asked::Tail,
+            Ask::Fetch(..) => Asked::Fetch,
+            Ask::Prune(_) => Asked::Prune,
+        };
+        let not_before = match &ask {
+            Ask::Tail { not_before, .. } => *not_before,
+            _ => None,
+        };
         let channel = self.channel.clone();
         let query = async move {
             match ask {
@@ -224,15 +333,10 @@ impl ConnectionLoop {
                     from,
                     catch_up,
                     budget,
-                    not_before,
-                } => {
-                    if let Some(at) = not_before {
-                        tokio::time::sleep_until(at).await;
-                    }
-                    QueryOutcome::Tail(
-                        log::read_page(client, &channel, &from, catch_up.as_ref(), budget).await,
-                    )
-                }
+                    ..
+                } => QueryOutcome::Tail(
+                    log::read_page(client, &channel, &from, catch_up.as_ref(), budget).await,
+                ),
                 Ask::Fetch(origin, seq) => {
                     QueryOutcome::Fetch(log::fetch(client, &channel, &origin, seq).await)
                 }
@@ -241,12 +345,48 @@ impl ConnectionLoop {
                 }
             }
         };
-        let limit = self.query_deadline;
+        let limit = self.slot.deadline;
+        let grace = self.slot.grace;
+        let canceller = self.slot.canceller.clone();
+        let prove = Arc::new(Notify::new());
+        self.slot.prove = Some(prove.clone());
         Some(
             async move {
-                tokio::time::timeout(limit, query)
-                    .await
-                    .unwrap_or(QueryOutcome::TimedOut(limit))
+                // A page the server cancelled waits its pause first; its deadline counts
+                // from when it is sent.
+                if let Some(at) = not_before {
+                    tokio::time::sleep_until(at).await;
+                }
+                // Dropped unfinished (the session ends), the query is cancelled too: a
+                // backend waiting on a lock does not notice its client left.
+                let mut guard = CancelOnDrop::new(&canceller, client);
+                let started = Instant::now();
+                let mut query = std::pin::pin!(query);
+                let answered = tokio::select! {
+                    biased;
+                    outcome = &mut query => Some(outcome),
+                    () = tokio::time::sleep(limit) => None,
+                    () = prove.notified() => None,
+                };
+                let outcome = match answered {
+                    Some(outcome) => outcome,
+                    None => {
+                        // Past its deadline, or a heartbeat is late meanwhile: cancelled,
+                        // and given the time a heartbeat has to answer.
+                        canceller.cancel_detached(client.cancel_token());
+                        match tokio::time::timeout(grace, &mut query).await {
+                            // A prompt "canceling statement": the connection is fine.
+                            Ok(outcome) if was_cancelled(&outcome) => {
+                                QueryOutcome::Cancelled(asked)
+                            }
+                            Ok(outcome) => outcome,
+                            // No answer even to a cancel: the connection is dead.
+                            Err(_) => QueryOutcome::TimedOut(started.elapsed()),
+                        }
+                    }
+                };
+                guard.disarm();
+                outcome
             }
             .boxed(),
         )
@@ -264,6 +404,39 @@ async fn subscribe(client: &Client, sql: String, limit: Duration) -> Result<(), 
         Ok(Err(e)) => Err(format!("{sql} failed: {}", pg_message(&e))),
         Err(_) => Err(format!("{sql} did not answer within {limit:?}")),
     }
+}
+
+impl ConnectionLoop {
+    /// A cheap statement in the query slot, with the slot's deadline and cancel, so that
+    /// the server's `idle_session_timeout` does not end the session.
+    fn keep_alive<'c>(&self, client: &'c Client) -> BoxFuture<'c, QueryOutcome> {
+        let limit = self.slot.deadline;
+        let canceller = self.slot.canceller.clone();
+        async move {
+            let mut guard = CancelOnDrop::new(&canceller, client);
+            match tokio::time::timeout(limit, client.batch_execute("SELECT 1")).await {
+                Ok(done) => {
+                    guard.disarm();
+                    QueryOutcome::KeptAlive(done)
+                }
+                // Cancelled as the guard goes; no answer in a whole deadline: dead.
+                Err(_) => QueryOutcome::TimedOut(limit),
+            }
+        }
+        .boxed()
+    }
+}
+
+/// Whether a query ended with the server's "canceling statement" (ours, or the server's
+/// `statement_timeout`).
+fn was_cancelled(outcome: &QueryOutcome) -> bool {
+    let e = match outcome {
+        QueryOutcome::Tail(Err(e)) => e,
+        QueryOutcome::Fetch(Err(e)) => e,
+        QueryOutcome::Prune(Err(e)) => e,
+        _ => return false,
+    };
+    e.code() == Some(&SqlState::QUERY_CANCELED)
 }
 
 /// A notification, as the intake takes it.

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use super::link::FlightConnection;
 use super::queue::{Outcome, Queue, Request, Turn};
 use super::send::BatchSender;
+use crate::config::{QueueBound, QueueFull};
 use crate::error::Error;
 
 /// The most scheduler turns a flusher gives pushers to join its batch (see
@@ -26,6 +27,10 @@ pub(super) struct Batcher {
     max_in_flight: usize,
     /// Signalled whenever the last flight ends with nothing queued.
     idle: Notify,
+    /// Signalled whenever queued pushes are taken: a push waiting for room tries again.
+    room: Notify,
+    /// What a push does when the queue is full.
+    when_full: QueueFull,
 }
 
 /// Ends a flight when dropped: however its flush ended (sent, failed, or its caller gave up
@@ -80,6 +85,7 @@ impl Drop for Abandon {
             let mut queue = batcher.queue.lock().expect("push queue lock");
             queue.abandon_flusher();
             batcher.settle(queue);
+            batcher.room.notify_waiters();
         }
     }
 }
@@ -90,13 +96,19 @@ impl Batcher {
         max_batch: usize,
         max_batch_wait: Duration,
         max_in_flight: usize,
+        bound: QueueBound,
     ) -> Self {
         Batcher {
             sender,
-            queue: Mutex::new(Queue::new(max_batch, !max_batch_wait.is_zero())),
+            queue: Mutex::new(
+                Queue::new(max_batch, !max_batch_wait.is_zero())
+                    .with_bound(bound.pushes, bound.bytes),
+            ),
             max_batch_wait,
             max_in_flight,
             idle: Notify::new(),
+            room: Notify::new(),
+            when_full: bound.when_full,
         }
     }
 
@@ -108,32 +120,66 @@ impl Batcher {
     /// there is room, otherwise with the pushes queued for the next flight. Resolves when
     /// the flight's transaction has committed, with its outcome.
     pub(super) async fn push(self: &Arc<Self>, encoded: Vec<String>) -> Result<(), Error> {
-        let turn = self
-            .queue
-            .lock()
-            .expect("push queue lock")
-            .admit(encoded, self.depth())?;
+        let timeout = self.sender.timeout();
+        let deadline = Instant::now() + timeout;
+        let timed_out = || Error::Timeout {
+            what: "pushing",
+            after: timeout,
+        };
+        let mut encoded = encoded;
+        let turn = loop {
+            // Registered before the queue is looked at: room made meanwhile is not missed.
+            let room = self.room.notified();
+            let turn = self
+                .queue
+                .lock()
+                .expect("push queue lock")
+                .admit(encoded, self.depth())?;
+            match turn {
+                Turn::Full {
+                    updates,
+                    pushes,
+                    bytes,
+                } => {
+                    if self.when_full == QueueFull::Fail {
+                        return Err(Error::QueueFull { pushes, bytes });
+                    }
+                    // Backpressure: wait for room, within the push timeout.
+                    encoded = updates;
+                    tokio::time::timeout_at(deadline, room)
+                        .await
+                        .map_err(|_| timed_out())?;
+                }
+                turn => break turn,
+            }
+        };
         match turn {
             Turn::Alone(encoded) => {
                 // These updates go out alone, from here, at once (no hand-off). Alone: if
                 // the caller gives up midway, no other push's flight is cut short with it.
                 let _flight = Flight(self.clone());
-                self.sender.flush(encoded.iter().map(String::as_str)).await
+                self.sender
+                    .flush_by(deadline, encoded.iter().map(String::as_str))
+                    .await
             }
             Turn::Queued { lead, outcome } => {
+                self.note_depth();
                 if lead {
                     tokio::spawn(self.clone().fly());
                 }
-                let timeout = self.sender.timeout();
-                tokio::time::timeout(timeout, outcome)
+                tokio::time::timeout_at(deadline, outcome)
                     .await
-                    .map_err(|_| Error::Timeout {
-                        what: "pushing",
-                        after: timeout,
-                    })?
+                    .map_err(|_| timed_out())?
                     .map_err(|_| Error::Closed)?
             }
+            Turn::Full { .. } => unreachable!("a full queue waits above"),
         }
+    }
+
+    /// Notes how deep the queue is now, for the high-water marks in the stats.
+    fn note_depth(&self) {
+        let (pushes, bytes) = self.queue.lock().expect("push queue lock").depth();
+        self.sender.counters().queue_depth(pushes, bytes);
     }
 
     /// Stops taking pushes, lets the flights finish what is queued, then closes the pool.
@@ -269,6 +315,8 @@ impl Batcher {
         let mut queue = self.queue.lock().expect("push queue lock");
         let batch = queue.take_batch(gatherer);
         self.settle(queue);
+        // Room for the pushes waiting for it.
+        self.room.notify_waiters();
         batch
     }
 }

@@ -32,9 +32,12 @@ mod wire;
 
 use std::sync::Arc;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use deadpool_postgres::{
+    HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts,
+};
 use tokio_postgres::GenericClient;
 
+use crate::cancel::{Canceller, Lent};
 use crate::config::Config;
 use crate::envelope::{MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, Marks, Packer};
 use crate::error::Error;
@@ -54,6 +57,8 @@ const TARGET: &str = "updatepipe::push";
 #[derive(Debug)]
 pub(crate) struct Pusher {
     batcher: Arc<Batcher>,
+    /// Cancels the statements of `init` and `query_f64` given up on.
+    canceller: Canceller,
 }
 
 impl Pusher {
@@ -76,7 +81,22 @@ impl Pusher {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        let limits = config.session_limits().sql();
         let pool = Pool::builder(manager)
+            // The backstop session settings, by a `SET` once connected (PgBouncer refuses
+            // unknown startup parameters).
+            .post_create(deadpool_postgres::Hook::async_fn(move |client, _| {
+                let limits = limits.clone();
+                Box::pin(async move {
+                    if let Some(sql) = limits {
+                        client
+                            .batch_execute(&sql)
+                            .await
+                            .map_err(HookError::Backend)?;
+                    }
+                    Ok(())
+                })
+            }))
             .max_size(config.pool_size())
             .runtime(Runtime::Tokio1)
             .timeouts(Timeouts {
@@ -105,15 +125,24 @@ impl Pusher {
             config.push_timeout(),
             config.pool_size() >= 3,
         );
-        let sender = BatchSender::new(wire, link, config.push_timeout(), counters);
+        let canceller = Canceller::new(config)?;
+        let sender = BatchSender::new(
+            wire,
+            link,
+            config.push_timeout(),
+            counters,
+            canceller.clone(),
+        );
         let batcher = Batcher::new(
             sender,
             config.max_batch(),
             config.max_batch_wait(),
             config.max_in_flight(),
+            config.queue_bound(),
         );
         Ok(Pusher {
             batcher: Arc::new(batcher),
+            canceller,
         })
     }
 
@@ -126,8 +155,9 @@ impl Pusher {
         let sender = self.sender();
         sender
             .within("preparing to push", async {
-                let client = sender.link().checkout().await?;
-                client.execute_typed("SELECT 1", &[]).await?;
+                let lent = Lent::new(sender.link().checkout().await?, &self.canceller);
+                let answer = lent.client().execute_typed("SELECT 1", &[]).await;
+                lent.finish(answer)?;
                 Ok(())
             })
             .await
@@ -179,8 +209,9 @@ impl Pusher {
         let sender = self.sender();
         sender
             .within("querying the server", async {
-                let client = sender.link().checkout().await?;
-                Ok(client.query_typed_one(sql, &[]).await?.get(0))
+                let lent = Lent::new(sender.link().checkout().await?, &self.canceller);
+                let answer = lent.client().query_typed_one(sql, &[]).await;
+                Ok(lent.finish(answer)?.get(0))
             })
             .await
     }

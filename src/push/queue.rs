@@ -31,13 +31,21 @@ impl Request {
 }
 
 /// How a push goes out: alone and at once (nothing was queued and there was room for a
-/// flight), or queued for a flusher task, which it starts (`lead`) when none is gathering.
+/// flight), or queued for a flusher task, which it starts (`lead`) when none is gathering;
+/// or not at all yet, the queue being full (its updates handed back).
 #[derive(Debug)]
 pub(super) enum Turn {
     Alone(Vec<String>),
     Queued {
         lead: bool,
         outcome: oneshot::Receiver<Outcome>,
+    },
+    Full {
+        updates: Vec<String>,
+        /// Pushes waiting.
+        pushes: usize,
+        /// Their encoded bytes.
+        bytes: usize,
     },
 }
 
@@ -55,6 +63,12 @@ pub(super) struct Queue {
     max_batch: usize,
     /// Pushes wait for company (a batch wait is configured): none goes out alone.
     wait_for_company: bool,
+    /// The encoded bytes of the pushes waiting.
+    bytes: usize,
+    /// The most pushes, and bytes, that may wait (a push of more bytes than that is still
+    /// taken when none waits).
+    max_pushes: usize,
+    max_bytes: usize,
 }
 
 impl Queue {
@@ -66,7 +80,29 @@ impl Queue {
             closed: false,
             max_batch,
             wait_for_company,
+            bytes: 0,
+            max_pushes: usize::MAX,
+            max_bytes: usize::MAX,
         }
+    }
+
+    /// Bounds the pushes waiting: at most `pushes` of them, `bytes` in all.
+    pub(super) fn with_bound(mut self, pushes: usize, bytes: usize) -> Self {
+        self.max_pushes = pushes.max(1);
+        self.max_bytes = bytes.max(1);
+        self
+    }
+
+    /// How many pushes wait, and their encoded bytes.
+    pub(super) fn depth(&self) -> (usize, usize) {
+        (self.pending.len(), self.bytes)
+    }
+
+    /// Takes the front request out, keeping the byte count.
+    fn pop_front(&mut self) -> Option<Request> {
+        let request = self.pending.pop_front()?;
+        self.bytes -= size(&request.updates);
+        Some(request)
     }
 
     /// Admits a push, with room for `depth` flights: alone, when nothing is queued and
@@ -82,7 +118,18 @@ impl Queue {
             self.flights += 1;
             return Ok(Turn::Alone(updates));
         }
+        let bytes = size(&updates);
+        if !self.pending.is_empty()
+            && (self.pending.len() >= self.max_pushes || self.bytes + bytes > self.max_bytes)
+        {
+            return Ok(Turn::Full {
+                updates,
+                pushes: self.pending.len(),
+                bytes: self.bytes,
+            });
+        }
         let (done, outcome) = oneshot::channel();
+        self.bytes += bytes;
         self.pending.push_back(Request { updates, done });
         let lead = room && !self.gathering;
         if lead {
@@ -118,14 +165,14 @@ impl Queue {
             if request.done.is_closed() {
                 // Its caller gave up (timed out or cancelled) before it was sent: it was
                 // told it failed, so it must not be sent now.
-                self.pending.pop_front();
+                self.pop_front();
                 continue;
             }
             if count > 0 && count + request.updates.len() > self.max_batch {
                 break;
             }
             count += request.updates.len();
-            batch.push(self.pending.pop_front().expect("a front request"));
+            batch.push(self.pop_front().expect("a front request"));
         }
         if batch.is_empty() {
             self.flights -= 1;
@@ -143,6 +190,7 @@ impl Queue {
     /// and what is queued is given up (each waiting push is told the pipe is closed).
     pub(super) fn abandon_flusher(&mut self) {
         self.pending.clear();
+        self.bytes = 0;
         self.gathering = false;
         self.flights -= 1;
     }
@@ -169,6 +217,11 @@ impl Queue {
     }
 }
 
+/// The encoded bytes of a push.
+fn size(updates: &[String]) -> usize {
+    updates.iter().map(String::len).sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,8 +233,36 @@ mod tests {
     fn queued(turn: Result<Turn, Error>) -> (bool, oneshot::Receiver<Outcome>) {
         match turn.unwrap() {
             Turn::Queued { lead, outcome } => (lead, outcome),
-            Turn::Alone(_) => panic!("went alone"),
+            other => panic!("not queued: {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_queue_is_bounded_by_pushes_and_bytes() {
+        let mut queue = Queue::new(100, true).with_bound(3, 10);
+        let mut waiting = Vec::new();
+        for _ in 0..3 {
+            waiting.push(queued(queue.admit(updates(1), 1)));
+        }
+        assert_eq!(queue.depth(), (3, 3));
+        match queue.admit(updates(2), 1).unwrap() {
+            Turn::Full {
+                updates,
+                pushes,
+                bytes,
+            } => assert_eq!((updates.len(), pushes, bytes), (2, 3, 3)),
+            other => panic!("{other:?}"),
+        }
+        // A batch taken makes room.
+        assert_eq!(queue.take_batch(true).map(|b| b.len()), Some(3));
+        assert_eq!(queue.depth(), (0, 0));
+        // Bytes: a push larger than the bound is taken alone, and nothing joins it.
+        let big: Vec<String> = vec!["x".repeat(20)];
+        let _big = queued(queue.admit(big, 1));
+        assert!(matches!(queue.admit(updates(1), 1), Ok(Turn::Full { .. })));
+        assert_eq!(queue.depth(), (1, 20));
+        queue.abandon_flusher();
+        assert_eq!(queue.depth(), (0, 0));
     }
 
     fn sizes(batch: &[Request]) -> Vec<usize> {

@@ -11,6 +11,7 @@ use tokio_postgres::error::SqlState;
 use super::TARGET;
 use super::link::{FlightConnection, Link};
 use super::wire::{Payloads, Wire, is_proxy_refusal};
+use crate::cancel::Canceller;
 use crate::error::Error;
 use crate::stats::Counters;
 
@@ -22,16 +23,25 @@ pub(super) struct BatchSender {
     timeout: Duration,
     counters: Arc<Counters>,
     timers: KeptTimers,
+    /// Cancels a batch given up on, on the server.
+    canceller: Canceller,
 }
 
 impl BatchSender {
-    pub(super) fn new(wire: Wire, link: Link, timeout: Duration, counters: Arc<Counters>) -> Self {
+    pub(super) fn new(
+        wire: Wire,
+        link: Link,
+        timeout: Duration,
+        counters: Arc<Counters>,
+        canceller: Canceller,
+    ) -> Self {
         BatchSender {
             wire,
             link,
             timeout,
             counters,
             timers: KeptTimers::default(),
+            canceller,
         }
     }
 
@@ -76,8 +86,18 @@ impl BatchSender {
         &self,
         encoded: impl IntoIterator<Item = &'a str>,
     ) -> Result<(), Error> {
+        self.flush_by(Instant::now() + self.timeout, encoded).await
+    }
+
+    /// Sends one batch of encoded updates in one statement, by `deadline` (a push that
+    /// waited for room in the queue has only what is left of its push timeout).
+    pub(super) async fn flush_by<'a>(
+        &self,
+        deadline: Instant,
+        encoded: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), Error> {
         let packed = OnceLock::new();
-        let outcome = self.flush_packed(&packed, encoded).await;
+        let outcome = self.flush_packed(deadline, &packed, encoded).await;
         if let Err(e) = &outcome {
             let envelopes = packed.get().map_or(0, |p| p.envelopes.len());
             // Every push of the batch gets the error back; its caller decides whether it is
@@ -91,10 +111,10 @@ impl BatchSender {
     /// durable batch may be sent twice.
     async fn flush_packed<'a>(
         &self,
+        deadline: Instant,
         packed: &OnceLock<Payloads>,
         encoded: impl IntoIterator<Item = &'a str>,
     ) -> Result<(), Error> {
-        let deadline = Instant::now() + self.timeout;
         let mut encoded = Some(encoded);
         let mut used = None;
         let mut retried = false;
@@ -125,8 +145,12 @@ impl BatchSender {
                 Ok(Err(e)) => return Err(e),
                 Err(()) => {
                     // The server did not answer in time: whatever this connection is busy
-                    // with, later flights must not queue behind it.
+                    // with is cancelled on the server (a backend waiting on a lock would
+                    // otherwise wait on, for a client that left), and later flights must
+                    // not queue behind it.
                     if let Some(connection) = &used {
+                        self.canceller
+                            .cancel_detached(connection.client().cancel_token());
                         self.link.discard(connection);
                     }
                     return Err(Error::Timeout {

@@ -1,7 +1,9 @@
 //! A TCP proxy for tests that break the path between a client and the server: it can
 //! blackhole (keep connections open and swallow every byte, like a dead NAT or a pulled
-//! cable), go down (close every connection and refuse new ones), or hold (keep every byte
-//! until released, like a stalled network).
+//! cable), go down (close every connection and refuse new ones), hold (keep every byte
+//! until released, like a stalled network), or forget the connections open at one moment
+//! (swallow their bytes for good, while new connections work: a NAT, a load balancer or a
+//! hung middlebox that lost its flows).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +27,8 @@ pub struct Proxy {
     accepted: Arc<AtomicU64>,
     /// Chunks read while holding.
     held: Arc<AtomicU64>,
+    /// Bumped to forget every connection open now.
+    forgotten: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -37,9 +41,11 @@ impl Proxy {
         let (generation, _) = watch::channel(0u64);
         let accepted = Arc::new(AtomicU64::new(0));
         let held = Arc::new(AtomicU64::new(0));
+        let forgotten = Arc::new(AtomicU64::new(0));
         let task = {
             let mode = mode.clone();
             let held = held.clone();
+            let forgotten = forgotten.clone();
             let generation = generation.clone();
             let accepted = accepted.clone();
             tokio::spawn(async move {
@@ -55,12 +61,16 @@ impl Proxy {
                     let mode = mode.clone();
                     let held = held.clone();
                     let closed = generation.subscribe();
+                    let flow = Flow {
+                        born: forgotten.load(Ordering::SeqCst),
+                        forgotten: forgotten.clone(),
+                    };
                     tokio::spawn(async move {
                         let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await
                         else {
                             return;
                         };
-                        pipe_both(client, server, mode, held, closed).await;
+                        pipe_both(client, server, mode, held, flow, closed).await;
                     });
                 }
             })
@@ -71,8 +81,15 @@ impl Proxy {
             generation,
             accepted,
             held,
+            forgotten,
             task,
         }
+    }
+
+    /// Stop forwarding the connections open now, both ways, for good, without closing them;
+    /// connections made from now on work.
+    pub fn forget_open(&self) {
+        self.forgotten.fetch_add(1, Ordering::SeqCst);
     }
 
     pub fn port(&self) -> u16 {
@@ -121,17 +138,32 @@ impl Drop for Proxy {
     }
 }
 
+/// One connection's place in the proxy's memory: forgotten once `forgotten` moves past
+/// `born`.
+#[derive(Clone)]
+struct Flow {
+    born: u64,
+    forgotten: Arc<AtomicU64>,
+}
+
+impl Flow {
+    fn forgotten(&self) -> bool {
+        self.forgotten.load(Ordering::SeqCst) != self.born
+    }
+}
+
 async fn pipe_both(
     client: TcpStream,
     server: TcpStream,
     mode: Arc<AtomicU8>,
     held: Arc<AtomicU64>,
+    flow: Flow,
     mut closed: watch::Receiver<u64>,
 ) {
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
-    let up = pump(cr, sw, mode.clone(), held.clone());
-    let down = pump(sr, cw, mode, held);
+    let up = pump(cr, sw, mode.clone(), held.clone(), flow.clone());
+    let down = pump(sr, cw, mode, held, flow);
     tokio::select! {
         _ = up => {}
         _ = down => {}
@@ -140,12 +172,14 @@ async fn pipe_both(
 }
 
 /// Copies one direction while the proxy is up; keeps what arrives while it holds (reading
-/// on) until it is up again; drops what arrives while it is otherwise.
+/// on) until it is up again; drops what arrives while it is otherwise, and once its flow
+/// is forgotten.
 async fn pump(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin + Send + 'static,
     mode: Arc<AtomicU8>,
     held: Arc<AtomicU64>,
+    flow: Flow,
 ) {
     let (chunks, mut queued) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
     let mut writer = AbortOnDrop({
@@ -155,7 +189,7 @@ async fn pump(
                 while mode.load(Ordering::SeqCst) == HOLD {
                     tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                 }
-                if mode.load(Ordering::SeqCst) != UP {
+                if mode.load(Ordering::SeqCst) != UP || flow.forgotten() {
                     continue;
                 }
                 if to.write_all(&chunk).await.is_err() {

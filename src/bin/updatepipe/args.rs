@@ -41,7 +41,8 @@ Exit codes:
   2  bad input: an invalid option, update, channel, connection string or secret file
   3  PostgreSQL unreachable: no host answered, or the connection broke
   4  PostgreSQL refused a statement (permissions, a failed migration, a full queue)
-  5  PostgreSQL refused the login (password, role, pg_hba.conf)";
+  5  PostgreSQL refused the login (password, role, pg_hba.conf)
+  6  status: the server is reachable but unhealthy (notification queue above --queue-fail)";
 
 /// `--channel`, for the commands that use one.
 #[derive(clap::Args, Debug)]
@@ -58,6 +59,9 @@ pub(crate) enum Command {
     /// Connection events (connected, disconnected, resync) go to standard error. With
     /// --durable, updates pushed durably are never lost: after a disconnect the listener
     /// replays them from the log.
+    ///
+    /// A long-running node: when the server cannot be reached at the start, listen waits
+    /// for it, retrying with the reconnect backoff (--no-wait: exit 3 at once instead).
     ///
     /// Examples:
     ///   updatepipe listen --channel imap_updates
@@ -113,6 +117,11 @@ pub(crate) enum Command {
         /// cannot be signed.
         #[arg(long, requires = "secret_file")]
         accept_maddy: bool,
+
+        /// Exit at once (code 3) when the server cannot be reached at the start, instead
+        /// of waiting for it.
+        #[arg(long)]
+        no_wait: bool,
 
         /// Serve Prometheus metrics on this address (GET /metrics), for example
         /// 127.0.0.1:9187: the pipe's counters (updatepipe_*_total), the notification
@@ -223,7 +232,11 @@ pub(crate) enum Command {
 
     /// Show the server as the pipe sees it: version, primary or standby, whether LISTEN
     /// works through this connection (not through a transaction-pooling proxy), the
-    /// notification queue, the durable log and the schema version.
+    /// notification queue, the server's idle timeouts, the durable log and the schema
+    /// version.
+    ///
+    /// A health check: exits 6 when the notification queue is fuller than --queue-fail
+    /// (when it is full, every NOTIFY in the cluster fails), and warns above --queue-warn.
     ///
     /// Answers in well under a second; --listeners also counts the listeners on the
     /// channel, which takes half a health interval (about 5.5 s).
@@ -238,6 +251,15 @@ pub(crate) enum Command {
         /// 5.5 s, half the default health interval).
         #[arg(long)]
         listeners: bool,
+
+        /// Warn when the notification queue is fuller than this, in percent.
+        #[arg(long, value_name = "PERCENT", default_value_t = 10.0)]
+        queue_warn: f64,
+
+        /// Exit 6 when the notification queue is fuller than this, in percent (a health
+        /// check: the server is reachable but unhealthy).
+        #[arg(long, value_name = "PERCENT", default_value_t = 50.0)]
+        queue_fail: f64,
     },
 
     /// Show two nodes and an admin tool exchanging updates through PostgreSQL.

@@ -71,6 +71,31 @@ pub(crate) fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Checks the schema; with `wait_for_server`, once the server can be reached (retried with
+/// the backoff while it cannot).
+async fn check_schema_when_reachable(pipe: &PgPipe) -> Result<i64, Error> {
+    let mut attempt = 0;
+    loop {
+        match pipe.check_schema().await {
+            Err(e) if pipe.config().wait_for_server() && e.is_connection() => {
+                attempt += 1;
+                if pipe
+                    .config()
+                    .backoff()
+                    .max_attempts
+                    .is_some_and(|max| attempt >= max)
+                {
+                    return Err(e);
+                }
+                eprintln!("updatepipe: waiting for the server ({e})");
+                let delay = pipe.config().backoff().delay(attempt);
+                tokio::time::sleep(delay.max(std::time::Duration::from_millis(100))).await;
+            }
+            checked => return checked,
+        }
+    }
+}
+
 pub(crate) async fn listen(
     config: Config,
     filter: &Filter,
@@ -79,8 +104,9 @@ pub(crate) async fn listen(
 ) -> anyhow::Result<()> {
     let pipe = PgPipe::new(config)?;
     if pipe.config().durable() {
-        // Never migrates: a runtime role cannot, and must not need to.
-        if let Err(e) = pipe.check_schema().await {
+        // Never migrates: a runtime role cannot, and must not need to. Waits for the
+        // server as the listener does (unless --no-wait).
+        if let Err(e) = check_schema_when_reachable(&pipe).await {
             pipe.close().await?;
             return Err(e.into());
         }
@@ -171,7 +197,9 @@ pub(crate) fn update_from_options(
     )?)
 }
 
-pub(crate) fn print_status(pipe: &PgPipe, status: &updatepipe::Status) {
+/// Prints the status; warns (on standard error too) when the notification queue is fuller
+/// than `queue_warn` percent.
+pub(crate) fn print_status(pipe: &PgPipe, status: &updatepipe::Status, queue_warn: f64) {
     println!("server version      {}", status.server_version);
     println!(
         "primary             {}",
@@ -189,7 +217,23 @@ pub(crate) fn print_status(pipe: &PgPipe, status: &updatepipe::Status) {
         ),
         None => println!("LISTEN works        unknown (cannot NOTIFY on a standby)"),
     }
-    println!("queue usage         {:.6} %", status.queue_usage * 100.0);
+    let usage = status.queue_usage * 100.0;
+    if usage > queue_warn {
+        println!(
+            "queue usage         {usage:.6} % WARNING: above {queue_warn} %; some session of \
+             this database listens and does not read (a LISTEN in a transaction left open?)"
+        );
+        eprintln!("updatepipe: warning: the notification queue is {usage:.6} % full");
+    } else {
+        println!("queue usage         {usage:.6} %");
+    }
+    match status.idle_session_timeout_ms {
+        Some(0) | None => {}
+        Some(ms) => println!(
+            "idle timeout        idle_session_timeout is {ms} ms: listeners send a statement \
+             on their connection every third of it"
+        ),
+    }
     if let Some(n) = status.listeners {
         println!("listeners           {n} on this channel (heard by their heartbeats)");
     }

@@ -35,7 +35,22 @@ mod exit {
     pub const SERVER: u8 = 4;
     /// The server refused the login.
     pub const AUTH: u8 = 5;
+    /// `status`: the server is reachable but unhealthy (the notification queue above
+    /// --queue-fail).
+    pub const UNHEALTHY: u8 = 6;
 }
+
+/// `status` found the server unhealthy: exit 6.
+#[derive(Debug)]
+struct Unhealthy(String);
+
+impl std::fmt::Display for Unhealthy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unhealthy {}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -110,6 +125,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             | Error::NotSchemaOwner { .. },
         ) => exit::SERVER,
         Some(_) => exit::FAILURE,
+        None if e.downcast_ref::<Unhealthy>().is_some() => exit::UNHEALTHY,
         None if e.downcast_ref::<updatepipe::UpdateError>().is_some() => exit::BAD_INPUT,
         None => exit::FAILURE,
     }
@@ -128,6 +144,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             kinds,
             secret_file,
             accept_unsigned,
+            no_wait,
             metrics,
         } => {
             let filter = Filter {
@@ -140,7 +157,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_secrets(secrets(secret_file.as_deref())?)
                 .with_accept_unsigned(accept_unsigned)
                 .with_layout(layout.layout())
-                .with_accept_maddy(accept_maddy);
+                .with_accept_maddy(accept_maddy)
+                .with_wait_for_server(!no_wait);
             if let Some(since) = since {
                 config = config.with_since(since);
             }
@@ -229,7 +247,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Status { channel, listeners } => {
+        Command::Status {
+            channel,
+            listeners,
+            queue_warn,
+            queue_fail,
+        } => {
             let pipe = PgPipe::new(
                 config(cli.url.as_deref())?.with_channel(ChannelName::new(&channel.channel)?),
             )?;
@@ -239,7 +262,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pipe.status().await?
             };
             pipe.close().await?;
-            print_status(&pipe, &status);
+            print_status(&pipe, &status, queue_warn);
+            let usage = status.queue_usage * 100.0;
+            if usage > queue_fail {
+                return Err(Unhealthy(format!(
+                    "the notification queue is {usage:.4} % full, above --queue-fail \
+                     {queue_fail} %: a session of this database listens and does not read"
+                ))
+                .into());
+            }
             Ok(())
         }
         Command::Demo { layout, channel } => {

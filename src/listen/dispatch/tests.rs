@@ -43,6 +43,7 @@ fn dispatch(config: &Config) -> (Dispatch, mpsc::Receiver<Event>) {
             Packer::new(&me, 1, None),
             settings.channel.clone(),
             pool,
+            crate::cancel::Canceller::new(config).unwrap(),
         ),
         rejections: Pacer::default(),
         log_errors: Pacer::default(),
@@ -281,6 +282,37 @@ fn a_query_that_does_not_answer_ends_the_session() {
         .unwrap_err();
     assert_eq!(
         reason,
-        "a query did not answer within 60s: the connection is dead"
+        "a query did not answer within 60s, nor its cancel: the connection is dead"
     );
+    // Cancelled, and the cancel answered: the connection is fine.
+    assert_eq!(d.on_query(QueryOutcome::Cancelled(Asked::Fetch)), Ok(()));
+    assert_eq!(d.on_query(QueryOutcome::Cancelled(Asked::Prune)), Ok(()));
+}
+
+#[test]
+fn a_tail_page_cancelled_past_its_deadline_is_read_again_smaller_after_a_pause() {
+    let (mut d, _rx) = dispatch(&config().with_durable(true));
+    let Some(Ask::Tail { budget, .. }) = d.next_ask() else {
+        panic!("a durable listener reads the tail first");
+    };
+    assert!(
+        d.next_ask()
+            .is_none_or(|ask| !matches!(ask, Ask::Tail { .. }))
+    );
+    // Cancelled by the listener (its deadline, or a late heartbeat), not by the server:
+    // the page is asked again all the same, as when the server cancels it.
+    let before = Instant::now();
+    assert_eq!(d.on_query(QueryOutcome::Cancelled(Asked::Tail)), Ok(()));
+    let Some(Ask::Tail {
+        budget: smaller,
+        not_before: Some(at),
+        ..
+    }) = d.next_ask()
+    else {
+        panic!("a cancelled page is asked again, after a pause");
+    };
+    assert_eq!(smaller.rows, (budget.rows / 2).max(1));
+    assert!(at >= before + d.page_pause);
+    // The server's statement_timeout is counted as a cancelled page; this one is not.
+    assert_eq!(d.counters.snapshot().log_pages_cancelled, 0);
 }
