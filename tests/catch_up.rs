@@ -7,9 +7,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::proxy::Proxy;
-use support::{cluster_config, own_cluster, unique};
+use support::{assert_exactly_once_in_order, cluster_config, own_cluster, unique};
 use tokio::sync::mpsc;
-use updatepipe::{Event, MailboxKey, PgPipe, SeqSet, Stats, Update, UpdatePipe};
+use updatepipe::{Event, PgPipe, SeqSet, Stats, Update, UpdatePipe};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -53,26 +53,6 @@ async fn receive(rx: &mut mpsc::Receiver<Event>, total: usize) -> Vec<Update> {
         assert!(!matches!(event, Event::Update(_)), "a duplicate: {event:?}");
     }
     got
-}
-
-/// Each mailbox's numbers arrive exactly once, in order, 1 to `each`.
-fn assert_once_in_order(updates: &[Update], keys: u64, each: u32) {
-    let mut next = vec![1u32; keys as usize];
-    for update in updates {
-        let MailboxKey::Id(key) = update.key() else {
-            panic!("{update:?}")
-        };
-        let n = update.seq_set().as_single().unwrap();
-        assert_eq!(
-            n, next[*key as usize],
-            "mailbox {key}: out of order or repeated"
-        );
-        next[*key as usize] += 1;
-    }
-    assert!(
-        next.iter().all(|n| *n == each + 1),
-        "missing: next {next:?}"
-    );
 }
 
 async fn wait_for(rx: &mut mpsc::Receiver<Event>, wanted: impl Fn(&Event) -> bool) {
@@ -129,7 +109,7 @@ async fn a_backlog_many_pages_long_arrives_once_in_order_one_page_at_a_time() {
     proxy.up();
     push_rows(&pusher, KEYS, 201, 50, 0).await;
     let got = receive(&mut rx, backlog + (KEYS * 50) as usize).await;
-    assert_once_in_order(&got, KEYS, 250);
+    assert_exactly_once_in_order(&got.iter().collect::<Vec<_>>(), KEYS, 250);
 
     let stats = listener.stats();
     let report = page_report(&stats);
@@ -175,7 +155,7 @@ async fn a_backlog_completes_when_the_server_cancels_long_reads() {
     let (tx, mut rx) = mpsc::channel(100_000);
     listener.listen_events(tx).await.unwrap();
     let got = receive(&mut rx, (KEYS * u64::from(EACH)) as usize).await;
-    assert_once_in_order(&got, KEYS, EACH);
+    assert_exactly_once_in_order(&got.iter().collect::<Vec<_>>(), KEYS, EACH);
     let stats = listener.stats();
     eprintln!("{}", page_report(&stats));
     assert_eq!(

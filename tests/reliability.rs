@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::proxy::Proxy;
-use support::{cluster_config, own_cluster, unique};
+use support::{assert_exactly_once_in_order, cluster_config, own_cluster, unique};
 use tokio::sync::mpsc;
 use updatepipe::{
     Config, Envelope, Error, Event, MailboxKey, PgPipe, QueueFull, ResyncReason, SeqSet, Update,
@@ -87,26 +87,6 @@ fn updates(events: &[Event]) -> Vec<&Update> {
             _ => None,
         })
         .collect()
-}
-
-/// Checks that each mailbox's numbers arrive exactly once, in order, 1 to `each`.
-fn assert_exactly_once_in_order(updates: &[&Update], keys: u64, each: u32) {
-    let mut next = vec![1u32; keys as usize];
-    for update in updates {
-        let MailboxKey::Id(key) = update.key() else {
-            panic!("{update:?}")
-        };
-        let n = update.seq_set().as_single().unwrap();
-        assert_eq!(
-            n, next[*key as usize],
-            "mailbox {key}: out of order or repeated"
-        );
-        next[*key as usize] += 1;
-    }
-    assert!(
-        next.iter().all(|n| *n == each + 1),
-        "missing updates: next {next:?}"
-    );
 }
 
 /// Pushes `keys × each` numbered updates from `keys` tasks (one per mailbox, in order).

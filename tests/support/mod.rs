@@ -193,6 +193,27 @@ pub async fn connections(client: &tokio_postgres::Client, application_name: &str
         .get(0)
 }
 
+/// Checks that each mailbox's numbered updates (mailboxes 0 to `keys` - 1, UIDs 1 to `each`)
+/// arrive exactly once, in order.
+pub fn assert_exactly_once_in_order(updates: &[&Update], keys: u64, each: u32) {
+    let mut next = vec![1u32; keys as usize];
+    for update in updates {
+        let updatepipe::MailboxKey::Id(key) = update.key() else {
+            panic!("{update:?}")
+        };
+        let n = update.seq_set().as_single().unwrap();
+        assert_eq!(
+            n, next[*key as usize],
+            "mailbox {key}: out of order or repeated"
+        );
+        next[*key as usize] += 1;
+    }
+    assert!(
+        next.iter().all(|n| *n == each + 1),
+        "missing updates: next {next:?}"
+    );
+}
+
 pub mod pgbouncer;
 pub mod proxy;
 
