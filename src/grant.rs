@@ -67,8 +67,8 @@ fn check_role_name(role: &str) -> Result<(), Error> {
     ];
     if RESERVED.contains(&role.to_ascii_lowercase().as_str()) {
         return Err(Error::Config(format!(
-            "{role:?} is a name PostgreSQL reserves, not a role of yours (\"public\" would grant to \
-             every role)"
+            "{role:?} is a name PostgreSQL reserves, not a role of yours (\"public\" would \
+             grant to every role)"
         )));
     }
     if role.is_empty() || role.len() > 63 || role.contains('\0') {

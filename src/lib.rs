@@ -84,7 +84,7 @@
 //! | the update model and its JSON contract | [`Update`], [`MailboxKey`], [`SeqSet`], [`Flag`] |
 //! | the wire format (envelope v1, maddy's legacy form) | [`Envelope`], [`guide::wire_format`] |
 //! | configuration: libpq's settings, the pipe's options | [`Config`], [`ChannelName`] |
-//! | channel layouts: the shared channel, maddy's channel per mailbox | [`Layout`], [`guide::maddy`] |
+//! | channel layouts: the shared one, maddy's per mailbox | [`Layout`], [`guide::maddy`] |
 //! | what the listener tells an application | [`Event`], [`ResyncReason`] |
 //! | errors | [`Error`], [`ConnectError`], [`DecodeError`] |
 //! | counters, metrics and the server's status | [`Stats`], [`METRICS`], [`Status`] |

@@ -57,9 +57,10 @@ pub(crate) static LOG_AND_NOTIFY_MAPPED: std::sync::LazyLock<String> =
 /// with a higher id than any seen then (an id-ordered scan; after a crash the server may
 /// hand out a transaction id again, never an id). A row with an id up to the cursor's
 /// highest belongs to a transaction that had its id by then (writers take the transaction
-/// id before the row id: see `LOG_AND_NOTIFY`), so visible then or in the `xip` list. Of those, only rows committed by the target snapshot, so that when the
-/// last page is read, the target is a position at which everything visible was delivered.
-/// In id order, which is commit order for each sender's successive transactions.
+/// id before the row id: see `LOG_AND_NOTIFY`), so visible then or in the `xip` list. Of
+/// those, only rows committed by the target snapshot, so that when the last page is read,
+/// the target is a position at which everything visible was delivered. In id order, which
+/// is commit order for each sender's successive transactions.
 ///
 /// Returns the target, whether pruning may have taken entries the cursor had not seen, how
 /// many rows the page held before the byte budget (so whether more may follow), and the

@@ -16,6 +16,9 @@ use std::sync::Arc;
 
 use crate::error::Error;
 
+pub(crate) use super::files::PassFile;
+use super::files::service_settings;
+
 /// The connection-string keys for TLS, read here rather than by tokio-postgres.
 pub(crate) const TLS_KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
 
@@ -52,9 +55,6 @@ const VARS: [(&str, &str); 17] = [
     ("PGLOADBALANCEHOSTS", "load_balance_hosts"),
 ];
 
-/// The most a password or service file may hold; past it the file is refused.
-const MAX_FILE: u64 = 1 << 20;
-
 /// Where settings come from besides the connection string: the environment, and with it
 /// the password and service files it names.
 pub(super) struct Env<'a> {
@@ -66,11 +66,11 @@ impl<'a> Env<'a> {
         Env { var }
     }
 
-    fn var(&self, name: &str) -> Option<String> {
+    pub(super) fn var(&self, name: &str) -> Option<String> {
         (self.var)(name).filter(|v| !v.is_empty())
     }
 
-    fn home(&self, file: &str) -> Option<PathBuf> {
+    pub(super) fn home(&self, file: &str) -> Option<PathBuf> {
         self.var("HOME").map(|home| Path::new(&home).join(file))
     }
 }
@@ -275,191 +275,6 @@ fn url_pairs(url: &str) -> Result<Vec<(String, String)>, Error> {
         pairs.push((percent_decode(key)?, percent_decode(value)?));
     }
     Ok(pairs)
-}
-
-/// The settings of the service `name`: from the user's service file (`PGSERVICEFILE`, else
-/// `~/.pg_service.conf`) when it defines the service, else from the system's
-/// (`PGSYSCONFDIR/pg_service.conf`, else `/etc/postgresql-common/pg_service.conf`).
-fn service_settings(name: &str, env: &Env<'_>) -> Result<Vec<(String, String)>, Error> {
-    let user = env
-        .var("PGSERVICEFILE")
-        .map(PathBuf::from)
-        .or_else(|| env.home(".pg_service.conf"));
-    let system = Path::new(
-        &env.var("PGSYSCONFDIR")
-            .unwrap_or_else(|| "/etc/postgresql-common".into()),
-    )
-    .join("pg_service.conf");
-    for path in user.into_iter().chain([system]) {
-        let Some(text) = read_bounded(&path)? else {
-            continue;
-        };
-        if let Some(settings) = find_service(&text, name, &path)? {
-            return Ok(settings);
-        }
-    }
-    Err(Error::Config(format!(
-        "definition of service {name:?} not found (looked in PGSERVICEFILE or \
-         ~/.pg_service.conf, then PGSYSCONFDIR/pg_service.conf)"
-    )))
-}
-
-/// The settings of section `[name]` of a service file, `None` when it has none.
-fn find_service(
-    text: &str,
-    name: &str,
-    path: &Path,
-) -> Result<Option<Vec<(String, String)>>, Error> {
-    let mut found: Option<Vec<(String, String)>> = None;
-    let mut inside = false;
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        if let Some(section) = line.strip_prefix('[') {
-            if found.is_some() {
-                break;
-            }
-            inside = section.strip_suffix(']') == Some(name);
-            if inside {
-                found = Some(Vec::new());
-            }
-            continue;
-        }
-        if !inside {
-            continue;
-        }
-        let Some((key, value)) = line.split_once('=') else {
-            return Err(Error::Config(format!(
-                "syntax error in service file {}, line {}",
-                path.display(),
-                n + 1
-            )));
-        };
-        let key = key.trim();
-        if key == "service" {
-            return Err(Error::Config(format!(
-                "nested service specifications are not supported (service file {}, line {})",
-                path.display(),
-                n + 1
-            )));
-        }
-        if let Some(settings) = found.as_mut() {
-            settings.push((key.to_owned(), value.trim().to_owned()));
-        }
-    }
-    Ok(found)
-}
-
-/// A file's text, or `None` when it does not exist; refused when over [`MAX_FILE`].
-fn read_bounded(path: &Path) -> Result<Option<String>, Error> {
-    use std::io::Read;
-    let file = match std::fs::File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(Error::Config(format!(
-                "cannot read {}: {e}",
-                path.display()
-            )));
-        }
-    };
-    let mut text = String::new();
-    file.take(MAX_FILE + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
-    if text.len() as u64 > MAX_FILE {
-        return Err(Error::Config(format!(
-            "{} is larger than {MAX_FILE} bytes",
-            path.display()
-        )));
-    }
-    Ok(Some(text))
-}
-
-/// A password file's entries: `host:port:database:user:password` lines, each of the first
-/// four a value or `*`, with `\` escaping `:` and `\`.
-pub(crate) struct PassFile {
-    entries: Vec<[String; 5]>,
-}
-
-impl std::fmt::Debug for PassFile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the passwords.
-        write!(f, "PassFile({} entries)", self.entries.len())
-    }
-}
-
-impl PassFile {
-    /// The file's entries; `None`, as libpq, when it does not exist, is not a plain file,
-    /// cannot be read, or (with a warning) when its group or others may read it.
-    fn read(path: &Path) -> Option<PassFile> {
-        let meta = std::fs::metadata(path).ok()?;
-        if !meta.is_file() {
-            return None;
-        }
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            if meta.permissions().mode() & 0o077 != 0 {
-                tracing::warn!(
-                    target: "updatepipe",
-                    "password file {} has group or world access; permissions should be \
-                     u=rw (0600) or less; ignoring it",
-                    path.display()
-                );
-                return None;
-            }
-        }
-        match read_bounded(path) {
-            Ok(Some(text)) => Some(PassFile::parse(&text)),
-            Ok(None) => None,
-            Err(e) => {
-                tracing::warn!(target: "updatepipe", "{e}; ignoring the password file");
-                None
-            }
-        }
-    }
-
-    fn parse(text: &str) -> PassFile {
-        let mut entries = Vec::new();
-        for line in text.lines() {
-            if line.starts_with('#') {
-                continue;
-            }
-            let mut fields: Vec<String> = vec![String::new()];
-            let mut chars = line.chars();
-            while let Some(c) = chars.next() {
-                match c {
-                    '\\' => {
-                        if let Some(next) = chars.next() {
-                            fields.last_mut().expect("one field").push(next);
-                        }
-                    }
-                    ':' if fields.len() < 5 => fields.push(String::new()),
-                    c => fields.last_mut().expect("one field").push(c),
-                }
-            }
-            if let Ok(entry) = <[String; 5]>::try_from(fields) {
-                entries.push(entry);
-            }
-        }
-        PassFile { entries }
-    }
-
-    /// The password of the first entry that matches (`*` matching anything).
-    pub(crate) fn password(&self, host: &str, port: u16, dbname: &str, user: &str) -> Option<&str> {
-        let port = port.to_string();
-        self.entries
-            .iter()
-            .find(|[h, p, d, u, _]| {
-                [(h, host), (p, port.as_str()), (d, dbname), (u, user)]
-                    .iter()
-                    .all(|(field, value)| field.as_str() == "*" || field == value)
-            })
-            .map(|entry| entry[4].as_str())
-    }
 }
 
 /// The `key = value` pairs of a libpq connection string, each with its span; `None` when
@@ -749,25 +564,6 @@ mod tests {
             Config::from_url("postgres://u:pw@h:notaport/d"),
             Err(Error::Config(_))
         ));
-    }
-
-    #[test]
-    fn password_file_lines_match_as_libpq_matches_them() {
-        let file = PassFile::parse(
-            "# comment\n\
-             db1:5432:mail:u:first\n\
-             db\\:x:*:*:u:esc\\:aped\\\\\n\
-             *:*:*:u:pass:with:colons\n\
-             short:line\n",
-        );
-        assert_eq!(file.password("db1", 5432, "mail", "u"), Some("first"));
-        assert_eq!(
-            file.password("db1", 5433, "mail", "u"),
-            Some("pass:with:colons")
-        );
-        assert_eq!(file.password("db:x", 1, "any", "u"), Some("esc:aped\\"));
-        assert_eq!(file.password("db1", 5432, "mail", "v"), None);
-        assert!(!format!("{file:?}").contains("first"));
     }
 
     #[cfg(unix)]

@@ -16,6 +16,8 @@ use std::sync::Arc;
 use tokio_postgres::config::TargetSessionAttrs;
 
 mod conninfo;
+mod files;
+mod listening;
 mod options;
 
 /// A variable of the process's environment, empty counting as unset (as libpq).
