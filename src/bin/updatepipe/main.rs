@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 /// mimalloc: pushes allocate on one thread and their batches are freed on another, which
 /// glibc's allocator does slowly (docs/operations.md, section 4).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
