@@ -127,14 +127,15 @@ impl Batcher {
             after: timeout,
         };
         let mut encoded = encoded;
+        let mut waited = false;
         let turn = loop {
             // Registered before the queue is looked at: room made meanwhile is not missed.
             let room = self.room.notified();
-            let turn = self
-                .queue
-                .lock()
-                .expect("push queue lock")
-                .admit(encoded, self.depth())?;
+            let turn = self.queue.lock().expect("push queue lock").admit(
+                encoded,
+                self.depth(),
+                deadline,
+            )?;
             match turn {
                 Turn::Full {
                     updates,
@@ -146,6 +147,7 @@ impl Batcher {
                     }
                     // Backpressure: wait for room, within the push timeout.
                     encoded = updates;
+                    waited = true;
                     tokio::time::timeout_at(deadline, room)
                         .await
                         .map_err(|_| timed_out())?;
@@ -167,6 +169,16 @@ impl Batcher {
                 if lead {
                     tokio::spawn(self.clone().fly());
                 }
+                if !waited {
+                    // No timer of its own (a timer per push is a measurable part of its
+                    // cost: the timer wheel's lock, twice): the flusher keeps the deadline.
+                    // Every flight ahead of this push ends by its own deadline, which is
+                    // no later than this one; the batch that takes this push is sent by
+                    // this deadline, or lets the push go with a timeout once it is past.
+                    return outcome.await.map_err(|_| Error::Closed)?;
+                }
+                // Its deadline came early, while it waited for room: a flight ahead of it
+                // may end later than that, so it keeps a timer of its own.
                 tokio::time::timeout_at(deadline, outcome)
                     .await
                     .map_err(|_| timed_out())?
@@ -269,9 +281,17 @@ impl Batcher {
             // would be queued behind this flusher for good, where with the flight over
             // its next push goes out at once, alone.
             woken = batch.len() > 1;
+            // By the earliest deadline of its pushes (the first, unless one waited for
+            // room).
+            let deadline = batch
+                .iter()
+                .map(Request::deadline)
+                .min()
+                .expect("a batch is never empty");
             let outcome: Outcome = self
                 .sender
-                .flush(
+                .flush_by(
+                    deadline,
                     batch
                         .iter()
                         .flat_map(|r| r.updates().iter().map(String::as_str)),
@@ -312,11 +332,19 @@ impl Batcher {
     /// first; `None`, with the flight over, when nothing is queued. When more is queued
     /// than the batch takes, another flight may start.
     fn next_batch(self: &Arc<Self>, gatherer: bool) -> Option<Vec<Request>> {
+        let mut expired = Vec::new();
         let mut queue = self.queue.lock().expect("push queue lock");
-        let batch = queue.take_batch(gatherer);
+        let batch = queue.take_batch(gatherer, Instant::now(), &mut expired);
         self.settle(queue);
         // Room for the pushes waiting for it.
         self.room.notify_waiters();
+        let timeout = self.sender.timeout();
+        for request in expired {
+            request.resolve(Err(Error::Timeout {
+                what: "pushing",
+                after: timeout,
+            }));
+        }
         batch
     }
 }

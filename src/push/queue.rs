@@ -4,23 +4,30 @@
 use std::collections::VecDeque;
 
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::error::Error;
 
 /// A push's outcome: its batch's, shared by every push in the batch.
 pub(super) type Outcome = Result<(), Error>;
 
-/// One push waiting for a flight: its updates, already encoded and checked, and where to
-/// send the outcome.
+/// One push waiting for a flight: its updates, already encoded and checked, where to send
+/// the outcome, and when its caller's push times out.
 #[derive(Debug)]
 pub(super) struct Request {
     updates: Vec<String>,
     done: oneshot::Sender<Outcome>,
+    deadline: Instant,
 }
 
 impl Request {
     pub(super) fn updates(&self) -> &[String] {
         &self.updates
+    }
+
+    /// When its push times out.
+    pub(super) fn deadline(&self) -> Instant {
+        self.deadline
     }
 
     /// Tells the pusher its batch's outcome. One that gave up (timeout, cancelled) no
@@ -109,7 +116,15 @@ impl Queue {
     /// there is room for a flight (which it takes); otherwise queued, and the lead (taking
     /// a flight for the flusher task it starts) when there is room and no flusher is
     /// gathering. `Closed` once the pipe is closing.
-    pub(super) fn admit(&mut self, updates: Vec<String>, depth: usize) -> Result<Turn, Error> {
+    ///
+    /// A queued push times out at `deadline`: a batch taken later lets it go (see
+    /// [`Queue::take_batch`]), and the batch that carries it is sent by then.
+    pub(super) fn admit(
+        &mut self,
+        updates: Vec<String>,
+        depth: usize,
+        deadline: Instant,
+    ) -> Result<Turn, Error> {
         if self.closed {
             return Err(Error::Closed);
         }
@@ -130,7 +145,11 @@ impl Queue {
         }
         let (done, outcome) = oneshot::channel();
         self.bytes += bytes;
-        self.pending.push_back(Request { updates, done });
+        self.pending.push_back(Request {
+            updates,
+            done,
+            deadline,
+        });
         let lead = room && !self.gathering;
         if lead {
             self.flights += 1;
@@ -153,9 +172,15 @@ impl Queue {
 
     /// The next batch of a flusher task's flight (`gatherer` on its first): the queued
     /// pushes in order, up to `max_batch` updates (a single larger push is one batch),
-    /// skipping those whose caller gave up. `None`, with the flight over, when nothing is
-    /// queued.
-    pub(super) fn take_batch(&mut self, gatherer: bool) -> Option<Vec<Request>> {
+    /// skipping those whose caller gave up, and moving those past their deadline at `now`
+    /// to `expired` (to be told they timed out: they must not be sent). `None`, with the
+    /// flight over, when nothing is queued.
+    pub(super) fn take_batch(
+        &mut self,
+        gatherer: bool,
+        now: Instant,
+        expired: &mut Vec<Request>,
+    ) -> Option<Vec<Request>> {
         if gatherer {
             self.gathering = false;
         }
@@ -163,9 +188,13 @@ impl Queue {
         let mut batch = Vec::new();
         while let Some(request) = self.pending.front() {
             if request.done.is_closed() {
-                // Its caller gave up (timed out or cancelled) before it was sent: it was
-                // told it failed, so it must not be sent now.
+                // Its caller gave up (cancelled, or timed out waiting for room) before it
+                // was sent: it must not be sent now.
                 self.pop_front();
+                continue;
+            }
+            if request.deadline <= now {
+                expired.extend(self.pop_front());
                 continue;
             }
             if count > 0 && count + request.updates.len() > self.max_batch {
@@ -226,6 +255,19 @@ fn size(updates: &[String]) -> usize {
 mod tests {
     use super::*;
 
+    /// A deadline no test reaches.
+    fn later() -> Instant {
+        Instant::now() + std::time::Duration::from_secs(3600)
+    }
+
+    /// The next batch, when no push has expired.
+    fn take(queue: &mut Queue, gatherer: bool) -> Option<Vec<Request>> {
+        let mut expired = Vec::new();
+        let batch = queue.take_batch(gatherer, Instant::now(), &mut expired);
+        assert!(expired.is_empty());
+        batch
+    }
+
     fn updates(n: usize) -> Vec<String> {
         (0..n).map(|i| i.to_string()).collect()
     }
@@ -242,10 +284,10 @@ mod tests {
         let mut queue = Queue::new(100, true).with_bound(3, 10);
         let mut waiting = Vec::new();
         for _ in 0..3 {
-            waiting.push(queued(queue.admit(updates(1), 1)));
+            waiting.push(queued(queue.admit(updates(1), 1, later())));
         }
         assert_eq!(queue.depth(), (3, 3));
-        match queue.admit(updates(2), 1).unwrap() {
+        match queue.admit(updates(2), 1, later()).unwrap() {
             Turn::Full {
                 updates,
                 pushes,
@@ -254,12 +296,12 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // A batch taken makes room.
-        assert_eq!(queue.take_batch(true).map(|b| b.len()), Some(3));
+        assert_eq!(take(&mut queue, true).map(|b| b.len()), Some(3));
         assert_eq!(queue.depth(), (0, 0));
         // Bytes: a push larger than the bound is taken alone, and nothing joins it.
         let big: Vec<String> = vec!["x".repeat(20)];
-        let _big = queued(queue.admit(big, 1));
-        assert!(matches!(queue.admit(updates(1), 1), Ok(Turn::Full { .. })));
+        let _big = queued(queue.admit(big, 1, later()));
+        assert!(matches!(queue.admit(updates(1), 1, later()), Ok(Turn::Full { .. })));
         assert_eq!(queue.depth(), (1, 20));
         queue.abandon_flusher();
         assert_eq!(queue.depth(), (0, 0));
@@ -272,10 +314,10 @@ mod tests {
     #[test]
     fn a_lone_push_goes_alone_and_takes_a_flight() {
         let mut queue = Queue::new(10, false);
-        assert!(matches!(queue.admit(updates(1), 2), Ok(Turn::Alone(u)) if u.len() == 1));
+        assert!(matches!(queue.admit(updates(1), 2, later()), Ok(Turn::Alone(u)) if u.len() == 1));
         assert!(!queue.is_idle());
         // Room for a second flight, nothing queued: alone too.
-        assert!(matches!(queue.admit(updates(1), 2), Ok(Turn::Alone(_))));
+        assert!(matches!(queue.admit(updates(1), 2, later()), Ok(Turn::Alone(_))));
         queue.end_flight();
         queue.end_flight();
         assert!(queue.is_idle());
@@ -284,9 +326,9 @@ mod tests {
     #[test]
     fn flights_are_bounded_by_depth() {
         let mut queue = Queue::new(10, false);
-        assert!(matches!(queue.admit(updates(1), 1), Ok(Turn::Alone(_))));
+        assert!(matches!(queue.admit(updates(1), 1, later()), Ok(Turn::Alone(_))));
         // No room: queued, and no flusher started (no flight taken).
-        let (lead, _a) = queued(queue.admit(updates(1), 1));
+        let (lead, _a) = queued(queue.admit(updates(1), 1, later()));
         assert!(!lead);
         assert!(!queue.start_flusher(1));
         // The flight ends: a flusher starts, in the flight freed.
@@ -303,20 +345,20 @@ mod tests {
     #[test]
     fn the_first_queued_push_with_room_leads_and_the_others_join_it() {
         let mut queue = Queue::new(10, false);
-        assert!(matches!(queue.admit(updates(1), 3), Ok(Turn::Alone(_))));
-        let (lead, _a) = queued(queue.admit(updates(1), 1));
+        assert!(matches!(queue.admit(updates(1), 3, later()), Ok(Turn::Alone(_))));
+        let (lead, _a) = queued(queue.admit(updates(1), 1, later()));
         assert!(!lead, "no room for a second flight");
         // Something is queued: not alone, though there is room; the lead takes the flight.
-        let (lead, _b) = queued(queue.admit(updates(1), 3));
+        let (lead, _b) = queued(queue.admit(updates(1), 3, later()));
         assert!(lead);
-        let (lead, _c) = queued(queue.admit(updates(1), 3));
+        let (lead, _c) = queued(queue.admit(updates(1), 3, later()));
         assert!(!lead, "a flusher is gathering already");
         assert_eq!(queue.flights, 2);
         // Once the flusher has taken its batch, a queued push may lead again.
-        assert_eq!(queue.take_batch(true).map(|b| b.len()), Some(3));
-        let (lead, _d) = queued(queue.admit(updates(1), 1));
+        assert_eq!(take(&mut queue, true).map(|b| b.len()), Some(3));
+        let (lead, _d) = queued(queue.admit(updates(1), 1, later()));
         assert!(!lead, "no room");
-        let (lead, _e) = queued(queue.admit(updates(1), 3));
+        let (lead, _e) = queued(queue.admit(updates(1), 3, later()));
         assert!(lead);
         assert_eq!(queue.flights, 3);
     }
@@ -324,7 +366,7 @@ mod tests {
     #[test]
     fn with_a_batch_wait_no_push_goes_alone() {
         let mut queue = Queue::new(10, true);
-        let (lead, _a) = queued(queue.admit(updates(1), 4));
+        let (lead, _a) = queued(queue.admit(updates(1), 4, later()));
         assert!(lead);
         assert_eq!(queue.flights, 1);
     }
@@ -334,38 +376,38 @@ mod tests {
         let mut queue = Queue::new(5, true);
         let mut outcomes = Vec::new();
         for n in [2, 2, 2, 7, 1] {
-            outcomes.push(queued(queue.admit(updates(n), 1)).1);
+            outcomes.push(queued(queue.admit(updates(n), 1, later())).1);
         }
         assert_eq!(queue.queued(), 14);
         assert_eq!(queue.room_in_batch(), 0);
-        let first = queue.take_batch(true).unwrap();
+        let first = take(&mut queue, true).unwrap();
         assert_eq!(sizes(&first), [2, 2], "up to 5 updates, whole pushes only");
         assert_eq!(first[0].updates()[0], "0");
-        let second = queue.take_batch(false).unwrap();
+        let second = take(&mut queue, false).unwrap();
         assert_eq!(
             sizes(&second),
             [2],
             "a push that does not fit waits for the next"
         );
-        let third = queue.take_batch(false).unwrap();
+        let third = take(&mut queue, false).unwrap();
         assert_eq!(
             sizes(&third),
             [7],
             "a push larger than the bound is one batch"
         );
-        assert_eq!(sizes(&queue.take_batch(false).unwrap()), [1]);
+        assert_eq!(sizes(&take(&mut queue, false).unwrap()), [1]);
         assert_eq!(queue.flights, 1);
-        assert!(queue.take_batch(false).is_none());
+        assert!(take(&mut queue, false).is_none());
         assert!(queue.is_idle(), "nothing queued: the flight is over");
     }
 
     #[test]
     fn pushes_whose_caller_gave_up_are_not_sent() {
         let mut queue = Queue::new(10, true);
-        let (_, gave_up) = queued(queue.admit(updates(1), 1));
-        let (_, waiting) = queued(queue.admit(updates(2), 1));
+        let (_, gave_up) = queued(queue.admit(updates(1), 1, later()));
+        let (_, waiting) = queued(queue.admit(updates(2), 1, later()));
         drop(gave_up);
-        let batch = queue.take_batch(true).unwrap();
+        let batch = take(&mut queue, true).unwrap();
         assert_eq!(sizes(&batch), [2]);
         for request in batch {
             request.resolve(Ok(()));
@@ -376,13 +418,45 @@ mod tests {
     #[test]
     fn a_closed_queue_takes_no_push_and_abandoning_tells_the_waiting() {
         let mut queue = Queue::new(10, true);
-        let (_, waiting) = queued(queue.admit(updates(1), 1));
+        let (_, waiting) = queued(queue.admit(updates(1), 1, later()));
         assert!(!queue.close(), "a flight is out");
-        assert!(matches!(queue.admit(updates(1), 1), Err(Error::Closed)));
+        assert!(matches!(queue.admit(updates(1), 1, later()), Err(Error::Closed)));
         queue.abandon_flusher();
         assert!(queue.is_idle());
         assert!(!queue.gathering);
         assert!(waiting.blocking_recv().is_err(), "told its flight is gone");
         assert!(queue.close());
+    }
+
+    #[test]
+    fn pushes_past_their_deadline_are_let_go_not_sent() {
+        let mut queue = Queue::new(10, true);
+        let now = Instant::now();
+        let soon = now + std::time::Duration::from_millis(10);
+        let (_, early) = queued(queue.admit(updates(1), 1, soon));
+        let (_, late) = queued(queue.admit(updates(2), 1, later()));
+        let mut expired = Vec::new();
+        // Before the deadline, both go.
+        let mut copy = Queue::new(10, true);
+        let (_, _a) = queued(copy.admit(updates(1), 1, soon));
+        assert_eq!(copy.take_batch(true, now, &mut expired).map(|b| b.len()), Some(1));
+        assert!(expired.is_empty());
+        // At it, the first is let go and the batch is what is left.
+        let batch = queue.take_batch(true, soon, &mut expired).unwrap();
+        assert_eq!(sizes(&batch), [2]);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(queue.depth(), (0, 0));
+        for request in expired {
+            request.resolve(Err(Error::Closed));
+        }
+        assert!(matches!(early.blocking_recv(), Ok(Err(Error::Closed))));
+        drop(batch);
+        assert!(late.blocking_recv().is_err());
+        // All expired: no batch, and the flight is over.
+        let (_, _b) = queued(queue.admit(updates(1), 1, soon));
+        let mut expired = Vec::new();
+        assert!(queue.take_batch(true, soon, &mut expired).is_none());
+        assert_eq!(expired.len(), 1);
+        assert!(queue.is_idle());
     }
 }

@@ -81,14 +81,6 @@ impl BatchSender {
             }))
     }
 
-    /// Sends one batch of encoded updates in one statement, within the push timeout.
-    pub(super) async fn flush<'a>(
-        &self,
-        encoded: impl IntoIterator<Item = &'a str>,
-    ) -> Result<(), Error> {
-        self.flush_by(Instant::now() + self.timeout, encoded).await
-    }
-
     /// Sends one batch of encoded updates in one statement, by `deadline` (a push that
     /// waited for room in the queue has only what is left of its push timeout).
     pub(super) async fn flush_by<'a>(
