@@ -164,9 +164,9 @@ impl PgPipe {
     pub async fn push_many(&self, updates: &[Update]) -> Result<(), Error> {
         self.check_open()?;
         self.ensure_schema().await?;
-        let started = std::time::Instant::now();
+        let started = crate::stats::push_started();
         self.inner.pusher.push(updates).await?;
-        crate::stats::push_latency(started.elapsed());
+        crate::stats::push_latency(started);
         Ok(())
     }
 

@@ -126,15 +126,26 @@ fn describe() {
     });
 }
 
-/// Records how long one push took, from the call to its commit.
-pub(crate) fn push_latency(elapsed: std::time::Duration) {
+/// When a push started, for [`push_latency`]: without the `metrics` feature no clock is
+/// read (two clock reads are a measurable part of a batched push).
+pub(crate) fn push_started() -> Option<std::time::Instant> {
     #[cfg(feature = "metrics")]
-    {
+    return Some(std::time::Instant::now());
+    #[cfg(not(feature = "metrics"))]
+    None
+}
+
+/// Records how long one push took, from the call (`started`, from [`push_started`]) to its
+/// commit.
+pub(crate) fn push_latency(started: Option<std::time::Instant>) {
+    #[cfg(feature = "metrics")]
+    if let Some(started) = started {
         describe();
-        metrics::histogram!("updatepipe_push_duration_seconds").record(elapsed.as_secs_f64());
+        metrics::histogram!("updatepipe_push_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
     }
     #[cfg(not(feature = "metrics"))]
-    let _ = elapsed;
+    let _ = started;
 }
 
 /// Records the notification queue's usage as last read.
@@ -270,6 +281,13 @@ impl Counters {
     /// The push queue is this deep now.
     pub(crate) fn queue_depth(&self, pushes: usize, bytes: usize) {
         let (pushes, bytes) = (pushes as u64, bytes as u64);
+        // Called at every queued push: a read, unless the mark moves (a write to a line
+        // every pushing thread shares costs more).
+        if pushes <= self.queue_peak.load(Ordering::Relaxed)
+            && bytes <= self.queue_peak_bytes.load(Ordering::Relaxed)
+        {
+            return;
+        }
         let before = self.queue_peak.fetch_max(pushes, Ordering::Relaxed);
         let before_bytes = self.queue_peak_bytes.fetch_max(bytes, Ordering::Relaxed);
         if pushes > before || bytes > before_bytes {

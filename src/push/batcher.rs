@@ -161,11 +161,15 @@ impl Batcher {
                 // the caller gives up midway, no other push's flight is cut short with it.
                 let _flight = Flight(self.clone());
                 self.sender
-                    .flush_by(deadline, encoded.iter().map(String::as_str))
+                    .flush_by(deadline, encoded.len(), encoded.iter().map(String::as_str))
                     .await
             }
-            Turn::Queued { lead, outcome } => {
-                self.note_depth();
+            Turn::Queued {
+                lead,
+                outcome,
+                depth: (pushes, bytes),
+            } => {
+                self.sender.counters().queue_depth(pushes, bytes);
                 if lead {
                     tokio::spawn(self.clone().fly());
                 }
@@ -186,12 +190,6 @@ impl Batcher {
             }
             Turn::Full { .. } => unreachable!("a full queue waits above"),
         }
-    }
-
-    /// Notes how deep the queue is now, for the high-water marks in the stats.
-    fn note_depth(&self) {
-        let (pushes, bytes) = self.queue.lock().expect("push queue lock").depth();
-        self.sender.counters().queue_depth(pushes, bytes);
     }
 
     /// Stops taking pushes, lets the flights finish what is queued, then closes the pool.
@@ -292,6 +290,7 @@ impl Batcher {
                 .sender
                 .flush_by(
                     deadline,
+                    batch.iter().map(|r| r.updates().len()).sum(),
                     batch
                         .iter()
                         .flat_map(|r| r.updates().iter().map(String::as_str)),

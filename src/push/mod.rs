@@ -173,9 +173,7 @@ impl Pusher {
         if encoded.is_empty() {
             return Ok(());
         }
-        self.batcher.push(encoded).await?;
-        self.sender().counters().pushed(updates.len());
-        Ok(())
+        self.batcher.push(encoded).await
     }
 
     /// Sends updates on the caller's client or transaction: delivered when, and only when,

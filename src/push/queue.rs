@@ -46,6 +46,8 @@ pub(super) enum Turn {
     Queued {
         lead: bool,
         outcome: oneshot::Receiver<Outcome>,
+        /// How many pushes, and encoded bytes, wait with this one queued.
+        depth: (usize, usize),
     },
     Full {
         updates: Vec<String>,
@@ -155,7 +157,11 @@ impl Queue {
             self.flights += 1;
             self.gathering = true;
         }
-        Ok(Turn::Queued { lead, outcome })
+        Ok(Turn::Queued {
+            lead,
+            outcome,
+            depth: self.depth(),
+        })
     }
 
     /// After a flight has started or ended: whether to start a flusher task (taking a
@@ -274,7 +280,7 @@ mod tests {
 
     fn queued(turn: Result<Turn, Error>) -> (bool, oneshot::Receiver<Outcome>) {
         match turn.unwrap() {
-            Turn::Queued { lead, outcome } => (lead, outcome),
+            Turn::Queued { lead, outcome, .. } => (lead, outcome),
             other => panic!("not queued: {other:?}"),
         }
     }

@@ -81,15 +81,21 @@ impl BatchSender {
             }))
     }
 
-    /// Sends one batch of encoded updates in one statement, by `deadline` (a push that
-    /// waited for room in the queue has only what is left of its push timeout).
+    /// Sends one batch of `updates` encoded updates in one statement, by `deadline` (a
+    /// push that waited for room in the queue has only what is left of its push timeout),
+    /// and counts them once committed.
     pub(super) async fn flush_by<'a>(
         &self,
         deadline: Instant,
+        updates: usize,
         encoded: impl IntoIterator<Item = &'a str>,
     ) -> Result<(), Error> {
         let packed = OnceLock::new();
         let outcome = self.flush_packed(deadline, &packed, encoded).await;
+        if outcome.is_ok() {
+            // Once per batch, not per push: the counter is shared by every pushing thread.
+            self.counters.pushed(updates);
+        }
         if let Err(e) = &outcome {
             let envelopes = packed.get().map_or(0, |p| p.envelopes.len());
             // Every push of the batch gets the error back; its caller decides whether it is
