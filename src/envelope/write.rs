@@ -71,12 +71,27 @@ impl Packer {
     /// An update's JSON, checked to fit in an envelope of its own of at most `limit` bytes
     /// ([`MAX_PAYLOAD_LEN`], or [`MAX_LOGGED_ENVELOPE_LEN`] for the durable log).
     pub(crate) fn encode(&self, update: &Update, limit: usize) -> Result<String, Error> {
-        let json = update.to_json();
-        let size = self.overhead + json.len();
+        let mut json = Vec::new();
+        self.encode_into(update, limit, &mut json)?;
+        Ok(String::from_utf8(json).expect("JSON is UTF-8"))
+    }
+
+    /// [`Packer::encode`], appending the JSON to `out` (which is left as it was when the
+    /// update does not fit).
+    pub(crate) fn encode_into(
+        &self,
+        update: &Update,
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Error> {
+        let start = out.len();
+        serde_json::to_writer(&mut *out, update).expect("an update always serializes");
+        let size = self.overhead + out.len() - start;
         if size > limit {
+            out.truncate(start);
             return Err(Error::PayloadTooLarge { size, limit });
         }
-        Ok(json)
+        Ok(())
     }
 
     /// A listener's heartbeat: an envelope with no update, marked `"h":1`.

@@ -5,11 +5,12 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use super::link::FlightConnection;
-use super::queue::{Outcome, Queue, Request, Turn};
+use super::encoded::Encoded;
+use super::queue::{Batch, Outcome, Queue, Request, Turn};
 use super::send::BatchSender;
 use crate::config::{QueueBound, QueueFull};
 use crate::error::Error;
@@ -31,6 +32,18 @@ pub(super) struct Batcher {
     room: Notify,
     /// What a push does when the queue is full.
     when_full: QueueFull,
+}
+
+/// A push admitted (see [`Batcher::admit`]), for [`Batcher::finish`].
+pub(super) struct Admitted(Admission);
+
+enum Admission {
+    /// It goes alone: its flight, taken, and its own copy of its updates.
+    Alone(Flight, Encoded),
+    /// Queued: the outcome of the flight that takes it.
+    Queued(oneshot::Receiver<Outcome>),
+    /// The queue is full: its updates, to admit again once there is room.
+    Full(Encoded),
 }
 
 /// Ends a flight when dropped: however its flush ended (sent, failed, or its caller gave up
@@ -116,54 +129,35 @@ impl Batcher {
         &self.sender
     }
 
-    /// Sends encoded updates in a flight: at once and alone when nothing is queued and
-    /// there is room, otherwise with the pushes queued for the next flight. Resolves when
-    /// the flight's transaction has committed, with its outcome.
-    pub(super) async fn push(self: &Arc<Self>, encoded: Vec<String>) -> Result<(), Error> {
-        let timeout = self.sender.timeout();
-        let deadline = Instant::now() + timeout;
-        let timed_out = || Error::Timeout {
-            what: "pushing",
-            after: timeout,
-        };
-        let mut encoded = encoded;
-        let mut waited = false;
-        let turn = loop {
-            // Registered before the queue is looked at: room made meanwhile is not missed.
-            let room = self.room.notified();
-            let turn = self.queue.lock().expect("push queue lock").admit(
-                encoded,
-                self.depth(),
-                deadline,
-            )?;
-            match turn {
-                Turn::Full {
-                    updates,
-                    pushes,
-                    bytes,
-                } => {
-                    if self.when_full == QueueFull::Fail {
-                        return Err(Error::QueueFull { pushes, bytes });
-                    }
-                    // Backpressure: wait for room, within the push timeout.
-                    encoded = updates;
-                    waited = true;
-                    tokio::time::timeout_at(deadline, room)
-                        .await
-                        .map_err(|_| timed_out())?;
-                }
-                turn => break turn,
+    /// Admits a push's encoded updates (checked, and in a buffer the caller lends): to go
+    /// out at once and alone when nothing is queued and there is room for a flight,
+    /// otherwise queued for the next flight (copied into the queue), or to wait for room
+    /// when the queue is full. [`Batcher::finish`] does the rest. Not async: the caller's
+    /// buffer is its thread's scratch buffer, which must not be held across an await.
+    pub(super) fn admit(
+        self: &Arc<Self>,
+        encoded: &Encoded,
+        deadline: Instant,
+    ) -> Result<Admitted, Error> {
+        let turn = self.queue.lock().expect("push queue lock").admit(
+            encoded,
+            self.depth(),
+            deadline,
+        )?;
+        if let Turn::Full { pushes, bytes } = turn {
+            if self.when_full == QueueFull::Fail {
+                return Err(Error::QueueFull { pushes, bytes });
             }
-        };
+            return Ok(Admitted(Admission::Full(encoded.to_owned_exact())));
+        }
+        Ok(Admitted(self.admitted(turn, encoded)))
+    }
+
+    /// What a push admitted alone or queued holds on to: its flight and a copy of its
+    /// updates, or the outcome to wait for (a queued lead starts the flusher task).
+    fn admitted(self: &Arc<Self>, turn: Turn, encoded: &Encoded) -> Admission {
         match turn {
-            Turn::Alone(encoded) => {
-                // These updates go out alone, from here, at once (no hand-off). Alone: if
-                // the caller gives up midway, no other push's flight is cut short with it.
-                let _flight = Flight(self.clone());
-                self.sender
-                    .flush_by(deadline, encoded.len(), encoded.iter().map(String::as_str))
-                    .await
-            }
+            Turn::Alone => Admission::Alone(Flight(self.clone()), encoded.to_owned_exact()),
             Turn::Queued {
                 lead,
                 outcome,
@@ -173,22 +167,76 @@ impl Batcher {
                 if lead {
                     tokio::spawn(self.clone().fly());
                 }
-                if !waited {
+                Admission::Queued(outcome)
+            }
+            Turn::Full { .. } => unreachable!("a full queue is answered by the caller"),
+        }
+    }
+
+    /// Sends an admitted push's updates, or waits for the flight that takes them (for room
+    /// first, when the queue was full). Resolves when the flight's transaction has
+    /// committed, with its outcome, or at `deadline` (the push timeout) with a timeout.
+    pub(super) async fn finish(
+        self: &Arc<Self>,
+        admitted: Admitted,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let timeout = self.sender.timeout();
+        let timed_out = || Error::Timeout {
+            what: "pushing",
+            after: timeout,
+        };
+        let mut admission = admitted.0;
+        let mut waited = false;
+        loop {
+            match admission {
+                Admission::Alone(_flight, encoded) => {
+                    // These updates go out alone, from here, at once (no hand-off). Alone:
+                    // if the caller gives up midway, no other push's flight is cut short
+                    // with it.
+                    return self
+                        .sender
+                        .flush_by(deadline, encoded.len(), encoded.iter())
+                        .await;
+                }
+                Admission::Queued(outcome) if !waited => {
                     // No timer of its own (a timer per push is a measurable part of its
-                    // cost: the timer wheel's lock, twice): the flusher keeps the deadline.
-                    // Every flight ahead of this push ends by its own deadline, which is
-                    // no later than this one; the batch that takes this push is sent by
-                    // this deadline, or lets the push go with a timeout once it is past.
+                    // cost: the timer wheel's lock, twice): the flusher keeps the
+                    // deadline. Every flight ahead of this push ends by its own deadline,
+                    // which is no later than this one; the batch that takes this push is
+                    // sent by this deadline, or lets the push go with a timeout once it
+                    // is past.
                     return outcome.await.map_err(|_| Error::Closed)?;
                 }
-                // Its deadline came early, while it waited for room: a flight ahead of it
-                // may end later than that, so it keeps a timer of its own.
-                tokio::time::timeout_at(deadline, outcome)
-                    .await
-                    .map_err(|_| timed_out())?
-                    .map_err(|_| Error::Closed)?
+                Admission::Queued(outcome) => {
+                    // Its deadline came early, while it waited for room: a flight ahead of
+                    // it may end later than that, so it keeps a timer of its own.
+                    return tokio::time::timeout_at(deadline, outcome)
+                        .await
+                        .map_err(|_| timed_out())?
+                        .map_err(|_| Error::Closed)?;
+                }
+                Admission::Full(encoded) => {
+                    // Backpressure: wait for room, within the push timeout. Registered
+                    // before the queue is looked at: room made meanwhile is not missed.
+                    waited = true;
+                    let room = self.room.notified();
+                    let turn = self.queue.lock().expect("push queue lock").admit(
+                        &encoded,
+                        self.depth(),
+                        deadline,
+                    )?;
+                    admission = match turn {
+                        Turn::Full { .. } => {
+                            tokio::time::timeout_at(deadline, room)
+                                .await
+                                .map_err(|_| timed_out())?;
+                            Admission::Full(encoded)
+                        }
+                        turn => self.admitted(turn, &encoded),
+                    };
+                }
             }
-            Turn::Full { .. } => unreachable!("a full queue waits above"),
         }
     }
 
@@ -278,25 +326,21 @@ impl Batcher {
             // A batch of one push woke one pusher: made to wait, a pusher in a loop
             // would be queued behind this flusher for good, where with the flight over
             // its next push goes out at once, alone.
-            woken = batch.len() > 1;
+            woken = batch.requests.len() > 1;
             // By the earliest deadline of its pushes (the first, unless one waited for
             // room).
             let deadline = batch
+                .requests
                 .iter()
                 .map(Request::deadline)
                 .min()
                 .expect("a batch is never empty");
+            let encoded = &batch.encoded;
             let outcome: Outcome = self
                 .sender
-                .flush_by(
-                    deadline,
-                    batch.iter().map(|r| r.updates().len()).sum(),
-                    batch
-                        .iter()
-                        .flat_map(|r| r.updates().iter().map(String::as_str)),
-                )
+                .flush_by(deadline, encoded.len(), encoded.iter())
                 .await;
-            for request in batch {
+            for request in batch.requests {
                 request.resolve(outcome.clone());
             }
         }
@@ -330,7 +374,7 @@ impl Batcher {
     /// The next batch of queued pushes for a flusher task's flight, `gatherer` on its
     /// first; `None`, with the flight over, when nothing is queued. When more is queued
     /// than the batch takes, another flight may start.
-    fn next_batch(self: &Arc<Self>, gatherer: bool) -> Option<Vec<Request>> {
+    fn next_batch(self: &Arc<Self>, gatherer: bool) -> Option<Batch> {
         let mut expired = Vec::new();
         let mut queue = self.queue.lock().expect("push queue lock");
         let batch = queue.take_batch(gatherer, Instant::now(), &mut expired);

@@ -25,6 +25,7 @@
 //! and the connection flights share), `wire` (numbers, packing, statements).
 
 mod batcher;
+mod encoded;
 mod link;
 mod queue;
 mod send;
@@ -47,6 +48,7 @@ use crate::stats::Counters;
 use crate::update::Update;
 
 use batcher::Batcher;
+use encoded::Encoded;
 use link::Link;
 use send::BatchSender;
 use wire::Wire;
@@ -169,11 +171,17 @@ impl Pusher {
     /// unless the connection broke while committing (then the outcome is unknown, as for
     /// any statement whose answer is lost).
     pub(crate) async fn push(&self, updates: &[Update]) -> Result<(), Error> {
-        let encoded = self.encode(updates)?;
-        if encoded.is_empty() {
+        if updates.is_empty() {
             return Ok(());
         }
-        self.batcher.push(encoded).await
+        let deadline = tokio::time::Instant::now() + self.sender().timeout();
+        // Encoded into this thread's scratch buffer, then copied into the queue, or into a
+        // buffer of this push's own when it goes alone: no allocation per queued push.
+        let admitted = Encoded::with_scratch(|scratch| {
+            self.encode_into(updates, scratch)?;
+            self.batcher.admit(scratch, deadline)
+        })?;
+        self.batcher.finish(admitted, deadline).await
     }
 
     /// Sends updates on the caller's client or transaction: delivered when, and only when,
@@ -184,13 +192,14 @@ impl Pusher {
         client: &C,
         updates: &[Update],
     ) -> Result<(), Error> {
-        let encoded = self.encode(updates)?;
+        let mut encoded = Encoded::default();
+        self.encode_into(updates, &mut encoded)?;
         let wire = self.sender().wire();
         let marks = Marks {
             transactional: true,
             durable: wire.durable(),
         };
-        let payloads = wire.pack(encoded.iter().map(String::as_str), marks);
+        let payloads = wire.pack(encoded.iter(), marks);
         // Unnamed: the caller's connection may go through a transaction-pooling proxy.
         wire.execute_unnamed(client, &payloads, marks).await?;
         self.sender().counters().pushed(updates.len());
@@ -214,14 +223,19 @@ impl Pusher {
             .await
     }
 
-    fn encode(&self, updates: &[Update]) -> Result<Vec<String>, Error> {
+    /// Encodes and checks updates into `out`: the first that cannot be sent fails them
+    /// all.
+    fn encode_into(&self, updates: &[Update], out: &mut Encoded) -> Result<(), Error> {
         let wire = self.sender().wire();
         let limit = if wire.durable() {
             MAX_LOGGED_ENVELOPE_LEN
         } else {
             MAX_PAYLOAD_LEN
         };
-        updates.iter().map(|u| wire.encode(u, limit)).collect()
+        for update in updates {
+            out.push_with(|text| wire.encode_into(update, limit, text))?;
+        }
+        Ok(())
     }
 
     /// Stops taking pushes, lets the flights finish what is queued, then closes the pool.

@@ -6,25 +6,24 @@ use std::collections::VecDeque;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::encoded::Encoded;
 use crate::error::Error;
+
+/// The queue's buffer keeps at least this much room once it has grown to it.
+const KEPT_BUFFER_BYTES: usize = 64 * 1024;
 
 /// A push's outcome: its batch's, shared by every push in the batch.
 pub(super) type Outcome = Result<(), Error>;
 
-/// One push waiting for a flight: its updates, already encoded and checked, where to send
-/// the outcome, and when its caller's push times out.
+/// One push waiting for its outcome: where to send it, and when its caller's push times
+/// out.
 #[derive(Debug)]
 pub(super) struct Request {
-    updates: Vec<String>,
     done: oneshot::Sender<Outcome>,
     deadline: Instant,
 }
 
 impl Request {
-    pub(super) fn updates(&self) -> &[String] {
-        &self.updates
-    }
-
     /// When its push times out.
     pub(super) fn deadline(&self) -> Instant {
         self.deadline
@@ -37,12 +36,27 @@ impl Request {
     }
 }
 
+/// A queued push: how many updates it has (its bytes are in the queue's buffer), and its
+/// request.
+#[derive(Debug)]
+struct Waiting {
+    updates: usize,
+    request: Request,
+}
+
+/// A batch taken for a flight: the updates of its pushes, in order, and their requests.
+#[derive(Debug)]
+pub(super) struct Batch {
+    pub(super) encoded: Encoded,
+    pub(super) requests: Vec<Request>,
+}
+
 /// How a push goes out: alone and at once (nothing was queued and there was room for a
 /// flight), or queued for a flusher task, which it starts (`lead`) when none is gathering;
-/// or not at all yet, the queue being full (its updates handed back).
+/// or not at all yet, the queue being full.
 #[derive(Debug)]
 pub(super) enum Turn {
-    Alone(Vec<String>),
+    Alone,
     Queued {
         lead: bool,
         outcome: oneshot::Receiver<Outcome>,
@@ -50,7 +64,6 @@ pub(super) enum Turn {
         depth: (usize, usize),
     },
     Full {
-        updates: Vec<String>,
         /// Pushes waiting.
         pushes: usize,
         /// Their encoded bytes.
@@ -61,7 +74,9 @@ pub(super) enum Turn {
 /// The pushes waiting for a flight, and the flights out.
 #[derive(Debug)]
 pub(super) struct Queue {
-    pending: VecDeque<Request>,
+    pending: VecDeque<Waiting>,
+    /// The updates of the pushes waiting, in order.
+    encoded: Encoded,
     /// Flights started and not yet over: at most the depth each decision is given.
     flights: usize,
     /// A flusher task has been started and has not taken its batch yet: pushes queued now
@@ -72,8 +87,9 @@ pub(super) struct Queue {
     max_batch: usize,
     /// Pushes wait for company (a batch wait is configured): none goes out alone.
     wait_for_company: bool,
-    /// The encoded bytes of the pushes waiting.
-    bytes: usize,
+    /// The most bytes waiting since the last batch was taken (the buffer's capacity is
+    /// kept for about that much).
+    high_water: usize,
     /// The most pushes, and bytes, that may wait (a push of more bytes than that is still
     /// taken when none waits).
     max_pushes: usize,
@@ -84,12 +100,13 @@ impl Queue {
     pub(super) fn new(max_batch: usize, wait_for_company: bool) -> Self {
         Queue {
             pending: VecDeque::new(),
+            encoded: Encoded::default(),
             flights: 0,
             gathering: false,
             closed: false,
             max_batch,
             wait_for_company,
-            bytes: 0,
+            high_water: 0,
             max_pushes: usize::MAX,
             max_bytes: usize::MAX,
         }
@@ -104,26 +121,20 @@ impl Queue {
 
     /// How many pushes wait, and their encoded bytes.
     pub(super) fn depth(&self) -> (usize, usize) {
-        (self.pending.len(), self.bytes)
+        (self.pending.len(), self.encoded.bytes())
     }
 
-    /// Takes the front request out, keeping the byte count.
-    fn pop_front(&mut self) -> Option<Request> {
-        let request = self.pending.pop_front()?;
-        self.bytes -= size(&request.updates);
-        Some(request)
-    }
-
-    /// Admits a push, with room for `depth` flights: alone, when nothing is queued and
-    /// there is room for a flight (which it takes); otherwise queued, and the lead (taking
-    /// a flight for the flusher task it starts) when there is room and no flusher is
-    /// gathering. `Closed` once the pipe is closing.
+    /// Admits a push of `updates`, with room for `depth` flights: alone, when nothing is
+    /// queued and there is room for a flight (which it takes; the caller sends them);
+    /// otherwise queued (its updates copied into the queue), and the lead (taking a flight
+    /// for the flusher task it starts) when there is room and no flusher is gathering.
+    /// `Closed` once the pipe is closing.
     ///
     /// A queued push times out at `deadline`: a batch taken later lets it go (see
     /// [`Queue::take_batch`]), and the batch that carries it is sent by then.
     pub(super) fn admit(
         &mut self,
-        updates: Vec<String>,
+        updates: &Encoded,
         depth: usize,
         deadline: Instant,
     ) -> Result<Turn, Error> {
@@ -133,24 +144,20 @@ impl Queue {
         let room = self.flights < depth;
         if room && self.pending.is_empty() && !self.wait_for_company {
             self.flights += 1;
-            return Ok(Turn::Alone(updates));
+            return Ok(Turn::Alone);
         }
-        let bytes = size(&updates);
+        let (pushes, bytes) = self.depth();
         if !self.pending.is_empty()
-            && (self.pending.len() >= self.max_pushes || self.bytes + bytes > self.max_bytes)
+            && (pushes >= self.max_pushes || bytes + updates.bytes() > self.max_bytes)
         {
-            return Ok(Turn::Full {
-                updates,
-                pushes: self.pending.len(),
-                bytes: self.bytes,
-            });
+            return Ok(Turn::Full { pushes, bytes });
         }
         let (done, outcome) = oneshot::channel();
-        self.bytes += bytes;
-        self.pending.push_back(Request {
-            updates,
-            done,
-            deadline,
+        self.encoded.append(updates);
+        self.high_water = self.high_water.max(self.encoded.bytes());
+        self.pending.push_back(Waiting {
+            updates: updates.len(),
+            request: Request { done, deadline },
         });
         let lead = room && !self.gathering;
         if lead {
@@ -186,30 +193,46 @@ impl Queue {
         gatherer: bool,
         now: Instant,
         expired: &mut Vec<Request>,
-    ) -> Option<Vec<Request>> {
+    ) -> Option<Batch> {
         if gatherer {
             self.gathering = false;
         }
-        let mut count = 0;
-        let mut batch = Vec::new();
-        while let Some(request) = self.pending.front() {
-            if request.done.is_closed() {
-                // Its caller gave up (cancelled, or timed out waiting for room) before it
-                // was sent: it must not be sent now.
-                self.pop_front();
-                continue;
-            }
-            if request.deadline <= now {
-                expired.extend(self.pop_front());
-                continue;
-            }
-            if count > 0 && count + request.updates.len() > self.max_batch {
+        let mut batch = Batch {
+            encoded: Encoded::with_capacity(self.encoded.len(), self.encoded.bytes()),
+            requests: Vec::new(),
+        };
+        // Updates taken from the front of the buffer, sent or not.
+        let mut taken = 0;
+        while let Some(waiting) = self.pending.front() {
+            let request = &waiting.request;
+            // Its caller gave up (cancelled, or timed out waiting for room) before it was
+            // sent, or its deadline is past: it must not be sent now.
+            let gone = request.done.is_closed() || request.deadline <= now;
+            let sent = batch.encoded.len();
+            if !gone && sent > 0 && sent + waiting.updates > self.max_batch {
                 break;
             }
-            count += request.updates.len();
-            batch.push(self.pop_front().expect("a front request"));
+            let waiting = self.pending.pop_front().expect("a front push");
+            let updates = taken..taken + waiting.updates;
+            taken = updates.end;
+            if waiting.request.done.is_closed() {
+                continue;
+            }
+            if gone {
+                expired.push(waiting.request);
+                continue;
+            }
+            batch.encoded.extend_from(&self.encoded, updates);
+            batch.requests.push(waiting.request);
         }
-        if batch.is_empty() {
+        self.encoded.remove_front(taken);
+        if self.pending.is_empty() && taken > 0 {
+            // The buffer keeps room for about what the last batches needed, not for a
+            // burst long past.
+            self.encoded
+                .shrink_to(std::mem::take(&mut self.high_water).max(KEPT_BUFFER_BYTES));
+        }
+        if batch.requests.is_empty() {
             self.flights -= 1;
             return None;
         }
@@ -225,7 +248,7 @@ impl Queue {
     /// and what is queued is given up (each waiting push is told the pipe is closed).
     pub(super) fn abandon_flusher(&mut self) {
         self.pending.clear();
-        self.bytes = 0;
+        self.encoded = Encoded::default();
         self.gathering = false;
         self.flights -= 1;
     }
@@ -241,20 +264,10 @@ impl Queue {
         self.flights == 0
     }
 
-    /// How many updates are queued.
-    pub(super) fn queued(&self) -> usize {
-        self.pending.iter().map(|r| r.updates.len()).sum()
-    }
-
     /// How many more updates the next batch would take: 0 once a full batch is queued.
     pub(super) fn room_in_batch(&self) -> usize {
-        self.max_batch.saturating_sub(self.queued())
+        self.max_batch.saturating_sub(self.encoded.len())
     }
-}
-
-/// The encoded bytes of a push.
-fn size(updates: &[String]) -> usize {
-    updates.iter().map(String::len).sum()
 }
 
 #[cfg(test)]
@@ -267,15 +280,30 @@ mod tests {
     }
 
     /// The next batch, when no push has expired.
-    fn take(queue: &mut Queue, gatherer: bool) -> Option<Vec<Request>> {
+    fn take(queue: &mut Queue, gatherer: bool) -> Option<Batch> {
         let mut expired = Vec::new();
         let batch = queue.take_batch(gatherer, Instant::now(), &mut expired);
         assert!(expired.is_empty());
         batch
     }
 
-    fn updates(n: usize) -> Vec<String> {
-        (0..n).map(|i| i.to_string()).collect()
+    /// `n` updates, `"0"`, `"1"`…
+    fn updates(n: usize) -> Encoded {
+        let mut encoded = Encoded::default();
+        for i in 0..n {
+            encoded
+                .push_with(|out| {
+                    out.extend_from_slice(i.to_string().as_bytes());
+                    Ok(())
+                })
+                .unwrap();
+        }
+        encoded
+    }
+
+    /// A batch's pushes and updates.
+    fn shape(batch: &Batch) -> (usize, usize) {
+        (batch.requests.len(), batch.encoded.len())
     }
 
     fn queued(turn: Result<Turn, Error>) -> (bool, oneshot::Receiver<Outcome>) {
@@ -290,40 +318,37 @@ mod tests {
         let mut queue = Queue::new(100, true).with_bound(3, 10);
         let mut waiting = Vec::new();
         for _ in 0..3 {
-            waiting.push(queued(queue.admit(updates(1), 1, later())));
+            waiting.push(queued(queue.admit(&updates(1), 1, later())));
         }
         assert_eq!(queue.depth(), (3, 3));
-        match queue.admit(updates(2), 1, later()).unwrap() {
-            Turn::Full {
-                updates,
-                pushes,
-                bytes,
-            } => assert_eq!((updates.len(), pushes, bytes), (2, 3, 3)),
+        match queue.admit(&updates(2), 1, later()).unwrap() {
+            Turn::Full { pushes, bytes } => assert_eq!((pushes, bytes), (3, 3)),
             other => panic!("{other:?}"),
         }
         // A batch taken makes room.
-        assert_eq!(take(&mut queue, true).map(|b| b.len()), Some(3));
+        assert_eq!(take(&mut queue, true).map(|b| shape(&b)), Some((3, 3)));
         assert_eq!(queue.depth(), (0, 0));
         // Bytes: a push larger than the bound is taken alone, and nothing joins it.
-        let big: Vec<String> = vec!["x".repeat(20)];
-        let _big = queued(queue.admit(big, 1, later()));
-        assert!(matches!(queue.admit(updates(1), 1, later()), Ok(Turn::Full { .. })));
+        let mut big = Encoded::default();
+        big.push_with(|out| {
+            out.extend_from_slice("x".repeat(20).as_bytes());
+            Ok(())
+        })
+        .unwrap();
+        let _big = queued(queue.admit(&big, 1, later()));
+        assert!(matches!(queue.admit(&updates(1), 1, later()), Ok(Turn::Full { .. })));
         assert_eq!(queue.depth(), (1, 20));
         queue.abandon_flusher();
         assert_eq!(queue.depth(), (0, 0));
     }
 
-    fn sizes(batch: &[Request]) -> Vec<usize> {
-        batch.iter().map(|r| r.updates().len()).collect()
-    }
-
     #[test]
     fn a_lone_push_goes_alone_and_takes_a_flight() {
         let mut queue = Queue::new(10, false);
-        assert!(matches!(queue.admit(updates(1), 2, later()), Ok(Turn::Alone(u)) if u.len() == 1));
+        assert!(matches!(queue.admit(&updates(1), 2, later()), Ok(Turn::Alone)));
         assert!(!queue.is_idle());
         // Room for a second flight, nothing queued: alone too.
-        assert!(matches!(queue.admit(updates(1), 2, later()), Ok(Turn::Alone(_))));
+        assert!(matches!(queue.admit(&updates(1), 2, later()), Ok(Turn::Alone)));
         queue.end_flight();
         queue.end_flight();
         assert!(queue.is_idle());
@@ -332,9 +357,9 @@ mod tests {
     #[test]
     fn flights_are_bounded_by_depth() {
         let mut queue = Queue::new(10, false);
-        assert!(matches!(queue.admit(updates(1), 1, later()), Ok(Turn::Alone(_))));
+        assert!(matches!(queue.admit(&updates(1), 1, later()), Ok(Turn::Alone)));
         // No room: queued, and no flusher started (no flight taken).
-        let (lead, _a) = queued(queue.admit(updates(1), 1, later()));
+        let (lead, _a) = queued(queue.admit(&updates(1), 1, later()));
         assert!(!lead);
         assert!(!queue.start_flusher(1));
         // The flight ends: a flusher starts, in the flight freed.
@@ -351,20 +376,20 @@ mod tests {
     #[test]
     fn the_first_queued_push_with_room_leads_and_the_others_join_it() {
         let mut queue = Queue::new(10, false);
-        assert!(matches!(queue.admit(updates(1), 3, later()), Ok(Turn::Alone(_))));
-        let (lead, _a) = queued(queue.admit(updates(1), 1, later()));
+        assert!(matches!(queue.admit(&updates(1), 3, later()), Ok(Turn::Alone)));
+        let (lead, _a) = queued(queue.admit(&updates(1), 1, later()));
         assert!(!lead, "no room for a second flight");
         // Something is queued: not alone, though there is room; the lead takes the flight.
-        let (lead, _b) = queued(queue.admit(updates(1), 3, later()));
+        let (lead, _b) = queued(queue.admit(&updates(1), 3, later()));
         assert!(lead);
-        let (lead, _c) = queued(queue.admit(updates(1), 3, later()));
+        let (lead, _c) = queued(queue.admit(&updates(1), 3, later()));
         assert!(!lead, "a flusher is gathering already");
         assert_eq!(queue.flights, 2);
         // Once the flusher has taken its batch, a queued push may lead again.
-        assert_eq!(take(&mut queue, true).map(|b| b.len()), Some(3));
-        let (lead, _d) = queued(queue.admit(updates(1), 1, later()));
+        assert_eq!(take(&mut queue, true).map(|b| shape(&b)), Some((3, 3)));
+        let (lead, _d) = queued(queue.admit(&updates(1), 1, later()));
         assert!(!lead, "no room");
-        let (lead, _e) = queued(queue.admit(updates(1), 3, later()));
+        let (lead, _e) = queued(queue.admit(&updates(1), 3, later()));
         assert!(lead);
         assert_eq!(queue.flights, 3);
     }
@@ -372,7 +397,7 @@ mod tests {
     #[test]
     fn with_a_batch_wait_no_push_goes_alone() {
         let mut queue = Queue::new(10, true);
-        let (lead, _a) = queued(queue.admit(updates(1), 4, later()));
+        let (lead, _a) = queued(queue.admit(&updates(1), 4, later()));
         assert!(lead);
         assert_eq!(queue.flights, 1);
     }
@@ -382,26 +407,27 @@ mod tests {
         let mut queue = Queue::new(5, true);
         let mut outcomes = Vec::new();
         for n in [2, 2, 2, 7, 1] {
-            outcomes.push(queued(queue.admit(updates(n), 1, later())).1);
+            outcomes.push(queued(queue.admit(&updates(n), 1, later())).1);
         }
-        assert_eq!(queue.queued(), 14);
+        assert_eq!(queue.encoded.len(), 14);
         assert_eq!(queue.room_in_batch(), 0);
         let first = take(&mut queue, true).unwrap();
-        assert_eq!(sizes(&first), [2, 2], "up to 5 updates, whole pushes only");
-        assert_eq!(first[0].updates()[0], "0");
+        assert_eq!(shape(&first), (2, 4), "up to 5 updates, whole pushes only");
+        let sent: Vec<&str> = first.encoded.iter().collect();
+        assert_eq!(sent, ["0", "1", "0", "1"]);
         let second = take(&mut queue, false).unwrap();
         assert_eq!(
-            sizes(&second),
-            [2],
+            shape(&second),
+            (1, 2),
             "a push that does not fit waits for the next"
         );
         let third = take(&mut queue, false).unwrap();
         assert_eq!(
-            sizes(&third),
-            [7],
+            shape(&third),
+            (1, 7),
             "a push larger than the bound is one batch"
         );
-        assert_eq!(sizes(&take(&mut queue, false).unwrap()), [1]);
+        assert_eq!(shape(&take(&mut queue, false).unwrap()), (1, 1));
         assert_eq!(queue.flights, 1);
         assert!(take(&mut queue, false).is_none());
         assert!(queue.is_idle(), "nothing queued: the flight is over");
@@ -410,12 +436,12 @@ mod tests {
     #[test]
     fn pushes_whose_caller_gave_up_are_not_sent() {
         let mut queue = Queue::new(10, true);
-        let (_, gave_up) = queued(queue.admit(updates(1), 1, later()));
-        let (_, waiting) = queued(queue.admit(updates(2), 1, later()));
+        let (_, gave_up) = queued(queue.admit(&updates(1), 1, later()));
+        let (_, waiting) = queued(queue.admit(&updates(2), 1, later()));
         drop(gave_up);
         let batch = take(&mut queue, true).unwrap();
-        assert_eq!(sizes(&batch), [2]);
-        for request in batch {
+        assert_eq!(shape(&batch), (1, 2));
+        for request in batch.requests {
             request.resolve(Ok(()));
         }
         assert!(matches!(waiting.blocking_recv(), Ok(Ok(()))));
@@ -424,9 +450,9 @@ mod tests {
     #[test]
     fn a_closed_queue_takes_no_push_and_abandoning_tells_the_waiting() {
         let mut queue = Queue::new(10, true);
-        let (_, waiting) = queued(queue.admit(updates(1), 1, later()));
+        let (_, waiting) = queued(queue.admit(&updates(1), 1, later()));
         assert!(!queue.close(), "a flight is out");
-        assert!(matches!(queue.admit(updates(1), 1, later()), Err(Error::Closed)));
+        assert!(matches!(queue.admit(&updates(1), 1, later()), Err(Error::Closed)));
         queue.abandon_flusher();
         assert!(queue.is_idle());
         assert!(!queue.gathering);
@@ -439,17 +465,18 @@ mod tests {
         let mut queue = Queue::new(10, true);
         let now = Instant::now();
         let soon = now + std::time::Duration::from_millis(10);
-        let (_, early) = queued(queue.admit(updates(1), 1, soon));
-        let (_, late) = queued(queue.admit(updates(2), 1, later()));
+        let (_, early) = queued(queue.admit(&updates(1), 1, soon));
+        let (_, late) = queued(queue.admit(&updates(2), 1, later()));
         let mut expired = Vec::new();
         // Before the deadline, both go.
         let mut copy = Queue::new(10, true);
-        let (_, _a) = queued(copy.admit(updates(1), 1, soon));
-        assert_eq!(copy.take_batch(true, now, &mut expired).map(|b| b.len()), Some(1));
+        let (_, _a) = queued(copy.admit(&updates(1), 1, soon));
+        assert_eq!(copy.take_batch(true, now, &mut expired).map(|b| shape(&b)), Some((1, 1)));
         assert!(expired.is_empty());
         // At it, the first is let go and the batch is what is left.
         let batch = queue.take_batch(true, soon, &mut expired).unwrap();
-        assert_eq!(sizes(&batch), [2]);
+        assert_eq!(shape(&batch), (1, 2));
+        assert_eq!(batch.encoded.iter().collect::<Vec<_>>(), ["0", "1"]);
         assert_eq!(expired.len(), 1);
         assert_eq!(queue.depth(), (0, 0));
         for request in expired {
@@ -459,7 +486,7 @@ mod tests {
         drop(batch);
         assert!(late.blocking_recv().is_err());
         // All expired: no batch, and the flight is over.
-        let (_, _b) = queued(queue.admit(updates(1), 1, soon));
+        let (_, _b) = queued(queue.admit(&updates(1), 1, soon));
         let mut expired = Vec::new();
         assert!(queue.take_batch(true, soon, &mut expired).is_none());
         assert_eq!(expired.len(), 1);

@@ -38,7 +38,7 @@ const MAX_MADDY_SENDER_LEN: usize = 64;
 /// Separates an update's JSON from its maddy channel in the encoded form the push queue
 /// carries in the maddy layout (`<json>\0<channel>`). Neither holds a NUL: JSON escapes it,
 /// and a channel name cannot have one.
-const CHANNEL_SEPARATOR: char = '\0';
+const CHANNEL_SEPARATOR: u8 = b'\0';
 
 /// Where the numbers of envelopes pushed inside callers' transactions start (2⁶²).
 const TRANSACTIONAL_SEQ_BASE: u64 = 1 << 62;
@@ -185,26 +185,39 @@ impl Wire {
         }
     }
 
-    /// An update's encoded form, checked to fit (see [`Packer::encode`]): its JSON, and in
-    /// the maddy layout its mailbox's channel too, checked to be a channel name, with the
-    /// copy checked to fit in a notification.
-    pub(super) fn encode(&self, update: &Update, limit: usize) -> Result<String, Error> {
-        let json = self.packer.encode(update, limit)?;
+    /// Appends an update's encoded form to `out`, checked to fit (see
+    /// [`Packer::encode`]): its JSON, and in the maddy layout its mailbox's channel too,
+    /// checked to be a channel name, with the copy checked to fit in a notification.
+    /// (`out` holds UTF-8, and is left as it was on error.)
+    pub(super) fn encode_into(
+        &self,
+        update: &Update,
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Error> {
+        let start = out.len();
+        self.packer.encode_into(update, limit, out)?;
         if self.maddy.is_none() {
-            return Ok(json);
+            return Ok(());
         }
-        let channel = update.key().maddy_channel()?;
-        let size = MAX_MADDY_SENDER_LEN + 1 + json.len() + 1;
+        let channel = match update.key().maddy_channel() {
+            Ok(channel) => channel,
+            Err(e) => {
+                out.truncate(start);
+                return Err(e);
+            }
+        };
+        let size = MAX_MADDY_SENDER_LEN + 1 + (out.len() - start) + 1;
         if size > MAX_PAYLOAD_LEN {
+            out.truncate(start);
             return Err(Error::PayloadTooLarge {
                 size,
                 limit: MAX_PAYLOAD_LEN,
             });
         }
-        let mut encoded = json;
-        encoded.push(CHANNEL_SEPARATOR);
-        encoded.push_str(channel.as_str());
-        Ok(encoded)
+        out.push(CHANNEL_SEPARATOR);
+        out.extend_from_slice(channel.as_str().as_bytes());
+        Ok(())
     }
 
     /// Sends a pool batch, its numbers taken and its statement sent in number order (see
@@ -440,7 +453,7 @@ impl Wire {
         let mut copies = Vec::new();
         for item in encoded {
             let (json, channel) = item
-                .split_once(CHANNEL_SEPARATOR)
+                .split_once(char::from(CHANNEL_SEPARATOR))
                 .expect("encoded with its channel in the maddy layout");
             let sender = maddy_sender_id(&maddy.origin, maddy.next.fetch_add(1, Ordering::Relaxed));
             copies.push((channel.to_owned(), maddy_payload(&sender, json)));

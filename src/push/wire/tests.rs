@@ -213,7 +213,7 @@ fn maddy_copies_are_maddy_form_and_unique() {
     ];
     let encoded: Vec<String> = updates
         .iter()
-        .map(|u| wire.encode(u, MAX_PAYLOAD_LEN).unwrap())
+        .map(|u| encode(&wire, u).unwrap())
         .collect();
     let payloads = wire.pack(encoded.iter().map(String::as_str), wire.pool_marks());
     assert_eq!(
@@ -244,7 +244,7 @@ fn maddy_copies_are_maddy_form_and_unique() {
     // A key that cannot be a channel fails the push.
     let empty = Update::mailbox_destroyed("");
     assert!(matches!(
-        wire.encode(&empty, MAX_PAYLOAD_LEN),
+        encode(&wire, &empty),
         Err(Error::InvalidChannel(_))
     ));
 }
@@ -279,4 +279,11 @@ fn pool_and_transactional_numbers_have_ranges_of_their_own() {
         (1..numbers.len() as u64).collect::<Vec<_>>()
     );
     assert_eq!(*numbers.last().unwrap(), TRANSACTIONAL_SEQ_BASE);
+}
+
+/// An update's encoded form, as a push encodes it.
+fn encode(wire: &Wire, update: &Update) -> Result<String, Error> {
+    let mut out = Vec::new();
+    wire.encode_into(update, MAX_PAYLOAD_LEN, &mut out)?;
+    Ok(String::from_utf8(out).expect("UTF-8"))
 }
