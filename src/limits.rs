@@ -107,7 +107,7 @@ impl Limits {
 
     /// Admits an update decoded from an untrusted payload: checks what it asks for against
     /// these bounds before the update is built, then validates it.
-    pub(crate) fn admit(&self, raw: RawUpdate) -> Result<Update, DecodeError> {
+    pub(crate) fn admit(&self, raw: RawUpdate<'_>) -> Result<Update, DecodeError> {
         let seq_set_len = raw.seq_set().map_or(0, str::len);
         Limits::check(Limit::SeqSetLength, seq_set_len, self.max_seq_set_len)?;
         if let Some(flags) = raw.flags() {

@@ -72,9 +72,53 @@ impl fmt::Display for SeqRange {
 /// The empty set is allowed: it is how an update without a `SeqSet` is represented.
 /// Parsing accepts exactly the RFC grammar: numbers from 1 to 4294967295 without leading
 /// zeros, `*`, ranges `a:b`, joined by commas, with no spaces.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default)]
 pub struct SeqSet {
-    ranges: Vec<SeqRange>,
+    ranges: Ranges,
+}
+
+/// A set's ranges: one is kept inline (a new message's UID, a flags update's), so that
+/// most updates hold nothing on the heap.
+#[derive(Clone, Debug, Default)]
+enum Ranges {
+    #[default]
+    Empty,
+    One(SeqRange),
+    Many(Vec<SeqRange>),
+}
+
+impl Ranges {
+    fn as_slice(&self) -> &[SeqRange] {
+        match self {
+            Ranges::Empty => &[],
+            Ranges::One(range) => std::slice::from_ref(range),
+            Ranges::Many(ranges) => ranges,
+        }
+    }
+}
+
+impl From<Vec<SeqRange>> for Ranges {
+    fn from(mut ranges: Vec<SeqRange>) -> Self {
+        match ranges.len() {
+            0 => Ranges::Empty,
+            1 => Ranges::One(ranges.swap_remove(0)),
+            _ => Ranges::Many(ranges),
+        }
+    }
+}
+
+impl PartialEq for SeqSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.ranges() == other.ranges()
+    }
+}
+
+impl Eq for SeqSet {}
+
+impl std::hash::Hash for SeqSet {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.ranges().hash(state);
+    }
 }
 
 impl SeqSet {
@@ -88,14 +132,14 @@ impl SeqSet {
         let n = NonZeroU32::new(n)
             .ok_or_else(|| UpdateError::seq_set("0", "0 is not a valid number"))?;
         Ok(SeqSet {
-            ranges: vec![SeqRange::new(SeqNum::Value(n), SeqNum::Value(n))],
+            ranges: Ranges::One(SeqRange::new(SeqNum::Value(n), SeqNum::Value(n))),
         })
     }
 
     /// A set made of the given ranges.
     pub fn from_ranges(ranges: impl IntoIterator<Item = SeqRange>) -> Self {
         SeqSet {
-            ranges: ranges.into_iter().collect(),
+            ranges: ranges.into_iter().collect::<Vec<_>>().into(),
         }
     }
 
@@ -107,33 +151,41 @@ impl SeqSet {
         if input.len() > MAX_SEQ_SET_LEN {
             return Err(UpdateError::seq_set(input, "longer than 7999 bytes"));
         }
-        let mut ranges = Vec::with_capacity(input.bytes().filter(|&b| b == b',').count() + 1);
-        for element in input.split(',') {
-            let range = match element.split_once(':') {
-                Some((a, b)) => SeqRange::new(parse_num(input, a)?, parse_num(input, b)?),
-                None => {
-                    let n = parse_num(input, element)?;
-                    SeqRange::new(n, n)
-                }
-            };
-            ranges.push(range);
+        let range = |element: &str| match element.split_once(':') {
+            Some((a, b)) => Ok(SeqRange::new(parse_num(input, a)?, parse_num(input, b)?)),
+            None => {
+                let n = parse_num(input, element)?;
+                Ok(SeqRange::new(n, n))
+            }
+        };
+        let elements = input.bytes().filter(|&b| b == b',').count() + 1;
+        if elements == 1 {
+            return Ok(SeqSet {
+                ranges: Ranges::One(range(input)?),
+            });
         }
-        Ok(SeqSet { ranges })
+        let mut ranges = Vec::with_capacity(elements);
+        for element in input.split(',') {
+            ranges.push(range(element)?);
+        }
+        Ok(SeqSet {
+            ranges: Ranges::Many(ranges),
+        })
     }
 
     /// Whether the set has no element.
     pub fn is_empty(&self) -> bool {
-        self.ranges.is_empty()
+        self.ranges().is_empty()
     }
 
     /// The elements, in the order written.
     pub fn ranges(&self) -> &[SeqRange] {
-        &self.ranges
+        self.ranges.as_slice()
     }
 
     /// The number, when the set is exactly one number (not `*`).
     pub fn as_single(&self) -> Option<u32> {
-        match self.ranges.as_slice() {
+        match self.ranges() {
             [r] if r.start == r.end => match r.start {
                 SeqNum::Value(n) => Some(n.get()),
                 SeqNum::Star => None,
@@ -148,7 +200,7 @@ impl SeqSet {
             SeqNum::Value(v) => v.get(),
             SeqNum::Star => largest,
         };
-        self.ranges.iter().any(|r| {
+        self.ranges().iter().any(|r| {
             let (a, b) = (value(r.start), value(r.end));
             a.min(b) <= n && n <= a.max(b)
         })
@@ -186,7 +238,7 @@ impl FromStr for SeqSet {
 
 impl fmt::Display for SeqSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, range) in self.ranges.iter().enumerate() {
+        for (i, range) in self.ranges().iter().enumerate() {
             if i > 0 {
                 f.write_str(",")?;
             }

@@ -5,6 +5,7 @@
 //! {"Type": 1, "Key": 42, "SeqSet": "17", "NewFlags": ["\\Seen", "$Junk"]}
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{self, Deserializer, Visitor};
@@ -374,19 +375,29 @@ impl<'de> Deserialize<'de> for Update {
 
 /// The JSON shape before validation. Unknown fields are ignored (a newer Go peer may add
 /// some); `null` stands for empty, as Go writes a nil slice.
+/// The sequence set is borrowed from the payload when it needs no unescaping (it is
+/// parsed, then dropped: no allocation for it).
 #[derive(Deserialize)]
-pub(crate) struct RawUpdate {
+pub(crate) struct RawUpdate<'a> {
     #[serde(rename = "Type")]
     kind: u64,
     #[serde(rename = "Key")]
     key: MailboxKey,
-    #[serde(rename = "SeqSet", default)]
-    seq_set: Option<String>,
+    #[serde(rename = "SeqSet", default, borrow, deserialize_with = "borrowed")]
+    seq_set: Option<Cow<'a, str>>,
     #[serde(rename = "NewFlags", default)]
     flags: Option<Vec<String>>,
 }
 
-impl RawUpdate {
+/// An optional string, borrowed when it can be (serde borrows a `Cow` only when it is not
+/// inside an `Option`).
+fn borrowed<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    #[derive(Deserialize)]
+    struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
+    Ok(Option::<Borrowed<'de>>::deserialize(deserializer)?.map(|b| b.0))
+}
+
+impl RawUpdate<'_> {
     /// The sequence set as written, if any.
     pub(crate) fn seq_set(&self) -> Option<&str> {
         self.seq_set.as_deref()

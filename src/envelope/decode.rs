@@ -12,13 +12,14 @@ use crate::origin::Origin;
 use crate::update::RawUpdate;
 
 #[derive(Deserialize)]
-struct WireIn {
+struct WireIn<'a> {
     v: u64,
     o: String,
     #[serde(default)]
     p: Option<u32>,
     s: u64,
-    u: Vec<RawUpdate>,
+    #[serde(borrow)]
+    u: Vec<RawUpdate<'a>>,
     #[serde(default, deserialize_with = "mark")]
     t: bool,
     #[serde(default, deserialize_with = "mark")]
