@@ -303,11 +303,7 @@ impl Dispatch {
             self.outbox.resync(gap);
         }
         match carried.content {
-            Content::Updates(updates) => {
-                for update in updates {
-                    self.outbox.enqueue(update);
-                }
-            }
+            Content::Updates(updates) => self.outbox.enqueue_all(updates),
             Content::Refused(e) => self.reject_incoming(&e, incoming),
             // No log to fetch from: the update is gone.
             Content::Fetch { origin, .. } if self.reader.is_unreadable() => {

@@ -5,15 +5,26 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::pacer::Pacer;
 use super::{Event, ResyncReason, TARGET};
 use crate::stats::Counters;
 use crate::update::Update;
+
+/// The longest reading waits for a caller behind by the whole bound to take anything,
+/// before best-effort updates are let go (see [`Outbox::reading_held`]).
+pub(super) const HOLD: Duration = Duration::from_secs(1);
+
+/// The longest a caller may keep reading waiting, from when it fell behind by the whole
+/// bound until it is back under half of it: a caller slower than the senders for good
+/// then costs the server's notification queue a few seconds of traffic, not all of it.
+const HOLD_EPISODE: Duration = Duration::from_secs(5);
 
 /// Where deliveries go.
 #[derive(Debug)]
@@ -120,6 +131,14 @@ pub(super) struct Outbox {
     dropped: u64,
     /// Paces the warnings about resyncs, which senders can provoke.
     resyncs: Pacer,
+    /// Since when the caller is behind: the bound was reached, and the buffer has not
+    /// been under half of it since.
+    behind_since: Option<Instant>,
+    /// Until when reading waits for the caller, while the bound is reached.
+    held_until: Option<Instant>,
+    /// Reading waits no more until the caller is back under half the bound (it took
+    /// nothing for a whole wait, or was behind too long).
+    given_up: bool,
     counters: Arc<Counters>,
 }
 
@@ -132,8 +151,52 @@ impl Outbox {
             max_buffered,
             dropped: 0,
             resyncs: Pacer::default(),
+            behind_since: None,
+            held_until: None,
+            given_up: false,
             counters,
         }
+    }
+
+    /// Whether reading notifications waits for the caller now, and until when. Once the
+    /// bound is reached, reading waits for the caller to take something, up to [`HOLD`]
+    /// (at most `longest`) at a time: a caller starved for a moment (a busy machine, a
+    /// burst) or slower than a backlog for a while loses nothing, as the server's
+    /// notification queue holds what arrives meanwhile. Best-effort updates are let go as
+    /// before once a whole wait passes with nothing taken, or once the caller has been
+    /// behind for [`HOLD_EPISODE`], until it is back under half the bound.
+    pub(super) fn reading_held(&mut self, longest: Duration) -> Option<Instant> {
+        if self.buffered_updates < self.max_buffered / 2 {
+            self.behind_since = None;
+            self.given_up = false;
+        }
+        if !self.is_full() {
+            // Room: read. (Each delivery while reading waits makes room for a moment.)
+            self.held_until = None;
+            return None;
+        }
+        if self.given_up {
+            return None;
+        }
+        let now = Instant::now();
+        let since = *self.behind_since.get_or_insert(now);
+        if let Some(until) = self.held_until {
+            if now < until {
+                return Some(until);
+            }
+            // A whole wait, and nothing taken.
+            self.given_up = true;
+        } else if now >= since + HOLD_EPISODE {
+            self.given_up = true;
+        }
+        if self.given_up {
+            self.held_until = None;
+            tracing::debug!(target: TARGET, "the application is behind: reading waits no more");
+            return None;
+        }
+        let until = now + HOLD.min(longest);
+        self.held_until = Some(until);
+        Some(until)
     }
 
     /// How many places wait (for tracing).
@@ -155,6 +218,21 @@ impl Outbox {
     /// are never let go.
     pub(super) fn has_room_for_tail(&self) -> bool {
         self.buffered_updates < self.max_buffered / 2
+    }
+
+    /// Queues a notification's best-effort updates. One that arrives with room is taken
+    /// whole while reading may still wait for the caller (so the bound is passed by one
+    /// notification's updates at most, and the wait comes before the next; see
+    /// [`Outbox::reading_held`]); otherwise what is past the bound is let go.
+    pub(super) fn enqueue_all(&mut self, updates: impl IntoIterator<Item = Update>) {
+        let whole = !self.is_full() && !self.given_up;
+        for update in updates {
+            if whole {
+                self.push_ready(update);
+            } else {
+                self.enqueue(update);
+            }
+        }
     }
 
     /// Queues a best-effort update, or lets it go when the caller is too far behind (a
@@ -300,6 +378,62 @@ mod tests {
 
     fn drain(rx: &mut mpsc::Receiver<Event>) -> Vec<Event> {
         std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reading_waits_for_a_caller_behind_while_it_takes_something() {
+        let (mut outbox, _rx) = events(1, 4);
+        let fill = |outbox: &mut Outbox| {
+            while !outbox.is_full() {
+                outbox.enqueue(update(1));
+            }
+        };
+        let take = |outbox: &mut Outbox| {
+            outbox.buffer.pop_front();
+            outbox.delivered(1);
+        };
+        assert_eq!(outbox.reading_held(HOLD), None, "room: no wait");
+        fill(&mut outbox);
+        let until = outbox.reading_held(HOLD).expect("full: reading waits");
+        assert_eq!(until - Instant::now(), HOLD);
+        assert_eq!(outbox.reading_held(HOLD), Some(until), "the same wait");
+        // The caller takes one: reading goes on, and waits again at the bound, for as long
+        // as the caller keeps taking, up to the episode's length.
+        for _ in 0..4 {
+            tokio::time::advance(HOLD / 2).await;
+            take(&mut outbox);
+            assert_eq!(outbox.reading_held(HOLD), None, "room made");
+            fill(&mut outbox);
+            assert!(outbox.reading_held(HOLD).is_some(), "waits again");
+        }
+        tokio::time::advance(HOLD).await;
+        assert_eq!(
+            outbox.reading_held(HOLD),
+            None,
+            "nothing taken for a whole wait"
+        );
+        assert_eq!(outbox.dropped, 0);
+        outbox.enqueue(update(2));
+        assert_eq!(outbox.dropped, 1, "let go");
+        // Not again until the caller is back under half the bound.
+        take(&mut outbox);
+        fill(&mut outbox);
+        assert_eq!(outbox.reading_held(HOLD), None);
+        take(&mut outbox);
+        take(&mut outbox);
+        take(&mut outbox);
+        outbox.reading_held(HOLD);
+        fill(&mut outbox);
+        let until = outbox.reading_held(HOLD / 4).expect("a new episode");
+        assert_eq!(until - Instant::now(), HOLD / 4, "at most as long as asked");
+        // A caller that keeps taking, but too slowly for good, is let go after the episode.
+        for _ in 0..20 {
+            tokio::time::advance(HOLD / 5).await;
+            take(&mut outbox);
+            fill(&mut outbox);
+            outbox.reading_held(HOLD);
+        }
+        assert_eq!(outbox.reading_held(HOLD), None, "behind too long");
     }
 
     #[test]

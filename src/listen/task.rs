@@ -236,6 +236,19 @@ impl ConnectionLoop {
                     watch.set(next.fuse());
                 }
                 let ready = self.dispatch.outbox.has_ready();
+                // The caller is behind by the whole bound: reading waits a moment for it
+                // (not while a statement or a subscription needs the connection polled).
+                // Notifications wait meanwhile, heartbeats among them: the heartbeat's time
+                // counts from the end of the wait, which is under half its timeout.
+                let held = if query.is_terminated() && subscribing.is_terminated() {
+                    let longest = self.dispatch.heartbeat.clock.timeout() / 2;
+                    self.dispatch.outbox.reading_held(longest)
+                } else {
+                    None
+                };
+                if held.is_some() {
+                    self.dispatch.heartbeat.clock.busy_until(Instant::now());
+                }
                 tokio::select! {
                     // The slots and the clock before the connection, so that steady
                     // traffic never starves a heartbeat or a log read.
@@ -275,7 +288,10 @@ impl ConnectionLoop {
                             }
                         }
                     }
-                    message = poll_fn(|cx| connection.poll_message(cx)) => match message {
+                    () = hold_over(held), if held.is_some() => {
+                        self.dispatch.heartbeat.clock.busy_until(Instant::now());
+                    }
+                    message = poll_fn(|cx| connection.poll_message(cx)), if held.is_none() => match message {
                         Some(Ok(AsyncMessage::Notification(n))) => {
                             self.dispatch.on_notification(incoming(&n));
                             // Hand it over now if there is room: no extra turn of the loop.
@@ -445,5 +461,12 @@ fn incoming(notification: &Notification) -> Incoming<'_> {
         channel: notification.channel(),
         payload: notification.payload(),
         sender_pid: notification.process_id(),
+    }
+}
+
+/// Completes at the end of a wait for the caller (see `Outbox::reading_held`).
+async fn hold_over(until: Option<Instant>) {
+    if let Some(until) = until {
+        tokio::time::sleep_until(until).await;
     }
 }
