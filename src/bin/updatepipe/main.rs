@@ -8,6 +8,13 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The global allocator of this build, as `bench` reports it.
+const ALLOCATOR: &str = if cfg!(feature = "mimalloc") {
+    "mimalloc"
+} else {
+    "system"
+};
+
 mod args;
 mod bench;
 mod commands;
@@ -283,10 +290,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Bench(args) => {
-            let (config, _cluster) = database(cli.url.as_deref(), "benchmark").await?;
+            if let Some((n, channel)) = args.listen_child() {
+                let config = config(cli.url.as_deref())?;
+                let channel = channel.to_owned();
+                return tokio::spawn(async move { bench::listen_child(config, n, &channel).await })
+                    .await?;
+            }
+            let (config, cluster) = database(cli.url.as_deref(), "benchmark").await?;
+            let url = cli
+                .url
+                .clone()
+                .or_else(|| cluster.as_ref().map(|c| c.url()));
             // On a worker thread like every task it measures, not on the main thread, where
             // each wake-up would cost a thread hand-off.
-            tokio::spawn(bench::run(config, args)).await?
+            let result = tokio::spawn(bench::run(config, url, args)).await?;
+            drop(cluster);
+            result
         }
     }
 }

@@ -5,12 +5,13 @@
 use indicatif::{ProgressBar, ProgressStyle};
 use updatepipe::{ChannelName, Config, Layout, PgPipe};
 
+mod fanout;
 mod pipe;
 mod raw;
 mod report;
 mod timing;
 
-use pipe::{paced, pipe, pipe_push_raw_listen, raw_push_pipe_listen};
+use pipe::{backlog, paced, pipe, pipe_push_raw_listen, raw_push_pipe_listen};
 use raw::{RawSend, envelope_payloads, raw, raw_paced, update_payloads};
 use report::{Report, Row, print_table};
 use timing::cpu_time;
@@ -44,9 +45,30 @@ pub struct BenchArgs {
 
     /// Transactions the raw batched baselines pipeline on their connection, whatever the
     /// pipe's bound (a hand-written batching pusher would pipeline too).
-    #[arg(long, default_value_t = 2, value_name = "N",
+    #[arg(long, default_value_t = 4, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..))]
     raw_in_flight: u16,
+
+    /// Internal: be one listening process of a fan-out row (count this many updates on
+    /// --child-channel, then report).
+    #[arg(long, hide = true, value_name = "N", requires = "child_channel")]
+    listen_child: Option<u64>,
+
+    /// Internal: the channel of --listen-child.
+    #[arg(long, hide = true, value_name = "NAME")]
+    child_channel: Option<String>,
+}
+
+impl BenchArgs {
+    /// The child's count and channel, when this is a listening child of a fan-out row.
+    pub fn listen_child(&self) -> Option<(u64, &str)> {
+        Some((self.listen_child?, self.child_channel.as_deref()?))
+    }
+}
+
+/// Runs a listening child of a fan-out row (see [`BenchArgs::listen_child`]).
+pub async fn listen_child(config: Config, n: u64, channel: &str) -> anyhow::Result<()> {
+    fanout::child(config.with_channel(ChannelName::new(channel)?), n).await
 }
 
 /// A channel of the benchmark's own, fresh for each row.
@@ -61,6 +83,7 @@ fn channel(tag: &str) -> Result<ChannelName, updatepipe::Error> {
 /// before the rows compared with it); each step's rows, in round order.
 async fn in_rounds(
     base: &Config,
+    url: Option<&str>,
     steps: &[(&str, Step)],
     rounds: u32,
     progress: &ProgressBar,
@@ -70,15 +93,17 @@ async fn in_rounds(
         for ((name, step), runs) in steps.iter().zip(&mut measured) {
             progress.set_message(format!("{name} (round {round} of {rounds})"));
             let config = base.clone().with_channel(channel("x")?).with_pool_size(4);
-            runs.push(measure(config, *step).await?);
+            runs.push(measure(config, url, *step).await?);
             progress.inc(1);
         }
     }
     Ok(measured)
 }
 
-/// The whole benchmark.
-pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
+/// The whole benchmark. `url` reaches the server as `base` does, for the listening
+/// processes of the fan-out rows (`None`: they find it in the environment as this one did).
+pub async fn run(base: Config, url: Option<String>, args: BenchArgs) -> anyhow::Result<()> {
+    let url = url.as_deref();
     let scale = |n: u64| ((n as f64 * args.scale).round() as u64).max(100);
     let rounds = args.rounds.max(1);
     let base = match args.max_in_flight {
@@ -164,6 +189,33 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
             Step::Sides(per_round(20_000), Sides::PipeListen),
             Some("sides: raw, envelopes"),
         ),
+        // One pipe's 256 pushers heard by several listening pipes: in this process, then
+        // each in a process of its own.
+        (
+            "fan-out, 1 listener",
+            Step::FanOut(per_round(300_000), 1),
+            None,
+        ),
+        (
+            "fan-out, 4 listeners",
+            Step::FanOut(per_round(300_000), 4),
+            None,
+        ),
+        (
+            "fan-out, 16 listeners",
+            Step::FanOut(per_round(150_000), 16),
+            None,
+        ),
+        (
+            "fan-out, 4 processes",
+            Step::FanOutProcesses(per_round(300_000), 4),
+            None,
+        ),
+        (
+            "fan-out, 16 processes",
+            Step::FanOutProcesses(per_round(150_000), 16),
+            None,
+        ),
         (
             "durable, 1 pusher",
             Step::Durable(per_round(3_000), 1),
@@ -177,6 +229,13 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
         (
             "durable, 256 pushers",
             Step::Durable(per_round(200_000), 256),
+            None,
+        ),
+        // A durable listener back from an absence: the catch-up rate of a backlog read
+        // from the log (its own CPU only).
+        (
+            "durable backlog catch-up",
+            Step::Backlog(per_round(300_000)),
             None,
         ),
     ];
@@ -218,7 +277,7 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
     )
     .await?;
     let steps: Vec<(&str, Step)> = throughput.iter().map(|(n, s, _)| (*n, *s)).collect();
-    let measured = in_rounds(&base, &steps, rounds, &progress).await?;
+    let measured = in_rounds(&base, url, &steps, rounds, &progress).await?;
     // Each round's rate over its baseline's in the same round, before the rounds are sorted.
     let rates: Vec<Vec<f64>> = measured
         .iter()
@@ -241,10 +300,24 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
             runs[0].updates_per_sec,
             runs[runs.len() - 1].updates_per_sec,
         );
-        let mut cpu: Vec<f64> = runs.iter().filter_map(|r| r.cpu_us_per_update).collect();
-        cpu.sort_by(f64::total_cmp);
+        let median = |of: fn(&Row) -> Option<f64>| {
+            let mut values: Vec<f64> = runs.iter().filter_map(of).collect();
+            values.sort_by(f64::total_cmp);
+            values.get(values.len() / 2).copied()
+        };
+        let (cpu, per_delivery) = (
+            median(|r| r.cpu_us_per_update),
+            median(|r| r.cpu_us_per_delivery),
+        );
+        // Losses are summed over the rounds: one is one too many.
+        let (dropped, resyncs) = (
+            runs.iter().map(|r| r.dropped).sum(),
+            runs.iter().map(|r| r.resyncs).sum(),
+        );
         let mut row = runs.swap_remove(runs.len() / 2);
-        row.cpu_us_per_update = cpu.get(cpu.len() / 2).copied();
+        row.cpu_us_per_update = cpu;
+        row.cpu_us_per_delivery = per_delivery;
+        (row.dropped, row.resyncs) = (dropped, resyncs);
         row.name = name.to_owned();
         row.spread = Some(spread);
         // Rows are in the order of `names`, each baseline before the rows compared with it.
@@ -260,7 +333,7 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
     }
     // The paced rows in rounds too: one 5-second window's tail is at the mercy of what
     // else the machine did in it.
-    let paced = in_rounds(&base, &paced_rows, rounds, &progress).await?;
+    let paced = in_rounds(&base, url, &paced_rows, rounds, &progress).await?;
     for ((name, _), mut runs) in paced_rows.into_iter().zip(paced) {
         let p99 = |row: &Row| row.latency_us.as_ref().map_or(0, |l| l.p99);
         runs.sort_by_key(p99);
@@ -277,6 +350,7 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
         rounds,
         max_in_flight: base.max_in_flight(),
         raw_in_flight,
+        allocator: crate::ALLOCATOR,
         rows,
     };
     if args.json {
@@ -287,17 +361,28 @@ pub async fn run(base: Config, args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs one step, and notes the CPU time this process spent on it per update.
-async fn measure(config: Config, step: Step) -> anyhow::Result<Row> {
+/// Runs one step, and notes the CPU time this process spent on it per update (unless the
+/// step measured its own), and in the fan-out rows per update delivered.
+async fn measure(config: Config, url: Option<&str>, step: Step) -> anyhow::Result<Row> {
     let before = cpu_time()?;
-    let mut row = run_step(config, step).await?;
-    let spent = cpu_time()?.saturating_sub(before);
-    row.cpu_us_per_update = Some(spent.as_secs_f64() * 1e6 / row.updates as f64);
+    let mut row = run_step(config, url, step).await?;
+    let spent = cpu_time()?.saturating_sub(before).as_secs_f64() * 1e6;
+    let updates = row.updates as f64;
+    row.cpu_us_per_update.get_or_insert(spent / updates);
+    if let Some(listeners) = row.listeners {
+        row.cpu_us_per_delivery =
+            Some((spent + row.children_cpu_us) / (updates * listeners as f64));
+    }
     Ok(row)
 }
 
-async fn run_step(config: Config, step: Step) -> anyhow::Result<Row> {
+async fn run_step(config: Config, url: Option<&str>, step: Step) -> anyhow::Result<Row> {
     match step {
+        Step::FanOut(n, listeners) => fanout::in_process(config, n, listeners).await,
+        Step::FanOutProcesses(n, processes) => {
+            fanout::processes(config, url.map(str::to_owned), n, processes).await
+        }
+        Step::Backlog(n) => backlog(config, n).await,
         Step::Raw(n, send) => raw(&config, update_payloads(n), send).await,
         Step::Sides(n, Sides::Raw) => raw(&config, envelope_payloads(n), RawSend::Each).await,
         Step::Sides(n, Sides::PipePush) => pipe_push_raw_listen(config, n).await,
@@ -330,6 +415,12 @@ enum Step {
     RawPaced(u64, u64),
     /// One sequential pusher with either side, or neither, the pipe's.
     Sides(u64, Sides),
+    /// 256 pushers heard by several listening pipes in this process.
+    FanOut(u64, usize),
+    /// 256 pushers heard by several listening processes.
+    FanOutProcesses(u64, usize),
+    /// A durable listener's catch-up through a backlog.
+    Backlog(u64),
 }
 
 /// Which side of a sequential pusher's path is the pipe's; the other is plain

@@ -9,7 +9,7 @@ use updatepipe::{Config, PgPipe, SeqSet, Update, UpdatePipe};
 
 use super::raw::{RawListener, RawPusher, RawSend, envelope_payloads, on_worker, parse_json};
 use super::report::{Row, row};
-use super::timing::{Latencies, open_loop};
+use super::timing::{Latencies, cpu_time, open_loop};
 
 /// The pipe's pushes, one at a time, to a plain tokio-postgres listener.
 pub(super) async fn pipe_push_raw_listen(config: Config, n: u64) -> anyhow::Result<Row> {
@@ -40,8 +40,17 @@ pub(super) async fn raw_push_pipe_listen(config: Config, n: u64) -> anyhow::Resu
     let finished = last_delivery(counter).await?;
     let seconds = (finished - started).as_secs_f64();
     pusher.close().await;
+    let mut row = row(n, seconds, None, None);
+    (row.dropped, row.resyncs) = losses(&listener);
     listener.close().await?;
-    Ok(row(n, seconds, None, None))
+    Ok(row)
+}
+
+/// What a listening pipe let go (slow consumer) and how many resyncs it raised, for the
+/// row.
+pub(super) fn losses(listener: &PgPipe) -> (u64, u64) {
+    let stats = listener.stats();
+    (stats.dropped_slow_consumer, stats.resyncs)
 }
 
 /// Starts a pipe listening on the channel and a task that counts what it delivers.
@@ -83,15 +92,9 @@ pub(super) fn numbered(key: u64, i: u64) -> Result<Update, updatepipe::Error> {
     Ok(Update::new_message(key, SeqSet::single(uid)?))
 }
 
-/// The pipe with `pushers` concurrent tasks, each pushing its share one update at a time.
-pub(super) async fn pipe(config: Config, n: u64, pushers: usize) -> anyhow::Result<Row> {
-    if config.durable() {
-        PgPipe::new(config.clone())?.migrate().await?;
-    }
-    let (listener, counter) = pipe_listener(&config, n, |_| {}).await?;
-    let pusher = Arc::new(PgPipe::new(config)?);
-    pusher.init_push().await?;
-    let started = Instant::now();
+/// `n` updates from `pushers` concurrent tasks, each pushing its share one update at a
+/// time (mailbox `key` for task `key`).
+pub(super) async fn push_all(pusher: &Arc<PgPipe>, n: u64, pushers: usize) -> anyhow::Result<()> {
     let each = n / pushers as u64;
     let extra = n % pushers as u64;
     let tasks = (0..pushers as u64).map(|key| {
@@ -107,12 +110,50 @@ pub(super) async fn pipe(config: Config, n: u64, pushers: usize) -> anyhow::Resu
     for result in try_join_all(tasks).await? {
         result?;
     }
+    Ok(())
+}
+
+/// The pipe with `pushers` concurrent tasks, each pushing its share one update at a time.
+pub(super) async fn pipe(config: Config, n: u64, pushers: usize) -> anyhow::Result<Row> {
+    if config.durable() {
+        PgPipe::new(config.clone())?.migrate().await?;
+    }
+    let (listener, counter) = pipe_listener(&config, n, |_| {}).await?;
+    let pusher = Arc::new(PgPipe::new(config)?);
+    pusher.init_push().await?;
+    let started = Instant::now();
+    push_all(&pusher, n, pushers).await?;
     let finished = last_delivery(counter).await?;
     let seconds = (finished - started).as_secs_f64();
     let batches = pusher.stats().batches;
     pusher.close().await?;
+    let mut row = row(n, seconds, None, Some(batches));
+    (row.dropped, row.resyncs) = losses(&listener);
     listener.close().await?;
-    Ok(row(n, seconds, None, Some(batches)))
+    Ok(row)
+}
+
+/// A durable listener back from an absence: `n` updates pushed durably (256 pushers) with
+/// no listener, then one that reads them from the log's start; timed from its start to
+/// its last delivery (the catch-up rate), its CPU only.
+pub(super) async fn backlog(config: Config, n: u64) -> anyhow::Result<Row> {
+    let config = config.with_durable(true);
+    PgPipe::new(config.clone())?.migrate().await?;
+    let pusher = Arc::new(PgPipe::new(config.clone())?);
+    push_all(&pusher, n, 256).await?;
+    pusher.close().await?;
+    let before = cpu_time()?;
+    let started = Instant::now();
+    let reader = config.with_since(updatepipe::Since::Position(0));
+    let (listener, counter) = pipe_listener(&reader, n, |_| {}).await?;
+    let finished = last_delivery(counter).await?;
+    let seconds = (finished - started).as_secs_f64();
+    let spent = cpu_time()?.saturating_sub(before);
+    let mut row = row(n, seconds, None, None);
+    row.cpu_us_per_update = Some(spent.as_secs_f64() * 1e6 / n as f64);
+    (row.dropped, row.resyncs) = losses(&listener);
+    listener.close().await?;
+    Ok(row)
 }
 
 /// Open-loop latency: pushes start on a fixed schedule whatever earlier pushes do; each
@@ -143,6 +184,8 @@ pub(super) async fn paced(config: Config, rate: u64, n: u64) -> anyhow::Result<R
     let seconds = (finished - started).as_secs_f64();
     let batches = pusher.stats().batches;
     pusher.close().await?;
+    let mut row = row(n, seconds, Some(latencies.summary()), Some(batches));
+    (row.dropped, row.resyncs) = losses(&listener);
     listener.close().await?;
-    Ok(row(n, seconds, Some(latencies.summary()), Some(batches)))
+    Ok(row)
 }

@@ -26,6 +26,18 @@ pub(super) struct Row {
     /// Each round's p99, lowest first (paced rows).
     pub(super) p99_rounds_us: Option<Vec<u64>>,
     pub(super) batches: Option<u64>,
+    /// Updates the row's listening pipes let go as a slow consumer, and the resyncs they
+    /// raised (summed over its listeners; the raw rows have no such counters).
+    pub(super) dropped: u64,
+    pub(super) resyncs: u64,
+    /// Listening pipes (fan-out rows).
+    pub(super) listeners: Option<usize>,
+    /// CPU time per update delivered, every listener counted: this process's, and the
+    /// listening processes' in the rows with several.
+    pub(super) cpu_us_per_delivery: Option<f64>,
+    /// The listening processes' CPU time, in microseconds (for `cpu_us_per_delivery`).
+    #[serde(skip)]
+    pub(super) children_cpu_us: f64,
     /// The slowest and fastest round's rate (throughput rows).
     pub(super) spread: Option<(f64, f64)>,
 }
@@ -58,22 +70,26 @@ pub(super) struct Report {
     pub(super) max_in_flight: usize,
     /// Transactions the raw batched baselines pipeline.
     pub(super) raw_in_flight: usize,
+    /// The global allocator of this build: `mimalloc` (the tool's default) or `system`
+    /// (what an application embedding the library gets unless it picks one).
+    pub(super) allocator: &'static str,
     pub(super) rows: Vec<Row>,
 }
 
 pub(super) fn print_table(report: &Report) {
     println!(
-        "PostgreSQL {} on {} cores; updates/s delivered end to end (first push to last delivery), \
-         median of {} rounds; pipe with up to {} push transactions in flight, raw batched \
-         baselines pipelining {}\n",
+        "PostgreSQL {} on {} cores, {} allocator; updates/s delivered end to end (first push to \
+         last delivery), median of {} rounds; pipe with up to {} push transactions in flight, \
+         raw batched baselines pipelining {}\n",
         report.server_version,
         report.cores,
+        report.allocator,
         report.rounds,
         report.max_in_flight,
         report.raw_in_flight
     );
     println!(
-        "{:<24} {:>9} {:>8} {:>12} {:>17} {:>8} {:>8} {:>7} {:>8}  {:<26}",
+        "{:<30} {:>9} {:>8} {:>12} {:>17} {:>8} {:>8} {:>7} {:>7} {:>7} {:>9}  {:<26}",
         "row",
         "updates",
         "seconds",
@@ -83,6 +99,8 @@ pub(super) fn print_table(report: &Report) {
         "vs base",
         "paired",
         "CPU µs",
+        "/deliv",
+        "lost/rsync",
         "latency p50/p99/p99.9/max"
     );
     for row in &report.rows {
@@ -91,7 +109,7 @@ pub(super) fn print_table(report: &Report) {
         let (ratio, paired) = (percent(row.ratio), percent(row.paired_ratio));
         let cpu = row
             .cpu_us_per_update
-            .map_or_else(|| "-".to_owned(), |c| format!("{c:.1}"));
+            .map_or_else(|| "-".to_owned(), |c| format!("{c:.2}"));
         let latency = row.latency_us.as_ref().map_or_else(
             || "-".to_owned(),
             |l| format!("{} / {} / {} / {} µs", l.p50, l.p99, l.p999, l.max),
@@ -107,8 +125,12 @@ pub(super) fn print_table(report: &Report) {
             || "-".to_owned(),
             |(low, high)| format!("{low:.0}–{high:.0}"),
         );
+        let per_delivery = row
+            .cpu_us_per_delivery
+            .map_or_else(|| "-".to_owned(), |c| format!("{c:.2}"));
+        let lost = format!("{}/{}", row.dropped, row.resyncs);
         println!(
-            "{:<24} {:>9} {:>8.2} {:>12.0} {:>17} {:>8} {:>8} {:>7} {:>8}  {:<26}",
+            "{:<30} {:>9} {:>8.2} {:>12.0} {:>17} {:>8} {:>8} {:>7} {:>7} {:>7} {:>9}  {:<26}",
             row.name,
             row.updates,
             row.seconds,
@@ -118,6 +140,8 @@ pub(super) fn print_table(report: &Report) {
             ratio,
             paired,
             cpu,
+            per_delivery,
+            lost,
             latency
         );
     }
@@ -126,7 +150,10 @@ pub(super) fn print_table(report: &Report) {
          sequential; 16: raw batched 10/tx; 256: raw batched 100/tx; signed: the same pipe \
          row unsigned; sides: raw, envelopes), both medians.\npaired: the median of each \
          round's ratio to the baseline measured just before it in the same round.\nCPU µs: this \
-         process's CPU time per update (pushers, listener, connections; not the server's).\n\
+         process's CPU time per update pushed (pushers, listeners, connections; not the \
+         server's); /deliv: per update delivered, every listener counted (the listening \
+         processes' too).\nlost/rsync: updates the listening pipes let go as slow consumers, \
+         and the resyncs they raised (raw rows: none counted).\n\
          latency: the round with the median p99, and the lowest and highest p99 of the rounds; \
          paced rows are open loop (each push starts on schedule, whatever earlier ones do)."
     );
@@ -145,6 +172,11 @@ pub(super) fn row(n: u64, seconds: f64, latency: Option<Latency>, batches: Optio
         latency_us: latency,
         p99_rounds_us: None,
         batches,
+        dropped: 0,
+        resyncs: 0,
+        listeners: None,
+        cpu_us_per_delivery: None,
+        children_cpu_us: 0.0,
         spread: None,
     }
 }
