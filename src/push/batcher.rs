@@ -8,8 +8,8 @@ use std::time::Duration;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use super::link::FlightConnection;
 use super::encoded::Encoded;
+use super::link::FlightConnection;
 use super::queue::{Batch, Outcome, Queue, Request, Turn};
 use super::send::BatchSender;
 use crate::config::{QueueBound, QueueFull};
@@ -139,11 +139,11 @@ impl Batcher {
         encoded: &Encoded,
         deadline: Instant,
     ) -> Result<Admitted, Error> {
-        let turn = self.queue.lock().expect("push queue lock").admit(
-            encoded,
-            self.depth(),
-            deadline,
-        )?;
+        let turn =
+            self.queue
+                .lock()
+                .expect("push queue lock")
+                .admit(encoded, self.depth(), deadline)?;
         if let Turn::Full { pushes, bytes } = turn {
             if self.when_full == QueueFull::Fail {
                 return Err(Error::QueueFull { pushes, bytes });

@@ -336,7 +336,10 @@ mod tests {
         })
         .unwrap();
         let _big = queued(queue.admit(&big, 1, later()));
-        assert!(matches!(queue.admit(&updates(1), 1, later()), Ok(Turn::Full { .. })));
+        assert!(matches!(
+            queue.admit(&updates(1), 1, later()),
+            Ok(Turn::Full { .. })
+        ));
         assert_eq!(queue.depth(), (1, 20));
         queue.abandon_flusher();
         assert_eq!(queue.depth(), (0, 0));
@@ -345,10 +348,16 @@ mod tests {
     #[test]
     fn a_lone_push_goes_alone_and_takes_a_flight() {
         let mut queue = Queue::new(10, false);
-        assert!(matches!(queue.admit(&updates(1), 2, later()), Ok(Turn::Alone)));
+        assert!(matches!(
+            queue.admit(&updates(1), 2, later()),
+            Ok(Turn::Alone)
+        ));
         assert!(!queue.is_idle());
         // Room for a second flight, nothing queued: alone too.
-        assert!(matches!(queue.admit(&updates(1), 2, later()), Ok(Turn::Alone)));
+        assert!(matches!(
+            queue.admit(&updates(1), 2, later()),
+            Ok(Turn::Alone)
+        ));
         queue.end_flight();
         queue.end_flight();
         assert!(queue.is_idle());
@@ -357,7 +366,10 @@ mod tests {
     #[test]
     fn flights_are_bounded_by_depth() {
         let mut queue = Queue::new(10, false);
-        assert!(matches!(queue.admit(&updates(1), 1, later()), Ok(Turn::Alone)));
+        assert!(matches!(
+            queue.admit(&updates(1), 1, later()),
+            Ok(Turn::Alone)
+        ));
         // No room: queued, and no flusher started (no flight taken).
         let (lead, _a) = queued(queue.admit(&updates(1), 1, later()));
         assert!(!lead);
@@ -376,7 +388,10 @@ mod tests {
     #[test]
     fn the_first_queued_push_with_room_leads_and_the_others_join_it() {
         let mut queue = Queue::new(10, false);
-        assert!(matches!(queue.admit(&updates(1), 3, later()), Ok(Turn::Alone)));
+        assert!(matches!(
+            queue.admit(&updates(1), 3, later()),
+            Ok(Turn::Alone)
+        ));
         let (lead, _a) = queued(queue.admit(&updates(1), 1, later()));
         assert!(!lead, "no room for a second flight");
         // Something is queued: not alone, though there is room; the lead takes the flight.
@@ -452,7 +467,10 @@ mod tests {
         let mut queue = Queue::new(10, true);
         let (_, waiting) = queued(queue.admit(&updates(1), 1, later()));
         assert!(!queue.close(), "a flight is out");
-        assert!(matches!(queue.admit(&updates(1), 1, later()), Err(Error::Closed)));
+        assert!(matches!(
+            queue.admit(&updates(1), 1, later()),
+            Err(Error::Closed)
+        ));
         queue.abandon_flusher();
         assert!(queue.is_idle());
         assert!(!queue.gathering);
@@ -471,7 +489,10 @@ mod tests {
         // Before the deadline, both go.
         let mut copy = Queue::new(10, true);
         let (_, _a) = queued(copy.admit(&updates(1), 1, soon));
-        assert_eq!(copy.take_batch(true, now, &mut expired).map(|b| shape(&b)), Some((1, 1)));
+        assert_eq!(
+            copy.take_batch(true, now, &mut expired).map(|b| shape(&b)),
+            Some((1, 1))
+        );
         assert!(expired.is_empty());
         // At it, the first is let go and the batch is what is left.
         let batch = queue.take_batch(true, soon, &mut expired).unwrap();

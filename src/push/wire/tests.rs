@@ -211,10 +211,7 @@ fn maddy_copies_are_maddy_form_and_unique() {
         same,
         Update::new_message(1u64 << 60, SeqSet::single(3).unwrap()),
     ];
-    let encoded: Vec<String> = updates
-        .iter()
-        .map(|u| encode(&wire, u).unwrap())
-        .collect();
+    let encoded: Vec<String> = updates.iter().map(|u| encode(&wire, u).unwrap()).collect();
     let payloads = wire.pack(encoded.iter().map(String::as_str), wire.pool_marks());
     assert_eq!(
         payloads.envelopes.len(),
