@@ -164,10 +164,7 @@ impl PgPipe {
     pub async fn push_many(&self, updates: &[Update]) -> Result<(), Error> {
         self.check_open()?;
         self.ensure_schema().await?;
-        let started = crate::stats::push_started();
-        self.inner.pusher.push(updates).await?;
-        crate::stats::push_latency(started);
-        Ok(())
+        self.inner.pusher.push(updates).await
     }
 
     /// Sends an update on the caller's connection, inside whatever transaction it is in:

@@ -126,20 +126,10 @@ fn describe() {
     });
 }
 
-/// When a push started, for [`push_latency`]: without the `metrics` feature no clock is
-/// read (two clock reads are a measurable part of a batched push).
-pub(crate) fn push_started() -> Option<std::time::Instant> {
+/// Records how long one push took, from the call (`started`) to its commit.
+pub(crate) fn push_latency(started: std::time::Instant) {
     #[cfg(feature = "metrics")]
-    return Some(std::time::Instant::now());
-    #[cfg(not(feature = "metrics"))]
-    None
-}
-
-/// Records how long one push took, from the call (`started`, from [`push_started`]) to its
-/// commit.
-pub(crate) fn push_latency(started: Option<std::time::Instant>) {
-    #[cfg(feature = "metrics")]
-    if let Some(started) = started {
+    {
         describe();
         metrics::histogram!("updatepipe_push_duration_seconds")
             .record(started.elapsed().as_secs_f64());
@@ -281,13 +271,6 @@ impl Counters {
     /// The push queue is this deep now.
     pub(crate) fn queue_depth(&self, pushes: usize, bytes: usize) {
         let (pushes, bytes) = (pushes as u64, bytes as u64);
-        // Called at every queued push: a read, unless the mark moves (a write to a line
-        // every pushing thread shares costs more).
-        if pushes <= self.queue_peak.load(Ordering::Relaxed)
-            && bytes <= self.queue_peak_bytes.load(Ordering::Relaxed)
-        {
-            return;
-        }
         let before = self.queue_peak.fetch_max(pushes, Ordering::Relaxed);
         let before_bytes = self.queue_peak_bytes.fetch_max(bytes, Ordering::Relaxed);
         if pushes > before || bytes > before_bytes {

@@ -158,12 +158,7 @@ impl Batcher {
     fn admitted(self: &Arc<Self>, turn: Turn, encoded: &Encoded) -> Admission {
         match turn {
             Turn::Alone => Admission::Alone(Flight(self.clone()), encoded.to_owned_exact()),
-            Turn::Queued {
-                lead,
-                outcome,
-                depth: (pushes, bytes),
-            } => {
-                self.sender.counters().queue_depth(pushes, bytes);
+            Turn::Queued { lead, outcome } => {
                 if lead {
                     tokio::spawn(self.clone().fly());
                 }
@@ -378,7 +373,11 @@ impl Batcher {
         let mut expired = Vec::new();
         let mut queue = self.queue.lock().expect("push queue lock");
         let batch = queue.take_batch(gatherer, Instant::now(), &mut expired);
+        let peak = queue.take_peak();
         self.settle(queue);
+        if let Some((pushes, bytes)) = peak {
+            self.sender.counters().queue_depth(pushes, bytes);
+        }
         // Room for the pushes waiting for it.
         self.room.notify_waiters();
         let timeout = self.sender.timeout();

@@ -174,14 +174,19 @@ impl Pusher {
         if updates.is_empty() {
             return Ok(());
         }
-        let deadline = tokio::time::Instant::now() + self.sender().timeout();
+        // One clock read per push (a measurable part of its cost): the deadline's, which
+        // is also when the push latency counts from.
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.sender().timeout();
         // Encoded into this thread's scratch buffer, then copied into the queue, or into a
         // buffer of this push's own when it goes alone: no allocation per queued push.
         let admitted = Encoded::with_scratch(|scratch| {
             self.encode_into(updates, scratch)?;
             self.batcher.admit(scratch, deadline)
         })?;
-        self.batcher.finish(admitted, deadline).await
+        self.batcher.finish(admitted, deadline).await?;
+        crate::stats::push_latency(started.into_std());
+        Ok(())
     }
 
     /// Sends updates on the caller's client or transaction: delivered when, and only when,

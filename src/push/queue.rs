@@ -60,8 +60,6 @@ pub(super) enum Turn {
     Queued {
         lead: bool,
         outcome: oneshot::Receiver<Outcome>,
-        /// How many pushes, and encoded bytes, wait with this one queued.
-        depth: (usize, usize),
     },
     Full {
         /// Pushes waiting.
@@ -87,6 +85,10 @@ pub(super) struct Queue {
     max_batch: usize,
     /// Pushes wait for company (a batch wait is configured): none goes out alone.
     wait_for_company: bool,
+    /// The most pushes, and bytes, that have waited at once, and whether that moved since
+    /// it was last asked for (see [`Queue::take_peak`]).
+    peak: (usize, usize),
+    peak_moved: bool,
     /// The most bytes waiting since the last batch was taken (the buffer's capacity is
     /// kept for about that much).
     high_water: usize,
@@ -106,6 +108,8 @@ impl Queue {
             closed: false,
             max_batch,
             wait_for_company,
+            peak: (0, 0),
+            peak_moved: false,
             high_water: 0,
             max_pushes: usize::MAX,
             max_bytes: usize::MAX,
@@ -122,6 +126,12 @@ impl Queue {
     /// How many pushes wait, and their encoded bytes.
     pub(super) fn depth(&self) -> (usize, usize) {
         (self.pending.len(), self.encoded.bytes())
+    }
+
+    /// The most pushes, and encoded bytes, that have waited at once, when that moved since
+    /// it was last asked for (the flusher publishes it once per batch, not every push).
+    pub(super) fn take_peak(&mut self) -> Option<(usize, usize)> {
+        std::mem::take(&mut self.peak_moved).then_some(self.peak)
     }
 
     /// Admits a push of `updates`, with room for `depth` flights: alone, when nothing is
@@ -164,11 +174,12 @@ impl Queue {
             self.flights += 1;
             self.gathering = true;
         }
-        Ok(Turn::Queued {
-            lead,
-            outcome,
-            depth: self.depth(),
-        })
+        let (pushes, bytes) = self.depth();
+        if pushes > self.peak.0 || bytes > self.peak.1 {
+            self.peak = (self.peak.0.max(pushes), self.peak.1.max(bytes));
+            self.peak_moved = true;
+        }
+        Ok(Turn::Queued { lead, outcome })
     }
 
     /// After a flight has started or ended: whether to start a flusher task (taking a
@@ -308,7 +319,7 @@ mod tests {
 
     fn queued(turn: Result<Turn, Error>) -> (bool, oneshot::Receiver<Outcome>) {
         match turn.unwrap() {
-            Turn::Queued { lead, outcome, .. } => (lead, outcome),
+            Turn::Queued { lead, outcome } => (lead, outcome),
             other => panic!("not queued: {other:?}"),
         }
     }
@@ -321,6 +332,8 @@ mod tests {
             waiting.push(queued(queue.admit(&updates(1), 1, later())));
         }
         assert_eq!(queue.depth(), (3, 3));
+        assert_eq!(queue.take_peak(), Some((3, 3)));
+        assert_eq!(queue.take_peak(), None, "told once");
         match queue.admit(&updates(2), 1, later()).unwrap() {
             Turn::Full { pushes, bytes } => assert_eq!((pushes, bytes), (3, 3)),
             other => panic!("{other:?}"),
