@@ -139,11 +139,12 @@ impl Batcher {
         encoded: &Encoded,
         deadline: Instant,
     ) -> Result<Admitted, Error> {
-        let turn =
-            self.queue
-                .lock()
-                .expect("push queue lock")
-                .admit(encoded, self.depth(), deadline)?;
+        let turn = self.queue.lock().expect("push queue lock").admit(
+            encoded,
+            self.depth(),
+            deadline,
+            false,
+        )?;
         if let Turn::Full { pushes, bytes } = turn {
             if self.when_full == QueueFull::Fail {
                 return Err(Error::QueueFull { pushes, bytes });
@@ -197,10 +198,9 @@ impl Batcher {
                 Admission::Queued(outcome) if !waited => {
                     // No timer of its own (a timer per push is a measurable part of its
                     // cost: the timer wheel's lock, twice): the flusher keeps the
-                    // deadline. Every flight ahead of this push ends by its own deadline,
-                    // which is no later than this one; the batch that takes this push is
-                    // sent by this deadline, or lets the push go with a timeout once it
-                    // is past.
+                    // deadline. A batch taken past it lets the push go (not sent), and
+                    // while its batch is out the flusher tells it at its deadline (see
+                    // `Batcher::flush_keeping_deadlines`).
                     return outcome.await.map_err(|_| Error::Closed)?;
                 }
                 Admission::Queued(outcome) => {
@@ -220,6 +220,7 @@ impl Batcher {
                         &encoded,
                         self.depth(),
                         deadline,
+                        true,
                     )?;
                     admission = match turn {
                         Turn::Full { .. } => {
@@ -301,9 +302,17 @@ impl Batcher {
     /// The work of a flusher task's flight.
     async fn fly_batches(self: &Arc<Self>) {
         if !self.max_batch_wait.is_zero() {
-            // Let company gather, up to the bound.
-            let deadline = Instant::now() + self.max_batch_wait;
-            while Instant::now() < deadline && self.room_in_batch() > 0 {
+            // Let company gather, up to the bound, and not past the first push's deadline.
+            let until = Instant::now() + self.max_batch_wait;
+            loop {
+                let (room, first) = {
+                    let queue = self.queue.lock().expect("push queue lock");
+                    (queue.room_in_batch(), queue.front_deadline())
+                };
+                let now = Instant::now();
+                if room == 0 || now >= until || first.is_some_and(|first| now >= first) {
+                    break;
+                }
                 tokio::time::sleep(Duration::from_micros(100).min(self.max_batch_wait)).await;
             }
         }
@@ -322,21 +331,54 @@ impl Batcher {
             // would be queued behind this flusher for good, where with the flight over
             // its next push goes out at once, alone.
             woken = batch.requests.len() > 1;
-            // By the earliest deadline of its pushes (the first, unless one waited for
-            // room).
-            let deadline = batch
-                .requests
-                .iter()
-                .map(Request::deadline)
-                .min()
-                .expect("a batch is never empty");
-            let encoded = &batch.encoded;
-            let outcome: Outcome = self
-                .sender
-                .flush_by(deadline, encoded.len(), encoded.iter())
-                .await;
-            for request in batch.requests {
+            let Batch {
+                encoded,
+                mut requests,
+            } = batch;
+            // The push timeout from now, as a lone push has: a slow server must not cut
+            // the pushes that came just now short because one came long ago.
+            let flush = self.sender.flush_by(
+                Instant::now() + self.sender.timeout(),
+                encoded.len(),
+                encoded.iter(),
+            );
+            let outcome = self.flush_keeping_deadlines(flush, &mut requests).await;
+            for request in requests {
                 request.resolve(outcome.clone());
+            }
+        }
+    }
+
+    /// Runs a batch's flush; meanwhile each push in it without a timer of its own is told
+    /// at its deadline that it timed out (its updates may still commit with the batch: an
+    /// unknown outcome, as for any push given up once sent). One timer for the batch, at
+    /// the earliest such deadline, not one per push.
+    async fn flush_keeping_deadlines(
+        &self,
+        flush: impl Future<Output = Outcome>,
+        requests: &mut Vec<Request>,
+    ) -> Outcome {
+        let mut flush = std::pin::pin!(flush);
+        loop {
+            let Some(earliest) = requests.iter().filter_map(Request::kept_deadline).min() else {
+                return flush.await;
+            };
+            // A kept timer: moved later batch after batch, where a new one per batch would
+            // often be the runtime's earliest and wake a parked thread to re-arm its wait.
+            if let Ok(outcome) = self.sender.until(earliest, &mut flush).await {
+                return outcome;
+            }
+            let now = Instant::now();
+            let (late, on_time): (Vec<Request>, Vec<Request>) = std::mem::take(requests)
+                .into_iter()
+                .partition(|r| r.kept_deadline().is_some_and(|at| at <= now));
+            *requests = on_time;
+            let timeout = self.sender.timeout();
+            for request in late {
+                request.resolve(Err(Error::Timeout {
+                    what: "pushing",
+                    after: timeout,
+                }));
             }
         }
     }

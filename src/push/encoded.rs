@@ -19,6 +19,10 @@ pub(super) struct Encoded {
     text: Vec<u8>,
     /// Where each update ends in `text`.
     ends: Vec<usize>,
+    /// Updates removed from the front and not yet dropped from `text` and `ends` (they are,
+    /// once they are most of the buffer: removing a batch from the front of a long queue
+    /// does not move all that is queued behind it).
+    head: usize,
 }
 
 thread_local! {
@@ -43,6 +47,7 @@ impl Encoded {
         Encoded {
             text: Vec::with_capacity(bytes),
             ends: Vec::with_capacity(updates),
+            head: 0,
         }
     }
 
@@ -50,6 +55,7 @@ impl Encoded {
     pub(super) fn clear(&mut self) {
         self.text.clear();
         self.ends.clear();
+        self.head = 0;
     }
 
     /// Appends one update, which `write` writes as UTF-8 at the end of the buffer it is
@@ -74,32 +80,44 @@ impl Encoded {
 
     /// How many updates.
     pub(super) fn len(&self) -> usize {
-        self.ends.len()
+        self.ends.len() - self.head
+    }
+
+    /// Where the first update starts in `text`.
+    fn start(&self) -> usize {
+        self.head.checked_sub(1).map_or(0, |i| self.ends[i])
     }
 
     /// Their encoded bytes.
     pub(super) fn bytes(&self) -> usize {
-        self.text.len()
+        self.text.len() - self.start()
     }
 
     /// Each update's encoded form, in order.
     pub(super) fn iter(&self) -> impl Iterator<Item = &str> + Clone {
+        let base = self.start();
         // Checked once for all of them (each was written as UTF-8).
-        let text = std::str::from_utf8(&self.text).expect("updates are encoded as UTF-8");
-        self.ends.iter().scan(0, move |start, &end| {
-            let update = &text[*start..end];
-            *start = end;
+        let text = std::str::from_utf8(&self.text[base..]).expect("updates are encoded as UTF-8");
+        self.ends[self.head..].iter().scan(0, move |start, &end| {
+            let update = &text[*start..end - base];
+            *start = end - base;
             Some(update)
         })
     }
 
-    /// The bytes of updates `range` (by index).
+    /// Where updates `range` (by index) are in `text`.
     fn span(&self, range: &Range<usize>) -> Range<usize> {
         if range.is_empty() {
             return 0..0;
         }
-        let start = range.start.checked_sub(1).map_or(0, |i| self.ends[i]);
-        start..self.ends[range.end - 1]
+        let (first, last) = (self.head + range.start, self.head + range.end - 1);
+        let start = first.checked_sub(1).map_or(0, |i| self.ends[i]);
+        start..self.ends[last]
+    }
+
+    /// The encoded bytes of updates `range` (by index).
+    pub(super) fn bytes_of(&self, range: Range<usize>) -> usize {
+        self.span(&range).len()
     }
 
     /// Appends updates `range` (by index) of `other`.
@@ -107,11 +125,9 @@ impl Encoded {
         let bytes = other.span(&range);
         let shift = self.text.len() as isize - bytes.start as isize;
         self.text.extend_from_slice(&other.text[bytes]);
-        self.ends.extend(
-            other.ends[range]
-                .iter()
-                .map(|&end| end.wrapping_add_signed(shift)),
-        );
+        let ends = &other.ends[other.head + range.start..other.head + range.end];
+        self.ends
+            .extend(ends.iter().map(|&end| end.wrapping_add_signed(shift)));
     }
 
     /// Appends all of `other`.
@@ -124,15 +140,19 @@ impl Encoded {
         if n == 0 {
             return;
         }
-        if n == self.ends.len() {
+        if n >= self.len() {
             self.clear();
             return;
         }
-        let bytes = self.ends[n - 1];
-        self.text.drain(..bytes);
-        self.ends.drain(..n);
-        for end in &mut self.ends {
-            *end -= bytes;
+        self.head += n;
+        let dead = self.start();
+        if dead >= self.text.len() / 2 {
+            self.text.drain(..dead);
+            self.ends.drain(..self.head);
+            for end in &mut self.ends {
+                *end -= dead;
+            }
+            self.head = 0;
         }
     }
 
@@ -184,6 +204,21 @@ mod tests {
         assert_eq!(items(&part), ["bb", "", "ccc", "a"]);
         e.remove_front(2);
         assert_eq!(items(&e), ["", "ccc", "é"]);
+        assert_eq!((e.len(), e.bytes()), (3, 5));
+        // Copies from a buffer with updates removed from its front.
+        let mut copy = Encoded::default();
+        copy.extend_from(&e, 1..3);
+        assert_eq!(items(&copy), ["ccc", "é"]);
+        assert_eq!(e.bytes_of(1..2), 3);
+        e.push_with(|out| {
+            out.extend_from_slice(b"dd");
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(items(&e), ["", "ccc", "é", "dd"]);
+        e.remove_front(1);
+        assert_eq!(items(&e), ["ccc", "é", "dd"]);
+        assert_eq!(items(&e.to_owned_exact()), ["ccc", "é", "dd"]);
         e.remove_front(3);
         assert_eq!(e.len(), 0);
         assert_eq!(e.bytes(), 0);

@@ -21,12 +21,15 @@ pub(super) type Outcome = Result<(), Error>;
 pub(super) struct Request {
     done: oneshot::Sender<Outcome>,
     deadline: Instant,
+    /// It keeps a timer of its own (it waited for room): the flusher need not keep its
+    /// deadline.
+    timed: bool,
 }
 
 impl Request {
-    /// When its push times out.
-    pub(super) fn deadline(&self) -> Instant {
-        self.deadline
+    /// When the flusher must tell it that it timed out, unless it keeps a timer of its own.
+    pub(super) fn kept_deadline(&self) -> Option<Instant> {
+        (!self.timed).then_some(self.deadline)
     }
 
     /// Tells the pusher its batch's outcome. One that gave up (timeout, cancelled) no
@@ -141,12 +144,14 @@ impl Queue {
     /// `Closed` once the pipe is closing.
     ///
     /// A queued push times out at `deadline`: a batch taken later lets it go (see
-    /// [`Queue::take_batch`]), and the batch that carries it is sent by then.
+    /// [`Queue::take_batch`]), and the flusher tells it at its deadline while its batch is
+    /// out, unless it is `timed` (it keeps a timer of its own).
     pub(super) fn admit(
         &mut self,
         updates: &Encoded,
         depth: usize,
         deadline: Instant,
+        timed: bool,
     ) -> Result<Turn, Error> {
         if self.closed {
             return Err(Error::Closed);
@@ -167,7 +172,11 @@ impl Queue {
         self.high_water = self.high_water.max(self.encoded.bytes());
         self.pending.push_back(Waiting {
             updates: updates.len(),
-            request: Request { done, deadline },
+            request: Request {
+                done,
+                deadline,
+                timed,
+            },
         });
         let lead = room && !self.gathering;
         if lead {
@@ -208,18 +217,16 @@ impl Queue {
         if gatherer {
             self.gathering = false;
         }
-        let mut batch = Batch {
-            encoded: Encoded::with_capacity(self.encoded.len(), self.encoded.bytes()),
-            requests: Vec::new(),
-        };
-        // Updates taken from the front of the buffer, sent or not.
-        let mut taken = 0;
+        let mut requests = Vec::new();
+        // The updates to send, by index (whole pushes), and how many are taken from the
+        // front of the buffer, sent or not.
+        let mut kept: Vec<std::ops::Range<usize>> = Vec::new();
+        let (mut sent, mut taken) = (0, 0);
         while let Some(waiting) = self.pending.front() {
             let request = &waiting.request;
             // Its caller gave up (cancelled, or timed out waiting for room) before it was
             // sent, or its deadline is past: it must not be sent now.
             let gone = request.done.is_closed() || request.deadline <= now;
-            let sent = batch.encoded.len();
             if !gone && sent > 0 && sent + waiting.updates > self.max_batch {
                 break;
             }
@@ -233,8 +240,21 @@ impl Queue {
                 expired.push(waiting.request);
                 continue;
             }
-            batch.encoded.extend_from(&self.encoded, updates);
-            batch.requests.push(waiting.request);
+            sent += waiting.updates;
+            match kept.last_mut() {
+                Some(last) if last.end == updates.start => last.end = updates.end,
+                _ => kept.push(updates),
+            }
+            requests.push(waiting.request);
+        }
+        // Sized to the batch, not to what is queued behind it.
+        let bytes = kept.iter().map(|r| self.encoded.bytes_of(r.clone())).sum();
+        let mut batch = Batch {
+            encoded: Encoded::with_capacity(sent, bytes),
+            requests,
+        };
+        for range in kept {
+            batch.encoded.extend_from(&self.encoded, range);
         }
         self.encoded.remove_front(taken);
         if self.pending.is_empty() && taken > 0 {
@@ -273,6 +293,12 @@ impl Queue {
     /// Whether no flight is out.
     pub(super) fn is_idle(&self) -> bool {
         self.flights == 0
+    }
+
+    /// When the push at the front times out (the earliest of those without a timer of
+    /// their own: they are queued in deadline order).
+    pub(super) fn front_deadline(&self) -> Option<Instant> {
+        self.pending.front().map(|w| w.request.deadline)
     }
 
     /// How many more updates the next batch would take: 0 once a full batch is queued.
@@ -329,12 +355,12 @@ mod tests {
         let mut queue = Queue::new(100, true).with_bound(3, 10);
         let mut waiting = Vec::new();
         for _ in 0..3 {
-            waiting.push(queued(queue.admit(&updates(1), 1, later())));
+            waiting.push(queued(queue.admit(&updates(1), 1, later(), false)));
         }
         assert_eq!(queue.depth(), (3, 3));
         assert_eq!(queue.take_peak(), Some((3, 3)));
         assert_eq!(queue.take_peak(), None, "told once");
-        match queue.admit(&updates(2), 1, later()).unwrap() {
+        match queue.admit(&updates(2), 1, later(), false).unwrap() {
             Turn::Full { pushes, bytes } => assert_eq!((pushes, bytes), (3, 3)),
             other => panic!("{other:?}"),
         }
@@ -348,9 +374,9 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        let _big = queued(queue.admit(&big, 1, later()));
+        let _big = queued(queue.admit(&big, 1, later(), false));
         assert!(matches!(
-            queue.admit(&updates(1), 1, later()),
+            queue.admit(&updates(1), 1, later(), false),
             Ok(Turn::Full { .. })
         ));
         assert_eq!(queue.depth(), (1, 20));
@@ -362,13 +388,13 @@ mod tests {
     fn a_lone_push_goes_alone_and_takes_a_flight() {
         let mut queue = Queue::new(10, false);
         assert!(matches!(
-            queue.admit(&updates(1), 2, later()),
+            queue.admit(&updates(1), 2, later(), false),
             Ok(Turn::Alone)
         ));
         assert!(!queue.is_idle());
         // Room for a second flight, nothing queued: alone too.
         assert!(matches!(
-            queue.admit(&updates(1), 2, later()),
+            queue.admit(&updates(1), 2, later(), false),
             Ok(Turn::Alone)
         ));
         queue.end_flight();
@@ -380,11 +406,11 @@ mod tests {
     fn flights_are_bounded_by_depth() {
         let mut queue = Queue::new(10, false);
         assert!(matches!(
-            queue.admit(&updates(1), 1, later()),
+            queue.admit(&updates(1), 1, later(), false),
             Ok(Turn::Alone)
         ));
         // No room: queued, and no flusher started (no flight taken).
-        let (lead, _a) = queued(queue.admit(&updates(1), 1, later()));
+        let (lead, _a) = queued(queue.admit(&updates(1), 1, later(), false));
         assert!(!lead);
         assert!(!queue.start_flusher(1));
         // The flight ends: a flusher starts, in the flight freed.
@@ -402,22 +428,22 @@ mod tests {
     fn the_first_queued_push_with_room_leads_and_the_others_join_it() {
         let mut queue = Queue::new(10, false);
         assert!(matches!(
-            queue.admit(&updates(1), 3, later()),
+            queue.admit(&updates(1), 3, later(), false),
             Ok(Turn::Alone)
         ));
-        let (lead, _a) = queued(queue.admit(&updates(1), 1, later()));
+        let (lead, _a) = queued(queue.admit(&updates(1), 1, later(), false));
         assert!(!lead, "no room for a second flight");
         // Something is queued: not alone, though there is room; the lead takes the flight.
-        let (lead, _b) = queued(queue.admit(&updates(1), 3, later()));
+        let (lead, _b) = queued(queue.admit(&updates(1), 3, later(), false));
         assert!(lead);
-        let (lead, _c) = queued(queue.admit(&updates(1), 3, later()));
+        let (lead, _c) = queued(queue.admit(&updates(1), 3, later(), false));
         assert!(!lead, "a flusher is gathering already");
         assert_eq!(queue.flights, 2);
         // Once the flusher has taken its batch, a queued push may lead again.
         assert_eq!(take(&mut queue, true).map(|b| shape(&b)), Some((3, 3)));
-        let (lead, _d) = queued(queue.admit(&updates(1), 1, later()));
+        let (lead, _d) = queued(queue.admit(&updates(1), 1, later(), false));
         assert!(!lead, "no room");
-        let (lead, _e) = queued(queue.admit(&updates(1), 3, later()));
+        let (lead, _e) = queued(queue.admit(&updates(1), 3, later(), false));
         assert!(lead);
         assert_eq!(queue.flights, 3);
     }
@@ -425,7 +451,7 @@ mod tests {
     #[test]
     fn with_a_batch_wait_no_push_goes_alone() {
         let mut queue = Queue::new(10, true);
-        let (lead, _a) = queued(queue.admit(&updates(1), 4, later()));
+        let (lead, _a) = queued(queue.admit(&updates(1), 4, later(), false));
         assert!(lead);
         assert_eq!(queue.flights, 1);
     }
@@ -435,7 +461,7 @@ mod tests {
         let mut queue = Queue::new(5, true);
         let mut outcomes = Vec::new();
         for n in [2, 2, 2, 7, 1] {
-            outcomes.push(queued(queue.admit(&updates(n), 1, later())).1);
+            outcomes.push(queued(queue.admit(&updates(n), 1, later(), false)).1);
         }
         assert_eq!(queue.encoded.len(), 14);
         assert_eq!(queue.room_in_batch(), 0);
@@ -464,8 +490,8 @@ mod tests {
     #[test]
     fn pushes_whose_caller_gave_up_are_not_sent() {
         let mut queue = Queue::new(10, true);
-        let (_, gave_up) = queued(queue.admit(&updates(1), 1, later()));
-        let (_, waiting) = queued(queue.admit(&updates(2), 1, later()));
+        let (_, gave_up) = queued(queue.admit(&updates(1), 1, later(), false));
+        let (_, waiting) = queued(queue.admit(&updates(2), 1, later(), false));
         drop(gave_up);
         let batch = take(&mut queue, true).unwrap();
         assert_eq!(shape(&batch), (1, 2));
@@ -478,10 +504,10 @@ mod tests {
     #[test]
     fn a_closed_queue_takes_no_push_and_abandoning_tells_the_waiting() {
         let mut queue = Queue::new(10, true);
-        let (_, waiting) = queued(queue.admit(&updates(1), 1, later()));
+        let (_, waiting) = queued(queue.admit(&updates(1), 1, later(), false));
         assert!(!queue.close(), "a flight is out");
         assert!(matches!(
-            queue.admit(&updates(1), 1, later()),
+            queue.admit(&updates(1), 1, later(), false),
             Err(Error::Closed)
         ));
         queue.abandon_flusher();
@@ -496,12 +522,12 @@ mod tests {
         let mut queue = Queue::new(10, true);
         let now = Instant::now();
         let soon = now + std::time::Duration::from_millis(10);
-        let (_, early) = queued(queue.admit(&updates(1), 1, soon));
-        let (_, late) = queued(queue.admit(&updates(2), 1, later()));
+        let (_, early) = queued(queue.admit(&updates(1), 1, soon, false));
+        let (_, late) = queued(queue.admit(&updates(2), 1, later(), false));
         let mut expired = Vec::new();
         // Before the deadline, both go.
         let mut copy = Queue::new(10, true);
-        let (_, _a) = queued(copy.admit(&updates(1), 1, soon));
+        let (_, _a) = queued(copy.admit(&updates(1), 1, soon, false));
         assert_eq!(
             copy.take_batch(true, now, &mut expired).map(|b| shape(&b)),
             Some((1, 1))
@@ -520,7 +546,7 @@ mod tests {
         drop(batch);
         assert!(late.blocking_recv().is_err());
         // All expired: no batch, and the flight is over.
-        let (_, _b) = queued(queue.admit(&updates(1), 1, soon));
+        let (_, _b) = queued(queue.admit(&updates(1), 1, soon, false));
         let mut expired = Vec::new();
         assert!(queue.take_batch(true, soon, &mut expired).is_none());
         assert_eq!(expired.len(), 1);

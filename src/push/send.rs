@@ -62,6 +62,16 @@ impl BatchSender {
         &self.counters
     }
 
+    /// Runs `work` until `deadline` (`Err` past it, `work` left as it is) on a timer kept
+    /// from flight to flight (see `KeptTimers::until`).
+    pub(super) async fn until<T>(
+        &self,
+        deadline: Instant,
+        work: impl Future<Output = T>,
+    ) -> Result<T, ()> {
+        self.timers.until(deadline, work).await
+    }
+
     /// Lets the kept timers go (they hold their runtime's driver), when the pipe closes.
     pub(super) fn forget_timers(&self) {
         self.timers.clear();
