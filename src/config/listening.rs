@@ -56,10 +56,10 @@ impl Config {
     }
 
     /// How many deliveries the listener holds for a caller that is not reading (default
-    /// 65,536; passed by one notification's updates at most). There, reading waits for the
-    /// caller to take something, up to 1 s at a time and 5 s in all, the server's queue
-    /// holding what arrives meanwhile; past that it lets go: see the slow-consumer policy
-    /// in `docs/delivery.md`.
+    /// 65,536). There, reading waits for the caller to take something, up to 1 s at a time
+    /// and 2 s in all, the server's queue holding what arrives meanwhile (up to twice as
+    /// many are held then, plus one notification's); past that it lets go: see the
+    /// slow-consumer policy in `docs/delivery.md`.
     pub fn with_max_buffered(mut self, max: usize) -> Self {
         self.max_buffered = max.max(1);
         self

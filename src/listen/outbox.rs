@@ -23,8 +23,8 @@ pub(super) const HOLD: Duration = Duration::from_secs(1);
 
 /// The longest a caller may keep reading waiting, from when it fell behind by the whole
 /// bound until it is back under half of it: a caller slower than the senders for good
-/// then costs the server's notification queue a few seconds of traffic, not all of it.
-const HOLD_EPISODE: Duration = Duration::from_secs(5);
+/// then costs the server's notification queue two seconds of traffic, not all of it.
+pub(super) const HOLD_EPISODE: Duration = Duration::from_secs(2);
 
 /// Where deliveries go.
 #[derive(Debug)]
@@ -166,7 +166,7 @@ impl Outbox {
     /// before once a whole wait passes with nothing taken, or once the caller has been
     /// behind for [`HOLD_EPISODE`], until it is back under half the bound.
     pub(super) fn reading_held(&mut self, longest: Duration) -> Option<Instant> {
-        if self.buffered_updates < self.max_buffered / 2 {
+        if self.buffered_updates < self.half() {
             self.behind_since = None;
             self.given_up = false;
         }
@@ -217,15 +217,21 @@ impl Outbox {
     /// Whether there is room to read the log's tail (under half the bound), whose updates
     /// are never let go.
     pub(super) fn has_room_for_tail(&self) -> bool {
-        self.buffered_updates < self.max_buffered / 2
+        self.buffered_updates < self.half()
     }
 
-    /// Queues a notification's best-effort updates. One that arrives with room is taken
-    /// whole while reading may still wait for the caller (so the bound is passed by one
-    /// notification's updates at most, and the wait comes before the next; see
-    /// [`Outbox::reading_held`]); otherwise what is past the bound is let go.
+    /// Half the bound, at least 1.
+    fn half(&self) -> usize {
+        (self.max_buffered / 2).max(1)
+    }
+
+    /// Queues a notification's best-effort updates. While reading may still wait for the
+    /// caller, one that arrives under twice the bound is taken whole: reading waits at the
+    /// bound (see [`Outbox::reading_held`]), but goes on while a statement needs the
+    /// connection polled, and what arrives then is kept too. Otherwise what is past the
+    /// bound is let go.
     pub(super) fn enqueue_all(&mut self, updates: impl IntoIterator<Item = Update>) {
-        let whole = !self.is_full() && !self.given_up;
+        let whole = !self.given_up && self.buffered_updates < self.max_buffered.saturating_mul(2);
         for update in updates {
             if whole {
                 self.push_ready(update);
@@ -399,7 +405,7 @@ mod tests {
         assert_eq!(outbox.reading_held(HOLD), Some(until), "the same wait");
         // The caller takes one: reading goes on, and waits again at the bound, for as long
         // as the caller keeps taking, up to the episode's length.
-        for _ in 0..4 {
+        for _ in 0..3 {
             tokio::time::advance(HOLD / 2).await;
             take(&mut outbox);
             assert_eq!(outbox.reading_held(HOLD), None, "room made");

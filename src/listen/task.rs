@@ -18,6 +18,7 @@ use super::connector::Connector;
 use super::dispatch::{Asked, Dispatch, QueryOutcome};
 use super::durable::Ask;
 use super::intake::Incoming;
+use super::outbox;
 use super::pacer::Pacer;
 use super::session::Session;
 use super::subscriptions::Command;
@@ -241,13 +242,20 @@ impl ConnectionLoop {
                 // Notifications wait meanwhile, heartbeats among them: the heartbeat's time
                 // counts from the end of the wait, which is under half its timeout.
                 let held = if query.is_terminated() && subscribing.is_terminated() {
-                    let longest = self.dispatch.heartbeat.clock.timeout() / 2;
+                    let longest = match self.dispatch.heartbeat.clock.timeout() {
+                        timeout if timeout.is_zero() => outbox::HOLD,
+                        timeout => timeout / 2,
+                    };
                     self.dispatch.outbox.reading_held(longest)
                 } else {
                     None
                 };
                 if held.is_some() {
-                    self.dispatch.heartbeat.clock.busy_until(Instant::now());
+                    // The heartbeat sent is behind what the server's queue held meanwhile:
+                    // it has the longest the caller may be waited for, on top of its
+                    // timeout, to come back once reading resumes.
+                    let allowance = Instant::now() + outbox::HOLD_EPISODE;
+                    self.dispatch.heartbeat.clock.busy_until(allowance);
                 }
                 tokio::select! {
                     // The slots and the clock before the connection, so that steady
@@ -288,9 +296,7 @@ impl ConnectionLoop {
                             }
                         }
                     }
-                    () = hold_over(held), if held.is_some() => {
-                        self.dispatch.heartbeat.clock.busy_until(Instant::now());
-                    }
+                    () = hold_over(held), if held.is_some() => {}
                     message = poll_fn(|cx| connection.poll_message(cx)), if held.is_none() => match message {
                         Some(Ok(AsyncMessage::Notification(n))) => {
                             self.dispatch.on_notification(incoming(&n));
