@@ -2,11 +2,12 @@
 //! each in a process of its own (this binary again, in `bench --listen-child`).
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 use updatepipe::{Config, PgPipe, UpdatePipe};
 
 use super::pipe::{last_delivery, losses, pipe_listener, push_all};
@@ -80,35 +81,42 @@ pub(crate) async fn child(config: Config, n: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A listening process, and its standard output.
-struct Listening {
-    child: Child,
-    out: BufReader<ChildStdout>,
-}
-
-impl Listening {
-    /// The next line the child prints.
-    fn line(&mut self) -> anyhow::Result<String> {
-        let mut line = String::new();
-        if self.out.read_line(&mut line)? == 0 {
-            let status = self.child.wait()?;
-            anyhow::bail!("a listening process ended early ({status})");
-        }
-        Ok(line)
-    }
-}
+/// A listening process: killed if still running when dropped (a failed row leaves
+/// nothing running).
+struct Listening(Child);
 
 impl Drop for Listening {
     fn drop(&mut self) {
-        // Ended already when it reported; otherwise (a failed row) not left running.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
+}
+
+/// The next `n` lines the listening processes print, within `within`.
+async fn lines(
+    from: &mut mpsc::UnboundedReceiver<String>,
+    n: usize,
+    within: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let read = async {
+        let mut lines = Vec::with_capacity(n);
+        while lines.len() < n {
+            match from.recv().await {
+                Some(line) => lines.push(line),
+                None => anyhow::bail!("a listening process ended early"),
+            }
+        }
+        Ok(lines)
+    };
+    tokio::time::timeout(within, read)
+        .await
+        .map_err(|_| anyhow::anyhow!("the listening processes did not answer within {within:?}"))?
 }
 
 /// `processes` listening processes (this binary, `bench --listen-child`) hear the same `n`
 /// updates; timed from the first push to the last delivery in any of them. `url` reaches
-/// the server as this process does.
+/// the server as this process does; the children read it from `DATABASE_URL`, not from
+/// their command line (which any local user may read).
 pub(super) async fn processes(
     config: Config,
     url: Option<String>,
@@ -116,52 +124,55 @@ pub(super) async fn processes(
     processes: usize,
 ) -> anyhow::Result<Row> {
     let exe = std::env::current_exe()?;
-    let channel = config.channel().as_str().to_owned();
-    let mut children = tokio::task::spawn_blocking(move || {
-        let mut children = Vec::with_capacity(processes);
-        for _ in 0..processes {
-            let mut command = Command::new(&exe);
-            command
-                .arg("bench")
-                .arg("--listen-child")
-                .arg(n.to_string());
-            command.arg("--child-channel").arg(&channel);
-            if let Some(url) = &url {
-                command.arg("--url").arg(url);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut children = Vec::with_capacity(processes);
+    for _ in 0..processes {
+        let mut command = Command::new(&exe);
+        command
+            .arg("bench")
+            .arg("--listen-child")
+            .arg(n.to_string());
+        command
+            .arg("--child-channel")
+            .arg(config.channel().as_str());
+        if let Some(url) = &url {
+            command.env("DATABASE_URL", url);
+        }
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let out = child.stdout.take().expect("piped");
+        children.push(Listening(child));
+        // A thread of its own per child, not the runtime's blocking pool: it ends when its
+        // child does, and nothing waits for it.
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
             }
-            let mut child = command
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()?;
-            let out = BufReader::new(child.stdout.take().expect("piped"));
-            children.push(Listening { child, out });
-        }
-        for child in &mut children {
-            let line = child.line()?;
-            anyhow::ensure!(line.trim() == "ready", "a listening process said {line:?}");
-        }
-        Ok::<_, anyhow::Error>(children)
-    })
-    .await??;
+        });
+    }
+    drop(tx);
+    for line in lines(&mut rx, processes, Duration::from_secs(60)).await? {
+        anyhow::ensure!(line.trim() == "ready", "a listening process said {line:?}");
+    }
     let pusher = Arc::new(PgPipe::new(config)?);
     pusher.init_push().await?;
     let started = SystemTime::now();
     push_all(&pusher, n, PUSHERS).await?;
     let batches = pusher.stats().batches;
     pusher.close().await?;
-    let reports = tokio::task::spawn_blocking(move || {
-        let mut reports = Vec::with_capacity(children.len());
-        for child in &mut children {
-            let report: ChildReport = serde_json::from_str(&child.line()?)?;
-            child.child.wait()?;
-            reports.push(report);
-        }
-        Ok::<_, anyhow::Error>(reports)
-    });
-    let reports = tokio::time::timeout(Duration::from_secs(180), reports)
-        .await
-        .map_err(|_| anyhow::anyhow!("the listening processes did not finish"))???;
+    let reports = lines(&mut rx, processes, Duration::from_secs(180)).await?;
+    let reports = reports
+        .iter()
+        .map(|line| serde_json::from_str(line))
+        .collect::<Result<Vec<ChildReport>, _>>()?;
+    drop(children);
     let started_ns = started.duration_since(UNIX_EPOCH)?.as_nanos();
     let finished_ns = reports
         .iter()
