@@ -372,7 +372,8 @@ fn bench_runs_every_row_and_reports_json() {
     assert!(output.status.success(), "{}", stderr(&output));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
     assert_eq!(report["max_in_flight"], 1, "the library's default");
-    assert_eq!(report["raw_in_flight"], 2, "the raw baselines pipeline");
+    assert_eq!(report["raw_in_flight"], 4, "the raw baselines pipeline");
+    assert_eq!(report["allocator"], "system", "the default build's");
     let rows = report["rows"].as_array().expect("rows");
     let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
     for expected in [
@@ -383,6 +384,10 @@ fn bench_runs_every_row_and_reports_json() {
         "durable, 256 pushers",
         "maddy layout, 1 pusher",
         "maddy layout, 256 pushers",
+        "fan-out, 1 listener",
+        "fan-out, 16 listeners",
+        "fan-out, 4 processes",
+        "durable backlog catch-up",
         "pipe latency @1,000/s",
     ] {
         assert!(
@@ -392,6 +397,17 @@ fn bench_runs_every_row_and_reports_json() {
     }
     for row in rows {
         assert!(row["updates_per_sec"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["cpu_us_per_update"].as_f64().unwrap() > 0.0, "{row}");
+        // Every listener kept up: nothing let go, no resync.
+        assert_eq!(
+            (&row["dropped"], &row["resyncs"]),
+            (&0.into(), &0.into()),
+            "{row}"
+        );
+        if row["name"].as_str().unwrap().starts_with("fan-out") {
+            assert!(row["cpu_us_per_delivery"].as_f64().unwrap() > 0.0, "{row}");
+            assert!(row["listeners"].as_u64().unwrap() >= 1, "{row}");
+        }
         if row["name"].as_str().unwrap().starts_with("pipe, ") {
             assert!(row["ratio"].as_f64().unwrap() > 0.0, "{row}");
         }

@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-/// mimalloc: pushes allocate on one thread and their batches are freed on another, which
-/// glibc's allocator does slowly (docs/operations.md, section 4).
+/// mimalloc, with the `mimalloc` feature (the system allocator by default: nothing the
+/// push path allocates per push crosses threads, so glibc's is as fast; BENCHMARKS.md).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
