@@ -76,8 +76,8 @@ impl Packer {
         Ok(String::from_utf8(json).expect("JSON is UTF-8"))
     }
 
-    /// [`Packer::encode`], appending the JSON to `out` (which is left as it was when the
-    /// update does not fit).
+    /// [`Packer::encode`], appending the JSON to `out`. When the update does not fit, what
+    /// was appended stays: the caller rolls back (`push::Encoded::push_with` does).
     pub(crate) fn encode_into(
         &self,
         update: &Update,
@@ -88,7 +88,6 @@ impl Packer {
         serde_json::to_writer(&mut *out, update).expect("an update always serializes");
         let size = self.overhead + out.len() - start;
         if size > limit {
-            out.truncate(start);
             return Err(Error::PayloadTooLarge { size, limit });
         }
         Ok(())

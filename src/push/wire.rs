@@ -188,28 +188,25 @@ impl Wire {
     /// Appends an update's encoded form to `out`, checked to fit (see
     /// [`Packer::encode`]): its JSON, and in the maddy layout its mailbox's channel too,
     /// checked to be a channel name, with the copy checked to fit in a notification.
-    /// (`out` holds UTF-8, and is left as it was on error.)
+    /// `out` holds UTF-8; on error, the caller rolls back what was appended
+    /// ([`Encoded::push_with`](super::encoded::Encoded::push_with) does).
     pub(super) fn encode_into(
         &self,
         update: &Update,
         limit: usize,
         out: &mut Vec<u8>,
     ) -> Result<(), Error> {
+        let channel = match &self.maddy {
+            Some(_) => Some(update.key().maddy_channel()?),
+            None => None,
+        };
         let start = out.len();
         self.packer.encode_into(update, limit, out)?;
-        if self.maddy.is_none() {
+        let Some(channel) = channel else {
             return Ok(());
-        }
-        let channel = match update.key().maddy_channel() {
-            Ok(channel) => channel,
-            Err(e) => {
-                out.truncate(start);
-                return Err(e);
-            }
         };
         let size = MAX_MADDY_SENDER_LEN + 1 + (out.len() - start) + 1;
         if size > MAX_PAYLOAD_LEN {
-            out.truncate(start);
             return Err(Error::PayloadTooLarge {
                 size,
                 limit: MAX_PAYLOAD_LEN,
