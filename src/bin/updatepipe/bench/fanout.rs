@@ -4,48 +4,24 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use updatepipe::{Config, PgPipe, UpdatePipe};
 
-use super::pipe::{last_delivery, losses, pipe_listener, push_all};
+use super::pipe::{heard_by, last_delivery, losses, pipe_listener, push_all};
 use super::report::{Row, row};
 use super::timing::cpu_time;
 
 /// The pushers of every fan-out row.
 const PUSHERS: usize = 256;
 
-/// `listeners` pipes in this process hear the same `n` updates; timed from the first push
-/// to the last delivery to the last of them.
+/// `listeners` pipes in this process hear the same `n` updates from 256 pushers (see
+/// [`heard_by`]).
 pub(super) async fn in_process(config: Config, n: u64, listeners: usize) -> anyhow::Result<Row> {
-    let mut pipes = Vec::with_capacity(listeners);
-    let mut counters = Vec::with_capacity(listeners);
-    for _ in 0..listeners {
-        let (listener, counter) = pipe_listener(&config, n, |_| {}).await?;
-        pipes.push(listener);
-        counters.push(counter);
-    }
-    let pusher = Arc::new(PgPipe::new(config)?);
-    pusher.init_push().await?;
-    let started = Instant::now();
-    push_all(&pusher, n, PUSHERS).await?;
-    let mut finished = started;
-    for counter in counters {
-        finished = finished.max(last_delivery(counter).await?);
-    }
-    let seconds = (finished - started).as_secs_f64();
-    let batches = pusher.stats().batches;
-    pusher.close().await?;
-    let mut row = row(n, seconds, None, Some(batches));
+    let mut row = heard_by(config, n, PUSHERS, listeners).await?;
     row.listeners = Some(listeners);
-    for listener in pipes {
-        let (dropped, resyncs) = losses(&listener);
-        row.dropped += dropped;
-        row.resyncs += resyncs;
-        listener.close().await?;
-    }
     Ok(row)
 }
 

@@ -115,21 +115,46 @@ pub(super) async fn push_all(pusher: &Arc<PgPipe>, n: u64, pushers: usize) -> an
 
 /// The pipe with `pushers` concurrent tasks, each pushing its share one update at a time.
 pub(super) async fn pipe(config: Config, n: u64, pushers: usize) -> anyhow::Result<Row> {
+    heard_by(config, n, pushers, 1).await
+}
+
+/// [`pipe`], its updates heard by `listeners` listening pipes in this process; timed from
+/// the first push to the last delivery to the last of them. The row's losses are theirs,
+/// summed.
+pub(super) async fn heard_by(
+    config: Config,
+    n: u64,
+    pushers: usize,
+    listeners: usize,
+) -> anyhow::Result<Row> {
     if config.durable() {
         PgPipe::new(config.clone())?.migrate().await?;
     }
-    let (listener, counter) = pipe_listener(&config, n, |_| {}).await?;
+    let mut pipes = Vec::with_capacity(listeners);
+    let mut counters = Vec::with_capacity(listeners);
+    for _ in 0..listeners {
+        let (listener, counter) = pipe_listener(&config, n, |_| {}).await?;
+        pipes.push(listener);
+        counters.push(counter);
+    }
     let pusher = Arc::new(PgPipe::new(config)?);
     pusher.init_push().await?;
     let started = Instant::now();
     push_all(&pusher, n, pushers).await?;
-    let finished = last_delivery(counter).await?;
+    let mut finished = started;
+    for counter in counters {
+        finished = finished.max(last_delivery(counter).await?);
+    }
     let seconds = (finished - started).as_secs_f64();
     let batches = pusher.stats().batches;
     pusher.close().await?;
     let mut row = row(n, seconds, None, Some(batches));
-    (row.dropped, row.resyncs) = losses(&listener);
-    listener.close().await?;
+    for listener in pipes {
+        let (dropped, resyncs) = losses(&listener);
+        row.dropped += dropped;
+        row.resyncs += resyncs;
+        listener.close().await?;
+    }
     Ok(row)
 }
 
