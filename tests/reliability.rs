@@ -890,10 +890,14 @@ async fn oversize_updates_travel_through_the_log() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_consumer_is_bounded_and_told_to_resync() {
-    let channel = unique("slow");
-    let bound = 200;
+/// A listener that holds at most `bound` updates for an application reading through a
+/// channel of 10, connected; then 5,000 updates pushed to it, 100 to a push (one
+/// notification each), before the application reads any.
+async fn pushed_to_a_bounded_listener(
+    name: &str,
+    bound: usize,
+) -> (PgPipe, mpsc::Receiver<Event>, PgPipe, Vec<Update>) {
+    let channel = unique(name);
     let listener = PgPipe::new(support::config_on(&channel).with_max_buffered(bound)).unwrap();
     let (tx, mut rx) = mpsc::channel(10);
     listener.listen_events(tx).await.unwrap();
@@ -906,6 +910,13 @@ async fn a_slow_consumer_is_bounded_and_told_to_resync() {
     for chunk in sent.chunks(100) {
         pusher.push_many(chunk).await.unwrap();
     }
+    (listener, rx, pusher, sent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_bounded_and_told_to_resync() {
+    let bound = 200;
+    let (listener, mut rx, pusher, sent) = pushed_to_a_bounded_listener("slow", bound).await;
     // The application has not read. The listener waited a moment for it (1 s), then kept
     // draining the server's queue and let go of what exceeded its bound.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -940,20 +951,8 @@ async fn a_consumer_starved_for_a_moment_loses_nothing() {
     // 25 times the bound arrive while the application does not read for 300 ms (a busy
     // machine, say): reading waits for it, the server's queue holding the rest meanwhile.
     // (Without that wait, all but about the bound were let go.)
-    let channel = unique("starved");
     let bound = 200;
-    let listener = PgPipe::new(support::config_on(&channel).with_max_buffered(bound)).unwrap();
-    let (tx, mut rx) = mpsc::channel(10);
-    listener.listen_events(tx).await.unwrap();
-    assert_eq!(
-        tokio::time::timeout(WAIT, rx.recv()).await.unwrap(),
-        Some(Event::Connected)
-    );
-    let pusher = PgPipe::new(support::config_on(&channel)).unwrap();
-    let sent: Vec<Update> = (1..=5_000).map(|n| numbered(1, n)).collect();
-    for chunk in sent.chunks(100) {
-        pusher.push_many(chunk).await.unwrap();
-    }
+    let (listener, mut rx, pusher, sent) = pushed_to_a_bounded_listener("starved", bound).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let events = collect(&mut rx, |e| updates(e).len() == sent.len()).await;
     assert_eq!(updates(&events), sent.iter().collect::<Vec<_>>());
