@@ -24,10 +24,9 @@ pub enum SeqNum {
 
 impl fmt::Display for SeqNum {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SeqNum::Value(n) => f.write_str(itoa::Buffer::new().format(n.get())),
-            SeqNum::Star => f.write_str("*"),
-        }
+        let mut outcome = Ok(());
+        self.write_text(&mut |piece| outcome = f.write_str(piece));
+        outcome
     }
 }
 
@@ -57,13 +56,32 @@ impl SeqRange {
     }
 }
 
+impl SeqRange {
+    /// Its text form (`7`, `1:5`, `9:*`), piece by piece, without the formatting machinery
+    /// (an update's JSON is written this way once per push).
+    fn write_text(&self, put: &mut impl FnMut(&str)) {
+        self.start.write_text(put);
+        if self.start != self.end {
+            put(":");
+            self.end.write_text(put);
+        }
+    }
+}
+
+impl SeqNum {
+    fn write_text(&self, put: &mut impl FnMut(&str)) {
+        match self {
+            SeqNum::Value(n) => put(itoa::Buffer::new().format(n.get())),
+            SeqNum::Star => put("*"),
+        }
+    }
+}
+
 impl fmt::Display for SeqRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.start == self.end {
-            write!(f, "{}", self.start)
-        } else {
-            write!(f, "{}:{}", self.start, self.end)
-        }
+        let mut outcome = Ok(());
+        self.write_text(&mut |piece| outcome = outcome.and_then(|()| f.write_str(piece)));
+        outcome
     }
 }
 
@@ -236,13 +254,26 @@ impl FromStr for SeqSet {
     }
 }
 
+impl SeqSet {
+    /// Appends its text form to `out` (no JSON escaping needed: digits, `:`, `,` and `*`).
+    pub(crate) fn write_text(&self, out: &mut Vec<u8>) {
+        let mut put = |piece: &str| out.extend_from_slice(piece.as_bytes());
+        for (i, range) in self.ranges().iter().enumerate() {
+            if i > 0 {
+                put(",");
+            }
+            range.write_text(&mut put);
+        }
+    }
+}
+
 impl fmt::Display for SeqSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, range) in self.ranges().iter().enumerate() {
             if i > 0 {
                 f.write_str(",")?;
             }
-            write!(f, "{range}")?;
+            fmt::Display::fmt(range, f)?;
         }
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! Fuzzes the payload decoder with any text, through both readers: a notification
 //! (`Envelope::decode`, version 1 or maddy's legacy form) and a durable log row
 //! (`Envelope::decode_logged`). Decoding must never panic, and whatever decodes must
-//! re-encode to version 1 and decode again to the same sender, number and updates.
+//! re-encode to version 1 and decode again to the same sender, number and updates, each
+//! update's JSON as serde writes it.
 
 #![no_main]
 
@@ -62,6 +63,14 @@ fn round_trip(input: &str, envelope: &Envelope, from_log: bool) {
     assert_eq!(again.seq(), Some(envelope.seq().unwrap_or(0)), "{context}");
     assert_eq!(again.pid(), envelope.pid(), "{context}");
     assert_eq!(again.updates(), envelope.updates(), "{context}");
+    // The JSON written directly is what serde writes.
+    for update in envelope.updates() {
+        assert_eq!(
+            update.to_json(),
+            serde_json::to_string(update).expect("an update serializes"),
+            "{context}"
+        );
+    }
     // The version 1 form is a fixed point: encoding it again changes nothing.
     assert_eq!(again.encode().ok().as_ref(), Some(&encoded), "{context}");
 }

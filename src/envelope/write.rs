@@ -85,7 +85,7 @@ impl Packer {
         out: &mut Vec<u8>,
     ) -> Result<(), Error> {
         let start = out.len();
-        serde_json::to_writer(&mut *out, update).expect("an update always serializes");
+        update.write_json(out);
         let size = self.overhead + out.len() - start;
         if size > limit {
             return Err(Error::PayloadTooLarge { size, limit });
