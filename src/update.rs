@@ -314,7 +314,8 @@ impl Update {
 
     /// The JSON contract form, compact.
     pub fn to_json(&self) -> String {
-        let mut json = Vec::new();
+        // Most updates are shorter (`{"Type":0,"Key":42,"SeqSet":"7"}`): no regrowing.
+        let mut json = Vec::with_capacity(64);
         self.write_json(&mut json);
         String::from_utf8(json).expect("JSON is UTF-8")
     }
@@ -414,6 +415,7 @@ impl<'de> Deserialize<'de> for Update {
 /// The sequence set is borrowed from the payload when it needs no unescaping (it is
 /// parsed, then dropped: no allocation for it).
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 pub(crate) struct RawUpdate<'a> {
     #[serde(rename = "Type")]
     kind: u64,
@@ -433,7 +435,17 @@ fn borrowed<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Cow<'de
     Ok(Option::<Borrowed<'de>>::deserialize(deserializer)?.map(|b| b.0))
 }
 
-impl RawUpdate<'_> {
+impl<'a> RawUpdate<'a> {
+    /// An update with a numeric key and no flags, as read by a reader other than serde.
+    pub(crate) fn plain(kind: u64, key: u64, seq_set: Option<&'a str>) -> Self {
+        RawUpdate {
+            kind,
+            key: MailboxKey::Id(key),
+            seq_set: seq_set.map(Cow::Borrowed),
+            flags: None,
+        }
+    }
+
     /// The sequence set as written, if any.
     pub(crate) fn seq_set(&self) -> Option<&str> {
         self.seq_set.as_deref()

@@ -5,32 +5,34 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Deserialize;
 
-use super::{ENVELOPE_VERSION, Envelope, Marks, WireFormat};
+use super::{ENVELOPE_VERSION, Envelope, Marks, WireFormat, canonical};
 use crate::error::{DecodeError, Limit};
 use crate::limits::Limits;
 use crate::origin::Origin;
 use crate::update::RawUpdate;
 
+/// A version 1 envelope as read, before it is checked.
 #[derive(Deserialize)]
-struct WireIn<'a> {
-    v: u64,
-    o: String,
+#[cfg_attr(test, derive(Debug, PartialEq))]
+pub(super) struct WireIn<'a> {
+    pub(super) v: u64,
+    pub(super) o: String,
     #[serde(default)]
-    p: Option<u32>,
-    s: u64,
+    pub(super) p: Option<u32>,
+    pub(super) s: u64,
     #[serde(borrow)]
-    u: Vec<RawUpdate<'a>>,
+    pub(super) u: Vec<RawUpdate<'a>>,
     #[serde(default, deserialize_with = "mark")]
-    t: bool,
+    pub(super) t: bool,
     #[serde(default, deserialize_with = "mark")]
-    d: bool,
+    pub(super) d: bool,
     #[serde(default, deserialize_with = "mark")]
-    r: bool,
+    pub(super) r: bool,
     #[serde(default, deserialize_with = "mark")]
-    h: bool,
+    pub(super) h: bool,
     /// When a signed envelope was sealed, in milliseconds since the Unix epoch.
     #[serde(default)]
-    w: Option<u64>,
+    pub(super) w: Option<u64>,
 }
 
 /// A mark field: `1`/`0` as written, and for other implementations' convenience also
@@ -55,8 +57,16 @@ struct VersionProbe {
 }
 
 pub(super) fn decode_v1(payload: &str, limits: &Limits) -> Result<Envelope, DecodeError> {
-    limits.check_depth(payload)?;
-    let wire: WireIn = match serde_json::from_str(payload) {
+    // The form this crate writes is read without serde (and nests within any depth
+    // limit); any other goes through the depth check and serde.
+    let read = match canonical::read(payload) {
+        Some(wire) => Ok(wire),
+        None => {
+            limits.check_depth(payload)?;
+            serde_json::from_str::<WireIn>(payload)
+        }
+    };
+    let wire = match read {
         Ok(wire) => wire,
         Err(e) => {
             // A future version may be shaped differently: say so rather than "malformed".

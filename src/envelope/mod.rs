@@ -20,6 +20,7 @@ use crate::limits::Limits;
 use crate::origin::Origin;
 use crate::update::Update;
 
+mod canonical;
 mod decode;
 mod write;
 

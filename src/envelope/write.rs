@@ -71,7 +71,7 @@ impl Packer {
     /// An update's JSON, checked to fit in an envelope of its own of at most `limit` bytes
     /// ([`MAX_PAYLOAD_LEN`], or [`MAX_LOGGED_ENVELOPE_LEN`] for the durable log).
     pub(crate) fn encode(&self, update: &Update, limit: usize) -> Result<String, Error> {
-        let mut json = Vec::new();
+        let mut json = Vec::with_capacity(64);
         self.encode_into(update, limit, &mut json)?;
         Ok(String::from_utf8(json).expect("JSON is UTF-8"))
     }
