@@ -163,7 +163,11 @@ impl PgPipe {
     /// They are packed into as few notifications as fit.
     pub async fn push_many(&self, updates: &[Update]) -> Result<(), Error> {
         self.check_open()?;
-        self.ensure_schema().await?;
+        if self.inner.config.durable() && !self.inner.schema_checked.initialized() {
+            // Boxed: the check runs once, and its state would otherwise make every push's
+            // future larger.
+            Box::pin(self.ensure_schema()).await?;
+        }
         self.inner.pusher.push(updates).await
     }
 

@@ -224,3 +224,24 @@ async fn a_refused_batch_gives_each_push_the_servers_error() {
     pusher.close().await.unwrap();
     support::drop_database(&database).await;
 }
+
+/// A waiting push holds little: what a flush needs is boxed by the push that sends it
+/// alone, so a thousand pushes waiting in a batch do not hold a flush's state each.
+#[tokio::test]
+async fn a_waiting_push_is_small() {
+    let pipe = PgPipe::new(Config::from_url("postgres://localhost/none").unwrap()).unwrap();
+    let update = Update::new_message(1, SeqSet::single(1).unwrap());
+    let push = pipe.push(&update);
+    let size = std::mem::size_of_val(&push);
+    assert!(size <= 1024, "a push future is {size} bytes");
+    drop(push);
+    let durable = PgPipe::new(
+        Config::from_url("postgres://localhost/none")
+            .unwrap()
+            .with_durable(true),
+    )
+    .unwrap();
+    let push = durable.push(&update);
+    let size = std::mem::size_of_val(&push);
+    assert!(size <= 1024, "a durable push future is {size} bytes");
+}

@@ -189,11 +189,13 @@ impl Batcher {
                 Admission::Alone(_flight, encoded) => {
                     // These updates go out alone, from here, at once (no hand-off). Alone:
                     // if the caller gives up midway, no other push's flight is cut short
-                    // with it.
-                    return self
-                        .sender
-                        .flush_by(deadline, encoded.len(), encoded.iter())
-                        .await;
+                    // with it. Boxed: a flush's state is most of a push future's size, and
+                    // a queued push (the many, when pushes are many) need not carry it.
+                    return Box::pin(
+                        self.sender
+                            .flush_by(deadline, encoded.len(), encoded.iter()),
+                    )
+                    .await;
                 }
                 Admission::Queued(outcome) if !waited => {
                     // No timer of its own (a timer per push is a measurable part of its
