@@ -258,7 +258,12 @@ mod tests {
         ] {
             assert!(read(payload).is_none(), "{payload}");
         }
-        // The first of them, and the one with flags, are still envelopes.
-        assert!(Envelope::decode(r#"{"v":1,"o":"a","s":1,"u":[{"Type":0,"Key":"k"}]}"#).is_ok());
+        // Read by serde, the first two are envelopes like any other.
+        for payload in [
+            r#"{"v":1,"o":"a","s":1,"u":[{"Type":1,"Key":"k","SeqSet":"2"}]}"#,
+            r#"{"v":1,"o":"a","s":1,"u":[{"Type":1,"Key":2,"SeqSet":"2","NewFlags":["x"]}]}"#,
+        ] {
+            assert_eq!(Envelope::decode(payload).unwrap().updates().len(), 1);
+        }
     }
 }
