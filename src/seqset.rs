@@ -22,11 +22,22 @@ pub enum SeqNum {
     Star,
 }
 
+impl SeqNum {
+    /// Its text form, without the formatting machinery (see [`SeqSet::write_text`]).
+    fn write_text(&self, put: &mut impl FnMut(&str)) {
+        match self {
+            SeqNum::Value(n) => put(itoa::Buffer::new().format(n.get())),
+            SeqNum::Star => put("*"),
+        }
+    }
+}
+
 impl fmt::Display for SeqNum {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut outcome = Ok(());
-        self.write_text(&mut |piece| outcome = f.write_str(piece));
-        outcome
+        match self {
+            SeqNum::Value(n) => f.write_str(itoa::Buffer::new().format(n.get())),
+            SeqNum::Star => f.write_str("*"),
+        }
     }
 }
 
@@ -54,11 +65,8 @@ impl SeqRange {
     pub fn end(&self) -> SeqNum {
         self.end
     }
-}
 
-impl SeqRange {
-    /// Its text form (`7`, `1:5`, `9:*`), piece by piece, without the formatting machinery
-    /// (an update's JSON is written this way once per push).
+    /// Its text form (`7`, `1:5`, `9:*`), piece by piece (see [`SeqSet::write_text`]).
     fn write_text(&self, put: &mut impl FnMut(&str)) {
         self.start.write_text(put);
         if self.start != self.end {
@@ -68,20 +76,14 @@ impl SeqRange {
     }
 }
 
-impl SeqNum {
-    fn write_text(&self, put: &mut impl FnMut(&str)) {
-        match self {
-            SeqNum::Value(n) => put(itoa::Buffer::new().format(n.get())),
-            SeqNum::Star => put("*"),
-        }
-    }
-}
-
 impl fmt::Display for SeqRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut outcome = Ok(());
-        self.write_text(&mut |piece| outcome = outcome.and_then(|()| f.write_str(piece)));
-        outcome
+        fmt::Display::fmt(&self.start, f)?;
+        if self.start != self.end {
+            f.write_str(":")?;
+            fmt::Display::fmt(&self.end, f)?;
+        }
+        Ok(())
     }
 }
 
@@ -201,6 +203,19 @@ impl SeqSet {
         self.ranges.as_slice()
     }
 
+    /// Appends its text form to `out` (no JSON escaping needed: digits, `:`, `,` and `*`),
+    /// without the formatting machinery: an update's JSON is written this way once per
+    /// push, where `Display` through `fmt` was a measurable part of its cost.
+    pub(crate) fn write_text(&self, out: &mut Vec<u8>) {
+        let mut put = |piece: &str| out.extend_from_slice(piece.as_bytes());
+        for (i, range) in self.ranges().iter().enumerate() {
+            if i > 0 {
+                put(",");
+            }
+            range.write_text(&mut put);
+        }
+    }
+
     /// The number, when the set is exactly one number (not `*`).
     pub fn as_single(&self) -> Option<u32> {
         match self.ranges() {
@@ -251,19 +266,6 @@ impl FromStr for SeqSet {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         SeqSet::parse(s)
-    }
-}
-
-impl SeqSet {
-    /// Appends its text form to `out` (no JSON escaping needed: digits, `:`, `,` and `*`).
-    pub(crate) fn write_text(&self, out: &mut Vec<u8>) {
-        let mut put = |piece: &str| out.extend_from_slice(piece.as_bytes());
-        for (i, range) in self.ranges().iter().enumerate() {
-            if i > 0 {
-                put(",");
-            }
-            range.write_text(&mut put);
-        }
     }
 }
 
