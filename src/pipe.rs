@@ -126,11 +126,18 @@ impl PgPipe {
 
     /// For a durable pipe: [`check_schema`](PgPipe::check_schema), once per pipe.
     async fn ensure_schema(&self) -> Result<(), Error> {
-        /// How long a refused schema check is given again without asking the server.
-        const RECHECK_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
         if !self.inner.config.durable() || self.inner.schema_checked.initialized() {
             return Ok(());
         }
+        // Boxed: the check runs once, and its state would otherwise make every push's
+        // future larger.
+        Box::pin(self.check_schema_once()).await
+    }
+
+    /// [`ensure_schema`](PgPipe::ensure_schema) before the check has passed.
+    async fn check_schema_once(&self) -> Result<(), Error> {
+        /// How long a refused schema check is given again without asking the server.
+        const RECHECK_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
         if let Some((at, e)) = &*self.inner.schema_refused.lock().expect("schema check lock")
             && at.elapsed() < RECHECK_AFTER
         {
@@ -163,11 +170,7 @@ impl PgPipe {
     /// They are packed into as few notifications as fit.
     pub async fn push_many(&self, updates: &[Update]) -> Result<(), Error> {
         self.check_open()?;
-        if self.inner.config.durable() && !self.inner.schema_checked.initialized() {
-            // Boxed: the check runs once, and its state would otherwise make every push's
-            // future larger.
-            Box::pin(self.ensure_schema()).await?;
-        }
+        self.ensure_schema().await?;
         self.inner.pusher.push(updates).await
     }
 
