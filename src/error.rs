@@ -149,6 +149,36 @@ pub enum Error {
         bytes: usize,
     },
 
+    /// A lock that `migrate`, `grant` (or another wait of the pipe's on the server) needs
+    /// stayed held by another session past the wait's bound. Any role that can connect can
+    /// take an advisory lock, or keep a transaction open: the message names the sessions
+    /// holding it (`pg_stat_activity`), to wait for or end (`pg_terminate_backend`).
+    #[error(
+        "{what} stayed held by another session for {waited:?}: {holders}; wait for it to          finish, or end it (SELECT pg_terminate_backend(pid)) and run this again"
+    )]
+    LockHeld {
+        /// The lock waited for.
+        what: &'static str,
+        /// How long it was waited for.
+        waited: Duration,
+        /// The sessions holding it, as `pg_stat_activity` shows them (pid, role,
+        /// application, client address, state), or what is known of them.
+        holders: String,
+    },
+
+    /// A durable push met log rows at its envelope numbers that it did not write: another
+    /// role with `INSERT` on the log squatted them (or the log was written by hand).
+    /// Nothing of this push was committed; pushing again takes fresh numbers. Listeners
+    /// treat the squatted rows as any other row: with signing on they are refused as
+    /// forged, without it they are delivered as their writer wrote them.
+    #[error(
+        "the durable log already holds an envelope numbered {seq} of this sender that this          pipe did not write (another role squatted the number?): nothing of this push was          committed; push again (with fresh numbers), and see who may insert into          updatepipe.log"
+    )]
+    NumbersTaken {
+        /// The first number of the push found taken (or the push's first number).
+        seq: u64,
+    },
+
     /// A throwaway PostgreSQL cluster could not be started or stopped.
     #[error("throwaway PostgreSQL cluster: {0}")]
     Cluster(String),

@@ -6,7 +6,8 @@ use crate::channel::quote_identifier;
 use crate::config::Config;
 use crate::connect::connect_spawned;
 use crate::error::Error;
-use crate::migrate::{MIGRATION_LOCK, MIGRATION_TABLE, check_schema};
+use crate::migrate::{MIGRATION_TABLE, check_schema, lock_wait, owner_transaction};
+use tokio_postgres::types::Type;
 
 /// What a runtime role does with the pipe, for [`grant_statements`] and
 /// [`PgPipe::grant`](crate::PgPipe::grant).
@@ -25,11 +26,15 @@ pub enum Role {
 /// - Both: `USAGE` on schema `updatepipe` (to name anything in it) and `SELECT` on the
 ///   history table (the schema version check,
 ///   [`PgPipe::check_schema`](crate::PgPipe::check_schema)).
-/// - A pusher: `INSERT` on the log's columns `channel, origin, seq, payload` only; the
-///   server sets `id`, `xid` and `created_at` (a trigger, migration V4).
+/// - A pusher: `INSERT` on the log's columns `channel, origin, seq, payload` only (the
+///   server sets `id`, `xid` and `created_at`: a trigger, migration V4), and `EXECUTE` on
+///   `updatepipe.logged`, which tells a push retried after a broken connection whether the
+///   rows at its numbers are its own.
 /// - A listener: `SELECT` on the log (the tail reads, fetches of oversize envelopes) and on
-///   `updatepipe.pruned`; `DELETE` on the log, `INSERT` and `UPDATE` of `updatepipe.pruned`
-///   (pruning, and recording how far it pruned).
+///   `updatepipe.pruned`, and `EXECUTE` on `updatepipe.prune`: pruning, and recording how
+///   far it pruned, only through that function of the owner's. What releases before
+///   migration V5 granted listeners (`DELETE` on the log, `INSERT` and `UPDATE` on the
+///   marks, enough to lock the log or pin a mark) is taken back.
 ///
 /// Fails for a name that is no role's: empty, over 63 bytes, with a NUL, or one of the names
 /// PostgreSQL reserves (`public`, which even quoted means every role, `none`,
@@ -42,18 +47,35 @@ pub fn grant_statements(role: &str, what: Role) -> Result<Vec<String>, Error> {
         format!("GRANT SELECT ON {MIGRATION_TABLE} TO {r}"),
     ];
     match what {
-        Role::Pusher => sql.push(format!(
-            "GRANT INSERT (channel, origin, seq, payload) ON updatepipe.log TO {r}"
-        )),
-        Role::Listener => {
-            sql.push(format!("GRANT SELECT, DELETE ON updatepipe.log TO {r}"));
+        Role::Pusher => {
             sql.push(format!(
-                "GRANT SELECT, INSERT, UPDATE ON updatepipe.pruned TO {r}"
+                "GRANT INSERT (channel, origin, seq, payload) ON updatepipe.log TO {r}"
+            ));
+            sql.push(format!(
+                "GRANT EXECUTE ON FUNCTION {LOGGED_FUNCTION} TO {r}"
+            ));
+        }
+        Role::Listener => {
+            sql.push(format!("GRANT SELECT ON updatepipe.log TO {r}"));
+            sql.push(format!("GRANT SELECT ON updatepipe.pruned TO {r}"));
+            sql.push(format!("GRANT EXECUTE ON FUNCTION {PRUNE_FUNCTION} TO {r}"));
+            sql.push(format!(
+                "REVOKE UPDATE, DELETE, TRUNCATE ON updatepipe.log FROM {r}"
+            ));
+            sql.push(format!(
+                "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON updatepipe.pruned FROM {r}"
             ));
         }
     }
     Ok(sql)
 }
+
+/// The owner's function that prunes the log (migration V5), by its signature.
+const PRUNE_FUNCTION: &str = "updatepipe.prune(pg_catalog.text, pg_catalog.float8)";
+
+/// The owner's function that tells a pusher whether log rows are its own (migration V5).
+const LOGGED_FUNCTION: &str =
+    "updatepipe.logged(pg_catalog.text, pg_catalog.text, pg_catalog.int8[], pg_catalog.text[])";
 
 /// Checks a role name before it goes into SQL text: PostgreSQL would silently shorten a
 /// name over 63 bytes to another role's.
@@ -80,48 +102,29 @@ fn check_role_name(role: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Applies the grants, in one transaction, as the connecting role (the schema's owner), on
-/// a schema migrated as far as this build needs; every role must exist.
+/// Applies the grants, in one transaction (the owner's: the migration lock held, waited
+/// for within the lock timeout, the search path pinned), as the connecting role (the
+/// schema's owner), on a schema migrated as far as this build needs; every role must exist.
 pub(crate) async fn grant(config: &Config, roles: &[(&str, Role)]) -> Result<(), Error> {
     for (role, _) in roles {
         check_role_name(role)?;
     }
     let (mut client, connection) = connect_spawned(config).await?;
     let outcome = async {
-        check_schema(&client).await?;
+        let tx = owner_transaction(&mut client, lock_wait(config)).await?;
+        check_schema(&tx).await?;
         // A GRANT by a role without the privilege to grant it only warns: check first.
-        let row = client
-            .query_one(
-                "SELECT current_user::text, \
-                        bool_and(pg_has_role(c.relowner, 'USAGE')) \
-                            AND bool_and(pg_has_role(n.nspowner, 'USAGE')) \
-                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE n.nspname = 'updatepipe' \
-                   AND c.relname IN ('log', 'pruned', 'schema_history')",
-                &[],
-            )
-            .await?;
+        let row = tx.query_typed_one(OWNS_SQL, &[]).await?;
         if !row.get::<_, Option<bool>>(1).unwrap_or(false) {
             return Err(Error::NotSchemaOwner { role: row.get(0) });
         }
         let names: Vec<&str> = roles.iter().map(|(r, _)| *r).collect();
-        let missing: Vec<String> = client
-            .query(
-                "SELECT n FROM unnest($1::text[]) AS t(n) \
-                 WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = n)",
-                &[&names],
-            )
-            .await?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
-        if let Some(role) = missing.into_iter().next() {
-            return Err(Error::UnknownRole(role));
-        }
-        let tx = client.transaction().await?;
-        // One grant or migration at a time: concurrent GRANTs on a table fail.
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        let missing = tx
+            .query_typed(MISSING_ROLES_SQL, &[(&names, Type::TEXT_ARRAY)])
             .await?;
+        if let Some(row) = missing.first() {
+            return Err(Error::UnknownRole(row.get(0)));
+        }
         for (role, what) in roles {
             for sql in grant_statements(role, *what)? {
                 tx.batch_execute(&sql).await?;
@@ -136,6 +139,24 @@ pub(crate) async fn grant(config: &Config, roles: &[(&str, Role)]) -> Result<(),
     outcome
 }
 
+/// Who connects, and whether it owns (or is a member of the owner of) the schema and its
+/// tables.
+const OWNS_SQL: &str = "\
+    SELECT current_user::pg_catalog.text, \
+           pg_catalog.bool_and(pg_catalog.pg_has_role(c.relowner, 'USAGE')) \
+               AND pg_catalog.bool_and(pg_catalog.pg_has_role(n.nspowner, 'USAGE')) \
+    FROM pg_catalog.pg_class c \
+    JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+    WHERE n.nspname OPERATOR(pg_catalog.=) 'updatepipe' \
+      AND c.relname OPERATOR(pg_catalog.=) \
+          ANY ('{log,pruned,schema_history}'::pg_catalog.name[])";
+
+/// The names of `$1` that are no role's.
+const MISSING_ROLES_SQL: &str = "\
+    SELECT t.n FROM pg_catalog.unnest($1::pg_catalog.text[]) AS t(n) \
+    WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r \
+                      WHERE r.rolname::pg_catalog.text OPERATOR(pg_catalog.=) t.n)";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +166,10 @@ mod tests {
         let sql = grant_statements("a\"b", Role::Pusher).unwrap().join(";\n");
         assert!(sql.contains("TO \"a\"\"b\""), "{sql}");
         assert!(sql.contains("INSERT (channel, origin, seq, payload) ON updatepipe.log"));
+        assert!(
+            sql.contains("EXECUTE ON FUNCTION updatepipe.logged("),
+            "{sql}"
+        );
         assert!(!sql.contains("DELETE") && !sql.contains("UPDATE"), "{sql}");
         let sql = grant_statements("l", Role::Listener).unwrap().join(";\n");
         for reserved in ["public", "PUBLIC", "none", "current_user"] {
@@ -153,9 +178,22 @@ mod tests {
                 "{reserved}"
             );
         }
-        assert!(sql.contains("SELECT, DELETE ON updatepipe.log"), "{sql}");
+        assert!(sql.contains("GRANT SELECT ON updatepipe.log"), "{sql}");
         assert!(
-            !sql.contains("INSERT (") && !sql.contains("CREATE"),
+            sql.contains("EXECUTE ON FUNCTION updatepipe.prune("),
+            "{sql}"
+        );
+        // Granted nothing that writes: what earlier releases granted is taken back.
+        for line in sql.lines().filter(|l| l.starts_with("GRANT")) {
+            assert!(
+                !["INSERT", "UPDATE", "DELETE", "CREATE"]
+                    .iter()
+                    .any(|w| line.contains(w)),
+                "{line}"
+            );
+        }
+        assert!(
+            sql.contains("REVOKE UPDATE, DELETE, TRUNCATE ON updatepipe.log"),
             "{sql}"
         );
     }

@@ -22,26 +22,33 @@ use crate::origin::Origin;
 /// rows take theirs from the log's sequence, which does not assign one: the reader relies on
 /// it (a row whose id is at most the highest a snapshot saw belongs to a transaction that
 /// had its id by then, so in progress or visible in that snapshot; see `PAGE_SQL`).
-pub(crate) const LOG_AND_NOTIFY: &str = "WITH me AS MATERIALIZED (SELECT pg_current_xact_id()), \
-     logged AS (\
-       INSERT INTO updatepipe.log (channel, origin, seq, payload) \
-       SELECT $1, $2, s, p FROM me, unnest($3::bigint[], $4::text[]) WITH ORDINALITY AS t(s, p, i) \
-       ORDER BY i) \
-     SELECT pg_notify($1, n) FROM unnest($5::text[]) WITH ORDINALITY AS t(n, i) ORDER BY i";
+pub(crate) const LOG_AND_NOTIFY: &str = "\
+    WITH me AS MATERIALIZED (SELECT pg_catalog.pg_current_xact_id()), \
+    logged AS (\
+        INSERT INTO updatepipe.log (channel, origin, seq, payload) \
+        SELECT $1, $2, t.s, t.p \
+        FROM me, ROWS FROM (pg_catalog.unnest($3::pg_catalog.int8[]), \
+                            pg_catalog.unnest($4::pg_catalog.text[])) \
+             WITH ORDINALITY AS t(s, p, i) \
+        ORDER BY t.i) \
+    SELECT pg_catalog.pg_notify($1, t.n) \
+    FROM pg_catalog.unnest($5::pg_catalog.text[]) WITH ORDINALITY AS t(n, i) ORDER BY t.i";
 
 /// [`LOG_AND_NOTIFY`] in the maddy layout: the same log rows, and each notification on the
 /// channel `$6` names (a maddy copy), or on `$1` where `$6` has none (an envelope). Made
 /// from `LOG_AND_NOTIFY` by replacing its last `SELECT`, so that the two write the log alike.
 pub(crate) static LOG_AND_NOTIFY_MAPPED: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| {
-        let tail =
-            "SELECT pg_notify($1, n) FROM unnest($5::text[]) WITH ORDINALITY AS t(n, i) ORDER BY i";
+        let tail = "SELECT pg_catalog.pg_notify($1, t.n) \
+            FROM pg_catalog.unnest($5::pg_catalog.text[]) WITH ORDINALITY AS t(n, i) ORDER BY t.i";
         let head = LOG_AND_NOTIFY
             .strip_suffix(tail)
             .expect("LOG_AND_NOTIFY ends in its notifying SELECT");
         format!(
-            "{head}SELECT pg_notify(coalesce(c, $1), n) \
-             FROM unnest($5::text[], $6::text[]) WITH ORDINALITY AS t(n, c, i) ORDER BY i"
+            "{head}SELECT pg_catalog.pg_notify(coalesce(t.c, $1), t.n) \
+             FROM ROWS FROM (pg_catalog.unnest($5::pg_catalog.text[]), \
+                             pg_catalog.unnest($6::pg_catalog.text[])) \
+                  WITH ORDINALITY AS t(n, c, i) ORDER BY t.i"
         )
     });
 
@@ -67,72 +74,81 @@ pub(crate) static LOG_AND_NOTIFY_MAPPED: std::sync::LazyLock<String> =
 /// rows; always at least the target row.
 const PAGE_SQL: &str = "\
     WITH t AS ( \
-        SELECT coalesce($5::text::pg_snapshot, pg_current_snapshot()) AS snap, \
-               coalesce($6::float8, extract(epoch FROM now())::float8) AS at, \
-               CASE WHEN $5::text IS NULL \
-                    THEN (SELECT max(m.id) FROM updatepipe.log m WHERE m.channel = $1) \
-                    ELSE $7::int8 END AS max_id), \
+        SELECT coalesce($5::pg_catalog.text::pg_catalog.pg_snapshot, \
+                        pg_catalog.pg_current_snapshot()) AS snap, \
+               coalesce($6::pg_catalog.float8, \
+                        pg_catalog.date_part('epoch', pg_catalog.now())) AS at, \
+               CASE WHEN $5::pg_catalog.text IS NULL \
+                    THEN (SELECT pg_catalog.max(m.id) FROM updatepipe.log m \
+                          WHERE m.channel OPERATOR(pg_catalog.=) $1) \
+                    ELSE $7::pg_catalog.int8 END AS max_id), \
     page AS ( \
         SELECT u.id, u.origin, u.seq, u.payload FROM ( \
             (SELECT l.id, l.origin, l.seq, l.payload \
-             FROM t, pg_snapshot_xip($2::text::pg_snapshot) AS x(xid) \
+             FROM t, pg_catalog.pg_snapshot_xip($2::pg_catalog.text::pg_catalog.pg_snapshot) AS x(xid) \
              CROSS JOIN LATERAL ( \
                  SELECT l.id, l.origin, l.seq, l.payload FROM updatepipe.log l \
-                 WHERE l.channel = $1 AND l.xid = x.xid \
-                   AND l.id <= $3 AND l.id > $8 \
-                   AND pg_visible_in_snapshot(l.xid, t.snap) \
+                 WHERE l.channel OPERATOR(pg_catalog.=) $1 \
+                   AND l.xid OPERATOR(pg_catalog.=) x.xid \
+                   AND l.id OPERATOR(pg_catalog.<=) $3 AND l.id OPERATOR(pg_catalog.>) $8 \
+                   AND pg_catalog.pg_visible_in_snapshot(l.xid, t.snap) \
                  ORDER BY l.id LIMIT $9) l) \
             UNION ALL \
             (SELECT l.id, l.origin, l.seq, l.payload FROM updatepipe.log l, t \
-             WHERE l.channel = $1 AND l.id > greatest($3, $8) \
-               AND pg_visible_in_snapshot(l.xid, t.snap) \
+             WHERE l.channel OPERATOR(pg_catalog.=) $1 \
+               AND l.id OPERATOR(pg_catalog.>) greatest($3, $8) \
+               AND pg_catalog.pg_visible_in_snapshot(l.xid, t.snap) \
              ORDER BY l.id LIMIT $9) \
         ) u ORDER BY u.id LIMIT $9), \
     sized AS ( \
         SELECT page.*, \
-               sum(octet_length(page.payload)) OVER (ORDER BY page.id) AS running, \
-               row_number() OVER (ORDER BY page.id) AS n, \
-               count(*) OVER () AS total \
+               pg_catalog.sum(pg_catalog.octet_length(page.payload)) \
+                   OVER (ORDER BY page.id) AS running, \
+               pg_catalog.row_number() OVER (ORDER BY page.id) AS n, \
+               pg_catalog.count(*) OVER () AS total \
         FROM page) \
-    SELECT t.snap::text, t.at, \
-           (SELECT p.pruned_before > to_timestamp($4) \
-                   OR p.pruned_xid >= pg_snapshot_xmin($2::text::pg_snapshot) \
-            FROM updatepipe.pruned p WHERE p.channel = $1), \
+    SELECT t.snap::pg_catalog.text, t.at, \
+           (SELECT p.pruned_before OPERATOR(pg_catalog.>) pg_catalog.to_timestamp($4) \
+                   OR p.pruned_xid OPERATOR(pg_catalog.>=) \
+                      pg_catalog.pg_snapshot_xmin($2::pg_catalog.text::pg_catalog.pg_snapshot) \
+            FROM updatepipe.pruned p WHERE p.channel OPERATOR(pg_catalog.=) $1), \
            t.max_id, s.total, s.id, s.origin, s.seq, s.payload \
-    FROM t LEFT JOIN sized s ON s.n = 1 OR s.running <= $10 \
+    FROM t LEFT JOIN sized s \
+         ON s.n OPERATOR(pg_catalog.=) 1 OR s.running OPERATOR(pg_catalog.<=) $10 \
     ORDER BY s.id";
 
 /// The position before the first read: taken before `LISTEN`.
 const CURSOR_SQL: &str = "\
-    SELECT pg_current_snapshot()::text, extract(epoch FROM now())::float8, \
-           (SELECT max(id) FROM updatepipe.log WHERE channel = $1)";
+    SELECT pg_catalog.pg_current_snapshot()::pg_catalog.text, \
+           pg_catalog.date_part('epoch', pg_catalog.now()), \
+           (SELECT pg_catalog.max(l.id) FROM updatepipe.log l \
+            WHERE l.channel OPERATOR(pg_catalog.=) $1)";
 
 /// A starting position in the past, for a replay ([`crate::Since`]): the snapshot of now
 /// (so nothing committed is read twice) with the id mark set back, so that every entry above
 /// it is read: above `$2`, or above the last entry written before the time `$3` (seconds
 /// since the epoch).
 const CURSOR_SINCE_SQL: &str = "\
-    SELECT pg_current_snapshot()::text, extract(epoch FROM now())::float8, \
-           coalesce($2::int8, (SELECT max(id) FROM updatepipe.log \
-                               WHERE channel = $1 AND created_at < to_timestamp($3::float8)), 0)";
+    SELECT pg_catalog.pg_current_snapshot()::pg_catalog.text, \
+           pg_catalog.date_part('epoch', pg_catalog.now()), \
+           coalesce($2::pg_catalog.int8, \
+                    (SELECT pg_catalog.max(l.id) FROM updatepipe.log l \
+                     WHERE l.channel OPERATOR(pg_catalog.=) $1 \
+                       AND l.created_at OPERATOR(pg_catalog.<) \
+                           pg_catalog.to_timestamp($3::pg_catalog.float8)), \
+                    0)";
 
 /// One envelope by sender and number: an oversize envelope a notification points at.
-const FETCH_SQL: &str =
-    "SELECT payload FROM updatepipe.log WHERE channel = $1 AND origin = $2 AND seq = $3";
+const FETCH_SQL: &str = "\
+    SELECT l.payload FROM updatepipe.log l \
+    WHERE l.channel OPERATOR(pg_catalog.=) $1 AND l.origin OPERATOR(pg_catalog.=) $2 \
+      AND l.seq OPERATOR(pg_catalog.=) $3";
 
-/// Prunes the channel's log entries older than the retention, one node at a time (a
-/// transaction-scoped advisory lock), and records how far it pruned.
-const PRUNE_SQL: &str = "\
-    WITH lock AS (SELECT pg_try_advisory_xact_lock(8463920183746501) AS ok), \
-         cutoff AS (SELECT now() - make_interval(secs => $2) AS at), \
-         gone AS (DELETE FROM updatepipe.log l USING lock, cutoff \
-                  WHERE lock.ok AND l.channel = $1 AND l.created_at < cutoff.at RETURNING l.xid) \
-    INSERT INTO updatepipe.pruned (channel, pruned_before, pruned_xid) \
-    SELECT $1, cutoff.at, (SELECT xid FROM gone ORDER BY xid DESC LIMIT 1) \
-    FROM lock, cutoff WHERE lock.ok AND EXISTS (SELECT 1 FROM gone) \
-    ON CONFLICT (channel) DO UPDATE SET \
-        pruned_before = greatest(updatepipe.pruned.pruned_before, excluded.pruned_before), \
-        pruned_xid = greatest(updatepipe.pruned.pruned_xid, excluded.pruned_xid)";
+/// Prunes the channel's log entries older than the retention, one session at a time, and
+/// records how far it pruned: a function of the schema's owner (migration V5), so that the
+/// listener needs neither `DELETE` on the log nor write access to the marks. Returns whether
+/// it held the channel's pruning lock, and how many entries it removed.
+const PRUNE_SQL: &str = "SELECT p.locked, p.deleted FROM updatepipe.prune($1, $2) AS p";
 
 /// A durable listener's position in the log: everything visible in `snapshot` was read.
 #[derive(Clone, Debug)]
@@ -357,20 +373,34 @@ pub(crate) async fn fetch(
     Ok(row.map(|r| r.get(0)))
 }
 
-/// Prunes the channel's entries older than `retention` (when no other node is pruning);
-/// returns how many rows the statement wrote.
+/// What one pruning did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Pruned {
+    /// Whether it held the channel's pruning lock (another session pruning the channel at
+    /// that moment holds it otherwise).
+    pub(crate) locked: bool,
+    /// How many entries it removed.
+    pub(crate) deleted: u64,
+}
+
+/// Prunes the channel's entries older than `retention`, unless another session is pruning
+/// the channel now.
 pub(crate) async fn prune(
     client: &Client,
     channel: &str,
     retention: Duration,
-) -> Result<u64, tokio_postgres::Error> {
+) -> Result<Pruned, tokio_postgres::Error> {
     let seconds = retention.as_secs_f64();
-    client
-        .execute_typed(
+    let row = client
+        .query_typed_one(
             PRUNE_SQL,
             &[(&channel, Type::TEXT), (&seconds, Type::FLOAT8)],
         )
-        .await
+        .await?;
+    Ok(Pruned {
+        locked: row.get(0),
+        deleted: u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+    })
 }
 
 #[cfg(test)]

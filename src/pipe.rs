@@ -265,7 +265,7 @@ impl PgPipe {
         let usage = self
             .inner
             .pusher
-            .query_f64("SELECT pg_notification_queue_usage()")
+            .query_f64("SELECT pg_catalog.pg_notification_queue_usage()")
             .await?;
         crate::stats::queue_usage(usage);
         Ok(usage)

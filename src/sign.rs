@@ -74,26 +74,18 @@ impl Secret {
     ///
     /// Warns when the file can be read by other users.
     ///
-    /// A file larger than [`MAX_SECRET_FILE_LEN`] is refused, and no more than that is read
-    /// (a path such as `/dev/zero` cannot make it allocate more).
+    /// Only a regular file (after symbolic links) is read: a directory, a FIFO (which
+    /// would block the start until a writer came), a socket or a device is refused, as is a
+    /// file larger than [`MAX_SECRET_FILE_LEN`] (no more than that is read).
     pub fn read_file(path: &Path) -> Result<Vec<Secret>, Error> {
-        use std::io::Read;
         let shown = path.display();
-        let cannot_read =
-            |e: std::io::Error| Error::Config(format!("cannot read the secret file {shown}: {e}"));
-        let mut text = Vec::new();
-        std::fs::File::open(path)
-            .and_then(|file| {
-                file.take(MAX_SECRET_FILE_LEN as u64 + 1)
-                    .read_to_end(&mut text)
-            })
-            .map_err(cannot_read)?;
-        if text.len() > MAX_SECRET_FILE_LEN {
-            return Err(Error::Config(format!(
-                "the secret file {shown} is larger than {MAX_SECRET_FILE_LEN} bytes: is it the \
-                 right file? (one secret per line)"
-            )));
-        }
+        let text = crate::config::read_regular(path, MAX_SECRET_FILE_LEN as u64)
+            .map_err(|e| Error::Config(format!("the secret file: {e}")))?
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "cannot read the secret file {shown}: it does not exist"
+                ))
+            })?;
         warn_if_readable_by_others(path);
         let mut secrets = Vec::new();
         for (n, line) in text.split(|&b| b == b'\n').enumerate() {
@@ -385,11 +377,23 @@ mod tests {
         assert!(err.contains("larger than 65536 bytes"), "{err}");
         #[cfg(unix)]
         {
-            // An endless file is cut off at the bound, not read into memory.
-            let err = Secret::read_file(Path::new("/dev/zero"))
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains("larger than"), "{err}");
+            // A device (an endless file), a directory and a FIFO without a writer (which
+            // would block the read for good) are refused, not read.
+            for path in [Path::new("/dev/zero"), dir.path()] {
+                let err = Secret::read_file(path).unwrap_err().to_string();
+                assert!(err.contains("give the path of a regular file"), "{err}");
+            }
+            let fifo = dir.path().join("fifo");
+            let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+            if made.is_ok_and(|s| s.success()) {
+                let err = Secret::read_file(&fifo).unwrap_err().to_string();
+                assert!(err.contains("not a regular file"), "{err}");
+            }
+            // A link to a regular file is read.
+            let link = dir.path().join("link");
+            std::fs::write(&path, "long-enough-secret-1\n").unwrap();
+            std::os::unix::fs::symlink(&path, &link).unwrap();
+            assert_eq!(Secret::read_file(&link).unwrap().len(), 1);
         }
         std::fs::write(&path, "\n\n").unwrap();
         assert!(Secret::read_file(&path).is_err());

@@ -22,7 +22,7 @@ const REJECT_REASONS: [&str; 9] = [
 /// The names the counters have in the `metrics` facade (feature `metrics`), Prometheus
 /// style, with what each counts. `updatepipe_rejected_total` carries the reason as the
 /// label `reason`.
-pub const METRICS: [(&str, &str); 16] = [
+pub const METRICS: [(&str, &str); 20] = [
     (
         "updatepipe_pushed_total",
         "updates pushed and committed (or handed to the caller's transaction)",
@@ -56,6 +56,10 @@ pub const METRICS: [(&str, &str); 16] = [
         "times the application was told updates may have been missed",
     ),
     (
+        "updatepipe_resyncs_coalesced_total",
+        "resyncs folded into one told shortly before or after (at most two a second per cause)",
+    ),
+    (
         "updatepipe_dropped_slow_consumer_total",
         "updates let go because the application was not reading",
     ),
@@ -75,6 +79,18 @@ pub const METRICS: [(&str, &str); 16] = [
     (
         "updatepipe_queries_cancelled_total",
         "listener queries cancelled past their deadline that answered the cancel",
+    ),
+    (
+        "updatepipe_log_pruned_total",
+        "durable log entries this process pruned (older than the retention)",
+    ),
+    (
+        "updatepipe_log_last_pruned_timestamp_seconds",
+        "when this process last pruned the durable log (held the channel's pruning lock)",
+    ),
+    (
+        "updatepipe_push_numbers_taken_total",
+        "durable push batches refused: another role had written log rows at their numbers",
     ),
     (
         "updatepipe_push_queue_peak_pushes",
@@ -188,6 +204,7 @@ pub(crate) struct Counters {
     disconnects: AtomicU64,
     replayed: AtomicU64,
     resyncs: AtomicU64,
+    resyncs_coalesced: AtomicU64,
     dropped: AtomicU64,
     cancelled: AtomicU64,
     queue_peak: AtomicU64,
@@ -198,6 +215,11 @@ pub(crate) struct Counters {
     log_page_rows_max: AtomicU64,
     log_page_bytes_max: AtomicU64,
     log_pages_cancelled: AtomicU64,
+    pruned_entries: AtomicU64,
+    /// When the log was last pruned, in milliseconds since the epoch, plus one (0: never).
+    last_pruned: AtomicU64,
+    prunes_skipped: AtomicU64,
+    numbers_taken: AtomicU64,
     rejected: [AtomicU64; REJECT_REASONS.len()],
 }
 
@@ -235,6 +257,36 @@ impl Counters {
     pub(crate) fn resync(&self) {
         self.resyncs.fetch_add(1, Ordering::Relaxed);
         emit("updatepipe_resyncs_total", 1);
+    }
+
+    /// A resync was folded into one told shortly before or after.
+    pub(crate) fn resync_coalesced(&self) {
+        self.resyncs_coalesced.fetch_add(1, Ordering::Relaxed);
+        emit("updatepipe_resyncs_coalesced_total", 1);
+    }
+
+    /// The log was pruned (the channel's pruning lock held): `deleted` entries removed.
+    pub(crate) fn log_pruned(&self, deleted: u64) {
+        self.pruned_entries.fetch_add(deleted, Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let ms = u64::try_from(now.as_millis()).unwrap_or(u64::MAX - 1);
+        self.last_pruned.store(ms + 1, Ordering::Relaxed);
+        emit("updatepipe_log_pruned_total", deleted as usize);
+        #[cfg(feature = "metrics")]
+        metrics::gauge!("updatepipe_log_last_pruned_timestamp_seconds").set(now.as_secs_f64());
+    }
+
+    /// Pruning found the channel's pruning lock held by another session.
+    pub(crate) fn prune_skipped(&self) {
+        self.prunes_skipped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A durable batch met log rows of another role's at its numbers.
+    pub(crate) fn numbers_taken(&self) {
+        self.numbers_taken.fetch_add(1, Ordering::Relaxed);
+        emit("updatepipe_push_numbers_taken_total", 1);
     }
 
     pub(crate) fn dropped(&self, n: usize) {
@@ -307,6 +359,7 @@ impl Counters {
             disconnects: self.disconnects.load(Ordering::Relaxed),
             replayed: self.replayed.load(Ordering::Relaxed),
             resyncs: self.resyncs.load(Ordering::Relaxed),
+            resyncs_coalesced: self.resyncs_coalesced.load(Ordering::Relaxed),
             dropped_slow_consumer: self.dropped.load(Ordering::Relaxed),
             queries_cancelled: self.cancelled.load(Ordering::Relaxed),
             push_queue_peak: self.queue_peak.load(Ordering::Relaxed),
@@ -316,6 +369,14 @@ impl Counters {
             log_page_rows_max: self.log_page_rows_max.load(Ordering::Relaxed),
             log_page_bytes_max: self.log_page_bytes_max.load(Ordering::Relaxed),
             log_pages_cancelled: self.log_pages_cancelled.load(Ordering::Relaxed),
+            log_pruned: self.pruned_entries.load(Ordering::Relaxed),
+            log_last_pruned: self
+                .last_pruned
+                .load(Ordering::Relaxed)
+                .checked_sub(1)
+                .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
+            log_prunes_skipped: self.prunes_skipped.load(Ordering::Relaxed),
+            push_numbers_taken: self.numbers_taken.load(Ordering::Relaxed),
             rejected: REJECT_REASONS
                 .iter()
                 .zip(&self.rejected)
@@ -344,8 +405,13 @@ pub struct Stats {
     pub disconnects: u64,
     /// Updates delivered from the durable log while catching up after a reconnect.
     pub replayed: u64,
-    /// Resyncs raised: times the application was told updates may have been missed.
+    /// Resyncs raised: times something happened after which updates may have been missed
+    /// (each cause counted, whether or not it was told on its own).
     pub resyncs: u64,
+    /// Resyncs folded into another: a flood of causes (forged references, say) is told at
+    /// most twice a second per cause (see [`Event::Resync`](crate::Event::Resync)), the
+    /// rest counted here.
+    pub resyncs_coalesced: u64,
     /// Updates let go because the application was not reading (best effort).
     pub dropped_slow_consumer: u64,
     /// Queries on the listener's connection cancelled past their deadline that answered
@@ -373,6 +439,19 @@ pub struct Stats {
     pub log_page_bytes_max: u64,
     /// Pages the server cancelled (its `statement_timeout`), each read again smaller.
     pub log_pages_cancelled: u64,
+    /// Durable log entries this pipe's listener pruned (older than the retention).
+    pub log_pruned: u64,
+    /// When this pipe's listener last pruned the log (that is, held the channel's pruning
+    /// lock; pruning runs every tenth of the retention, between 1 s and 60 s); `None`
+    /// before the first time.
+    pub log_last_pruned: Option<std::time::SystemTime>,
+    /// Times pruning found the channel's pruning lock held by another session (another
+    /// listener pruning the channel at that moment; for long, a transaction that called
+    /// `updatepipe.prune` left open).
+    pub log_prunes_skipped: u64,
+    /// Durable push batches refused because another role had written log rows at their
+    /// numbers (squatting: [`Error::NumbersTaken`](crate::Error::NumbersTaken)).
+    pub push_numbers_taken: u64,
     /// Payloads rejected, by reason (`unrecognized`, `unknown_version`, `malformed`,
     /// `invalid_update`, `too_large`, `over_limit`; with signing on also `unsigned`,
     /// `forged` and `replayed`).

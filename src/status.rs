@@ -52,6 +52,11 @@ pub struct Status {
     pub log_entries: Option<i64>,
     /// Age in seconds of the oldest of them (`None`: none, or not migrated).
     pub oldest_log_entry_secs: Option<f64>,
+    /// Seconds since a durable listener last pruned this channel's log (held its pruning
+    /// lock; listeners prune every tenth of their retention, between 1 s and 60 s):
+    /// `None` when never, or when this role may not read `updatepipe.pruned`. Far more than
+    /// a minute while durable listeners run: pruning stands still (their logs say why).
+    pub log_last_pruned_secs: Option<f64>,
 }
 
 /// Gathers the status on two dedicated connections, within a deadline (the connects, the
@@ -88,13 +93,26 @@ async fn gather(config: &Config, count_listeners: bool) -> Result<Status, Error>
     let mut cancel = CancelOnDrop::new(&canceller, &client);
     let row = client
         .query_typed_one(
-            "SELECT current_setting('server_version'), pg_is_in_recovery(), \
-                    pg_notification_queue_usage()::float8, \
-                    EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                            WHERE n.nspname = 'updatepipe' AND c.relname = 'log' \
-                              AND has_schema_privilege(n.oid, 'USAGE') \
-                              AND has_table_privilege(c.oid, 'SELECT')), \
-                    current_setting('idle_session_timeout', true)",
+            "SELECT pg_catalog.current_setting('server_version'), \
+                    pg_catalog.pg_is_in_recovery(), \
+                    pg_catalog.pg_notification_queue_usage()::pg_catalog.float8, \
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_class c \
+                            JOIN pg_catalog.pg_namespace n \
+                              ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+                            WHERE n.nspname OPERATOR(pg_catalog.=) 'updatepipe' \
+                              AND c.relname OPERATOR(pg_catalog.=) 'log' \
+                              AND pg_catalog.has_schema_privilege(n.oid, 'USAGE') \
+                              AND pg_catalog.has_table_privilege(c.oid, 'SELECT')), \
+                    pg_catalog.current_setting('idle_session_timeout', true), \
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
+                            JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid \
+                            JOIN pg_catalog.pg_namespace n \
+                              ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+                            WHERE n.nspname OPERATOR(pg_catalog.=) 'updatepipe' \
+                              AND c.relname OPERATOR(pg_catalog.=) 'pruned' \
+                              AND a.attname OPERATOR(pg_catalog.=) 'last_pruned_at' \
+                              AND pg_catalog.has_schema_privilege(n.oid, 'USAGE') \
+                              AND pg_catalog.has_table_privilege(c.oid, 'SELECT'))",
             &[],
         )
         .await?;
@@ -104,6 +122,8 @@ async fn gather(config: &Config, count_listeners: bool) -> Result<Status, Error>
     // A log this role may not read (a pusher's) is shown as unknown, not as an error.
     let has_log: bool = row.get(3);
     let idle_session_timeout_ms = crate::connect::setting_ms(row.get(4));
+    // Migrated to V5, and readable by this role.
+    let has_prune_marks: bool = row.get(5);
     let schema_version = match schema_version(&client).await {
         Ok(version) => version,
         Err(Error::SchemaNotGranted { .. }) => None,
@@ -112,14 +132,29 @@ async fn gather(config: &Config, count_listeners: bool) -> Result<Status, Error>
     let (log_entries, oldest_log_entry_secs) = if has_log {
         let row = client
             .query_typed_one(
-                "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 \
-                 FROM updatepipe.log WHERE channel = $1",
+                "SELECT pg_catalog.count(*), \
+                        pg_catalog.date_part('epoch', pg_catalog.now() \
+                            OPERATOR(pg_catalog.-) pg_catalog.min(l.created_at)) \
+                 FROM updatepipe.log l WHERE l.channel OPERATOR(pg_catalog.=) $1",
                 &[(&config.channel().as_str(), Type::TEXT)],
             )
             .await?;
         (Some(row.get(0)), row.get(1))
     } else {
         (None, None)
+    };
+    let log_last_pruned_secs = if has_prune_marks {
+        client
+            .query_typed_opt(
+                "SELECT pg_catalog.date_part('epoch', \
+                        pg_catalog.now() OPERATOR(pg_catalog.-) p.last_pruned_at) \
+                 FROM updatepipe.pruned p WHERE p.channel OPERATOR(pg_catalog.=) $1",
+                &[(&config.channel().as_str(), Type::TEXT)],
+            )
+            .await?
+            .and_then(|row| row.get(0))
+    } else {
+        None
     };
     let (listen_works, listeners) = if in_recovery {
         (None, None)
@@ -140,6 +175,7 @@ async fn gather(config: &Config, count_listeners: bool) -> Result<Status, Error>
         schema_version,
         log_entries,
         oldest_log_entry_secs,
+        log_last_pruned_secs,
     })
 }
 
@@ -166,7 +202,10 @@ async fn listen_probe(
     drive_until(&mut connection, client.batch_execute(&sql), &mut heard).await??;
     let started = tokio::time::Instant::now();
     other
-        .execute_typed("SELECT pg_notify($1, 'probe')", &[(&channel, Type::TEXT)])
+        .execute_typed(
+            "SELECT pg_catalog.pg_notify($1, 'probe')",
+            &[(&channel, Type::TEXT)],
+        )
         .await?;
     let period = config.health_interval() / 2 + Duration::from_millis(500);
     let mut arrived = false;

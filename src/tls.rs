@@ -202,7 +202,8 @@ impl TlsOptions {
             (None, None) => builder.with_no_client_auth(),
             (Some(cert), Some(key)) => {
                 let chain = read_certs(cert)?;
-                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                let pem = read_pem_file(key)?;
+                let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
                     Error::Config(format!(
                         "cannot read a private key from sslkey {}: {e}",
                         key.display()
@@ -264,11 +265,22 @@ impl TlsOptions {
     }
 }
 
+/// The most a certificate or key file may hold.
+const MAX_PEM_FILE: u64 = 1 << 20;
+
+/// A certificate or key file's bytes: a regular file (after links) of at most
+/// [`MAX_PEM_FILE`] bytes.
+fn read_pem_file(path: &Path) -> Result<Vec<u8>, Error> {
+    crate::config::read_regular(path, MAX_PEM_FILE)
+        .map_err(Error::Config)?
+        .ok_or_else(|| Error::Config(format!("cannot read {}: it does not exist", path.display())))
+}
+
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     let unreadable =
         |e: &dyn fmt::Display| Error::Config(format!("cannot read {}: {e}", path.display()));
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| unreadable(&e))?
+    let pem = read_pem_file(path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| unreadable(&e))?;
     if certs.is_empty() {

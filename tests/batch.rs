@@ -176,7 +176,8 @@ async fn a_push_resolves_only_after_its_update_is_committed() {
 /// a caller can match on, its source chained; every push of the batch gets that error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_batch_gives_each_push_the_servers_error() {
-    let (database, url) = support::fresh_database("unmigrated").await;
+    let database = support::fresh_database("unmigrated").await;
+    let url = database.url.clone();
     let config = Config::from_url(&url)
         .unwrap()
         .with_channel(ChannelName::new(unique("refused")).unwrap())
@@ -222,7 +223,7 @@ async fn a_refused_batch_gives_each_push_the_servers_error() {
         assert!(cause.downcast_ref::<DbError>().is_some(), "{cause:?}");
     }
     pusher.close().await.unwrap();
-    support::drop_database(&database).await;
+    drop(database);
 }
 
 /// A waiting push holds little: what a flush needs is boxed by the push that sends it

@@ -260,7 +260,8 @@ fn durable_listen_and_push_from_the_command_line() {
 #[test]
 fn a_push_the_server_refuses_exits_4() {
     let runtime = support::runtime();
-    let (database, url) = runtime.block_on(support::fresh_database("cli_refused"));
+    let database = runtime.block_on(support::fresh_database("cli_refused"));
+    let url = database.url.clone();
     let output = updatepipe()
         .env("DATABASE_URL", &url)
         .arg("migrate")
@@ -293,7 +294,7 @@ fn a_push_the_server_refuses_exits_4() {
     let message = stderr(&output);
     assert_eq!(output.status.code(), Some(4), "{message}");
     assert!(message.contains("refuse_every_row"), "{message}");
-    runtime.block_on(support::drop_database(&database));
+    drop(database);
 }
 
 #[test]
@@ -502,29 +503,33 @@ fn each_failure_class_has_its_exit_code() {
     // 3, unreachable: an_unreachable_server_exits_3_quickly; 5, refused login:
     // tests/libpq.rs (it needs a server that asks for a password); 6, reachable but
     // unhealthy: status_flags_a_filling_notification_queue_and_exits_6.
-    // 4, a refused statement: migrating as a role that may not create anything.
-    let role = support::unique("weak");
-    support::runtime().block_on(async {
-        support::sql()
-            .await
-            .batch_execute(&format!(
-                "CREATE ROLE {role} LOGIN; REVOKE CREATE ON SCHEMA public FROM PUBLIC"
-            ))
+    // 4, a refused statement: migrating as a role that may not create anything, in a
+    // database of the test's own (the role and the database are dropped after).
+    let runtime = support::runtime();
+    let (database, role) = runtime.block_on(async {
+        let database = support::fresh_database("cli_weak").await;
+        let role = support::TempRole::new("weak").await;
+        let (client, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls)
             .await
             .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+            .await
+            .unwrap();
+        (database, role)
     });
-    let url = format!("{} user={role}", key_value(&support::url()));
+    let url = format!("{} user={}", key_value(&database.url), role.name);
     let output = run(&["migrate", "--url", &url]);
     let message = stderr(&output);
     assert_eq!(output.status.code(), Some(4), "{message}");
     assert_eq!(message.lines().count(), 1, "{message}");
     // Refused by the server (no CREATE), or, once another test made the schema, by migrate
     // itself (it runs only into a schema the migrating role owns).
-    assert!(
-        message.contains("permission denied") || message.contains("does not own"),
-        "{message}"
-    );
+    assert!(message.contains("permission denied"), "{message}");
     assert!(!message.contains("db error"), "{message}");
+    drop(database);
+    drop(role);
     // 1, anything else: standard input that is not text.
     let mut child = updatepipe()
         .arg("push")
@@ -754,4 +759,40 @@ fn the_maddy_demo_shows_both_ways() {
         "{stdout}"
     );
     assert!(!stdout.contains("unexpected"), "{stdout}");
+}
+
+/// A secret file that is not a regular file (a FIFO nobody writes to, a directory, a
+/// device) is refused at once with one line, exit 2, before anything connects: the start
+/// is never blocked waiting for a writer.
+#[test]
+fn a_secret_file_that_is_not_a_regular_file_exits_2_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("secrets.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let dir_path = dir.path().to_str().unwrap().to_owned();
+    for path in [fifo.to_str().unwrap(), "/dev/zero", &dir_path] {
+        let mut child = updatepipe()
+            .args(["push", "--secret-file", path, "{\"Type\":3,\"Key\":1}"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{path}: still running after 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let output = child.wait_with_output().unwrap();
+        let message = stderr(&output);
+        assert_eq!(status.code(), Some(2), "{path}: {message}");
+        assert_eq!(message.lines().count(), 1, "{message}");
+        assert!(message.contains("regular file"), "{message}");
+    }
 }

@@ -85,30 +85,61 @@ fn find_service(
     Ok(found)
 }
 
-/// A file's text, or `None` when it does not exist; refused when over [`MAX_FILE`].
+/// A file's text, or `None` when it does not exist; refused when over [`MAX_FILE`], or
+/// when it is not a regular file.
 fn read_bounded(path: &Path) -> Result<Option<String>, Error> {
+    let Some(bytes) = read_regular(path, MAX_FILE).map_err(Error::Config)? else {
+        return Ok(None);
+    };
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| Error::Config(format!("{} is not UTF-8 text", path.display())))
+}
+
+/// A regular file's bytes (after symbolic links), at most `max` of them; `None` when it
+/// does not exist. Anything else is refused with a message naming the path: a directory,
+/// a FIFO (which would block the reader until a writer comes: the file is opened without
+/// waiting, and checked before it is read), a device such as `/dev/zero`, a file larger
+/// than `max` (no more than `max + 1` bytes are read).
+pub(crate) fn read_regular(path: &Path, max: u64) -> Result<Option<Vec<u8>>, String> {
     use std::io::Read;
-    let file = match std::fs::File::open(path) {
+    let shown = path.display();
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = match options.open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(Error::Config(format!(
-                "cannot read {}: {e}",
-                path.display()
-            )));
-        }
+        Err(e) => return Err(format!("cannot read {shown}: {e}")),
     };
-    let mut text = String::new();
-    file.take(MAX_FILE + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
-    if text.len() as u64 > MAX_FILE {
-        return Err(Error::Config(format!(
-            "{} is larger than {MAX_FILE} bytes",
-            path.display()
-        )));
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file (a FIFO, a socket or a device?)"
+        };
+        return Err(format!(
+            "{shown} is {what}: give the path of a regular file"
+        ));
     }
-    Ok(Some(text))
+    if meta.len() > max {
+        return Err(format!("{shown} is larger than {max} bytes"));
+    }
+    let mut bytes = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if bytes.len() as u64 > max {
+        return Err(format!("{shown} is larger than {max} bytes"));
+    }
+    Ok(Some(bytes))
 }
 
 /// A password file's entries: `host:port:database:user:password` lines, each of the first
@@ -132,6 +163,8 @@ impl PassFile {
         if !meta.is_file() {
             return None;
         }
+        // (read_bounded checks again on the file it opens: a path swapped meanwhile for a
+        // FIFO is refused, not waited on.)
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -25,6 +25,7 @@ fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+pub(crate) use files::read_regular;
 pub use options::{
     Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEALTH_INTERVAL, DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
     DEFAULT_LOCK_TIMEOUT, DEFAULT_LOG_PAGE_BYTES, DEFAULT_LOG_PAGE_ROWS, DEFAULT_MAX_BATCH,

@@ -194,7 +194,11 @@ impl Config {
     }
 
     /// The `lock_timeout` set on the pipe's own connections (default 30 s; zero: the
-    /// server's). See [`with_statement_timeout`](Config::with_statement_timeout).
+    /// server's). See [`with_statement_timeout`](Config::with_statement_timeout). It also
+    /// bounds how long [`migrate`](crate::PgPipe::migrate) and
+    /// [`grant`](crate::PgPipe::grant) wait for the migration lock, and a migration for a
+    /// lock on the log's tables (30 s when zero), before failing with
+    /// [`Error::LockHeld`](crate::Error::LockHeld), which names the sessions holding it.
     pub fn with_lock_timeout(mut self, timeout: Duration) -> Self {
         self.session.lock_timeout = timeout;
         self

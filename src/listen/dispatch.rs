@@ -14,15 +14,19 @@ use super::pacer::Pacer;
 use super::session::is_fatal;
 use super::{Event, ResyncReason, TARGET};
 use crate::error::{DecodeError, pg_message};
-use crate::log::Page;
+use crate::log::{Page, Pruned};
 use crate::origin::Origin;
 use crate::stats::Counters;
+
+/// Prunings in a row that may find the pruning lock held (other listeners of the channel
+/// prune too) before a warning says so.
+const PRUNE_MISSES_BEFORE_WARNING: u32 = 3;
 
 /// What the listener's one query slot produced.
 pub(super) enum QueryOutcome {
     Tail(Result<Option<Page>, tokio_postgres::Error>),
     Fetch(Result<Option<String>, tokio_postgres::Error>),
-    Prune(Result<u64, tokio_postgres::Error>),
+    Prune(Result<Pruned, tokio_postgres::Error>),
     /// No answer by the deadline, not even to a cancel: the connection is dead.
     TimedOut(std::time::Duration),
     /// A statement sent only so that the server's `idle_session_timeout` does not end the
@@ -56,6 +60,9 @@ pub(super) struct Dispatch {
     pub(super) log_errors: Pacer,
     /// Paces the warnings about log pages the server cancelled.
     pub(super) cancelled_pages: Pacer,
+    /// Prunings in a row that found the channel's pruning lock held, and the pacing of the
+    /// warning about them.
+    pub(super) prunes_skipped: (u32, Pacer),
     /// How long to wait before reading a cancelled page again.
     pub(super) page_pause: std::time::Duration,
     pub(super) counters: Arc<Counters>,
@@ -100,7 +107,10 @@ impl Dispatch {
     /// Handles a finished query; an error means the connection must be dropped.
     pub(super) fn on_query(&mut self, outcome: QueryOutcome) -> Result<(), String> {
         match outcome {
-            QueryOutcome::Prune(Ok(_)) => Ok(()),
+            QueryOutcome::Prune(Ok(pruned)) => {
+                self.on_pruned(pruned);
+                Ok(())
+            }
             QueryOutcome::Cancelled(Asked::Tail) => {
                 // Blocked (a lock on the log, say), not dead: the page is read again,
                 // smaller, once the slot opens again (the fetch and the prune are simply
@@ -168,6 +178,31 @@ impl Dispatch {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// A pruning ran: counted; when it found the channel's pruning lock held several times
+    /// in a row, said (paced): pruning stands still while another session holds it.
+    fn on_pruned(&mut self, pruned: Pruned) {
+        let (misses, pacer) = &mut self.prunes_skipped;
+        if pruned.locked {
+            *misses = 0;
+            self.counters.log_pruned(pruned.deleted);
+            return;
+        }
+        self.counters.prune_skipped();
+        *misses += 1;
+        if *misses >= PRUNE_MISSES_BEFORE_WARNING
+            && let Some(suppressed) = pacer.due(std::time::Instant::now())
+        {
+            tracing::warn!(
+                target: TARGET,
+                in_a_row = *misses,
+                suppressed,
+                "pruning the durable log was skipped: another session holds the channel's \
+                 pruning lock (a transaction that called updatepipe.prune and stays open? \
+                 see pg_stat_activity); the log grows meanwhile"
+            );
         }
     }
 

@@ -180,7 +180,7 @@ impl Heartbeat {
                     let sent = lent
                         .client()
                         .execute_typed(
-                            "SELECT pg_notify($1, $2)",
+                            "SELECT pg_catalog.pg_notify($1, $2)",
                             &[(&channel, Type::TEXT), (&payload, Type::TEXT)],
                         )
                         .await;

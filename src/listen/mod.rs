@@ -206,6 +206,7 @@ impl Listener {
             rejections: pacer::Pacer::default(),
             log_errors: pacer::Pacer::default(),
             cancelled_pages: pacer::Pacer::default(),
+            prunes_skipped: (0, pacer::Pacer::default()),
             page_pause: settings.page_pause(),
             counters,
         };

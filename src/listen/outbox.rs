@@ -26,6 +26,41 @@ pub(super) const HOLD: Duration = Duration::from_secs(1);
 /// then costs the server's notification queue two seconds of traffic, not all of it.
 pub(super) const HOLD_EPISODE: Duration = Duration::from_secs(2);
 
+/// The shortest time between two resyncs told for one scope (everything, or one mailbox):
+/// a flood of causes (forged references, say) is told at once, then at most once more per
+/// interval, the causes that came meanwhile folded into one (counted in
+/// [`Stats::resyncs_coalesced`](crate::Stats::resyncs_coalesced)). Never dropped: the last
+/// cause is always told, at the end of its interval at the latest.
+pub(super) const RESYNC_INTERVAL: Duration = Duration::from_millis(500);
+
+/// What a resync concerns, for folding: every mailbox, or one.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Scope {
+    All,
+    Mailbox(crate::update::MailboxKey),
+    /// Told every time (a reconnect's list of mailboxes; reconnects are paced already).
+    Unfolded,
+}
+
+impl Scope {
+    fn of(reason: &ResyncReason) -> Scope {
+        match reason {
+            ResyncReason::Unrepresentable { key } => Scope::Mailbox(key.clone()),
+            ResyncReason::Resubscribed { .. } => Scope::Unfolded,
+            _ => Scope::All,
+        }
+    }
+}
+
+/// Resyncs told lately, and those held for the end of their scope's interval.
+#[derive(Debug, Default)]
+struct Folding {
+    /// When each scope was last told (entries older than the interval are let go).
+    told: std::collections::HashMap<Scope, Instant>,
+    /// The newest cause of each scope that came within its interval, told at its end.
+    held: std::collections::HashMap<Scope, ResyncReason>,
+}
+
 /// Where deliveries go.
 #[derive(Debug)]
 pub(crate) enum Sink {
@@ -131,6 +166,8 @@ pub(super) struct Outbox {
     dropped: u64,
     /// Paces the warnings about resyncs, which senders can provoke.
     resyncs: Pacer,
+    /// Folds floods of resyncs (see [`RESYNC_INTERVAL`]).
+    folding: Folding,
     /// Since when the caller is behind: the bound was reached, and the buffer has not
     /// been under half of it since.
     behind_since: Option<Instant>,
@@ -151,6 +188,7 @@ impl Outbox {
             max_buffered,
             dropped: 0,
             resyncs: Pacer::default(),
+            folding: Folding::default(),
             behind_since: None,
             held_until: None,
             given_up: false,
@@ -293,13 +331,72 @@ impl Outbox {
         }
     }
 
-    /// Tells the caller that updates may have been missed. One resync not yet delivered
-    /// says it all: a flood of them (forged numbers, say) must not fill memory. A resync
-    /// for some mailboxes only (the maddy layout's) says it for those: it does not stand
-    /// for a later one about others or about everything, so the resyncs at the end of the
-    /// buffer are at most one of each.
+    /// Tells the caller that updates may have been missed. Folded twice over, since
+    /// senders can provoke resyncs at will (forged numbers, references to nothing):
+    ///
+    /// - in time: a scope (everything, or one mailbox) told within the last
+    ///   [`RESYNC_INTERVAL`] holds its newest cause for the end of that interval
+    ///   ([`Outbox::release_held`]);
+    /// - in the buffer: a resync not yet delivered says it all, so that a caller that does
+    ///   not read holds at most one of each. A resync for some mailboxes only (the maddy
+    ///   layout's) says it for those: it does not stand for a later one about others or
+    ///   about everything.
     pub(super) fn resync(&mut self, reason: ResyncReason) {
         tracing::debug!(target: TARGET, ?reason, "updates may have been missed: resync");
+        self.counters.resync();
+        let scope = Scope::of(&reason);
+        let now = Instant::now();
+        let folding = &mut self.folding;
+        let held = &folding.held;
+        folding.told.retain(|scope, at| {
+            held.contains_key(scope) || now.duration_since(*at) < RESYNC_INTERVAL
+        });
+        if scope != Scope::Unfolded && folding.told.contains_key(&scope) {
+            if folding.held.insert(scope, reason).is_some() {
+                self.counters.resync_coalesced();
+            }
+            return;
+        }
+        if scope != Scope::Unfolded {
+            folding.told.insert(scope, now);
+        }
+        self.tell_resync(reason);
+    }
+
+    /// When the next resync held back is due ([`Outbox::release_held`]).
+    pub(super) fn next_release(&self) -> Option<Instant> {
+        self.folding
+            .held
+            .keys()
+            .filter_map(|scope| self.folding.told.get(scope))
+            .map(|at| *at + RESYNC_INTERVAL)
+            .min()
+    }
+
+    /// Tells the resyncs held back whose interval is over.
+    pub(super) fn release_held(&mut self, now: Instant) {
+        let due: Vec<Scope> = self
+            .folding
+            .held
+            .keys()
+            .filter(|scope| {
+                self.folding
+                    .told
+                    .get(*scope)
+                    .is_none_or(|at| now >= *at + RESYNC_INTERVAL)
+            })
+            .cloned()
+            .collect();
+        for scope in due {
+            if let Some(reason) = self.folding.held.remove(&scope) {
+                self.folding.told.insert(scope, now);
+                self.tell_resync(reason);
+            }
+        }
+    }
+
+    /// Puts a resync in the order, unless one waiting at its end covers it already.
+    fn tell_resync(&mut self, reason: ResyncReason) {
         // A caller that asked for events is told by the event itself.
         if !self.sink.wants_events()
             && let Some(suppressed) = self.resyncs.due(std::time::Instant::now())
@@ -311,7 +408,6 @@ impl Outbox {
                 "updates may have been missed: resync"
             );
         }
-        self.counters.resync();
         let covered = self
             .buffer
             .iter()
@@ -322,6 +418,7 @@ impl Outbox {
             })
             .any(|waiting| *waiting == reason || !waiting.is_per_mailbox());
         if covered {
+            self.counters.resync_coalesced();
             return;
         }
         self.emit(Event::Resync(reason));
@@ -484,12 +581,15 @@ mod tests {
         assert!(!outbox.is_full());
     }
 
-    #[test]
-    fn one_undelivered_resync_stands_for_many() {
+    #[tokio::test(start_paused = true)]
+    async fn one_undelivered_resync_stands_for_many() {
         let (mut outbox, mut rx) = events(8, 8);
         outbox.resync(ResyncReason::LogPruned);
+        // Past the interval: told, but the one waiting in the buffer stands for it.
+        tokio::time::advance(RESYNC_INTERVAL).await;
         outbox.resync(ResyncReason::Reconnected);
         outbox.enqueue(update(1));
+        tokio::time::advance(RESYNC_INTERVAL).await;
         outbox.resync(ResyncReason::Reconnected);
         assert_eq!(outbox.try_deliver(), Some(1));
         assert_eq!(
@@ -501,31 +601,75 @@ mod tests {
             ]
         );
         // Each is counted all the same.
-        assert_eq!(outbox.counters.snapshot().resyncs, 3);
+        let stats = outbox.counters.snapshot();
+        assert_eq!((stats.resyncs, stats.resyncs_coalesced), (3, 1));
     }
 
-    #[test]
-    fn per_mailbox_resyncs_stand_for_their_mailboxes_only() {
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_of_resyncs_is_told_twice_per_interval_and_its_last_cause_always() {
+        let (mut outbox, mut rx) = events(4096, 4096);
+        let mut told = Vec::new();
+        let causes = 2000;
+        for i in 0..causes {
+            outbox.resync(ResyncReason::Unreadable {
+                origin: format!("o{i}"),
+            });
+            // The loop: what is due is released, and the caller reads everything.
+            if outbox.next_release().is_some_and(|at| at <= Instant::now()) {
+                outbox.release_held(Instant::now());
+            }
+            outbox.try_deliver();
+            told.extend(drain(&mut rx));
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        let at = outbox.next_release().expect("the last causes are held");
+        assert!(at <= Instant::now() + RESYNC_INTERVAL);
+        tokio::time::advance(RESYNC_INTERVAL).await;
+        outbox.release_held(Instant::now());
+        assert_eq!(outbox.next_release(), None);
+        outbox.try_deliver();
+        told.extend(drain(&mut rx));
+        // 2 s of causes: one at once, then one per interval.
+        assert!((4..=6).contains(&told.len()), "{told:?}");
+        assert_eq!(
+            told.last(),
+            Some(&Event::Resync(ResyncReason::Unreadable {
+                origin: format!("o{}", causes - 1)
+            }))
+        );
+        let stats = outbox.counters.snapshot();
+        assert_eq!(stats.resyncs, causes);
+        assert_eq!(stats.resyncs_coalesced, causes - told.len() as u64);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_mailbox_resyncs_stand_for_their_mailboxes_only() {
         let (mut outbox, mut rx) = events(16, 16);
         let a = ResyncReason::Unrepresentable { key: 1u64.into() };
         let b = ResyncReason::Unrepresentable { key: 2u64.into() };
-        // A flood alternating between mailboxes holds one of each.
+        // A flood alternating between mailboxes: one of each at once, the rest held.
         for _ in 0..10 {
             outbox.resync(a.clone());
             outbox.resync(b.clone());
         }
+        // Everything: a scope of its own, told at once; it covers the mailboxes, but those
+        // held are told at the end of their interval all the same.
         outbox.resync(ResyncReason::Reconnected);
-        // Everything covers a mailbox.
-        outbox.resync(a.clone());
         outbox.try_deliver();
         assert_eq!(
             drain(&mut rx),
             [
-                Event::Resync(a),
-                Event::Resync(b),
+                Event::Resync(a.clone()),
+                Event::Resync(b.clone()),
                 Event::Resync(ResyncReason::Reconnected),
             ]
         );
+        tokio::time::advance(RESYNC_INTERVAL).await;
+        outbox.release_held(Instant::now());
+        outbox.try_deliver();
+        let mut late = drain(&mut rx);
+        late.sort_by_key(|e| format!("{e:?}"));
+        assert_eq!(late, [Event::Resync(a), Event::Resync(b)]);
     }
 
     #[test]

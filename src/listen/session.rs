@@ -50,7 +50,8 @@ impl Session {
             }
             let recovery = client
                 .query_typed_one(
-                    "SELECT pg_is_in_recovery(), current_setting('idle_session_timeout', true)",
+                    "SELECT pg_catalog.pg_is_in_recovery(), \
+                     pg_catalog.current_setting('idle_session_timeout', true)",
                     &[],
                 )
                 .await?;

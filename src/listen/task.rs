@@ -237,6 +237,7 @@ impl ConnectionLoop {
                     watch.set(next.fuse());
                 }
                 let ready = self.dispatch.outbox.has_ready();
+                let release = self.dispatch.outbox.next_release();
                 // The caller is behind by the whole bound: reading waits a moment for it
                 // (not while a statement or a subscription needs the connection polled).
                 // Notifications wait meanwhile, heartbeats among them: the heartbeat's time
@@ -297,6 +298,9 @@ impl ConnectionLoop {
                         }
                     }
                     () = hold_over(held), if held.is_some() => {}
+                    () = hold_over(release), if release.is_some() => {
+                        self.dispatch.outbox.release_held(Instant::now());
+                    }
                     message = poll_fn(|cx| connection.poll_message(cx)), if held.is_none() => match message {
                         Some(Ok(AsyncMessage::Notification(n))) => {
                             self.dispatch.on_notification(incoming(&n));
@@ -470,7 +474,8 @@ fn incoming(notification: &Notification) -> Incoming<'_> {
     }
 }
 
-/// Completes at the end of a wait for the caller (see `Outbox::reading_held`).
+/// Completes at `until` (the end of a wait for the caller, see `Outbox::reading_held`; or
+/// when a resync held back is due, see `Outbox::next_release`).
 async fn hold_over(until: Option<Instant>) {
     if let Some(until) = until {
         tokio::time::sleep_until(until).await;

@@ -73,7 +73,10 @@ impl QueueWatch {
                     let lent = Lent::new(pool.get().await?, &canceller);
                     let answer = lent
                         .client()
-                        .query_typed_one("SELECT pg_notification_queue_usage()::float8", &[])
+                        .query_typed_one(
+                            "SELECT pg_catalog.pg_notification_queue_usage()::pg_catalog.float8",
+                            &[],
+                        )
                         .await;
                     Ok(lent.finish(answer)?.get::<_, f64>(0))
                 };

@@ -206,7 +206,17 @@ impl Pusher {
         };
         let payloads = wire.pack(encoded.iter(), marks);
         // Unnamed: the caller's connection may go through a transaction-pooling proxy.
-        wire.execute_unnamed(client, &payloads, marks).await?;
+        let sent = wire.execute_unnamed(client, &payloads, marks).await;
+        if let Err(e) = &sent
+            && wire.durable()
+            && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+        {
+            // Fresh numbers, met in the log: another role wrote at them.
+            self.sender().counters().numbers_taken();
+            let seq = payloads.envelopes.first().map_or(0, |(seq, _)| *seq);
+            return Err(Error::NumbersTaken { seq });
+        }
+        sent?;
         self.sender().counters().pushed(updates.len());
         Ok(())
     }

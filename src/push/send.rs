@@ -137,18 +137,52 @@ impl BatchSender {
                     self.counters.batch();
                     return Ok(());
                 }
-                // A durable batch is idempotent (its log rows are unique by sender and
+                // A durable batch can be sent again (its log rows are unique by sender and
                 // number), so one retry on a fresh connection is safe when the first try's
-                // fate is unknown: a duplicate is refused, which proves the first committed.
+                // fate is unknown.
                 Ok(Err(Error::Postgres(e))) if durable && !retried && e.as_db_error().is_none() => {
                     retried = true;
+                    // The broken connection goes now (it is discarded once nothing holds
+                    // it), so that a pool of one has room for the retry's.
+                    drop(used.take());
                     tracing::debug!(target: TARGET, error = %e, "retrying a durable batch");
                 }
+                // Rows at its numbers already: the first try's, committed, only if the log
+                // holds exactly what it sent (another role with INSERT on the log may have
+                // written at these numbers: then nothing of this batch was committed).
                 Ok(Err(Error::Postgres(e)))
-                    if retried && e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
+                    if durable && e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
                 {
-                    self.counters.batch();
-                    return Ok(());
+                    let payloads = packed.get().expect("packed before it was sent");
+                    // The connection the batch failed on goes back first (a pool of one).
+                    drop(used.take());
+                    let checked = if retried {
+                        self.timers
+                            .until(deadline, self.check_logged_as_sent(payloads))
+                            .await
+                            .unwrap_or(Err(Error::Timeout {
+                                what: "checking a retried push",
+                                after: self.timeout,
+                            }))
+                    } else {
+                        Err(Error::NumbersTaken {
+                            seq: payloads.envelopes.first().map_or(0, |(seq, _)| *seq),
+                        })
+                    };
+                    match checked {
+                        Ok(()) => self.counters.batch(),
+                        Err(Error::NumbersTaken { seq }) => {
+                            self.counters.numbers_taken();
+                            tracing::warn!(
+                                target: TARGET,
+                                seq,
+                                "the durable log holds rows at this pipe's numbers that it did \
+                                 not write (squatted by another role?): the push fails"
+                            );
+                        }
+                        Err(_) => {}
+                    }
+                    return checked;
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(()) => {
@@ -168,6 +202,23 @@ impl BatchSender {
                 }
             }
         }
+    }
+
+    /// Whether the log holds a batch's envelopes as sent (see
+    /// [`Wire::check_logged_as_sent`]), asked on the flights' connection.
+    async fn check_logged_as_sent(&self, payloads: &Payloads) -> Result<(), Error> {
+        let connection = self.link.connection().await?;
+        let checked = self
+            .wire
+            .check_logged_as_sent(connection.client(), payloads)
+            .await;
+        if let Err(Error::Postgres(e)) = &checked {
+            tracing::debug!(target: TARGET, error = %e, "checking a retried push failed");
+            if e.as_db_error().is_none() {
+                self.link.discard(&connection);
+            }
+        }
+        checked
     }
 
     /// One try at sending a batch on the flights' connection, which it notes in `used`.

@@ -20,17 +20,25 @@ use crate::origin::Origin;
 use crate::update::Update;
 
 /// One notification: the channel and payload are parameters, never SQL text.
-const NOTIFY_ONE: &str = "SELECT pg_notify($1, $2)";
+const NOTIFY_ONE: &str = "SELECT pg_catalog.pg_notify($1, $2)";
 
 /// Several notifications in one statement, so in one transaction and one round trip, in
 /// array order.
-const NOTIFY_MANY: &str =
-    "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, n) ORDER BY n";
+const NOTIFY_MANY: &str = "SELECT pg_catalog.pg_notify($1, t.p) \
+     FROM pg_catalog.unnest($2::pg_catalog.text[]) WITH ORDINALITY AS t(p, n) ORDER BY t.n";
 
 /// The maddy layout: each notification on the channel `$3` names (a maddy copy), or on `$1`
 /// where `$3` has none (an envelope), in array order.
-const NOTIFY_MAPPED: &str = "SELECT pg_notify(coalesce(c, $1), p) \
-     FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS t(p, c, n) ORDER BY n";
+const NOTIFY_MAPPED: &str = "SELECT pg_catalog.pg_notify(coalesce(t.c, $1), t.p) \
+     FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.text[]), \
+                     pg_catalog.unnest($3::pg_catalog.text[])) \
+          WITH ORDINALITY AS t(p, c, n) \
+     ORDER BY t.n";
+
+/// How many of a durable batch's envelopes the log holds byte for byte, and how many of its
+/// numbers it holds with another payload (an owner's function, migration V5: a pusher may
+/// not read the log).
+const LOGGED: &str = "SELECT g.same, g.other FROM updatepipe.logged($1, $2, $3, $4) AS g";
 
 /// The longest sender id of a maddy copy (`updatepipe-`, 32 hex digits, `.`, a `u64`).
 const MAX_MADDY_SENDER_LEN: usize = 64;
@@ -401,6 +409,38 @@ impl Wire {
                 &[(&channel, Type::TEXT), (&notes, Type::TEXT_ARRAY)],
             )
             .await
+    }
+
+    /// After a durable batch met rows at its numbers (a unique violation): whether they are
+    /// this batch's own, committed by an earlier try whose answer was lost (`Ok`), or not
+    /// ([`Error::NumbersTaken`]: another role wrote at these numbers, and nothing of this
+    /// batch was committed). Only the log's own comparison of the payloads, byte for byte,
+    /// tells; the number alone proves nothing.
+    pub(super) async fn check_logged_as_sent(
+        &self,
+        client: &tokio_postgres::Client,
+        payloads: &Payloads,
+    ) -> Result<(), Error> {
+        let envelopes = &payloads.envelopes;
+        let first = envelopes.first().map_or(0, |(seq, _)| *seq);
+        let seqs: Vec<i64> = envelopes.iter().map(|(seq, _)| *seq as i64).collect();
+        let logged: Vec<&str> = envelopes.iter().map(|(_, p)| p.as_str()).collect();
+        let row = client
+            .query_typed_one(
+                LOGGED,
+                &[
+                    (&self.channel, Type::TEXT),
+                    (&self.origin, Type::TEXT),
+                    (&seqs, Type::INT8_ARRAY),
+                    (&logged, Type::TEXT_ARRAY),
+                ],
+            )
+            .await?;
+        let (same, other): (i64, i64) = (row.get(0), row.get(1));
+        if other == 0 && same == seqs.len() as i64 {
+            return Ok(());
+        }
+        Err(Error::NumbersTaken { seq: first })
     }
 
     /// A durable batch's parameters: the numbers and envelopes for the log, and the

@@ -95,9 +95,24 @@ pub fn url_of_database(name: &str) -> String {
 }
 
 /// A database of its own on the test server, without updatepipe's schema (for a test that
-/// needs one unmigrated, or changes its schema): its name and URL. Drop it with
-/// [`drop_database`].
-pub async fn fresh_database(prefix: &str) -> (String, String) {
+/// needs one unmigrated, or changes its schema, roles or privileges): dropped, with
+/// whatever is still connected to it, when the guard goes, also when the test fails.
+pub struct TempDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+impl Drop for TempDatabase {
+    fn drop(&mut self) {
+        admin_now(format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.name
+        ));
+    }
+}
+
+/// A database of its own: see [`TempDatabase`].
+pub async fn fresh_database(prefix: &str) -> TempDatabase {
     let name = unique(prefix);
     sql()
         .await
@@ -105,16 +120,56 @@ pub async fn fresh_database(prefix: &str) -> (String, String) {
         .await
         .expect("create a database");
     let url = url_of_database(&name);
-    (name, url)
+    TempDatabase { name, url }
 }
 
-/// Drops a database made by [`fresh_database`], with whatever is still connected to it.
-pub async fn drop_database(name: &str) {
-    sql()
-        .await
-        .batch_execute(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
-        .await
-        .expect("drop a database");
+/// A role of its own on the test server (a login role without a password): dropped when
+/// the guard goes, also when the test fails, so that a shared `DATABASE_URL` keeps the
+/// roles it had. Drop the databases it has privileges in first (guards drop in reverse
+/// order of their making).
+pub struct TempRole {
+    pub name: String,
+}
+
+impl TempRole {
+    pub async fn new(prefix: &str) -> TempRole {
+        let name = unique(prefix);
+        sql()
+            .await
+            .batch_execute(&format!("CREATE ROLE \"{name}\" LOGIN"))
+            .await
+            .expect("create a role");
+        TempRole { name }
+    }
+}
+
+impl Drop for TempRole {
+    fn drop(&mut self) {
+        admin_now(format!("DROP ROLE IF EXISTS \"{}\"", self.name));
+    }
+}
+
+/// Runs clean-up SQL on the test server from wherever a guard is dropped (async code, a
+/// panic): on a thread and a runtime of its own.
+fn admin_now(sql: String) {
+    let url = url();
+    let done = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(connection);
+            client.batch_execute(&sql).await.map_err(|e| e.to_string())
+        })
+    })
+    .join();
+    if let Ok(Err(e)) = done {
+        eprintln!("clean-up failed ({e})");
+    }
 }
 
 /// A runtime of a test's own (two worker threads), for tests that outlive one runtime.

@@ -116,6 +116,12 @@ impl Proxy {
         self.held.load(Ordering::SeqCst)
     }
 
+    /// Close every connection open now (what they hold is lost); new connections work as
+    /// the mode says.
+    pub fn cut_open(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
     /// Close every connection and refuse new ones.
     pub fn down(&self) {
         self.mode.store(DOWN, Ordering::SeqCst);

@@ -200,6 +200,12 @@ pub(crate) enum Command {
         /// List the migrations that would be applied, and apply none.
         #[arg(long)]
         dry_run: bool,
+
+        /// How long to wait for the migration lock (another migrate or grant, or any
+        /// session holding it), and a migration for a lock on the log's tables, before
+        /// failing with the sessions that hold it.
+        #[arg(long, value_name = "SECONDS", default_value_t = 30.0, value_parser = parse_wait)]
+        lock_wait: f64,
     },
 
     /// Grant runtime roles what they need, and nothing more (run as the schema's owner,
@@ -228,6 +234,11 @@ pub(crate) enum Command {
         /// Print the SQL, and grant nothing.
         #[arg(long)]
         dry_run: bool,
+
+        /// How long to wait for the migration lock (a migrate or another grant, or any
+        /// session holding it) before failing with the sessions that hold it.
+        #[arg(long, value_name = "SECONDS", default_value_t = 30.0, value_parser = parse_wait)]
+        lock_wait: f64,
     },
 
     /// Show the server as the pipe sees it: version, primary or standby, whether LISTEN
@@ -381,6 +392,19 @@ pub(crate) fn parse_key(text: &str) -> MailboxKey {
         Ok(n) if n.to_string() == text => MailboxKey::from(n),
         _ => MailboxKey::from(text),
     }
+}
+
+/// A wait in seconds: more than zero, at most a day.
+fn parse_wait(text: &str) -> Result<f64, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(seconds > 0.0 && seconds <= 86_400.0) {
+        return Err(format!(
+            "{text}: give a wait of more than 0 and at most 86400 seconds"
+        ));
+    }
+    Ok(seconds)
 }
 
 #[cfg(test)]

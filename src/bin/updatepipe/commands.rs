@@ -46,31 +46,6 @@ pub(crate) fn pretty_line(update: &Update) -> String {
     }
 }
 
-/// Serves the `metrics` facade's values in Prometheus' text format on `addr`, from now on.
-pub(crate) fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
-    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-    let (recorder, exporter) = PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .set_buckets_for_metric(
-            Matcher::Full("updatepipe_push_duration_seconds".into()),
-            &[
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0,
-            ],
-        )?
-        .build()
-        .with_context(|| format!("cannot serve metrics on {addr}"))?;
-    metrics::set_global_recorder(recorder)
-        .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))?;
-    updatepipe::describe_metrics();
-    tokio::spawn(async move {
-        if let Err(e) = exporter.await {
-            tracing::error!(target: "updatepipe", "the metrics endpoint stopped: {e:?}");
-        }
-    });
-    Ok(())
-}
-
 /// Checks the schema; with `wait_for_server`, once the server can be reached (retried with
 /// the backoff while it cannot).
 async fn check_schema_when_reachable(pipe: &PgPipe) -> Result<i64, Error> {
@@ -252,6 +227,12 @@ pub(crate) fn print_status(pipe: &PgPipe, status: &updatepipe::Status, queue_war
             .oldest_log_entry_secs
             .map_or_else(|| "-".to_owned(), |s| format!("{s:.0} s"));
         println!("durable log         {n} entries on this channel, oldest {age}");
+    }
+    if status.schema_version.is_some() && status.log_entries.is_some() {
+        match status.log_last_pruned_secs {
+            Some(s) => println!("last pruned         {s:.0} s ago"),
+            None => println!("last pruned         never (no durable listener has pruned yet)"),
+        }
     }
 }
 

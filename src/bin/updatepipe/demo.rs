@@ -45,13 +45,19 @@ pub async fn run(base: Config, channel: Option<ChannelName>) -> anyhow::Result<(
     let (mut client, connection) = config.connect().await?;
     let connection = tokio::spawn(connection);
     client
-        .batch_execute("CREATE TEMP TABLE messages (mailbox text, uid int, body text)")
+        .batch_execute(
+            "CREATE TEMP TABLE pg_temp.messages \
+             (mailbox pg_catalog.text, uid pg_catalog.int4, body pg_catalog.text)",
+        )
         .await
         .map_err(Error::from)?;
     let tx = client.transaction().await.map_err(Error::from)?;
-    tx.execute("INSERT INTO messages VALUES ('Archive', 7, 'hello')", &[])
-        .await
-        .map_err(Error::from)?;
+    tx.execute(
+        "INSERT INTO pg_temp.messages VALUES ('Archive', 7, 'hello')",
+        &[],
+    )
+    .await
+    .map_err(Error::from)?;
     admin
         .push_in(&tx, &Update::new_message("Archive", SeqSet::single(7)?))
         .await?;
@@ -160,7 +166,10 @@ impl MaddyNode {
         let channel = update.key().maddy_channel()?;
         let payload = format!("{};{}\n", self.id, update.to_json().replace(';', "\u{10}"));
         self.client
-            .execute("SELECT pg_notify($1, $2)", &[&channel.as_str(), &payload])
+            .execute(
+                "SELECT pg_catalog.pg_notify($1, $2)",
+                &[&channel.as_str(), &payload],
+            )
             .await
             .map_err(Error::from)?;
         Ok(())

@@ -19,6 +19,7 @@ mod args;
 mod bench;
 mod commands;
 mod demo;
+mod metrics;
 
 use args::{Cli, Command, LogFormat, parse_key};
 
@@ -130,7 +131,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             | Error::Migrate(_)
             | Error::SchemaOutdated { .. }
             | Error::SchemaNotGranted { .. }
-            | Error::NotSchemaOwner { .. },
+            | Error::NotSchemaOwner { .. }
+            | Error::LockHeld { .. }
+            | Error::NumbersTaken { .. },
         ) => exit::SERVER,
         Some(_) => exit::FAILURE,
         None if e.downcast_ref::<Unhealthy>().is_some() => exit::UNHEALTHY,
@@ -171,7 +174,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 config = config.with_since(since);
             }
             if let Some(addr) = metrics {
-                commands::serve_metrics(addr)?;
+                metrics::serve(addr).await?;
             }
             listen(config, &filter, pretty, metrics.is_some()).await
         }
@@ -197,8 +200,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_layout(layout.layout());
             push(config, json, given).await
         }
-        Command::Migrate { dry_run } => {
-            let pipe = PgPipe::new(config(cli.url.as_deref())?)?;
+        Command::Migrate { dry_run, lock_wait } => {
+            let config = config(cli.url.as_deref())?
+                .with_lock_timeout(std::time::Duration::from_secs_f64(lock_wait));
+            let pipe = PgPipe::new(config)?;
             if dry_run {
                 let current = pipe.status().await?.schema_version.unwrap_or(0);
                 let pending: Vec<_> = embedded_migrations()
@@ -227,6 +232,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pushers,
             listeners,
             dry_run,
+            lock_wait,
         } => {
             let roles: Vec<(&str, Role)> = pushers
                 .iter()
@@ -241,7 +247,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
-            let pipe = PgPipe::new(config(cli.url.as_deref())?)?;
+            let config = config(cli.url.as_deref())?
+                .with_lock_timeout(std::time::Duration::from_secs_f64(lock_wait));
+            let pipe = PgPipe::new(config)?;
             let granted = pipe.grant(&roles).await;
             pipe.close().await?;
             granted?;

@@ -250,15 +250,15 @@ fn maddy_copies_are_maddy_form_and_unique() {
 fn the_maddy_layouts_durable_statement_writes_the_log_as_the_shared_one() {
     let mapped: &str = &LOG_AND_NOTIFY_MAPPED;
     let insert = LOG_AND_NOTIFY
-        .rsplit_once("SELECT pg_notify")
+        .rsplit_once("SELECT pg_catalog.pg_notify")
         .expect("a notifying SELECT")
         .0;
     assert!(mapped.starts_with(insert), "{mapped}");
-    assert!(mapped.contains("pg_notify(coalesce(c, $1), n)"), "{mapped}");
     assert!(
-        mapped.contains("unnest($5::text[], $6::text[])"),
+        mapped.contains("pg_notify(coalesce(t.c, $1), t.n)"),
         "{mapped}"
     );
+    assert!(mapped.contains("unnest($6::pg_catalog.text[])"), "{mapped}");
 }
 
 #[test]

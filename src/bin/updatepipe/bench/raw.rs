@@ -179,12 +179,15 @@ impl RawPusher {
     pub(super) async fn connect(config: &Config) -> anyhow::Result<Self> {
         let (client, connection) = config.pg().connect(config.tls_connector()?).await?;
         let connection = tokio::spawn(connection);
-        let one = client.prepare("SELECT pg_notify($1, $2)").await?;
+        let one = client
+            .prepare("SELECT pg_catalog.pg_notify($1, $2)")
+            .await?;
         // As the pipe's flusher does: one statement per transaction, over an array.
         let many = client
             .prepare(
-                "SELECT pg_notify($1, p) \
-                 FROM unnest($2::text[]) WITH ORDINALITY AS t(p, n) ORDER BY n",
+                "SELECT pg_catalog.pg_notify($1, t.p) \
+                 FROM pg_catalog.unnest($2::pg_catalog.text[]) WITH ORDINALITY AS t(p, n) \
+                 ORDER BY t.n",
             )
             .await?;
         Ok(RawPusher {
