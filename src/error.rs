@@ -194,12 +194,8 @@ impl Error {
             Error::Pool(_) => true,
             // The server is too slow or away to take the pushes waiting.
             Error::QueueFull { .. } => true,
-            // The connection broke, or the server ended it (a terminated backend, a shutdown:
-            // classes 08 and 57P0x).
-            Error::Postgres(e) => e.as_db_error().is_none_or(|db| {
-                let code = db.code().code();
-                code.starts_with("08") || code.starts_with("57P0")
-            }),
+            // The connection broke, or the server ended it (a terminated backend, a shutdown).
+            Error::Postgres(e) => crate::pg::is_connection_lost(e),
             _ => false,
         }
     }
@@ -286,17 +282,9 @@ impl ConnectError {
     /// and none was given).
     pub fn is_auth(&self) -> bool {
         self.attempts.iter().any(|a| match &a.failure {
-            Failure::Postgres(e) => is_auth_failure(e),
+            Failure::Postgres(e) => crate::pg::is_auth_failure(e),
             Failure::TimedOut(_) => false,
         })
-    }
-}
-
-/// Whether a connection error is the server refusing the login.
-fn is_auth_failure(e: &tokio_postgres::Error) -> bool {
-    match e.as_db_error() {
-        Some(db) => db.code().code().starts_with("28"),
-        None => pg_message(e).contains("password missing"),
     }
 }
 

@@ -4,9 +4,9 @@
 
 use crate::channel::quote_identifier;
 use crate::config::Config;
-use crate::connect::connect_spawned;
 use crate::error::Error;
 use crate::migrate::{MIGRATION_TABLE, check_schema, lock_wait, owner_transaction};
+use crate::pg::connect_spawned;
 use tokio_postgres::types::Type;
 
 /// What a runtime role does with the pipe, for [`grant_statements`] and
@@ -109,7 +109,7 @@ pub(crate) async fn grant(config: &Config, roles: &[(&str, Role)]) -> Result<(),
     for (role, _) in roles {
         check_role_name(role)?;
     }
-    let (mut client, connection) = connect_spawned(config).await?;
+    let (mut client, connection) = connect_spawned(config.server()).await?;
     let outcome = async {
         let tx = owner_transaction(&mut client, lock_wait(config)).await?;
         check_schema(&tx).await?;

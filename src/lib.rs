@@ -114,12 +114,10 @@
 pub use deadpool_postgres;
 pub use tokio_postgres;
 
-mod cancel;
 mod channel;
 #[cfg(feature = "cluster")]
 pub mod cluster;
 mod config;
-mod connect;
 mod envelope;
 mod error;
 // Not collected as doctests: the guides' code blocks are shell, SQL and excerpts.
@@ -132,22 +130,21 @@ mod listen;
 mod log;
 mod migrate;
 mod origin;
+mod pg;
 mod pipe;
 mod push;
 mod seqset;
 mod sign;
 mod stats;
 mod status;
-mod tls;
 mod update;
 
 pub use channel::{ChannelName, MAX_CHANNEL_LEN};
 pub use config::{
-    Backoff, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEALTH_INTERVAL,
-    DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT, DEFAULT_LOCK_TIMEOUT, DEFAULT_LOG_PAGE_BYTES,
-    DEFAULT_LOG_PAGE_ROWS, DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_IN_FLIGHT,
-    DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_PUSHES, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT,
-    DEFAULT_QUEUE_WARN, DEFAULT_RETENTION, DEFAULT_STATEMENT_TIMEOUT, QueueFull, Since,
+    Backoff, Config, DEFAULT_HEALTH_INTERVAL, DEFAULT_LOG_PAGE_BYTES, DEFAULT_LOG_PAGE_ROWS,
+    DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_MAX_QUEUED_PUSHES, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT, DEFAULT_QUEUE_WARN,
+    DEFAULT_RETENTION, ListenOptions, PushOptions, QueueFull, Since,
 };
 pub use envelope::{
     ENVELOPE_VERSION, Envelope, MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, WireFormat,
@@ -159,6 +156,10 @@ pub use limits::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_UPDATES, Limits};
 pub use listen::{Event, ResyncReason};
 pub use migrate::{MIGRATION_TABLE, MigrationInfo, embedded_migrations};
 pub use origin::Origin;
+pub use pg::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT, DEFAULT_LOCK_TIMEOUT,
+    DEFAULT_STATEMENT_TIMEOUT, SessionLimits, SslMode,
+};
 pub use pipe::{PgPipe, UpdatePipe};
 pub use seqset::{MAX_SEQ_SET_LEN, SeqNum, SeqRange, SeqSet};
 pub use sign::{DEFAULT_REPLAY_WINDOW, MAX_SECRET_FILE_LEN, MIN_SECRET_LEN, Secret, Signer};
@@ -166,7 +167,6 @@ pub use sign::{DEFAULT_REPLAY_WINDOW, MAX_SECRET_FILE_LEN, MIN_SECRET_LEN, Secre
 pub use stats::describe_metrics;
 pub use stats::{METRICS, Stats};
 pub use status::Status;
-pub use tls::SslMode;
 pub use update::{Flag, MAX_FLAG_LEN, MAX_FLAGS, MailboxKey, Update, UpdateKind};
 
 /// The README's code compiles (`cargo test --doc`).

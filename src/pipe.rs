@@ -113,8 +113,8 @@ impl PgPipe {
     /// listens, so that a missing migration is one clear error, not a failed statement.
     pub async fn check_schema(&self) -> Result<i64, Error> {
         let config = &self.inner.config;
-        let after = config.push_timeout();
-        let (client, connection) = crate::connect::connect_spawned(config).await?;
+        let after = config.push_options().timeout();
+        let (client, connection) = crate::pg::connect_spawned(config.server()).await?;
         let checked = tokio::time::timeout(after, crate::migrate::check_schema(&client)).await;
         drop(client);
         let _ = connection.await;
@@ -345,7 +345,7 @@ impl UpdatePipe for PgPipe {
 
 impl PgPipe {
     /// [`ensure_schema`](PgPipe::ensure_schema) before listening: with
-    /// [`Config::with_wait_for_server`], retried with the backoff while the server cannot be
+    /// [`ListenOptions::with_wait_for_server`], retried with the backoff while the server cannot be
     /// reached (as the listener's first connection is), until the attempts are used up or
     /// the pipe is closed.
     async fn ensure_schema_waiting(&self) -> Result<(), Error> {
@@ -353,12 +353,13 @@ impl PgPipe {
         let mut attempt = 0u32;
         loop {
             let e = match self.ensure_schema().await {
-                Err(e) if config.wait_for_server() && e.is_connection() => e,
+                Err(e) if config.listen_options().wait_for_server() && e.is_connection() => e,
                 other => return other,
             };
             attempt = attempt.saturating_add(1);
             if self.is_closed()
                 || config
+                    .listen_options()
                     .backoff()
                     .max_attempts
                     .is_some_and(|max| attempt >= max)
@@ -372,7 +373,7 @@ impl PgPipe {
                 "waiting for the server"
             );
             // At least a tenth of a second: a refused connection fails at once.
-            let delay = config.backoff().delay(attempt);
+            let delay = config.listen_options().backoff().delay(attempt);
             tokio::time::sleep(delay.max(std::time::Duration::from_millis(100))).await;
             self.check_open()?;
         }

@@ -79,7 +79,7 @@ impl Secret {
     /// file larger than [`MAX_SECRET_FILE_LEN`] (no more than that is read).
     pub fn read_file(path: &Path) -> Result<Vec<Secret>, Error> {
         let shown = path.display();
-        let text = crate::config::read_regular(path, MAX_SECRET_FILE_LEN as u64)
+        let text = crate::pg::read_regular(path, MAX_SECRET_FILE_LEN as u64)
             .map_err(|e| Error::Config(format!("the secret file: {e}")))?
             .ok_or_else(|| {
                 Error::Config(format!(

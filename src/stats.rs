@@ -419,7 +419,7 @@ pub struct Stats {
     /// reconnect.
     pub queries_cancelled: u64,
     /// The most pool pushes that waited for a flight at once (high-water mark; bounded by
-    /// [`Config::with_max_queued_pushes`](crate::Config::with_max_queued_pushes)).
+    /// [`PushOptions::with_max_queued_pushes`](crate::PushOptions::with_max_queued_pushes)).
     pub push_queue_peak: u64,
     /// The most encoded bytes of pool pushes that waited for a flight at once.
     pub push_queue_peak_bytes: u64,
@@ -431,10 +431,10 @@ pub struct Stats {
     /// catch-up).
     pub log_pages: u64,
     /// The most rows one page held: the log reader holds one page at a time, within
-    /// [`Config::with_log_page_rows`](crate::Config::with_log_page_rows).
+    /// [`ListenOptions::with_log_page_rows`](crate::ListenOptions::with_log_page_rows).
     pub log_page_rows_max: u64,
     /// The most payload bytes one page held (within
-    /// [`Config::with_log_page_bytes`](crate::Config::with_log_page_bytes), but for a
+    /// [`ListenOptions::with_log_page_bytes`](crate::ListenOptions::with_log_page_bytes), but for a
     /// single larger row).
     pub log_page_bytes_max: u64,
     /// Pages the server cancelled (its `statement_timeout`), each read again smaller.

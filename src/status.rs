@@ -9,13 +9,13 @@ use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, Notification};
 
-use crate::cancel::{CancelOnDrop, Canceller};
 use crate::channel::quote_identifier;
 use crate::config::Config;
-use crate::connect::{close_politely, connect, drive_until};
 use crate::envelope::Envelope;
 use crate::error::Error;
 use crate::migrate::schema_version;
+use crate::pg::{CancelOnDrop, Canceller};
+use crate::pg::{close_politely, connect, drive_until};
 
 /// A snapshot of the server as the pipe sees it, from [`PgPipe::status`](crate::PgPipe::status).
 #[derive(Clone, Debug, PartialEq)]
@@ -66,7 +66,8 @@ pub(crate) async fn status(config: &Config, count_listeners: bool) -> Result<Sta
     // Each connect tries every host in turn; the first may be tried again (a standby).
     let hosts = config.pg().get_hosts().len().max(1) as u32;
     let after = config.connect_timeout() * 3 * hosts
-        + (config.health_interval() / 2 + Duration::from_millis(500)).max(Duration::from_secs(2))
+        + (config.listen_options().health_interval() / 2 + Duration::from_millis(500))
+            .max(Duration::from_secs(2))
         + Duration::from_secs(10);
     tokio::time::timeout(after, gather(config, count_listeners))
         .await
@@ -77,15 +78,15 @@ pub(crate) async fn status(config: &Config, count_listeners: bool) -> Result<Sta
 }
 
 async fn gather(config: &Config, count_listeners: bool) -> Result<Status, Error> {
-    let canceller = Canceller::new(config)?;
+    let canceller = Canceller::new(config.server())?;
     // The server the pipe would use; when every host is a standby, the first of them, to
     // say so (rather than only that none accepts writes).
-    let (client, connection) = match connect(config).await {
+    let (client, connection) = match connect(config.server()).await {
         Err(Error::Connect(e)) if e.is_read_only() => {
             let any = config
                 .clone()
                 .with_target_session_attrs(TargetSessionAttrs::Any);
-            connect(&any).await?
+            connect(any.server()).await?
         }
         other => other?,
     };
@@ -121,7 +122,7 @@ async fn gather(config: &Config, count_listeners: bool) -> Result<Status, Error>
     let queue_usage: f64 = row.get(2);
     // A log this role may not read (a pusher's) is shown as unknown, not as an error.
     let has_log: bool = row.get(3);
-    let idle_session_timeout_ms = crate::connect::setting_ms(row.get(4));
+    let idle_session_timeout_ms = crate::pg::setting_ms(row.get(4));
     // Migrated to V5, and readable by this role.
     let has_prune_marks: bool = row.get(5);
     let schema_version = match schema_version(&client).await {
@@ -190,7 +191,7 @@ async fn listen_probe(
     count: bool,
 ) -> Result<(bool, Option<usize>), Error> {
     let channel = format!("updatepipe_probe_{:016x}", rand::random::<u64>());
-    let (client, mut connection) = connect(config).await?;
+    let (client, mut connection) = connect(config.server()).await?;
     let mut cancel = CancelOnDrop::new(canceller, &client);
     let sql = format!(
         "LISTEN {}; LISTEN {}",
@@ -207,7 +208,7 @@ async fn listen_probe(
             &[(&channel, Type::TEXT)],
         )
         .await?;
-    let period = config.health_interval() / 2 + Duration::from_millis(500);
+    let period = config.listen_options().health_interval() / 2 + Duration::from_millis(500);
     let mut arrived = false;
     let mut origins = HashSet::new();
     let hear = |n: &Notification, arrived: &mut bool, origins: &mut HashSet<_>| {

@@ -21,7 +21,8 @@ async fn concurrent_pushes_keep_their_own_errors_and_order() {
     listener.listen(tx).await.unwrap();
     // Four flights out at once on one connection, to give a mistake in their order every
     // chance to show.
-    let pusher = Arc::new(PgPipe::new(config_on(&channel).with_max_in_flight(4)).unwrap());
+    let pusher =
+        Arc::new(PgPipe::new(config_on(&channel).with_push(|p| p.with_max_in_flight(4))).unwrap());
 
     let mut tasks = Vec::new();
     for key in 0..PUSHERS {
@@ -75,7 +76,7 @@ async fn concurrent_pushes_keep_their_own_errors_and_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_recover_after_the_pool_connection_is_killed() {
     let channel = unique("batchfail");
-    let config = config_on(&channel).with_pool_size(1);
+    let config = config_on(&channel).with_push(|p| p.with_pool_size(1));
     let app = config.pg().get_application_name().unwrap().to_owned();
     let pusher = Arc::new(PgPipe::new(config).unwrap());
     pusher.init_push().await.unwrap();
@@ -123,7 +124,7 @@ async fn a_push_many_larger_than_the_batch_bound_is_still_one_transaction() {
     let listener = PgPipe::new(config_on(&channel)).unwrap();
     let (tx, mut rx) = mpsc::channel(10_000);
     listener.listen(tx).await.unwrap();
-    let pusher = PgPipe::new(config_on(&channel).with_max_batch(10)).unwrap();
+    let pusher = PgPipe::new(config_on(&channel).with_push(|p| p.with_max_batch(10))).unwrap();
     let updates: Vec<Update> = (1..=500)
         .map(|i| Update::expunge(7, SeqSet::single(i).unwrap()))
         .collect();
@@ -183,7 +184,7 @@ async fn a_refused_batch_gives_each_push_the_servers_error() {
         .with_channel(ChannelName::new(unique("refused")).unwrap())
         .with_durable(true)
         // The pushes gather into one batch.
-        .with_max_batch_wait(std::time::Duration::from_millis(50));
+        .with_push(|p| p.with_max_batch_wait(std::time::Duration::from_millis(50)));
     let pusher = Arc::new(PgPipe::new(config).unwrap());
     // Migrated (a durable pipe checks the schema version before its first push: an
     // unmigrated one is `Error::SchemaOutdated`, before any statement), then the log

@@ -87,8 +87,8 @@ async fn a_backlog_many_pages_long_arrives_once_in_order_one_page_at_a_time() {
     let listener = PgPipe::new(
         cluster_config(proxy.port(), &channel)
             .with_durable(true)
-            .with_log_page_rows(ROWS)
-            .with_log_page_bytes(BYTES),
+            .with_listen(|l| l.with_log_page_rows(ROWS))
+            .with_listen(|l| l.with_log_page_bytes(BYTES)),
     )
     .unwrap();
     listener.migrate().await.unwrap();
@@ -147,10 +147,10 @@ async fn a_backlog_completes_when_the_server_cancels_long_reads() {
     let listen_config = updatepipe::Config::from_url(&url)
         .unwrap()
         .with_channel(updatepipe::ChannelName::new(channel.as_str()).unwrap())
-        .with_health_interval(Duration::from_secs(1))
+        .with_listen(|l| l.with_health_interval(Duration::from_secs(1)))
         .with_durable(true)
-        .with_log_page_bytes(64 << 20)
-        .with_since(updatepipe::Since::Position(0));
+        .with_listen(|l| l.with_log_page_bytes(64 << 20))
+        .with_listen(|l| l.with_since(updatepipe::Since::Position(0)));
     let listener = PgPipe::new(listen_config).unwrap();
     let (tx, mut rx) = mpsc::channel(100_000);
     // The start's own statements on fresh connections (the schema check reads the

@@ -56,7 +56,7 @@ impl Server {
             .unwrap()
             .with_channel(ChannelName::new(channel).unwrap())
             .with_durable(true)
-            .with_health_interval(Duration::from_secs(1))
+            .with_listen(|l| l.with_health_interval(Duration::from_secs(1)))
     }
 
     async fn client(&self, role: &str) -> tokio_postgres::Client {
@@ -476,7 +476,7 @@ async fn planted_objects_are_never_run_and_every_update_arrives() {
             server
                 .config(LISTENER, &channel)
                 .with_durable(durable)
-                .with_retention(Duration::from_secs(1)),
+                .with_listen(|l| l.with_retention(Duration::from_secs(1))),
         )
         .unwrap();
         let (tx, mut rx) = mpsc::channel(2048);
@@ -547,8 +547,8 @@ async fn a_squatted_number_fails_the_push_and_every_ok_push_is_delivered() {
                 .unwrap()
                 .with_channel(ChannelName::new(&channel).unwrap())
                 .with_durable(true)
-                .with_pool_size(1)
-                .with_push_timeout(Duration::from_secs(10)),
+                .with_push(|p| p.with_pool_size(1))
+                .with_push(|p| p.with_timeout(Duration::from_secs(10))),
         ))
         .unwrap();
         victim.push(&update(1)).await.unwrap();
@@ -642,8 +642,8 @@ async fn a_push_whose_first_try_committed_is_ok_after_all() {
         .unwrap()
         .with_channel(ChannelName::new(&channel).unwrap())
         .with_durable(true)
-        .with_pool_size(1)
-        .with_push_timeout(Duration::from_secs(20))
+        .with_push(|p| p.with_pool_size(1))
+        .with_push(|p| p.with_timeout(Duration::from_secs(20)))
         .with_application_name("hostile_retry_victim"),
     )
     .unwrap();
@@ -754,7 +754,7 @@ async fn held_locks_are_named_within_their_bound_and_do_not_stop_pruning() {
     let listener = PgPipe::new(
         server
             .config(LISTENER, &channel)
-            .with_retention(Duration::from_secs(1)),
+            .with_listen(|l| l.with_retention(Duration::from_secs(1))),
     )
     .unwrap();
     let (tx, _rx) = mpsc::channel(64);
@@ -811,7 +811,6 @@ async fn held_locks_are_named_within_their_bound_and_do_not_stop_pruning() {
     drop(holder);
 }
 
-
 /// Raises this process's soft limit on open files to at most `want` (the test opens over a
 /// thousand connections); returns the limit now.
 fn raise_file_limit(want: u64) -> u64 {
@@ -828,7 +827,8 @@ fn raise_file_limit(want: u64) -> u64 {
 /// reset, no answer within the timeout).
 fn get_metrics(port: u16) -> Result<(String, String), String> {
     use std::io::Read;
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    let mut stream =
+        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
@@ -905,10 +905,16 @@ async fn idle_clients_of_the_metrics_port_cannot_starve_the_listener() {
     let connections: Vec<std::net::TcpStream> = (0..idle)
         .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
         .collect();
-    assert!(connections.len() >= idle - 10, "{} connected", connections.len());
+    assert!(
+        connections.len() >= idle - 10,
+        "{} connected",
+        connections.len()
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Meanwhile the port answers or refuses at once.
-    let during = tokio::task::spawn_blocking(move || get_metrics(port)).await.unwrap();
+    let during = tokio::task::spawn_blocking(move || get_metrics(port))
+        .await
+        .unwrap();
     if let Ok((status, _)) = &during {
         assert!(
             status.starts_with("HTTP/1.1 200") || status.starts_with("HTTP/1.1 503"),

@@ -392,7 +392,8 @@ async fn no_echo_and_nothing_but_updates_on_maddy_channels() {
     let mut maddy = MaddyNode::start(&support::url()).await;
     maddy.open(&MailboxKey::Id(k.small)).await;
     // Quick heartbeats: several would have gone out in the window below.
-    let config = maddy_layout(&channel).with_health_interval(Duration::from_millis(200));
+    let config =
+        maddy_layout(&channel).with_listen(|l| l.with_health_interval(Duration::from_millis(200)));
     let (pipe, mut events) = listening_events(config).await;
     pipe.subscribe(k.small).await.unwrap();
     // Its own push comes back neither as an envelope nor as maddy's copy.
@@ -531,7 +532,8 @@ async fn signing_listeners_take_maddy_updates_only_when_told() {
     let k = keys(5042);
     let maddy = MaddyNode::start(&support::url()).await;
     let (strict, mut strict_events) = listening_events(signed.clone()).await;
-    let (open, mut open_events) = listening_events(signed.with_accept_maddy(true)).await;
+    let (open, mut open_events) =
+        listening_events(signed.with_listen(|l| l.with_accept_maddy(true))).await;
     strict.subscribe(k.small).await.unwrap();
     open.subscribe(k.small).await.unwrap();
     let update = Update::mailbox_destroyed(k.small);

@@ -396,7 +396,7 @@ async fn an_unreachable_server_fails_fast_with_a_clear_error() {
         updatepipe::Config::from_url(&format!("postgres://postgres@127.0.0.1:{port}/postgres"))
             .unwrap()
             .with_connect_timeout(Duration::from_secs(2))
-            .with_push_timeout(Duration::from_secs(2));
+            .with_push(|p| p.with_timeout(Duration::from_secs(2)));
     let pipe = PgPipe::new(config).unwrap();
     let started = std::time::Instant::now();
     let err = pipe.init_push().await.unwrap_err();
@@ -414,7 +414,8 @@ async fn an_unreachable_server_fails_fast_with_a_clear_error() {
 #[tokio::test]
 async fn status_counts_the_listeners_on_the_channel() {
     let channel = unique("status");
-    let quick = |c: updatepipe::Config| c.with_health_interval(Duration::from_secs(1));
+    let quick =
+        |c: updatepipe::Config| c.with_listen(|l| l.with_health_interval(Duration::from_secs(1)));
     let observer = PgPipe::new(quick(config_on(&channel))).unwrap();
     assert_eq!(observer.status().await.unwrap().listeners, None);
     let before = observer.status_with_listeners().await.unwrap();
@@ -468,8 +469,8 @@ fn a_flusher_task_lost_with_its_runtime_does_not_block_later_pushes() {
     let channel = unique("lostflusher");
     let config = || {
         config_on(&channel)
-            .with_max_batch_wait(Duration::from_secs(1))
-            .with_push_timeout(Duration::from_secs(3))
+            .with_push(|p| p.with_max_batch_wait(Duration::from_secs(1)))
+            .with_push(|p| p.with_timeout(Duration::from_secs(3)))
     };
     let first = support::runtime();
     let pusher = first.block_on(async {

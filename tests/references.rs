@@ -247,7 +247,10 @@ async fn flood_at_a_reading_caller(port: u16) {
     let lines = cli_lines.join().unwrap();
     assert!(sent >= 1_000, "the flood sent only {sent}");
     // Every reference counted as a cause (or let go while fetches were at their bound).
-    assert!(stats.resyncs + stats.dropped_slow_consumer >= sent, "{stats:?}");
+    assert!(
+        stats.resyncs + stats.dropped_slow_consumer >= sent,
+        "{stats:?}"
+    );
     // At once, then at most one per 500 ms, plus the one at the end.
     let most = (seconds / 0.5).ceil() as u64 + 2;
     assert!(

@@ -223,8 +223,8 @@ async fn best_effort_listener_raises_a_resync_for_every_termination() {
     let cluster = own_cluster();
     let channel = unique("besteffort20");
     // A slower health check: a false alarm would be one resync too many.
-    let listen_config =
-        cluster_config(cluster.port(), &channel).with_health_interval(Duration::from_secs(5));
+    let listen_config = cluster_config(cluster.port(), &channel)
+        .with_listen(|l| l.with_health_interval(Duration::from_secs(5)));
     let listen_app = app(&listen_config);
     let listener = PgPipe::new(listen_config).unwrap();
     let (tx, mut rx) = mpsc::channel(100_000);
@@ -327,7 +327,7 @@ async fn a_blackholed_connection_is_found_within_the_health_interval() {
         let health = Duration::from_secs(1);
         let listen_config = cluster_config(proxy.port(), &channel)
             .with_durable(durable)
-            .with_health_interval(health);
+            .with_listen(|l| l.with_health_interval(health));
         let listener = PgPipe::new(listen_config).unwrap();
         if durable {
             listener.migrate().await.unwrap();
@@ -492,7 +492,7 @@ async fn a_lock_on_the_log_leaves_no_backends_behind_and_loses_no_committed_push
     const POOL: usize = 2;
     let listen_config = cluster_config(cluster.port(), &channel)
         .with_durable(true)
-        .with_pool_size(POOL);
+        .with_push(|p| p.with_pool_size(POOL));
     let listen_app = app(&listen_config);
     let listener = PgPipe::new(listen_config).unwrap();
     listener.migrate().await.unwrap();
@@ -501,8 +501,8 @@ async fn a_lock_on_the_log_leaves_no_backends_behind_and_loses_no_committed_push
     collect(&mut rx, |e| e.contains(&Event::Connected)).await;
     let push_config = cluster_config(cluster.port(), &channel)
         .with_durable(true)
-        .with_pool_size(POOL)
-        .with_push_timeout(health);
+        .with_push(|p| p.with_pool_size(POOL))
+        .with_push(|p| p.with_timeout(health));
     let push_app = app(&push_config);
     let pusher = Arc::new(PgPipe::new(push_config).unwrap());
     pusher.push(&numbered(0, 1)).await.unwrap();
@@ -608,9 +608,9 @@ async fn a_push_storm_during_an_outage_stays_within_the_queue_bound() {
     for when_full in [QueueFull::Fail, QueueFull::Wait] {
         let proxy = Proxy::start(cluster.port()).await;
         let config = cluster_config(proxy.port(), &unique("storm"))
-            .with_max_queued_pushes(BOUND)
-            .with_queue_full(when_full)
-            .with_push_timeout(timeout);
+            .with_push(|p| p.with_max_queued_pushes(BOUND))
+            .with_push(|p| p.with_queue_full(when_full))
+            .with_push(|p| p.with_timeout(timeout));
         let pipe = Arc::new(PgPipe::new(config).unwrap());
         pipe.push(&numbered(1, 1)).await.unwrap();
         // The server stops answering: the push in flight hangs, the others pile up.
@@ -676,7 +676,8 @@ async fn a_push_storm_during_an_outage_stays_within_the_queue_bound() {
 async fn the_listener_samples_a_filling_notification_queue() {
     let cluster = own_cluster();
     let listener = PgPipe::new(
-        cluster_config(cluster.port(), &unique("queuewatch")).with_queue_warn(0.000_01),
+        cluster_config(cluster.port(), &unique("queuewatch"))
+            .with_listen(|l| l.with_queue_warn(0.000_01)),
     )
     .unwrap();
     let (tx, mut rx) = mpsc::channel(100);
@@ -726,8 +727,10 @@ async fn a_listener_started_before_its_server_becomes_live_once_it_is_there() {
         assert!(eager.listen_events(tx).await.unwrap_err().is_connection());
         eager.close().await.unwrap();
 
-        let listener =
-            Arc::new(PgPipe::new(config(proxy.port()).with_wait_for_server(true)).unwrap());
+        let listener = Arc::new(
+            PgPipe::new(config(proxy.port()).with_listen(|l| l.with_wait_for_server(true)))
+                .unwrap(),
+        );
         let (tx, mut rx) = mpsc::channel(100);
         let listening = {
             let listener = listener.clone();
@@ -780,7 +783,8 @@ async fn a_best_effort_listener_outlives_the_servers_idle_session_timeout() {
     let channel = unique("idle");
     // Heartbeats every 5 s: the listening connection is idle longer than the timeout.
     let listener = PgPipe::new(
-        cluster_config(cluster.port(), &channel).with_health_interval(Duration::from_secs(10)),
+        cluster_config(cluster.port(), &channel)
+            .with_listen(|l| l.with_health_interval(Duration::from_secs(10))),
     )
     .unwrap();
     let status = listener.status().await.unwrap();
@@ -898,7 +902,9 @@ async fn pushed_to_a_bounded_listener(
     bound: usize,
 ) -> (PgPipe, mpsc::Receiver<Event>, PgPipe, Vec<Update>) {
     let channel = unique(name);
-    let listener = PgPipe::new(support::config_on(&channel).with_max_buffered(bound)).unwrap();
+    let listener =
+        PgPipe::new(support::config_on(&channel).with_listen(|l| l.with_max_buffered(bound)))
+            .unwrap();
     let (tx, mut rx) = mpsc::channel(10);
     listener.listen_events(tx).await.unwrap();
     assert_eq!(
@@ -976,7 +982,7 @@ async fn a_slow_durable_consumer_gets_everything_later() {
     let listener = PgPipe::new(
         support::config_on(&channel)
             .with_durable(true)
-            .with_max_buffered(100),
+            .with_listen(|l| l.with_max_buffered(100)),
     )
     .unwrap();
     listener.migrate().await.unwrap();
@@ -1039,7 +1045,8 @@ async fn a_skipped_sequence_number_raises_a_resync_without_a_disconnect() {
 async fn pushes_during_an_outage_fail_within_the_timeout_then_recover() {
     let mut cluster = own_cluster();
     let channel = unique("outage");
-    let config = cluster_config(cluster.port(), &channel).with_push_timeout(Duration::from_secs(2));
+    let config = cluster_config(cluster.port(), &channel)
+        .with_push(|p| p.with_timeout(Duration::from_secs(2)));
     let pusher = PgPipe::new(config).unwrap();
     pusher.push(&numbered(1, 1)).await.unwrap();
     let cluster = tokio::task::spawn_blocking(move || {
@@ -1074,7 +1081,7 @@ async fn retention_prunes_and_a_listener_away_too_long_gets_a_resync() {
     let proxy = Proxy::start(cluster.port()).await;
     let listen_config = cluster_config(proxy.port(), &channel)
         .with_durable(true)
-        .with_retention(Duration::from_secs(1));
+        .with_listen(|l| l.with_retention(Duration::from_secs(1)));
     let listener = PgPipe::new(listen_config).unwrap();
     listener.migrate().await.unwrap();
     let (tx, mut rx) = mpsc::channel(100);
@@ -1094,7 +1101,7 @@ async fn retention_prunes_and_a_listener_away_too_long_gets_a_resync() {
     let pruner = PgPipe::new(
         cluster_config(cluster.port(), &channel)
             .with_durable(true)
-            .with_retention(Duration::from_secs(1)),
+            .with_listen(|l| l.with_retention(Duration::from_secs(1))),
     )
     .unwrap();
     let (ptx, _prx) = mpsc::channel(100);
@@ -1157,7 +1164,7 @@ async fn a_durable_listener_can_replay_from_a_time_or_a_position() {
         let listener = PgPipe::new(
             support::config_on(&channel)
                 .with_durable(true)
-                .with_since(since),
+                .with_listen(|l| l.with_since(since)),
         )
         .unwrap();
         let (tx, mut rx) = mpsc::channel(100);
@@ -1196,7 +1203,8 @@ async fn a_push_given_up_in_flight_does_not_cut_short_the_flight_behind_it() {
     listener.listen(tx).await.unwrap();
     let proxy = Proxy::start(cluster.port()).await;
     let pusher = Arc::new(
-        PgPipe::new(cluster_config(proxy.port(), &channel).with_max_in_flight(2)).unwrap(),
+        PgPipe::new(cluster_config(proxy.port(), &channel).with_push(|p| p.with_max_in_flight(2)))
+            .unwrap(),
     );
     // The push connection is open and its statements prepared.
     pusher.push(&numbered(1, 1)).await.unwrap();
@@ -1312,7 +1320,7 @@ async fn pushes_queued_behind_a_stalled_flight_fail_within_the_push_timeout() {
     let proxy = Proxy::start(cluster.port()).await;
     // Connecting may take longer than a push: the push's deadline must cut it short.
     let config = cluster_config(proxy.port(), &unique("stalled"))
-        .with_push_timeout(TIMEOUT)
+        .with_push(|p| p.with_timeout(TIMEOUT))
         .with_connect_timeout(TIMEOUT * 5);
     let pusher = Arc::new(PgPipe::new(config).unwrap());
     pusher.push(&numbered(1, 1)).await.unwrap();

@@ -49,7 +49,7 @@ impl Server {
             .unwrap()
             .with_channel(ChannelName::new(channel).unwrap())
             .with_durable(true)
-            .with_health_interval(Duration::from_secs(1))
+            .with_listen(|l| l.with_health_interval(Duration::from_secs(1)))
     }
 
     /// A client as `role` (the superuser `postgres` logs in without a password).
@@ -330,7 +330,7 @@ async fn the_runtime_roles_run_durable_mode_through_the_library_and_the_cli() {
     let listener = PgPipe::new(
         server
             .config(LISTENER, &channel)
-            .with_retention(Duration::from_secs(2)),
+            .with_listen(|l| l.with_retention(Duration::from_secs(2))),
     )
     .unwrap();
     let (tx, mut rx) = mpsc::channel(64);
@@ -707,7 +707,7 @@ async fn huge_rows_with_a_future_xid_are_read_once_within_the_page_budget() {
     let listener = PgPipe::new(
         server
             .config(LISTENER, &channel)
-            .with_log_page_bytes(BUDGET),
+            .with_listen(|l| l.with_log_page_bytes(BUDGET)),
     )
     .unwrap();
     let (tx, mut rx) = mpsc::channel(64);
@@ -842,7 +842,7 @@ async fn lacking_listener_fails(
     let pipe = PgPipe::new(
         server
             .config(role, channel)
-            .with_retention(Duration::from_secs(2)),
+            .with_listen(|l| l.with_retention(Duration::from_secs(2))),
     )
     .unwrap();
     let (tx, mut rx) = mpsc::channel(16);

@@ -82,9 +82,9 @@ async fn passwords_and_signing_secrets_never_show_in_logs_errors_or_debug() {
             .unwrap()
             .with_channel(ChannelName::new("secrets").unwrap())
             .with_secrets(Secret::read_file(&secret_file).unwrap())
-            .with_health_interval(Duration::from_secs(2))
+            .with_listen(|l| l.with_health_interval(Duration::from_secs(2)))
             .with_connect_timeout(Duration::from_secs(2))
-            .with_push_timeout(Duration::from_secs(2))
+            .with_push(|p| p.with_timeout(Duration::from_secs(2)))
     };
     let mut shown = Vec::new();
 

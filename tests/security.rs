@@ -191,7 +191,7 @@ async fn during_a_rollout_unsigned_envelopes_are_accepted_and_forged_ones_still_
     let (listener, mut rx) = listening(
         config_on(&channel)
             .with_secrets(vec![secret("k1")])
-            .with_accept_unsigned(true),
+            .with_listen(|l| l.with_accept_unsigned(true)),
     )
     .await;
     let unsigned = PgPipe::new(config_on(&channel)).unwrap();

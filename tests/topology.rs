@@ -204,7 +204,8 @@ async fn status_reports_a_transaction_pooling_proxy() {
 
     // A listener through it is not silently deaf: its heartbeat, sent from another
     // connection, never comes back, and it says so.
-    let deaf = PgPipe::new(through.with_health_interval(Duration::from_secs(1))).unwrap();
+    let deaf = PgPipe::new(through.with_listen(|l| l.with_health_interval(Duration::from_secs(1))))
+        .unwrap();
     let (tx, mut events) = mpsc::channel(100);
     deaf.listen_events(tx).await.unwrap();
     let disconnected = tokio::time::timeout(Duration::from_secs(10), async {

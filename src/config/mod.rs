@@ -1,46 +1,45 @@
-//! Configuration: where the database is (here and in `conninfo`), which channel, and the
-//! pipe's bounds (`options`).
+//! Configuration: where the database is and how to reach it (held by [`crate::pg`]'s
+//! `Server`), which channel and layout, durability and signing, and the push path's and the
+//! listener's options (`push.rs`, `listen.rs`), each in a small struct of its own.
 
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use tokio_postgres::config::TargetSessionAttrs;
+
 use crate::channel::ChannelName;
 use crate::error::Error;
 use crate::layout::Layout;
 use crate::limits::Limits;
-use crate::sign::{DEFAULT_REPLAY_WINDOW, Secret};
-use crate::tls::{SslMode, TlsOptions};
-use conninfo::{PassFile, TargetSession};
-use std::sync::Arc;
-use tokio_postgres::config::TargetSessionAttrs;
+use crate::pg::{Server, SessionLimits, SslMode};
+use crate::sign::{Secret, Signer};
 
-mod conninfo;
-mod files;
-mod listening;
-mod options;
+mod listen;
+mod push;
+
+pub use listen::{
+    Backoff, DEFAULT_HEALTH_INTERVAL, DEFAULT_LOG_PAGE_BYTES, DEFAULT_LOG_PAGE_ROWS,
+    DEFAULT_MAX_BUFFERED, DEFAULT_QUEUE_WARN, DEFAULT_RETENTION, ListenOptions, Since,
+};
+pub(crate) use push::QueueBound;
+pub use push::{
+    DEFAULT_MAX_BATCH, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_PUSHES,
+    DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT, PushOptions, QueueFull,
+};
 
 /// A variable of the process's environment, empty counting as unset (as libpq).
 fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-pub(crate) use files::read_regular;
-pub use options::{
-    Backoff, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEALTH_INTERVAL, DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
-    DEFAULT_LOCK_TIMEOUT, DEFAULT_LOG_PAGE_BYTES, DEFAULT_LOG_PAGE_ROWS, DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_BUFFERED, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_QUEUED_BYTES,
-    DEFAULT_MAX_QUEUED_PUSHES, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT, DEFAULT_QUEUE_WARN,
-    DEFAULT_RETENTION, DEFAULT_STATEMENT_TIMEOUT, QueueFull, Since,
-};
-pub(crate) use options::{QueueBound, SessionLimits};
-
-/// How a pipe reaches PostgreSQL, and its bounds.
+/// How a pipe reaches PostgreSQL, what it speaks on, and its bounds.
 ///
 /// Built from what users already have: [`Config::from_url`] takes a `postgres://` URL or a
 /// libpq `key=value` string, [`Config::from_env`] reads `DATABASE_URL` or the standard `PG*`
 /// variables, [`Config::from_pg`] wraps a [`tokio_postgres::Config`]. The rest has defaults
-/// and builder-style setters:
+/// and builder-style setters; the push path's and the listener's bounds are in
+/// [`PushOptions`] and [`ListenOptions`], the session settings in [`SessionLimits`]:
 ///
 /// ```
 /// use std::time::Duration;
@@ -48,44 +47,22 @@ pub(crate) use options::{QueueBound, SessionLimits};
 ///
 /// let config = Config::from_url("postgres://mail:hunter2@db.example/mail?sslmode=verify-full")?
 ///     .with_channel(ChannelName::new("imap_updates")?)
-///     .with_pool_size(4)
-///     .with_push_timeout(Duration::from_secs(5));
+///     .with_durable(true)
+///     .with_push(|push| push.with_pool_size(4).with_timeout(Duration::from_secs(5)));
 /// assert!(!format!("{config:?}").contains("hunter2"));
 /// assert_eq!(config.ssl_mode(), updatepipe::SslMode::VerifyFull);
 /// # Ok::<(), updatepipe::Error>(())
 /// ```
 #[derive(Clone)]
 pub struct Config {
-    pg: tokio_postgres::Config,
+    server: Server,
     channel: ChannelName,
-    pool_size: usize,
-    connect_timeout: Duration,
-    push_timeout: Duration,
-    max_batch: usize,
-    max_batch_wait: Duration,
-    max_in_flight: usize,
-    durable: bool,
-    backoff: Backoff,
-    health_interval: Duration,
-    retention: Duration,
-    max_buffered: usize,
-    log_page_rows: usize,
-    log_page_bytes: usize,
-    since: Option<Since>,
-    tls: TlsOptions,
-    secrets: Vec<Secret>,
-    accept_unsigned: bool,
-    replay_window: Duration,
-    limits: Limits,
-    /// Backstop session settings on the pipe's own connections.
-    session: SessionLimits,
-    queue_bound: QueueBound,
-    queue_warn: f64,
-    wait_for_server: bool,
-    /// The password file's entries, for hosts with no password given.
-    passfile: Option<Arc<PassFile>>,
     layout: Layout,
-    accept_maddy: bool,
+    durable: bool,
+    secrets: Vec<Secret>,
+    push: PushOptions,
+    listen: ListenOptions,
+    limits: Limits,
 }
 
 impl Config {
@@ -114,16 +91,6 @@ impl Config {
         Config::from_url_and(url, &env_var)
     }
 
-    /// Applies TLS settings (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`), and tells
-    /// tokio-postgres the mode.
-    fn apply_tls(&mut self, params: Vec<(String, String)>) -> Result<(), Error> {
-        for (key, value) in params {
-            self.tls.set(&key, &value)?;
-        }
-        self.pg.ssl_mode(self.tls.mode.pg());
-        Ok(())
-    }
-
     /// From the environment: `DATABASE_URL` when set, completed as
     /// [`Config::from_url_with_env`] completes a string; otherwise the service and the
     /// `PG*` variables alone, as libpq reads them. Unset, the host is `localhost`, the
@@ -148,87 +115,109 @@ impl Config {
 
     /// From a connection string, completed from `var` (and the files it names).
     fn from_url_and(url: &str, var: &dyn Fn(&str) -> Option<String>) -> Result<Self, Error> {
-        Config::from_settings(conninfo::parse(url, &conninfo::Env::new(var))?)
+        Ok(Config::from_server(Server::from_string(url, var)?))
     }
 
-    /// From what a connection string, a service and the environment said.
-    fn from_settings(settings: conninfo::Settings) -> Result<Self, Error> {
-        let mut config = Config::from_pg_as_given(settings.pg);
-        config.pg.target_session_attrs(match settings.target {
-            TargetSession::Any => TargetSessionAttrs::Any,
-            TargetSession::ReadWrite => TargetSessionAttrs::ReadWrite,
-        });
-        config.passfile = settings.passfile;
-        config.apply_tls(settings.tls)?;
-        Ok(config)
-    }
-
-    /// From a `tokio_postgres::Config`. The application name defaults to `updatepipe`. With
-    /// host addresses and no host names, each address stands for its name too, as in libpq
-    /// (TLS needs a name; `verify-full` then checks the address).
+    /// From a `tokio_postgres::Config`: what it holds, read through its getters. The
+    /// application name defaults to `updatepipe`. With host addresses and no host names,
+    /// each address stands for its name too, as in libpq (TLS needs a name; `verify-full`
+    /// then checks the address).
     ///
     /// `target_session_attrs` becomes `read-write` (LISTEN and NOTIFY need a primary, and a
     /// standby listed first is then passed over), since a `tokio_postgres::Config` cannot
     /// tell an explicit `any` from its default; [`Config::with_target_session_attrs`] sets
     /// it.
-    pub fn from_pg(mut pg: tokio_postgres::Config) -> Self {
-        if pg.get_target_session_attrs() == TargetSessionAttrs::Any {
-            pg.target_session_attrs(TargetSessionAttrs::ReadWrite);
-        }
-        Config::from_pg_as_given(pg)
+    pub fn from_pg(pg: tokio_postgres::Config) -> Self {
+        Config::from_server(Server::from_pg(&pg))
     }
 
-    /// As [`Config::from_pg`], keeping `target_session_attrs`.
-    fn from_pg_as_given(mut pg: tokio_postgres::Config) -> Self {
-        if pg.get_application_name().is_none() {
-            pg.application_name("updatepipe");
-        }
-        if pg.get_hosts().is_empty() {
-            for addr in pg.get_hostaddrs().to_vec() {
-                pg.host(addr.to_string());
-            }
-        }
-        let connect_timeout = pg
-            .get_connect_timeout()
-            .copied()
-            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        pg.connect_timeout(connect_timeout);
-        let mut tls = TlsOptions::default();
-        tls.mode = match pg.get_ssl_mode() {
-            tokio_postgres::config::SslMode::Disable => SslMode::Disable,
-            tokio_postgres::config::SslMode::Require => SslMode::Require,
-            _ => SslMode::Prefer,
-        };
+    fn from_server(server: Server) -> Self {
         Config {
-            pg,
+            server,
             channel: ChannelName::default(),
-            pool_size: DEFAULT_POOL_SIZE,
-            connect_timeout,
-            push_timeout: DEFAULT_PUSH_TIMEOUT,
-            max_batch: DEFAULT_MAX_BATCH,
-            max_batch_wait: Duration::ZERO,
-            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
-            durable: false,
-            backoff: Backoff::default(),
-            health_interval: DEFAULT_HEALTH_INTERVAL,
-            retention: DEFAULT_RETENTION,
-            max_buffered: DEFAULT_MAX_BUFFERED,
-            log_page_rows: DEFAULT_LOG_PAGE_ROWS,
-            log_page_bytes: DEFAULT_LOG_PAGE_BYTES,
-            since: None,
-            tls,
-            secrets: Vec::new(),
-            accept_unsigned: false,
-            replay_window: DEFAULT_REPLAY_WINDOW,
-            limits: Limits::default(),
-            session: SessionLimits::default(),
-            queue_bound: QueueBound::default(),
-            queue_warn: options::DEFAULT_QUEUE_WARN,
-            wait_for_server: false,
-            passfile: None,
             layout: Layout::Shared,
-            accept_maddy: false,
+            durable: false,
+            secrets: Vec::new(),
+            push: PushOptions::default(),
+            listen: ListenOptions::default(),
+            limits: Limits::default(),
         }
+    }
+
+    /// The channel every update travels on (default `updatepipe`).
+    pub fn with_channel(mut self, channel: ChannelName) -> Self {
+        self.channel = channel;
+        self
+    }
+
+    /// Which channels the pipe speaks on (default [`Layout::Shared`]). With
+    /// [`Layout::Maddy`], every push also sends each update in maddy's form on its mailbox's
+    /// channel, in the same transaction, and the listener can subscribe to mailboxes
+    /// ([`PgPipe::subscribe`](crate::PgPipe::subscribe)). See `docs/maddy.md`.
+    pub fn with_layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// Durable delivery (default off). Every push also writes its envelope to the
+    /// `updatepipe.log` table in the same transaction as its notification, and the listener
+    /// reads durable updates from the log, so after a disconnect it replays exactly what it
+    /// missed. Costs an insert per push transaction (batched) and a log query per wake-up;
+    /// needs [`PgPipe::migrate`](crate::PgPipe::migrate). Envelopes too large for a
+    /// notification travel through the log.
+    pub fn with_durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
+        self
+    }
+
+    /// Signs every envelope this pipe sends with the first secret, and makes its listener
+    /// accept only envelopes signed with one of them, not seen before and within the replay
+    /// window (default off: no secret). All pipes on a channel need the same secrets; see
+    /// `docs/security.md`.
+    pub fn with_secrets(mut self, secrets: Vec<Secret>) -> Self {
+        self.secrets = secrets;
+        self
+    }
+
+    /// The push path's options, changed by `options`:
+    /// `config.with_push(|push| push.with_timeout(Duration::from_secs(5)))`.
+    pub fn with_push(mut self, options: impl FnOnce(PushOptions) -> PushOptions) -> Self {
+        self.push = options(self.push);
+        self
+    }
+
+    /// The listener's options, changed by `options`:
+    /// `config.with_listen(|listen| listen.with_retention(Duration::from_secs(3600)))`.
+    pub fn with_listen(mut self, options: impl FnOnce(ListenOptions) -> ListenOptions) -> Self {
+        self.listen = options(self.listen);
+        self
+    }
+
+    /// The session settings set on the pipe's own connections, changed by `limits`.
+    pub fn with_session(mut self, limits: impl FnOnce(SessionLimits) -> SessionLimits) -> Self {
+        let session = self.server.session_mut();
+        *session = limits(session.clone());
+        self
+    }
+
+    /// Bounds on what one received payload may ask for (default [`Limits::default`]).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The `application_name` the pipe's connections report (default `updatepipe`), as seen
+    /// in `pg_stat_activity` (the listener's adds `/listen`).
+    pub fn with_application_name(mut self, name: &str) -> Self {
+        self.server.set_application_name(name);
+        self
+    }
+
+    /// The time allowed to connect to each host (default 10 s): TCP, TLS, the login and the
+    /// `target_session_attrs` check; a host that takes longer is given up for the next.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.server.set_connect_timeout(timeout);
+        self
     }
 
     /// Which servers a connection accepts, as `target_session_attrs` says: `read-write`
@@ -236,22 +225,13 @@ impl Config {
     /// standby is passed over for the next one) or `any` (a standby is then connected to,
     /// and the pipe reports [`Error::Standby`]).
     pub fn with_target_session_attrs(mut self, attrs: TargetSessionAttrs) -> Self {
-        self.pg.target_session_attrs(attrs);
-        self
-    }
-
-    /// The time allowed to connect to each host (default 10 s): TCP, TLS, the login and the
-    /// `target_session_attrs` check; a host that takes longer is given up for the next.
-    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self.pg.connect_timeout(timeout);
+        self.server.set_target_session_attrs(attrs);
         self
     }
 
     /// How connections use TLS (default `prefer`, as libpq), as `sslmode` in the URL sets it.
     pub fn with_ssl_mode(mut self, mode: SslMode) -> Self {
-        self.tls.mode = mode;
-        self.pg.ssl_mode(mode.pg());
+        self.server.set_ssl_mode(mode);
         self
     }
 
@@ -259,7 +239,7 @@ impl Config {
     /// `system` for the operating system's store (`sslrootcert`; `system` only with
     /// [`SslMode::VerifyFull`], or the pipe refuses to start).
     pub fn with_ssl_root_cert(mut self, path: impl AsRef<std::path::Path>) -> Self {
-        self.tls.set_root_cert(path);
+        self.server.tls_mut().set_root_cert(path);
         self
     }
 
@@ -270,42 +250,66 @@ impl Config {
         cert: impl Into<std::path::PathBuf>,
         key: impl Into<std::path::PathBuf>,
     ) -> Self {
-        self.tls.set_client_cert(cert.into(), key.into());
+        self.server
+            .tls_mut()
+            .set_client_cert(cert.into(), key.into());
         self
     }
 
-    /// The `application_name` the pipe's connections report (default `updatepipe`), as seen
-    /// in `pg_stat_activity`.
-    pub fn with_application_name(mut self, name: &str) -> Self {
-        self.pg.application_name(name);
-        self
+    /// The channel.
+    pub fn channel(&self) -> &ChannelName {
+        &self.channel
     }
 
-    /// The PostgreSQL connection settings.
-    pub fn pg(&self) -> &tokio_postgres::Config {
-        &self.pg
+    /// The channel layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
     }
 
-    /// The password file's password for one host, when no password was given.
-    pub(crate) fn passfile_password(&self, host: &str, port: u16) -> Option<&str> {
-        let pg = &self.pg;
-        self.passfile.as_ref()?.password(
-            host,
-            port,
-            pg.get_dbname().unwrap_or_default(),
-            pg.get_user().unwrap_or_default(),
-        )
+    /// Whether delivery is durable.
+    pub fn durable(&self) -> bool {
+        self.durable
+    }
+
+    /// Whether envelopes are signed and checked.
+    pub fn signing(&self) -> bool {
+        !self.secrets.is_empty()
+    }
+
+    /// The push path's options.
+    pub fn push_options(&self) -> &PushOptions {
+        &self.push
+    }
+
+    /// The listener's options.
+    pub fn listen_options(&self) -> &ListenOptions {
+        &self.listen
+    }
+
+    /// The session settings set on the pipe's own connections.
+    pub fn session_limits(&self) -> &SessionLimits {
+        self.server.session()
+    }
+
+    /// The bounds on received payloads.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// The time allowed to connect to each host (default 10 s), as libpq's
     /// `connect_timeout`: a host that does not answer in time is given up for the next.
     pub fn connect_timeout(&self) -> Duration {
-        self.connect_timeout
+        self.server.connect_timeout()
     }
 
     /// How connections use TLS.
     pub fn ssl_mode(&self) -> SslMode {
-        self.tls.mode
+        self.server.tls().mode
+    }
+
+    /// The PostgreSQL connection settings, as tokio-postgres holds them.
+    pub fn pg(&self) -> &tokio_postgres::Config {
+        self.server.pg()
     }
 
     /// Opens a connection of your own (for [`crate::PgPipe::push_in`], say) as the
@@ -317,18 +321,29 @@ impl Config {
     ) -> Result<
         (
             tokio_postgres::Client,
-            tokio_postgres::Connection<tokio_postgres::Socket, crate::tls::TlsStream>,
+            tokio_postgres::Connection<tokio_postgres::Socket, crate::pg::TlsStream>,
         ),
         Error,
     > {
-        crate::connect::connect(self).await
+        crate::pg::connect(&self.server).await
     }
 
     /// A TLS connector for these settings (reading the certificate files now), for
     /// connections of your own that should use TLS as the pipe does:
     /// `config.pg().connect(config.tls_connector()?)`.
     pub fn tls_connector(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, Error> {
-        self.tls.connector()
+        self.server.tls_connector()
+    }
+
+    /// Where the server is and how to reach it.
+    pub(crate) fn server(&self) -> &Server {
+        &self.server
+    }
+
+    /// The signer for this channel, when signing is on.
+    pub(crate) fn signer(&self) -> Option<Signer> {
+        (!self.secrets.is_empty())
+            .then(|| Signer::from_parts(self.secrets.clone(), self.channel.clone()))
     }
 }
 
@@ -343,36 +358,16 @@ impl FromStr for Config {
 
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // tokio_postgres::Config's Debug redacts the password.
+        // The server's Debug redacts the password.
         f.debug_struct("Config")
-            .field("pg", &self.pg)
+            .field("server", &self.server)
             .field("channel", &self.channel)
-            .field("pool_size", &self.pool_size)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("push_timeout", &self.push_timeout)
-            .field("max_batch", &self.max_batch)
-            .field("max_batch_wait", &self.max_batch_wait)
-            .field("max_in_flight", &self.max_in_flight)
-            .field("durable", &self.durable)
-            .field("backoff", &self.backoff)
-            .field("health_interval", &self.health_interval)
-            .field("retention", &self.retention)
-            .field("max_buffered", &self.max_buffered)
-            .field("log_page_rows", &self.log_page_rows)
-            .field("log_page_bytes", &self.log_page_bytes)
-            .field("since", &self.since)
-            .field("tls", &self.tls)
-            .field("secrets", &self.secrets.len())
-            .field("accept_unsigned", &self.accept_unsigned)
-            .field("replay_window", &self.replay_window)
-            .field("limits", &self.limits)
-            .field("session", &self.session)
-            .field("queue_bound", &self.queue_bound)
-            .field("queue_warn", &self.queue_warn)
-            .field("wait_for_server", &self.wait_for_server)
-            .field("passfile", &self.passfile)
             .field("layout", &self.layout)
-            .field("accept_maddy", &self.accept_maddy)
+            .field("durable", &self.durable)
+            .field("secrets", &self.secrets.len())
+            .field("push", &self.push)
+            .field("listen", &self.listen)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -392,20 +387,6 @@ mod tests {
         assert_eq!(c.pg().get_application_name(), Some("updatepipe"));
         let c = Config::from_url("postgres://u@h/d?application_name=mine").unwrap();
         assert_eq!(c.pg().get_application_name(), Some("mine"));
-    }
-
-    #[test]
-    fn backoff_is_bounded_full_jitter() {
-        let b = Backoff::default();
-        for attempt in 0..40 {
-            let ceiling = (b.initial * 2u32.pow(attempt.min(20))).min(b.max);
-            for _ in 0..20 {
-                assert!(b.delay(attempt) <= ceiling);
-            }
-        }
-        // Jitter: not always the ceiling.
-        let delays: std::collections::HashSet<_> = (0..20).map(|_| b.delay(10)).collect();
-        assert!(delays.len() > 1);
     }
 
     #[test]

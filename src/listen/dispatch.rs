@@ -6,16 +6,16 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::durable::{Ask, LogReader, no_log};
+use super::durable::{Ask, LogReader};
 use super::heartbeat::{Heartbeat, Sent};
 use super::intake::{Content, Incoming, Intake, LogRow, Moment, RowVerdict, Verdict};
 use super::outbox::Outbox;
 use super::pacer::Pacer;
-use super::session::is_fatal;
 use super::{Event, ResyncReason, TARGET};
 use crate::error::{DecodeError, pg_message};
 use crate::log::{Page, Pruned};
 use crate::origin::Origin;
+use crate::pg::{is_cancelled, is_fatal, is_missing_log};
 use crate::stats::Counters;
 
 /// Prunings in a row that may find the pruning lock held (other listeners of the channel
@@ -134,9 +134,7 @@ impl Dispatch {
                 }
                 Ok(())
             }
-            QueryOutcome::Tail(Err(e))
-                if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) =>
-            {
+            QueryOutcome::Tail(Err(e)) if is_cancelled(&e) => {
                 // The server gave up on the page (its statement_timeout): the connection is
                 // fine; the page is read again, smaller, after a pause.
                 self.counters.log_page_cancelled();
@@ -163,7 +161,7 @@ impl Dispatch {
             QueryOutcome::Prune(Err(e)) => self.log_failed(&e, "pruning the durable log failed"),
             QueryOutcome::KeptAlive(Ok(())) => Ok(()),
             QueryOutcome::KeptAlive(Err(e)) => self.log_failed(&e, "a keep-alive statement failed"),
-            QueryOutcome::Fetch(Err(e)) if !is_fatal(&e) && no_log(e.code()) => {
+            QueryOutcome::Fetch(Err(e)) if !is_fatal(&e) && is_missing_log(&e) => {
                 self.stop_fetching(&e);
                 Ok(())
             }

@@ -8,7 +8,6 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tokio_postgres::error::SqlState;
 
 use crate::log::{CatchUp, Cursor, Entry, Page, PageBudget};
 use crate::origin::Origin;
@@ -64,19 +63,6 @@ pub(super) struct LogReader {
     /// next connection (references are let go, with a resync).
     unreadable: bool,
     next_prune: Instant,
-}
-
-/// Whether a log query's error says that this listener has no log to read (the schema is
-/// not migrated, or the role was not granted it): asking again will not help.
-pub(super) fn no_log(code: Option<&SqlState>) -> bool {
-    code.is_some_and(|code| {
-        [
-            SqlState::UNDEFINED_TABLE,
-            SqlState::INVALID_SCHEMA_NAME,
-            SqlState::INSUFFICIENT_PRIVILEGE,
-        ]
-        .contains(code)
-    })
 }
 
 impl LogReader {
@@ -439,11 +425,6 @@ mod tests {
 
     #[test]
     fn no_log_to_read_stops_fetching_until_the_next_connection() {
-        assert!(no_log(Some(&SqlState::UNDEFINED_TABLE)));
-        assert!(no_log(Some(&SqlState::INSUFFICIENT_PRIVILEGE)));
-        assert!(no_log(Some(&SqlState::INVALID_SCHEMA_NAME)));
-        assert!(!no_log(Some(&SqlState::QUERY_CANCELED)));
-        assert!(!no_log(None));
         let now = Instant::now();
         let mut reader = LogReader::new(false, SECOND, BUDGET, None, false, now);
         reader.queue_fetch(origin(), 1);

@@ -17,9 +17,9 @@ use tokio::time::Instant;
 use tokio_postgres::types::Type;
 
 use super::TARGET;
-use crate::cancel::{Canceller, Lent};
 use crate::envelope::Packer;
 use crate::error::pg_message;
+use crate::pg::{Canceller, Lent};
 
 /// The heartbeat's clock: its number, the one outstanding, and when the next is due.
 #[derive(Debug)]

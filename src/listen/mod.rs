@@ -40,11 +40,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::cancel::Canceller;
 use crate::config::Config;
 use crate::envelope::Packer;
 use crate::error::Error;
 use crate::origin::Origin;
+use crate::pg::Canceller;
 use crate::stats::Counters;
 use crate::update::{MailboxKey, Update};
 
@@ -173,9 +173,9 @@ impl Listener {
         closed: &AtomicBool,
     ) -> Result<Listener, Error> {
         let settings = settings::Settings::from_config(config);
-        let canceller = Canceller::new(config)?;
+        let canceller = Canceller::new(config.server())?;
         let connector = connector::Connector::new(config.clone(), settings.clone());
-        let (session, cursor) = if config.wait_for_server() {
+        let (session, cursor) = if config.listen_options().wait_for_server() {
             connector.open_first_waiting(closed).await?
         } else {
             connector.open_first().await?
@@ -215,7 +215,7 @@ impl Listener {
             heartbeat_watch_pool,
             canceller.clone(),
             settings.health_interval,
-            config.queue_warn(),
+            config.listen_options().queue_warn(),
             counters_for_watch,
             now,
         );

@@ -9,12 +9,12 @@ use tokio_postgres::{Client, Notification};
 
 use super::TARGET;
 use super::settings::Settings;
-use crate::cancel::{CancelOnDrop, Canceller};
 use crate::channel::quote_identifier;
 use crate::config::Config;
-use crate::connect::{RawConnection, close_politely, connect_listener, drive_until, setting_ms};
 use crate::error::Error;
 use crate::log::{self, Cursor};
+use crate::pg::{CancelOnDrop, Canceller};
+use crate::pg::{RawConnection, close_politely, connect_listener, drive_until, setting_ms};
 
 /// One connection, subscribed.
 pub(super) struct Session {
@@ -36,13 +36,13 @@ impl Session {
         want_cursor: bool,
         mailboxes: &[String],
     ) -> Result<(Session, Option<Cursor>), Error> {
-        let (client, mut connection) = connect_listener(config).await?;
+        let (client, mut connection) = connect_listener(config.server()).await?;
         let mut backlog = VecDeque::new();
         let after = settings.connect_timeout;
         let channel = config.channel();
         // Given up on (the deadline passed, or the caller went away), what runs is
         // cancelled: reading the log position can wait on a lock.
-        let mut cancel = CancelOnDrop::new(&Canceller::new(config)?, &client);
+        let mut cancel = CancelOnDrop::new(&Canceller::new(config.server())?, &client);
         let limits = config.session_limits().sql();
         let setup = async {
             if let Some(sql) = &limits {
@@ -98,22 +98,5 @@ impl Session {
     /// Ends the session politely.
     pub(super) async fn close(self) {
         close_politely(self.client, self.connection).await;
-    }
-}
-
-/// Whether an error ends the session: a broken connection, or the server ending it
-/// (severity FATAL or PANIC, such as an administrator's terminate or a shutdown).
-pub(super) fn is_fatal(e: &tokio_postgres::Error) -> bool {
-    match e.as_db_error() {
-        None => true,
-        Some(db) => {
-            matches!(
-                db.parsed_severity(),
-                Some(
-                    tokio_postgres::error::Severity::Fatal | tokio_postgres::error::Severity::Panic
-                )
-            ) || db.code().code().starts_with("57")
-                || db.code().code().starts_with("08")
-        }
     }
 }

@@ -11,7 +11,6 @@ use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Fuse, FusedFuture};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
-use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, Notification};
 
 use super::connector::Connector;
@@ -24,9 +23,9 @@ use super::session::Session;
 use super::subscriptions::Command;
 use super::watch::QueueWatch;
 use super::{Event, TARGET};
-use crate::cancel::{CancelOnDrop, Canceller};
 use crate::error::pg_message;
 use crate::log;
+use crate::pg::{CancelOnDrop, Canceller};
 use crate::stats::Counters;
 
 /// Why serving a session ended.
@@ -456,13 +455,11 @@ impl ConnectionLoop {
 /// Whether a query ended with the server's "canceling statement" (ours, or the server's
 /// `statement_timeout`).
 fn was_cancelled(outcome: &QueryOutcome) -> bool {
-    let e = match outcome {
-        QueryOutcome::Tail(Err(e)) => e,
-        QueryOutcome::Fetch(Err(e)) => e,
-        QueryOutcome::Prune(Err(e)) => e,
-        _ => return false,
-    };
-    e.code() == Some(&SqlState::QUERY_CANCELED)
+    match outcome {
+        QueryOutcome::Tail(Err(e)) | QueryOutcome::Fetch(Err(e)) => crate::pg::is_cancelled(e),
+        QueryOutcome::Prune(Err(e)) => crate::pg::is_cancelled(e),
+        _ => false,
+    }
 }
 
 /// A notification, as the intake takes it.

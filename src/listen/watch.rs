@@ -13,8 +13,8 @@ use tokio::time::Instant;
 
 use super::TARGET;
 use super::pacer::Pacer;
-use crate::cancel::{Canceller, Lent};
 use crate::error::Error;
+use crate::pg::{Canceller, Lent};
 use crate::stats::Counters;
 
 /// When the queue is sampled when heartbeats are off.

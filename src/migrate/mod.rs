@@ -4,13 +4,13 @@
 
 use std::time::Duration;
 
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 
 use crate::channel::quote_identifier;
-use crate::config::{Config, DEFAULT_LOCK_TIMEOUT};
-use crate::connect::connect_spawned;
+use crate::config::Config;
 use crate::error::Error;
+use crate::pg::DEFAULT_LOCK_TIMEOUT;
+use crate::pg::connect_spawned;
 
 mod lock;
 mod runner;
@@ -55,7 +55,7 @@ impl MigrationInfo {
 /// for a table lock: the configured lock timeout, or [`DEFAULT_LOCK_TIMEOUT`] when that is
 /// off.
 pub(crate) fn lock_wait(config: &Config) -> Duration {
-    match config.session_limits().lock_timeout {
+    match config.session_limits().lock_timeout() {
         wait if wait.is_zero() => DEFAULT_LOCK_TIMEOUT,
         wait => wait,
     }
@@ -67,7 +67,7 @@ pub(crate) fn lock_wait(config: &Config) -> Duration {
 /// at once (the migration lock serializes runners, waited for within [`lock_wait`]), and
 /// through a transaction-pooling proxy (no session state, no prepared statement).
 pub(crate) async fn migrate(config: &Config) -> Result<Vec<MigrationInfo>, Error> {
-    let (mut client, connection) = connect_spawned(config).await?;
+    let (mut client, connection) = connect_spawned(config.server()).await?;
     let wait = lock_wait(config);
     let outcome = async {
         let session_schemas: Vec<String> = client
@@ -117,7 +117,7 @@ fn lock_timed_out(e: &Error) -> bool {
     };
     std::iter::successors(cause, |e| e.source())
         .filter_map(|e| e.downcast_ref::<tokio_postgres::Error>())
-        .any(|e| e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE))
+        .any(crate::pg::is_lock_timeout)
 }
 
 /// Creates the `updatepipe` schema (when missing) and moves a history table that an earlier

@@ -8,8 +8,9 @@ use std::time::Duration;
 use deadpool_postgres::{Object, Pool, PoolError};
 
 use super::TARGET;
-use super::wire::{Shape, Statements, is_proxy_refusal};
+use super::wire::{Shape, Statements};
 use crate::error::Error;
+use crate::pg::is_proxy_refusal;
 
 /// The pool, and the connection flights go out on.
 #[derive(Debug)]

@@ -38,12 +38,12 @@ use deadpool_postgres::{
 };
 use tokio_postgres::GenericClient;
 
-use crate::cancel::{Canceller, Lent};
 use crate::config::Config;
 use crate::envelope::{MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, Marks, Packer};
 use crate::error::Error;
 use crate::layout::Layout;
 use crate::origin::Origin;
+use crate::pg::{Canceller, Lent};
 use crate::stats::Counters;
 use crate::update::Update;
 
@@ -72,7 +72,7 @@ impl Pusher {
     ) -> Result<Self, Error> {
         // Checked now, so that a bad certificate file fails here, not at the first push.
         config.tls_connector()?;
-        let (connector, connect_failure) = crate::connect::PoolConnector::new(config);
+        let (connector, connect_failure) = crate::pg::PoolConnector::new(config.server());
         let manager = Manager::from_connect(
             config.pg().clone(),
             connector,
@@ -99,10 +99,10 @@ impl Pusher {
                     Ok(())
                 })
             }))
-            .max_size(config.pool_size())
+            .max_size(config.push_options().pool_size())
             .runtime(Runtime::Tokio1)
             .timeouts(Timeouts {
-                wait: Some(config.push_timeout()),
+                wait: Some(config.push_options().timeout()),
                 // Each host in turn, each within the connect timeout.
                 create: Some(
                     config.connect_timeout() * config.pg().get_hosts().len().max(1) as u32,
@@ -124,23 +124,23 @@ impl Pusher {
         let link = Link::new(
             pool,
             connect_failure,
-            config.push_timeout(),
-            config.pool_size() >= 3,
+            config.push_options().timeout(),
+            config.push_options().pool_size() >= 3,
         );
-        let canceller = Canceller::new(config)?;
+        let canceller = Canceller::new(config.server())?;
         let sender = BatchSender::new(
             wire,
             link,
-            config.push_timeout(),
+            config.push_options().timeout(),
             counters,
             canceller.clone(),
         );
         let batcher = Batcher::new(
             sender,
-            config.max_batch(),
-            config.max_batch_wait(),
-            config.max_in_flight(),
-            config.queue_bound(),
+            config.push_options().max_batch(),
+            config.push_options().max_batch_wait(),
+            config.push_options().max_in_flight(),
+            config.push_options().queue_bound(),
         );
         Ok(Pusher {
             batcher: Arc::new(batcher),
@@ -209,7 +209,7 @@ impl Pusher {
         let sent = wire.execute_unnamed(client, &payloads, marks).await;
         if let Err(e) = &sent
             && wire.durable()
-            && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+            && crate::pg::is_unique_violation(e)
         {
             // Fresh numbers, met in the log: another role wrote at them.
             self.sender().counters().numbers_taken();

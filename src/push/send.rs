@@ -6,13 +6,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
-use tokio_postgres::error::SqlState;
 
 use super::TARGET;
 use super::link::{FlightConnection, Link};
-use super::wire::{Payloads, Wire, is_proxy_refusal};
-use crate::cancel::Canceller;
+use super::wire::{Payloads, Wire};
 use crate::error::Error;
+use crate::pg::{Canceller, is_proxy_refusal, is_unique_violation};
 use crate::stats::Counters;
 
 /// Sends batches of encoded updates, each in one statement (one transaction).
@@ -150,9 +149,7 @@ impl BatchSender {
                 // Rows at its numbers already: the first try's, committed, only if the log
                 // holds exactly what it sent (another role with INSERT on the log may have
                 // written at these numbers: then nothing of this batch was committed).
-                Ok(Err(Error::Postgres(e)))
-                    if durable && e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
-                {
+                Ok(Err(Error::Postgres(e))) if durable && is_unique_violation(&e) => {
                     let payloads = packed.get().expect("packed before it was sent");
                     // The connection the batch failed on goes back first (a pool of one).
                     drop(used.take());

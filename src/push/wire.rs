@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::task::{Context, Poll};
 
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Statement};
 
@@ -125,14 +124,6 @@ impl Statements {
             many: client.prepare_cached(NOTIFY_MANY).await?,
         })
     }
-}
-
-/// The errors of a transaction-pooling proxy that does not keep prepared statements.
-pub(super) fn is_proxy_refusal(e: &tokio_postgres::Error) -> bool {
-    matches!(
-        e.code(),
-        Some(&SqlState::DUPLICATE_PSTATEMENT | &SqlState::INVALID_SQL_STATEMENT_NAME)
-    )
 }
 
 /// This pipe's envelopes on the wire: the channel and sender they go out with, their

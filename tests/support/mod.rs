@@ -290,12 +290,14 @@ pub fn cluster_config(port: u16, channel: &str) -> Config {
         .unwrap()
         .with_channel(ChannelName::new(channel).unwrap())
         .with_application_name(&unique("up"))
-        .with_health_interval(Duration::from_secs(1))
+        .with_listen(|l| l.with_health_interval(Duration::from_secs(1)))
         .with_connect_timeout(Duration::from_secs(1))
-        .with_push_timeout(Duration::from_secs(3))
-        .with_backoff(updatepipe::Backoff {
-            initial: Duration::from_millis(50),
-            max: Duration::from_millis(500),
-            ..updatepipe::Backoff::default()
+        .with_push(|p| p.with_timeout(Duration::from_secs(3)))
+        .with_listen(|l| {
+            l.with_backoff(updatepipe::Backoff {
+                initial: Duration::from_millis(50),
+                max: Duration::from_millis(500),
+                ..updatepipe::Backoff::default()
+            })
         })
 }

@@ -52,10 +52,11 @@ async fn check_schema_when_reachable(pipe: &PgPipe) -> Result<i64, Error> {
     let mut attempt = 0;
     loop {
         match pipe.check_schema().await {
-            Err(e) if pipe.config().wait_for_server() && e.is_connection() => {
+            Err(e) if pipe.config().listen_options().wait_for_server() && e.is_connection() => {
                 attempt += 1;
                 if pipe
                     .config()
+                    .listen_options()
                     .backoff()
                     .max_attempts
                     .is_some_and(|max| attempt >= max)
@@ -63,7 +64,7 @@ async fn check_schema_when_reachable(pipe: &PgPipe) -> Result<i64, Error> {
                     return Err(e);
                 }
                 eprintln!("updatepipe: waiting for the server ({e})");
-                let delay = pipe.config().backoff().delay(attempt);
+                let delay = pipe.config().listen_options().backoff().delay(attempt);
                 tokio::time::sleep(delay.max(std::time::Duration::from_millis(100))).await;
             }
             checked => return checked,

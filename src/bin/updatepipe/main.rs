@@ -166,12 +166,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_channel(ChannelName::new(&channel.channel)?)
                 .with_durable(durable)
                 .with_secrets(secrets(secret_file.as_deref())?)
-                .with_accept_unsigned(accept_unsigned)
+                .with_listen(|l| l.with_accept_unsigned(accept_unsigned))
                 .with_layout(layout.layout())
-                .with_accept_maddy(accept_maddy)
-                .with_wait_for_server(!no_wait);
+                .with_listen(|l| l.with_accept_maddy(accept_maddy))
+                .with_listen(|l| l.with_wait_for_server(!no_wait));
             if let Some(since) = since {
-                config = config.with_since(since);
+                config = config.with_listen(|l| l.with_since(since));
             }
             if let Some(addr) = metrics {
                 metrics::serve(addr).await?;
@@ -201,8 +201,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             push(config, json, given).await
         }
         Command::Migrate { dry_run, lock_wait } => {
-            let config = config(cli.url.as_deref())?
-                .with_lock_timeout(std::time::Duration::from_secs_f64(lock_wait));
+            let config = config(cli.url.as_deref())?.with_session(|s| {
+                s.with_lock_timeout(std::time::Duration::from_secs_f64(lock_wait))
+            });
             let pipe = PgPipe::new(config)?;
             if dry_run {
                 let current = pipe.status().await?.schema_version.unwrap_or(0);
@@ -247,8 +248,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
-            let config = config(cli.url.as_deref())?
-                .with_lock_timeout(std::time::Duration::from_secs_f64(lock_wait));
+            let config = config(cli.url.as_deref())?.with_session(|s| {
+                s.with_lock_timeout(std::time::Duration::from_secs_f64(lock_wait))
+            });
             let pipe = PgPipe::new(config)?;
             let granted = pipe.grant(&roles).await;
             pipe.close().await?;

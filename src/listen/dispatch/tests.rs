@@ -43,7 +43,7 @@ fn dispatch(config: &Config) -> (Dispatch, mpsc::Receiver<Event>) {
             Packer::new(&me, 1, None),
             settings.channel.clone(),
             pool,
-            crate::cancel::Canceller::new(config).unwrap(),
+            crate::pg::Canceller::new(config.server()).unwrap(),
         ),
         rejections: Pacer::default(),
         log_errors: Pacer::default(),

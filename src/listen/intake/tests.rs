@@ -279,7 +279,7 @@ fn with_signing_unsigned_forged_and_replayed_are_rejected() {
         Verdict::Rejected(DecodeError::Forged)
     );
     let later = Moment {
-        wall: SystemTime::now() + config.replay_window() + Duration::from_secs(1),
+        wall: SystemTime::now() + config.listen_options().replay_window() + Duration::from_secs(1),
         mono: Instant::now(),
     };
     assert_eq!(
@@ -295,7 +295,7 @@ fn with_signing_unsigned_forged_and_replayed_are_rejected() {
 
 #[test]
 fn with_signing_unsigned_may_be_accepted() {
-    let config = signed(config()).with_accept_unsigned(true);
+    let config = signed(config()).with_listen(|l| l.with_accept_unsigned(true));
     let mut intake = intake(&config);
     let unsigned = plain(&self::config(), "other", 1);
     assert_eq!(intake.classify(on(&unsigned), Moment::now()), updates(&[1]));
@@ -386,8 +386,8 @@ fn signed_log_rows_forged_unsigned_or_too_large_owe_no_resync() {
     // Older than the retention and the window allow: a committed update lost.
     let late = Moment {
         wall: SystemTime::now()
-            + config.retention()
-            + config.replay_window()
+            + config.listen_options().retention()
+            + config.listen_options().replay_window()
             + Duration::from_secs(1),
         mono: Instant::now(),
     };
@@ -487,7 +487,7 @@ fn with_signing_on_maddy_updates_need_an_explicit_yes() {
         refusing.classify(on_mailbox(&legacy), Moment::now()),
         Verdict::Rejected(DecodeError::Unsigned)
     );
-    let mut accepting = subscribed(&signed(config()).with_accept_maddy(true));
+    let mut accepting = subscribed(&signed(config()).with_listen(|l| l.with_accept_maddy(true)));
     assert_eq!(
         accepting.classify(on_mailbox(&legacy), Moment::now()),
         updates(&[42])

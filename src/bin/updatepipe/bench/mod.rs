@@ -38,7 +38,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "TEXT")]
     only: Vec<String>,
 
-    /// The pipe's bound on push transactions in flight at once (`Config::with_max_in_flight`;
+    /// The pipe's bound on push transactions in flight at once (`PushOptions::with_max_in_flight`;
     /// default the library's, 1).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     max_in_flight: Option<u16>,
@@ -92,7 +92,10 @@ async fn in_rounds(
     for round in 1..=rounds {
         for ((name, step), runs) in steps.iter().zip(&mut measured) {
             progress.set_message(format!("{name} (round {round} of {rounds})"));
-            let config = base.clone().with_channel(channel("x")?).with_pool_size(4);
+            let config = base
+                .clone()
+                .with_channel(channel("x")?)
+                .with_push(|p| p.with_pool_size(4));
             runs.push(measure(config, url, *step).await?);
             progress.inc(1);
         }
@@ -107,7 +110,7 @@ pub async fn run(base: Config, url: Option<String>, args: BenchArgs) -> anyhow::
     let scale = |n: u64| ((n as f64 * args.scale).round() as u64).max(100);
     let rounds = args.rounds.max(1);
     let base = match args.max_in_flight {
-        Some(n) => base.with_max_in_flight(usize::from(n)),
+        Some(n) => base.with_push(|p| p.with_max_in_flight(usize::from(n))),
         None => base,
     };
     let per_round = |n: u64| scale(n).div_ceil(u64::from(rounds)).max(100);
@@ -348,7 +351,7 @@ pub async fn run(base: Config, url: Option<String>, args: BenchArgs) -> anyhow::
         server_version,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         rounds,
-        max_in_flight: base.max_in_flight(),
+        max_in_flight: base.push_options().max_in_flight(),
         raw_in_flight,
         allocator: crate::ALLOCATOR,
         rows,

@@ -169,7 +169,7 @@ pub(super) async fn backlog(config: Config, n: u64) -> anyhow::Result<Row> {
     pusher.close().await?;
     let before = cpu_time()?;
     let started = Instant::now();
-    let reader = config.with_since(updatepipe::Since::Position(0));
+    let reader = config.with_listen(|l| l.with_since(updatepipe::Since::Position(0)));
     let (listener, counter) = pipe_listener(&reader, n, |_| {}).await?;
     let finished = last_delivery(counter).await?;
     let seconds = (finished - started).as_secs_f64();

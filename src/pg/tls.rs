@@ -271,7 +271,7 @@ const MAX_PEM_FILE: u64 = 1 << 20;
 /// A certificate or key file's bytes: a regular file (after links) of at most
 /// [`MAX_PEM_FILE`] bytes.
 fn read_pem_file(path: &Path) -> Result<Vec<u8>, Error> {
-    crate::config::read_regular(path, MAX_PEM_FILE)
+    super::files::read_regular(path, MAX_PEM_FILE)
         .map_err(Error::Config)?
         .ok_or_else(|| Error::Config(format!("cannot read {}: it does not exist", path.display())))
 }

@@ -11,9 +11,9 @@ use std::time::Duration;
 use deadpool_postgres::Object;
 use tokio_postgres::{CancelToken, Client};
 
-use crate::config::Config;
+use super::server::Server;
+use super::tls::Connector;
 use crate::error::Error;
-use crate::tls::Connector;
 
 const TARGET: &str = "updatepipe";
 
@@ -34,10 +34,10 @@ impl std::fmt::Debug for Canceller {
 }
 
 impl Canceller {
-    pub(crate) fn new(config: &Config) -> Result<Canceller, Error> {
+    pub(crate) fn new(server: &Server) -> Result<Canceller, Error> {
         Ok(Canceller {
-            tls: config.tls_connector()?,
-            timeout: config.connect_timeout(),
+            tls: server.tls_connector()?,
+            timeout: server.connect_timeout(),
         })
     }
 

@@ -4,8 +4,27 @@
 
 use std::path::{Path, PathBuf};
 
-use super::conninfo::Env;
 use crate::error::Error;
+
+/// Where settings come from besides the connection string: the environment, and with it
+/// the password and service files it names.
+pub(crate) struct Env<'a> {
+    var: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl<'a> Env<'a> {
+    pub(crate) fn new(var: &'a dyn Fn(&str) -> Option<String>) -> Self {
+        Env { var }
+    }
+
+    pub(crate) fn var(&self, name: &str) -> Option<String> {
+        (self.var)(name).filter(|v| !v.is_empty())
+    }
+
+    pub(crate) fn home(&self, file: &str) -> Option<PathBuf> {
+        self.var("HOME").map(|home| Path::new(&home).join(file))
+    }
+}
 
 /// The most a password or service file may hold; past it the file is refused.
 const MAX_FILE: u64 = 1 << 20;
@@ -13,7 +32,7 @@ const MAX_FILE: u64 = 1 << 20;
 /// The settings of the service `name`: from the user's service file (`PGSERVICEFILE`, else
 /// `~/.pg_service.conf`) when it defines the service, else from the system's
 /// (`PGSYSCONFDIR/pg_service.conf`, else `/etc/postgresql-common/pg_service.conf`).
-pub(super) fn service_settings(name: &str, env: &Env<'_>) -> Result<Vec<(String, String)>, Error> {
+pub(crate) fn service_settings(name: &str, env: &Env<'_>) -> Result<Vec<(String, String)>, Error> {
     let user = env
         .var("PGSERVICEFILE")
         .map(PathBuf::from)
@@ -158,7 +177,7 @@ impl std::fmt::Debug for PassFile {
 impl PassFile {
     /// The file's entries; `None`, as libpq, when it does not exist, is not a plain file,
     /// cannot be read, or (with a warning) when its group or others may read it.
-    pub(super) fn read(path: &Path) -> Option<PassFile> {
+    pub(crate) fn read(path: &Path) -> Option<PassFile> {
         let meta = std::fs::metadata(path).ok()?;
         if !meta.is_file() {
             return None;

@@ -1,0 +1,183 @@
+//! What a tokio-postgres error means to the pipe: the one place that reads SQLSTATEs and
+//! severities. Each question is a function of the error's class, severity and code, so
+//! that it can be tested without a server.
+
+use tokio_postgres::error::{Severity, SqlState};
+
+/// What an error says, as the questions below read it.
+struct Seen<'a> {
+    /// `None`: no answer from the server (the connection broke, or never was).
+    code: Option<&'a str>,
+    severity: Option<Severity>,
+    message: String,
+}
+
+impl Seen<'_> {
+    fn of(e: &tokio_postgres::Error) -> Seen<'_> {
+        match e.as_db_error() {
+            Some(db) => Seen {
+                code: Some(db.code().code()),
+                severity: db.parsed_severity(),
+                message: String::new(),
+            },
+            // The error's words and its cause's ("invalid configuration", "password
+            // missing").
+            None => Seen {
+                code: None,
+                severity: None,
+                message: std::iter::successors(
+                    Some(e as &(dyn std::error::Error + 'static)),
+                    |e| e.source(),
+                )
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(": "),
+            },
+        }
+    }
+}
+
+/// Whether the error ends a session: a broken connection, or the server ending it
+/// (severity FATAL or PANIC, such as an administrator's terminate or a shutdown; classes 08
+/// and 57, which includes a cancelled statement).
+pub(crate) fn is_fatal(e: &tokio_postgres::Error) -> bool {
+    fatal(&Seen::of(e))
+}
+
+fn fatal(seen: &Seen<'_>) -> bool {
+    match seen.code {
+        None => true,
+        Some(code) => {
+            matches!(seen.severity, Some(Severity::Fatal | Severity::Panic))
+                || code.starts_with("57")
+                || code.starts_with("08")
+        }
+    }
+}
+
+/// Whether the connection is lost: no answer, or the server ending the session (classes 08
+/// and 57P0x: a terminated backend, a shutdown), not a statement it refused.
+pub(crate) fn is_connection_lost(e: &tokio_postgres::Error) -> bool {
+    connection_lost(&Seen::of(e))
+}
+
+fn connection_lost(seen: &Seen<'_>) -> bool {
+    seen.code
+        .is_none_or(|code| code.starts_with("08") || code.starts_with("57P0"))
+}
+
+/// Whether a server refused the login (class 28, or a password it asked for and none was
+/// given).
+pub(crate) fn is_auth_failure(e: &tokio_postgres::Error) -> bool {
+    auth_failure(&Seen::of(e))
+}
+
+fn auth_failure(seen: &Seen<'_>) -> bool {
+    match seen.code {
+        Some(code) => code.starts_with("28"),
+        None => seen.message.contains("password missing"),
+    }
+}
+
+/// Whether a transaction-pooling proxy lost or mixed up a prepared statement: the
+/// statement was not executed.
+pub(crate) fn is_proxy_refusal(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(&SqlState::DUPLICATE_PSTATEMENT | &SqlState::INVALID_SQL_STATEMENT_NAME)
+    )
+}
+
+/// Whether the statement was cancelled (by the pipe, or by the server's
+/// `statement_timeout`).
+pub(crate) fn is_cancelled(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::QUERY_CANCELED)
+}
+
+/// Whether a log query's error says there is no log to read here (the schema is not
+/// migrated, or the role was not granted it): asking again will not help.
+pub(crate) fn is_missing_log(e: &tokio_postgres::Error) -> bool {
+    missing_log(e.code())
+}
+
+fn missing_log(code: Option<&SqlState>) -> bool {
+    code.is_some_and(|code| {
+        [
+            SqlState::UNDEFINED_TABLE,
+            SqlState::INVALID_SCHEMA_NAME,
+            SqlState::INSUFFICIENT_PRIVILEGE,
+        ]
+        .contains(code)
+    })
+}
+
+/// Whether a unique index refused a row (a durable batch's numbers were in the log).
+pub(crate) fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+/// Whether a statement gave up waiting for a lock (`lock_timeout`).
+pub(crate) fn is_lock_timeout(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db(code: &'static str, severity: Severity) -> Seen<'static> {
+        Seen {
+            code: Some(code),
+            severity: Some(severity),
+            message: String::new(),
+        }
+    }
+
+    fn no_answer(message: &str) -> Seen<'static> {
+        Seen {
+            code: None,
+            severity: None,
+            message: message.to_owned(),
+        }
+    }
+
+    #[test]
+    fn what_ends_a_session() {
+        assert!(fatal(&no_answer("connection closed")));
+        assert!(fatal(&db("57P01", Severity::Fatal)), "terminated");
+        assert!(fatal(&db("08006", Severity::Error)));
+        assert!(fatal(&db("57014", Severity::Error)), "cancelled: class 57");
+        assert!(fatal(&db("XX000", Severity::Panic)));
+        assert!(!fatal(&db("42P01", Severity::Error)));
+        assert!(!fatal(&db("23505", Severity::Error)));
+    }
+
+    #[test]
+    fn what_is_a_lost_connection() {
+        assert!(connection_lost(&no_answer("reset")));
+        assert!(connection_lost(&db("57P01", Severity::Fatal)));
+        assert!(connection_lost(&db("08001", Severity::Error)));
+        assert!(!connection_lost(&db("57014", Severity::Error)), "a cancel");
+        assert!(!connection_lost(&db("42501", Severity::Error)));
+    }
+
+    #[test]
+    fn what_is_a_refused_login() {
+        assert!(auth_failure(&db("28P01", Severity::Fatal)));
+        assert!(auth_failure(&db("28000", Severity::Fatal)));
+        assert!(auth_failure(&no_answer(
+            "invalid configuration: password missing"
+        )));
+        assert!(!auth_failure(&no_answer("connection refused")));
+        assert!(!auth_failure(&db("3D000", Severity::Fatal)));
+    }
+
+    #[test]
+    fn what_says_there_is_no_log() {
+        assert!(missing_log(Some(&SqlState::UNDEFINED_TABLE)));
+        assert!(missing_log(Some(&SqlState::INSUFFICIENT_PRIVILEGE)));
+        assert!(missing_log(Some(&SqlState::INVALID_SCHEMA_NAME)));
+        assert!(!missing_log(Some(&SqlState::QUERY_CANCELED)));
+        assert!(!missing_log(None));
+    }
+}
