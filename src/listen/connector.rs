@@ -1,19 +1,15 @@
-//! Reconnecting: the backoff between attempts, delivering what is buffered meanwhile, and
-//! giving up after the configured number of attempts.
+//! Connecting: the first session (waiting for the server when asked), the backoff between
+//! attempts to reconnect, and giving up after the configured number of attempts. (The loop
+//! in `task` waits the backoff out, delivering what is buffered meanwhile.)
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::sync::oneshot;
-use tokio::time::Instant;
-
-use super::outbox::Outbox;
+use super::event::TARGET;
 use super::session::Session;
 use super::settings::Settings;
-use super::{Event, TARGET};
 use crate::config::Config;
 use crate::error::Error;
 use crate::log::Cursor;
-use crate::stats::Counters;
 
 /// Opens the listener's sessions, and counts the attempts.
 #[derive(Debug)]
@@ -92,91 +88,43 @@ impl Connector {
         }
     }
 
-    /// Retries with backoff until a session is open (subscribed to the pipe's channel and to
-    /// `mailboxes`' channels), delivering what is buffered meanwhile;
-    /// `None` when stopped, when the caller went away, or after the configured number of
-    /// attempts (then the caller is told, and what is left is delivered first).
-    pub(super) async fn reconnect(
-        &mut self,
-        outbox: &mut Outbox,
-        counters: &Counters,
-        stopped: &mut oneshot::Receiver<()>,
-        mailboxes: &[String],
-    ) -> Option<Session> {
-        let mut receiver_gone = outbox.closed();
-        loop {
-            let delay = self.settings.backoff.delay(self.attempt);
-            let wake = Instant::now() + delay;
-            // Wait, delivering what is buffered meanwhile.
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = &mut *stopped => return None,
-                    () = tokio::time::sleep_until(wake) => break,
-                    sent = outbox.deliver(), if outbox.has_ready() => match sent {
-                        Some(n) => outbox.delivered(n),
-                        None => return None,
-                    },
-                    () = &mut receiver_gone, if !outbox.has_ready() => return None,
-                }
-            }
-            let opened = tokio::select! {
-                biased;
-                _ = &mut *stopped => return None,
-                opened = Session::open(&self.config, &self.settings, false, mailboxes) => opened,
-            };
-            let e = match opened {
-                Ok((session, _)) => {
-                    counters.reconnect();
-                    tracing::info!(
-                        target: TARGET,
-                        attempts = self.attempt + 1,
-                        "listener reconnected"
-                    );
-                    return Some(session);
-                }
-                Err(e) => e,
-            };
-            self.attempt = self.attempt.saturating_add(1);
-            let attempt = self.attempt;
-            // One warning per outage, not one per attempt.
-            if attempt == 1 {
-                tracing::warn!(
-                    target: TARGET,
-                    error = %e,
-                    "listener cannot reconnect yet; retrying with backoff (each attempt at \
-                     debug level)"
-                );
-            } else {
-                tracing::debug!(
-                    target: TARGET,
-                    error = %e,
-                    attempt,
-                    "listener cannot reconnect yet"
-                );
-            }
-            if self
-                .settings
-                .backoff
-                .max_attempts
-                .is_some_and(|max| attempt >= max)
-            {
-                let reason = format!("gave up reconnecting after {attempt} attempts: {e}");
-                tracing::error!(target: TARGET, %reason);
-                outbox.emit(Event::Disconnected { reason });
-                // Deliver what is left, then end (unless stopped first).
-                while outbox.has_ready() {
-                    tokio::select! {
-                        biased;
-                        _ = &mut *stopped => return None,
-                        sent = outbox.deliver() => match sent {
-                            Some(n) => outbox.delivered(n),
-                            None => break,
-                        },
-                    }
-                }
-                return None;
-            }
+    /// How long to wait before the next attempt to reconnect.
+    pub(super) fn delay(&self) -> std::time::Duration {
+        self.settings.backoff.delay(self.attempt)
+    }
+
+    /// One attempt to open a session again, subscribed to the pipe's channel and to
+    /// `mailboxes`' channels.
+    pub(super) async fn open(&self, mailboxes: &[String]) -> Result<Session, Error> {
+        let (session, _) = Session::open(&self.config, &self.settings, false, mailboxes).await?;
+        tracing::info!(
+            target: TARGET,
+            attempts = self.attempt + 1,
+            "listener reconnected"
+        );
+        Ok(session)
+    }
+
+    /// An attempt to reconnect failed with `e`: logged (one warning per outage, each
+    /// attempt at debug level); `Some(reason)` when the configured number of attempts is
+    /// used up, and the listener gives up.
+    pub(super) fn failed(&mut self, e: &Error) -> Option<String> {
+        self.attempt = self.attempt.saturating_add(1);
+        let attempt = self.attempt;
+        if attempt == 1 {
+            tracing::warn!(
+                target: TARGET,
+                error = %e,
+                "listener cannot reconnect yet; retrying with backoff (each attempt at \
+                 debug level)"
+            );
+        } else {
+            tracing::debug!(target: TARGET, error = %e, attempt, "listener cannot reconnect yet");
         }
+        self.settings
+            .backoff
+            .max_attempts
+            .is_some_and(|max| attempt >= max)
+            .then(|| format!("gave up reconnecting after {attempt} attempts: {e}"))
     }
 }

@@ -33,123 +33,148 @@ pub(super) enum Ask {
     Prune(Duration),
 }
 
-/// The log reader's state.
+/// The log reader's state: the tail in durable mode (none in best effort), and the fetches
+/// of oversize envelopes in either mode.
 #[derive(Debug)]
 pub(super) struct LogReader {
-    durable: bool,
-    retention: Duration,
-    /// Durable mode: the log position: everything visible in its snapshot was delivered.
-    cursor: Option<Cursor>,
+    /// Durable mode: the position in the log and how it is read.
+    tail: Option<Tail>,
+    fetches: Fetches,
+}
+
+/// Durable mode: the position in the log, the catch-up under way, and when to prune.
+#[derive(Debug)]
+struct Tail {
+    /// Everything visible in its snapshot was delivered.
+    cursor: Cursor,
     /// A catch-up read in pages, under way from `cursor`.
     catch_up: Option<CatchUp>,
     /// How much a page may hold: the configured budget, halved while the server cancels
     /// pages (its `statement_timeout`).
     budget: PageBudget,
     configured: PageBudget,
-    /// No tail before this (a page was cancelled: a backoff).
+    /// No page before this (one was cancelled: a backoff).
     not_before: Option<Instant>,
-    /// Pruning that may have taken unread entries was reported during this read.
-    prune_reported: bool,
-    tail_needed: bool,
-    /// The next tail is a catch-up (after a reconnect, or from a starting point in the
+    /// The tail must be read (something was announced, or a page is left).
+    needed: bool,
+    /// The next read is a catch-up (after a reconnect, or from a starting point in the
     /// past): its updates are counted as replayed.
     replaying: bool,
-    /// Durable mode: a best-effort sender was heard on the channel, whose updates a
-    /// disconnect loses (so a reconnect must raise a resync after all).
+    /// Pruning that may have taken unread entries was reported during this read.
+    prune_reported: bool,
+    /// A best-effort sender was heard on the channel, whose updates a disconnect loses (so
+    /// a reconnect must raise a resync after all).
     heard_best_effort: bool,
-    /// Oversize envelopes to fetch from the log, in delivery order.
-    fetches: VecDeque<(Origin, u64)>,
-    /// The log does not exist, or this role may not read it: fetching stopped until the
-    /// next connection (references are let go, with a resync).
-    unreadable: bool,
+    retention: Duration,
     next_prune: Instant,
 }
 
+/// The oversize envelopes to fetch from the log, in delivery order.
+#[derive(Debug, Default)]
+struct Fetches {
+    waiting: VecDeque<(Origin, u64)>,
+    /// The log does not exist, or this role may not read it: fetching stopped until the
+    /// next connection (references are let go, with a resync).
+    unreadable: bool,
+}
+
 impl LogReader {
-    /// A reader whose first read starts at `cursor` (durable mode), from the past when the
-    /// listener was asked to replay.
-    pub(super) fn new(
-        durable: bool,
+    /// A best-effort listener's reader: it fetches oversize envelopes, nothing more.
+    pub(super) fn best_effort() -> LogReader {
+        LogReader {
+            tail: None,
+            fetches: Fetches::default(),
+        }
+    }
+
+    /// A durable listener's reader, whose first read starts at `cursor` (from the past
+    /// when the listener was asked to replay: then it counts as a catch-up).
+    pub(super) fn durable(
+        cursor: Cursor,
         retention: Duration,
         budget: PageBudget,
-        cursor: Option<Cursor>,
         replay_from_the_past: bool,
         now: Instant,
     ) -> LogReader {
         LogReader {
-            durable,
-            retention,
-            cursor,
-            catch_up: None,
-            budget,
-            configured: budget,
-            not_before: None,
-            prune_reported: false,
-            tail_needed: durable,
-            replaying: durable && replay_from_the_past,
-            heard_best_effort: false,
-            fetches: VecDeque::new(),
-            unreadable: false,
-            next_prune: now,
+            tail: Some(Tail {
+                cursor,
+                catch_up: None,
+                budget,
+                configured: budget,
+                not_before: None,
+                needed: true,
+                replaying: replay_from_the_past,
+                prune_reported: false,
+                heard_best_effort: false,
+                retention,
+                next_prune: now,
+            }),
+            fetches: Fetches::default(),
         }
     }
 
     /// In durable mode, reads the tail soon: a durable envelope was announced, or (a safety
     /// net should a wake-up ever be missed) a heartbeat went out.
     pub(super) fn read_soon(&mut self) {
-        if self.durable {
-            self.tail_needed = true;
+        if let Some(tail) = &mut self.tail {
+            tail.needed = true;
         }
     }
 
     /// A best-effort sender's updates were heard in durable mode.
     pub(super) fn heard_best_effort(&mut self) {
-        self.heard_best_effort = true;
+        if let Some(tail) = &mut self.tail {
+            tail.heard_best_effort = true;
+        }
     }
 
     /// Stops fetching (the log is not there, or not readable), until the next connection;
     /// returns the fetches that were waiting, none of which will be made.
     pub(super) fn stop_fetching(&mut self) -> Vec<(Origin, u64)> {
-        self.unreadable = true;
-        self.fetches.drain(..).collect()
+        self.fetches.unreadable = true;
+        self.fetches.waiting.drain(..).collect()
     }
 
     /// Whether fetching stopped ([`stop_fetching`](LogReader::stop_fetching)).
     pub(super) fn is_unreadable(&self) -> bool {
-        self.unreadable
+        self.fetches.unreadable
     }
 
     /// Whether another oversize envelope may wait for its fetch.
     pub(super) fn can_fetch(&self) -> bool {
-        self.fetches.len() < MAX_PENDING_FETCHES
+        self.fetches.waiting.len() < MAX_PENDING_FETCHES
     }
 
     /// Fetches this oversize envelope after those already waiting.
     pub(super) fn queue_fetch(&mut self, origin: Origin, seq: u64) {
-        self.fetches.push_back((origin, seq));
+        self.fetches.waiting.push_back((origin, seq));
     }
 
     /// What to ask next, by priority: the tail (only with `room` for what it brings), the
     /// oldest fetch, pruning when due (every tenth of the retention, between 1 s and 60 s).
     pub(super) fn next_ask(&mut self, room: bool, now: Instant) -> Option<Ask> {
-        if self.tail_needed && room {
-            let from = self.cursor.clone()?;
-            self.tail_needed = false;
+        if let Some(tail) = &mut self.tail
+            && tail.needed
+            && room
+        {
+            tail.needed = false;
             return Some(Ask::Tail {
-                from,
-                catch_up: self.catch_up.clone(),
-                budget: self.budget,
-                not_before: self.not_before.filter(|at| now < *at),
+                from: tail.cursor.clone(),
+                catch_up: tail.catch_up.clone(),
+                budget: tail.budget,
+                not_before: tail.not_before.filter(|at| now < *at),
             });
         }
-        if let Some((origin, seq)) = self.fetches.front() {
+        if let Some((origin, seq)) = self.fetches.waiting.front() {
             return Some(Ask::Fetch(origin.clone(), *seq));
         }
+        let tail = self.tail.as_mut()?;
         // Not while a catch-up is under way: it would prune what it is about to read.
-        if self.durable && self.catch_up.is_none() && now >= self.next_prune {
-            self.next_prune =
-                now + (self.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
-            return Some(Ask::Prune(self.retention));
+        if tail.catch_up.is_none() && now >= tail.next_prune {
+            tail.next_prune =
+                now + (tail.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+            return Some(Ask::Prune(tail.retention));
         }
         None
     }
@@ -158,45 +183,50 @@ impl LogReader {
     /// otherwise the next page is read as soon as there is room. Returns its entries, and
     /// whether they are a catch-up's (counted as replayed).
     pub(super) fn advance(&mut self, page: Page) -> (Vec<Entry>, bool) {
-        let Some(previous) = &self.cursor else {
+        let Some(tail) = &mut self.tail else {
             return (Vec::new(), false);
         };
         let complete = page.complete;
-        let (cursor, catch_up, entries) = page.advance(previous);
-        self.cursor = Some(cursor);
-        self.catch_up = catch_up;
-        self.not_before = None;
+        let (cursor, catch_up, entries) = page.advance(&tail.cursor);
+        tail.cursor = cursor;
+        tail.catch_up = catch_up;
+        tail.not_before = None;
         // A page that was read: the budget may grow back towards what is configured.
-        self.budget.rows = self.budget.rows.saturating_mul(2).min(self.configured.rows);
+        tail.budget.rows = tail.budget.rows.saturating_mul(2).min(tail.configured.rows);
         if !complete {
-            self.tail_needed = true;
-            return (entries, self.replaying);
+            tail.needed = true;
+            return (entries, tail.replaying);
         }
-        self.prune_reported = false;
-        (entries, std::mem::take(&mut self.replaying))
+        tail.prune_reported = false;
+        (entries, std::mem::take(&mut tail.replaying))
     }
 
     /// Whether a page's news that entries may have been pruned is to be told now: once per
     /// read, on whichever of its pages sees it (pruning may run between pages).
     pub(super) fn prune_news(&mut self, pruned: bool) -> bool {
-        if !pruned || self.prune_reported {
+        let Some(tail) = &mut self.tail else {
+            return false;
+        };
+        if !pruned || tail.prune_reported {
             return false;
         }
-        self.prune_reported = true;
+        tail.prune_reported = true;
         true
     }
 
     /// The server cancelled a page (its `statement_timeout`, say): read it again after a
     /// pause, half as large (one row at the least), rather than repeat what cannot finish.
     pub(super) fn page_cancelled(&mut self, now: Instant, pause: Duration) {
-        self.budget.rows = (self.budget.rows / 2).max(1);
-        self.tail_needed = true;
-        self.not_before = Some(now + pause);
+        if let Some(tail) = &mut self.tail {
+            tail.budget.rows = (tail.budget.rows / 2).max(1);
+            tail.needed = true;
+            tail.not_before = Some(now + pause);
+        }
     }
 
     /// The oldest fetch is done (read, or given up on).
     pub(super) fn fetched(&mut self) -> Option<(Origin, u64)> {
-        self.fetches.pop_front()
+        self.fetches.waiting.pop_front()
     }
 
     /// A new connection: in durable mode, the log has what was missed, read it now (as a
@@ -204,13 +234,13 @@ impl LogReader {
     /// durable mode when best-effort senders were heard (what they sent meanwhile is lost).
     pub(super) fn on_reconnect(&mut self) -> bool {
         // The schema may have been migrated, or the role granted, meanwhile.
-        self.unreadable = false;
-        if !self.durable {
+        self.fetches.unreadable = false;
+        let Some(tail) = &mut self.tail else {
             return true;
-        }
-        self.tail_needed = true;
-        self.replaying = true;
-        self.heard_best_effort
+        };
+        tail.needed = true;
+        tail.replaying = true;
+        tail.heard_best_effort
     }
 }
 
@@ -229,14 +259,7 @@ mod tests {
     }
 
     fn durable(now: Instant) -> LogReader {
-        LogReader::new(
-            true,
-            100 * SECOND,
-            BUDGET,
-            Some(Cursor::default()),
-            false,
-            now,
-        )
+        LogReader::durable(Cursor::default(), 100 * SECOND, BUDGET, false, now)
     }
 
     #[test]
@@ -269,14 +292,7 @@ mod tests {
             reader.next_ask(true, now + 10 * SECOND),
             Some(Ask::Prune(_))
         ));
-        let mut long = LogReader::new(
-            true,
-            86_400 * SECOND,
-            BUDGET,
-            Some(Cursor::default()),
-            false,
-            now,
-        );
+        let mut long = LogReader::durable(Cursor::default(), 86_400 * SECOND, BUDGET, false, now);
         long.next_ask(true, now);
         long.next_ask(true, now);
         assert!(long.next_ask(true, now + 59 * SECOND).is_none());
@@ -289,7 +305,7 @@ mod tests {
     #[test]
     fn best_effort_fetches_but_never_tails_nor_prunes() {
         let now = Instant::now();
-        let mut reader = LogReader::new(false, 100 * SECOND, BUDGET, None, true, now);
+        let mut reader = LogReader::best_effort();
         reader.read_soon();
         assert!(reader.next_ask(true, now).is_none());
         for seq in 0..MAX_PENDING_FETCHES as u64 {
@@ -403,14 +419,7 @@ mod tests {
     #[test]
     fn a_reconnect_in_durable_mode_catches_up() {
         let now = Instant::now();
-        let mut reader = LogReader::new(
-            true,
-            100 * SECOND,
-            BUDGET,
-            Some(Cursor::default()),
-            true,
-            now,
-        );
+        let mut reader = LogReader::durable(Cursor::default(), 100 * SECOND, BUDGET, true, now);
         assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail { .. })));
         // A replay from the past is a catch-up; the next read is not.
         assert!(reader.advance(Page::complete_for_tests()).1);
@@ -426,7 +435,7 @@ mod tests {
     #[test]
     fn no_log_to_read_stops_fetching_until_the_next_connection() {
         let now = Instant::now();
-        let mut reader = LogReader::new(false, SECOND, BUDGET, None, false, now);
+        let mut reader = LogReader::best_effort();
         reader.queue_fetch(origin(), 1);
         reader.queue_fetch(origin(), 2);
         let dropped = reader.stop_fetching();

@@ -16,7 +16,7 @@ use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 use tokio_postgres::types::Type;
 
-use super::TARGET;
+use super::event::TARGET;
 use crate::envelope::Packer;
 use crate::error::pg_message;
 use crate::pg::{Canceller, Lent};
@@ -152,59 +152,56 @@ impl Heartbeat {
         }
     }
 
-    /// Sends the next heartbeat, when one is due, within the time it has to come back
+    /// Sends the heartbeat `seq` (the clock's due one), within the time it has to come back
     /// (checkout included). A heartbeat whose connection does not answer by then, or that
     /// is dropped unfinished (its session ended), is cancelled and its connection closed,
     /// never pooled again, and with it the pool's idle connections: they may sit behind the
     /// same dead path (a NAT or a middlebox that forgot the flows open at one moment), and
     /// the next heartbeat must go out on a fresh one. (Returned to the pool, a dead one
     /// would take every later heartbeat with it: the listener would flap for good.)
-    pub(super) fn next(&mut self) -> Option<BoxFuture<'static, Sent>> {
-        let seq = self.clock.due(Instant::now())?;
+    pub(super) fn send(&self, seq: u64) -> BoxFuture<'static, Sent> {
         let payload = self.packer.heartbeat(seq);
         let channel = self.channel.clone();
         let pool = self.pool.clone();
         let canceller = self.canceller.clone();
         let deadline = self.clock.timeout();
-        Some(
-            async move {
-                let mut fresh = FreshAfterFault(Some(pool.clone()));
-                let send = async {
-                    let lent = match pool.get().await {
-                        Ok(client) => Lent::new(client, &canceller),
-                        // No connection to send it: it will not come back, and the listener
-                        // treats its connection as dead when the time is up, as it must
-                        // when the server cannot be reached.
-                        Err(e) => return Sent::Unsent(e.to_string()),
-                    };
-                    let sent = lent
-                        .client()
-                        .execute_typed(
-                            "SELECT pg_catalog.pg_notify($1, $2)",
-                            &[(&channel, Type::TEXT), (&payload, Type::TEXT)],
-                        )
-                        .await;
-                    match &sent {
-                        Ok(_) => lent.answered(),
-                        Err(e) => lent.ended_with(e),
-                    }
-                    Sent::Sent(sent)
+        async move {
+            let mut fresh = FreshAfterFault(Some(pool.clone()));
+            let send = async {
+                let lent = match pool.get().await {
+                    Ok(client) => Lent::new(client, &canceller),
+                    // No connection to send it: it will not come back, and the listener
+                    // treats its connection as dead when the time is up, as it must
+                    // when the server cannot be reached.
+                    Err(e) => return Sent::Unsent(e.to_string()),
                 };
-                match tokio::time::timeout(deadline, send).await {
-                    Ok(sent) => {
-                        if !matches!(sent, Sent::Unsent(_)) {
-                            fresh.0 = None;
-                        }
-                        sent
-                    }
-                    // Left to the clock: a path that does not answer at all looks like this.
-                    Err(_) => Sent::Unsent(format!(
-                        "the pooled connection did not answer within {deadline:?}; closed"
-                    )),
+                let sent = lent
+                    .client()
+                    .execute_typed(
+                        "SELECT pg_catalog.pg_notify($1, $2)",
+                        &[(&channel, Type::TEXT), (&payload, Type::TEXT)],
+                    )
+                    .await;
+                match &sent {
+                    Ok(_) => lent.answered(),
+                    Err(e) => lent.ended_with(e),
                 }
+                Sent::Sent(sent)
+            };
+            match tokio::time::timeout(deadline, send).await {
+                Ok(sent) => {
+                    if !matches!(sent, Sent::Unsent(_)) {
+                        fresh.0 = None;
+                    }
+                    sent
+                }
+                // Left to the clock: a path that does not answer at all looks like this.
+                Err(_) => Sent::Unsent(format!(
+                    "the pooled connection did not answer within {deadline:?}; closed"
+                )),
             }
-            .boxed(),
-        )
+        }
+        .boxed()
     }
 
     /// Notes what sending came to; `true` when the heartbeat went out.
@@ -229,6 +226,14 @@ impl Heartbeat {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+impl Heartbeat {
+    /// The channel heartbeats go out on (the pipe's).
+    pub(super) fn channel_for_tests(&self) -> &str {
+        &self.channel
     }
 }
 

@@ -15,7 +15,7 @@
 
 use std::time::{Instant, SystemTime};
 
-use super::ResyncReason;
+use super::event::ResyncReason;
 use super::gaps::Gaps;
 use super::replay::ReplayGuard;
 use super::settings::Settings;

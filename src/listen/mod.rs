@@ -8,30 +8,31 @@
 //! ## How it is built
 //!
 //! A [`Listener`] is the handle: it opens the first session and spawns the connection loop
-//! (`task`), which owns named sub-states, each with its own fields and its own answer to
-//! "what does a reconnect do to me" (`on_reconnect`):
+//! (`task`). The modules form a tree, each importing only those below it:
 //!
-//! - `settings`: what the configuration says, read once.
-//! - `connector` and `session`: the backoff, and opening one subscribed connection.
-//! - `intake` (with `gaps` and `replay`): the pure verdict on a notification or a log row.
-//!   On a reconnect, best effort forgets the senders' numbers.
-//! - `subscriptions` (in the intake): the maddy layout's mailboxes, reference-counted, and
-//!   the `LISTEN`/`UNLISTEN` each change needs, run one at a time in the loop's own slot. On
-//!   a reconnect, the new session listens on the whole set, and a resync covers it.
-//! - `outbox`: the bounded hand-off to the caller, and the slow-consumer policy.
-//! - `durable`: the log position, and what to read, fetch or prune next. On a reconnect, in
-//!   durable mode, the tail is read as a catch-up; it says whether a resync is owed.
-//! - `heartbeat`: the proof that the connection works. On a reconnect, nothing is
-//!   outstanding, and the next is due in half an interval.
-//! - `pacer`: the pacing of warnings that senders can provoke.
-//! - `watch`: the sampling of the server's notification queue, with a warning when it
-//!   fills. A reconnect does nothing to it.
+//! - `task`: the loop, I/O only. It starts what `schedule` says, polls the connection and
+//!   the slots, and hands what arrives to `dispatch`; `connector` (with `session`) opens a
+//!   session, and counts the attempts and the backoff between them; `query` runs a
+//!   statement in the query slot by its deadline, cancelling it past that; `watch` samples
+//!   the server's notification queue.
+//! - `schedule`: what the loop starts next, and until when it waits: a pure function of the
+//!   sub-states, the slots and the clock, unit-tested without a server.
+//! - `dispatch`: the sub-states, reached through its methods only, and what each thing that
+//!   arrives does to them; each sub-state has its own answer to "what does a reconnect do
+//!   to me" (`on_reconnect`):
+//!   - `intake` (with `gaps`, `replay` and `subscriptions`, the maddy layout's mailboxes):
+//!     the pure verdict on a notification or a log row. On a reconnect, best effort forgets
+//!     the senders' numbers, and the subscriptions are listened on again.
+//!   - `outbox`: the bounded hand-off to the caller, the slow-consumer policy, and the
+//!     folding of resyncs.
+//!   - `durable`: the log position, and what to read, fetch or prune next. On a reconnect,
+//!     in durable mode, the tail is read as a catch-up; it says whether a resync is owed.
+//!   - `heartbeat`: the proof that the connection works. On a reconnect, nothing is
+//!     outstanding, and the next is due in half an interval.
+//! - At the bottom: `event` (what the caller hears), `settings` (what the configuration
+//!   says, read once), `pacer` (the pacing of warnings that senders can provoke).
 //!
-//! The loop only does I/O and dispatch: a notification goes to the intake, and its
-//! [`Verdict`](intake::Verdict) to the outbox, the log reader or the heartbeat; the log
-//! reader's next ask becomes a query in the loop's query slot, and its rows go through the
-//! intake to the outbox. After a reconnect the caller hears `Connected`, then, when one is
-//! owed, a resync.
+//! After a reconnect the caller hears `Connected`, then, when one is owed, a resync.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -46,108 +47,31 @@ use crate::error::Error;
 use crate::origin::Origin;
 use crate::pg::Canceller;
 use crate::stats::Counters;
-use crate::update::{MailboxKey, Update};
 
 mod connector;
 mod dispatch;
 mod durable;
+mod event;
 mod gaps;
 mod heartbeat;
 mod intake;
 mod outbox;
 mod pacer;
+mod query;
 mod replay;
+mod schedule;
 mod session;
 mod settings;
 mod subscriptions;
 mod task;
 mod watch;
 
+pub use event::{Event, ResyncReason};
 pub(crate) use outbox::Sink;
 pub(crate) use subscriptions::Command;
 
-const TARGET: &str = "updatepipe::listen";
-
 /// How many subscription changes may wait for the listener task (more wait to be queued).
 const COMMAND_QUEUE: usize = 64;
-
-/// What a listener tells an application that asked for events
-/// ([`PgPipe::listen_events`](crate::PgPipe::listen_events)), in order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Event {
-    /// An update from another sender.
-    Update(Update),
-    /// The listener is subscribed: updates committed from now on will arrive.
-    Connected,
-    /// The connection was lost; the listener is reconnecting.
-    Disconnected {
-        /// Why, in words.
-        reason: String,
-    },
-    /// Updates may have been missed: reload your state (for IMAP: the mailboxes' views).
-    Resync(ResyncReason),
-}
-
-/// Why a listener asks for a resync.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ResyncReason {
-    /// The connection was lost and is back; in best-effort mode whatever was sent
-    /// meanwhile is lost.
-    Reconnected,
-    /// A sender's envelope numbers skipped: something between was not received (or that
-    /// sender's push failed midway).
-    SequenceGap {
-        /// The sender.
-        origin: String,
-        /// The number expected next.
-        expected: u64,
-        /// The number received.
-        got: u64,
-    },
-    /// The listener was away longer than the durable log's retention: entries it had not
-    /// read were pruned.
-    LogPruned,
-    /// A committed update could not be read: its log entry is gone, undecodable (for
-    /// example written by a newer version), or with signing on, older than the retention
-    /// and replay window allow.
-    Unreadable {
-        /// The sender.
-        origin: String,
-    },
-    /// The application did not read for so long that the listener let go of updates.
-    SlowConsumer {
-        /// How many updates were let go.
-        dropped: u64,
-    },
-    /// The maddy layout: the connection was lost and is back, subscribed again to these
-    /// mailboxes' channels. maddy's updates are not logged, so whatever maddy nodes sent
-    /// them meanwhile is lost, in durable mode too: reload these mailboxes. Raised when the
-    /// reconnect owes no [`Reconnected`](ResyncReason::Reconnected) resync, which covers
-    /// every mailbox (that is, in durable mode).
-    Resubscribed {
-        /// The subscribed mailboxes.
-        keys: Vec<MailboxKey>,
-    },
-    /// The maddy layout: a maddy node sent an update for this mailbox that the pipe cannot
-    /// take as it is (a flag it refuses, such as a non-ASCII one): reload the mailbox.
-    Unrepresentable {
-        /// The mailbox.
-        key: MailboxKey,
-    },
-}
-
-impl ResyncReason {
-    /// Whether it concerns some mailboxes only, which it names (the maddy layout's), rather
-    /// than everything.
-    pub fn is_per_mailbox(&self) -> bool {
-        matches!(
-            self,
-            ResyncReason::Resubscribed { .. } | ResyncReason::Unrepresentable { .. }
-        )
-    }
-}
 
 /// The running listener: its task, and the signal that stops it.
 #[derive(Debug)]
@@ -181,54 +105,34 @@ impl Listener {
             connector.open_first().await?
         };
         let now = Instant::now();
-        let packer = Packer::new(&origin, std::process::id(), settings.signer.clone());
-        let heartbeat_watch_pool = heartbeat_pool.clone();
-        let counters_for_watch = counters.clone();
-        let mut dispatch = dispatch::Dispatch {
-            intake: intake::Intake::new(&settings, origin),
-            outbox: outbox::Outbox::new(sink, settings.max_buffered, counters.clone()),
-            // A replay from the past counts as replayed.
-            reader: durable::LogReader::new(
-                settings.durable,
-                settings.retention,
-                settings.page,
-                cursor,
-                settings.since.is_some(),
-                now,
-            ),
-            heartbeat: heartbeat::Heartbeat::new(
-                heartbeat::Clock::new(settings.health_interval, now),
-                packer,
-                settings.channel.clone(),
-                heartbeat_pool,
-                canceller.clone(),
-            ),
-            rejections: pacer::Pacer::default(),
-            log_errors: pacer::Pacer::default(),
-            cancelled_pages: pacer::Pacer::default(),
-            prunes_skipped: (0, pacer::Pacer::default()),
-            page_pause: settings.page_pause(),
-            counters,
-        };
-        dispatch.outbox.emit(Event::Connected);
+        let heartbeat = heartbeat::Heartbeat::new(
+            heartbeat::Clock::new(settings.health_interval, now),
+            Packer::new(&origin, std::process::id(), settings.signer.clone()),
+            settings.channel.clone(),
+            heartbeat_pool.clone(),
+            canceller.clone(),
+        );
         let watch = watch::QueueWatch::new(
-            heartbeat_watch_pool,
+            heartbeat_pool,
             canceller.clone(),
             settings.health_interval,
             config.listen_options().queue_warn(),
-            counters_for_watch,
+            counters.clone(),
             now,
         );
         let task = task::ConnectionLoop {
-            connector,
-            dispatch,
-            watch,
-            channel: settings.channel.clone(),
-            slot: task::QuerySlot::new(
+            dispatch: dispatch::Dispatch::new(
+                &settings, origin, sink, heartbeat, cursor, counters, now,
+            ),
+            schedule: schedule::Schedule::new(settings.query_deadline(), now),
+            slot: query::QuerySlot::new(
                 settings.query_deadline(),
                 settings.cancel_grace(),
                 canceller,
             ),
+            watch,
+            channel: settings.channel.clone(),
+            connector,
         };
         let (stop, stopped) = oneshot::channel();
         let (commands, received) = mpsc::channel(COMMAND_QUEUE);
@@ -254,7 +158,7 @@ impl Listener {
         if let Err(e) = (&mut self.task).await
             && e.is_panic()
         {
-            tracing::error!(target: TARGET, "listener task panicked: {e}");
+            tracing::error!(target: event::TARGET, "listener task panicked: {e}");
         }
     }
 }

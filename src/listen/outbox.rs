@@ -12,8 +12,8 @@ use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::event::{Event, ResyncReason, TARGET};
 use super::pacer::Pacer;
-use super::{Event, ResyncReason, TARGET};
 use crate::stats::Counters;
 use crate::update::Update;
 
@@ -462,6 +462,14 @@ impl Outbox {
             let dropped = std::mem::take(&mut self.dropped);
             self.resync(ResyncReason::SlowConsumer { dropped });
         }
+    }
+}
+
+#[cfg(test)]
+impl Outbox {
+    /// Forgets what waits (a test that starts after what the caller heard first).
+    pub(super) fn buffer_clear_for_tests(&mut self) {
+        self.buffer.clear();
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio_postgres::{Client, Notification};
 
-use super::TARGET;
+use super::event::TARGET;
 use super::settings::Settings;
 use crate::channel::quote_identifier;
 use crate::config::Config;

@@ -11,7 +11,7 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
-use super::TARGET;
+use super::event::TARGET;
 use super::pacer::Pacer;
 use crate::error::Error;
 use crate::pg::{Canceller, Lent};
@@ -57,38 +57,40 @@ impl QueueWatch {
         }
     }
 
-    /// Samples the queue, when a sample is due: within the interval (at least a second),
-    /// cancelled past it.
-    pub(super) fn next(&mut self, now: Instant) -> Option<BoxFuture<'static, Result<f64, Error>>> {
+    /// Whether a sample is due now (then the next is due an interval later).
+    pub(super) fn due(&mut self, now: Instant) -> bool {
         if now < self.next_due {
-            return None;
+            return false;
         }
         self.next_due = now + self.every;
+        true
+    }
+
+    /// Samples the queue, within the interval (at least a second), cancelled past it.
+    pub(super) fn sample(&self) -> BoxFuture<'static, Result<f64, Error>> {
         let pool = self.pool.clone();
         let canceller = self.canceller.clone();
         let after = self.every.max(Duration::from_secs(1));
-        Some(
-            async move {
-                let sample = async {
-                    let lent = Lent::new(pool.get().await?, &canceller);
-                    let answer = lent
-                        .client()
-                        .query_typed_one(
-                            "SELECT pg_catalog.pg_notification_queue_usage()::pg_catalog.float8",
-                            &[],
-                        )
-                        .await;
-                    Ok(lent.finish(answer)?.get::<_, f64>(0))
-                };
-                tokio::time::timeout(after, sample)
-                    .await
-                    .unwrap_or(Err(Error::Timeout {
-                        what: "sampling the notification queue",
-                        after,
-                    }))
-            }
-            .boxed(),
-        )
+        async move {
+            let sample = async {
+                let lent = Lent::new(pool.get().await?, &canceller);
+                let answer = lent
+                    .client()
+                    .query_typed_one(
+                        "SELECT pg_catalog.pg_notification_queue_usage()::pg_catalog.float8",
+                        &[],
+                    )
+                    .await;
+                Ok(lent.finish(answer)?.get::<_, f64>(0))
+            };
+            tokio::time::timeout(after, sample)
+                .await
+                .unwrap_or(Err(Error::Timeout {
+                    what: "sampling the notification queue",
+                    after,
+                }))
+        }
+        .boxed()
     }
 
     /// Notes a sample: kept in the stats, and a warning (at most one per ten seconds)

@@ -6,10 +6,8 @@ use super::*;
 use crate::config::Config;
 use crate::envelope::{Marks, Packer};
 use crate::listen::durable::MAX_PENDING_FETCHES;
-use crate::listen::heartbeat::Clock;
-use crate::listen::outbox::Sink;
-use crate::listen::settings::Settings;
-use crate::log::{Cursor, Entry, Page};
+use crate::listen::query::{Asked, QueryOutcome};
+use crate::log::{Entry, Page};
 use crate::update::Update;
 
 const CHANNEL: &str = "updatepipe";
@@ -19,40 +17,8 @@ fn config() -> Config {
 }
 
 fn dispatch(config: &Config) -> (Dispatch, mpsc::Receiver<Event>) {
-    let settings = Settings::from_config(config);
-    assert_eq!(settings.channel, CHANNEL);
-    let (tx, rx) = mpsc::channel(1024);
-    let manager = deadpool_postgres::Manager::new(config.pg().clone(), tokio_postgres::NoTls);
-    let pool = deadpool_postgres::Pool::builder(manager).build().unwrap();
-    let now = Instant::now();
-    let counters = Arc::new(Counters::default());
-    let me = Origin::parse("me").unwrap();
-    let dispatch = Dispatch {
-        intake: Intake::new(&settings, me.clone()),
-        outbox: Outbox::new(Sink::Events(tx), settings.max_buffered, counters.clone()),
-        reader: LogReader::new(
-            settings.durable,
-            settings.retention,
-            settings.page,
-            settings.durable.then(Cursor::default),
-            false,
-            now,
-        ),
-        heartbeat: Heartbeat::new(
-            Clock::new(settings.health_interval, now),
-            Packer::new(&me, 1, None),
-            settings.channel.clone(),
-            pool,
-            crate::pg::Canceller::new(config.server()).unwrap(),
-        ),
-        rejections: Pacer::default(),
-        log_errors: Pacer::default(),
-        cancelled_pages: Pacer::default(),
-        prunes_skipped: (0, Pacer::default()),
-        page_pause: settings.page_pause(),
-        counters,
-    };
-    (dispatch, rx)
+    assert_eq!(config.channel().as_str(), CHANNEL);
+    Dispatch::for_tests(config)
 }
 
 /// What the caller hears once the resyncs held back (folded: see `Outbox::resync`) are
@@ -98,31 +64,31 @@ fn on(payload: &str) -> Incoming<'_> {
 #[test]
 fn a_reconnect_in_best_effort_says_connected_then_resync() {
     let (mut d, mut rx) = dispatch(&config());
-    d.on_notification(on(&envelope("other", 1, Marks::default())));
-    d.on_reconnect();
+    d.on_incoming(on(&envelope("other", 1, Marks::default())));
+    d.on_reconnect(Instant::now());
     let resync = Event::Resync(ResyncReason::Reconnected);
     assert_eq!(
         heard(&mut d, &mut rx),
         [update(1), Event::Connected, resync]
     );
     // The numbers were forgotten: no gap across the reconnect.
-    d.on_notification(on(&envelope("other", 5, Marks::default())));
+    d.on_incoming(on(&envelope("other", 5, Marks::default())));
     assert_eq!(heard(&mut d, &mut rx), [update(5)]);
 }
 
 #[test]
 fn a_durable_reconnect_reads_the_log_and_owes_a_resync_for_best_effort_senders() {
     let (mut d, mut rx) = dispatch(&config().with_durable(true));
-    assert!(matches!(d.next_ask(), Some(Ask::Tail { .. })));
-    d.on_reconnect();
+    assert!(matches!(d.next_ask(Instant::now()), Some(Ask::Tail { .. })));
+    d.on_reconnect(Instant::now());
     assert_eq!(heard(&mut d, &mut rx), [Event::Connected]);
-    assert!(matches!(d.next_ask(), Some(Ask::Tail { .. })));
+    assert!(matches!(d.next_ask(Instant::now()), Some(Ask::Tail { .. })));
     // A durable envelope is read from the log, not from the notification.
-    d.on_notification(on(&envelope("other", 1, DURABLE)));
+    d.on_incoming(on(&envelope("other", 1, DURABLE)));
     assert_eq!(heard(&mut d, &mut rx), []);
-    assert!(matches!(d.next_ask(), Some(Ask::Tail { .. })));
-    d.on_notification(on(&envelope("pool", 1, Marks::default())));
-    d.on_reconnect();
+    assert!(matches!(d.next_ask(Instant::now()), Some(Ask::Tail { .. })));
+    d.on_incoming(on(&envelope("pool", 1, Marks::default())));
+    d.on_reconnect(Instant::now());
     let resync = Event::Resync(ResyncReason::Reconnected);
     assert_eq!(
         heard(&mut d, &mut rx),
@@ -142,8 +108,8 @@ fn entry(origin: &str, seq: i64, payload: String) -> Entry {
 #[tokio::test(start_paused = true)]
 async fn a_tail_delivers_others_rows_in_order_and_counts_a_catch_up() {
     let (mut d, mut rx) = dispatch(&config().with_durable(true));
-    d.on_reconnect();
-    let Some(Ask::Tail { .. }) = d.next_ask() else {
+    d.on_reconnect(Instant::now());
+    let Some(Ask::Tail { .. }) = d.next_ask(Instant::now()) else {
         panic!("a tail first");
     };
     let tail = Page::with_entries_for_tests(
@@ -177,8 +143,8 @@ async fn a_tail_delivers_others_rows_in_order_and_counts_a_catch_up() {
     let stats = d.counters.snapshot();
     assert_eq!((stats.replayed, stats.rejected_total()), (2, 1));
     // The next tail is no catch-up.
-    d.on_notification(on(&envelope("other", 5, DURABLE)));
-    let Some(Ask::Tail { .. }) = d.next_ask() else {
+    d.on_incoming(on(&envelope("other", 5, DURABLE)));
+    let Some(Ask::Tail { .. }) = d.next_ask(Instant::now()) else {
         panic!("a tail");
     };
     let tail = Page::with_entries_for_tests(
@@ -195,37 +161,40 @@ fn an_oversize_envelope_waits_in_its_place_for_its_fetch() {
     let (mut d, mut rx) = dispatch(&config());
     let other = Origin::parse("other").unwrap();
     let packer = Packer::new(&other, 7, None);
-    d.on_notification(on(&packer.reference(1, DURABLE)));
-    d.on_notification(on(&envelope("other", 2, Marks::default())));
-    d.on_notification(on(&packer.reference(3, DURABLE)));
+    d.on_incoming(on(&packer.reference(1, DURABLE)));
+    d.on_incoming(on(&envelope("other", 2, Marks::default())));
+    d.on_incoming(on(&packer.reference(3, DURABLE)));
     assert_eq!(heard(&mut d, &mut rx), []);
-    assert!(matches!(d.next_ask(), Some(Ask::Fetch(o, 1)) if o == other));
+    assert!(matches!(d.next_ask(Instant::now()), Some(Ask::Fetch(o, 1)) if o == other));
     let fetched = envelope("other", 1, DURABLE);
     d.on_query(QueryOutcome::Fetch(Ok(Some(fetched)))).unwrap();
     assert_eq!(heard(&mut d, &mut rx), [update(1), update(2)]);
     // Gone from the log: its place goes, and the caller is told.
-    assert!(matches!(d.next_ask(), Some(Ask::Fetch(_, 3))));
+    assert!(matches!(d.next_ask(Instant::now()), Some(Ask::Fetch(_, 3))));
     d.on_query(QueryOutcome::Fetch(Ok(None))).unwrap();
     let unreadable = ResyncReason::Unreadable {
         origin: "other".into(),
     };
     assert_eq!(heard(&mut d, &mut rx), [Event::Resync(unreadable)]);
-    assert!(d.next_ask().is_none());
+    assert!(d.next_ask(Instant::now()).is_none());
 }
 
 #[test]
 fn without_a_log_a_reference_is_a_resync_and_no_fetch() {
     let (mut d, mut rx) = dispatch(&config());
     let packer = Packer::new(&Origin::parse("other").unwrap(), 7, None);
-    d.on_notification(on(&packer.reference(1, DURABLE)));
+    d.on_incoming(on(&packer.reference(1, DURABLE)));
     // The fetch found no log (the dispatcher's answer to such an error).
-    assert!(matches!(d.next_ask(), Some(Ask::Fetch(_, 1))));
+    assert!(matches!(d.next_ask(Instant::now()), Some(Ask::Fetch(_, 1))));
     assert_eq!(d.reader.stop_fetching().len(), 1);
     d.outbox.fill_fetch(Vec::new());
     for seq in 2..100 {
-        d.on_notification(on(&packer.reference(seq, DURABLE)));
+        d.on_incoming(on(&packer.reference(seq, DURABLE)));
     }
-    assert!(d.next_ask().is_none(), "fetched without a log");
+    assert!(
+        d.next_ask(Instant::now()).is_none(),
+        "fetched without a log"
+    );
     let unreadable = ResyncReason::Unreadable {
         origin: "other".into(),
     };
@@ -239,7 +208,7 @@ async fn past_the_pending_fetches_a_reference_is_let_go() {
     let (mut d, mut rx) = dispatch(&config());
     let packer = Packer::new(&Origin::parse("other").unwrap(), 7, None);
     for seq in 1..=MAX_PENDING_FETCHES as u64 + 1 {
-        d.on_notification(on(&packer.reference(seq, DURABLE)));
+        d.on_incoming(on(&packer.reference(seq, DURABLE)));
     }
     assert_eq!(d.counters.snapshot().dropped_slow_consumer, 1);
     for _ in 0..MAX_PENDING_FETCHES {
@@ -262,12 +231,12 @@ fn only_this_listeners_heartbeat_of_that_number_comes_back() {
     assert_eq!(d.heartbeat.clock.due(later), Some(1));
     let dead = later + crate::DEFAULT_HEALTH_INTERVAL;
     let others = Packer::new(&Origin::parse("other").unwrap(), 7, None).heartbeat(1);
-    d.on_notification(on(&others));
-    d.on_notification(on(
+    d.on_incoming(on(&others));
+    d.on_incoming(on(
         &Packer::new(&Origin::parse("me").unwrap(), 1, None).heartbeat(2)
     ));
     assert!(d.heartbeat.clock.late(dead).is_some());
-    d.on_notification(on(
+    d.on_incoming(on(
         &Packer::new(&Origin::parse("me").unwrap(), 1, None).heartbeat(1)
     ));
     assert!(d.heartbeat.clock.late(dead).is_none());
@@ -279,9 +248,9 @@ fn only_this_listeners_heartbeat_of_that_number_comes_back() {
 #[test]
 fn rejected_and_echoed_payloads_are_counted_not_delivered() {
     let (mut d, mut rx) = dispatch(&config());
-    d.on_notification(on("garbage"));
-    d.on_notification(on(&envelope("me", 1, Marks::default())));
-    d.on_notification(on(
+    d.on_incoming(on("garbage"));
+    d.on_incoming(on(&envelope("me", 1, Marks::default())));
+    d.on_incoming(on(
         &Packer::new(&Origin::parse("x").unwrap(), 7, None).reference(1, Marks::default())
     ));
     assert_eq!(heard(&mut d, &mut rx), []);
@@ -307,11 +276,11 @@ fn a_query_that_does_not_answer_ends_the_session() {
 #[test]
 fn a_tail_page_cancelled_past_its_deadline_is_read_again_smaller_after_a_pause() {
     let (mut d, _rx) = dispatch(&config().with_durable(true));
-    let Some(Ask::Tail { budget, .. }) = d.next_ask() else {
+    let Some(Ask::Tail { budget, .. }) = d.next_ask(Instant::now()) else {
         panic!("a durable listener reads the tail first");
     };
     assert!(
-        d.next_ask()
+        d.next_ask(Instant::now())
             .is_none_or(|ask| !matches!(ask, Ask::Tail { .. }))
     );
     // Cancelled by the listener (its deadline, or a late heartbeat), not by the server:
@@ -322,7 +291,7 @@ fn a_tail_page_cancelled_past_its_deadline_is_read_again_smaller_after_a_pause()
         budget: smaller,
         not_before: Some(at),
         ..
-    }) = d.next_ask()
+    }) = d.next_ask(Instant::now())
     else {
         panic!("a cancelled page is asked again, after a pause");
     };

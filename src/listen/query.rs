@@ -1,0 +1,232 @@
+//! The listener's query slot: one statement at a time on its connection (a page of the
+//! log, a fetch, a prune, a keep-alive), each by its deadline, cancelled on the server past
+//! it, or as soon as a late heartbeat asks whether the connection still answers; and the
+//! subscription statements (`LISTEN`/`UNLISTEN`) of the maddy layout. This is the loop's
+//! I/O; `schedule` decides what goes in the slot and when.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_postgres::Client;
+
+use super::durable::Ask;
+use super::event::TARGET;
+use crate::error::pg_message;
+use crate::log::{self, Page, Pruned};
+use crate::pg::{CancelOnDrop, Canceller, is_cancelled};
+
+/// What goes in the query slot.
+#[derive(Debug)]
+pub(super) enum Start {
+    /// What the log reader asked.
+    Log(Ask),
+    /// A cheap statement, so that the server's `idle_session_timeout` does not end the
+    /// session.
+    KeepAlive,
+}
+
+/// What the listener's one query slot produced.
+pub(super) enum QueryOutcome {
+    Tail(Result<Option<Page>, tokio_postgres::Error>),
+    Fetch(Result<Option<String>, tokio_postgres::Error>),
+    Prune(Result<Pruned, tokio_postgres::Error>),
+    /// No answer by the deadline, not even to a cancel: the connection is dead.
+    TimedOut(Duration),
+    /// A keep-alive statement's answer.
+    KeptAlive(Result<(), tokio_postgres::Error>),
+    /// Cancelled past the deadline (or because a heartbeat was late meanwhile), and the
+    /// cancel was answered: the connection is fine (the loop retries later).
+    Cancelled(Asked),
+}
+
+impl QueryOutcome {
+    /// Whether the statement was cancelled and answered (the connection is fine).
+    pub(super) fn was_cancelled(&self) -> bool {
+        matches!(self, QueryOutcome::Cancelled(_))
+    }
+}
+
+/// Which query of the slot an outcome is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Asked {
+    Tail,
+    Fetch,
+    Prune,
+}
+
+/// The query slot's deadline and cancels.
+#[derive(Debug)]
+pub(super) struct QuerySlot {
+    /// How long a query may run before it is cancelled.
+    deadline: Duration,
+    /// How long a cancelled query has to answer (with its error) before its connection is
+    /// taken for dead.
+    grace: Duration,
+    canceller: Canceller,
+    /// Tells the running query to find out now whether the connection is alive (cancel
+    /// it, and see whether it answers): a heartbeat is late meanwhile.
+    prove: Option<Arc<Notify>>,
+}
+
+impl QuerySlot {
+    pub(super) fn new(deadline: Duration, grace: Duration, canceller: Canceller) -> QuerySlot {
+        QuerySlot {
+            deadline,
+            grace,
+            canceller,
+            prove: None,
+        }
+    }
+
+    /// The deadline of a statement in the slot.
+    pub(super) fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
+    /// A heartbeat is late while a query runs (the backend delivers no notification
+    /// meanwhile, heartbeats included): whether the query answers its cancel decides.
+    pub(super) fn prove(&self) {
+        if let Some(prove) = &self.prove {
+            prove.notify_one();
+        }
+    }
+
+    /// Runs `start` on `client`, by the slot's deadline (a page the server cancelled waits
+    /// its pause first; its deadline counts from when it is sent).
+    pub(super) fn start<'c>(
+        &mut self,
+        client: &'c Client,
+        channel: &str,
+        start: Start,
+    ) -> BoxFuture<'c, QueryOutcome> {
+        match start {
+            Start::KeepAlive => {
+                self.prove = None;
+                self.keep_alive(client)
+            }
+            Start::Log(ask) => self.ask(client, channel.to_owned(), ask),
+        }
+    }
+
+    /// A log query, with its deadline: a query that does not answer means a dead
+    /// connection.
+    fn ask<'c>(
+        &mut self,
+        client: &'c Client,
+        channel: String,
+        ask: Ask,
+    ) -> BoxFuture<'c, QueryOutcome> {
+        let asked = match &ask {
+            Ask::Tail { .. } => Asked::Tail,
+            Ask::Fetch(..) => Asked::Fetch,
+            Ask::Prune(_) => Asked::Prune,
+        };
+        let not_before = match &ask {
+            Ask::Tail { not_before, .. } => *not_before,
+            _ => None,
+        };
+        let query = async move {
+            match ask {
+                Ask::Tail {
+                    from,
+                    catch_up,
+                    budget,
+                    ..
+                } => QueryOutcome::Tail(
+                    log::read_page(client, &channel, &from, catch_up.as_ref(), budget).await,
+                ),
+                Ask::Fetch(origin, seq) => {
+                    QueryOutcome::Fetch(log::fetch(client, &channel, &origin, seq).await)
+                }
+                Ask::Prune(retention) => {
+                    QueryOutcome::Prune(log::prune(client, &channel, retention).await)
+                }
+            }
+        };
+        let limit = self.deadline;
+        let grace = self.grace;
+        let canceller = self.canceller.clone();
+        let prove = Arc::new(Notify::new());
+        self.prove = Some(prove.clone());
+        async move {
+            if let Some(at) = not_before {
+                tokio::time::sleep_until(at).await;
+            }
+            // Dropped unfinished (the session ends), the query is cancelled too: a backend
+            // waiting on a lock does not notice its client left.
+            let mut guard = CancelOnDrop::new(&canceller, client);
+            let started = Instant::now();
+            let mut query = std::pin::pin!(query);
+            let answered = tokio::select! {
+                biased;
+                outcome = &mut query => Some(outcome),
+                () = tokio::time::sleep(limit) => None,
+                () = prove.notified() => None,
+            };
+            let outcome = match answered {
+                Some(outcome) => outcome,
+                None => {
+                    // Past its deadline, or a heartbeat is late meanwhile: cancelled, and
+                    // given the time a heartbeat has to answer.
+                    canceller.cancel_detached(client.cancel_token());
+                    match tokio::time::timeout(grace, &mut query).await {
+                        // A prompt "canceling statement": the connection is fine.
+                        Ok(outcome) if ended_cancelled(&outcome) => QueryOutcome::Cancelled(asked),
+                        Ok(outcome) => outcome,
+                        // No answer even to a cancel: the connection is dead.
+                        Err(_) => QueryOutcome::TimedOut(started.elapsed()),
+                    }
+                }
+            };
+            guard.disarm();
+            outcome
+        }
+        .boxed()
+    }
+
+    /// A cheap statement in the query slot, with the slot's deadline and cancel, so that
+    /// the server's `idle_session_timeout` does not end the session.
+    fn keep_alive<'c>(&self, client: &'c Client) -> BoxFuture<'c, QueryOutcome> {
+        let limit = self.deadline;
+        let canceller = self.canceller.clone();
+        async move {
+            let mut guard = CancelOnDrop::new(&canceller, client);
+            match tokio::time::timeout(limit, client.batch_execute("SELECT 1")).await {
+                Ok(done) => {
+                    guard.disarm();
+                    QueryOutcome::KeptAlive(done)
+                }
+                // Cancelled as the guard goes; no answer in a whole deadline: dead.
+                Err(_) => QueryOutcome::TimedOut(limit),
+            }
+        }
+        .boxed()
+    }
+}
+
+/// Runs one subscription statement by its deadline; a failure ends the session (the next
+/// one subscribes to the whole set again).
+pub(super) async fn subscribe(client: &Client, sql: String, limit: Duration) -> Result<(), String> {
+    match tokio::time::timeout(limit, client.batch_execute(&sql)).await {
+        Ok(Ok(())) => {
+            tracing::debug!(target: TARGET, %sql, "subscription changed");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(format!("{sql} failed: {}", pg_message(&e))),
+        Err(_) => Err(format!("{sql} did not answer within {limit:?}")),
+    }
+}
+
+/// Whether a query ended with the server's "canceling statement" (ours, or the server's
+/// `statement_timeout`).
+fn ended_cancelled(outcome: &QueryOutcome) -> bool {
+    match outcome {
+        QueryOutcome::Tail(Err(e)) | QueryOutcome::Fetch(Err(e)) => is_cancelled(e),
+        QueryOutcome::Prune(Err(e)) => is_cancelled(e),
+        _ => false,
+    }
+}
