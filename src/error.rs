@@ -179,7 +179,8 @@ pub enum Error {
         seq: u64,
     },
 
-    /// A throwaway PostgreSQL cluster could not be started or stopped.
+    /// A throwaway PostgreSQL cluster could not be started or stopped (feature `cluster`).
+    #[cfg(feature = "cluster")]
     #[error("throwaway PostgreSQL cluster: {0}")]
     Cluster(String),
 }

@@ -52,3 +52,65 @@ pub mod benchmarks {}
 
 #[doc = include_str!("../CHANGELOG.md")]
 pub mod changelog {}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs")
+                && path.file_name().is_some_and(|n| n != "tests.rs")
+            {
+                out.push(path);
+            }
+        }
+    }
+
+    /// The map names every folder and source file under `src/`: a module added or moved
+    /// without the map being told fails here.
+    #[test]
+    fn the_architecture_map_names_every_module() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let map = std::fs::read_to_string(root.join("docs/architecture.md")).unwrap();
+        let mut files = Vec::new();
+        sources(&root.join("src"), &mut files);
+        let mut missing = Vec::new();
+        for file in &files {
+            let relative = file.strip_prefix(root.join("src")).unwrap();
+            let parts: Vec<String> = relative
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect();
+            let name = parts.last().unwrap().clone();
+            let stem = name.trim_end_matches(".rs");
+            let wanted: Vec<String> = match parts.len() {
+                1 => vec![format!("`{stem}`"), format!("`{name}`")],
+                _ if name == "mod.rs" => vec![format!("`{}/`", parts[parts.len() - 2])],
+                _ => vec![
+                    format!("`{name}`"),
+                    format!("`{}/{name}`", parts[parts.len() - 2]),
+                ],
+            };
+            if !wanted.iter().any(|w| map.contains(w.as_str())) {
+                missing.push(format!(
+                    "{} (as {})",
+                    relative.display(),
+                    wanted.join(" or ")
+                ));
+            }
+        }
+        assert!(
+            files.len() > 50,
+            "{} files: is the walk reading src/?",
+            files.len()
+        );
+        assert!(
+            missing.is_empty(),
+            "docs/architecture.md does not name: {missing:#?}"
+        );
+    }
+}

@@ -10,7 +10,7 @@
 //! `"u":[…][,"g":"…"]}`, each update `{"Type":N,"Key":N[,"SeqSet":"…"]}`, with nothing
 //! after the last brace. It nests three deep, within any depth limit (at least 4).
 
-use super::decode::WireIn;
+use super::wire_in::WireIn;
 use crate::update::RawUpdate;
 
 /// The envelope, when `payload` is in the form above; `None` otherwise.

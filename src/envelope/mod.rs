@@ -22,6 +22,7 @@ use crate::update::Update;
 
 mod canonical;
 mod decode;
+mod wire_in;
 mod write;
 
 use decode::{decode_legacy, decode_v1};

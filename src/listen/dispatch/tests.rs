@@ -6,6 +6,7 @@ use super::*;
 use crate::config::Config;
 use crate::envelope::{Marks, Packer};
 use crate::listen::durable::MAX_PENDING_FETCHES;
+use crate::listen::intake::Incoming;
 use crate::listen::query::{Asked, QueryOutcome};
 use crate::log::{Entry, Page};
 use crate::update::Update;

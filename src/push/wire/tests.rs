@@ -4,8 +4,11 @@ use std::task::Waker;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
+use super::statements::{NOTIFY_MANY, NOTIFY_ONE};
 use super::*;
+use crate::log::{LOG_AND_NOTIFY, LOG_AND_NOTIFY_MAPPED};
 use crate::origin::Origin;
+use tokio_postgres::types::Type;
 
 fn wire(durable: bool) -> Wire {
     let origin = Origin::random();

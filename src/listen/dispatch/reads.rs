@@ -1,0 +1,245 @@
+//! What the query slot's answers do: a page of the log, an oversize envelope fetched, a
+//! pruning, a keep-alive, a cancel, an error.
+
+use tokio::time::Instant;
+
+use super::super::event::{ResyncReason, TARGET};
+use super::super::intake::{LogRow, Moment, RowVerdict};
+use super::super::query::{Asked, QueryOutcome};
+use super::Dispatch;
+use super::PRUNE_MISSES_BEFORE_WARNING;
+use crate::error::{DecodeError, pg_message};
+use crate::log::{Page, Pruned};
+use crate::origin::Origin;
+use crate::pg::{is_cancelled, is_fatal, is_missing_log};
+
+impl Dispatch {
+    /// Handles a finished query; an error means the connection must be dropped.
+    pub(in crate::listen) fn on_query(&mut self, outcome: QueryOutcome) -> Result<(), String> {
+        // Notifications waited while the statement ran: the heartbeat's time counts from
+        // its end.
+        self.heartbeat.clock.busy_until(Instant::now());
+        match outcome {
+            QueryOutcome::Prune(Ok(pruned)) => {
+                self.on_pruned(pruned);
+                Ok(())
+            }
+            QueryOutcome::Cancelled(asked) => {
+                self.query_cancelled();
+                if asked == Asked::Tail {
+                    // Blocked (a lock on the log, say), not dead: the page is read again,
+                    // smaller, once the slot opens again (the fetch and the prune are
+                    // simply asked again).
+                    self.reader.page_cancelled(Instant::now(), self.page_pause);
+                }
+                Ok(())
+            }
+            QueryOutcome::TimedOut(after) => Err(format!(
+                "a query did not answer within {after:?}, nor its cancel: the connection is dead"
+            )),
+            QueryOutcome::Tail(Ok(page)) => {
+                if let Some(page) = page {
+                    self.apply_page(page);
+                }
+                Ok(())
+            }
+            QueryOutcome::Fetch(Ok(payload)) => {
+                if let Some((origin, seq)) = self.reader.fetched() {
+                    self.apply_fetch(&origin, seq, payload);
+                }
+                Ok(())
+            }
+            QueryOutcome::Tail(Err(e)) if is_cancelled(&e) => {
+                // The server gave up on the page (its statement_timeout): the connection is
+                // fine; the page is read again, smaller, after a pause.
+                self.counters.log_page_cancelled();
+                self.reader.page_cancelled(Instant::now(), self.page_pause);
+                if let Some(suppressed) =
+                    self.warnings.cancelled_pages.due(std::time::Instant::now())
+                {
+                    tracing::warn!(
+                        target: TARGET,
+                        suppressed,
+                        "the server cancelled a page of the durable log read \
+                         (statement_timeout?); reading it again, smaller"
+                    );
+                }
+                Ok(())
+            }
+            QueryOutcome::Tail(Err(e)) => {
+                // Retried after the next heartbeat.
+                self.log_failed(
+                    &e,
+                    "reading the durable log failed (is the schema migrated? run updatepipe \
+                     migrate)",
+                )
+            }
+            QueryOutcome::Prune(Err(e)) => self.log_failed(&e, "pruning the durable log failed"),
+            QueryOutcome::KeptAlive(Ok(())) => Ok(()),
+            QueryOutcome::KeptAlive(Err(e)) => self.log_failed(&e, "a keep-alive statement failed"),
+            QueryOutcome::Fetch(Err(e)) if !is_fatal(&e) && is_missing_log(&e) => {
+                self.stop_fetching(&e);
+                Ok(())
+            }
+            QueryOutcome::Fetch(Err(e)) => {
+                self.log_failed(&e, "fetching an oversize envelope from the log failed")?;
+                // Do not hold the order up on an envelope that cannot be read.
+                if let Some((origin, _)) = self.reader.fetched() {
+                    self.outbox.fill_fetch(Vec::new());
+                    self.outbox.resync(ResyncReason::Unreadable {
+                        origin: origin.to_string(),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A query was cancelled past its deadline and answered (the connection is fine, the
+    /// statement was blocked: a lock on the log, say): counted and warned about (paced).
+    fn query_cancelled(&mut self) {
+        self.counters.statement_cancelled();
+        if let Some(suppressed) = self
+            .warnings
+            .cancelled_queries
+            .due(std::time::Instant::now())
+        {
+            tracing::warn!(
+                target: TARGET,
+                suppressed,
+                "a query on the listener's connection did not answer in time and was \
+                 cancelled (a lock on updatepipe.log?); retrying, without reconnecting"
+            );
+        }
+    }
+
+    /// A pruning ran: counted; when it found the channel's pruning lock held several times
+    /// in a row, said (paced): pruning stands still while another session holds it.
+    fn on_pruned(&mut self, pruned: Pruned) {
+        let (misses, pacer) = &mut self.warnings.prunes_skipped;
+        if pruned.locked {
+            *misses = 0;
+            self.counters.log_pruned(pruned.deleted);
+            return;
+        }
+        self.counters.prune_skipped();
+        *misses += 1;
+        if *misses >= PRUNE_MISSES_BEFORE_WARNING
+            && let Some(suppressed) = pacer.due(std::time::Instant::now())
+        {
+            tracing::warn!(
+                target: TARGET,
+                in_a_row = *misses,
+                suppressed,
+                "pruning the durable log was skipped: another session holds the channel's \
+                 pruning lock (a transaction that called updatepipe.prune and stays open? \
+                 see pg_stat_activity); the log grows meanwhile"
+            );
+        }
+    }
+
+    /// A fatal error ends the session (`Err`); another is logged, at most one line per
+    /// [`WARN_INTERVAL`](super::pacer::WARN_INTERVAL), and the session goes on.
+    fn log_failed(&mut self, e: &tokio_postgres::Error, what: &str) -> Result<(), String> {
+        if is_fatal(e) {
+            return Err(pg_message(e));
+        }
+        tracing::debug!(target: TARGET, error = %pg_message(e), "{what}");
+        if let Some(suppressed) = self.warnings.log_errors.due(std::time::Instant::now()) {
+            tracing::error!(target: TARGET, error = %pg_message(e), suppressed, "{what}");
+        }
+        Ok(())
+    }
+
+    /// The log is not there, or this role may not read it: says so once, and until the
+    /// next connection lets every reference go with a resync instead of fetching it.
+    fn stop_fetching(&mut self, e: &tokio_postgres::Error) {
+        tracing::warn!(
+            target: TARGET,
+            error = %pg_message(e),
+            "no durable log to read: oversize envelopes that notifications point at are let \
+             go, each with a resync, until the listener reconnects (run updatepipe migrate, or \
+             updatepipe grant --listener ROLE, as the schema's owner)"
+        );
+        for (origin, _) in self.reader.stop_fetching() {
+            self.outbox.fill_fetch(Vec::new());
+            self.outbox.resync(ResyncReason::Unreadable {
+                origin: origin.to_string(),
+            });
+        }
+    }
+
+    /// Delivers the log rows a page returned, and moves the reader on.
+    fn apply_page(&mut self, page: Page) {
+        if self.reader.prune_news(page.pruned) {
+            self.outbox.resync(ResyncReason::LogPruned);
+        }
+        let (rows, bytes) = page.size();
+        self.counters.log_page(rows, bytes);
+        let (entries, replaying) = self.reader.advance(page);
+        for entry in &entries {
+            let row = LogRow {
+                origin: &entry.origin,
+                seq: entry.seq,
+                payload: &entry.payload,
+            };
+            match self.intake.classify_row(row, Moment::now()) {
+                RowVerdict::Own => {}
+                RowVerdict::Updates(updates) => {
+                    if replaying {
+                        self.counters.replayed(updates.len());
+                    }
+                    for update in updates {
+                        self.outbox.push_logged(update);
+                    }
+                }
+                RowVerdict::Refused { error, resync } => {
+                    self.refuse_logged(&error, resync, &entry.origin, entry.payload.len());
+                }
+            }
+        }
+    }
+
+    /// Fills the oldest fetching slot with an oversize envelope read from the log.
+    fn apply_fetch(&mut self, origin: &Origin, seq: u64, payload: Option<String>) {
+        let Some(payload) = payload else {
+            // Pruned, or never committed: the update is gone.
+            tracing::debug!(
+                target: TARGET,
+                %origin,
+                seq,
+                "an oversize envelope is not in the log"
+            );
+            self.outbox.fill_fetch(Vec::new());
+            self.outbox.resync(ResyncReason::Unreadable {
+                origin: origin.to_string(),
+            });
+            return;
+        };
+        let row = LogRow {
+            origin: origin.as_str(),
+            seq: i64::try_from(seq).unwrap_or(i64::MAX),
+            payload: &payload,
+        };
+        match self.intake.classify_row(row, Moment::now()) {
+            RowVerdict::Updates(updates) => self.outbox.fill_fetch(updates),
+            // Never: a reference of this pipe's own is an echo, and never fetched.
+            RowVerdict::Own => self.outbox.fill_fetch(Vec::new()),
+            RowVerdict::Refused { error, resync } => {
+                self.outbox.fill_fetch(Vec::new());
+                self.refuse_logged(&error, resync, origin.as_str(), payload.len());
+            }
+        }
+    }
+
+    /// A log entry was refused: counted, and, when it was a committed update the application
+    /// will not see, a resync.
+    fn refuse_logged(&mut self, e: &DecodeError, resync: bool, origin: &str, bytes: usize) {
+        self.reject(e, 0, bytes);
+        if resync {
+            self.outbox.resync(ResyncReason::Unreadable {
+                origin: origin.to_owned(),
+            });
+        }
+    }
+}
