@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::event::TARGET;
-use super::session::Session;
+pub(super) use super::session::Session;
 use super::settings::Settings;
 use crate::config::Config;
 use crate::error::Error;

@@ -17,7 +17,7 @@ use super::intake::Intake;
 use super::outbox::{HOLD, Outbox, Sink};
 use super::pacer::Pacer;
 use super::settings::Settings;
-use super::subscriptions::Command;
+pub(super) use super::subscriptions::Command;
 use crate::log::Cursor;
 use crate::origin::Origin;
 use crate::stats::Counters;

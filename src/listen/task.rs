@@ -11,13 +11,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_postgres::{AsyncMessage, Client};
 
-use super::connector::Connector;
-use super::dispatch::Dispatch;
+use super::connector::{Connector, Session};
+use super::dispatch::{Command, Dispatch};
 use super::event::TARGET;
 use super::query::{self, QueryOutcome, QuerySlot};
 use super::schedule::{Busy, Schedule, Tick};
-use super::session::Session;
-use super::subscriptions::Command;
 use super::watch::QueueWatch;
 use crate::error::pg_message;
 
