@@ -49,6 +49,16 @@ impl ChannelName {
     pub fn quoted(&self) -> String {
         quote_identifier(&self.0)
     }
+
+    /// Whether this is the channel maddy uses for a numeric mailbox key
+    /// (`__uint64_<decimal>`): maddy's nodes listening on that mailbox would read the pipe's
+    /// envelopes and heartbeats as updates, and log an error for each. The CLI refuses such a
+    /// pipe channel; a listening pipe warns.
+    pub fn is_maddy_mailbox(&self) -> bool {
+        self.0
+            .strip_prefix("__uint64_")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    }
 }
 
 /// Quotes an SQL identifier: wraps it in `"` and doubles every `"` inside.
@@ -94,6 +104,24 @@ impl fmt::Debug for ChannelName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tells_a_maddy_mailboxs_channel() {
+        for (name, mailbox) in [
+            ("__uint64_42", true),
+            ("__uint64_18446744073709551615", true),
+            ("__uint64_", false),
+            ("__uint64_4x", false),
+            ("updatepipe", false),
+            ("INBOX", false),
+        ] {
+            assert_eq!(
+                ChannelName::new(name).unwrap().is_maddy_mailbox(),
+                mailbox,
+                "{name}"
+            );
+        }
+    }
 
     #[test]
     fn accepts_names_up_to_63_bytes() {

@@ -87,6 +87,22 @@ pub enum Error {
         role: String,
     },
 
+    /// The connecting role lacks a privilege durable mode needs on the `updatepipe` schema:
+    /// it was not granted what a pusher, or a listener, needs (it may have been granted the
+    /// other).
+    #[error(
+        "role {role:?} may not {doing}: run `updatepipe grant --{grant} {role}` as the \
+         schema's owner"
+    )]
+    NotGranted {
+        /// The connecting role.
+        role: String,
+        /// What it tried.
+        doing: &'static str,
+        /// What `updatepipe grant` gives it: `listener` or `pusher`.
+        grant: &'static str,
+    },
+
     /// `migrate` or `grant` was run by a role that does not own the `updatepipe` schema or
     /// its tables (PostgreSQL would only warn on a grant, and grant nothing; a migration into
     /// another role's schema would trust what that role put there).
@@ -190,7 +206,7 @@ impl Error {
     /// connection) rather than from bad input or from the server refusing a statement.
     pub fn is_connection(&self) -> bool {
         match self {
-            Error::Connect(e) => !e.is_auth(),
+            Error::Connect(e) => !e.is_auth() && !e.is_unknown_database(),
             Error::Timeout { .. } => true,
             Error::Pool(_) => true,
             // The server is too slow or away to take the pushes waiting.
@@ -209,16 +225,19 @@ impl Error {
     }
 
     /// Whether the error is bad input from the caller (an invalid update, channel or
-    /// configuration).
+    /// configuration, or a connection string naming a database the server does not have).
     pub fn is_invalid_input(&self) -> bool {
-        matches!(
-            self,
-            Error::InvalidUpdate(_)
-                | Error::PayloadTooLarge { .. }
-                | Error::InvalidChannel(_)
-                | Error::Config(_)
-                | Error::UnknownRole(_)
-        )
+        match self {
+            Error::Connect(e) => e.is_unknown_database(),
+            _ => matches!(
+                self,
+                Error::InvalidUpdate(_)
+                    | Error::PayloadTooLarge { .. }
+                    | Error::InvalidChannel(_)
+                    | Error::Config(_)
+                    | Error::UnknownRole(_)
+            ),
+        }
     }
 }
 
@@ -279,6 +298,26 @@ impl ConnectError {
             })
     }
 
+    /// Whether a server answered that the database asked for does not exist (and none
+    /// was reached).
+    pub fn is_unknown_database(&self) -> bool {
+        !self.attempts.is_empty()
+            && self.attempts.iter().any(|a| match &a.failure {
+                Failure::Postgres(e) => crate::pg::is_unknown_database(e),
+                Failure::TimedOut(_) => false,
+            })
+    }
+
+    /// Whether every server tried answered (with an error), none timed out or was
+    /// unreachable: the settings are at fault, not the network.
+    fn all_answered(&self) -> bool {
+        !self.attempts.is_empty()
+            && self.attempts.iter().all(|a| match &a.failure {
+                Failure::Postgres(e) => e.as_db_error().is_some(),
+                Failure::TimedOut(_) => false,
+            })
+    }
+
     /// Whether a server refused the login (SQLSTATE class 28, or a password it asked for
     /// and none was given).
     pub fn is_auth(&self) -> bool {
@@ -316,6 +355,10 @@ impl fmt::Display for ConnectError {
         }
         if self.is_auth() {
             f.write_str("; check the user and the password (PGPASSWORD, ~/.pgpass)")
+        } else if self.is_unknown_database() {
+            f.write_str("; the server answered: check the database name (dbname, PGDATABASE)")
+        } else if self.all_answered() {
+            f.write_str("; the server answered and refused: see its message")
         } else {
             f.write_str(
                 "; check the host and port and that the server runs and accepts connections",
@@ -529,11 +572,26 @@ pub(crate) fn pg_message(e: &tokio_postgres::Error) -> String {
             db.code().code()
         );
     }
-    match std::error::Error::source(e) {
+    let text = match std::error::Error::source(e) {
         // "error connecting to server: Connection refused (os error 111)" says it twice.
         Some(cause) if e.to_string() == "error connecting to server" => cause.to_string(),
         Some(cause) => format!("{e}: {cause}"),
         None => e.to_string(),
+    };
+    for_operators(text)
+}
+
+/// A library's words made an operator's: rustls ends some messages with a link to its
+/// manual ("peer closed connection without sending TLS close_notify: https://docs.rs/…"),
+/// which says nothing to whoever reads the pipe's logs.
+fn for_operators(text: String) -> String {
+    const CLOSE_NOTIFY: &str = "peer closed connection without sending TLS close_notify";
+    if let Some(at) = text.find(CLOSE_NOTIFY) {
+        return format!("{}the server closed the connection", &text[..at]);
+    }
+    match text.find(": https://docs.rs/rustls") {
+        Some(at) => text[..at].to_owned(),
+        None => text,
     }
 }
 
@@ -572,6 +630,23 @@ pub(crate) fn excerpt(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_for_operators_carry_no_library_manual() {
+        assert_eq!(
+            for_operators(
+                "db error: peer closed connection without sending TLS close_notify: \
+                 https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof"
+                    .into()
+            ),
+            "db error: the server closed the connection"
+        );
+        assert_eq!(
+            for_operators("tls: x: https://docs.rs/rustls/latest/rustls/y".into()),
+            "tls: x"
+        );
+        assert_eq!(for_operators("plain".into()), "plain");
+    }
 
     #[test]
     fn excerpt_shortens_long_text() {

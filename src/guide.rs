@@ -113,4 +113,110 @@ mod tests {
             "docs/architecture.md does not name: {missing:#?}"
         );
     }
+
+    /// A number with thousands separators, as the guides write them.
+    fn thousands(n: usize) -> String {
+        let digits = n.to_string();
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i).is_multiple_of(3) {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    }
+
+    fn seconds(d: std::time::Duration) -> String {
+        format!("{} s", d.as_secs())
+    }
+
+    /// Wherever a guide gives a setting's default right after naming it ("`with_x` (default
+    /// N)", "`with_x`, N by default"), it is the code's: a default changed in one place and
+    /// not the other fails here. And claims the code has outgrown are not made again.
+    #[test]
+    fn the_guides_give_the_codes_defaults() {
+        use crate::*;
+        let expected: Vec<(&str, String)> = vec![
+            (
+                "with_max_queued_pushes",
+                thousands(DEFAULT_MAX_QUEUED_PUSHES),
+            ),
+            (
+                "with_max_queued_bytes",
+                format!("{} MiB", DEFAULT_MAX_QUEUED_BYTES >> 20),
+            ),
+            ("with_max_buffered", thousands(DEFAULT_MAX_BUFFERED)),
+            ("with_log_page_rows", thousands(DEFAULT_LOG_PAGE_ROWS)),
+            (
+                "with_log_page_bytes",
+                format!("{} MiB", DEFAULT_LOG_PAGE_BYTES >> 20),
+            ),
+            ("with_pool_size", DEFAULT_POOL_SIZE.to_string()),
+            ("with_max_batch", thousands(DEFAULT_MAX_BATCH)),
+            ("with_health_interval", seconds(DEFAULT_HEALTH_INTERVAL)),
+            ("with_connect_timeout", seconds(DEFAULT_CONNECT_TIMEOUT)),
+            ("with_statement_timeout", seconds(DEFAULT_STATEMENT_TIMEOUT)),
+            ("with_lock_timeout", seconds(DEFAULT_LOCK_TIMEOUT)),
+            (
+                "with_idle_in_transaction_timeout",
+                seconds(DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT),
+            ),
+            (
+                "with_retention",
+                format!("{} h", DEFAULT_RETENTION.as_secs() / 3600),
+            ),
+        ];
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut docs: Vec<PathBuf> = std::fs::read_dir(root.join("docs"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "md"))
+            .collect();
+        docs.push(root.join("README.md"));
+        let mut wrong = Vec::new();
+        let mut checked = 0;
+        for doc in &docs {
+            let text = std::fs::read_to_string(doc).unwrap().replace('\n', " ");
+            for stale in [
+                "without paging",
+                "not bounded by count",
+                "everything missed in one query",
+            ] {
+                if text.contains(stale) {
+                    wrong.push(format!("{}: {stale:?}", doc.display()));
+                }
+            }
+            for (setter, value) in &expected {
+                let name = format!("{setter}`");
+                for (at, _) in text.match_indices(&name) {
+                    let after: String = text[at + name.len()..].chars().take(60).collect();
+                    // "(default N" right after the name, or ", N by default".
+                    let given = after.strip_prefix(" (default ").or_else(|| {
+                        after
+                            .strip_prefix(", ")
+                            .filter(|a| a.contains(" by default"))
+                    });
+                    let Some(given) = given.map(str::trim_start) else {
+                        continue;
+                    };
+                    if !given.starts_with(|c: char| c.is_ascii_digit()) {
+                        continue;
+                    }
+                    checked += 1;
+                    if !given.replace(',', "").starts_with(&value.replace(',', "")) {
+                        let shown = doc.file_name().unwrap().to_string_lossy();
+                        wrong.push(format!(
+                            "{shown}: `{setter}` {after:?}, the code says {value}"
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(checked >= 3, "only {checked} defaults found in the guides");
+        assert!(
+            wrong.is_empty(),
+            "the guides say otherwise than the code: {wrong:#?}"
+        );
+    }
 }

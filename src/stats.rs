@@ -22,7 +22,7 @@ const REJECT_REASONS: [&str; 9] = [
 /// The names the counters have in the `metrics` facade (feature `metrics`), Prometheus
 /// style, with what each counts. `updatepipe_rejected_total` carries the reason as the
 /// label `reason`.
-pub const METRICS: [(&str, &str); 20] = [
+pub const METRICS: [(&str, &str); 22] = [
     (
         "updatepipe_pushed_total",
         "updates pushed and committed (or handed to the caller's transaction)",
@@ -64,6 +64,14 @@ pub const METRICS: [(&str, &str); 20] = [
         "updates let go because the application was not reading",
     ),
     ("updatepipe_rejected_total", "payloads rejected, by reason"),
+    (
+        "updatepipe_maddy_copies_ignored_total",
+        "maddy-form copies from updatepipe senders left (their envelopes carry the updates)",
+    ),
+    (
+        "updatepipe_maddy_copies_unsent_total",
+        "updates pushed without a maddy copy: their key cannot be a channel",
+    ),
     (
         "updatepipe_push_duration_seconds",
         "time from a push call to its commit (histogram)",
@@ -220,6 +228,8 @@ pub(crate) struct Counters {
     last_pruned: AtomicU64,
     prunes_skipped: AtomicU64,
     numbers_taken: AtomicU64,
+    maddy_copies_ignored: AtomicU64,
+    maddy_copies_unsent: AtomicU64,
     rejected: [AtomicU64; REJECT_REASONS.len()],
 }
 
@@ -281,6 +291,20 @@ impl Counters {
     /// Pruning found the channel's pruning lock held by another session.
     pub(crate) fn prune_skipped(&self) {
         self.prunes_skipped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The maddy layout: a copy for maddy nodes that another updatepipe sender sent (its
+    /// envelope carries the update) was heard on a mailbox's channel and left.
+    pub(crate) fn maddy_copy_ignored(&self) {
+        self.maddy_copies_ignored.fetch_add(1, Ordering::Relaxed);
+        emit("updatepipe_maddy_copies_ignored_total", 1);
+    }
+
+    /// The maddy layout: an update whose key cannot be a channel got no copy; how many so
+    /// far, this one included.
+    pub(crate) fn maddy_copy_unsent(&self) -> u64 {
+        emit("updatepipe_maddy_copies_unsent_total", 1);
+        self.maddy_copies_unsent.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// A durable batch met log rows of another role's at its numbers.
@@ -377,6 +401,8 @@ impl Counters {
                 .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
             log_prunes_skipped: self.prunes_skipped.load(Ordering::Relaxed),
             push_numbers_taken: self.numbers_taken.load(Ordering::Relaxed),
+            maddy_copies_ignored: self.maddy_copies_ignored.load(Ordering::Relaxed),
+            maddy_copies_unsent: self.maddy_copies_unsent.load(Ordering::Relaxed),
             rejected: REJECT_REASONS
                 .iter()
                 .zip(&self.rejected)
@@ -452,6 +478,14 @@ pub struct Stats {
     /// Durable push batches refused because another role had written log rows at their
     /// numbers (squatting: [`Error::NumbersTaken`](crate::Error::NumbersTaken)).
     pub push_numbers_taken: u64,
+    /// The maddy layout: payloads in maddy's form sent as an updatepipe sender (`updatepipe-…`)
+    /// heard on a mailbox's channel and left (another updatepipe node's copy for maddy
+    /// nodes, whose envelope on the pipe's channel carries the update; or one made up by
+    /// whoever can `NOTIFY`).
+    pub maddy_copies_ignored: u64,
+    /// The maddy layout: updates pushed whose mailbox key cannot be a channel name (empty,
+    /// or over 63 bytes): updatepipe nodes get them, maddy nodes no copy.
+    pub maddy_copies_unsent: u64,
     /// Payloads rejected, by reason (`unrecognized`, `unknown_version`, `malformed`,
     /// `invalid_update`, `too_large`, `over_limit`; with signing on also `unsigned`,
     /// `forged` and `replayed`).

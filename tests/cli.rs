@@ -42,8 +42,23 @@ fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> 
 }
 
 /// Starts `updatepipe listen` with these arguments and waits for its first line on standard
-/// error; returns the child, its output lines and that first line.
+/// error; returns the child, its output lines and that first line (the rest of standard
+/// error is read and let go).
 fn start_listener(args: &[&str]) -> (std::process::Child, mpsc::Receiver<String>, String) {
+    let (listener, out, err, ready) = start_listener_logging(args);
+    std::thread::spawn(move || err.iter().for_each(drop));
+    (listener, out, ready)
+}
+
+/// [`start_listener`], also returning the lines of standard error after the first.
+fn start_listener_logging(
+    args: &[&str],
+) -> (
+    std::process::Child,
+    mpsc::Receiver<String>,
+    mpsc::Receiver<String>,
+    String,
+) {
     let mut listener = updatepipe()
         .arg("listen")
         .args(args)
@@ -56,7 +71,7 @@ fn start_listener(args: &[&str]) -> (std::process::Child, mpsc::Receiver<String>
     let ready = err
         .recv_timeout(Duration::from_secs(20))
         .expect("listener starts");
-    (listener, out, ready)
+    (listener, out, err, ready)
 }
 
 #[test]
@@ -126,6 +141,11 @@ fn bad_updates_exit_2_with_one_line_and_send_nothing() {
             "",
             "invalid channel name",
         ),
+        // The wire format defines updates as JSON objects: an array (which serde's derive
+        // would read field by field, `[3,5]` as `{"Type":3,"Key":5}`) is not one.
+        (vec!["push", "[3,5]"], "", "expected an update object"),
+        (vec!["push", "[1,2]"], "", "expected an update object"),
+        (vec!["push"], "[0,1,\"1:2\"]\n", "expected an update object"),
     ] {
         let mut child = updatepipe()
             .args(&args)
@@ -795,4 +815,274 @@ fn a_secret_file_that_is_not_a_regular_file_exits_2_at_once() {
         assert_eq!(message.lines().count(), 1, "{message}");
         assert!(message.contains("regular file"), "{message}");
     }
+}
+
+/// A command whose standard output is closed before it writes (`| head -1`, `| grep -q`)
+/// ends quietly with success, as Unix tools do: no panic, no exit 101.
+#[test]
+fn a_closed_standard_output_ends_every_command_quietly() {
+    for args in [
+        vec!["status"],
+        vec!["migrate", "--dry-run"],
+        vec!["demo"],
+        vec![
+            "bench",
+            "--only",
+            "durable, 1",
+            "--scale",
+            "0.005",
+            "--rounds",
+            "1",
+        ],
+    ] {
+        let mut child = updatepipe()
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let output = child.wait_with_output().unwrap();
+        let said = stderr(&output);
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {said}");
+        assert!(!said.contains("panicked"), "{args:?}: {said}");
+    }
+}
+
+/// A database that does not exist is bad input (2), said as such, not "check that the
+/// server runs" (3): the server answered.
+#[test]
+fn an_unknown_database_is_bad_input_naming_the_database() {
+    let url = support::url_of_database("updatepipe_no_such_database");
+    for args in [
+        vec!["status", "--url", &url],
+        vec!["push", "--url", &url, "{\"Type\":3,\"Key\":1}"],
+        vec!["listen", "--url", &url, "--no-wait"],
+    ] {
+        let output = run(&args);
+        let said = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {said}");
+        assert!(said.contains("database"), "{args:?}: {said}");
+        assert!(!said.contains("server runs"), "{args:?}: {said}");
+        assert_eq!(said.lines().count(), 1, "{said}");
+    }
+}
+
+/// A role granted one side of durable mode and used for the other is told the grant it
+/// lacks (exit 4), as an unmigrated database names `migrate`.
+#[test]
+fn a_role_granted_one_side_is_told_the_grant_for_the_other() {
+    let runtime = support::runtime();
+    let (database, pusher, listener) = runtime.block_on(async {
+        let database = support::fresh_database("cli_sides").await;
+        let pusher = support::TempRole::new("pusher_only").await;
+        let listener = support::TempRole::new("listener_only").await;
+        (database, pusher, listener)
+    });
+    let owner = database.url.as_str();
+    assert!(run(&["migrate", "--url", owner]).status.success());
+    let granted = run(&[
+        "grant",
+        "--url",
+        owner,
+        "--pusher",
+        &pusher.name,
+        "--listener",
+        &listener.name,
+    ]);
+    assert!(granted.status.success(), "{}", stderr(&granted));
+    let channel = support::unique("cli_sides");
+    let as_role = |role: &str| format!("{} user={role}", key_value(owner));
+    for (role, args, grant) in [
+        (
+            &pusher.name,
+            vec!["listen", "--durable", "--no-wait", "--channel", &channel],
+            "grant --listener",
+        ),
+        (
+            &listener.name,
+            vec![
+                "push",
+                "--durable",
+                "--channel",
+                &channel,
+                "{\"Type\":3,\"Key\":1}",
+            ],
+            "grant --pusher",
+        ),
+    ] {
+        let url = as_role(role);
+        let mut all = vec!["--url", url.as_str()];
+        all.extend(args);
+        let output = run(&all);
+        let said = stderr(&output);
+        assert_eq!(output.status.code(), Some(4), "{all:?}: {said}");
+        assert!(said.contains(grant), "{all:?}: {said}");
+        assert!(said.contains(role.as_str()), "{all:?}: {said}");
+    }
+    // Each role does what it was granted.
+    let url = as_role(&pusher.name);
+    let output = run(&[
+        "--url",
+        &url,
+        "push",
+        "--durable",
+        "--channel",
+        &channel,
+        "{\"Type\":3,\"Key\":1}",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    drop(database);
+    drop(pusher);
+    drop(listener);
+}
+
+/// `--queue-warn` and `--queue-fail` are percentages.
+#[test]
+fn queue_thresholds_are_percentages() {
+    for (flag, value) in [
+        ("--queue-fail", "150"),
+        ("--queue-warn", "100.5"),
+        ("--queue-warn", "-1"),
+        ("--queue-fail", "NaN"),
+    ] {
+        let output = run(&["status", &format!("{flag}={value}")]);
+        let said = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{flag} {value}: {said}");
+        assert!(said.contains(flag), "{flag} {value}: {said}");
+    }
+    assert!(
+        run(&["status", "--queue-fail", "100", "--queue-warn", "0"])
+            .status
+            .success()
+    );
+}
+
+/// The closing count says how many updates were delivered and how many of them the
+/// filters let through to standard output.
+#[test]
+fn the_closing_count_tells_delivered_from_printed() {
+    let channel = support::unique("cli_count");
+    let (mut listener, out, err, _) =
+        start_listener_logging(&["--channel", &channel, "--key", "42"]);
+    for update in [
+        r#"{"Type":3,"Key":7}"#,
+        r#"{"Type":3,"Key":42}"#,
+        r#"{"Type":3,"Key":8}"#,
+        r#"{"Type":3,"Key":42}"#,
+    ] {
+        let output = run(&["push", "--channel", &channel, update]);
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    // Notifications arrive in commit order: once the last is printed, all four were heard.
+    for _ in 0..2 {
+        out.recv_timeout(Duration::from_secs(10))
+            .expect("an update for 42");
+    }
+    let terminated = Command::new("kill")
+        .args(["-TERM", &listener.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    assert!(listener.wait().unwrap().success());
+    let said: Vec<String> = err.iter().collect();
+    let closing = said
+        .iter()
+        .find(|l| l.contains("delivered"))
+        .unwrap_or_else(|| panic!("{said:?}"));
+    assert!(
+        closing.contains("delivered 4 (2 printed, the rest left out by --key/--type)"),
+        "{closing}"
+    );
+}
+
+/// In the shared layout, a channel named like one of maddy's mailboxes would put the pipe's
+/// envelopes and heartbeats where maddy parses every payload as an update: refused.
+#[test]
+fn a_maddy_mailbox_channel_is_refused_as_the_pipe_channel() {
+    for args in [
+        vec!["listen", "--no-wait", "--channel", "__uint64_42"],
+        vec!["push", "--channel", "__uint64_42", "{\"Type\":3,\"Key\":1}"],
+    ] {
+        let output = run(&args);
+        let said = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {said}");
+        assert!(said.contains("maddy"), "{args:?}: {said}");
+    }
+}
+
+/// `bench` pointed at a database works in one of its own and drops it: the database named
+/// gains no schema, and none of the benchmark's databases is left; a role that may not
+/// create one is told so, and nothing changes.
+#[test]
+fn bench_leaves_the_database_it_is_pointed_at_as_it_was() {
+    let runtime = support::runtime();
+    let (database, weak) = runtime.block_on(async {
+        (
+            support::fresh_database("cli_bench").await,
+            support::TempRole::new("no_createdb").await,
+        )
+    });
+    let schemas = || {
+        runtime.block_on(async {
+            let (client, connection) =
+                tokio_postgres::connect(&database.url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            let rows = client
+                .query(
+                    "SELECT nspname::text FROM pg_catalog.pg_namespace ORDER BY 1",
+                    &[],
+                )
+                .await
+                .unwrap();
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+        })
+    };
+    let before = schemas();
+    let output = run(&[
+        "--url",
+        &database.url,
+        "bench",
+        "--only",
+        "durable, 1",
+        "--only",
+        "fan-out, 4 processes",
+        "--scale",
+        "0.005",
+        "--rounds",
+        "1",
+    ]);
+    let said = stderr(&output);
+    assert!(output.status.success(), "{said}");
+    assert_eq!(schemas(), before);
+    let own = said
+        .split_whitespace()
+        .find(|w| w.starts_with("updatepipe_bench_"))
+        .unwrap_or_else(|| panic!("the database it used: {said}"))
+        .trim_end_matches(',');
+    let left: i64 = runtime.block_on(async {
+        support::sql()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_catalog.pg_database WHERE datname = $1",
+                &[&own],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    });
+    assert_eq!(left, 0, "{own} was dropped");
+    let url = format!("{} user={}", key_value(&database.url), weak.name);
+    let output = run(&["--url", &url, "bench", "--only", "durable, 1"]);
+    let said = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(said.contains("CREATEDB"), "{said}");
+    assert_eq!(schemas(), before);
+    drop(database);
+    drop(weak);
 }

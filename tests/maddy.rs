@@ -299,18 +299,18 @@ async fn updatepipe_to_maddy_every_kind_once_and_atomic_with_the_transaction() {
     tx.rollback().await.unwrap();
     maddy.assert_silent(SILENCE).await;
 
-    // A mailbox maddy has not opened hears nothing; a key that cannot be a channel fails.
+    // A mailbox maddy has not opened hears nothing; a key that cannot be a channel (empty,
+    // or 64 bytes) has no copy, and the envelope still goes (see
+    // a_key_that_cannot_be_a_channel_loses_only_its_maddy_copy).
     pipe.push(&Update::mailbox_destroyed(k.unopened()))
         .await
         .unwrap();
-    maddy.assert_silent(SILENCE).await;
-    let err = pipe.push(&Update::mailbox_destroyed("")).await.unwrap_err();
-    assert!(matches!(err, Error::InvalidChannel(_)), "{err}");
     let long = "x".repeat(64);
-    assert!(matches!(
-        pipe.push(&Update::mailbox_destroyed(long.as_str())).await,
-        Err(Error::InvalidChannel(_))
-    ));
+    for key in ["", long.as_str()] {
+        pipe.push(&Update::mailbox_destroyed(key)).await.unwrap();
+    }
+    maddy.assert_silent(SILENCE).await;
+    assert_eq!(pipe.stats().maddy_copies_unsent, 2);
     pipe.close().await.unwrap();
 }
 
@@ -548,4 +548,69 @@ async fn signing_listeners_take_maddy_updates_only_when_told() {
 /// Payloads rejected, for every reason.
 fn rejected(pipe: &PgPipe) -> u64 {
     pipe.stats().rejected.iter().map(|(_, n)| n).sum()
+}
+
+/// A key that cannot name a channel (64 bytes; PostgreSQL's limit is 63) has no maddy copy:
+/// the push still delivers every update to updatepipe nodes, as the shared layout does,
+/// and the copy left out is counted.
+#[tokio::test]
+async fn a_key_that_cannot_be_a_channel_loses_only_its_maddy_copy() {
+    let channel = unique("maddy_long_key");
+    let k = keys(6042);
+    let mut maddy = MaddyNode::start(&support::url()).await;
+    maddy.open(&MailboxKey::Id(k.small)).await;
+    let (listener, mut events) = listening_events(maddy_layout(&channel)).await;
+    let pusher = PgPipe::new(maddy_layout(&channel)).unwrap();
+    let long = "l".repeat(64);
+    assert!(MailboxKey::from(long.as_str()).maddy_channel().is_err());
+    let updates = [
+        Update::mailbox_destroyed(k.small),
+        Update::mailbox_destroyed(long.as_str()),
+    ];
+    pusher.push_many(&updates).await.unwrap();
+    assert_eq!(updates_exactly(&mut events, 2).await, updates);
+    let heard = maddy.receive_exactly(1).await;
+    assert_eq!(heard[0].0, channel_of(&MailboxKey::Id(k.small)));
+    assert_eq!(pusher.stats().maddy_copies_unsent, 1);
+    // One by one, too.
+    pusher
+        .push(&Update::mailbox_destroyed(long.as_str()))
+        .await
+        .unwrap();
+    assert_eq!(updates_exactly(&mut events, 1).await.len(), 1);
+    assert_eq!(pusher.stats().maddy_copies_unsent, 2);
+    pusher.close().await.unwrap();
+    listener.close().await.unwrap();
+}
+
+/// A maddy-form payload whose sender id is an updatepipe node's is the copy of an envelope
+/// the listener hears anyway: left out, and counted, on the pipe's channel and on a
+/// mailbox's.
+#[tokio::test]
+async fn maddy_copies_from_updatepipe_nodes_are_counted_when_left_out() {
+    let channel = unique("maddy_copy_count");
+    let k = keys(7042);
+    let (listener, mut events) = listening_events(maddy_layout(&channel)).await;
+    listener.subscribe(k.small).await.unwrap();
+    let client = support::sql().await;
+    let json = Update::mailbox_destroyed(k.small).to_json();
+    let payload = format!("updatepipe-{:08x};{json}\n", rand::random::<u32>());
+    for on in [channel.clone(), channel_of(&MailboxKey::Id(k.small))] {
+        client
+            .execute("SELECT pg_notify($1, $2)", &[&on, &payload])
+            .await
+            .unwrap();
+    }
+    // Both were read before this one, sent after them on the same connection.
+    let other = PgPipe::new(maddy_layout(&channel)).unwrap();
+    other.push(&Update::mailbox_destroyed(k.big)).await.unwrap();
+    assert_eq!(
+        updates_exactly(&mut events, 1).await,
+        [Update::mailbox_destroyed(k.big)]
+    );
+    let stats = listener.stats();
+    assert_eq!(stats.maddy_copies_ignored, 2, "{stats:?}");
+    assert_eq!(stats.rejected_total(), 0, "{stats:?}");
+    other.close().await.unwrap();
+    listener.close().await.unwrap();
 }

@@ -195,6 +195,10 @@ async fn hostile_payloads_are_rejected_and_the_listener_goes_on() {
             r#"{"v":1,"o":"a","s":1,"u":[{"Type":42,"Key":1}]}"#,
         ),
         ("invalid_update", "1-0x1;{\"Type\":9,\"Key\":1}\n"),
+        // Arrays are not updates, in either form (serde's derive would read `[2,9,"1:2"]`
+        // as an expunge of 1:2 in mailbox 9).
+        ("malformed", r#"{"v":1,"o":"a","s":1,"u":[[2,9,"1:2"]]}"#),
+        ("unrecognized", "1-0x1;[3,5]\n"),
         ("unknown_version", r#"{"v":99}"#),
         ("unrecognized", junk.as_str()),
         ("malformed", forged_origin.as_str()),

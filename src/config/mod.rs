@@ -206,6 +206,13 @@ impl Config {
         self
     }
 
+    /// The database to connect to (`dbname`), in place of the one the URL or the
+    /// environment named: the same server, the same role and settings.
+    pub fn with_database(mut self, name: &str) -> Self {
+        self.server.set_dbname(name);
+        self
+    }
+
     /// The `application_name` the pipe's connections report (default `updatepipe`), as seen
     /// in `pg_stat_activity` (the listener's adds `/listen`).
     pub fn with_application_name(mut self, name: &str) -> Self {

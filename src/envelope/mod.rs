@@ -293,4 +293,25 @@ mod tests {
         let env = Envelope::decode(r#"{"v":1,"o":"a","s":1,"u":[],"future":true}"#).unwrap();
         assert_eq!(env.seq(), Some(1));
     }
+
+    /// JSON arrays are not updates or envelopes, on any path: serde's derive would read
+    /// `[3,5]` as `{"Type":3,"Key":5}`.
+    #[test]
+    fn arrays_in_place_of_objects_are_refused() {
+        for payload in [
+            r#"{"v":1,"o":"a","s":1,"u":[[2,9,"1:2"]]}"#,
+            r#"{"v":1,"o":"a","s":1,"u":[[3,5]]}"#,
+            "4242-0xc000010000;[3,5]\n",
+        ] {
+            let refused = Envelope::decode(payload);
+            assert!(refused.is_err(), "{payload}: {refused:?}");
+        }
+        // The envelope itself as an array (fields in order) is not one either.
+        assert!(Envelope::decode(r#"[1,"a",1]"#).is_err());
+        for json in ["[3,5]", "[1,2]", r#"[0,1,"1:2"]"#] {
+            assert!(Update::from_json(json).is_err(), "{json}");
+        }
+        // Objects still are.
+        assert!(Update::from_json(r#"{"Type":3,"Key":5}"#).is_ok());
+    }
 }

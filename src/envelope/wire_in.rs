@@ -4,10 +4,11 @@
 
 use serde::Deserialize;
 
-use crate::update::RawUpdate;
+use crate::update::{RawUpdate, object_only};
 
-/// A version 1 envelope as read, before it is checked.
+/// A version 1 envelope as read, before it is checked: a JSON object only.
 #[derive(Deserialize)]
+#[serde(remote = "Self")]
 #[cfg_attr(test, derive(Debug, PartialEq))]
 pub(super) struct WireIn<'a> {
     pub(super) v: u64,
@@ -29,6 +30,8 @@ pub(super) struct WireIn<'a> {
     #[serde(default)]
     pub(super) w: Option<u64>,
 }
+
+object_only!(WireIn, "an envelope object");
 
 /// A mark field: `1`/`0` as written, and for other implementations' convenience also
 /// `true`/`false` and `null` (absent).

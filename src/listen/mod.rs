@@ -97,6 +97,15 @@ impl Listener {
         closed: &AtomicBool,
     ) -> Result<Listener, Error> {
         let settings = settings::Settings::from_config(config);
+        if config.channel().is_maddy_mailbox() {
+            tracing::warn!(
+                target: event::TARGET,
+                channel = config.channel().as_str(),
+                "the pipe's channel is the one maddy uses for a numeric mailbox: maddy's nodes \
+                 listening on that mailbox read the pipe's envelopes and heartbeats as updates \
+                 they cannot read; give the pipe a channel of its own"
+            );
+        }
         let canceller = Canceller::new(config.server())?;
         let connector = connector::Connector::new(config.clone(), settings.clone());
         let (session, cursor) = if config.listen_options().wait_for_server() {

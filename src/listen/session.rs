@@ -62,7 +62,19 @@ impl Session {
                 .filter(|ms| *ms > 0)
                 .map(Duration::from_millis);
             let cursor = if want_cursor {
-                Some(log::read_cursor(&client, channel.as_str(), settings.since).await?)
+                let cursor = log::read_cursor(&client, channel.as_str(), settings.since).await;
+                match cursor {
+                    Ok(cursor) => Some(cursor),
+                    // A role granted as a pusher only, say.
+                    Err(e) if crate::pg::is_insufficient_privilege(&e) => {
+                        return Err(Error::NotGranted {
+                            role: config.pg().get_user().unwrap_or_default().to_owned(),
+                            doing: "read the durable log",
+                            grant: "listener",
+                        });
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             } else {
                 None
             };

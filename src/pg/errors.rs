@@ -79,6 +79,17 @@ fn auth_failure(seen: &Seen<'_>) -> bool {
     }
 }
 
+/// Whether the server answered that the database asked for does not exist (3D000): the
+/// connection settings are at fault, not the network.
+pub(crate) fn is_unknown_database(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::INVALID_CATALOG_NAME)
+}
+
+/// Whether the role lacks a privilege the statement needs (42501).
+pub(crate) fn is_insufficient_privilege(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE)
+}
+
 /// Whether a transaction-pooling proxy lost or mixed up a prepared statement: the
 /// statement was not executed.
 pub(crate) fn is_proxy_refusal(e: &tokio_postgres::Error) -> bool {

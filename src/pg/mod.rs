@@ -28,8 +28,8 @@ pub(crate) use connect::{
     drive_until,
 };
 pub(crate) use errors::{
-    is_auth_failure, is_cancelled, is_connection_lost, is_fatal, is_lock_timeout, is_missing_log,
-    is_proxy_refusal, is_unique_violation,
+    is_auth_failure, is_cancelled, is_connection_lost, is_fatal, is_insufficient_privilege,
+    is_lock_timeout, is_missing_log, is_proxy_refusal, is_unique_violation, is_unknown_database,
 };
 pub(crate) use files::read_regular;
 pub use server::DEFAULT_CONNECT_TIMEOUT;

@@ -158,6 +158,10 @@ impl Server {
         &self.pg
     }
 
+    pub(crate) fn set_dbname(&mut self, name: &str) {
+        self.set("dbname", name.to_owned());
+    }
+
     pub(crate) fn set_application_name(&mut self, name: &str) {
         self.set("application_name", name.to_owned());
     }
@@ -466,8 +470,10 @@ mod tests {
         s.set_application_name("mine");
         s.set_connect_timeout(Duration::from_millis(250));
         s.set_ssl_mode(SslMode::Disable);
+        s.set_dbname("other db");
         for target in s.targets("").unwrap() {
             assert_eq!(target.pg.get_application_name(), Some("mine"));
+            assert_eq!(target.pg.get_dbname(), Some("other db"));
             assert_eq!(
                 target.pg.get_connect_timeout(),
                 Some(&Duration::from_millis(250))

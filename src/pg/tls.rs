@@ -166,7 +166,7 @@ impl TlsOptions {
                 self.mode
             )));
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(ring_provider());
         // Root certificates matter only to the modes that check the server.
         let checks = matches!(
             self.mode,
@@ -263,6 +263,14 @@ impl TlsOptions {
         }
         Ok(Some(store))
     }
+}
+
+/// rustls with *ring*. rustls 0.23.48 deprecated `ring::default_provider` (*ring* offers
+/// no post-quantum key exchange) in favour of aws-lc-rs, whose C build the crate does not
+/// take on; the provider is the same, and the deprecation is acknowledged here, once.
+#[allow(deprecated)]
+fn ring_provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::ring::default_provider()
 }
 
 /// The most a certificate or key file may hold.

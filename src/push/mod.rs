@@ -59,6 +59,8 @@ const TARGET: &str = "updatepipe::push";
 #[derive(Debug)]
 pub(crate) struct Pusher {
     batcher: Arc<Batcher>,
+    /// The connecting role (for the error that names what to grant it).
+    role: String,
     /// Cancels the statements of `init` and `query_f64` given up on.
     canceller: Canceller,
 }
@@ -144,6 +146,7 @@ impl Pusher {
         );
         Ok(Pusher {
             batcher: Arc::new(batcher),
+            role: config.pg().get_user().unwrap_or_default().to_owned(),
             canceller,
         })
     }
@@ -184,9 +187,43 @@ impl Pusher {
             self.encode_into(updates, scratch)?;
             self.batcher.admit(scratch, deadline)
         })?;
-        self.batcher.finish(admitted, deadline).await?;
+        self.batcher
+            .finish(admitted, deadline)
+            .await
+            .map_err(|e| self.not_granted(e))?;
         crate::stats::push_latency(started.into_std());
         Ok(())
+    }
+
+    /// The maddy layout: an update whose key cannot be a channel goes to updatepipe nodes
+    /// only: counted, and said once per pipe.
+    fn copy_skipped(&self, update: &Update) {
+        let counters = self.sender().counters();
+        if counters.maddy_copy_unsent() == 1 {
+            tracing::warn!(
+                target: TARGET,
+                key = %crate::error::excerpt(&update.key().to_string()),
+                "a mailbox key that cannot be a channel name (empty, or over 63 bytes): its \
+                 update goes to updatepipe nodes only, maddy nodes get no copy (said once; \
+                 Stats::maddy_copies_unsent counts them)"
+            );
+        }
+    }
+
+    /// A durable push refused for a privilege the role lacks says which `grant` it needs.
+    fn not_granted(&self, e: Error) -> Error {
+        match e {
+            Error::Postgres(pg)
+                if self.sender().wire().durable() && crate::pg::is_insufficient_privilege(&pg) =>
+            {
+                Error::NotGranted {
+                    role: self.role.clone(),
+                    doing: "write the durable log",
+                    grant: "pusher",
+                }
+            }
+            e => e,
+        }
     }
 
     /// Sends updates on the caller's client or transaction: delivered when, and only when,
@@ -249,6 +286,9 @@ impl Pusher {
         };
         for update in updates {
             out.push_with(|text| wire.encode_into(update, limit, text))?;
+            if !wire.has_copy(update) {
+                self.copy_skipped(update);
+            }
         }
         Ok(())
     }

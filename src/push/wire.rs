@@ -112,19 +112,29 @@ impl Wire {
     /// checked to be a channel name, with the copy checked to fit in a notification.
     /// `out` holds UTF-8; on error, the caller rolls back what was appended
     /// ([`Encoded::push_with`](super::encoded::Encoded::push_with) does).
+    ///
+    /// An update whose mailbox key cannot be a channel name (empty, or over 63 bytes) gets
+    /// no maddy copy: its envelope still goes to updatepipe nodes on the pipe's channel
+    /// (the caller counts it: [`Wire::has_copy`]).
     pub(super) fn encode_into(
         &self,
         update: &Update,
         limit: usize,
         out: &mut Vec<u8>,
     ) -> Result<(), Error> {
-        let channel = match &self.maddy {
-            Some(_) => Some(update.key().maddy_channel()?),
-            None => None,
-        };
+        // None: no copies in this layout; Some(None): none for this update.
+        let channel = self
+            .maddy
+            .as_ref()
+            .map(|_| update.key().maddy_channel().ok());
         let start = out.len();
         self.packer.encode_into(update, limit, out)?;
         let Some(channel) = channel else {
+            return Ok(());
+        };
+        let Some(channel) = channel else {
+            // No copy: an empty channel tells `pack`.
+            out.push(CHANNEL_SEPARATOR);
             return Ok(());
         };
         let size = MAX_MADDY_SENDER_LEN + 1 + (out.len() - start) + 1;
@@ -218,6 +228,11 @@ impl Wire {
         }
     }
 
+    /// Whether an update gets a maddy copy in the maddy layout: its key can be a channel.
+    pub(super) fn has_copy(&self, update: &Update) -> bool {
+        self.maddy.is_none() || update.key().maddy_channel().is_ok()
+    }
+
     /// Packs encoded updates (from [`Wire::encode`]) into envelopes, each with a fresh
     /// sequence number, so no two payloads are ever identical (PostgreSQL folds identical
     /// ones in a transaction); in the maddy layout, with a copy of each update, numbered
@@ -245,9 +260,14 @@ impl Wire {
             let (json, channel) = item
                 .split_once(char::from(CHANNEL_SEPARATOR))
                 .expect("encoded with its channel in the maddy layout");
+            jsons.push(json);
+            if channel.is_empty() {
+                // Its key cannot be a channel: updatepipe nodes get its envelope, maddy
+                // nodes nothing (see `encode_into`).
+                continue;
+            }
             let sender = maddy_sender_id(&maddy.origin, maddy.next.fetch_add(1, Ordering::Relaxed));
             copies.push((channel.to_owned(), maddy_payload(&sender, json)));
-            jsons.push(json);
         }
         Payloads {
             envelopes: self.packer.pack(jsons, marks, next_seq),

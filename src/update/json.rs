@@ -147,11 +147,42 @@ impl<'de> Deserialize<'de> for Update {
     }
 }
 
+/// Implements `Deserialize` for a struct (with one lifetime, `'a`) whose derived
+/// implementation is generated with `#[serde(remote = "Self")]`, taking a JSON object only:
+/// serde's derive also takes an array of the fields in order, a form the wire format does
+/// not define and other implementations refuse (`[3,5]` would read as
+/// `{"Type":3,"Key":5}`).
+macro_rules! object_only {
+    ($ty:ident, $what:literal) => {
+        impl<'de: 'a, 'a> serde::Deserialize<'de> for $ty<'a> {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct ObjectOnly<'a>(std::marker::PhantomData<$ty<'a>>);
+                impl<'de: 'a, 'a> serde::de::Visitor<'de> for ObjectOnly<'a> {
+                    type Value = $ty<'a>;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str($what)
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(
+                        self,
+                        map: A,
+                    ) -> Result<Self::Value, A::Error> {
+                        $ty::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    }
+                }
+                deserializer.deserialize_map(ObjectOnly(std::marker::PhantomData))
+            }
+        }
+    };
+}
+pub(crate) use object_only;
+
 /// The JSON shape before validation. Unknown fields are ignored (a newer Go peer may add
-/// some); `null` stands for empty, as Go writes a nil slice.
+/// some); `null` stands for empty, as Go writes a nil slice. A JSON object only (see
+/// [`object_only`]).
 /// The sequence set is borrowed from the payload when it needs no unescaping (it is
 /// parsed, then dropped: no allocation for it).
 #[derive(Deserialize)]
+#[serde(remote = "Self")]
 #[cfg_attr(test, derive(Debug, PartialEq))]
 pub(crate) struct RawUpdate<'a> {
     #[serde(rename = "Type")]
@@ -163,6 +194,8 @@ pub(crate) struct RawUpdate<'a> {
     #[serde(rename = "NewFlags", default)]
     flags: Option<Vec<String>>,
 }
+
+object_only!(RawUpdate, "an update object");
 
 /// An optional string, borrowed when it can be (serde borrows a `Cow` only when it is not
 /// inside an `Option`).

@@ -15,7 +15,7 @@ use crate::seqset::SeqSet;
 
 mod json;
 
-pub(crate) use json::RawUpdate;
+pub(crate) use json::{RawUpdate, object_only};
 
 /// The most flags one update may carry.
 pub const MAX_FLAGS: usize = 256;

@@ -263,13 +263,13 @@ pub(crate) enum Command {
         #[arg(long)]
         listeners: bool,
 
-        /// Warn when the notification queue is fuller than this, in percent.
-        #[arg(long, value_name = "PERCENT", default_value_t = 10.0)]
+        /// Warn when the notification queue is fuller than this, in percent (0 to 100).
+        #[arg(long, value_name = "PERCENT", default_value_t = 10.0, value_parser = parse_percent)]
         queue_warn: f64,
 
-        /// Exit 6 when the notification queue is fuller than this, in percent (a health
-        /// check: the server is reachable but unhealthy).
-        #[arg(long, value_name = "PERCENT", default_value_t = 50.0)]
+        /// Exit 6 when the notification queue is fuller than this, in percent (0 to 100; a
+        /// health check: the server is reachable but unhealthy).
+        #[arg(long, value_name = "PERCENT", default_value_t = 50.0, value_parser = parse_percent)]
         queue_fail: f64,
     },
 
@@ -299,7 +299,9 @@ pub(crate) enum Command {
     /// Measure throughput and latency, side by side with a raw tokio-postgres baseline.
     ///
     /// Uses --url, DATABASE_URL, PGHOST, PGHOSTADDR or PGSERVICE when one is set;
-    /// otherwise a throwaway cluster.
+    /// otherwise a throwaway cluster. On a server of yours it works in a database of its
+    /// own, created (the role needs CREATEDB) and dropped when it ends, so the database
+    /// named is left as it was.
     ///
     /// Examples:
     ///   updatepipe bench
@@ -394,6 +396,17 @@ pub(crate) fn parse_key(text: &str) -> MailboxKey {
     }
 }
 
+/// A percentage: 0 to 100.
+fn parse_percent(text: &str) -> Result<f64, String> {
+    let percent: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if !(0.0..=100.0).contains(&percent) {
+        return Err(format!("{text}: a percentage is between 0 and 100"));
+    }
+    Ok(percent)
+}
+
 /// A wait in seconds: more than zero, at most a day.
 fn parse_wait(text: &str) -> Result<f64, String> {
     let seconds: f64 = text
@@ -410,6 +423,20 @@ fn parse_wait(text: &str) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percentages_and_waits_are_refused_out_of_range() {
+        assert_eq!(parse_percent("12.5"), Ok(12.5));
+        assert_eq!(parse_percent("0"), Ok(0.0));
+        assert_eq!(parse_percent("100"), Ok(100.0));
+        for bad in ["150", "-1", "NaN", "ten"] {
+            assert!(parse_percent(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_wait("1.5"), Ok(1.5));
+        for bad in ["0", "-3", "90000", "inf", "NaN"] {
+            assert!(parse_wait(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn since_forms() {

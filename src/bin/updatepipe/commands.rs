@@ -1,5 +1,6 @@
 //! What `listen`, `push` and `status` do, over the library.
 
+use crate::output::outln;
 use std::io::{BufRead, Write};
 
 use anyhow::Context;
@@ -98,6 +99,8 @@ pub(crate) async fn listen(
     // With metrics: the notification queue's usage, read every 10 s (a failed read keeps
     // the last value; the listener's own events say what is wrong).
     let mut queue_reads = tokio::time::interval(std::time::Duration::from_secs(10));
+    // Lines printed: what the filters let through of what was delivered.
+    let mut printed = 0u64;
     let outcome = loop {
         tokio::select! {
             _ = queue_reads.tick(), if metrics => {
@@ -113,6 +116,7 @@ pub(crate) async fn listen(
                         // Standard output is gone (a closed pipe): stop quietly.
                         break Ok(());
                     }
+                    printed += 1;
                 }
                 Some(Event::Connected) => eprintln!(
                     "updatepipe: listening on channel {:?}{}{}",
@@ -140,9 +144,14 @@ pub(crate) async fn listen(
     };
     pipe.close().await?;
     let stats = pipe.stats();
+    let filtered = if filter.keys.is_empty() && filter.kinds.is_empty() {
+        String::new()
+    } else {
+        format!(" ({printed} printed, the rest left out by --key/--type)")
+    };
     eprintln!(
-        "updatepipe: delivered {}, echoes dropped {}, rejected {}, reconnects {}, replayed {}, \
-         resyncs {}",
+        "updatepipe: delivered {}{filtered}, echoes dropped {}, rejected {}, reconnects {}, \
+         replayed {}, resyncs {}",
         stats.delivered,
         stats.echoes_dropped,
         stats.rejected_total(),
@@ -176,8 +185,8 @@ pub(crate) fn update_from_options(
 /// Prints the status; warns (on standard error too) when the notification queue is fuller
 /// than `queue_warn` percent.
 pub(crate) fn print_status(pipe: &PgPipe, status: &updatepipe::Status, queue_warn: f64) {
-    println!("server version      {}", status.server_version);
-    println!(
+    outln!("server version      {}", status.server_version);
+    outln!(
         "primary             {}",
         if status.in_recovery {
             "no: a standby (in recovery); LISTEN and NOTIFY work only on the primary"
@@ -186,53 +195,53 @@ pub(crate) fn print_status(pipe: &PgPipe, status: &updatepipe::Status, queue_war
         }
     );
     match status.listen_works {
-        Some(true) => println!("LISTEN works        yes (a probe notification arrived)"),
-        Some(false) => println!(
+        Some(true) => outln!("LISTEN works        yes (a probe notification arrived)"),
+        Some(false) => outln!(
             "LISTEN works        NO: a probe notification never arrived; a transaction-pooling \
              proxy (PgBouncer in transaction mode) breaks LISTEN: connect listeners directly"
         ),
-        None => println!("LISTEN works        unknown (cannot NOTIFY on a standby)"),
+        None => outln!("LISTEN works        unknown (cannot NOTIFY on a standby)"),
     }
     let usage = status.queue_usage * 100.0;
     if usage > queue_warn {
-        println!(
+        outln!(
             "queue usage         {usage:.6} % WARNING: above {queue_warn} %; some session of \
              this database listens and does not read (a LISTEN in a transaction left open?)"
         );
         eprintln!("updatepipe: warning: the notification queue is {usage:.6} % full");
     } else {
-        println!("queue usage         {usage:.6} %");
+        outln!("queue usage         {usage:.6} %");
     }
     match status.idle_session_timeout_ms {
         Some(0) | None => {}
-        Some(ms) => println!(
+        Some(ms) => outln!(
             "idle timeout        idle_session_timeout is {ms} ms: listeners send a statement \
              on their connection every third of it"
         ),
     }
     if let Some(n) = status.listeners {
-        println!("listeners           {n} on this channel (heard by their heartbeats)");
+        outln!("listeners           {n} on this channel (heard by their heartbeats)");
     }
-    println!("channel             {}", pipe.config().channel());
+    outln!("channel             {}", pipe.config().channel());
     match status.schema_version {
-        Some(v) => println!(
+        Some(v) => outln!(
             "schema version      {v} (this build has {})",
             embedded_migrations().len()
         ),
         None => {
-            println!("schema version      not migrated (run updatepipe migrate for durable mode)")
+            outln!("schema version      not migrated (run updatepipe migrate for durable mode)")
         }
     }
     if let Some(n) = status.log_entries {
         let age = status
             .oldest_log_entry_secs
             .map_or_else(|| "-".to_owned(), |s| format!("{s:.0} s"));
-        println!("durable log         {n} entries on this channel, oldest {age}");
+        outln!("durable log         {n} entries on this channel, oldest {age}");
     }
     if status.schema_version.is_some() && status.log_entries.is_some() {
         match status.log_last_pruned_secs {
-            Some(s) => println!("last pruned         {s:.0} s ago"),
-            None => println!("last pruned         never (no durable listener has pruned yet)"),
+            Some(s) => outln!("last pruned         {s:.0} s ago"),
+            None => outln!("last pruned         never (no durable listener has pruned yet)"),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! `updatepipe demo`: two nodes and an admin tool exchange updates through PostgreSQL.
 
+use crate::output::outln;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -17,7 +18,7 @@ pub async fn run(base: Config, channel: Option<ChannelName>) -> anyhow::Result<(
     let config = base
         .with_channel(channel.clone())
         .with_application_name("updatepipe-demo");
-    println!("Channel: {}\n", channel.as_str());
+    outln!("Channel: {}\n", channel.as_str());
 
     let a = PgPipe::new(config.clone())?;
     let b = PgPipe::new(config.clone())?;
@@ -26,22 +27,22 @@ pub async fn run(base: Config, channel: Option<ChannelName>) -> anyhow::Result<(
     let (b_tx, mut b_rx) = mpsc::channel(64);
     a.listen(a_tx).await?;
     b.listen(b_tx).await?;
-    println!("node A listening (origin {})", a.origin());
-    println!("node B listening (origin {})\n", b.origin());
+    outln!("node A listening (origin {})", a.origin());
+    outln!("node B listening (origin {})\n", b.origin());
 
     let mut nodes = [("node A", &a, &mut a_rx), ("node B", &b, &mut b_rx)];
 
-    println!("node A pushes a new message in INBOX:");
+    outln!("node A pushes a new message in INBOX:");
     let update = Update::new_message("INBOX", SeqSet::single(1)?);
     a.push(&update).await?;
     show(&mut nodes, &[0, 1]).await;
 
-    println!("node B pushes a flag change in mailbox 42:");
+    outln!("node B pushes a flag change in mailbox 42:");
     let update = Update::flags_changed(42, 1, ["\\Seen".parse()?])?;
     b.push(&update).await?;
     show(&mut nodes, &[1, 0]).await;
 
-    println!("the admin tool stores a message and pushes inside the same transaction:");
+    outln!("the admin tool stores a message and pushes inside the same transaction:");
     let (mut client, connection) = config.connect().await?;
     let connection = tokio::spawn(connection);
     client
@@ -61,30 +62,32 @@ pub async fn run(base: Config, channel: Option<ChannelName>) -> anyhow::Result<(
     admin
         .push_in(&tx, &Update::new_message("Archive", SeqSet::single(7)?))
         .await?;
-    println!("  (before COMMIT nobody has it)");
+    outln!("  (before COMMIT nobody has it)");
     silent(&mut nodes).await;
     tx.commit().await.map_err(Error::from)?;
-    println!("  COMMIT");
+    outln!("  COMMIT");
     show(&mut nodes, &[1, 1]).await;
 
-    println!("the admin tool expunges inside a transaction, then rolls it back:");
+    outln!("the admin tool expunges inside a transaction, then rolls it back:");
     let tx = client.transaction().await.map_err(Error::from)?;
     admin
         .push_in(&tx, &Update::expunge("Archive", SeqSet::single(7)?))
         .await?;
     tx.rollback().await.map_err(Error::from)?;
-    println!("  ROLLBACK");
+    outln!("  ROLLBACK");
     silent(&mut nodes).await;
     drop(client);
     let _ = connection.await;
 
-    println!("\nSummary:");
+    outln!("\nSummary:");
     let mut own_received = false;
     for (name, pipe, _) in &nodes {
         let stats = pipe.stats();
-        println!(
+        outln!(
             "  {name}: pushed {}, received {} from others, dropped {} of its own",
-            stats.pushed, stats.delivered, stats.echoes_dropped
+            stats.pushed,
+            stats.delivered,
+            stats.echoes_dropped
         );
         own_received |= stats.echoes_dropped != stats.pushed;
     }
@@ -94,7 +97,7 @@ pub async fn run(base: Config, channel: Option<ChannelName>) -> anyhow::Result<(
     if own_received {
         anyhow::bail!("a node did not drop one of its own updates");
     }
-    println!("No node received its own updates.");
+    outln!("No node received its own updates.");
     Ok(())
 }
 
@@ -105,16 +108,16 @@ async fn show(nodes: &mut [Node<'_>], expected: &[usize]) {
     for ((name, _, rx), &n) in nodes.iter_mut().zip(expected) {
         for _ in 0..n {
             match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-                Ok(Some(update)) => println!("  {name} received {}", update.to_json()),
-                _ => println!("  {name} received nothing (unexpected!)"),
+                Ok(Some(update)) => outln!("  {name} received {}", update.to_json()),
+                _ => outln!("  {name} received nothing (unexpected!)"),
             }
         }
         if n == 0 {
-            println!("  {name} received nothing: it sent this one itself");
+            outln!("  {name} received nothing: it sent this one itself");
         }
     }
     silent(nodes).await;
-    println!();
+    outln!();
 }
 
 /// Waits briefly and reports any update that arrives (none should).
@@ -122,7 +125,7 @@ async fn silent(nodes: &mut [Node<'_>]) {
     tokio::time::sleep(Duration::from_millis(200)).await;
     for (name, _, rx) in nodes.iter_mut() {
         while let Ok(update) = rx.try_recv() {
-            println!("  {name} received {} (unexpected!)", update.to_json());
+            outln!("  {name} received {} (unexpected!)", update.to_json());
         }
     }
 }
@@ -187,15 +190,15 @@ impl MaddyNode {
                 continue;
             }
             heard += 1;
-            println!(
+            outln!(
                 "  maddy node received from {sender}: {}",
                 json.replace('\u{10}', ";").trim_end()
             );
         }
         if own > 0 {
-            println!("  maddy node received nothing: it sent this one itself");
+            outln!("  maddy node received nothing: it sent this one itself");
         } else if heard == 0 {
-            println!("  maddy node received nothing");
+            outln!("  maddy node received nothing");
         }
     }
 }
@@ -212,7 +215,7 @@ pub async fn run_maddy(base: Config, channel: Option<ChannelName>) -> anyhow::Re
         .with_application_name("updatepipe-demo")
         .with_layout(Layout::Maddy);
     let mailbox = MailboxKey::Id(42);
-    println!(
+    outln!(
         "Shared channel: {} (updatepipe's envelopes); mailbox 42's maddy channel: {}\n",
         channel.as_str(),
         mailbox.maddy_channel()?
@@ -226,28 +229,28 @@ pub async fn run_maddy(base: Config, channel: Option<ChannelName>) -> anyhow::Re
     a.subscribe(mailbox.clone()).await?;
     b.subscribe(mailbox.clone()).await?;
     let mut maddy = MaddyNode::start(&config, &mailbox).await?;
-    println!("updatepipe node A and node B listening, both subscribed to mailbox 42");
-    println!("maddy node {} has mailbox 42 open\n", maddy.id);
+    outln!("updatepipe node A and node B listening, both subscribed to mailbox 42");
+    outln!("maddy node {} has mailbox 42 open\n", maddy.id);
 
     let mut nodes = [("node A", &a, &mut a_rx), ("node B", &b, &mut b_rx)];
 
-    println!("updatepipe node A pushes a new message in mailbox 42:");
+    outln!("updatepipe node A pushes a new message in mailbox 42:");
     a.push(&Update::new_message(42, SeqSet::single(1)?)).await?;
     show(&mut nodes, &[0, 1]).await;
     maddy.show().await;
-    println!(
+    outln!(
         "  (node B got the envelope on the shared channel, once; it dropped A's copy for maddy)\n"
     );
 
-    println!("the maddy node pushes a flag change in mailbox 42:");
+    outln!("the maddy node pushes a flag change in mailbox 42:");
     maddy
         .push(&Update::flags_changed(42, 1, ["\\Seen".parse()?])?)
         .await?;
     show(&mut nodes, &[1, 1]).await;
     maddy.show().await;
-    println!();
+    outln!();
 
-    println!("updatepipe node B pushes to mailbox 43, which nobody has open in maddy:");
+    outln!("updatepipe node B pushes to mailbox 43, which nobody has open in maddy:");
     b.push(&Update::mailbox_destroyed(43)).await?;
     show(&mut nodes, &[1, 0]).await;
     maddy.show().await;
@@ -255,6 +258,6 @@ pub async fn run_maddy(base: Config, channel: Option<ChannelName>) -> anyhow::Re
     maddy.task.abort();
     a.close().await?;
     b.close().await?;
-    println!("\nNo node received its own updates; maddy heard only updates, in its own form.");
+    outln!("\nNo node received its own updates; maddy heard only updates, in its own form.");
     Ok(())
 }

@@ -20,8 +20,10 @@ mod bench;
 mod commands;
 mod demo;
 mod metrics;
+mod output;
 
 use args::{Cli, Command, LogFormat, parse_key};
+use output::outln;
 
 use clap::Parser;
 use commands::{Filter, listen, print_status, push, update_from_options};
@@ -121,6 +123,22 @@ fn one_line(e: &anyhow::Error) -> String {
     line
 }
 
+/// The pipe's channel, refused when it is a maddy mailbox's (`__uint64_N`): the pipe's
+/// envelopes and heartbeats there would reach maddy's nodes as updates they cannot read.
+fn pipe_channel(name: &str) -> Result<ChannelName, Error> {
+    let channel = ChannelName::new(name)?;
+    if channel.is_maddy_mailbox() {
+        return Err(Error::Config(format!(
+            "--channel {name:?} is the channel maddy uses for mailbox {}: the pipe's envelopes \
+             and heartbeats would reach maddy's nodes there as updates they cannot read; give \
+             the pipe a channel of its own (updatepipe by default; --layout maddy reaches \
+             maddy's mailboxes by itself)",
+            name.trim_start_matches("__uint64_")
+        )));
+    }
+    Ok(channel)
+}
+
 fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<Error>() {
         Some(e) if e.is_invalid_input() => exit::BAD_INPUT,
@@ -131,6 +149,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             | Error::Migrate(_)
             | Error::SchemaOutdated { .. }
             | Error::SchemaNotGranted { .. }
+            | Error::NotGranted { .. }
             | Error::NotSchemaOwner { .. }
             | Error::LockHeld { .. }
             | Error::NumbersTaken { .. },
@@ -163,13 +182,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 kinds: kinds.iter().map(|k| k.kind()).collect(),
             };
             let mut config = config(cli.url.as_deref())?
-                .with_channel(ChannelName::new(&channel.channel)?)
+                .with_channel(pipe_channel(&channel.channel)?)
                 .with_durable(durable)
                 .with_secrets(secrets(secret_file.as_deref())?)
-                .with_listen(|l| l.with_accept_unsigned(accept_unsigned))
                 .with_layout(layout.layout())
-                .with_listen(|l| l.with_accept_maddy(accept_maddy))
-                .with_listen(|l| l.with_wait_for_server(!no_wait));
+                .with_listen(|l| {
+                    l.with_accept_unsigned(accept_unsigned)
+                        .with_accept_maddy(accept_maddy)
+                        .with_wait_for_server(!no_wait)
+                });
             if let Some(since) = since {
                 config = config.with_listen(|l| l.with_since(since));
             }
@@ -194,7 +215,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 _ => None,
             };
             let config = config(cli.url.as_deref())?
-                .with_channel(ChannelName::new(&channel.channel)?)
+                .with_channel(pipe_channel(&channel.channel)?)
                 .with_durable(durable)
                 .with_secrets(secrets(secret_file.as_deref())?)
                 .with_layout(layout.layout());
@@ -212,18 +233,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .filter(|m| m.version() > current)
                     .collect();
                 if pending.is_empty() {
-                    println!("schema is up to date (version {current})");
+                    outln!("schema is up to date (version {current})");
                 }
                 for m in pending {
-                    println!("pending V{}__{}", m.version(), m.name());
+                    outln!("pending V{}__{}", m.version(), m.name());
                 }
             } else {
                 let applied = pipe.migrate().await?;
                 if applied.is_empty() {
-                    println!("schema is up to date");
+                    outln!("schema is up to date");
                 }
                 for m in applied {
-                    println!("applied V{}__{}", m.version(), m.name());
+                    outln!("applied V{}__{}", m.version(), m.name());
                 }
             }
             pipe.close().await?;
@@ -243,7 +264,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if dry_run {
                 for (role, what) in &roles {
                     for sql in grant_statements(role, *what)? {
-                        println!("{sql};");
+                        outln!("{sql};");
                     }
                 }
                 return Ok(());
@@ -261,7 +282,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     "listener"
                 };
-                println!("granted {role} what a {what} needs");
+                outln!("granted {role} what a {what} needs");
             }
             Ok(())
         }
@@ -303,8 +324,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some((n, channel)) = args.listen_child() {
                 let config = config(cli.url.as_deref())?;
                 let channel = channel.to_owned();
-                return tokio::spawn(async move { bench::listen_child(config, n, &channel).await })
-                    .await?;
+                return tokio::spawn(async move {
+                    bench::listen_child(config, &args, n, &channel).await
+                })
+                .await?;
             }
             let (config, cluster) = database(cli.url.as_deref(), "benchmark").await?;
             let url = cli

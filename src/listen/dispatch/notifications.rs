@@ -30,7 +30,7 @@ impl Dispatch {
                 return;
             }
             Verdict::Echo => return self.counters.echo(),
-            Verdict::CopyForMaddy => return,
+            Verdict::CopyForMaddy => return self.counters.maddy_copy_ignored(),
             Verdict::Unrepresentable { key, error } => {
                 self.reject_incoming(&error, incoming);
                 return self.outbox.resync(ResyncReason::Unrepresentable { key });

@@ -241,12 +241,21 @@ fn maddy_copies_are_maddy_form_and_unique() {
         .1
         .replace('\u{10}', ";");
     assert_eq!(Update::from_json(json.trim_end()).unwrap(), updates[0]);
-    // A key that cannot be a channel fails the push.
-    let empty = Update::mailbox_destroyed("");
-    assert!(matches!(
-        encode(&wire, &empty),
-        Err(Error::InvalidChannel(_))
-    ));
+    // A key that cannot be a channel (empty, or over 63 bytes) gets no copy: its envelope
+    // goes all the same, beside the others'.
+    let long = Update::mailbox_destroyed("k".repeat(64));
+    for key in [Update::mailbox_destroyed(""), long] {
+        assert!(!wire.has_copy(&key));
+        let encoded = [
+            encode(&wire, &key).unwrap(),
+            encode(&wire, &updates[0]).unwrap(),
+        ];
+        let payloads = wire.pack(encoded.iter().map(String::as_str), wire.pool_marks());
+        assert_eq!(payloads.envelopes.len(), 1, "packed together");
+        assert_eq!(payloads.copies.len(), 1, "a copy for the other only");
+        assert_eq!(payloads.copies[0].0, "INBOX;1");
+    }
+    assert!(wire.has_copy(&updates[0]));
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Fan-out: one pipe's 256 pushers heard by several listening pipes, in this process or
 //! each in a process of its own (this binary again, in `bench --listen-child`).
 
+use crate::output::outln;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -41,7 +42,7 @@ pub(crate) struct ChildReport {
 pub(crate) async fn child(config: Config, n: u64) -> anyhow::Result<()> {
     let (listener, counter) = pipe_listener(&config, n, |_| {}).await?;
     let before = cpu_time()?;
-    println!("ready");
+    outln!("ready");
     last_delivery(counter).await?;
     let finished_ns = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
     let cpu_us = cpu_time()?.saturating_sub(before).as_secs_f64() * 1e6;
@@ -53,7 +54,7 @@ pub(crate) async fn child(config: Config, n: u64) -> anyhow::Result<()> {
         dropped,
         resyncs,
     };
-    println!("{}", serde_json::to_string(&report)?);
+    outln!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
 
@@ -113,6 +114,9 @@ pub(super) async fn processes(
             .arg(config.channel().as_str());
         if let Some(url) = &url {
             command.env("DATABASE_URL", url);
+        }
+        if let Some(database) = config.pg().get_dbname() {
+            command.arg("--child-database").arg(database);
         }
         let mut child = command
             .stdin(Stdio::null())

@@ -2,6 +2,7 @@
 //! tokio-postgres baseline, measured end to end (from the first push to the last delivery)
 //! in one run.
 
+use crate::output::outln;
 use indicatif::{ProgressBar, ProgressStyle};
 use updatepipe::{ChannelName, Config, Layout, PgPipe};
 
@@ -9,6 +10,7 @@ mod fanout;
 mod pipe;
 mod raw;
 mod report;
+mod scratch;
 mod timing;
 
 use pipe::{backlog, paced, pipe, pipe_push_raw_listen, raw_push_pipe_listen};
@@ -57,6 +59,10 @@ pub struct BenchArgs {
     /// Internal: the channel of --listen-child.
     #[arg(long, hide = true, value_name = "NAME")]
     child_channel: Option<String>,
+
+    /// Internal: the database of --listen-child (the benchmark's own).
+    #[arg(long, hide = true, value_name = "NAME", requires = "listen_child")]
+    child_database: Option<String>,
 }
 
 impl BenchArgs {
@@ -66,8 +72,18 @@ impl BenchArgs {
     }
 }
 
-/// Runs a listening child of a fan-out row (see [`BenchArgs::listen_child`]).
-pub async fn listen_child(config: Config, n: u64, channel: &str) -> anyhow::Result<()> {
+/// Runs a listening child of a fan-out row (see [`BenchArgs::listen_child`]), in the
+/// benchmark's database.
+pub async fn listen_child(
+    config: Config,
+    args: &BenchArgs,
+    n: u64,
+    channel: &str,
+) -> anyhow::Result<()> {
+    let config = match &args.child_database {
+        Some(database) => config.with_database(database),
+        None => config,
+    };
     fanout::child(config.with_channel(ChannelName::new(channel)?), n).await
 }
 
@@ -103,10 +119,21 @@ async fn in_rounds(
     Ok(measured)
 }
 
-/// The whole benchmark. `url` reaches the server as `base` does, for the listening
+/// The whole benchmark, in a database of its own on the server `base` reaches, dropped
+/// after (see [`scratch`]). `url` reaches the server as `base` does, for the listening
 /// processes of the fan-out rows (`None`: they find it in the environment as this one did).
 pub async fn run(base: Config, url: Option<String>, args: BenchArgs) -> anyhow::Result<()> {
-    let url = url.as_deref();
+    let scratch = scratch::Scratch::create(&base).await?;
+    let config = scratch.config(base);
+    let result = tokio::select! {
+        result = all_rows(config, url.as_deref(), args) => result,
+        () = crate::commands::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+    };
+    let dropped = scratch.drop().await;
+    result.and(dropped)
+}
+
+async fn all_rows(base: Config, url: Option<&str>, args: BenchArgs) -> anyhow::Result<()> {
     let scale = |n: u64| ((n as f64 * args.scale).round() as u64).max(100);
     let rounds = args.rounds.max(1);
     let base = match args.max_in_flight {
@@ -270,7 +297,8 @@ pub async fn run(base: Config, url: Option<String>, args: BenchArgs) -> anyhow::
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("a valid template"),
     );
     let server_version = server_version(&base).await?;
-    // The durable rows need the schema; apply it before anything is timed.
+    // The durable rows need the schema (in the benchmark's own database); apply it before
+    // anything is timed.
     PgPipe::new(base.clone())?.migrate().await?;
     // Warm the server up (connections, caches) so that the first row is not penalized.
     raw(
@@ -357,7 +385,7 @@ pub async fn run(base: Config, url: Option<String>, args: BenchArgs) -> anyhow::
         rows,
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_table(&report);
     }

@@ -1,5 +1,6 @@
 //! The benchmark's rows and how they are printed.
 
+use crate::output::outln;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
@@ -77,7 +78,7 @@ pub(super) struct Report {
 }
 
 pub(super) fn print_table(report: &Report) {
-    println!(
+    outln!(
         "PostgreSQL {} on {} cores, {} allocator; updates/s delivered end to end (first push to \
          last delivery), median of {} rounds; pipe with up to {} push transactions in flight, \
          raw batched baselines pipelining {}\n",
@@ -88,7 +89,7 @@ pub(super) fn print_table(report: &Report) {
         report.max_in_flight,
         report.raw_in_flight
     );
-    println!(
+    outln!(
         "{:<30} {:>9} {:>8} {:>12} {:>17} {:>8} {:>8} {:>7} {:>7} {:>7} {:>9}  {:<26}",
         "row",
         "updates",
@@ -129,7 +130,7 @@ pub(super) fn print_table(report: &Report) {
             .cpu_us_per_delivery
             .map_or_else(|| "-".to_owned(), |c| format!("{c:.2}"));
         let lost = format!("{}/{}", row.dropped, row.resyncs);
-        println!(
+        outln!(
             "{:<30} {:>9} {:>8.2} {:>12.0} {:>17} {:>8} {:>8} {:>7} {:>7} {:>7} {:>9}  {:<26}",
             row.name,
             row.updates,
@@ -145,7 +146,7 @@ pub(super) fn print_table(report: &Report) {
             latency
         );
     }
-    println!(
+    outln!(
         "\nvs base: the pipe's rate over the row it is compared with (1 pusher: raw \
          sequential; 16: raw batched 10/tx; 256: raw batched 100/tx; signed: the same pipe \
          row unsigned; sides: raw, envelopes), both medians.\npaired: the median of each \
