@@ -5,6 +5,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod connect;
+mod words;
+
+pub use connect::ConnectError;
+pub(crate) use words::pg_message;
+
 /// Everything that can go wrong in `updatepipe`.
 ///
 /// Each variant says what happened; its message says what the user can do about it.
@@ -241,134 +247,6 @@ impl Error {
     }
 }
 
-/// Why no connection could be made: each server tried (`host:port`, in the order tried)
-/// and what happened there, in one line.
-#[derive(Clone, Debug)]
-pub struct ConnectError {
-    attempts: Vec<Attempt>,
-}
-
-#[derive(Clone, Debug)]
-struct Attempt {
-    server: String,
-    failure: Failure,
-}
-
-#[derive(Clone, Debug)]
-enum Failure {
-    Postgres(std::sync::Arc<tokio_postgres::Error>),
-    TimedOut(Duration),
-}
-
-impl ConnectError {
-    pub(crate) fn new() -> Self {
-        ConnectError {
-            attempts: Vec::new(),
-        }
-    }
-
-    /// Notes that `server` failed with `e`.
-    pub(crate) fn failed(&mut self, server: String, e: tokio_postgres::Error) {
-        self.attempts.push(Attempt {
-            server,
-            failure: Failure::Postgres(std::sync::Arc::new(e)),
-        });
-    }
-
-    /// Notes that `server` did not answer within `after`.
-    pub(crate) fn timed_out(&mut self, server: String, after: Duration) {
-        self.attempts.push(Attempt {
-            server,
-            failure: Failure::TimedOut(after),
-        });
-    }
-
-    /// The servers tried, as `host:port`, in the order tried.
-    pub fn servers(&self) -> impl Iterator<Item = &str> {
-        self.attempts.iter().map(|a| a.server.as_str())
-    }
-
-    /// Whether every server tried was reached and found read-only (a standby), passed over
-    /// because `target_session_attrs=read-write` asks for a primary.
-    pub fn is_read_only(&self) -> bool {
-        !self.attempts.is_empty()
-            && self.attempts.iter().all(|a| match &a.failure {
-                Failure::Postgres(e) => pg_message(e).contains("does not allow writes"),
-                Failure::TimedOut(_) => false,
-            })
-    }
-
-    /// Whether a server answered that the database asked for does not exist (and none
-    /// was reached).
-    pub fn is_unknown_database(&self) -> bool {
-        !self.attempts.is_empty()
-            && self.attempts.iter().any(|a| match &a.failure {
-                Failure::Postgres(e) => crate::pg::is_unknown_database(e),
-                Failure::TimedOut(_) => false,
-            })
-    }
-
-    /// Whether every server tried answered (with an error), none timed out or was
-    /// unreachable: the settings are at fault, not the network.
-    fn all_answered(&self) -> bool {
-        !self.attempts.is_empty()
-            && self.attempts.iter().all(|a| match &a.failure {
-                Failure::Postgres(e) => e.as_db_error().is_some(),
-                Failure::TimedOut(_) => false,
-            })
-    }
-
-    /// Whether a server refused the login (SQLSTATE class 28, or a password it asked for
-    /// and none was given).
-    pub fn is_auth(&self) -> bool {
-        self.attempts.iter().any(|a| match &a.failure {
-            Failure::Postgres(e) => crate::pg::is_auth_failure(e),
-            Failure::TimedOut(_) => false,
-        })
-    }
-}
-
-impl fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.attempts.is_empty() {
-            return f.write_str("no host to try");
-        }
-        for (i, attempt) in self.attempts.iter().enumerate() {
-            if i > 0 {
-                f.write_str("; ")?;
-            }
-            write!(f, "{}: ", attempt.server)?;
-            match &attempt.failure {
-                Failure::TimedOut(after) => write!(f, "no answer within {after:?}")?,
-                Failure::Postgres(e) => {
-                    let text = pg_message(e);
-                    if text.contains("does not allow writes") {
-                        f.write_str(
-                            "read-only (a standby?), passed over as target_session_attrs=\
-                             read-write asks",
-                        )?;
-                    } else {
-                        f.write_str(&text)?;
-                    }
-                }
-            }
-        }
-        if self.is_auth() {
-            f.write_str("; check the user and the password (PGPASSWORD, ~/.pgpass)")
-        } else if self.is_unknown_database() {
-            f.write_str("; the server answered: check the database name (dbname, PGDATABASE)")
-        } else if self.all_answered() {
-            f.write_str("; the server answered and refused: see its message")
-        } else {
-            f.write_str(
-                "; check the host and port and that the server runs and accepts connections",
-            )
-        }
-    }
-}
-
-impl std::error::Error for ConnectError {}
-
 impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Self {
         Error::Postgres(Arc::new(e))
@@ -560,41 +438,6 @@ impl fmt::Display for Limit {
     }
 }
 
-/// A PostgreSQL error in one line: the server's message and SQLSTATE for a database error,
-/// otherwise the client's description and its cause (`tokio_postgres::Error`'s `Display`
-/// alone says only "db error").
-pub(crate) fn pg_message(e: &tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        return format!(
-            "{}: {} (SQLSTATE {})",
-            db.severity(),
-            db.message(),
-            db.code().code()
-        );
-    }
-    let text = match std::error::Error::source(e) {
-        // "error connecting to server: Connection refused (os error 111)" says it twice.
-        Some(cause) if e.to_string() == "error connecting to server" => cause.to_string(),
-        Some(cause) => format!("{e}: {cause}"),
-        None => e.to_string(),
-    };
-    for_operators(text)
-}
-
-/// A library's words made an operator's: rustls ends some messages with a link to its
-/// manual ("peer closed connection without sending TLS close_notify: https://docs.rs/…"),
-/// which says nothing to whoever reads the pipe's logs.
-fn for_operators(text: String) -> String {
-    const CLOSE_NOTIFY: &str = "peer closed connection without sending TLS close_notify";
-    if let Some(at) = text.find(CLOSE_NOTIFY) {
-        return format!("{}the server closed the connection", &text[..at]);
-    }
-    match text.find(": https://docs.rs/rustls") {
-        Some(at) => text[..at].to_owned(),
-        None => text,
-    }
-}
-
 /// A refinery error in our words: what it was doing, and the server's own message.
 pub(crate) fn migrate_message(e: &refinery::Error) -> String {
     use refinery::error::Kind;
@@ -630,23 +473,6 @@ pub(crate) fn excerpt(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn messages_for_operators_carry_no_library_manual() {
-        assert_eq!(
-            for_operators(
-                "db error: peer closed connection without sending TLS close_notify: \
-                 https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof"
-                    .into()
-            ),
-            "db error: the server closed the connection"
-        );
-        assert_eq!(
-            for_operators("tls: x: https://docs.rs/rustls/latest/rustls/y".into()),
-            "tls: x"
-        );
-        assert_eq!(for_operators("plain".into()), "plain");
-    }
 
     #[test]
     fn excerpt_shortens_long_text() {
