@@ -1,6 +1,7 @@
 //! What `listen`, `push` and `status` do, over the library.
 
 use crate::output::outln;
+use crate::signal::shutdown_signal;
 use std::io::{BufRead, Write};
 
 use anyhow::Context;
@@ -244,27 +245,6 @@ pub(crate) fn print_status(pipe: &PgPipe, status: &updatepipe::Status, queue_war
             None => outln!("last pruned         never (no durable listener has pruned yet)"),
         }
     }
-}
-
-pub(crate) async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 pub(crate) async fn push(

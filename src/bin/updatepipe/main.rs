@@ -21,6 +21,7 @@ mod commands;
 mod demo;
 mod metrics;
 mod output;
+mod signal;
 
 use args::{Cli, Command, LogFormat, parse_key};
 use output::outln;

@@ -127,7 +127,7 @@ pub async fn run(base: Config, url: Option<String>, args: BenchArgs) -> anyhow::
     let config = scratch.config(base);
     let result = tokio::select! {
         result = all_rows(config, url.as_deref(), args) => result,
-        () = crate::commands::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+        () = crate::signal::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
     };
     let dropped = scratch.drop().await;
     result.and(dropped)
