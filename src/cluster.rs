@@ -226,6 +226,22 @@ impl TempCluster {
         Ok(())
     }
 
+    /// Promotes a standby ([`TempClusterBuilder::standby_of`]) to a primary, and waits until
+    /// it accepts writes. Blocking.
+    pub fn promote(&mut self) -> Result<(), Error> {
+        let data = self.data_dir();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-w".as_ref(),
+                "promote".as_ref(),
+            ],
+        )?;
+        Ok(())
+    }
+
     /// Starts the server again after [`stop`](TempCluster::stop), on a new free port unless
     /// the old one is still free. Blocking.
     pub fn restart(&mut self) -> Result<(), Error> {

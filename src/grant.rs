@@ -30,9 +30,11 @@ pub enum Role {
 ///   server sets `id`, `xid` and `created_at`: a trigger, migration V4), and `EXECUTE` on
 ///   `updatepipe.logged`, which tells a push retried after a broken connection whether the
 ///   rows at its numbers are its own.
-/// - A listener: `SELECT` on the log (the tail reads, fetches of oversize envelopes) and on
-///   `updatepipe.pruned`, and `EXECUTE` on `updatepipe.prune`: pruning, and recording how
-///   far it pruned, only through that function of the owner's. What releases before
+/// - A listener: `SELECT` on the log (the tail reads, fetches of oversize envelopes), on
+///   `updatepipe.pruned` and on `updatepipe.consumers`, and `EXECUTE` on `updatepipe.prune`,
+///   `updatepipe.consumer_ack` and `updatepipe.consumer_reset`: pruning,
+///   recording how far it pruned, and moving a named consumer, only through those
+///   functions of the owner's (migrations V5 and V6). What releases before
 ///   migration V5 granted listeners (`DELETE` on the log, `INSERT` and `UPDATE` on the
 ///   marks, enough to lock the log or pin a mark) is taken back.
 ///
@@ -58,7 +60,11 @@ pub fn grant_statements(role: &str, what: Role) -> Result<Vec<String>, Error> {
         Role::Listener => {
             sql.push(format!("GRANT SELECT ON updatepipe.log TO {r}"));
             sql.push(format!("GRANT SELECT ON updatepipe.pruned TO {r}"));
-            sql.push(format!("GRANT EXECUTE ON FUNCTION {PRUNE_FUNCTION} TO {r}"));
+            sql.push(format!(
+                "GRANT EXECUTE ON FUNCTION {PRUNE_FUNCTION}, {CONSUMER_ACK_FUNCTION}, \
+                 {CONSUMER_RESET_FUNCTION} TO {r}"
+            ));
+            sql.push(format!("GRANT SELECT ON updatepipe.consumers TO {r}"));
             sql.push(format!(
                 "REVOKE UPDATE, DELETE, TRUNCATE ON updatepipe.log FROM {r}"
             ));
@@ -70,8 +76,19 @@ pub fn grant_statements(role: &str, what: Role) -> Result<Vec<String>, Error> {
     Ok(sql)
 }
 
-/// The owner's function that prunes the log (migration V5), by its signature.
-const PRUNE_FUNCTION: &str = "updatepipe.prune(pg_catalog.text, pg_catalog.float8)";
+/// The owner's function that prunes the log keeping what named consumers have not
+/// acknowledged, up to a hold (migration V6), by its signature. (Listeners of releases
+/// before it call the two-argument form, which `grant` gave them then.)
+const PRUNE_FUNCTION: &str =
+    "updatepipe.prune(pg_catalog.text, pg_catalog.float8, pg_catalog.float8)";
+
+/// The owner's functions that move a named consumer forward, or put it at a position
+/// (migration V6).
+const CONSUMER_ACK_FUNCTION: &str = "updatepipe.consumer_ack(pg_catalog.text, pg_catalog.text, \
+     pg_catalog.text, pg_catalog.int8, pg_catalog.text, pg_catalog.int8, pg_catalog.float8)";
+const CONSUMER_RESET_FUNCTION: &str = "updatepipe.consumer_reset(pg_catalog.text, \
+     pg_catalog.text, pg_catalog.text, pg_catalog.int8, pg_catalog.text, pg_catalog.int8, \
+     pg_catalog.float8)";
 
 /// The owner's function that tells a pusher whether log rows are its own (migration V5).
 const LOGGED_FUNCTION: &str =

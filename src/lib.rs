@@ -141,10 +141,10 @@ mod update;
 
 pub use channel::{ChannelName, MAX_CHANNEL_LEN};
 pub use config::{
-    Backoff, Config, DEFAULT_HEALTH_INTERVAL, DEFAULT_LOG_PAGE_BYTES, DEFAULT_LOG_PAGE_ROWS,
-    DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_QUEUED_BYTES,
-    DEFAULT_MAX_QUEUED_PUSHES, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT, DEFAULT_QUEUE_WARN,
-    DEFAULT_RETENTION, ListenOptions, PushOptions, QueueFull, Since,
+    Backoff, Config, DEFAULT_CONSUMER_HOLD, DEFAULT_HEALTH_INTERVAL, DEFAULT_LOG_PAGE_BYTES,
+    DEFAULT_LOG_PAGE_ROWS, DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_PUSHES, DEFAULT_POOL_SIZE, DEFAULT_PUSH_TIMEOUT,
+    DEFAULT_QUEUE_WARN, DEFAULT_RETENTION, ListenOptions, PushOptions, QueueFull, Since,
 };
 pub use envelope::{
     ENVELOPE_VERSION, Envelope, MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, WireFormat,
@@ -153,7 +153,8 @@ pub use error::{ConnectError, DecodeError, Error, Limit, ReplayKind, UpdateError
 pub use grant::{Role, grant_statements};
 pub use layout::{Layout, MADDY_SENDER_PREFIX};
 pub use limits::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_UPDATES, Limits};
-pub use listen::{Event, ResyncReason};
+pub use listen::{ACK_INTERVAL, Event, ResyncReason};
+pub use log::{ConsumerStatus, HistoryChange, MAX_CONSUMER_NAME_LEN, MAX_POSITION_LEN, Position};
 pub use migrate::{MIGRATION_TABLE, MigrationInfo, embedded_migrations};
 pub use origin::Origin;
 pub use pg::{

@@ -13,6 +13,7 @@ use crate::error::Error;
 use crate::grant::Role;
 use crate::layout::Layout;
 use crate::listen::{Command, Event, Listener, Sink};
+use crate::log::Position;
 use crate::migrate::{MigrationInfo, migrate};
 use crate::origin::Origin;
 use crate::push::Pusher;
@@ -64,6 +65,8 @@ struct Inner {
     origin: Origin,
     pusher: Pusher,
     listener: Mutex<Option<Listener>>,
+    /// A named consumer's acknowledgements, once its listener started.
+    acks: std::sync::Mutex<Option<Arc<crate::listen::Acks>>>,
     listening: AtomicBool,
     closed: AtomicBool,
     counters: Arc<Counters>,
@@ -88,6 +91,7 @@ impl PgPipe {
                 origin,
                 pusher,
                 listener: Mutex::new(None),
+                acks: std::sync::Mutex::new(None),
                 listening: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
                 counters,
@@ -205,6 +209,39 @@ impl PgPipe {
     /// must reload its state. (With plain `listen`, events are logged and counted only.)
     pub async fn listen_events(&self, events: mpsc::Sender<Event>) -> Result<(), Error> {
         self.start_listening(Sink::Events(events)).await
+    }
+
+    /// A named consumer ([`Config::with_consumer`]): everything up to `position` (an
+    /// [`Event::Position`] this listener gave) is handled, and a restart may resume after
+    /// it. Returns at once: the newest position acknowledged is written to the database at
+    /// most every [`ACK_INTERVAL`](crate::ACK_INTERVAL) (a process that stops loses at most
+    /// that much of its acknowledgements, and gets those updates again), and when the pipe
+    /// closes. A position older than one acknowledged already changes nothing.
+    ///
+    /// [`Error::Config`] when the pipe has no consumer or does not listen yet.
+    pub fn ack(&self, position: &Position) -> Result<(), Error> {
+        self.check_open()?;
+        match &*self.inner.acks.lock().expect("acks slot") {
+            Some(acks) => {
+                acks.ack(position);
+                Ok(())
+            }
+            None => Err(Error::Config(
+                "ack is for a named consumer's listener (Config::with_consumer, listen_events)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// A named consumer: writes the newest acknowledged position now, rather than within
+    /// [`ACK_INTERVAL`](crate::ACK_INTERVAL), and says whether that worked (the background
+    /// writes only log their failures).
+    pub async fn flush_acks(&self) -> Result<(), Error> {
+        let acks = self.inner.acks.lock().expect("acks slot").clone();
+        match acks {
+            Some(acks) => acks.flush().await,
+            None => Ok(()),
+        }
     }
 
     /// The maddy layout: also listen for the updates maddy nodes send about this mailbox,
@@ -405,6 +442,7 @@ impl PgPipe {
                 Err(Error::Closed)
             }
             Ok(listener) => {
+                *self.inner.acks.lock().expect("acks slot") = listener.acks();
                 *slot = Some(listener);
                 attempt.0 = None;
                 Ok(())

@@ -22,7 +22,7 @@ const REJECT_REASONS: [&str; 9] = [
 /// The names the counters have in the `metrics` facade (feature `metrics`), Prometheus
 /// style, with what each counts. `updatepipe_rejected_total` carries the reason as the
 /// label `reason`.
-pub const METRICS: [(&str, &str); 22] = [
+pub const METRICS: [(&str, &str); 23] = [
     (
         "updatepipe_pushed_total",
         "updates pushed and committed (or handed to the caller's transaction)",
@@ -54,6 +54,11 @@ pub const METRICS: [(&str, &str); 22] = [
     (
         "updatepipe_resyncs_total",
         "times the application was told updates may have been missed",
+    ),
+    (
+        "updatepipe_history_changes_total",
+        "times a durable listener found the server's history no longer held what it had read \
+         (a failover that lost commits, say), and started over from the present",
     ),
     (
         "updatepipe_resyncs_coalesced_total",
@@ -213,6 +218,7 @@ pub(crate) struct Counters {
     replayed: AtomicU64,
     resyncs: AtomicU64,
     resyncs_coalesced: AtomicU64,
+    history_changes: AtomicU64,
     dropped: AtomicU64,
     cancelled: AtomicU64,
     queue_peak: AtomicU64,
@@ -267,6 +273,12 @@ impl Counters {
     pub(crate) fn resync(&self) {
         self.resyncs.fetch_add(1, Ordering::Relaxed);
         emit("updatepipe_resyncs_total", 1);
+    }
+
+    /// A durable reader's history was not the server's any more.
+    pub(crate) fn history_changed(&self) {
+        self.history_changes.fetch_add(1, Ordering::Relaxed);
+        emit("updatepipe_history_changes_total", 1);
     }
 
     /// A resync was folded into one told shortly before or after.
@@ -384,6 +396,7 @@ impl Counters {
             replayed: self.replayed.load(Ordering::Relaxed),
             resyncs: self.resyncs.load(Ordering::Relaxed),
             resyncs_coalesced: self.resyncs_coalesced.load(Ordering::Relaxed),
+            history_changes: self.history_changes.load(Ordering::Relaxed),
             dropped_slow_consumer: self.dropped.load(Ordering::Relaxed),
             queries_cancelled: self.cancelled.load(Ordering::Relaxed),
             push_queue_peak: self.queue_peak.load(Ordering::Relaxed),
@@ -438,6 +451,10 @@ pub struct Stats {
     /// most twice a second per cause (see [`Event::Resync`](crate::Event::Resync)), the
     /// rest counted here.
     pub resyncs_coalesced: u64,
+    /// Times a durable listener found that the server no longer held the history it had
+    /// read ([`ResyncReason::HistoryChanged`](crate::ResyncReason::HistoryChanged)), and
+    /// started over from the present.
+    pub history_changes: u64,
     /// Updates let go because the application was not reading (best effort).
     pub dropped_slow_consumer: u64,
     /// Queries on the listener's connection cancelled past their deadline that answered

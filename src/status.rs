@@ -57,6 +57,9 @@ pub struct Status {
     /// `None` when never, or when this role may not read `updatepipe.pruned`. Far more than
     /// a minute while durable listeners run: pruning stands still (their logs say why).
     pub log_last_pruned_secs: Option<f64>,
+    /// The named consumers of this pipe's channel, with their lag (`None`: not migrated
+    /// to V6, or this role may not read `updatepipe.consumers` or the log).
+    pub consumers: Option<Vec<crate::log::ConsumerStatus>>,
 }
 
 /// Gathers the status on two dedicated connections, within a deadline (the connects, the
@@ -113,6 +116,13 @@ async fn gather(config: &Config, count_listeners: bool) -> Result<Status, Error>
                               AND c.relname OPERATOR(pg_catalog.=) 'pruned' \
                               AND a.attname OPERATOR(pg_catalog.=) 'last_pruned_at' \
                               AND pg_catalog.has_schema_privilege(n.oid, 'USAGE') \
+                              AND pg_catalog.has_table_privilege(c.oid, 'SELECT')), \
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_class c \
+                            JOIN pg_catalog.pg_namespace n \
+                              ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+                            WHERE n.nspname OPERATOR(pg_catalog.=) 'updatepipe' \
+                              AND c.relname OPERATOR(pg_catalog.=) 'consumers' \
+                              AND pg_catalog.has_schema_privilege(n.oid, 'USAGE') \
                               AND pg_catalog.has_table_privilege(c.oid, 'SELECT'))",
             &[],
         )
@@ -125,6 +135,8 @@ async fn gather(config: &Config, count_listeners: bool) -> Result<Status, Error>
     let idle_session_timeout_ms = crate::pg::setting_ms(row.get(4));
     // Migrated to V5, and readable by this role.
     let has_prune_marks: bool = row.get(5);
+    // Migrated to V6, the consumers readable by this role (and the log: their lag).
+    let has_consumers: bool = row.get::<_, bool>(6) && has_log;
     let schema_version = match schema_version(&client).await {
         Ok(version) => version,
         Err(Error::SchemaNotGranted { .. }) => None,
@@ -157,6 +169,11 @@ async fn gather(config: &Config, count_listeners: bool) -> Result<Status, Error>
     } else {
         None
     };
+    let consumers = if has_consumers {
+        Some(crate::log::list_consumers(&client, config.channel().as_str()).await?)
+    } else {
+        None
+    };
     let (listen_works, listeners) = if in_recovery {
         (None, None)
     } else {
@@ -177,6 +194,7 @@ async fn gather(config: &Config, count_listeners: bool) -> Result<Status, Error>
         log_entries,
         oldest_log_entry_secs,
         log_last_pruned_secs,
+        consumers,
     })
 }
 

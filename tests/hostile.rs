@@ -796,16 +796,22 @@ async fn held_locks_are_named_within_their_bound_and_do_not_stop_pruning() {
             "{sql}: {err}"
         );
     }
-    // Nor pin a far-future mark through the function: a negative retention is refused.
-    let err = as_listener
-        .execute("SELECT * FROM updatepipe.prune($1, -1e9)", &[&channel])
-        .await
-        .unwrap_err();
-    assert_eq!(
-        err.code(),
-        Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE),
-        "{err}"
-    );
+    // Nor pin a far-future mark through the function: a negative retention or hold is
+    // refused.
+    for args in ["-1e9, 1", "1, -1e9", "'NaN', 1", "1, 'Infinity'"] {
+        let err = as_listener
+            .execute(
+                &format!("SELECT * FROM updatepipe.prune($1, {args})"),
+                &[&channel],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE),
+            "{args}: {err}"
+        );
+    }
     pusher.close().await.unwrap();
     listener.close().await.unwrap();
     drop(holder);

@@ -240,12 +240,14 @@ async fn updates_exactly(rx: &mut mpsc::Receiver<Event>, n: usize) -> Vec<Update
     while got.len() < n {
         match next_event(rx).await {
             Event::Update(u) => got.push(u),
-            Event::Connected | Event::Disconnected { .. } => {}
+            Event::Connected | Event::Disconnected { .. } | Event::Position(_) => {}
             other => panic!("unexpected {other:?} after {got:?}"),
         }
     }
-    if let Ok(Some(extra)) = tokio::time::timeout(SILENCE, rx.recv()).await {
-        panic!("unexpected {extra:?}");
+    // Then nothing but the positions after them.
+    let quiet = tokio::time::Instant::now() + SILENCE;
+    while let Ok(Some(extra)) = tokio::time::timeout_at(quiet, rx.recv()).await {
+        assert!(matches!(extra, Event::Position(_)), "unexpected {extra:?}");
     }
     got
 }
@@ -508,7 +510,7 @@ fn a_subscription_survives_a_reconnect() {
             loop {
                 match next_event(&mut events).await {
                     Event::Resync(reason) if reason == expected => break,
-                    Event::Disconnected { .. } | Event::Connected => {}
+                    Event::Disconnected { .. } | Event::Connected | Event::Position(_) => {}
                     other => panic!("durable {durable}: unexpected {other:?}"),
                 }
             }

@@ -1164,7 +1164,7 @@ async fn a_durable_listener_can_replay_from_a_time_or_a_position() {
         let listener = PgPipe::new(
             support::config_on(&channel)
                 .with_durable(true)
-                .with_listen(|l| l.with_since(since)),
+                .with_listen(|l| l.with_since(since.clone())),
         )
         .unwrap();
         let (tx, mut rx) = mpsc::channel(100);

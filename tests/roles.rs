@@ -536,13 +536,13 @@ async fn an_old_deployment_is_upgraded_by_migrate() {
     );
     assert!(
         err.to_string()
-            .starts_with("the updatepipe schema is at version 3, this build needs 5"),
+            .starts_with("the updatepipe schema is at version 3, this build needs 6"),
         "{err}"
     );
     let applied = pipe.migrate().await.unwrap();
     let versions: Vec<i64> = applied.iter().map(|m| m.version()).collect();
-    assert_eq!(versions, [4, 5], "{applied:?}");
-    assert_eq!(pipe.check_schema().await.unwrap(), 5);
+    assert_eq!(versions, [4, 5, 6], "{applied:?}");
+    assert_eq!(pipe.check_schema().await.unwrap(), 6);
     let row = owner
         .query_one(
             "SELECT to_regclass('public.updatepipe_schema_history') IS NULL, \
@@ -557,7 +557,7 @@ async fn an_old_deployment_is_upgraded_by_migrate() {
         .await
         .unwrap();
     assert!(row.get::<_, bool>(0), "the old history table is left");
-    assert_eq!(row.get::<_, i64>(1), 5);
+    assert_eq!(row.get::<_, i64>(1), 6);
     assert_eq!(row.get::<_, String>(2), "real");
     assert!(
         !row.get::<_, bool>(3),
@@ -783,7 +783,24 @@ async fn every_privilege_grant_gives_is_needed() {
         (
             "execute prune",
             Role::Listener,
-            "REVOKE EXECUTE ON FUNCTION updatepipe.prune(text, float8) FROM {r}",
+            "REVOKE EXECUTE ON FUNCTION updatepipe.prune(text, float8, float8) FROM {r}",
+        ),
+        (
+            "select consumers",
+            Role::Listener,
+            "REVOKE SELECT ON updatepipe.consumers FROM {r}",
+        ),
+        (
+            "execute consumer_reset",
+            Role::Listener,
+            "REVOKE EXECUTE ON FUNCTION updatepipe.consumer_reset(text, text, text, bigint, \
+             text, bigint, float8) FROM {r}",
+        ),
+        (
+            "execute consumer_ack",
+            Role::Listener,
+            "REVOKE EXECUTE ON FUNCTION updatepipe.consumer_ack(text, text, text, bigint, \
+             text, bigint, float8) FROM {r}",
         ),
         // A pusher's EXECUTE on updatepipe.logged is needed only when a retried push meets
         // its own rows: tests/hostile.rs, a_push_whose_first_try_committed_is_ok_after_all.
@@ -831,8 +848,9 @@ async fn every_privilege_grant_gives_is_needed() {
     futures_util::future::join_all(runs).await;
 }
 
-/// Runs a durable listener as `role` (pruning every second, retention 2 s) while the pusher
-/// pushes: whether it fails to start, to deliver, or to prune.
+/// Runs a durable listener as `role`, reading as a named consumer (pruning every second,
+/// retention 2 s) while the pusher pushes: whether it fails to start, to deliver, to
+/// acknowledge, or to prune.
 async fn lacking_listener_fails(
     server: &Server,
     admin: &tokio_postgres::Client,
@@ -842,7 +860,8 @@ async fn lacking_listener_fails(
     let pipe = PgPipe::new(
         server
             .config(role, channel)
-            .with_listen(|l| l.with_retention(Duration::from_secs(2))),
+            .with_listen(|l| l.with_retention(Duration::from_secs(2)))
+            .with_consumer(role),
     )
     .unwrap();
     let (tx, mut rx) = mpsc::channel(16);
@@ -852,10 +871,22 @@ async fn lacking_listener_fails(
     }
     let pusher = PgPipe::new(server.config(PUSHER, channel)).unwrap();
     pusher.push(&update(1)).await.unwrap();
-    let (got, _) = collect(&mut rx, Duration::from_secs(4)).await;
+    let mut got = Vec::new();
+    let mut acked = true;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        match event {
+            Event::Update(u) => got.push(u),
+            Event::Position(p) => {
+                pipe.ack(&p).unwrap();
+                acked &= pipe.flush_acks().await.is_ok();
+            }
+            _ => {}
+        }
+    }
     pusher.close().await.unwrap();
     pipe.close().await.unwrap();
-    if got != [update(1)] {
+    if got != [update(1)] || !acked {
         return true;
     }
     // Delivered; after 4 s (retention 2 s, a prune each second) the row must be gone.

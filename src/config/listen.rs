@@ -11,6 +11,9 @@ pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
 /// The default retention of the durable log.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
+/// How long pruning keeps the log rows a named consumer has not acknowledged, by default.
+pub const DEFAULT_CONSUMER_HOLD: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// The default bound on the rows (envelopes) one page of a durable log read holds.
 pub const DEFAULT_LOG_PAGE_ROWS: usize = 1000;
 
@@ -68,13 +71,22 @@ impl Backoff {
 
 /// Where a durable listener starts: by default now; with a `Since`, it first replays the
 /// log from that point.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum Since {
     /// The entries written at or after this time (by the server's clock).
     Time(std::time::SystemTime),
-    /// The entries after this log position (an `updatepipe.log` id).
+    /// The entries after this log id (an `updatepipe.log` id). Rows of transactions that
+    /// took a lower id and committed later are not read: resume from a
+    /// [`Position`](crate::Position) for exactly what followed.
     Position(i64),
+    /// Exactly what followed this position, once, in the same order: resuming a reader
+    /// where it stood (a position it gave with an update, stored by the application). If
+    /// the server's history no longer holds it (a failover that lost commits, another
+    /// database), the listener says so with
+    /// [`ResyncReason::HistoryChanged`](crate::ResyncReason::HistoryChanged) and starts
+    /// from the present.
+    After(crate::Position),
 }
 
 /// How a pipe listens: [`Config::with_listen`](crate::Config::with_listen) sets these, each
@@ -104,6 +116,8 @@ pub struct ListenOptions {
     accept_unsigned: bool,
     replay_window: Duration,
     accept_maddy: bool,
+    consumer: Option<String>,
+    consumer_hold: Duration,
 }
 
 impl Default for ListenOptions {
@@ -121,6 +135,8 @@ impl Default for ListenOptions {
             accept_unsigned: false,
             replay_window: DEFAULT_REPLAY_WINDOW,
             accept_maddy: false,
+            consumer: None,
+            consumer_hold: DEFAULT_CONSUMER_HOLD,
         }
     }
 }
@@ -226,6 +242,31 @@ impl ListenOptions {
         self
     }
 
+    /// Durable mode: how long pruning keeps the log rows a named consumer has not
+    /// acknowledged (default 7 days): past it, rows older than the retention go whatever
+    /// consumers still need them, and a consumer that far behind is told
+    /// [`ResyncReason::LogPruned`](crate::ResyncReason::LogPruned) instead of holding the
+    /// log for good. Every listener of the channel prunes with its own value.
+    pub fn with_consumer_hold(mut self, hold: Duration) -> Self {
+        self.consumer_hold = hold;
+        self
+    }
+
+    /// The named consumer this pipe's listener reads as, if any
+    /// ([`Config::with_consumer`](crate::Config::with_consumer)).
+    pub fn consumer(&self) -> Option<&str> {
+        self.consumer.as_deref()
+    }
+
+    /// How long pruning keeps rows named consumers have not acknowledged.
+    pub fn consumer_hold(&self) -> Duration {
+        self.consumer_hold
+    }
+
+    pub(crate) fn set_consumer(&mut self, name: String) {
+        self.consumer = Some(name);
+    }
+
     /// The health interval (zero: off).
     pub fn health_interval(&self) -> Duration {
         self.health_interval
@@ -252,8 +293,8 @@ impl ListenOptions {
     }
 
     /// Where a durable listener starts (`None`: now).
-    pub fn since(&self) -> Option<Since> {
-        self.since
+    pub fn since(&self) -> Option<&Since> {
+        self.since.as_ref()
     }
 
     /// The bound on rows in one page of a log read.

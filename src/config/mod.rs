@@ -19,8 +19,9 @@ mod listen;
 mod push;
 
 pub use listen::{
-    Backoff, DEFAULT_HEALTH_INTERVAL, DEFAULT_LOG_PAGE_BYTES, DEFAULT_LOG_PAGE_ROWS,
-    DEFAULT_MAX_BUFFERED, DEFAULT_QUEUE_WARN, DEFAULT_RETENTION, ListenOptions, Since,
+    Backoff, DEFAULT_CONSUMER_HOLD, DEFAULT_HEALTH_INTERVAL, DEFAULT_LOG_PAGE_BYTES,
+    DEFAULT_LOG_PAGE_ROWS, DEFAULT_MAX_BUFFERED, DEFAULT_QUEUE_WARN, DEFAULT_RETENTION,
+    ListenOptions, Since,
 };
 pub(crate) use push::QueueBound;
 pub use push::{
@@ -167,6 +168,21 @@ impl Config {
     /// notification travel through the log.
     pub fn with_durable(mut self, durable: bool) -> Self {
         self.durable = durable;
+        self
+    }
+
+    /// Durable mode: the listener reads as the named consumer `name` (1 to 63 bytes): it
+    /// starts where that consumer's last acknowledged position is (kept in the database,
+    /// in `updatepipe.consumers`), and [`PgPipe::ack`](crate::PgPipe::ack) moves it on.
+    /// A restarted process so resumes where it was acknowledged: nothing lost, and at most
+    /// what was delivered after the last acknowledgement delivered again. Pruning keeps
+    /// what a consumer has not acknowledged, up to
+    /// [`ListenOptions::with_consumer_hold`]. One session at a time reads as a consumer:
+    /// a second is refused ([`Error::ConsumerTaken`](crate::Error::ConsumerTaken)). Needs
+    /// [`PgPipe::listen_events`](crate::PgPipe::listen_events) (positions come as events)
+    /// and migration V6; a [`Since`] set too puts the consumer there.
+    pub fn with_consumer(mut self, name: &str) -> Self {
+        self.listen.set_consumer(name.to_owned());
         self
     }
 

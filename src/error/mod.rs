@@ -44,6 +44,11 @@ pub enum Error {
     #[error("invalid channel name: {0}")]
     InvalidChannel(&'static str),
 
+    /// A position's text form is not one a durable reader wrote
+    /// ([`Position`](crate::Position)'s `FromStr`).
+    #[error("invalid position: {0}")]
+    InvalidPosition(&'static str),
+
     /// The configuration is incomplete or malformed.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -188,6 +193,22 @@ pub enum Error {
         holders: String,
     },
 
+    /// Another session reads as this named consumer
+    /// ([`Config::with_consumer`](crate::Config::with_consumer)): one process at a time
+    /// may, so that a consumer's position means one stream. A second process started with
+    /// the same name is refused; a listener that finds its consumer taken when it
+    /// reconnects stops.
+    #[error(
+        "consumer {name:?} is being read by another session: {holders}; stop that process \
+         first, or give this one another name"
+    )]
+    ConsumerTaken {
+        /// The consumer.
+        name: String,
+        /// The sessions holding its lock, as `pg_stat_activity` shows them.
+        holders: String,
+    },
+
     /// A durable push met log rows at its envelope numbers that it did not write: another
     /// role with `INSERT` on the log squatted them (or the log was written by hand).
     /// Nothing of this push was committed; pushing again takes fresh numbers. Listeners
@@ -240,6 +261,7 @@ impl Error {
                 Error::InvalidUpdate(_)
                     | Error::PayloadTooLarge { .. }
                     | Error::InvalidChannel(_)
+                    | Error::InvalidPosition(_)
                     | Error::Config(_)
                     | Error::UnknownRole(_)
             ),

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::event::TARGET;
-pub(super) use super::session::Session;
+pub(super) use super::session::{LogOpened, LogStart, Session, Start};
 use super::settings::Settings;
 use crate::config::Config;
 use crate::error::Error;
@@ -29,10 +29,15 @@ impl Connector {
         }
     }
 
-    /// The first session, with the log position in durable mode; its errors are the
+    /// The first session, with where reading starts in durable mode; its errors are the
     /// caller's.
-    pub(super) async fn open_first(&self) -> Result<(Session, Option<Cursor>), Error> {
-        Session::open(&self.config, &self.settings, self.settings.durable, &[]).await
+    pub(super) async fn open_first(&self) -> Result<(Session, Option<LogOpened>), Error> {
+        let log = if self.settings.durable {
+            LogStart::First(self.settings.since.as_ref())
+        } else {
+            LogStart::Nothing
+        };
+        Session::open(&self.config, &self.settings, log, &[]).await
     }
 
     /// The first session, as [`open_first`](Connector::open_first), retried with the
@@ -43,7 +48,7 @@ impl Connector {
     pub(super) async fn open_first_waiting(
         &self,
         closed: &AtomicBool,
-    ) -> Result<(Session, Option<Cursor>), Error> {
+    ) -> Result<(Session, Option<LogOpened>), Error> {
         let mut attempt = 0u32;
         loop {
             let e = match self.open_first().await {
@@ -94,23 +99,34 @@ impl Connector {
     }
 
     /// One attempt to open a session again, subscribed to the pipe's channel and to
-    /// `mailboxes`' channels.
-    pub(super) async fn open(&self, mailboxes: &[String]) -> Result<Session, Error> {
-        let (session, _) = Session::open(&self.config, &self.settings, false, mailboxes).await?;
+    /// `mailboxes`' channels; in durable mode, with the server's history checked against
+    /// `cursor`'s.
+    pub(super) async fn open(
+        &self,
+        mailboxes: &[String],
+        cursor: Option<&Cursor>,
+    ) -> Result<(Session, Option<LogOpened>), Error> {
+        let log = cursor.map_or(LogStart::Nothing, LogStart::Again);
+        let opened = Session::open(&self.config, &self.settings, log, mailboxes).await?;
         tracing::info!(
             target: TARGET,
             attempts = self.attempt + 1,
             "listener reconnected"
         );
-        Ok(session)
+        Ok(opened)
     }
 
     /// An attempt to reconnect failed with `e`: logged (one warning per outage, each
     /// attempt at debug level); `Some(reason)` when the configured number of attempts is
-    /// used up, and the listener gives up.
+    /// used up, or another session took the named consumer meanwhile, and the listener
+    /// gives up.
     pub(super) fn failed(&mut self, e: &Error) -> Option<String> {
         self.attempt = self.attempt.saturating_add(1);
         let attempt = self.attempt;
+        // Another session reads as this consumer now: two must not, so this one stops.
+        if matches!(e, Error::ConsumerTaken { .. }) {
+            return Some(format!("stopped: {e}"));
+        }
         if attempt == 1 {
             tracing::warn!(
                 target: TARGET,

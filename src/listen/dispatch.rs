@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
+use super::connector::{LogOpened, Start};
 use super::durable::{Ask, LogReader};
 use super::event::{Event, ResyncReason, TARGET};
 use super::heartbeat::{Heartbeat, Sent};
@@ -56,27 +57,38 @@ struct Warnings {
 }
 
 impl Dispatch {
-    /// The sub-states of a listener whose first session is open: in durable mode its log
-    /// position is `cursor`. The caller hears `Connected` first.
+    /// The sub-states of a listener whose first session is open: in durable mode, `log`
+    /// says where its reading starts. The caller hears `Connected` first (and then, when
+    /// the position to resume from is not in the server's history, a resync).
     pub(super) fn new(
         settings: &Settings,
         origin: Origin,
         sink: Sink,
         heartbeat: Heartbeat,
-        cursor: Option<Cursor>,
+        log: Option<LogOpened>,
         counters: Arc<Counters>,
         now: Instant,
     ) -> Dispatch {
-        let reader = match cursor {
-            // A replay from the past counts as replayed.
-            Some(cursor) => LogReader::durable(
-                cursor,
-                settings.retention,
-                settings.page,
-                settings.since.is_some(),
-                now,
-            ),
+        let (retention, page) = (settings.retention, settings.page);
+        let mut moved = None;
+        let reader = match log.map(|log| (log.place, log.start)) {
             None => LogReader::best_effort(),
+            // A replay from the past counts as replayed.
+            Some((_, Start::At(cursor))) => {
+                LogReader::durable(cursor, retention, page, settings.since.is_some(), now)
+                    .holding(settings.consumer_hold)
+            }
+            Some((place, Start::Resume(position))) => {
+                LogReader::resume(&position, place, retention, page, now)
+                    .holding(settings.consumer_hold)
+            }
+            Some((_, Start::Moved(change, cursor))) => {
+                moved = Some(change);
+                LogReader::durable(cursor, retention, page, false, now)
+                    .holding(settings.consumer_hold)
+            }
+            // Never on a first session.
+            Some((_, Start::Continue)) => LogReader::best_effort(),
         };
         let mut dispatch = Dispatch {
             intake: Intake::new(settings, origin),
@@ -88,18 +100,33 @@ impl Dispatch {
             counters,
         };
         dispatch.outbox.emit(Event::Connected);
+        if let Some(change) = moved {
+            dispatch.history_moved(change);
+        } else if dispatch.outbox.tells_events()
+            && let Some(position) = dispatch.reader.settled_position()
+        {
+            // Where reading starts: a position to store before anything is delivered.
+            dispatch.outbox.emit(Event::Position(position));
+        }
         dispatch
     }
 
     /// A new connection: each sub-state does what a reconnect does to it, and the caller
     /// hears `Connected`, then a resync if one is owed.
-    pub(super) fn on_reconnect(&mut self, now: Instant) {
+    pub(super) fn on_reconnect(&mut self, log: Option<LogOpened>, now: Instant) {
         self.counters.reconnect();
         self.outbox.emit(Event::Connected);
         let resync_owed = self.reader.on_reconnect();
         self.intake.on_reconnect();
         if resync_owed {
             self.outbox.resync(ResyncReason::Reconnected);
+        }
+        if let Some(log) = log {
+            self.reader.reads_at(log.place);
+            if let Start::Moved(change, present) = log.start {
+                self.reader.start_over(present);
+                self.history_moved(change);
+            }
         }
         // The new session is subscribed to every mailbox again; what maddy nodes sent them
         // meanwhile is lost (their updates are in no log).
@@ -110,6 +137,23 @@ impl Dispatch {
             self.outbox.resync(ResyncReason::Resubscribed { keys });
         }
         self.heartbeat.clock.on_reconnect(now);
+    }
+
+    /// The server's history no longer holds what the reader read: the caller is told to
+    /// reload, and where reading now stands.
+    fn history_moved(&mut self, change: crate::log::HistoryChange) {
+        self.counters.history_changed();
+        self.outbox.resync(ResyncReason::HistoryChanged(change));
+        if self.outbox.tells_events()
+            && let Some(position) = self.reader.settled_position()
+        {
+            self.outbox.emit(Event::Position(position));
+        }
+    }
+
+    /// Durable mode: the cursor whose history a new session's server must hold.
+    pub(super) fn newest_cursor(&self) -> Option<Cursor> {
+        self.reader.newest_cursor().cloned()
     }
 
     /// The connection was lost: counted, logged (when the caller does not hear of it from

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::log::{CatchUp, Cursor, Entry, Page, PageBudget};
+use std::sync::Arc;
+
+use crate::log::{CatchUp, Cursor, Entry, Page, PageBudget, Place, Position, Read};
 use crate::origin::Origin;
 
 /// The most oversize envelopes a best-effort listener waits to fetch at once.
@@ -24,13 +26,16 @@ pub(super) enum Ask {
         from: Cursor,
         catch_up: Option<CatchUp>,
         budget: PageBudget,
+        /// The session's server (a first page's target is read there).
+        place: Place,
         /// Not before this (a page the server cancelled is read again after a pause).
         not_before: Option<Instant>,
     },
     /// One oversize envelope, by sender and number.
     Fetch(Origin, u64),
-    /// Pruning the entries older than the retention.
-    Prune(Duration),
+    /// Pruning the entries older than the retention (keeping what named consumers have
+    /// not acknowledged, up to the hold).
+    Prune { retention: Duration, hold: Duration },
 }
 
 /// The log reader's state: the tail in durable mode (none in best effort), and the fetches
@@ -66,7 +71,26 @@ struct Tail {
     /// a reconnect must raise a resync after all).
     heard_best_effort: bool,
     retention: Duration,
+    /// How long pruning keeps what named consumers have not acknowledged.
+    hold: Duration,
     next_prune: Instant,
+    /// The server the session reads (checked to hold the cursor's history).
+    place: Place,
+    /// The next position's step.
+    step: u64,
+    /// Resuming from a position inside an envelope: that entry's first updates, delivered
+    /// before, are not delivered again (on the first page only).
+    skip: Option<(i64, u32)>,
+}
+
+/// A page's entries, with what the positions after them are made of.
+#[derive(Debug)]
+pub(super) struct Advanced {
+    pub(super) entries: Vec<Entry>,
+    /// Whether they are a catch-up's (counted as replayed).
+    pub(super) replaying: bool,
+    /// The read they belong to.
+    pub(super) read: Arc<Read>,
 }
 
 /// The oversize envelopes to fetch from the log, in delivery order.
@@ -98,6 +122,7 @@ impl LogReader {
     ) -> LogReader {
         LogReader {
             tail: Some(Tail {
+                place: cursor.place,
                 cursor,
                 catch_up: None,
                 budget,
@@ -108,9 +133,82 @@ impl LogReader {
                 prune_reported: false,
                 heard_best_effort: false,
                 retention,
+                hold: crate::config::DEFAULT_CONSUMER_HOLD,
                 next_prune: now,
+                step: 0,
+                skip: None,
             }),
             fetches: Fetches::default(),
+        }
+    }
+
+    /// A durable listener's reader resuming from `position`, on a server whose history was
+    /// checked to hold it: the read it was in goes on past its entry (or into it, when only
+    /// some of the entry's updates were delivered), counted as a catch-up.
+    pub(super) fn resume(
+        position: &Position,
+        place: Place,
+        retention: Duration,
+        budget: PageBudget,
+        now: Instant,
+    ) -> LogReader {
+        let read = position.read();
+        let mut reader = LogReader::durable(read.from.clone(), retention, budget, true, now);
+        if let Some(tail) = &mut reader.tail {
+            tail.place = place;
+            tail.step = position.step() + 1;
+            let (id, partial) = (position.after_id(), position.partial());
+            tail.catch_up = read.target.clone().map(|target| {
+                // Inside an entry: read it again, and skip what was delivered of it.
+                let after_id = if partial > 0 { id - 1 } else { id };
+                CatchUp::new(target, after_id)
+            });
+            tail.skip = (partial > 0).then_some((id, partial));
+        }
+        reader
+    }
+
+    /// Pruning keeps what named consumers have not acknowledged for `hold`.
+    pub(super) fn holding(mut self, hold: Duration) -> LogReader {
+        if let Some(tail) = &mut self.tail {
+            tail.hold = hold;
+        }
+        self
+    }
+
+    /// Durable mode: the cursor whose history the server must still hold: the target of a
+    /// catch-up under way (entries visible in it were delivered), else the position.
+    pub(super) fn newest_cursor(&self) -> Option<&Cursor> {
+        let tail = self.tail.as_ref()?;
+        Some(tail.catch_up.as_ref().map_or(&tail.cursor, CatchUp::target))
+    }
+
+    /// Durable mode: the position at the reader's cursor, for a caller that should hear
+    /// where it stands though nothing was delivered (a history that moved, say).
+    pub(super) fn settled_position(&mut self) -> Option<Position> {
+        let tail = self.tail.as_mut()?;
+        if tail.catch_up.is_some() {
+            return None;
+        }
+        let step = tail.step;
+        tail.step += 1;
+        Some(Position::at(tail.cursor.clone(), step))
+    }
+
+    /// The position just after `partial` updates (all when 0) of the entry `id` of `read`.
+    pub(super) fn position(&mut self, read: &Arc<Read>, id: i64, partial: u32) -> Option<Position> {
+        let tail = self.tail.as_mut()?;
+        let step = tail.step;
+        tail.step += 1;
+        Some(Position::new(read.clone(), id, partial, step))
+    }
+
+    /// How many of entry `id`'s updates were delivered before a resume (see
+    /// [`LogReader::resume`]); asked for each entry of the first page read.
+    pub(super) fn skip(&self, id: i64) -> usize {
+        match self.tail.as_ref().and_then(|t| t.skip) {
+            Some((at, n)) if at == id => n as usize,
+            _ => 0,
         }
     }
 
@@ -163,6 +261,7 @@ impl LogReader {
                 from: tail.cursor.clone(),
                 catch_up: tail.catch_up.clone(),
                 budget: tail.budget,
+                place: tail.place,
                 not_before: tail.not_before.filter(|at| now < *at),
             });
         }
@@ -174,7 +273,10 @@ impl LogReader {
         if tail.catch_up.is_none() && now >= tail.next_prune {
             tail.next_prune =
                 now + (tail.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
-            return Some(Ask::Prune(tail.retention));
+            return Some(Ask::Prune {
+                retention: tail.retention,
+                hold: tail.hold,
+            });
         }
         None
     }
@@ -182,9 +284,21 @@ impl LogReader {
     /// A page was read: the position moves to its target once the page completes it, and
     /// otherwise the next page is read as soon as there is room. Returns its entries, and
     /// whether they are a catch-up's (counted as replayed).
-    pub(super) fn advance(&mut self, page: Page) -> (Vec<Entry>, bool) {
+    pub(super) fn advance(&mut self, page: Page) -> Advanced {
+        let read = Arc::new(Read {
+            from: self
+                .tail
+                .as_ref()
+                .map(|t| t.cursor.clone())
+                .unwrap_or_default(),
+            target: Some(page.target().clone()),
+        });
         let Some(tail) = &mut self.tail else {
-            return (Vec::new(), false);
+            return Advanced {
+                entries: Vec::new(),
+                replaying: false,
+                read,
+            };
         };
         let complete = page.complete;
         let (cursor, catch_up, entries) = page.advance(&tail.cursor);
@@ -193,12 +307,25 @@ impl LogReader {
         tail.not_before = None;
         // A page that was read: the budget may grow back towards what is configured.
         tail.budget.rows = tail.budget.rows.saturating_mul(2).min(tail.configured.rows);
-        if !complete {
+        let replaying = if complete {
+            tail.prune_reported = false;
+            std::mem::take(&mut tail.replaying)
+        } else {
             tail.needed = true;
-            return (entries, tail.replaying);
+            tail.replaying
+        };
+        Advanced {
+            entries,
+            replaying,
+            read,
         }
-        tail.prune_reported = false;
-        (entries, std::mem::take(&mut tail.replaying))
+    }
+
+    /// Done with the first page after a resume: what it skipped is behind.
+    pub(super) fn skipped(&mut self) {
+        if let Some(tail) = &mut self.tail {
+            tail.skip = None;
+        }
     }
 
     /// Whether a page's news that entries may have been pruned is to be told now: once per
@@ -242,6 +369,28 @@ impl LogReader {
         tail.replaying = true;
         tail.heard_best_effort
     }
+
+    /// Durable mode: the new session's server, whose history holds the reader's.
+    pub(super) fn reads_at(&mut self, place: Place) {
+        if let Some(tail) = &mut self.tail {
+            tail.place = place;
+        }
+    }
+
+    /// Durable mode: the server's history no longer holds the reader's (see
+    /// `log::check`); reading goes on from `present`, a cursor taken before `LISTEN`. The
+    /// catch-up under way is dropped: its target is in the lost history.
+    pub(super) fn start_over(&mut self, present: Cursor) {
+        if let Some(tail) = &mut self.tail {
+            tail.place = present.place;
+            tail.cursor = present;
+            tail.catch_up = None;
+            tail.skip = None;
+            tail.not_before = None;
+            tail.needed = true;
+            tail.prune_reported = false;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -275,7 +424,9 @@ mod tests {
         // Asked once: the fetch next, until it is done.
         assert!(matches!(reader.next_ask(true, now), Some(Ask::Fetch(_, 7))));
         assert!(matches!(reader.fetched(), Some((_, 7))));
-        assert!(matches!(reader.next_ask(true, now), Some(Ask::Prune(r)) if r == 100 * SECOND));
+        assert!(
+            matches!(reader.next_ask(true, now), Some(Ask::Prune { retention: r, .. }) if r == 100 * SECOND)
+        );
         assert!(reader.next_ask(true, now).is_none());
         reader.read_soon();
         assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail { .. })));
@@ -286,11 +437,14 @@ mod tests {
         let now = Instant::now();
         let mut reader = durable(now);
         reader.next_ask(true, now);
-        assert!(matches!(reader.next_ask(true, now), Some(Ask::Prune(_))));
+        assert!(matches!(
+            reader.next_ask(true, now),
+            Some(Ask::Prune { .. })
+        ));
         assert!(reader.next_ask(true, now + 9 * SECOND).is_none());
         assert!(matches!(
             reader.next_ask(true, now + 10 * SECOND),
-            Some(Ask::Prune(_))
+            Some(Ask::Prune { .. })
         ));
         let mut long = LogReader::durable(Cursor::default(), 86_400 * SECOND, BUDGET, false, now);
         long.next_ask(true, now);
@@ -298,7 +452,7 @@ mod tests {
         assert!(long.next_ask(true, now + 59 * SECOND).is_none());
         assert!(matches!(
             long.next_ask(true, now + 60 * SECOND),
-            Some(Ask::Prune(_))
+            Some(Ask::Prune { .. })
         ));
     }
 
@@ -332,7 +486,9 @@ mod tests {
             panic!("a first page");
         };
         assert_eq!(budget, BUDGET);
-        let (entries, _) = reader.advance(Page::for_tests(100, false, &[1, 2, 3]));
+        let entries = reader
+            .advance(Page::for_tests(100, false, &[1, 2, 3]))
+            .entries;
         assert_eq!(entries.len(), 3);
         // More to read: the next page at once, past the last row.
         let Some(Ask::Tail {
@@ -412,7 +568,10 @@ mod tests {
         assert!(!reader.prune_news(true), "once per read");
         reader.next_ask(true, now);
         reader.advance(Page::for_tests(10, true, &[2]));
-        assert!(matches!(reader.next_ask(true, now), Some(Ask::Prune(_))));
+        assert!(matches!(
+            reader.next_ask(true, now),
+            Some(Ask::Prune { .. })
+        ));
         assert!(reader.prune_news(true), "a new read may tell it again");
     }
 
@@ -422,12 +581,12 @@ mod tests {
         let mut reader = LogReader::durable(Cursor::default(), 100 * SECOND, BUDGET, true, now);
         assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail { .. })));
         // A replay from the past is a catch-up; the next read is not.
-        assert!(reader.advance(Page::complete_for_tests()).1);
-        assert!(!reader.advance(Page::complete_for_tests()).1);
+        assert!(reader.advance(Page::complete_for_tests()).replaying);
+        assert!(!reader.advance(Page::complete_for_tests()).replaying);
         // Only durable senders heard: the log has all, no resync owed.
         assert!(!reader.on_reconnect());
         assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail { .. })));
-        assert!(reader.advance(Page::complete_for_tests()).1);
+        assert!(reader.advance(Page::complete_for_tests()).replaying);
         reader.heard_best_effort();
         assert!(reader.on_reconnect());
     }

@@ -1,5 +1,6 @@
 //! What a listener tells an application: updates, connection changes and resyncs.
 
+use crate::log::{HistoryChange, Position};
 use crate::update::{MailboxKey, Update};
 
 /// The listen path's log target.
@@ -12,6 +13,12 @@ pub(super) const TARGET: &str = "updatepipe::listen";
 pub enum Event {
     /// An update from another sender.
     Update(Update),
+    /// Durable mode: where the reader stands now in the log, just after the update before
+    /// this event (or after entries it read and did not deliver: its own, or refused).
+    /// Resuming from it ([`Since::After`](crate::Since::After)), or acknowledging it for a
+    /// named consumer ([`PgPipe::ack`](crate::PgPipe::ack)), takes up exactly after what
+    /// came before it.
+    Position(Position),
     /// The listener is subscribed: updates committed from now on will arrive.
     Connected,
     /// The connection was lost; the listener is reconnecting.
@@ -64,6 +71,12 @@ pub enum ResyncReason {
         /// The subscribed mailboxes.
         keys: Vec<MailboxKey>,
     },
+    /// Durable mode: the server no longer holds the history the reader read (a failover
+    /// that lost commits, a crash that lost asynchronous commits, a backup restored, the
+    /// log made again). Updates it delivered may be gone from the server, and updates
+    /// committed since may lie where it would not look: reload everything. The reader goes
+    /// on from the server's present.
+    HistoryChanged(HistoryChange),
     /// The maddy layout: a maddy node sent an update for this mailbox that the pipe cannot
     /// take as it is (a flag it refuses, such as a non-ASCII one): reload the mailbox.
     Unrepresentable {

@@ -48,6 +48,7 @@ use crate::origin::Origin;
 use crate::pg::Canceller;
 use crate::stats::Counters;
 
+mod acks;
 mod connector;
 mod dispatch;
 mod durable;
@@ -66,6 +67,8 @@ mod subscriptions;
 mod task;
 mod watch;
 
+pub use acks::ACK_INTERVAL;
+pub(crate) use acks::Acks;
 pub use event::{Event, ResyncReason};
 pub(crate) use outbox::Sink;
 pub(crate) use subscriptions::Command;
@@ -80,6 +83,8 @@ pub(crate) struct Listener {
     task: JoinHandle<()>,
     /// Subscriptions by mailbox, for the task.
     commands: mpsc::Sender<Command>,
+    /// A named consumer's acknowledgements, and the task that writes them.
+    acks: Option<(Arc<Acks>, JoinHandle<()>)>,
 }
 
 impl Listener {
@@ -97,6 +102,21 @@ impl Listener {
         closed: &AtomicBool,
     ) -> Result<Listener, Error> {
         let settings = settings::Settings::from_config(config);
+        if let Some(name) = &settings.consumer {
+            crate::log::check_consumer_name(name)?;
+            if !settings.durable {
+                return Err(Error::Config(
+                    "a named consumer reads the durable log: turn durable mode on".into(),
+                ));
+            }
+            if !matches!(sink, Sink::Events(_)) {
+                return Err(Error::Config(
+                    "a named consumer acknowledges the positions that come as events: \
+                     listen with listen_events"
+                        .into(),
+                ));
+            }
+        }
         if config.channel().is_maddy_mailbox() {
             tracing::warn!(
                 target: event::TARGET,
@@ -108,11 +128,17 @@ impl Listener {
         }
         let canceller = Canceller::new(config.server())?;
         let connector = connector::Connector::new(config.clone(), settings.clone());
-        let (session, cursor) = if config.listen_options().wait_for_server() {
+        let (session, log) = if config.listen_options().wait_for_server() {
             connector.open_first_waiting(closed).await?
         } else {
             connector.open_first().await?
         };
+        // Acknowledgements go through the pool, as heartbeats do.
+        let acks = settings.consumer.clone().map(|name| {
+            let acks = Acks::new(settings.channel.clone(), name, heartbeat_pool.clone());
+            let writer = acks.spawn();
+            (acks, writer)
+        });
         let now = Instant::now();
         let heartbeat = heartbeat::Heartbeat::new(
             heartbeat::Clock::new(settings.health_interval, now),
@@ -131,7 +157,7 @@ impl Listener {
         );
         let task = task::ConnectionLoop {
             dispatch: dispatch::Dispatch::new(
-                &settings, origin, sink, heartbeat, cursor, counters, now,
+                &settings, origin, sink, heartbeat, log, counters, now,
             ),
             schedule: schedule::Schedule::new(settings.query_deadline(), now),
             slot: query::QuerySlot::new(
@@ -149,6 +175,7 @@ impl Listener {
             stop: Some(stop),
             task: tokio::spawn(task.run(session, stopped, received)),
             commands,
+            acks,
         })
     }
 
@@ -156,6 +183,11 @@ impl Listener {
     /// confirmed it (or a new session has subscribed again).
     pub(crate) fn commands(&self) -> mpsc::Sender<Command> {
         self.commands.clone()
+    }
+
+    /// A named consumer's acknowledgements; `None` without a consumer.
+    pub(crate) fn acks(&self) -> Option<Arc<Acks>> {
+        self.acks.as_ref().map(|(acks, _)| acks.clone())
     }
 
     /// Stops the task and waits for it: the connection is closed and the caller's channel
@@ -169,6 +201,17 @@ impl Listener {
         {
             tracing::error!(target: event::TARGET, "listener task panicked: {e}");
         }
+        // The last acknowledged position is written before the pipe says it is closed.
+        if let Some((acks, writer)) = self.acks.take() {
+            writer.abort();
+            if let Err(e) = acks.flush().await {
+                tracing::warn!(
+                    target: event::TARGET,
+                    error = %e,
+                    "writing the consumer's last acknowledged position failed"
+                );
+            }
+        }
     }
 }
 
@@ -176,5 +219,8 @@ impl Drop for Listener {
     fn drop(&mut self) {
         // Dropped without `stop` (the pipe itself was dropped): nothing may outlive it.
         self.task.abort();
+        if let Some((_, writer)) = &self.acks {
+            writer.abort();
+        }
     }
 }

@@ -19,8 +19,10 @@ use crate::error::pg_message;
 use crate::log::{self, Page, Pruned};
 use crate::pg::{CancelOnDrop, Canceller, is_cancelled};
 
-/// What goes in the query slot.
+/// What goes in the query slot. (One at a time, moved once into its statement: the size
+/// of a log read's cursors costs nothing worth a box.)
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Start {
     /// What the log reader asked.
     Log(Ask),
@@ -123,7 +125,7 @@ impl QuerySlot {
         let asked = match &ask {
             Ask::Tail { .. } => Asked::Tail,
             Ask::Fetch(..) => Asked::Fetch,
-            Ask::Prune(_) => Asked::Prune,
+            Ask::Prune { .. } => Asked::Prune,
         };
         let not_before = match &ask {
             Ask::Tail { not_before, .. } => *not_before,
@@ -135,15 +137,16 @@ impl QuerySlot {
                     from,
                     catch_up,
                     budget,
+                    place,
                     ..
                 } => QueryOutcome::Tail(
-                    log::read_page(client, &channel, &from, catch_up.as_ref(), budget).await,
+                    log::read_page(client, &channel, &from, catch_up.as_ref(), budget, place).await,
                 ),
                 Ask::Fetch(origin, seq) => {
                     QueryOutcome::Fetch(log::fetch(client, &channel, &origin, seq).await)
                 }
-                Ask::Prune(retention) => {
-                    QueryOutcome::Prune(log::prune(client, &channel, retention).await)
+                Ask::Prune { retention, hold } => {
+                    QueryOutcome::Prune(log::prune(client, &channel, retention, hold).await)
                 }
             }
         };

@@ -11,10 +11,45 @@ use super::event::TARGET;
 use super::settings::Settings;
 use crate::channel::quote_identifier;
 use crate::config::Config;
+use crate::config::Since;
 use crate::error::Error;
-use crate::log::{self, Cursor};
+use crate::log::{self, Cursor, HistoryChange, Place, Position};
 use crate::pg::{CancelOnDrop, Canceller};
 use crate::pg::{RawConnection, close_politely, connect_listener, drive_until, setting_ms};
+
+/// What a session does with the durable log before it subscribes.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum LogStart<'a> {
+    /// Best effort: nothing.
+    Nothing,
+    /// A durable listener's first session: where its first read starts.
+    First(Option<&'a Since>),
+    /// A durable listener's new session: the server must still hold the history of this
+    /// cursor.
+    Again(&'a Cursor),
+}
+
+/// Where a durable listener reads, as a session found it.
+#[derive(Debug)]
+pub(super) struct LogOpened {
+    /// The session's server.
+    pub(super) place: Place,
+    pub(super) start: Start,
+}
+
+/// Where a durable listener's reading starts or goes on.
+#[derive(Debug)]
+pub(super) enum Start {
+    /// From this cursor (now, or a starting point in the past).
+    At(Cursor),
+    /// From a position, whose history the server holds.
+    Resume(Position),
+    /// As before: the server holds the reader's history.
+    Continue,
+    /// The server does not hold the reader's history (or the position's): from the
+    /// present, this cursor, with the change told.
+    Moved(HistoryChange, Cursor),
+}
 
 /// One connection, subscribed.
 pub(super) struct Session {
@@ -33,9 +68,9 @@ impl Session {
     pub(super) async fn open(
         config: &Config,
         settings: &Settings,
-        want_cursor: bool,
+        log_start: LogStart<'_>,
         mailboxes: &[String],
-    ) -> Result<(Session, Option<Cursor>), Error> {
+    ) -> Result<(Session, Option<LogOpened>), Error> {
         let (client, mut connection) = connect_listener(config.server()).await?;
         let mut backlog = VecDeque::new();
         let after = settings.connect_timeout;
@@ -61,22 +96,18 @@ impl Session {
             let idle_timeout = setting_ms(recovery.get(1))
                 .filter(|ms| *ms > 0)
                 .map(Duration::from_millis);
-            let cursor = if want_cursor {
-                let cursor = log::read_cursor(&client, channel.as_str(), settings.since).await;
-                match cursor {
-                    Ok(cursor) => Some(cursor),
-                    // A role granted as a pusher only, say.
-                    Err(e) if crate::pg::is_insufficient_privilege(&e) => {
-                        return Err(Error::NotGranted {
-                            role: config.pg().get_user().unwrap_or_default().to_owned(),
-                            doing: "read the durable log",
-                            grant: "listener",
-                        });
-                    }
-                    Err(e) => return Err(e.into()),
+            let consumer = settings.consumer.as_deref();
+            let cursor = match start_log(&client, channel.as_str(), log_start, consumer).await {
+                Ok(opened) => opened,
+                // A role granted as a pusher only, say.
+                Err(Error::Postgres(e)) if crate::pg::is_insufficient_privilege(&e) => {
+                    return Err(Error::NotGranted {
+                        role: config.pg().get_user().unwrap_or_default().to_owned(),
+                        doing: "read the durable log",
+                        grant: "listener",
+                    });
                 }
-            } else {
-                None
+                Err(e) => return Err(e),
             };
             // The pipe's channel, and the subscribed mailboxes' channels (maddy layout).
             let mut listen = format!("LISTEN {}", channel.quoted());
@@ -111,4 +142,77 @@ impl Session {
     pub(super) async fn close(self) {
         close_politely(self.client, self.connection).await;
     }
+}
+
+/// Reads where the durable log is read from, before `LISTEN` (so that nothing committed
+/// between the two is missed): the server's history, checked against the reader's when it
+/// has one, and a cursor when reading starts (or starts over). A named consumer's lock is
+/// taken first (by this session, so held as long as it lasts); a first session starts at
+/// the consumer's stored position unless told where, and the consumer is put where reading
+/// starts when that is not its stored position.
+async fn start_log(
+    client: &Client,
+    channel: &str,
+    log_start: LogStart<'_>,
+    consumer: Option<&str>,
+) -> Result<Option<LogOpened>, Error> {
+    let since = match log_start {
+        LogStart::Nothing => return Ok(None),
+        LogStart::First(since) => since,
+        LogStart::Again(_) => None,
+    };
+    let mut stored = None;
+    if let Some(name) = consumer {
+        log::lock_consumer(client, channel, name).await?;
+        if matches!(log_start, LogStart::First(None)) {
+            stored = log::stored_consumer(client, channel, name)
+                .await?
+                .map(Since::After);
+        }
+    }
+    let since = since.or(stored.as_ref());
+    let server = log::server_now(client).await?;
+    let place = server.place;
+    let held = match (log_start, since) {
+        (LogStart::Again(cursor), _) => Some((log::check(cursor, &server), None)),
+        (_, Some(Since::After(position))) => Some((
+            log::check(position.newest(), &server),
+            Some(position.clone()),
+        )),
+        _ => None,
+    };
+    let start = match held {
+        Some((Ok(()), Some(position))) => Start::Resume(position),
+        Some((Ok(()), None)) => Start::Continue,
+        Some((Err(change), _)) => {
+            tracing::warn!(
+                target: TARGET,
+                %change,
+                "the server no longer holds the durable log's history this listener read: \
+                 resync, and reading from the present"
+            );
+            Start::Moved(
+                change,
+                log::read_cursor(client, channel, None, place).await?,
+            )
+        }
+        None => Start::At(log::read_cursor(client, channel, since, place).await?),
+    };
+    if let Some(name) = consumer {
+        // Where reading starts, unless that is the consumer's stored position.
+        let at = match &start {
+            Start::At(cursor) | Start::Moved(_, cursor) => Some(cursor),
+            Start::Resume(_) if stored.is_none() => None,
+            Start::Resume(_) | Start::Continue => None,
+        };
+        let chosen = match (&start, &stored) {
+            // Resuming from a position the application gave, not the stored one.
+            (Start::Resume(position), None) => Some(position.clone()),
+            _ => at.map(|cursor| Position::at(cursor.clone(), 0)),
+        };
+        if let Some(position) = chosen {
+            log::store_consumer(client, channel, name, &position, true).await?;
+        }
+    }
+    Ok(Some(LogOpened { place, start }))
 }

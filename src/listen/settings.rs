@@ -35,6 +35,10 @@ pub(super) struct Settings {
     pub(super) signer: Option<Signer>,
     /// Durable mode: how much one page of a log read may hold.
     pub(super) page: PageBudget,
+    /// Durable mode: the named consumer the listener reads as.
+    pub(super) consumer: Option<String>,
+    /// How long pruning keeps what named consumers have not acknowledged.
+    pub(super) consumer_hold: Duration,
 }
 
 impl Settings {
@@ -51,12 +55,14 @@ impl Settings {
             accept_maddy: config.listen_options().accepts_maddy(),
             limits: config.limits().clone(),
             backoff: config.listen_options().backoff().clone(),
-            since: config.listen_options().since(),
+            since: config.listen_options().since().cloned(),
             signer: config.signer(),
             page: PageBudget {
                 rows: config.listen_options().log_page_rows(),
                 bytes: config.listen_options().log_page_bytes(),
             },
+            consumer: config.listen_options().consumer().map(str::to_owned),
+            consumer_hold: config.listen_options().consumer_hold(),
         }
     }
 

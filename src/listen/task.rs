@@ -88,6 +88,7 @@ impl ConnectionLoop {
     /// what is left is delivered first).
     async fn reconnect(&mut self, stopped: &mut oneshot::Receiver<()>) -> Option<Session> {
         let mailboxes = self.dispatch.subscribed_channels();
+        let cursor = self.dispatch.newest_cursor();
         let mut receiver_gone = self.dispatch.receiver_gone();
         loop {
             let wake = Instant::now() + self.connector.delay();
@@ -107,11 +108,11 @@ impl ConnectionLoop {
             let opened = tokio::select! {
                 biased;
                 _ = &mut *stopped => return None,
-                opened = self.connector.open(&mailboxes) => opened,
+                opened = self.connector.open(&mailboxes, cursor.as_ref()) => opened,
             };
             let e = match opened {
-                Ok(session) => {
-                    self.dispatch.on_reconnect(Instant::now());
+                Ok((session, log)) => {
+                    self.dispatch.on_reconnect(log, Instant::now());
                     return Some(session);
                 }
                 Err(e) => e,

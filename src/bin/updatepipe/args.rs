@@ -85,9 +85,24 @@ pub(crate) enum Command {
         durable: bool,
 
         /// With --durable: first replay the log from this point: a time ago (30s, 10m, 2h,
-        /// 1d), a time in seconds since the epoch, or a log position (id:N).
+        /// 1d), a time in seconds since the epoch, a log id (id:N), or exactly after a
+        /// position --print-position printed (up1/...). With --consumer, the consumer is
+        /// put there.
         #[arg(long, value_name = "WHEN", value_parser = parse_since, requires = "durable")]
         since: Option<Since>,
+
+        /// With --durable: read as this named consumer (1 to 63 bytes): start where its
+        /// last acknowledged position is, kept in the database, and acknowledge each update
+        /// once its line is written and flushed. A restarted listener so resumes where the
+        /// last one stopped: nothing lost, at most the last 200 ms of lines again. One
+        /// process per consumer at a time (a second exits 4).
+        #[arg(long, value_name = "NAME", requires = "durable")]
+        consumer: Option<String>,
+
+        /// With --durable: add each update's position to its line ("Position" in the JSON
+        /// object, or "@ up1/..." after a --pretty line), to resume from with --since.
+        #[arg(long, requires = "durable")]
+        print_position: bool,
 
         /// One readable line per update instead of JSON.
         #[arg(long)]
@@ -354,6 +369,12 @@ impl KindArg {
 
 /// `--since`: `30s`, `10m`, `2h`, `1d` ago; seconds since the epoch; or `id:N`.
 pub(crate) fn parse_since(text: &str) -> Result<Since, String> {
+    if text.starts_with("up1/") {
+        return text
+            .parse()
+            .map(Since::After)
+            .map_err(|e: updatepipe::Error| e.to_string());
+    }
     if let Some(id) = text.strip_prefix("id:") {
         return id
             .parse()
@@ -441,6 +462,11 @@ mod tests {
     #[test]
     fn since_forms() {
         assert_eq!(parse_since("id:42"), Ok(Since::Position(42)));
+        assert!(
+            parse_since("up1/bad")
+                .unwrap_err()
+                .contains("invalid position")
+        );
         assert!(matches!(parse_since("10m"), Ok(Since::Time(_))));
         assert_eq!(
             parse_since("1000"),

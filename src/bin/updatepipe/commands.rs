@@ -74,12 +74,26 @@ async fn check_schema_when_reachable(pipe: &PgPipe) -> Result<i64, Error> {
     }
 }
 
-pub(crate) async fn listen(
-    config: Config,
-    filter: &Filter,
-    pretty: bool,
-    metrics: bool,
-) -> anyhow::Result<()> {
+/// How `listen` writes what it hears.
+pub(crate) struct Output {
+    /// One readable line per update instead of JSON.
+    pub(crate) pretty: bool,
+    /// Each update's position on its line.
+    pub(crate) print_position: bool,
+    /// Metrics are served: the notification queue is read every 10 s.
+    pub(crate) metrics: bool,
+}
+
+/// How long `listen --print-position` waits for an update's position after the update
+/// (they are handed over together; an update from a best-effort sender has none).
+const POSITION_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
+pub(crate) async fn listen(config: Config, filter: &Filter, output: Output) -> anyhow::Result<()> {
+    let Output {
+        pretty,
+        print_position,
+        metrics,
+    } = output;
     let pipe = PgPipe::new(config)?;
     if pipe.config().durable() {
         // Never migrates: a runtime role cannot, and must not need to. Waits for the
@@ -102,22 +116,53 @@ pub(crate) async fn listen(
     let mut queue_reads = tokio::time::interval(std::time::Duration::from_secs(10));
     // Lines printed: what the filters let through of what was delivered.
     let mut printed = 0u64;
+    // A named consumer acknowledges each position once the lines before it are flushed.
+    let consumer = pipe.config().listen_options().consumer().is_some();
+    // An event read ahead while looking for an update's position.
+    let mut ahead: Option<Event> = None;
     let outcome = loop {
+        let next = async {
+            match ahead.take() {
+                Some(event) => Some(event),
+                None => rx.recv().await,
+            }
+        };
         tokio::select! {
             _ = queue_reads.tick(), if metrics => {
                 let _ = pipe.queue_usage().await;
             }
-            event = rx.recv() => match event {
+            event = next => match event {
                 Some(Event::Update(update)) => {
-                    if !filter.accepts(&update) {
-                        continue;
+                    let position = if print_position {
+                        match tokio::time::timeout(POSITION_WAIT, rx.recv()).await {
+                            Ok(Some(Event::Position(p))) => Some(p),
+                            Ok(Some(other)) => {
+                                ahead = Some(other);
+                                None
+                            }
+                            _ => None,
+                        }
+                    } else {
+                        None
+                    };
+                    if filter.accepts(&update) {
+                        let line = update_line(&update, pretty, position.as_ref());
+                        if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
+                            // Standard output is gone (a closed pipe): stop quietly.
+                            break Ok(());
+                        }
+                        printed += 1;
                     }
-                    let line = if pretty { pretty_line(&update) } else { update.to_json() };
-                    if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
-                        // Standard output is gone (a closed pipe): stop quietly.
-                        break Ok(());
+                    if consumer && let Some(position) = &position {
+                        pipe.ack(position)?;
                     }
-                    printed += 1;
+                }
+                Some(Event::Position(position)) => {
+                    // Everything before it is written and flushed (or left out by the
+                    // filters).
+                    if consumer {
+                        pipe.ack(&position)?;
+                    }
                 }
                 Some(Event::Connected) => eprintln!(
                     "updatepipe: listening on channel {:?}{}{}",
@@ -161,6 +206,22 @@ pub(crate) async fn listen(
         stats.resyncs
     );
     outcome
+}
+
+/// An update's line: its JSON (with its position as `"Position"`), or a readable line
+/// (with ` @ <position>`).
+fn update_line(update: &Update, pretty: bool, position: Option<&updatepipe::Position>) -> String {
+    match (pretty, position) {
+        (true, None) => pretty_line(update),
+        (true, Some(p)) => format!("{} @ {p}", pretty_line(update)),
+        (false, None) => update.to_json(),
+        (false, Some(p)) => {
+            let json = update.to_json();
+            let body = json.strip_suffix('}').unwrap_or(&json);
+            // A position's text form holds no character JSON escapes.
+            format!("{body},\"Position\":\"{p}\"}}")
+        }
+    }
 }
 
 /// An update given as options (`--type flags --key 42 --uid 17 --flag '\Seen'`).
@@ -244,6 +305,17 @@ pub(crate) fn print_status(pipe: &PgPipe, status: &updatepipe::Status, queue_war
             Some(s) => outln!("last pruned         {s:.0} s ago"),
             None => outln!("last pruned         never (no durable listener has pruned yet)"),
         }
+    }
+    for c in status.consumers.iter().flatten() {
+        outln!(
+            "consumer            {:?}: {} log entries behind, position {:.0} s old, \
+             acknowledged {:.0} s ago by {}",
+            c.name,
+            c.lag_entries,
+            c.lag_secs,
+            c.acked_secs_ago,
+            c.acked_by
+        );
     }
 }
 

@@ -27,7 +27,7 @@ use args::{Cli, Command, LogFormat, parse_key};
 use output::outln;
 
 use clap::Parser;
-use commands::{Filter, listen, print_status, push, update_from_options};
+use commands::{Filter, Output, listen, print_status, push, update_from_options};
 use updatepipe::cluster::{TempCluster, env_or_temp};
 use updatepipe::{
     ChannelName, Config, Error, Layout, PgPipe, Role, Secret, UpdatePipe, embedded_migrations,
@@ -153,6 +153,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             | Error::NotGranted { .. }
             | Error::NotSchemaOwner { .. }
             | Error::LockHeld { .. }
+            | Error::ConsumerTaken { .. }
             | Error::NumbersTaken { .. },
         ) => exit::SERVER,
         Some(_) => exit::FAILURE,
@@ -170,6 +171,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             channel,
             durable,
             since,
+            consumer,
+            print_position,
             pretty,
             keys,
             kinds,
@@ -195,10 +198,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(since) = since {
                 config = config.with_listen(|l| l.with_since(since));
             }
+            if let Some(name) = &consumer {
+                config = config.with_consumer(name);
+            }
             if let Some(addr) = metrics {
                 metrics::serve(addr).await?;
             }
-            listen(config, &filter, pretty, metrics.is_some()).await
+            let output = Output {
+                pretty,
+                print_position,
+                metrics: metrics.is_some(),
+            };
+            listen(config, &filter, output).await
         }
         Command::Push {
             layout,

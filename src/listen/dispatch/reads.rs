@@ -176,27 +176,51 @@ impl Dispatch {
         }
         let (rows, bytes) = page.size();
         self.counters.log_page(rows, bytes);
-        let (entries, replaying) = self.reader.advance(page);
-        for entry in &entries {
+        let advanced = self.reader.advance(page);
+        // Positions go to a caller that hears events: one after each update, and one after
+        // entries that delivered nothing (its own, or refused) at the end of the page.
+        let positions = self.outbox.tells_events();
+        let mut owed = None;
+        for entry in &advanced.entries {
             let row = LogRow {
                 origin: &entry.origin,
                 seq: entry.seq,
                 payload: &entry.payload,
             };
             match self.intake.classify_row(row, Moment::now()) {
-                RowVerdict::Own => {}
+                RowVerdict::Own => owed = Some(entry.id),
                 RowVerdict::Updates(updates) => {
-                    if replaying {
-                        self.counters.replayed(updates.len());
+                    // After a resume inside this entry: what was delivered of it before.
+                    let skip = self.reader.skip(entry.id);
+                    let n = updates.len();
+                    if advanced.replaying {
+                        self.counters.replayed(n.saturating_sub(skip));
                     }
-                    for update in updates {
+                    owed = (n <= skip).then_some(entry.id);
+                    for (i, update) in updates.into_iter().enumerate().skip(skip) {
                         self.outbox.push_logged(update);
+                        if positions {
+                            let partial = if i + 1 == n { 0 } else { i as u32 + 1 };
+                            self.emit_position(&advanced.read, entry.id, partial);
+                        }
                     }
                 }
                 RowVerdict::Refused { error, resync } => {
                     self.refuse_logged(&error, resync, &entry.origin, entry.payload.len());
+                    owed = Some(entry.id);
                 }
             }
+        }
+        self.reader.skipped();
+        if positions && let Some(id) = owed {
+            self.emit_position(&advanced.read, id, 0);
+        }
+    }
+
+    fn emit_position(&mut self, read: &std::sync::Arc<crate::log::Read>, id: i64, partial: u32) {
+        if let Some(position) = self.reader.position(read, id, partial) {
+            self.outbox
+                .emit(super::super::event::Event::Position(position));
         }
     }
 

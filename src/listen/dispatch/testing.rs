@@ -5,13 +5,14 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
+use super::super::connector::{LogOpened, Start};
 use super::super::heartbeat::{Clock, Heartbeat};
 use super::super::intake::Incoming;
 use super::super::outbox::Sink;
 use super::super::settings::Settings;
 use super::Dispatch;
 use crate::listen::event::Event;
-use crate::log::Cursor;
+use crate::log::{Cursor, Place};
 use crate::origin::Origin;
 use crate::stats::Counters;
 
@@ -35,14 +36,17 @@ impl Dispatch {
             pool,
             crate::pg::Canceller::new(config.server()).unwrap(),
         );
-        let cursor = settings.durable.then(Cursor::default);
+        let log = settings.durable.then(|| LogOpened {
+            place: Place::default(),
+            start: Start::At(Cursor::default()),
+        });
         let counters = Arc::new(Counters::default());
         let mut dispatch = Dispatch::new(
             &settings,
             me,
             Sink::Events(tx),
             heartbeat,
-            cursor,
+            log,
             counters,
             now,
         );

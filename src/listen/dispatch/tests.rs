@@ -66,7 +66,7 @@ fn on(payload: &str) -> Incoming<'_> {
 fn a_reconnect_in_best_effort_says_connected_then_resync() {
     let (mut d, mut rx) = dispatch(&config());
     d.on_incoming(on(&envelope("other", 1, Marks::default())));
-    d.on_reconnect(Instant::now());
+    d.on_reconnect(None, Instant::now());
     let resync = Event::Resync(ResyncReason::Reconnected);
     assert_eq!(
         heard(&mut d, &mut rx),
@@ -81,7 +81,7 @@ fn a_reconnect_in_best_effort_says_connected_then_resync() {
 fn a_durable_reconnect_reads_the_log_and_owes_a_resync_for_best_effort_senders() {
     let (mut d, mut rx) = dispatch(&config().with_durable(true));
     assert!(matches!(d.next_ask(Instant::now()), Some(Ask::Tail { .. })));
-    d.on_reconnect(Instant::now());
+    d.on_reconnect(None, Instant::now());
     assert_eq!(heard(&mut d, &mut rx), [Event::Connected]);
     assert!(matches!(d.next_ask(Instant::now()), Some(Ask::Tail { .. })));
     // A durable envelope is read from the log, not from the notification.
@@ -89,7 +89,7 @@ fn a_durable_reconnect_reads_the_log_and_owes_a_resync_for_best_effort_senders()
     assert_eq!(heard(&mut d, &mut rx), []);
     assert!(matches!(d.next_ask(Instant::now()), Some(Ask::Tail { .. })));
     d.on_incoming(on(&envelope("pool", 1, Marks::default())));
-    d.on_reconnect(Instant::now());
+    d.on_reconnect(None, Instant::now());
     let resync = Event::Resync(ResyncReason::Reconnected);
     assert_eq!(
         heard(&mut d, &mut rx),
@@ -109,7 +109,7 @@ fn entry(origin: &str, seq: i64, payload: String) -> Entry {
 #[tokio::test(start_paused = true)]
 async fn a_tail_delivers_others_rows_in_order_and_counts_a_catch_up() {
     let (mut d, mut rx) = dispatch(&config().with_durable(true));
-    d.on_reconnect(Instant::now());
+    d.on_reconnect(None, Instant::now());
     let Some(Ask::Tail { .. }) = d.next_ask(Instant::now()) else {
         panic!("a tail first");
     };
@@ -128,8 +128,10 @@ async fn a_tail_delivers_others_rows_in_order_and_counts_a_catch_up() {
     };
     // The unreadable row's resync comes within the interval of the first: held for its
     // end (both say "reload everything").
+    // Each update is followed by the position just after it, in one stream of steps (the
+    // first, 0, was where reading started).
     assert_eq!(
-        heard(&mut d, &mut rx),
+        without_positions(heard(&mut d, &mut rx), &[(1, 2), (2, 4)]),
         [
             Event::Connected,
             Event::Resync(ResyncReason::LogPruned),
@@ -153,8 +155,32 @@ async fn a_tail_delivers_others_rows_in_order_and_counts_a_catch_up() {
         vec![entry("other", 5, envelope("other", 5, DURABLE))],
     );
     d.on_query(QueryOutcome::Tail(Ok(Some(tail)))).unwrap();
-    assert_eq!(heard(&mut d, &mut rx), [update(5)]);
+    assert_eq!(
+        without_positions(heard(&mut d, &mut rx), &[(3, 5)]),
+        [update(5)]
+    );
     assert_eq!(d.counters.snapshot().replayed, 2);
+}
+
+/// The events without their positions, which must come each right after an update (or
+/// at the end) with these steps and log entries.
+fn without_positions(events: Vec<Event>, expected: &[(u64, i64)]) -> Vec<Event> {
+    let mut positions = Vec::new();
+    let mut rest = Vec::new();
+    for event in events {
+        match event {
+            Event::Position(p) => {
+                assert!(
+                    matches!(rest.last(), Some(Event::Update(_))),
+                    "a position after an update: {rest:?}"
+                );
+                positions.push((p.step(), p.after_id()));
+            }
+            other => rest.push(other),
+        }
+    }
+    assert_eq!(positions, expected);
+    rest
 }
 
 #[test]

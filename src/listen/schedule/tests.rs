@@ -85,7 +85,7 @@ async fn the_query_slot_takes_the_logs_ask_then_a_keep_alive_when_one_is_due() {
     // Then pruning (due at the start), then nothing to ask.
     assert!(matches!(
         l.plan(IDLE, now).query,
-        Some(Start::Log(Ask::Prune(_)))
+        Some(Start::Log(Ask::Prune { .. }))
     ));
     assert!(l.plan(IDLE, now + SECOND / 2).query.is_none());
     // A third of the idle timeout after the last statement: a keep-alive.
@@ -117,7 +117,7 @@ async fn a_query_cancelled_past_its_deadline_shuts_the_slot_for_a_deadline() {
     l.schedule.query_done(&answered, now + 10 * SECOND);
     assert!(matches!(
         l.plan(IDLE, now + 10 * SECOND).query,
-        Some(Start::Log(Ask::Prune(_)))
+        Some(Start::Log(Ask::Prune { .. }))
     ));
 }
 

@@ -9,11 +9,26 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{PgLsn, Type};
 use tokio_postgres::{Client, Row};
 
 use crate::config::Since;
 use crate::origin::Origin;
+
+mod consumers;
+mod history;
+mod position;
+
+pub use consumers::{ConsumerStatus, MAX_CONSUMER_NAME_LEN};
+pub(crate) use consumers::{check_name as check_consumer_name, list as list_consumers};
+pub(crate) use consumers::{
+    lock as lock_consumer, store as store_consumer, stored as stored_consumer,
+};
+
+pub use history::HistoryChange;
+pub(crate) use history::{Place, check, server_now};
+pub(crate) use position::Read;
+pub use position::{MAX_POSITION_LEN, Position};
 
 /// A durable batch: the envelopes go to the log and their notifications out, in one
 /// statement (a data-modifying CTE always runs to completion), so one transaction.
@@ -70,8 +85,9 @@ pub(crate) static LOG_AND_NOTIFY_MAPPED: std::sync::LazyLock<String> =
 /// is commit order for each sender's successive transactions.
 ///
 /// Returns the target, whether pruning may have taken entries the cursor had not seen, how
-/// many rows the page held before the byte budget (so whether more may follow), and the
-/// rows; always at least the target row.
+/// many rows the page held before the byte budget (so whether more may follow), the rows,
+/// and the server's write-ahead log position (a first page's target is read at it: every
+/// commit its snapshot sees lies before it); always at least the target row.
 const PAGE_SQL: &str = "\
     WITH t AS ( \
         SELECT coalesce($5::pg_catalog.text::pg_catalog.pg_snapshot, \
@@ -112,7 +128,8 @@ const PAGE_SQL: &str = "\
                    OR p.pruned_xid OPERATOR(pg_catalog.>=) \
                       pg_catalog.pg_snapshot_xmin($2::pg_catalog.text::pg_catalog.pg_snapshot) \
             FROM updatepipe.pruned p WHERE p.channel OPERATOR(pg_catalog.=) $1), \
-           t.max_id, s.total, s.id, s.origin, s.seq, s.payload \
+           t.max_id, s.total, s.id, s.origin, s.seq, s.payload, \
+           pg_catalog.pg_current_wal_insert_lsn() \
     FROM t LEFT JOIN sized s \
          ON s.n OPERATOR(pg_catalog.=) 1 OR s.running OPERATOR(pg_catalog.<=) $10 \
     ORDER BY s.id";
@@ -122,7 +139,8 @@ const CURSOR_SQL: &str = "\
     SELECT pg_catalog.pg_current_snapshot()::pg_catalog.text, \
            pg_catalog.date_part('epoch', pg_catalog.now()), \
            (SELECT pg_catalog.max(l.id) FROM updatepipe.log l \
-            WHERE l.channel OPERATOR(pg_catalog.=) $1)";
+            WHERE l.channel OPERATOR(pg_catalog.=) $1), \
+           pg_catalog.pg_current_wal_insert_lsn()";
 
 /// A starting position in the past, for a replay ([`crate::Since`]): the snapshot of now
 /// (so nothing committed is read twice) with the id mark set back, so that every entry above
@@ -136,7 +154,8 @@ const CURSOR_SINCE_SQL: &str = "\
                      WHERE l.channel OPERATOR(pg_catalog.=) $1 \
                        AND l.created_at OPERATOR(pg_catalog.<) \
                            pg_catalog.to_timestamp($3::pg_catalog.float8)), \
-                    0)";
+                    0), \
+           pg_catalog.pg_current_wal_insert_lsn()";
 
 /// One envelope by sender and number: an oversize envelope a notification points at.
 const FETCH_SQL: &str = "\
@@ -145,32 +164,58 @@ const FETCH_SQL: &str = "\
       AND l.seq OPERATOR(pg_catalog.=) $3";
 
 /// Prunes the channel's log entries older than the retention, one session at a time, and
-/// records how far it pruned: a function of the schema's owner (migration V5), so that the
-/// listener needs neither `DELETE` on the log nor write access to the marks. Returns whether
-/// it held the channel's pruning lock, and how many entries it removed.
-const PRUNE_SQL: &str = "SELECT p.locked, p.deleted FROM updatepipe.prune($1, $2) AS p";
+/// records how far it pruned: a function of the schema's owner (migrations V5 and V6), so
+/// that the listener needs neither `DELETE` on the log nor write access to the marks; it
+/// keeps what named consumers have not acknowledged, up to the hold (`$3`). Returns
+/// whether it held the channel's pruning lock, and how many entries it removed.
+const PRUNE_SQL: &str = "SELECT p.locked, p.deleted FROM updatepipe.prune($1, $2, $3) AS p";
 
 /// A durable listener's position in the log: everything visible in `snapshot` was read.
-#[derive(Clone, Debug)]
-#[cfg_attr(test, derive(Default))]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct Cursor {
     /// `pg_current_snapshot()` as text, taken by the last read.
-    snapshot: String,
+    pub(crate) snapshot: String,
     /// The highest log id visible to the last read (0 for none).
-    max_id: i64,
+    pub(crate) max_id: i64,
     /// The server's clock at that read (seconds since the epoch).
-    read_at: f64,
+    pub(crate) read_at: f64,
+    /// The server's write-ahead log position at that read: every commit the snapshot sees
+    /// lies before it.
+    pub(crate) lsn: u64,
+    /// The cluster, database, log and timeline it was read on.
+    pub(crate) place: Place,
 }
 
 impl Cursor {
-    /// The position a `CURSOR_SQL` or `CURSOR_SINCE_SQL` row gives.
-    fn from_row(row: &Row) -> Cursor {
+    /// The position a `CURSOR_SQL` or `CURSOR_SINCE_SQL` row gives, read at `place`.
+    fn from_row(row: &Row, place: Place) -> Cursor {
         Cursor {
             snapshot: row.get(0),
             read_at: row.get(1),
             max_id: row.get::<_, Option<i64>>(2).unwrap_or(0),
+            lsn: u64::from(row.get::<_, PgLsn>(3)),
+            place,
         }
     }
+
+    /// The snapshot's `xmin`: every transaction below it had ended when it was taken.
+    pub(crate) fn xmin(&self) -> u64 {
+        snapshot_bound(&self.snapshot, 0)
+    }
+
+    /// The snapshot's `xmax`: no transaction at or above it had started.
+    pub(crate) fn xmax(&self) -> u64 {
+        snapshot_bound(&self.snapshot, 1)
+    }
+}
+
+/// The `i`th number of a snapshot's text form (`xmin:xmax:xip,...`); 0 if it has none.
+fn snapshot_bound(snapshot: &str, i: usize) -> u64 {
+    snapshot
+        .split(':')
+        .nth(i)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// How much one page of a log read may hold.
@@ -191,6 +236,17 @@ pub(crate) struct CatchUp {
     target: Cursor,
     /// The highest id delivered so far.
     after_id: i64,
+}
+
+impl CatchUp {
+    pub(crate) fn new(target: Cursor, after_id: i64) -> CatchUp {
+        CatchUp { target, after_id }
+    }
+
+    /// The snapshot the catch-up reads towards.
+    pub(crate) fn target(&self) -> &Cursor {
+        &self.target
+    }
 }
 
 /// What one page read returned.
@@ -220,7 +276,12 @@ pub(crate) struct Entry {
 impl Page {
     /// Reads a `PAGE_SQL` result; `None` for an empty result (which the statement never
     /// gives: it always returns the target row).
-    fn from_rows(rows: Vec<Row>, catch_up: Option<&CatchUp>, budget: PageBudget) -> Option<Page> {
+    fn from_rows(
+        rows: Vec<Row>,
+        catch_up: Option<&CatchUp>,
+        budget: PageBudget,
+        place: Place,
+    ) -> Option<Page> {
         let first = rows.first()?;
         let target = match catch_up {
             Some(catch_up) => catch_up.target.clone(),
@@ -228,6 +289,8 @@ impl Page {
                 snapshot: first.get(0),
                 read_at: first.get(1),
                 max_id: first.get::<_, Option<i64>>(3).unwrap_or(0),
+                lsn: u64::from(first.get::<_, PgLsn>(9)),
+                place,
             },
         };
         let total = first.get::<_, Option<i64>>(4).unwrap_or(0);
@@ -273,6 +336,11 @@ impl Page {
         (previous.clone(), Some(catch_up), self.entries)
     }
 
+    /// The snapshot this page read towards.
+    pub(crate) fn target(&self) -> &Cursor {
+        &self.target
+    }
+
     /// The rows and payload bytes this page holds.
     pub(crate) fn size(&self) -> (usize, usize) {
         let bytes = self.entries.iter().map(|e| e.payload.len()).sum();
@@ -285,23 +353,26 @@ impl Page {
 pub(crate) async fn read_cursor(
     client: &Client,
     channel: &str,
-    since: Option<Since>,
+    since: Option<&Since>,
+    place: Place,
 ) -> Result<Cursor, tokio_postgres::Error> {
-    let row = match since {
+    let past = match since {
+        Some(Since::Position(id)) => Some((Some(*id), 0.0)),
+        Some(Since::Time(at)) => Some((
+            None,
+            at.duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        )),
+        // A position is resumed from as it is (`LogReader::resume`); the present otherwise.
+        Some(Since::After(_)) | None => None,
+    };
+    let row = match past {
         None => {
             client
                 .query_typed_one(CURSOR_SQL, &[(&channel, Type::TEXT)])
                 .await?
         }
-        Some(since) => {
-            let (position, time): (Option<i64>, f64) = match since {
-                Since::Position(id) => (Some(id), 0.0),
-                Since::Time(at) => (
-                    None,
-                    at.duration_since(UNIX_EPOCH)
-                        .map_or(0.0, |d| d.as_secs_f64()),
-                ),
-            };
+        Some((position, time)) => {
             client
                 .query_typed_one(
                     CURSOR_SINCE_SQL,
@@ -314,18 +385,19 @@ pub(crate) async fn read_cursor(
                 .await?
         }
     };
-    Ok(Cursor::from_row(&row))
+    Ok(Cursor::from_row(&row, place))
 }
 
 /// One page of what the log gained since `from`, within `budget`: the first of a catch-up
 /// (`catch_up` is `None`), or the next one; `None` for an empty result (which the
-/// statement never gives).
+/// statement never gives). `place` is the session's (a first page's target is read there).
 pub(crate) async fn read_page(
     client: &Client,
     channel: &str,
     from: &Cursor,
     catch_up: Option<&CatchUp>,
     budget: PageBudget,
+    place: Place,
 ) -> Result<Option<Page>, tokio_postgres::Error> {
     let target = catch_up.map(|c| &c.target);
     let after_id = catch_up.map_or(0, |c| c.after_id);
@@ -348,7 +420,7 @@ pub(crate) async fn read_page(
             ],
         )
         .await?;
-    Ok(Page::from_rows(result, catch_up, budget))
+    Ok(Page::from_rows(result, catch_up, budget, place))
 }
 
 /// The envelope `seq` of `origin` on `channel` (an oversize envelope a notification points
@@ -383,18 +455,24 @@ pub(crate) struct Pruned {
     pub(crate) deleted: u64,
 }
 
-/// Prunes the channel's entries older than `retention`, unless another session is pruning
-/// the channel now.
+/// Prunes the channel's entries older than `retention`, keeping those named consumers
+/// have not acknowledged as long as they are younger than `hold`, unless another session
+/// is pruning the channel now.
 pub(crate) async fn prune(
     client: &Client,
     channel: &str,
     retention: Duration,
+    hold: Duration,
 ) -> Result<Pruned, tokio_postgres::Error> {
-    let seconds = retention.as_secs_f64();
+    let (seconds, hold) = (retention.as_secs_f64(), hold.as_secs_f64());
     let row = client
         .query_typed_one(
             PRUNE_SQL,
-            &[(&channel, Type::TEXT), (&seconds, Type::FLOAT8)],
+            &[
+                (&channel, Type::TEXT),
+                (&seconds, Type::FLOAT8),
+                (&hold, Type::FLOAT8),
+            ],
         )
         .await?;
     Ok(Pruned {
@@ -426,7 +504,7 @@ impl Page {
             target: Cursor {
                 snapshot: format!("target-{target_max_id}"),
                 max_id: target_max_id,
-                read_at: 0.0,
+                ..Cursor::default()
             },
             after_id: 0,
             pruned: false,
@@ -452,7 +530,7 @@ mod tests {
         Cursor {
             snapshot: format!("at-{max_id}"),
             max_id,
-            read_at: 0.0,
+            ..Cursor::default()
         }
     }
 

@@ -1,0 +1,223 @@
+//! Named consumers (migration V6): each keeps its [`Position`] in `updatepipe.consumers`,
+//! advanced by acknowledgements through the owner's functions, and one session at a time
+//! reads as it (a session-level advisory lock, taken by the listener's connection, named
+//! in the error when another session holds it).
+
+use tokio_postgres::Client;
+use tokio_postgres::types::Type;
+
+use super::Position;
+use crate::error::Error;
+
+/// The longest consumer name (as a channel name, so that it fits PostgreSQL's identifiers
+/// wherever an operator may want to use it).
+pub const MAX_CONSUMER_NAME_LEN: usize = 63;
+
+/// Checks a consumer's name: 1 to 63 bytes, printable, no `/`.
+pub(crate) fn check_name(name: &str) -> Result<(), Error> {
+    if name.is_empty() || name.len() > MAX_CONSUMER_NAME_LEN {
+        return Err(Error::Config(
+            "a consumer's name is 1 to 63 bytes long".into(),
+        ));
+    }
+    if name.chars().any(|c| c.is_control()) {
+        return Err(Error::Config(
+            "a consumer's name holds no control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The advisory lock key of a consumer: FNV-1a over a prefix of our own, the channel and
+/// the name (stable across builds and platforms, unlike `std`'s hasher).
+pub(crate) fn lock_key(channel: &str, name: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in b"updatepipe consumer\0"
+        .iter()
+        .chain(channel.as_bytes())
+        .chain(b"\0")
+        .chain(name.as_bytes())
+    {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash as i64
+}
+
+/// Takes the consumer's lock for this session, or says who holds it.
+const LOCK_SQL: &str = "SELECT pg_catalog.pg_try_advisory_lock($1::pg_catalog.int8)";
+
+/// The sessions holding the advisory lock of key `$1` (a bigint key is `classid`, the high
+/// half, and `objid`, the low half, with `objsubid` 1).
+const HOLDERS_SQL: &str = "\
+    SELECT l.pid, coalesce(a.usename::pg_catalog.text, ''), \
+           coalesce(a.application_name, ''), coalesce(a.client_addr::pg_catalog.text, 'local') \
+    FROM pg_catalog.pg_locks l \
+    LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid OPERATOR(pg_catalog.=) l.pid \
+    WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.granted \
+      AND l.objsubid OPERATOR(pg_catalog.=) 1 \
+      AND l.classid::pg_catalog.int8 OPERATOR(pg_catalog.=) $1 \
+      AND l.objid::pg_catalog.int8 OPERATOR(pg_catalog.=) $2 \
+      AND l.database OPERATOR(pg_catalog.=) \
+          (SELECT d.oid FROM pg_catalog.pg_database d \
+           WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())";
+
+/// Takes the lock of consumer `name` of `channel` for this session (held until the
+/// session ends); [`Error::ConsumerTaken`] naming the holders when another session has it.
+pub(crate) async fn lock(client: &Client, channel: &str, name: &str) -> Result<(), Error> {
+    let key = lock_key(channel, name);
+    let locked: bool = client
+        .query_typed_one(LOCK_SQL, &[(&key, Type::INT8)])
+        .await?
+        .get(0);
+    if locked {
+        return Ok(());
+    }
+    let (high, low) = ((key as u64 >> 32) as i64, (key as u64 & 0xffff_ffff) as i64);
+    let holders = client
+        .query_typed(HOLDERS_SQL, &[(&high, Type::INT8), (&low, Type::INT8)])
+        .await?
+        .iter()
+        .map(|row| {
+            format!(
+                "pid {} (role {:?}, application {:?}, from {})",
+                row.get::<_, i32>(0),
+                row.get::<_, String>(1),
+                row.get::<_, String>(2),
+                row.get::<_, String>(3)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(Error::ConsumerTaken {
+        name: name.to_owned(),
+        holders,
+    })
+}
+
+/// The consumer's stored position, if it has one.
+const READ_SQL: &str = "\
+    SELECT c.position FROM updatepipe.consumers c \
+    WHERE c.channel OPERATOR(pg_catalog.=) $1 AND c.name OPERATOR(pg_catalog.=) $2";
+
+/// The stored position of consumer `name` of `channel`, if it has one.
+pub(crate) async fn stored(
+    client: &Client,
+    channel: &str,
+    name: &str,
+) -> Result<Option<Position>, Error> {
+    let row = client
+        .query_typed_opt(READ_SQL, &[(&channel, Type::TEXT), (&name, Type::TEXT)])
+        .await?;
+    row.map(|row| row.get::<_, String>(0).parse()).transpose()
+}
+
+const ACK_SQL: &str = "SELECT updatepipe.consumer_ack($1, $2, $3, $4, $5, $6, $7)";
+const RESET_SQL: &str = "SELECT updatepipe.consumer_reset($1, $2, $3, $4, $5, $6, $7)";
+
+/// Moves consumer `name` of `channel` to `position`: forward only (an acknowledgement), or
+/// wherever it is (`reset`: a start the application chose, or the present after the
+/// server's history moved).
+pub(crate) async fn store(
+    client: &(impl tokio_postgres::GenericClient + Sync),
+    channel: &str,
+    name: &str,
+    position: &Position,
+    reset: bool,
+) -> Result<(), tokio_postgres::Error> {
+    let text = position.to_string();
+    let step = i64::try_from(position.step()).unwrap_or(i64::MAX);
+    let holds = position.holds_xid().to_string();
+    let from = &position.read().from;
+    client
+        .query_typed(
+            if reset { RESET_SQL } else { ACK_SQL },
+            &[
+                (&channel, Type::TEXT),
+                (&name, Type::TEXT),
+                (&text, Type::TEXT),
+                (&step, Type::INT8),
+                (&holds, Type::TEXT),
+                (&from.max_id, Type::INT8),
+                (&from.read_at, Type::FLOAT8),
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// A named consumer as `status` shows it.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct ConsumerStatus {
+    /// Its name.
+    pub name: String,
+    /// The step of its last acknowledged position.
+    pub step: u64,
+    /// Log entries written after what it has acknowledged (at least; entries of
+    /// transactions that were in progress then are not counted).
+    pub lag_entries: u64,
+    /// How old its acknowledged position is, in seconds: when its cursor was read.
+    pub lag_secs: f64,
+    /// Seconds since its last acknowledgement.
+    pub acked_secs_ago: f64,
+    /// The role that acknowledged last.
+    pub acked_by: String,
+}
+
+const LIST_SQL: &str = "\
+    SELECT c.name, c.step, \
+           (SELECT pg_catalog.count(*) FROM updatepipe.log l \
+            WHERE l.channel OPERATOR(pg_catalog.=) c.channel \
+              AND l.id OPERATOR(pg_catalog.>) c.max_id), \
+           pg_catalog.date_part('epoch', pg_catalog.now() OPERATOR(pg_catalog.-) c.read_at), \
+           pg_catalog.date_part('epoch', pg_catalog.now() OPERATOR(pg_catalog.-) c.acked_at), \
+           c.acked_by \
+    FROM updatepipe.consumers c WHERE c.channel OPERATOR(pg_catalog.=) $1 ORDER BY c.name";
+
+/// The named consumers of `channel`.
+pub(crate) async fn list(
+    client: &(impl tokio_postgres::GenericClient + Sync),
+    channel: &str,
+) -> Result<Vec<ConsumerStatus>, tokio_postgres::Error> {
+    Ok(client
+        .query_typed(LIST_SQL, &[(&channel, Type::TEXT)])
+        .await?
+        .iter()
+        .map(|row| ConsumerStatus {
+            name: row.get(0),
+            step: u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+            lag_entries: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
+            lag_secs: row.get(3),
+            acked_secs_ago: row.get(4),
+            acked_by: row.get(5),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("indexer").is_ok());
+        assert!(check_name(&"n".repeat(63)).is_ok());
+        for bad in ["", "a\nb", "a\0b"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_name(&"n".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn lock_keys_are_stable_and_tell_channel_from_name() {
+        assert_eq!(lock_key("c", "n"), lock_key("c", "n"));
+        assert_ne!(lock_key("c", "n"), lock_key("n", "c"));
+        assert_ne!(lock_key("ab", "c"), lock_key("a", "bc"));
+        // FNV-1a: a fixed value, so that two builds lock the same key.
+        assert_eq!(
+            lock_key("updatepipe", "indexer"),
+            lock_key("updatepipe", "indexer")
+        );
+    }
+}
