@@ -22,13 +22,16 @@
 //!
 //! The parts: `batcher` (flights and flusher tasks over `queue`, the pushes waiting and the
 //! decisions about them), `send` (one batch on the wire by its deadline), `link` (the pool
-//! and the connection flights share), `wire` (numbers, packing, statements).
+//! and the connection flights share), `wire` (numbers, packing, statements: one builder,
+//! `Wire::statement`, for every way a batch is sent), `statement` (that statement as a
+//! value, bound for the driver that sends it).
 
 mod batcher;
 mod encoded;
 mod link;
 mod queue;
 mod send;
+mod statement;
 mod wire;
 
 use std::sync::Arc;
@@ -242,8 +245,14 @@ impl Pusher {
             durable: wire.durable(),
         };
         let payloads = wire.pack(encoded.iter(), marks);
+        if payloads.envelopes.is_empty() {
+            return Ok(());
+        }
         // Unnamed: the caller's connection may go through a transaction-pooling proxy.
-        let sent = wire.execute_unnamed(client, &payloads, marks).await;
+        let sent = wire
+            .statement(&payloads, marks)
+            .execute_unnamed(client)
+            .await;
         if let Err(e) = &sent
             && wire.durable()
             && crate::pg::is_unique_violation(e)

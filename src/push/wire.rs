@@ -290,7 +290,7 @@ fn maddy_payload(sender: &str, json: &str) -> String {
 
 mod statements;
 
-pub(super) use statements::Statements;
+pub(super) use statements::{Kind, Statements};
 
 #[cfg(test)]
 mod tests;

@@ -1,16 +1,18 @@
 //! The statements that carry a batch (the notifications, and in durable mode the log rows,
-//! in one statement: one transaction), prepared on a pool connection or unnamed on any,
-//! with their parameters; and the check of a durable batch's rows after a retry.
+//! in one statement: one transaction) and their parameters, built in one place
+//! ([`Wire::statement`]) for every way a batch is sent: prepared on a pool connection, or
+//! unnamed on any; and the check of a durable batch's rows after a retry.
 
 use std::borrow::Cow;
 
-use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{GenericClient, Statement};
+use tokio_postgres::Statement;
+use tokio_postgres::types::Type;
 
 use super::{Payloads, Shape, Wire};
 use crate::envelope::{MAX_PAYLOAD_LEN, Marks};
 use crate::error::Error;
 use crate::log::{LOG_AND_NOTIFY, LOG_AND_NOTIFY_MAPPED};
+use crate::push::statement::{Param, PushStatement};
 
 /// One notification: the channel and payload are parameters, never SQL text.
 pub(super) const NOTIFY_ONE: &str = "SELECT pg_catalog.pg_notify($1, $2)";
@@ -84,10 +86,96 @@ impl Statements {
     }
 }
 
+/// Which statement carries a batch: by the pipe's durability and layout, and for a plain
+/// pipe by how many envelopes it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(in crate::push) enum Kind {
+    /// [`NOTIFY_ONE`]: the channel, the payload.
+    NotifyOne,
+    /// [`NOTIFY_MANY`]: the channel, the payloads.
+    NotifyMany,
+    /// [`NOTIFY_MAPPED`]: the channel, the notifications, their channels.
+    Mapped,
+    /// [`LOG_AND_NOTIFY`]: the channel, the origin, the numbers, the envelopes, the
+    /// notifications.
+    Durable,
+    /// [`LOG_AND_NOTIFY_MAPPED`]: as `Durable`, and the notifications' channels.
+    DurableMapped,
+}
+
+impl Kind {
+    /// The statement's SQL text.
+    pub(in crate::push) fn sql(self) -> &'static str {
+        match self {
+            Kind::NotifyOne => NOTIFY_ONE,
+            Kind::NotifyMany => NOTIFY_MANY,
+            Kind::Mapped => NOTIFY_MAPPED,
+            Kind::Durable => LOG_AND_NOTIFY,
+            Kind::DurableMapped => LOG_AND_NOTIFY_MAPPED.as_str(),
+        }
+    }
+}
+
+impl Statements {
+    /// The prepared statement of this kind (`None`: not prepared for this pipe's shape).
+    fn get(&self, kind: Kind) -> Option<&Statement> {
+        match (self, kind) {
+            (Statements::Notify { one, .. }, Kind::NotifyOne) => Some(one),
+            (Statements::Notify { many, .. }, Kind::NotifyMany) => Some(many),
+            (Statements::Durable(statement), Kind::Durable)
+            | (Statements::Mapped(statement), Kind::Mapped)
+            | (Statements::DurableMapped(statement), Kind::DurableMapped) => Some(statement),
+            _ => None,
+        }
+    }
+}
+
 impl Wire {
+    /// **The one statement of a batch**, and its parameters: the one place that builds
+    /// them, for the pool (prepared or unnamed) and for the caller's connection alike.
+    /// In durable mode the envelopes go to the log and their notifications out in the same
+    /// statement; in the maddy layout the copies go with the envelopes, each on its
+    /// channel.
+    pub(in crate::push) fn statement<'p>(
+        &'p self,
+        payloads: &'p Payloads,
+        marks: Marks,
+    ) -> PushStatement<'p> {
+        let channel = Param::Text(Cow::Borrowed(self.channel.as_str()));
+        let envelopes = payloads.envelopes.as_slice();
+        let copies = self.maddy.is_some().then_some(payloads.copies.as_slice());
+        if self.durable {
+            let (seqs, logged, notes) = self.durable_parts(envelopes, marks);
+            let mut params = vec![
+                channel,
+                Param::Text(Cow::Borrowed(self.origin.as_str())),
+                Param::Int8Array(seqs),
+                logged,
+            ];
+            let Some(copies) = copies else {
+                params.push(Param::TextArray(notes));
+                return PushStatement::new(Kind::Durable, params);
+            };
+            let (notes, channels) = with_copies(notes, copies);
+            params.extend([notes, channels]);
+            return PushStatement::new(Kind::DurableMapped, params);
+        }
+        let notes = || envelopes.iter().map(|(_, p)| Cow::Borrowed(p.as_str()));
+        if let Some(copies) = copies {
+            let (notes, channels) = with_copies(notes().collect(), copies);
+            return PushStatement::new(Kind::Mapped, vec![channel, notes, channels]);
+        }
+        if let [(_, payload)] = envelopes {
+            let payload = Param::Text(Cow::Borrowed(payload.as_str()));
+            return PushStatement::new(Kind::NotifyOne, vec![channel, payload]);
+        }
+        let notes = Param::TextArray(notes().collect());
+        PushStatement::new(Kind::NotifyMany, vec![channel, notes])
+    }
+
     /// Runs a batch's one statement: prepared on the connection (the fast way), or unnamed
     /// (`None`), with its parameter types, which no transaction-pooling proxy breaks.
-    /// Sends before its first await.
+    /// Sends before its first await. Nothing to send is no statement.
     pub(in crate::push) async fn execute(
         &self,
         client: &tokio_postgres::Client,
@@ -95,101 +183,17 @@ impl Wire {
         payloads: &Payloads,
         marks: Marks,
     ) -> Result<u64, tokio_postgres::Error> {
-        let channel = self.channel.as_str();
-        let envelopes = &payloads.envelopes;
-        match statements {
-            None => self.execute_unnamed(client, payloads, marks).await,
-            Some(Statements::Durable(statement)) => {
-                let (seqs, logged, notes) = self.durable_parts(envelopes, marks);
-                client
-                    .execute(statement, &[&channel, &self.origin, &seqs, &logged, &notes])
-                    .await
-            }
-            Some(Statements::DurableMapped(statement)) => {
-                let (seqs, logged, notes) = self.durable_parts(envelopes, marks);
-                let (notes, channels) = with_copies(notes, &payloads.copies);
-                let params: [&(dyn ToSql + Sync); 6] =
-                    [&channel, &self.origin, &seqs, &logged, &notes, &channels];
-                client.execute(statement, &params).await
-            }
-            Some(Statements::Mapped(statement)) => {
-                let notes = envelopes.iter().map(|(_, p)| Cow::Borrowed(p.as_str()));
-                let (notes, channels) = with_copies(notes.collect(), &payloads.copies);
-                client
-                    .execute(statement, &[&channel, &notes, &channels])
-                    .await
-            }
-            Some(Statements::Notify { one, .. }) if envelopes.len() == 1 => {
-                client.execute(one, &[&channel, &envelopes[0].1]).await
-            }
-            Some(Statements::Notify { many, .. }) => {
-                let notes: Vec<&str> = envelopes.iter().map(|(_, p)| p.as_str()).collect();
-                client.execute(many, &[&channel, &notes]).await
-            }
-        }
-    }
-
-    /// The same statements, unnamed and with their parameter types given, on any client
-    /// (the pool's, or the caller's in `push_in`): no transaction-pooling proxy breaks
-    /// them. Nothing to send is no statement.
-    pub(in crate::push) async fn execute_unnamed<C: GenericClient + Sync>(
-        &self,
-        client: &C,
-        payloads: &Payloads,
-        marks: Marks,
-    ) -> Result<u64, tokio_postgres::Error> {
-        let copies = &payloads.copies;
-        let payloads = payloads.envelopes.as_slice();
-        if payloads.is_empty() {
+        if payloads.envelopes.is_empty() {
             return Ok(0);
         }
-        let channel = self.channel.as_str();
-        if self.durable && self.maddy.is_some() {
-            let (seqs, logged, notes) = self.durable_parts(payloads, marks);
-            let (notes, channels) = with_copies(notes, copies);
-            let params: [(&(dyn ToSql + Sync), Type); 6] = [
-                (&channel, Type::TEXT),
-                (&self.origin, Type::TEXT),
-                (&seqs, Type::INT8_ARRAY),
-                (&logged, Type::TEXT_ARRAY),
-                (&notes, Type::TEXT_ARRAY),
-                (&channels, Type::TEXT_ARRAY),
-            ];
-            return client.execute_typed(&LOG_AND_NOTIFY_MAPPED, &params).await;
+        let statement = self.statement(payloads, marks);
+        match statements.and_then(|prepared| prepared.get(statement.kind())) {
+            Some(prepared) => {
+                let params = statement.params().iter().map(Param::to_sql);
+                client.execute_raw(prepared, params).await
+            }
+            None => statement.execute_unnamed(client).await,
         }
-        if self.maddy.is_some() {
-            let notes = payloads.iter().map(|(_, p)| Cow::Borrowed(p.as_str()));
-            let (notes, channels) = with_copies(notes.collect(), copies);
-            let params: [(&(dyn ToSql + Sync), Type); 3] = [
-                (&channel, Type::TEXT),
-                (&notes, Type::TEXT_ARRAY),
-                (&channels, Type::TEXT_ARRAY),
-            ];
-            return client.execute_typed(NOTIFY_MAPPED, &params).await;
-        }
-        if self.durable {
-            let (seqs, logged, notes) = self.durable_parts(payloads, marks);
-            let params: [(&(dyn ToSql + Sync), Type); 5] = [
-                (&channel, Type::TEXT),
-                (&self.origin, Type::TEXT),
-                (&seqs, Type::INT8_ARRAY),
-                (&logged, Type::TEXT_ARRAY),
-                (&notes, Type::TEXT_ARRAY),
-            ];
-            return client.execute_typed(LOG_AND_NOTIFY, &params).await;
-        }
-        if let [(_, payload)] = payloads {
-            return client
-                .execute_typed(NOTIFY_ONE, &[(&channel, Type::TEXT), (payload, Type::TEXT)])
-                .await;
-        }
-        let notes: Vec<&str> = payloads.iter().map(|(_, p)| p.as_str()).collect();
-        client
-            .execute_typed(
-                NOTIFY_MANY,
-                &[(&channel, Type::TEXT), (&notes, Type::TEXT_ARRAY)],
-            )
-            .await
     }
 
     /// After a durable batch met rows at its numbers (a unique violation): whether they are
@@ -230,9 +234,14 @@ impl Wire {
         &self,
         payloads: &'p [(u64, String)],
         marks: Marks,
-    ) -> (Vec<i64>, Vec<&'p str>, Vec<Cow<'p, str>>) {
+    ) -> (Vec<i64>, Param<'p>, Vec<Cow<'p, str>>) {
         let seqs = payloads.iter().map(|(seq, _)| *seq as i64).collect();
-        let logged = payloads.iter().map(|(_, p)| p.as_str()).collect();
+        let logged = Param::TextArray(
+            payloads
+                .iter()
+                .map(|(_, p)| Cow::Borrowed(p.as_str()))
+                .collect(),
+        );
         let notes = payloads
             .iter()
             .map(|(seq, p)| {
@@ -248,15 +257,15 @@ impl Wire {
 }
 
 /// The notifications of a maddy-layout batch: the envelopes (on the pipe's channel: no
-/// channel of their own) then the copies, with the channels to match.
+/// channel of their own, NULL) then the copies, with the channels to match.
 fn with_copies<'p>(
     mut notes: Vec<Cow<'p, str>>,
     copies: &'p [(String, String)],
-) -> (Vec<Cow<'p, str>>, Vec<Option<&'p str>>) {
-    let mut channels: Vec<Option<&str>> = vec![None; notes.len()];
+) -> (Param<'p>, Param<'p>) {
+    let mut channels: Vec<Option<Cow<'p, str>>> = vec![None; notes.len()];
     for (channel, payload) in copies {
         notes.push(Cow::Borrowed(payload.as_str()));
-        channels.push(Some(channel.as_str()));
+        channels.push(Some(Cow::Borrowed(channel.as_str())));
     }
-    (notes, channels)
+    (Param::TextArray(notes), Param::NullableTextArray(channels))
 }

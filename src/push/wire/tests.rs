@@ -296,3 +296,115 @@ fn encode(wire: &Wire, update: &Update) -> Result<String, Error> {
     wire.encode_into(update, MAX_PAYLOAD_LEN, &mut out)?;
     Ok(String::from_utf8(out).expect("UTF-8"))
 }
+
+/// The one statement of a batch for every shape of pipe: its kind follows durability,
+/// layout and (for a plain pipe) the number of envelopes, and its parameters are the
+/// values each kind's SQL text names, in its order.
+#[test]
+fn each_shape_of_pipe_builds_its_statement() {
+    use crate::push::statement::Param;
+    let origin = Origin::random();
+    let maddy = |durable| wire(durable).with_maddy_copies(origin.clone());
+    let one = Update::mailbox_destroyed("INBOX");
+    let types = |statement: &crate::push::statement::PushStatement<'_>| -> Vec<Type> {
+        statement.params().iter().map(Param::pg_type).collect()
+    };
+    for (wire, updates, kind, expected) in [
+        (
+            wire(false),
+            1,
+            Kind::NotifyOne,
+            vec![Type::TEXT, Type::TEXT],
+        ),
+        (
+            wire(false),
+            2000,
+            Kind::NotifyMany,
+            vec![Type::TEXT, Type::TEXT_ARRAY],
+        ),
+        (
+            maddy(false),
+            1,
+            Kind::Mapped,
+            vec![Type::TEXT, Type::TEXT_ARRAY, Type::TEXT_ARRAY],
+        ),
+        (
+            wire(true),
+            1,
+            Kind::Durable,
+            vec![
+                Type::TEXT,
+                Type::TEXT,
+                Type::INT8_ARRAY,
+                Type::TEXT_ARRAY,
+                Type::TEXT_ARRAY,
+            ],
+        ),
+        (
+            maddy(true),
+            2,
+            Kind::DurableMapped,
+            vec![
+                Type::TEXT,
+                Type::TEXT,
+                Type::INT8_ARRAY,
+                Type::TEXT_ARRAY,
+                Type::TEXT_ARRAY,
+                Type::TEXT_ARRAY,
+            ],
+        ),
+    ] {
+        let encoded: Vec<String> = (0..updates).map(|_| encode(&wire, &one).unwrap()).collect();
+        let payloads = wire.pack(encoded.iter().map(String::as_str), wire.pool_marks());
+        let statement = wire.statement(&payloads, wire.pool_marks());
+        assert_eq!(statement.kind(), kind);
+        assert_eq!(statement.sql(), kind.sql());
+        assert_eq!(types(&statement), expected, "{kind:?}");
+        assert_eq!(statement.params()[0], Param::Text("ch".into()), "{kind:?}");
+        let envelopes: Vec<&str> = payloads.envelopes.iter().map(|(_, p)| p.as_str()).collect();
+        match kind {
+            Kind::NotifyOne => assert_eq!(statement.params()[1], Param::Text(envelopes[0].into())),
+            Kind::NotifyMany => {
+                assert!(envelopes.len() > 1, "2000 updates need several envelopes");
+                let notes = envelopes.iter().map(|p| (*p).into()).collect();
+                assert_eq!(statement.params()[1], Param::TextArray(notes));
+            }
+            Kind::Mapped | Kind::DurableMapped => {
+                // The envelope on the pipe's channel (NULL), then a copy per update on
+                // its mailbox's channel.
+                let channels = statement.params().last().unwrap();
+                let mut expected = vec![None; envelopes.len()];
+                expected.extend((0..updates).map(|_| Some("INBOX".into())));
+                assert_eq!(*channels, Param::NullableTextArray(expected));
+            }
+            Kind::Durable => {
+                let seqs = payloads.envelopes.iter().map(|(s, _)| *s as i64).collect();
+                assert_eq!(statement.params()[2], Param::Int8Array(seqs));
+                let logged = envelopes.iter().map(|p| (*p).into()).collect();
+                assert_eq!(statement.params()[3], Param::TextArray(logged));
+            }
+        }
+    }
+    // A durable envelope too large for a notification is logged whole and notified as a
+    // reference to its log row.
+    let wire = wire(true);
+    let large = Update::mailbox_destroyed("k".repeat(MAX_PAYLOAD_LEN));
+    let mut encoded = Vec::new();
+    wire.encode_into(
+        &large,
+        crate::envelope::MAX_LOGGED_ENVELOPE_LEN,
+        &mut encoded,
+    )
+    .unwrap();
+    let encoded = String::from_utf8(encoded).unwrap();
+    let payloads = wire.pack([encoded.as_str()], wire.pool_marks());
+    let statement = wire.statement(&payloads, wire.pool_marks());
+    let Param::TextArray(notes) = &statement.params()[4] else {
+        panic!("{statement:?}")
+    };
+    assert!(notes[0].contains("\"r\":1") && notes[0].len() <= MAX_PAYLOAD_LEN);
+    assert_eq!(
+        statement.params()[3],
+        Param::TextArray(vec![payloads.envelopes[0].1.as_str().into()])
+    );
+}
