@@ -182,6 +182,11 @@ impl PgPipe {
     /// listeners receive it if and only if that transaction commits. Outside a transaction
     /// it is committed at once.
     ///
+    /// A durable pipe first checks the schema, as before any durable push
+    /// ([`check_schema`](PgPipe::check_schema), on a connection of its own, once per
+    /// pipe): on a schema that is missing or behind, [`Error::SchemaOutdated`], and
+    /// nothing is sent on the caller's connection, so its transaction goes on.
+    ///
     /// `client` is a `tokio_postgres::Client` or `Transaction`; with deadpool-postgres, pass
     /// `&**object` for a pooled client or `&*transaction` for its transaction.
     pub async fn push_in<C: GenericClient + Sync>(
@@ -200,6 +205,7 @@ impl PgPipe {
         updates: &[Update],
     ) -> Result<(), Error> {
         self.check_open()?;
+        self.ensure_schema().await?;
         self.inner.pusher.push_in(client, updates).await
     }
 

@@ -112,6 +112,38 @@ async fn a_push_in_a_transaction_arrives_only_if_it_commits() {
     store.close().await.unwrap();
 }
 
+/// A durable `push_in` checks the schema first, as every durable path does: on an
+/// unmigrated database it is the error that says to migrate, not the log's statement
+/// failing in the caller's transaction (which would abort it).
+#[tokio::test]
+async fn a_durable_push_in_on_an_unmigrated_schema_is_the_schema_error() {
+    let database = support::fresh_database("pushin_unmigrated").await;
+    let config = updatepipe::Config::from_url(&database.url)
+        .unwrap()
+        .with_channel(updatepipe::ChannelName::new(unique("unmigrated")).unwrap())
+        .with_durable(true);
+    let pipe = PgPipe::new(config).unwrap();
+    let (mut client, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let tx = client.transaction().await.unwrap();
+    let err = pipe.push_in(&tx, &new_message(1, 1)).await.unwrap_err();
+    assert!(
+        matches!(err, Error::SchemaOutdated { found: None, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("updatepipe migrate"), "{err}");
+    // Nothing failed in the caller's transaction: it goes on.
+    let one: i32 = tx.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    tx.rollback().await.unwrap();
+    pipe.close().await.unwrap();
+    drop(client);
+    let _ = connection.await;
+    drop(database);
+}
+
 #[tokio::test]
 async fn channel_names_are_quoted() {
     for name in [
