@@ -81,6 +81,7 @@
 //! | concept | items |
 //! |---|---|
 //! | the pipe interface and its PostgreSQL implementation | [`UpdatePipe`], [`PgPipe`] |
+//! | what `push_in` sends on: tokio-postgres, sqlx (feature `sqlx`) | [`PushClient`] |
 //! | the update model and its JSON contract | [`Update`], [`MailboxKey`], [`SeqSet`], [`Flag`] |
 //! | the wire format (envelope v1, maddy's legacy form) | [`Envelope`], [`guide::wire_format`] |
 //! | configuration: libpq's settings, the pipe's options | [`Config`], [`ChannelName`] |
@@ -102,16 +103,22 @@
 //!   binaries.
 //! - `metrics`: the counters, the push latency and the queue usage through the `metrics`
 //!   facade, under the names of [`METRICS`].
+//! - `sqlx`: [`PgPipe::push_in`] and [`PgPipe::push_many_in`] also take an sqlx 0.8
+//!   connection or transaction ([`PushClient`]), for a store written on sqlx. sqlx is
+//!   built with its Postgres driver and Tokio runtime only.
 //!
-//! ## Versions of tokio-postgres and deadpool-postgres
+//! ## Versions of tokio-postgres, deadpool-postgres and sqlx
 //!
 //! [`PgPipe::push_in`] takes an application's own `tokio_postgres` client or transaction,
-//! and a deadpool-postgres `Object` derefs to one: they must be the versions this crate is
-//! built with (tokio-postgres 0.7, deadpool-postgres 0.14), or the types do not match.
-//! Both are re-exported, so an application can use them rather than name its own:
-//! `updatepipe::tokio_postgres`, `updatepipe::deadpool_postgres`.
+//! and a deadpool-postgres `Object` derefs to one; with the feature `sqlx`, an sqlx
+//! connection or transaction. They must be the versions this crate is built with
+//! (tokio-postgres 0.7, deadpool-postgres 0.14, sqlx 0.8), or the types do not match.
+//! All are re-exported, so an application can use them rather than name its own:
+//! `updatepipe::tokio_postgres`, `updatepipe::deadpool_postgres`, `updatepipe::sqlx`.
 
 pub use deadpool_postgres;
+#[cfg(feature = "sqlx")]
+pub use sqlx;
 pub use tokio_postgres;
 
 mod channel;
@@ -162,6 +169,7 @@ pub use pg::{
     DEFAULT_STATEMENT_TIMEOUT, SessionLimits, SslMode,
 };
 pub use pipe::{PgPipe, UpdatePipe};
+pub use push::PushClient;
 pub use seqset::{MAX_SEQ_SET_LEN, SeqNum, SeqRange, SeqSet};
 pub use sign::{DEFAULT_REPLAY_WINDOW, MAX_SECRET_FILE_LEN, MIN_SECRET_LEN, Secret, Signer};
 #[cfg(feature = "metrics")]

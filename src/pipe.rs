@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::{Mutex, mpsc};
-use tokio_postgres::GenericClient;
 
 use crate::config::Config;
 use crate::error::Error;
@@ -16,7 +15,7 @@ use crate::listen::{Command, Event, Listener, Sink};
 use crate::log::Position;
 use crate::migrate::{MigrationInfo, migrate};
 use crate::origin::Origin;
-use crate::push::Pusher;
+use crate::push::{PushClient, Pusher};
 use crate::stats::{Counters, Stats};
 use crate::update::{MailboxKey, Update};
 
@@ -187,21 +186,24 @@ impl PgPipe {
     /// pipe): on a schema that is missing or behind, [`Error::SchemaOutdated`], and
     /// nothing is sent on the caller's connection, so its transaction goes on.
     ///
-    /// `client` is a `tokio_postgres::Client` or `Transaction`; with deadpool-postgres, pass
-    /// `&**object` for a pooled client or `&*transaction` for its transaction.
-    pub async fn push_in<C: GenericClient + Sync>(
-        &self,
-        client: &C,
-        update: &Update,
-    ) -> Result<(), Error> {
+    /// `client` is the connection or transaction to send on ([`PushClient`]): a
+    /// `tokio_postgres::Client` or `Transaction` by reference (`&tx`; with
+    /// deadpool-postgres, `&**object` for a pooled client or `&*transaction` for its
+    /// transaction), or with the feature `sqlx` an sqlx connection or transaction by
+    /// mutable reference (`&mut *tx`). Whichever the driver, the push is the same one
+    /// statement with the same parameters, sent unnamed, and these guarantees hold alike;
+    /// a statement the server refuses is [`Error::Postgres`] (`Error::Sqlx` on an sqlx
+    /// connection), and a durable push that meets log rows at its numbers is
+    /// [`Error::NumbersTaken`].
+    pub async fn push_in<C: PushClient>(&self, client: C, update: &Update) -> Result<(), Error> {
         self.push_many_in(client, std::slice::from_ref(update))
             .await
     }
 
     /// [`push_in`](PgPipe::push_in) for several updates, in order.
-    pub async fn push_many_in<C: GenericClient + Sync>(
+    pub async fn push_many_in<C: PushClient>(
         &self,
-        client: &C,
+        client: C,
         updates: &[Update],
     ) -> Result<(), Error> {
         self.check_open()?;

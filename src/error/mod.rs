@@ -62,6 +62,14 @@ pub enum Error {
     #[error("PostgreSQL error: {}", pg_message(.0))]
     Postgres(#[source] Arc<tokio_postgres::Error>),
 
+    /// An sqlx connection or transaction given to [`push_in`](crate::PgPipe::push_in)
+    /// answered the push's statement with an error, or broke (feature `sqlx`). The sqlx
+    /// error is the source; its database error, if any, tells the SQLSTATE
+    /// (`as_database_error`).
+    #[cfg(feature = "sqlx")]
+    #[error("PostgreSQL error: {}", words::sqlx_message(.0))]
+    Sqlx(#[source] Arc<sqlx::Error>),
+
     /// The connection pool could not hand out a connection.
     #[error("no pooled connection: {0}")]
     Pool(#[source] Arc<deadpool_postgres::PoolError>),
@@ -240,6 +248,19 @@ impl Error {
             Error::QueueFull { .. } => true,
             // The connection broke, or the server ended it (a terminated backend, a shutdown).
             Error::Postgres(e) => crate::pg::is_connection_lost(e),
+            #[cfg(feature = "sqlx")]
+            Error::Sqlx(e) => crate::pg::sqlx_is_connection_lost(e),
+            _ => false,
+        }
+    }
+
+    /// Whether the server refused a row for a unique index (a durable push's numbers met
+    /// in the log), whichever driver sent the statement.
+    pub(crate) fn is_unique_violation(&self) -> bool {
+        match self {
+            Error::Postgres(e) => crate::pg::is_unique_violation(e),
+            #[cfg(feature = "sqlx")]
+            Error::Sqlx(e) => crate::pg::sqlx_is_unique_violation(e),
             _ => false,
         }
     }
@@ -272,6 +293,13 @@ impl Error {
 impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Self {
         Error::Postgres(Arc::new(e))
+    }
+}
+
+#[cfg(feature = "sqlx")]
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Sqlx(Arc::new(e))
     }
 }
 

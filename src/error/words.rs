@@ -21,6 +21,22 @@ pub(crate) fn pg_message(e: &tokio_postgres::Error) -> String {
     for_operators(text)
 }
 
+/// An sqlx error in one line, as [`pg_message`] says a tokio-postgres one (feature
+/// `sqlx`): the server's severity, message and SQLSTATE for a database error, otherwise
+/// sqlx's description (a broken connection, a protocol error).
+#[cfg(feature = "sqlx")]
+pub(crate) fn sqlx_message(e: &sqlx::Error) -> String {
+    if let Some(db) = crate::pg::sqlx_database_error(e) {
+        return format!(
+            "{}: {} (SQLSTATE {})",
+            crate::pg::sqlx_severity(db),
+            db.message(),
+            db.code()
+        );
+    }
+    for_operators(e.to_string())
+}
+
 /// A library's words made an operator's: rustls ends some messages with a link to its
 /// manual ("peer closed connection without sending TLS close_notify: https://docs.rs/…"),
 /// which says nothing to whoever reads the pipe's logs.

@@ -1,6 +1,7 @@
-//! What a tokio-postgres error means to the pipe: the one place that reads SQLSTATEs and
-//! severities. Each question is a function of the error's class, severity and code, so
-//! that it can be tested without a server.
+//! What a tokio-postgres error means to the pipe (and an sqlx one, feature `sqlx`: the
+//! caller's connection in `push_in`): the one place that reads SQLSTATEs and severities.
+//! Each question is a function of the error's class, severity and code, so that it can be
+//! tested without a server.
 
 use tokio_postgres::error::{Severity, SqlState};
 
@@ -132,6 +133,55 @@ pub(crate) fn is_lock_timeout(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
 }
 
+/// The server's error an sqlx error carries, if any (feature `sqlx`).
+#[cfg(feature = "sqlx")]
+pub(crate) fn sqlx_database_error(e: &sqlx::Error) -> Option<&sqlx::postgres::PgDatabaseError> {
+    e.as_database_error()?
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+}
+
+/// A server error's severity as the server writes it (`ERROR`, `FATAL`).
+#[cfg(feature = "sqlx")]
+pub(crate) fn sqlx_severity(db: &sqlx::postgres::PgDatabaseError) -> &'static str {
+    use sqlx::postgres::PgSeverity;
+    match db.severity() {
+        PgSeverity::Panic => "PANIC",
+        PgSeverity::Fatal => "FATAL",
+        PgSeverity::Error => "ERROR",
+        PgSeverity::Warning => "WARNING",
+        PgSeverity::Notice => "NOTICE",
+        PgSeverity::Debug => "DEBUG",
+        PgSeverity::Info => "INFO",
+        PgSeverity::Log => "LOG",
+    }
+}
+
+/// [`is_connection_lost`] for an sqlx error: no answer (the socket, TLS, the protocol), or
+/// the server ending the session (classes 08 and 57P0x).
+#[cfg(feature = "sqlx")]
+pub(crate) fn sqlx_is_connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(_) => connection_lost(&Seen {
+            code: sqlx_database_error(e).map(|db| db.code()),
+            severity: None,
+            message: String::new(),
+        }),
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
+/// [`is_unique_violation`] for an sqlx error.
+#[cfg(feature = "sqlx")]
+pub(crate) fn sqlx_is_unique_violation(e: &sqlx::Error) -> bool {
+    sqlx_database_error(e).is_some_and(|db| db.code() == SqlState::UNIQUE_VIOLATION.code())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +231,17 @@ mod tests {
         )));
         assert!(!auth_failure(&no_answer("connection refused")));
         assert!(!auth_failure(&db("3D000", Severity::Fatal)));
+    }
+
+    #[cfg(feature = "sqlx")]
+    #[test]
+    fn what_is_a_lost_sqlx_connection() {
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(sqlx_is_connection_lost(&sqlx::Error::Io(reset)));
+        assert!(sqlx_is_connection_lost(&sqlx::Error::Protocol("x".into())));
+        assert!(sqlx_is_connection_lost(&sqlx::Error::PoolTimedOut));
+        assert!(!sqlx_is_connection_lost(&sqlx::Error::RowNotFound));
+        assert!(!sqlx_is_unique_violation(&sqlx::Error::RowNotFound));
     }
 
     #[test]

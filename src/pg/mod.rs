@@ -11,7 +11,8 @@
 //! - `connect`: connecting host by host within the connect timeout, for dedicated
 //!   connections and the pool alike; `session`: the settings set once connected.
 //! - `cancel`: statements given up on are cancelled on the server.
-//! - `errors`: the one place that tells what a tokio-postgres error means.
+//! - `errors`: the one place that tells what a tokio-postgres error means (and an sqlx
+//!   one, feature `sqlx`).
 
 mod cancel;
 mod connect;
@@ -30,6 +31,10 @@ pub(crate) use connect::{
 pub(crate) use errors::{
     is_auth_failure, is_cancelled, is_connection_lost, is_fatal, is_insufficient_privilege,
     is_lock_timeout, is_missing_log, is_proxy_refusal, is_unique_violation, is_unknown_database,
+};
+#[cfg(feature = "sqlx")]
+pub(crate) use errors::{
+    sqlx_database_error, sqlx_is_connection_lost, sqlx_is_unique_violation, sqlx_severity,
 };
 pub(crate) use files::read_regular;
 pub use server::DEFAULT_CONNECT_TIMEOUT;

@@ -27,6 +27,7 @@
 //! value, bound for the driver that sends it).
 
 mod batcher;
+mod client;
 mod encoded;
 mod link;
 mod queue;
@@ -36,11 +37,6 @@ mod wire;
 
 use std::sync::Arc;
 
-use deadpool_postgres::{
-    HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts,
-};
-use tokio_postgres::GenericClient;
-
 use crate::config::Config;
 use crate::envelope::{MAX_LOGGED_ENVELOPE_LEN, MAX_PAYLOAD_LEN, Marks, Packer};
 use crate::error::Error;
@@ -49,6 +45,11 @@ use crate::origin::Origin;
 use crate::pg::{Canceller, Lent};
 use crate::stats::Counters;
 use crate::update::Update;
+use deadpool_postgres::{
+    HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts,
+};
+
+pub use client::PushClient;
 
 use batcher::Batcher;
 use encoded::Encoded;
@@ -229,12 +230,12 @@ impl Pusher {
         }
     }
 
-    /// Sends updates on the caller's client or transaction: delivered when, and only when,
-    /// the caller's transaction commits (at once, outside a transaction). Durable pushes
-    /// write their log rows in that same transaction.
-    pub(crate) async fn push_in<C: GenericClient + Sync>(
+    /// Sends updates on the caller's connection or transaction, of whichever driver:
+    /// delivered when, and only when, the caller's transaction commits (at once, outside a
+    /// transaction). Durable pushes write their log rows in that same transaction.
+    pub(crate) async fn push_in<C: PushClient>(
         &self,
-        client: &C,
+        client: C,
         updates: &[Update],
     ) -> Result<(), Error> {
         let mut encoded = Encoded::default();
@@ -248,14 +249,12 @@ impl Pusher {
         if payloads.envelopes.is_empty() {
             return Ok(());
         }
-        // Unnamed: the caller's connection may go through a transaction-pooling proxy.
-        let sent = wire
-            .statement(&payloads, marks)
-            .execute_unnamed(client)
-            .await;
+        // Unnamed, whichever the driver: the caller's connection may go through a
+        // transaction-pooling proxy.
+        let sent = client.send_push(&wire.statement(&payloads, marks)).await;
         if let Err(e) = &sent
             && wire.durable()
-            && crate::pg::is_unique_violation(e)
+            && e.is_unique_violation()
         {
             // Fresh numbers, met in the log: another role wrote at them.
             self.sender().counters().numbers_taken();

@@ -1,6 +1,7 @@
 //! A push's one statement, whichever driver sends it: its SQL text and its parameter
 //! values, built once (`Wire::statement`, in `wire/statements.rs`) and bound here as each
-//! driver binds values: tokio-postgres's `ToSql`, prepared or unnamed with its types.
+//! driver binds values: tokio-postgres's `ToSql`, prepared or unnamed with its types, and
+//! (feature `sqlx`) sqlx's `PgArguments`, unnamed.
 
 use std::borrow::Cow;
 
@@ -12,7 +13,7 @@ use super::wire::Kind;
 /// The statement that carries a batch: which one ([`Kind`], so its SQL text) and its
 /// parameter values, borrowed from the batch's payloads.
 #[derive(Clone, Debug)]
-pub(crate) struct PushStatement<'p> {
+pub struct PushStatement<'p> {
     kind: Kind,
     params: Vec<Param<'p>>,
 }
@@ -70,7 +71,47 @@ impl<'p> PushStatement<'p> {
     }
 }
 
+#[cfg(feature = "sqlx")]
+impl PushStatement<'_> {
+    /// Runs it on an sqlx connection, with the same parameter values, typed as
+    /// [`Param::pg_type`] says, and unnamed (`persistent(false)`): nothing is left prepared
+    /// on the caller's connection nor kept in sqlx's statement cache, so that a
+    /// transaction-pooling proxy cannot hand the statement to another client. (sqlx sends
+    /// the Parse and the Bind in two round trips: inside a transaction, which a transaction
+    /// pooler keeps on one server connection, that is safe; outside one, through such a
+    /// pooler, push inside a transaction.)
+    pub(in crate::push) async fn execute_sqlx(
+        &self,
+        connection: &mut sqlx::PgConnection,
+    ) -> Result<u64, sqlx::Error> {
+        let mut arguments = sqlx::postgres::PgArguments::default();
+        for param in &self.params {
+            param.add_to(&mut arguments).map_err(sqlx::Error::Encode)?;
+        }
+        let done = sqlx::query_with(self.sql(), arguments)
+            .persistent(false)
+            .execute(connection)
+            .await?;
+        Ok(done.rows_affected())
+    }
+}
+
 impl Param<'_> {
+    /// Binds the value as sqlx binds it: the same types as [`Param::pg_type`].
+    #[cfg(feature = "sqlx")]
+    fn add_to(
+        &self,
+        arguments: &mut sqlx::postgres::PgArguments,
+    ) -> Result<(), sqlx::error::BoxDynError> {
+        use sqlx::Arguments;
+        match self {
+            Param::Text(text) => arguments.add(text.as_ref()),
+            Param::Int8Array(numbers) => arguments.add(numbers.as_slice()),
+            Param::TextArray(texts) => arguments.add(texts.as_slice()),
+            Param::NullableTextArray(texts) => arguments.add(texts.as_slice()),
+        }
+    }
+
     /// The value, as tokio-postgres binds it.
     pub(in crate::push) fn to_sql(&self) -> &(dyn ToSql + Sync) {
         match self {
