@@ -81,7 +81,7 @@
 //! | concept | items |
 //! |---|---|
 //! | the pipe interface and its PostgreSQL implementation | [`UpdatePipe`], [`PgPipe`] |
-//! | what `push_in` sends on: tokio-postgres, sqlx (feature `sqlx`) | [`PushClient`] |
+//! | what `push_in` sends on: tokio-postgres, sqlx (feature `sqlx`); any other driver | [`PushClient`]; [`PushStatement`], [`PgPipe::statement_for`] |
 //! | the update model and its JSON contract | [`Update`], [`MailboxKey`], [`SeqSet`], [`Flag`] |
 //! | the wire format (envelope v1, maddy's legacy form) | [`Envelope`], [`guide::wire_format`] |
 //! | configuration: libpq's settings, the pipe's options | [`Config`], [`ChannelName`] |
@@ -169,7 +169,7 @@ pub use pg::{
     DEFAULT_STATEMENT_TIMEOUT, SessionLimits, SslMode,
 };
 pub use pipe::{PgPipe, UpdatePipe};
-pub use push::PushClient;
+pub use push::{PushClient, PushStatement};
 pub use seqset::{MAX_SEQ_SET_LEN, SeqNum, SeqRange, SeqSet};
 pub use sign::{DEFAULT_REPLAY_WINDOW, MAX_SECRET_FILE_LEN, MIN_SECRET_LEN, Secret, Signer};
 #[cfg(feature = "metrics")]

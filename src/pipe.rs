@@ -15,7 +15,7 @@ use crate::listen::{Command, Event, Listener, Sink};
 use crate::log::Position;
 use crate::migrate::{MigrationInfo, migrate};
 use crate::origin::Origin;
-use crate::push::{PushClient, Pusher};
+use crate::push::{PushClient, PushStatement, Pusher};
 use crate::stats::{Counters, Stats};
 use crate::update::{MailboxKey, Update};
 
@@ -209,6 +209,25 @@ impl PgPipe {
         self.check_open()?;
         self.ensure_schema().await?;
         self.inner.pusher.push_in(client, updates).await
+    }
+
+    /// The statement [`push_many_in`](PgPipe::push_many_in) would send for these updates,
+    /// for a driver this crate does not bind (another Rust driver, or a program in another
+    /// language that runs what it is handed): its SQL text and its parameters in
+    /// PostgreSQL's text form. Run it once, as it is, inside the transaction that must carry
+    /// the updates ([`PushStatement`] says how; the wire-format guide, section 11, gives
+    /// the rules, and what to send without this function). Then the guarantees of
+    /// `push_in` hold: delivered if and only if that transaction commits, never to this
+    /// pipe's listener, the durable log row in the same statement.
+    ///
+    /// The updates are checked, numbered and (with secrets) signed now, as for
+    /// `push_many_in`, and a durable pipe checks the schema first; they are not counted as
+    /// pushed, since running the statement is the caller's business. No updates: a
+    /// statement that sends nothing.
+    pub async fn statement_for(&self, updates: &[Update]) -> Result<PushStatement<'static>, Error> {
+        self.check_open()?;
+        self.ensure_schema().await?;
+        self.inner.pusher.statement_for(updates)
     }
 
     /// Like [`listen`](UpdatePipe::listen), with connection events in the same ordered

@@ -50,12 +50,13 @@ use deadpool_postgres::{
 };
 
 pub use client::PushClient;
+pub use statement::PushStatement;
 
 use batcher::Batcher;
 use encoded::Encoded;
 use link::Link;
 use send::BatchSender;
-use wire::Wire;
+use wire::{Payloads, Wire};
 
 const TARGET: &str = "updatepipe::push";
 
@@ -238,17 +239,11 @@ impl Pusher {
         client: C,
         updates: &[Update],
     ) -> Result<(), Error> {
-        let mut encoded = Encoded::default();
-        self.encode_into(updates, &mut encoded)?;
-        let wire = self.sender().wire();
-        let marks = Marks {
-            transactional: true,
-            durable: wire.durable(),
-        };
-        let payloads = wire.pack(encoded.iter(), marks);
+        let (payloads, marks) = self.pack_in(updates)?;
         if payloads.envelopes.is_empty() {
             return Ok(());
         }
+        let wire = self.sender().wire();
         // Unnamed, whichever the driver: the caller's connection may go through a
         // transaction-pooling proxy.
         let sent = client.send_push(&wire.statement(&payloads, marks)).await;
@@ -264,6 +259,34 @@ impl Pusher {
         sent?;
         self.sender().counters().pushed(updates.len());
         Ok(())
+    }
+
+    /// The statement [`Pusher::push_in`] would send for `updates`, owned, for the caller to
+    /// run on a driver of its own: numbered and signed now, as a push in the caller's
+    /// transaction is. Not counted as pushed: whether it runs is the caller's business.
+    pub(crate) fn statement_for(
+        &self,
+        updates: &[Update],
+    ) -> Result<PushStatement<'static>, Error> {
+        let (payloads, marks) = self.pack_in(updates)?;
+        Ok(self
+            .sender()
+            .wire()
+            .statement(&payloads, marks)
+            .into_owned())
+    }
+
+    /// Encodes and checks updates, then packs them into envelopes for the caller's
+    /// transaction: marked `t`, numbered from their own range.
+    fn pack_in(&self, updates: &[Update]) -> Result<(Payloads, Marks), Error> {
+        let mut encoded = Encoded::default();
+        self.encode_into(updates, &mut encoded)?;
+        let wire = self.sender().wire();
+        let marks = Marks {
+            transactional: true,
+            durable: wire.durable(),
+        };
+        Ok((wire.pack(encoded.iter(), marks), marks))
     }
 
     /// The pool (the listener sends its heartbeats through it).

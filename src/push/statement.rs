@@ -10,8 +10,33 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::wire::Kind;
 
-/// The statement that carries a batch: which one ([`Kind`], so its SQL text) and its
-/// parameter values, borrowed from the batch's payloads.
+/// The one statement that carries a push inside the caller's transaction: its SQL text and
+/// its parameters, for a driver this crate does not bind
+/// ([`PgPipe::statement_for`](crate::PgPipe::statement_for)). It is what
+/// [`push_many_in`](crate::PgPipe::push_many_in) sends on tokio-postgres and sqlx
+/// connections, built by the same code; a pool flight of the same updates sends the same
+/// statement, with the pool's marks and numbers.
+///
+/// Run it **once**, **inside the transaction** that must carry the updates, **as it is**:
+/// [`sql`](PushStatement::sql) as the statement, [`text_params`](PushStatement::text_params)
+/// as its parameters `$1`, `$2`, … in that order, sent as parameters (never spliced into
+/// the SQL text), each in text format with its type left to the server or given as
+/// [`param_types`](PushStatement::param_types) says. Nothing in them may be changed, split
+/// or reordered: array order is delivery order, and a signed envelope is checked byte for
+/// byte. The listeners receive the updates if and only if that transaction commits. The
+/// wire-format guide, section 11, gives the rules in full.
+///
+/// ```
+/// # async fn run(pipe: &updatepipe::PgPipe) -> Result<(), updatepipe::Error> {
+/// use updatepipe::{SeqSet, Update};
+/// let statement = pipe.statement_for(&[Update::new_message(42, SeqSet::single(7)?)]).await?;
+/// // Hand these to the driver, in the transaction that stores message 7:
+/// println!("{}", statement.sql()); // SELECT pg_catalog.pg_notify($1, $2)
+/// println!("{:?}", statement.param_types()); // ["text", "text"]
+/// println!("{:?}", statement.text_params()); // [channel, envelope]
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct PushStatement<'p> {
     kind: Kind,
@@ -44,9 +69,32 @@ impl<'p> PushStatement<'p> {
         self.kind
     }
 
-    /// Its SQL text.
-    pub(crate) fn sql(&self) -> &'static str {
+    /// Its SQL text: one of the statements the wire-format guide lists (section 11), by
+    /// the pipe's durability and layout and by how many envelopes the updates need.
+    pub fn sql(&self) -> &'static str {
         self.kind.sql()
+    }
+
+    /// Each parameter's PostgreSQL type, `$1` first: `text`, `text[]` or `int8[]`. The
+    /// statement's text fixes them too (casts, and the functions and columns the
+    /// parameters meet), so a driver may send every parameter untyped.
+    pub fn param_types(&self) -> Vec<&'static str> {
+        self.params.iter().map(Param::type_name).collect()
+    }
+
+    /// Each parameter in PostgreSQL's text form, `$1` first, to send as text: a `text` as
+    /// it is, an array as an array literal (`{1,2}`, `{"a","b\"c",NULL}`).
+    pub fn text_params(&self) -> Vec<String> {
+        self.params.iter().map(Param::to_text).collect()
+    }
+
+    /// The same statement owning its values (it can outlive the payloads it was built
+    /// from).
+    pub fn into_owned(self) -> PushStatement<'static> {
+        PushStatement {
+            kind: self.kind,
+            params: self.params.into_iter().map(Param::into_owned).collect(),
+        }
     }
 
     /// Its parameters, `$1` first.
@@ -122,6 +170,41 @@ impl Param<'_> {
         }
     }
 
+    /// Its PostgreSQL type's name, as SQL writes it.
+    fn type_name(&self) -> &'static str {
+        match self {
+            Param::Text(_) => "text",
+            Param::Int8Array(_) => "int8[]",
+            Param::TextArray(_) | Param::NullableTextArray(_) => "text[]",
+        }
+    }
+
+    /// PostgreSQL's text form of the value: what its type's input function reads.
+    pub(in crate::push) fn to_text(&self) -> String {
+        match self {
+            Param::Text(text) => text.clone().into_owned(),
+            Param::Int8Array(numbers) => {
+                let numbers: Vec<String> = numbers.iter().map(i64::to_string).collect();
+                format!("{{{}}}", numbers.join(","))
+            }
+            Param::TextArray(texts) => array_literal(texts.iter().map(|t| Some(t.as_ref()))),
+            Param::NullableTextArray(texts) => array_literal(texts.iter().map(|t| t.as_deref())),
+        }
+    }
+
+    /// The same value, owned.
+    fn into_owned(self) -> Param<'static> {
+        let owned = |text: Cow<'_, str>| Cow::Owned(text.into_owned());
+        match self {
+            Param::Text(text) => Param::Text(owned(text)),
+            Param::Int8Array(numbers) => Param::Int8Array(numbers),
+            Param::TextArray(texts) => Param::TextArray(texts.into_iter().map(owned).collect()),
+            Param::NullableTextArray(texts) => {
+                Param::NullableTextArray(texts.into_iter().map(|t| t.map(owned)).collect())
+            }
+        }
+    }
+
     /// Its PostgreSQL type.
     pub(in crate::push) fn pg_type(&self) -> Type {
         match self {
@@ -129,5 +212,74 @@ impl Param<'_> {
             Param::Int8Array(_) => Type::INT8_ARRAY,
             Param::TextArray(_) | Param::NullableTextArray(_) => Type::TEXT_ARRAY,
         }
+    }
+}
+
+/// A one-dimensional array literal of texts: every element in double quotes, with `"` and
+/// `\` escaped by a backslash (so that no element is read as NULL, nor loses a space or
+/// a brace); `NULL` for a missing one.
+fn array_literal<'t>(elements: impl Iterator<Item = Option<&'t str>>) -> String {
+    let mut literal = String::from("{");
+    for (i, element) in elements.enumerate() {
+        if i > 0 {
+            literal.push(',');
+        }
+        let Some(text) = element else {
+            literal.push_str("NULL");
+            continue;
+        };
+        literal.push('"');
+        for c in text.chars() {
+            if c == '"' || c == '\\' {
+                literal.push('\\');
+            }
+            literal.push(c);
+        }
+        literal.push('"');
+    }
+    literal.push('}');
+    literal
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_in_postgresqls_text_form() {
+        assert_eq!(Param::Text("a \"b\" {c}".into()).to_text(), "a \"b\" {c}");
+        assert_eq!(Param::Int8Array(vec![]).to_text(), "{}");
+        assert_eq!(
+            Param::Int8Array(vec![1, 1 << 62, -3]).to_text(),
+            "{1,4611686018427387904,-3}"
+        );
+        let texts = ["", "NULL", r#"{"Key":"a\"b","S":"c\\d"}"#, " é ,}"];
+        assert_eq!(
+            Param::TextArray(texts.iter().map(|t| (*t).into()).collect()).to_text(),
+            r#"{"","NULL","{\"Key\":\"a\\\"b\",\"S\":\"c\\\\d\"}"," é ,}"}"#
+        );
+        let channels = vec![None, Some("INBOX;1".into()), None];
+        assert_eq!(
+            Param::NullableTextArray(channels).to_text(),
+            r#"{NULL,"INBOX;1",NULL}"#
+        );
+        assert_eq!(Param::NullableTextArray(vec![]).to_text(), "{}");
+    }
+
+    #[test]
+    fn an_owned_statement_keeps_its_kind_and_values() {
+        let payload = String::from("{}");
+        let borrowed = PushStatement::new(
+            Kind::NotifyOne,
+            vec![
+                Param::Text("ch".into()),
+                Param::Text(payload.as_str().into()),
+            ],
+        );
+        let owned = borrowed.clone().into_owned();
+        drop(payload);
+        assert_eq!(owned.sql(), Kind::NotifyOne.sql());
+        assert_eq!(owned.param_types(), ["text", "text"]);
+        assert_eq!(owned.text_params(), ["ch", "{}"]);
     }
 }

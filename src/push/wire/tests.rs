@@ -408,3 +408,29 @@ fn each_shape_of_pipe_builds_its_statement() {
         Param::TextArray(vec![payloads.envelopes[0].1.as_str().into()])
     );
 }
+
+/// The wire-format guide (section 11) gives each statement's text as the code sends it, for
+/// drivers in other languages to send the same.
+#[test]
+fn the_wire_format_guide_gives_each_statement_as_sent() {
+    let guide = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/wire-format.md"),
+    )
+    .unwrap();
+    let (_, section) = guide
+        .split_once("## 11. Pushing inside your own transaction")
+        .expect("section 11");
+    for kind in [
+        Kind::NotifyOne,
+        Kind::NotifyMany,
+        Kind::Mapped,
+        Kind::Durable,
+        Kind::DurableMapped,
+    ] {
+        assert!(
+            section.contains(&format!("`{}`", kind.sql())),
+            "{kind:?}: {}",
+            kind.sql()
+        );
+    }
+}
