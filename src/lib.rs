@@ -8,11 +8,13 @@
 //! ## Quick start
 //!
 //! A mail store pushes inside its own transaction, so the stored message and its
-//! notification are atomic; a server listens. (This example runs as a test: against
-//! `DATABASE_URL`, or a throwaway cluster.)
+//! notification are atomic; a server listens, with [`PgPipe::listen_events`]: updates and
+//! the connection's events in one ordered stream, among them [`Event::Resync`] ("updates
+//! may have been missed: reload"). (This example runs as a test: against `DATABASE_URL`,
+//! or a throwaway cluster.)
 //!
 //! ```
-//! use updatepipe::{Config, PgPipe, SeqSet, Update, UpdatePipe};
+//! use updatepipe::{Config, Event, PgPipe, SeqSet, Update, UpdatePipe};
 //! # use updatepipe::{ChannelName, cluster::TempCluster};
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -28,8 +30,8 @@
 //! let server = PgPipe::new(config)?;
 //!
 //! // The server: updates from every other sender arrive here, never its own.
-//! let (tx, mut updates) = tokio::sync::mpsc::channel(1024);
-//! server.listen(tx).await?;
+//! let (tx, mut events) = tokio::sync::mpsc::channel(1024);
+//! server.listen_events(tx).await?;
 //!
 //! // The mail store: delivered if and only if the transaction commits.
 //! // Its own connection, made as the pipe makes its own (hosts, TLS, ~/.pgpass).
@@ -41,7 +43,13 @@
 //! store.push_in(&tx, &Update::new_message(42, SeqSet::single(7)?)).await?;
 //! tx.commit().await?;
 //!
-//! let update = updates.recv().await.expect("the update");
+//! let update = loop {
+//!     match events.recv().await.expect("the pipe is open") {
+//!         Event::Update(update) => break update,
+//!         Event::Resync(_reason) => { /* reload every open mailbox from the store */ }
+//!         _ => {} // Connected, Disconnected
+//!     }
+//! };
 //! assert_eq!(update.to_json(), r#"{"Type":0,"Key":42,"SeqSet":"7"}"#);
 //! store.close().await?;
 //! server.close().await?;

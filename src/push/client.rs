@@ -23,6 +23,27 @@ use crate::error::Error;
 /// caller's transaction commits, never to the pushing pipe's own listener, the durable
 /// log row in the same statement. Sealed: implemented for these types only.
 ///
+/// A store on sqlx (with the feature `sqlx`):
+///
+/// ```no_run
+/// # #[cfg(feature = "sqlx")]
+/// use updatepipe::sqlx::{self, PgPool};
+/// use updatepipe::{PgPipe, SeqSet, Update};
+///
+/// # #[cfg(feature = "sqlx")]
+/// async fn store(db: &PgPool, pipe: &PgPipe) -> Result<(), Box<dyn std::error::Error>> {
+///     let mut tx = db.begin().await?;
+///     sqlx::query("INSERT INTO messages (mailbox, uid) VALUES ($1, $2)")
+///         .bind(42_i64)
+///         .bind(7_i32)
+///         .execute(&mut *tx)
+///         .await?;
+///     pipe.push_in(&mut *tx, &Update::new_message(42, SeqSet::single(7)?)).await?;
+///     tx.commit().await?;
+///     Ok(())
+/// }
+/// ```
+///
 /// [`PgPipe::push_in`]: crate::PgPipe::push_in
 /// [`PgPipe::push_many_in`]: crate::PgPipe::push_many_in
 pub trait PushClient: sealed::Sealed + Send {}
