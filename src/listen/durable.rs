@@ -81,6 +81,9 @@ struct Tail {
     /// Resuming from a position inside an envelope: that entry's first updates, delivered
     /// before, are not delivered again (on the first page only).
     skip: Option<(i64, u32)>,
+    /// Resuming from a position in a read under way: its target is in the past, so once it
+    /// is reached the log is read on at once, up to now.
+    target_behind: bool,
 }
 
 /// A page's entries, with what the positions after them are made of.
@@ -137,6 +140,7 @@ impl LogReader {
                 next_prune: now,
                 step: 0,
                 skip: None,
+                target_behind: false,
             }),
             fetches: Fetches::default(),
         }
@@ -164,6 +168,7 @@ impl LogReader {
                 CatchUp::new(target, after_id)
             });
             tail.skip = (partial > 0).then_some((id, partial));
+            tail.target_behind = tail.catch_up.is_some();
         }
         reader
     }
@@ -309,7 +314,14 @@ impl LogReader {
         tail.budget.rows = tail.budget.rows.saturating_mul(2).min(tail.configured.rows);
         let replaying = if complete {
             tail.prune_reported = false;
-            std::mem::take(&mut tail.replaying)
+            if std::mem::take(&mut tail.target_behind) {
+                // A resumed read reached its target, which is in the past: on to now, at
+                // once, still a catch-up.
+                tail.needed = true;
+                tail.replaying
+            } else {
+                std::mem::take(&mut tail.replaying)
+            }
         } else {
             tail.needed = true;
             tail.replaying
@@ -386,6 +398,7 @@ impl LogReader {
             tail.cursor = present;
             tail.catch_up = None;
             tail.skip = None;
+            tail.target_behind = false;
             tail.not_before = None;
             tail.needed = true;
             tail.prune_reported = false;
@@ -573,6 +586,52 @@ mod tests {
             Some(Ask::Prune { .. })
         ));
         assert!(reader.prune_news(true), "a new read may tell it again");
+    }
+
+    #[test]
+    fn a_resumed_read_goes_on_to_now_once_its_target_is_reached() {
+        let now = Instant::now();
+        let read = Arc::new(Read {
+            from: Cursor::default(),
+            target: Some(Cursor {
+                max_id: 9,
+                ..Cursor::default()
+            }),
+        });
+        let position = Position::new(read, 7, 2, 41);
+        let mut reader = LogReader::resume(&position, Place::default(), 100 * SECOND, BUDGET, now);
+        let Some(Ask::Tail {
+            catch_up: Some(catch_up),
+            ..
+        }) = reader.next_ask(true, now)
+        else {
+            panic!("the read under way first");
+        };
+        assert_eq!(catch_up.target().max_id, 9);
+        // Inside entry 7: it is read again, its first two updates skipped.
+        assert_eq!((reader.skip(7), reader.skip(8)), (2, 0));
+        let advanced = reader.advance(Page::for_tests(9, true, &[7, 8]));
+        assert!(advanced.replaying);
+        reader.skipped();
+        assert_eq!(reader.skip(7), 0);
+        // The target reached: the log is read on at once, from it, still as a catch-up.
+        let Some(Ask::Tail {
+            catch_up: None,
+            from,
+            ..
+        }) = reader.next_ask(true, now)
+        else {
+            panic!("a read on to now, without waiting for a wake-up");
+        };
+        assert_eq!(from.max_id, 9);
+        assert!(reader.advance(Page::complete_for_tests()).replaying);
+        assert!(!reader.advance(Page::complete_for_tests()).replaying);
+        // Steps go on from the position's.
+        let read = Arc::new(Read {
+            from: Cursor::default(),
+            target: None,
+        });
+        assert_eq!(reader.position(&read, 1, 0).unwrap().step(), 42);
     }
 
     #[test]
