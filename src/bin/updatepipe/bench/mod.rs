@@ -13,7 +13,7 @@ mod report;
 mod scratch;
 mod timing;
 
-use pipe::{backlog, paced, pipe, pipe_push_raw_listen, raw_push_pipe_listen};
+use pipe::{Reading, backlog, paced, pipe, pipe_push_raw_listen, raw_push_pipe_listen};
 use raw::{RawSend, envelope_payloads, raw, raw_paced, update_payloads};
 use report::{Report, Row, print_table};
 use timing::cpu_time;
@@ -265,8 +265,20 @@ async fn all_rows(base: Config, url: Option<&str>, args: BenchArgs) -> anyhow::R
         // from the log (its own CPU only).
         (
             "durable backlog catch-up",
-            Step::Backlog(per_round(300_000)),
+            Step::Backlog(per_round(300_000), Reading::Updates),
             None,
+        ),
+        // The same with each update's position as an event, then as a named consumer
+        // acknowledging every one.
+        (
+            "durable backlog, positions",
+            Step::Backlog(per_round(300_000), Reading::Positions),
+            Some("durable backlog catch-up"),
+        ),
+        (
+            "durable backlog, consumer acking",
+            Step::Backlog(per_round(300_000), Reading::Acking),
+            Some("durable backlog catch-up"),
         ),
     ];
     let mut paced_rows: Vec<(&str, Step)> = vec![
@@ -413,7 +425,7 @@ async fn run_step(config: Config, url: Option<&str>, step: Step) -> anyhow::Resu
         Step::FanOutProcesses(n, processes) => {
             fanout::processes(config, url.map(str::to_owned), n, processes).await
         }
-        Step::Backlog(n) => backlog(config, n).await,
+        Step::Backlog(n, reading) => backlog(config, n, reading).await,
         Step::Raw(n, send) => raw(&config, update_payloads(n), send).await,
         Step::Sides(n, Sides::Raw) => raw(&config, envelope_payloads(n), RawSend::Each).await,
         Step::Sides(n, Sides::PipePush) => pipe_push_raw_listen(config, n).await,
@@ -450,8 +462,8 @@ enum Step {
     FanOut(u64, usize),
     /// 256 pushers heard by several listening processes.
     FanOutProcesses(u64, usize),
-    /// A durable listener's catch-up through a backlog.
-    Backlog(u64),
+    /// A durable listener's catch-up through a backlog, taking it as `Reading` says.
+    Backlog(u64, Reading),
 }
 
 /// Which side of a sequential pusher's path is the pipe's; the other is plain

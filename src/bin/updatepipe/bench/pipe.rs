@@ -76,6 +76,34 @@ pub(super) async fn pipe_listener(
     Ok((listener, counter))
 }
 
+/// [`pipe_listener`] with `listen_events`: counts the updates, and with `ack`
+/// acknowledges every position as a named consumer does.
+async fn event_listener(
+    config: Config,
+    n: u64,
+    ack: bool,
+) -> anyhow::Result<(PgPipe, tokio::task::JoinHandle<Option<Instant>>)> {
+    let listener = PgPipe::new(config)?;
+    let (tx, mut rx) = mpsc::channel(65_536);
+    listener.listen_events(tx).await?;
+    let acker = listener.clone();
+    let counter = tokio::spawn(async move {
+        let mut seen = 0;
+        while let Some(event) = rx.recv().await {
+            match event {
+                updatepipe::Event::Update(_) => seen += 1,
+                updatepipe::Event::Position(p) if ack => acker.ack(&p).ok()?,
+                _ => {}
+            }
+            if seen == n {
+                return Some(Instant::now());
+            }
+        }
+        None
+    });
+    Ok((listener, counter))
+}
+
 /// When the counting task of [`pipe_listener`] saw its last update.
 pub(super) async fn last_delivery(
     counter: tokio::task::JoinHandle<Option<Instant>>,
@@ -158,10 +186,21 @@ pub(super) async fn heard_by(
     Ok(row)
 }
 
+/// How the backlog row's listener takes what it reads.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Reading {
+    /// `listen`: updates only.
+    Updates,
+    /// `listen_events`: each update followed by its position.
+    Positions,
+    /// `listen_events` as a named consumer, acknowledging every position.
+    Acking,
+}
+
 /// A durable listener back from an absence: `n` updates pushed durably (256 pushers) with
 /// no listener, then one that reads them from the log's start; timed from its start to
 /// its last delivery (the catch-up rate), its CPU only.
-pub(super) async fn backlog(config: Config, n: u64) -> anyhow::Result<Row> {
+pub(super) async fn backlog(config: Config, n: u64, reading: Reading) -> anyhow::Result<Row> {
     let config = config.with_durable(true);
     PgPipe::new(config.clone())?.migrate().await?;
     let pusher = Arc::new(PgPipe::new(config.clone())?);
@@ -170,7 +209,14 @@ pub(super) async fn backlog(config: Config, n: u64) -> anyhow::Result<Row> {
     let before = cpu_time()?;
     let started = Instant::now();
     let reader = config.with_listen(|l| l.with_since(updatepipe::Since::Position(0)));
-    let (listener, counter) = pipe_listener(&reader, n, |_| {}).await?;
+    let (listener, counter) = match reading {
+        Reading::Updates => pipe_listener(&reader, n, |_| {}).await?,
+        Reading::Positions => event_listener(reader, n, false).await?,
+        Reading::Acking => {
+            let name = format!("bench_{:08x}", rand::random::<u32>());
+            event_listener(reader.with_consumer(&name), n, true).await?
+        }
+    };
     let finished = last_delivery(counter).await?;
     let seconds = (finished - started).as_secs_f64();
     let spent = cpu_time()?.saturating_sub(before);

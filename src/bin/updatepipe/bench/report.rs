@@ -149,7 +149,8 @@ pub(super) fn print_table(report: &Report) {
     outln!(
         "\nvs base: the pipe's rate over the row it is compared with (1 pusher: raw \
          sequential; 16: raw batched 10/tx; 256: raw batched 100/tx; signed: the same pipe \
-         row unsigned; sides: raw, envelopes), both medians.\npaired: the median of each \
+         row unsigned; sides: raw, envelopes; durable backlog, positions and consumer acking: \
+         the plain catch-up, whose CPU µs is the listener's alone), both medians.\npaired: the median of each \
          round's ratio to the baseline measured just before it in the same round.\nCPU µs: this \
          process's CPU time per update pushed (pushers, listeners, connections; not the \
          server's); /deliv: per update delivered, every listener counted (the listening \
