@@ -13,27 +13,32 @@ CREATE TABLE updatepipe.consumers (
     -- stream: an acknowledgement only ever moves a consumer forward.
     position    text        NOT NULL,
     step        bigint      NOT NULL,
-    -- The oldest transaction whose log rows the consumer may not have had yet (its
-    -- cursor's xmin): pruning keeps the rows of that transaction and later ones.
-    holds_xid   xid8        NOT NULL,
+    -- What the consumer has had: the rows visible in this snapshot (its settled cursor's)
+    -- with an id up to max_id. Pruning keeps the others (see prune below).
+    holds       pg_snapshot NOT NULL,
     -- The highest log id its cursor had seen, and when that cursor was read (its lag).
     max_id      bigint      NOT NULL,
     read_at     timestamptz NOT NULL,
     acked_at    timestamptz NOT NULL,
     acked_by    text        NOT NULL,
+    -- Raised by every session that starts reading as the consumer (it holds the
+    -- consumer's advisory lock then); acknowledgements carry the value their session was
+    -- given, so that a process that lost the consumer to another cannot write over it.
+    epoch       bigint      NOT NULL DEFAULT 0,
     created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
     PRIMARY KEY (channel, name),
     CHECK (pg_catalog.octet_length(name) OPERATOR(pg_catalog.>=) 1
            AND pg_catalog.octet_length(name) OPERATOR(pg_catalog.<=) 63),
-    CHECK (pg_catalog.octet_length(position) OPERATOR(pg_catalog.<=) 65536)
+    CHECK (pg_catalog.octet_length(position) OPERATOR(pg_catalog.<=) 1048576)
 );
 
 -- Records that the consumer `p_name` of `p_channel` acknowledged everything up to this
 -- position; a position of a lower or equal step than the one stored changes nothing (an
--- acknowledgement late or repeated). Returns whether the consumer moved.
+-- acknowledgement late or repeated), and neither does one from a session older than the
+-- consumer's epoch (one that lost the consumer to another). Returns whether it moved.
 CREATE FUNCTION updatepipe.consumer_ack(p_channel text, p_name text, p_position text,
-                                        p_step bigint, p_holds_xid text, p_max_id bigint,
-                                        p_read_at double precision)
+                                        p_step bigint, p_holds text, p_max_id bigint,
+                                        p_read_at double precision, p_epoch bigint)
     RETURNS boolean
     LANGUAGE plpgsql
     VOLATILE
@@ -41,38 +46,40 @@ CREATE FUNCTION updatepipe.consumer_ack(p_channel text, p_name text, p_position 
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    holds xid8;
+    holds pg_snapshot;
 BEGIN
     IF p_channel IS NULL OR p_name IS NULL OR p_position IS NULL OR p_step IS NULL
-       OR p_holds_xid IS NULL OR p_max_id IS NULL OR p_read_at IS NULL
+       OR p_holds IS NULL OR p_max_id IS NULL OR p_read_at IS NULL OR p_epoch IS NULL
        OR NOT (p_read_at OPERATOR(pg_catalog.>=) 0::pg_catalog.float8)
        OR p_read_at OPERATOR(pg_catalog.=) ANY ('{Infinity,NaN}'::pg_catalog.float8[]) THEN
         RAISE EXCEPTION 'updatepipe.consumer_ack: every argument is needed, and a time'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    holds := p_holds_xid::pg_catalog.xid8;
-    -- Not a transaction to come: that would hold nothing back and say the consumer is
-    -- ahead of the server.
-    IF holds OPERATOR(pg_catalog.>)
+    holds := p_holds::pg_catalog.pg_snapshot;
+    -- Not a snapshot of transactions to come: that would hold nothing back and say the
+    -- consumer is ahead of the server.
+    IF pg_catalog.pg_snapshot_xmax(holds) OPERATOR(pg_catalog.>)
        pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) THEN
-        RAISE EXCEPTION 'updatepipe.consumer_ack: transaction % has not started yet', holds
+        RAISE EXCEPTION 'updatepipe.consumer_ack: snapshot % is ahead of the server', holds
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     INSERT INTO updatepipe.consumers AS c
-        (channel, name, position, step, holds_xid, max_id, read_at, acked_at, acked_by)
+        (channel, name, position, step, holds, max_id, read_at, acked_at, acked_by,
+         epoch)
     VALUES (p_channel, p_name, p_position, p_step, holds, p_max_id,
             -- Never ahead of the server's clock.
             least(pg_catalog.to_timestamp(p_read_at), pg_catalog.now()),
-            pg_catalog.now(), session_user::pg_catalog.text)
+            pg_catalog.now(), session_user::pg_catalog.text, p_epoch)
     ON CONFLICT (channel, name) DO UPDATE SET
         position = EXCLUDED.position,
         step = EXCLUDED.step,
-        holds_xid = EXCLUDED.holds_xid,
+        holds = EXCLUDED.holds,
         max_id = EXCLUDED.max_id,
         read_at = EXCLUDED.read_at,
         acked_at = EXCLUDED.acked_at,
         acked_by = EXCLUDED.acked_by
-    WHERE c.step OPERATOR(pg_catalog.<) EXCLUDED.step;
+    WHERE c.step OPERATOR(pg_catalog.<) EXCLUDED.step
+      AND c.epoch OPERATOR(pg_catalog.=) p_epoch;
     RETURN FOUND;
 END
 $$;
@@ -81,7 +88,7 @@ $$;
 -- point the application chose (`since`), or from the present after the server's
 -- history moved.
 CREATE FUNCTION updatepipe.consumer_reset(p_channel text, p_name text, p_position text,
-                                          p_step bigint, p_holds_xid text, p_max_id bigint,
+                                          p_step bigint, p_holds text, p_max_id bigint,
                                           p_read_at double precision)
     RETURNS void
     LANGUAGE plpgsql
@@ -89,20 +96,45 @@ CREATE FUNCTION updatepipe.consumer_reset(p_channel text, p_name text, p_positio
     SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    current bigint;
 BEGIN
+    SELECT c.epoch INTO current FROM updatepipe.consumers c
+    WHERE c.channel OPERATOR(pg_catalog.=) p_channel
+      AND c.name OPERATOR(pg_catalog.=) p_name
+    FOR UPDATE;
     DELETE FROM updatepipe.consumers c
     WHERE c.channel OPERATOR(pg_catalog.=) p_channel
       AND c.name OPERATOR(pg_catalog.=) p_name;
-    PERFORM updatepipe.consumer_ack(p_channel, p_name, p_position, p_step, p_holds_xid,
-                                    p_max_id, p_read_at);
+    PERFORM updatepipe.consumer_ack(p_channel, p_name, p_position, p_step, p_holds,
+                                    p_max_id, p_read_at, coalesce(current, 0));
 END
 $$;
 
+-- A session starts reading as the consumer (holding its advisory lock): the consumer's
+-- epoch goes up by one, and the new value is what that session's acknowledgements carry.
+-- Returns it (0 for a consumer with no row yet).
+CREATE FUNCTION updatepipe.consumer_claim(p_channel text, p_name text)
+    RETURNS bigint
+    LANGUAGE sql
+    VOLATILE
+    SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH claimed AS (
+        UPDATE updatepipe.consumers c SET epoch = c.epoch OPERATOR(pg_catalog.+) 1
+        WHERE c.channel OPERATOR(pg_catalog.=) p_channel
+          AND c.name OPERATOR(pg_catalog.=) p_name
+        RETURNING c.epoch)
+    SELECT coalesce((SELECT claimed.epoch FROM claimed), 0::pg_catalog.int8)
+$$;
+
 -- Pruning keeps what named consumers have not acknowledged, as long as it is younger than
--- p_hold_secs: rows older than the retention go, except those of transactions a consumer
--- may not have had yet (at or after its holds_xid), unless older than the hold. A
--- consumer that falls further behind than the hold finds rows gone, and is told so
--- (LogPruned), as a listener away longer than the retention is.
+-- p_hold_secs: rows older than the retention go, except those a consumer has not had yet
+-- (not visible in its snapshot, or above its highest id: what its next read would
+-- return), unless older than the hold. A consumer that falls further behind than the hold
+-- finds rows gone, and is told so (LogPruned), as a listener away longer than the
+-- retention is.
 --
 -- The marks: pruned_xid, the newest transaction removed (a reader whose snapshot had not
 -- seen it may have missed rows); pruned_before, the newest time removed (a reader that
@@ -118,7 +150,6 @@ AS $$
 DECLARE
     cutoff timestamptz;
     hard timestamptz;
-    held xid8;
     newest xid8;
     newest_at timestamptz;
 BEGIN
@@ -156,16 +187,16 @@ BEGIN
         RETURN NEXT;
         RETURN;
     END IF;
-    SELECT pg_catalog.min(c.holds_xid) INTO held
-    FROM updatepipe.consumers c
-    WHERE c.channel OPERATOR(pg_catalog.=) p_channel;
     WITH gone AS (
         DELETE FROM updatepipe.log l
         WHERE l.channel OPERATOR(pg_catalog.=) p_channel
           AND l.created_at OPERATOR(pg_catalog.<) cutoff
-          AND (held IS NULL
-               OR l.xid OPERATOR(pg_catalog.<) held
-               OR l.created_at OPERATOR(pg_catalog.<) hard)
+          AND (l.created_at OPERATOR(pg_catalog.<) hard
+               OR NOT EXISTS (
+                   SELECT 1 FROM updatepipe.consumers c
+                   WHERE c.channel OPERATOR(pg_catalog.=) p_channel
+                     AND (NOT pg_catalog.pg_visible_in_snapshot(l.xid, c.holds)
+                          OR l.id OPERATOR(pg_catalog.>) c.max_id)))
         RETURNING l.xid, l.created_at)
     SELECT pg_catalog.count(*),
            (SELECT g.xid FROM gone g ORDER BY g.xid DESC LIMIT 1),
@@ -200,7 +231,8 @@ AS $$
 $$;
 
 REVOKE ALL ON FUNCTION updatepipe.consumer_ack(text, text, text, bigint, text, bigint,
-                                               double precision) FROM PUBLIC;
+                                               double precision, bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION updatepipe.consumer_claim(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION updatepipe.consumer_reset(text, text, text, bigint, text, bigint,
                                                  double precision) FROM PUBLIC;
 REVOKE ALL ON FUNCTION updatepipe.prune(text, double precision, double precision) FROM PUBLIC;
@@ -225,8 +257,9 @@ BEGIN
         EXECUTE pg_catalog.format(
             'GRANT EXECUTE ON FUNCTION updatepipe.prune(text, double precision, '
             'double precision), updatepipe.consumer_ack(text, text, text, bigint, text, '
-            'bigint, double precision), updatepipe.consumer_reset(text, text, text, bigint, '
-            'text, bigint, double precision) TO %I; GRANT SELECT ON updatepipe.consumers TO %I',
+            'bigint, double precision, bigint), updatepipe.consumer_reset(text, text, text, '
+            'bigint, text, bigint, double precision), updatepipe.consumer_claim(text, text) '
+            'TO %I; GRANT SELECT ON updatepipe.consumers TO %I',
             pg_catalog.pg_get_userbyid(r.grantee), pg_catalog.pg_get_userbyid(r.grantee));
     END LOOP;
 END

@@ -32,7 +32,8 @@ pub enum Role {
 ///   rows at its numbers are its own.
 /// - A listener: `SELECT` on the log (the tail reads, fetches of oversize envelopes), on
 ///   `updatepipe.pruned` and on `updatepipe.consumers`, and `EXECUTE` on `updatepipe.prune`,
-///   `updatepipe.consumer_ack` and `updatepipe.consumer_reset`: pruning,
+///   `updatepipe.consumer_ack`, `updatepipe.consumer_reset` and `updatepipe.consumer_claim`:
+///   pruning,
 ///   recording how far it pruned, and moving a named consumer, only through those
 ///   functions of the owner's (migrations V5 and V6). What releases before
 ///   migration V5 granted listeners (`DELETE` on the log, `INSERT` and `UPDATE` on the
@@ -62,7 +63,7 @@ pub fn grant_statements(role: &str, what: Role) -> Result<Vec<String>, Error> {
             sql.push(format!("GRANT SELECT ON updatepipe.pruned TO {r}"));
             sql.push(format!(
                 "GRANT EXECUTE ON FUNCTION {PRUNE_FUNCTION}, {CONSUMER_ACK_FUNCTION}, \
-                 {CONSUMER_RESET_FUNCTION} TO {r}"
+                 {CONSUMER_RESET_FUNCTION}, {CONSUMER_CLAIM_FUNCTION} TO {r}"
             ));
             sql.push(format!("GRANT SELECT ON updatepipe.consumers TO {r}"));
             sql.push(format!(
@@ -85,7 +86,9 @@ const PRUNE_FUNCTION: &str =
 /// The owner's functions that move a named consumer forward, or put it at a position
 /// (migration V6).
 const CONSUMER_ACK_FUNCTION: &str = "updatepipe.consumer_ack(pg_catalog.text, pg_catalog.text, \
-     pg_catalog.text, pg_catalog.int8, pg_catalog.text, pg_catalog.int8, pg_catalog.float8)";
+     pg_catalog.text, pg_catalog.int8, pg_catalog.text, pg_catalog.int8, pg_catalog.float8, \
+     pg_catalog.int8)";
+const CONSUMER_CLAIM_FUNCTION: &str = "updatepipe.consumer_claim(pg_catalog.text, pg_catalog.text)";
 const CONSUMER_RESET_FUNCTION: &str = "updatepipe.consumer_reset(pg_catalog.text, \
      pg_catalog.text, pg_catalog.text, pg_catalog.int8, pg_catalog.text, pg_catalog.int8, \
      pg_catalog.float8)";

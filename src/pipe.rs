@@ -233,7 +233,10 @@ impl PgPipe {
     /// Like [`listen`](UpdatePipe::listen), with connection events in the same ordered
     /// stream as the updates: [`Event::Connected`], [`Event::Disconnected`] and
     /// [`Event::Resync`], which says that updates may have been missed and the application
-    /// must reload its state. (With plain `listen`, events are logged and counted only.)
+    /// must reload its state; in durable mode also [`Event::Position`] after each update
+    /// read from the log (and where reading starts), to resume from or, for a named
+    /// consumer, to [`ack`](PgPipe::ack). (With plain `listen`, events are logged and
+    /// counted only.)
     pub async fn listen_events(&self, events: mpsc::Sender<Event>) -> Result<(), Error> {
         self.start_listening(Sink::Events(events)).await
     }
@@ -264,6 +267,7 @@ impl PgPipe {
     /// [`ACK_INTERVAL`](crate::ACK_INTERVAL), and says whether that worked (the background
     /// writes only log their failures).
     pub async fn flush_acks(&self) -> Result<(), Error> {
+        self.check_open()?;
         let acks = self.inner.acks.lock().expect("acks slot").clone();
         match acks {
             Some(acks) => acks.flush().await,

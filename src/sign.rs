@@ -272,6 +272,22 @@ pub(crate) fn check_time(
     Ok(())
 }
 
+/// Whether a signed envelope read from a durable log row was sent when that row was
+/// written: no earlier than `window` before the row's time (the server's clock, set by the
+/// server whatever the writer says), and no later than `window` after `now`.
+pub(crate) fn check_sent_after(
+    sent_at: Option<SystemTime>,
+    written: SystemTime,
+    now: SystemTime,
+    window: Duration,
+) -> Result<(), DecodeError> {
+    let sent_at = sent_at.ok_or(DecodeError::Replayed(ReplayKind::Stale))?;
+    if sent_at + window < written || sent_at > now + window {
+        return Err(DecodeError::Replayed(ReplayKind::Stale));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

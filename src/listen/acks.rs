@@ -3,6 +3,7 @@
 //! every [`ACK_INTERVAL`], from the pool, by a task of its own; closing the pipe writes the
 //! last one. A write that fails is tried again with the next one, and said (paced).
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,19 +33,40 @@ pub(crate) struct Acks {
     channel: String,
     name: String,
     pool: deadpool_postgres::Pool,
+    /// The epoch the listener's session claimed: a write from a session that lost the
+    /// consumer to another changes nothing (migration V6).
+    epoch: AtomicI64,
+    /// How long one write may take (the push timeout), then it is given up (and cancelled
+    /// with its connection) and tried again.
+    timeout: Duration,
     pending: Mutex<Pending>,
+    /// One write at a time (the task's, or a flush the application asked for).
+    writing: tokio::sync::Mutex<()>,
     wake: Notify,
 }
 
 impl Acks {
-    pub(crate) fn new(channel: String, name: String, pool: deadpool_postgres::Pool) -> Arc<Acks> {
+    pub(crate) fn new(
+        channel: String,
+        name: String,
+        pool: deadpool_postgres::Pool,
+        timeout: Duration,
+    ) -> Arc<Acks> {
         Arc::new(Acks {
             channel,
             name,
             pool,
+            epoch: AtomicI64::new(0),
+            timeout,
             pending: Mutex::new(Pending::default()),
+            writing: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
         })
+    }
+
+    /// The epoch a new session of the listener claimed.
+    pub(crate) fn set_epoch(&self, epoch: i64) {
+        self.epoch.store(epoch, Ordering::Release);
     }
 
     /// Notes `position` as acknowledged (a position older than one noted already changes
@@ -60,31 +82,43 @@ impl Acks {
         }
     }
 
-    /// Writes the newest acknowledged position now, if one waits.
+    /// Writes the newest acknowledged position now, if one waits. It stays noted until it
+    /// is written (a write given up on, or cut short, is made again).
     pub(crate) async fn flush(&self) -> Result<(), Error> {
-        let Some(position) = self.pending.lock().expect("acks lock").newest.take() else {
+        let _one = self.writing.lock().await;
+        let Some(position) = self.pending.lock().expect("acks lock").newest.clone() else {
             return Ok(());
         };
-        let written = async {
+        let how = log::Store::Ack {
+            epoch: self.epoch.load(Ordering::Acquire),
+        };
+        let write = async {
             let client = self.pool.get().await?;
-            log::store_consumer(&**client, &self.channel, &self.name, &position, false).await?;
-            Ok::<(), Error>(())
+            let moved =
+                log::store_consumer(&**client, &self.channel, &self.name, &position, how).await;
+            Ok::<_, Error>(moved?)
+        };
+        let moved = tokio::time::timeout(self.timeout, write)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "writing a consumer's acknowledged position",
+                after: self.timeout,
+            })??;
+        if !moved {
+            tracing::debug!(
+                target: TARGET,
+                consumer = %self.name,
+                step = position.step(),
+                "an acknowledgement changed nothing (a newer one was written, or another \
+                 session reads as the consumer now)"
+            );
         }
-        .await;
         let mut pending = self.pending.lock().expect("acks lock");
-        match written {
-            Ok(()) => {
-                pending.written = Some(position.step());
-                Ok(())
-            }
-            Err(e) => {
-                // Kept for the next write, unless a newer one came meanwhile.
-                if pending.newest.is_none() {
-                    pending.newest = Some(position);
-                }
-                Err(e)
-            }
+        if pending.newest.as_ref().map(Position::step) == Some(position.step()) {
+            pending.newest = None;
         }
+        pending.written = Some(position.step());
+        Ok(())
     }
 
     /// Starts the task that writes acknowledgements, every [`ACK_INTERVAL`] at most.

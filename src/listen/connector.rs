@@ -100,13 +100,15 @@ impl Connector {
 
     /// One attempt to open a session again, subscribed to the pipe's channel and to
     /// `mailboxes`' channels; in durable mode, with the server's history checked against
-    /// `cursor`'s.
+    /// `cursor`'s (and a named consumer's lock taken back from `previous`, the backend of
+    /// the session lost, should it still hold it).
     pub(super) async fn open(
         &self,
         mailboxes: &[String],
         cursor: Option<&Cursor>,
+        previous: Option<i32>,
     ) -> Result<(Session, Option<LogOpened>), Error> {
-        let log = cursor.map_or(LogStart::Nothing, LogStart::Again);
+        let log = cursor.map_or(LogStart::Nothing, |c| LogStart::Again(c, previous));
         let opened = Session::open(&self.config, &self.settings, log, mailboxes).await?;
         tracing::info!(
             target: TARGET,

@@ -38,6 +38,8 @@ pub(super) struct Dispatch {
     /// How long to wait before reading a cancelled page again.
     page_pause: Duration,
     counters: Arc<Counters>,
+    /// A named consumer's acknowledgements: each new session's epoch goes to them.
+    acks: Option<Arc<super::acks::Acks>>,
 }
 
 /// The pacing of the warnings senders and the server can provoke: at most one line per
@@ -98,6 +100,7 @@ impl Dispatch {
             warnings: Warnings::default(),
             page_pause: settings.page_pause(),
             counters,
+            acks: None,
         };
         dispatch.outbox.emit(Event::Connected);
         if let Some(change) = moved {
@@ -123,6 +126,9 @@ impl Dispatch {
         }
         if let Some(log) = log {
             self.reader.reads_at(log.place);
+            if let (Some(acks), Some(epoch)) = (&self.acks, log.epoch) {
+                acks.set_epoch(epoch);
+            }
             if let Start::Moved(change, present) = log.start {
                 self.reader.start_over(present);
                 self.history_moved(change);
@@ -137,6 +143,12 @@ impl Dispatch {
             self.outbox.resync(ResyncReason::Resubscribed { keys });
         }
         self.heartbeat.clock.on_reconnect(now);
+    }
+
+    /// With a named consumer: its acknowledgements, which each new session's epoch goes to.
+    pub(super) fn acknowledging(mut self, acks: Option<Arc<super::acks::Acks>>) -> Dispatch {
+        self.acks = acks;
+        self
     }
 
     /// The server's history no longer holds what the reader read: the caller is told to

@@ -94,6 +94,8 @@ pub(super) struct Advanced {
     pub(super) replaying: bool,
     /// The read they belong to.
     pub(super) read: Arc<Read>,
+    /// Whether the read is done: the reader's cursor is its target now.
+    pub(super) complete: bool,
 }
 
 /// The oversize envelopes to fetch from the log, in delivery order.
@@ -303,6 +305,7 @@ impl LogReader {
                 entries: Vec::new(),
                 replaying: false,
                 read,
+                complete: false,
             };
         };
         let complete = page.complete;
@@ -330,6 +333,7 @@ impl LogReader {
             entries,
             replaying,
             read,
+            complete,
         }
     }
 

@@ -51,8 +51,8 @@ pub enum ResyncReason {
     /// read were pruned.
     LogPruned,
     /// A committed update could not be read: its log entry is gone, undecodable (for
-    /// example written by a newer version), or with signing on, older than the retention
-    /// and replay window allow.
+    /// example written by a newer version), or with signing on, signed more than the replay
+    /// window before its row was written (a copy inserted later).
     Unreadable {
         /// The sender.
         origin: String,

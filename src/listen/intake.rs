@@ -43,6 +43,8 @@ pub(super) struct LogRow<'a> {
     pub(super) origin: &'a str,
     pub(super) seq: i64,
     pub(super) payload: &'a str,
+    /// When the row was written (the server's clock, seconds since the epoch).
+    pub(super) written_at: f64,
 }
 
 /// The time, both ways: the wall clock for the envelopes' times, the monotonic one for the
@@ -126,13 +128,15 @@ pub(super) enum RowVerdict {
 }
 
 /// Where a payload came from.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq)]
 enum Source<'a> {
     Notification,
-    /// A durable log row, with the sender and number its columns give.
+    /// A durable log row, with the sender and number its columns give, and when it was
+    /// written.
     Log {
         origin: &'a str,
         seq: i64,
+        written_at: f64,
     },
 }
 
@@ -147,7 +151,6 @@ pub(super) struct Intake {
     accept_unsigned: bool,
     limits: Limits,
     replay_window: std::time::Duration,
-    retention: std::time::Duration,
     /// With signing on: the numbers each sender has used.
     replays: ReplayGuard,
     gaps: Gaps,
@@ -167,7 +170,6 @@ impl Intake {
             accept_unsigned: settings.accept_unsigned,
             limits: settings.limits.clone(),
             replay_window: settings.replay_window,
-            retention: settings.retention,
             replays: ReplayGuard::default(),
             gaps: Gaps::default(),
             accept_maddy: settings.accept_maddy,
@@ -277,6 +279,7 @@ impl Intake {
         let source = Source::Log {
             origin: row.origin,
             seq: row.seq,
+            written_at: row.written_at,
         };
         match self.decode(row.payload, source, now) {
             Ok(envelope) => RowVerdict::Updates(envelope.into_updates()),
@@ -299,8 +302,8 @@ impl Intake {
     /// Checks a payload's signature (with signing on), decodes it within the limits, and,
     /// with signing on, checks it is no replay: a notification must be within the replay
     /// window and carry a number its sender has not used; a log entry (exactly once by the
-    /// log's cursor, and unique by sender and number in the table) must be no older than the
-    /// retention allows.
+    /// log's cursor, and unique by sender and number in the table) must have been sent when
+    /// its row was written (within the window), however long ago.
     fn decode(
         &mut self,
         payload: &str,
@@ -327,7 +330,7 @@ impl Intake {
         };
         let envelope = match source {
             Source::Notification => Envelope::decode_with(payload, &self.limits)?,
-            Source::Log { origin, seq } => {
+            Source::Log { origin, seq, .. } => {
                 let envelope = Envelope::decode_logged_with(payload, &self.limits)?;
                 // A signed envelope names its sender and number: a copy of it in another
                 // row is refused here, and in a row of the same sender and number by the
@@ -356,9 +359,15 @@ impl Intake {
                     )?;
                 }
             }
-            Source::Log { .. } => {
-                let age = self.retention.saturating_add(window);
-                sign::check_time(envelope.sent_at(), now.wall, age)?;
+            Source::Log { written_at, .. } => {
+                // Sent when its row was written (its transaction may have begun earlier, so
+                // any time after that start), however long ago that was: a row kept for a
+                // consumer is as good as a new one. A signed envelope copied into a row of
+                // its own later is refused: the server set that row's time.
+                let written = std::time::UNIX_EPOCH
+                    + std::time::Duration::try_from_secs_f64(written_at.max(0.0))
+                        .unwrap_or_default();
+                sign::check_sent_after(envelope.sent_at(), written, now.wall, window)?;
             }
         }
         Ok(envelope)

@@ -133,9 +133,18 @@ impl Listener {
         } else {
             connector.open_first().await?
         };
-        // Acknowledgements go through the pool, as heartbeats do.
+        // Acknowledgements go through the pool, as heartbeats do, with the epoch the
+        // session claimed.
         let acks = settings.consumer.clone().map(|name| {
-            let acks = Acks::new(settings.channel.clone(), name, heartbeat_pool.clone());
+            let acks = Acks::new(
+                settings.channel.clone(),
+                name,
+                heartbeat_pool.clone(),
+                config.push_options().timeout(),
+            );
+            if let Some(epoch) = log.as_ref().and_then(|log| log.epoch) {
+                acks.set_epoch(epoch);
+            }
             let writer = acks.spawn();
             (acks, writer)
         });
@@ -158,7 +167,8 @@ impl Listener {
         let task = task::ConnectionLoop {
             dispatch: dispatch::Dispatch::new(
                 &settings, origin, sink, heartbeat, log, counters, now,
-            ),
+            )
+            .acknowledging(acks.as_ref().map(|(acks, _)| acks.clone())),
             schedule: schedule::Schedule::new(settings.query_deadline(), now),
             slot: query::QuerySlot::new(
                 settings.query_deadline(),
@@ -168,6 +178,7 @@ impl Listener {
             watch,
             channel: settings.channel.clone(),
             connector,
+            last_pid: None,
         };
         let (stop, stopped) = oneshot::channel();
         let (commands, received) = mpsc::channel(COMMAND_QUEUE);
@@ -193,17 +204,9 @@ impl Listener {
     /// Stops the task and waits for it: the connection is closed and the caller's channel
     /// ends when this returns.
     pub(crate) async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Err(e) = (&mut self.task).await
-            && e.is_panic()
-        {
-            tracing::error!(target: event::TARGET, "listener task panicked: {e}");
-        }
-        // The last acknowledged position is written before the pipe says it is closed.
+        // The last acknowledged position is written first, while the session still holds
+        // the consumer (no other process can have taken it over yet).
         if let Some((acks, writer)) = self.acks.take() {
-            writer.abort();
             if let Err(e) = acks.flush().await {
                 tracing::warn!(
                     target: event::TARGET,
@@ -211,6 +214,15 @@ impl Listener {
                     "writing the consumer's last acknowledged position failed"
                 );
             }
+            writer.abort();
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Err(e) = (&mut self.task).await
+            && e.is_panic()
+        {
+            tracing::error!(target: event::TARGET, "listener task panicked: {e}");
         }
     }
 }

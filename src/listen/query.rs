@@ -34,7 +34,7 @@ pub(super) enum Start {
 /// What the listener's one query slot produced.
 pub(super) enum QueryOutcome {
     Tail(Result<Option<Page>, tokio_postgres::Error>),
-    Fetch(Result<Option<String>, tokio_postgres::Error>),
+    Fetch(Result<Option<(String, f64)>, tokio_postgres::Error>),
     Prune(Result<Pruned, tokio_postgres::Error>),
     /// No answer by the deadline, not even to a cancel: the connection is dead.
     TimedOut(Duration),

@@ -25,8 +25,9 @@ pub(super) enum LogStart<'a> {
     /// A durable listener's first session: where its first read starts.
     First(Option<&'a Since>),
     /// A durable listener's new session: the server must still hold the history of this
-    /// cursor.
-    Again(&'a Cursor),
+    /// cursor. With the backend of the listener's previous session, which may still hold
+    /// a named consumer's lock.
+    Again(&'a Cursor, Option<i32>),
 }
 
 /// Where a durable listener reads, as a session found it.
@@ -35,6 +36,8 @@ pub(super) struct LogOpened {
     /// The session's server.
     pub(super) place: Place,
     pub(super) start: Start,
+    /// A named consumer: the epoch this session claimed, which its acknowledgements carry.
+    pub(super) epoch: Option<i64>,
 }
 
 /// Where a durable listener's reading starts or goes on.
@@ -60,6 +63,8 @@ pub(super) struct Session {
     /// The server's `idle_session_timeout` for this session, when set: a statement must
     /// go out on it more often than that, or the server ends it.
     pub(super) idle_timeout: Option<Duration>,
+    /// The session's backend (`pg_backend_pid()`).
+    pub(super) pid: i32,
 }
 
 impl Session {
@@ -86,7 +91,8 @@ impl Session {
             let recovery = client
                 .query_typed_one(
                     "SELECT pg_catalog.pg_is_in_recovery(), \
-                     pg_catalog.current_setting('idle_session_timeout', true)",
+                     pg_catalog.current_setting('idle_session_timeout', true), \
+                     pg_catalog.pg_backend_pid()",
                     &[],
                 )
                 .await?;
@@ -96,6 +102,7 @@ impl Session {
             let idle_timeout = setting_ms(recovery.get(1))
                 .filter(|ms| *ms > 0)
                 .map(Duration::from_millis);
+            let pid: i32 = recovery.get(2);
             let consumer = settings.consumer.as_deref();
             let cursor = match start_log(&client, channel.as_str(), log_start, consumer).await {
                 Ok(opened) => opened,
@@ -116,9 +123,9 @@ impl Session {
                 listen.push_str(&quote_identifier(mailbox));
             }
             client.batch_execute(&listen).await?;
-            Ok((cursor, idle_timeout))
+            Ok((cursor, idle_timeout, pid))
         };
-        let (cursor, idle_timeout) =
+        let (cursor, idle_timeout, pid) =
             tokio::time::timeout(after, drive_until(&mut connection, setup, &mut backlog))
                 .await
                 .map_err(|_| Error::Timeout {
@@ -133,6 +140,7 @@ impl Session {
                 connection,
                 backlog,
                 idle_timeout,
+                pid,
             },
             cursor,
         ))
@@ -156,25 +164,47 @@ async fn start_log(
     log_start: LogStart<'_>,
     consumer: Option<&str>,
 ) -> Result<Option<LogOpened>, Error> {
-    let since = match log_start {
+    let (since, previous) = match log_start {
         LogStart::Nothing => return Ok(None),
-        LogStart::First(since) => since,
-        LogStart::Again(_) => None,
+        LogStart::First(since) => (since, None),
+        LogStart::Again(_, previous) => (None, previous),
     };
     let mut stored = None;
+    // A stored position that does not read (written by hand, or by a role that may
+    // acknowledge): the consumer starts over from the present, with a resync.
+    let mut unreadable = false;
     if let Some(name) = consumer {
-        log::lock_consumer(client, channel, name).await?;
+        log::lock_consumer(client, channel, name, previous).await?;
         if matches!(log_start, LogStart::First(None)) {
-            stored = log::stored_consumer(client, channel, name)
-                .await?
-                .map(Since::After);
+            stored = match log::stored_consumer(client, channel, name).await {
+                Ok(position) => position.map(Since::After),
+                Err(Error::InvalidPosition(why)) => {
+                    tracing::warn!(
+                        target: TARGET,
+                        consumer = name,
+                        why,
+                        "the consumer's stored position does not read: resync, and reading \
+                         from the present"
+                    );
+                    unreadable = true;
+                    None
+                }
+                Err(e) => return Err(e),
+            };
         }
     }
     let since = since.or(stored.as_ref());
-    let server = log::server_now(client).await?;
+    let server = log::server_now(client, channel).await?;
+    if let Some(Since::After(position)) = since
+        && position.newest().place.channel != log::channel_hash(channel)
+    {
+        return Err(Error::InvalidPosition(
+            "the position is another channel's: it says nothing of this channel's log",
+        ));
+    }
     let place = server.place;
     let held = match (log_start, since) {
-        (LogStart::Again(cursor), _) => Some((log::check(cursor, &server), None)),
+        (LogStart::Again(cursor, _), _) => Some((log::check(cursor, &server), None)),
         (_, Some(Since::After(position))) => Some((
             log::check(position.newest(), &server),
             Some(position.clone()),
@@ -196,23 +226,31 @@ async fn start_log(
                 log::read_cursor(client, channel, None, place).await?,
             )
         }
+        None if unreadable => Start::Moved(
+            HistoryChange::Unverified,
+            log::read_cursor(client, channel, None, place).await?,
+        ),
         None => Start::At(log::read_cursor(client, channel, since, place).await?),
     };
     if let Some(name) = consumer {
         // Where reading starts, unless that is the consumer's stored position.
-        let at = match &start {
-            Start::At(cursor) | Start::Moved(_, cursor) => Some(cursor),
-            Start::Resume(_) if stored.is_none() => None,
+        let chosen = match &start {
+            Start::At(cursor) | Start::Moved(_, cursor) => Some(Position::at(cursor.clone(), 0)),
+            // From a position the application gave, not the stored one.
+            Start::Resume(position) if stored.is_none() => Some(position.clone()),
             Start::Resume(_) | Start::Continue => None,
         };
-        let chosen = match (&start, &stored) {
-            // Resuming from a position the application gave, not the stored one.
-            (Start::Resume(position), None) => Some(position.clone()),
-            _ => at.map(|cursor| Position::at(cursor.clone(), 0)),
-        };
         if let Some(position) = chosen {
-            log::store_consumer(client, channel, name, &position, true).await?;
+            log::store_consumer(client, channel, name, &position, log::Store::Reset).await?;
         }
     }
-    Ok(Some(LogOpened { place, start }))
+    let epoch = match consumer {
+        Some(name) => Some(log::claim_consumer(client, channel, name).await?),
+        None => None,
+    };
+    Ok(Some(LogOpened {
+        place,
+        start,
+        epoch,
+    }))
 }

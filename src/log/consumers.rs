@@ -13,7 +13,7 @@ use crate::error::Error;
 /// wherever an operator may want to use it).
 pub const MAX_CONSUMER_NAME_LEN: usize = 63;
 
-/// Checks a consumer's name: 1 to 63 bytes, printable, no `/`.
+/// Checks a consumer's name: 1 to 63 bytes, no control characters.
 pub(crate) fn check_name(name: &str) -> Result<(), Error> {
     if name.is_empty() || name.len() > MAX_CONSUMER_NAME_LEN {
         return Err(Error::Config(
@@ -51,7 +51,8 @@ const LOCK_SQL: &str = "SELECT pg_catalog.pg_try_advisory_lock($1::pg_catalog.in
 /// half, and `objid`, the low half, with `objsubid` 1).
 const HOLDERS_SQL: &str = "\
     SELECT l.pid, coalesce(a.usename::pg_catalog.text, ''), \
-           coalesce(a.application_name, ''), coalesce(a.client_addr::pg_catalog.text, 'local') \
+           coalesce(a.application_name, ''), \
+           coalesce(pg_catalog.host(a.client_addr), 'a local socket, or hidden from this role') \
     FROM pg_catalog.pg_locks l \
     LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid OPERATOR(pg_catalog.=) l.pid \
     WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.granted \
@@ -62,37 +63,77 @@ const HOLDERS_SQL: &str = "\
           (SELECT d.oid FROM pg_catalog.pg_database d \
            WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())";
 
+/// How long a new session of the listener waits for the consumer's lock that its own
+/// previous session's backend still holds (ended meanwhile: see [`lock`]).
+const OWN_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Takes the lock of consumer `name` of `channel` for this session (held until the
 /// session ends); [`Error::ConsumerTaken`] naming the holders when another session has it.
-pub(crate) async fn lock(client: &Client, channel: &str, name: &str) -> Result<(), Error> {
+///
+/// `previous` is the backend of this listener's own previous session: after a connection
+/// given up on (a partition, a deadline), that backend may live on for minutes, holding
+/// the lock. When it is the only holder it is ended (`pg_terminate_backend`: a role may end
+/// its own sessions), and the lock waited for a moment.
+pub(crate) async fn lock(
+    client: &Client,
+    channel: &str,
+    name: &str,
+    previous: Option<i32>,
+) -> Result<(), Error> {
     let key = lock_key(channel, name);
-    let locked: bool = client
-        .query_typed_one(LOCK_SQL, &[(&key, Type::INT8)])
-        .await?
-        .get(0);
-    if locked {
-        return Ok(());
+    let deadline = tokio::time::Instant::now() + OWN_LOCK_WAIT;
+    loop {
+        let locked: bool = client
+            .query_typed_one(LOCK_SQL, &[(&key, Type::INT8)])
+            .await?
+            .get(0);
+        if locked {
+            return Ok(());
+        }
+        let holders = holders(client, key).await?;
+        let own = previous.is_some()
+            && !holders.is_empty()
+            && holders.iter().all(|(pid, _)| *pid == previous);
+        if !own || tokio::time::Instant::now() >= deadline {
+            return Err(Error::ConsumerTaken {
+                name: name.to_owned(),
+                holders: holders
+                    .into_iter()
+                    .map(|(_, said)| said)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        client
+            .query_typed(
+                "SELECT pg_catalog.pg_terminate_backend($1)",
+                &[(&previous, Type::INT4)],
+            )
+            .await?;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// The sessions holding the advisory lock `key`: each one's pid, and how to name it.
+async fn holders(client: &Client, key: i64) -> Result<Vec<(Option<i32>, String)>, Error> {
     let (high, low) = ((key as u64 >> 32) as i64, (key as u64 & 0xffff_ffff) as i64);
-    let holders = client
+    Ok(client
         .query_typed(HOLDERS_SQL, &[(&high, Type::INT8), (&low, Type::INT8)])
         .await?
         .iter()
         .map(|row| {
-            format!(
+            let pid = row.get::<_, Option<i32>>(0);
+            let said = format!(
                 "pid {} (role {:?}, application {:?}, from {})",
-                row.get::<_, i32>(0),
+                // None: a prepared transaction holds it.
+                pid.map_or_else(|| "none (a prepared transaction)".into(), |p| p.to_string()),
                 row.get::<_, String>(1),
                 row.get::<_, String>(2),
                 row.get::<_, String>(3)
-            )
+            );
+            (pid, said)
         })
-        .collect::<Vec<_>>()
-        .join(", ");
-    Err(Error::ConsumerTaken {
-        name: name.to_owned(),
-        holders,
-    })
+        .collect())
 }
 
 /// The consumer's stored position, if it has one.
@@ -112,38 +153,66 @@ pub(crate) async fn stored(
     row.map(|row| row.get::<_, String>(0).parse()).transpose()
 }
 
-const ACK_SQL: &str = "SELECT updatepipe.consumer_ack($1, $2, $3, $4, $5, $6, $7)";
+const ACK_SQL: &str = "SELECT updatepipe.consumer_ack($1, $2, $3, $4, $5, $6, $7, $8)";
 const RESET_SQL: &str = "SELECT updatepipe.consumer_reset($1, $2, $3, $4, $5, $6, $7)";
+const CLAIM_SQL: &str = "SELECT updatepipe.consumer_claim($1, $2)";
 
-/// Moves consumer `name` of `channel` to `position`: forward only (an acknowledgement), or
-/// wherever it is (`reset`: a start the application chose, or the present after the
-/// server's history moved).
+/// How a position is written: forward only, by a session of the consumer's current epoch
+/// (an acknowledgement), or wherever it is (a start the application chose, or the present
+/// after the server's history moved).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Store {
+    Ack { epoch: i64 },
+    Reset,
+}
+
+/// Writes consumer `name` of `channel` at `position`, as `how` says. Returns whether it
+/// moved (an acknowledgement of an older step, or from an older epoch, does not).
 pub(crate) async fn store(
     client: &(impl tokio_postgres::GenericClient + Sync),
     channel: &str,
     name: &str,
     position: &Position,
-    reset: bool,
-) -> Result<(), tokio_postgres::Error> {
+    how: Store,
+) -> Result<bool, tokio_postgres::Error> {
     let text = position.to_string();
     let step = i64::try_from(position.step()).unwrap_or(i64::MAX);
-    let holds = position.holds_xid().to_string();
-    let from = &position.read().from;
-    client
-        .query_typed(
-            if reset { RESET_SQL } else { ACK_SQL },
-            &[
-                (&channel, Type::TEXT),
-                (&name, Type::TEXT),
-                (&text, Type::TEXT),
-                (&step, Type::INT8),
-                (&holds, Type::TEXT),
-                (&from.max_id, Type::INT8),
-                (&from.read_at, Type::FLOAT8),
-            ],
-        )
-        .await?;
-    Ok(())
+    let holds = position.holds();
+    let settled = &position.read().from;
+    let mut params: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> = vec![
+        (&channel, Type::TEXT),
+        (&name, Type::TEXT),
+        (&text, Type::TEXT),
+        (&step, Type::INT8),
+        (&holds, Type::TEXT),
+        (&settled.max_id, Type::INT8),
+        (&settled.read_at, Type::FLOAT8),
+    ];
+    let (sql, epoch) = match how {
+        Store::Ack { epoch } => (ACK_SQL, epoch),
+        Store::Reset => (RESET_SQL, 0),
+    };
+    if let Store::Ack { .. } = how {
+        params.push((&epoch, Type::INT8));
+    }
+    let rows = client.query_typed(sql, &params).await?;
+    Ok(match how {
+        Store::Ack { .. } => rows.first().is_some_and(|row| row.get::<_, bool>(0)),
+        Store::Reset => true,
+    })
+}
+
+/// Starts reading as consumer `name` of `channel` (its lock held by this session): raises
+/// the consumer's epoch and returns it, for this session's acknowledgements.
+pub(crate) async fn claim(
+    client: &Client,
+    channel: &str,
+    name: &str,
+) -> Result<i64, tokio_postgres::Error> {
+    Ok(client
+        .query_typed_one(CLAIM_SQL, &[(&channel, Type::TEXT), (&name, Type::TEXT)])
+        .await?
+        .get(0))
 }
 
 /// A named consumer as `status` shows it.
@@ -215,9 +284,6 @@ mod tests {
         assert_ne!(lock_key("c", "n"), lock_key("n", "c"));
         assert_ne!(lock_key("ab", "c"), lock_key("a", "bc"));
         // FNV-1a: a fixed value, so that two builds lock the same key.
-        assert_eq!(
-            lock_key("updatepipe", "indexer"),
-            lock_key("updatepipe", "indexer")
-        );
+        assert_eq!(lock_key("updatepipe", "indexer"), 249_967_259_163_198_722);
     }
 }

@@ -24,6 +24,9 @@ pub(crate) struct Place {
     pub(crate) log: u32,
     /// The timeline of the server's write-ahead log.
     pub(crate) timeline: u32,
+    /// The channel read (a hash of its name): a position of one channel says nothing of
+    /// another's rows.
+    pub(crate) channel: u64,
 }
 
 /// What the server says of its history when a session opens.
@@ -94,10 +97,22 @@ const SERVER_NOW_SQL: &str = "\
     FROM pg_catalog.pg_control_system() s, pg_catalog.pg_database d \
     WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()";
 
-/// Reads what the server says of its history.
-pub(crate) async fn server_now(client: &Client) -> Result<ServerNow, tokio_postgres::Error> {
+/// Reads what the server says of its history, for a reader of `channel`.
+pub(crate) async fn server_now(
+    client: &Client,
+    channel: &str,
+) -> Result<ServerNow, tokio_postgres::Error> {
     let row = client.query_typed_one(SERVER_NOW_SQL, &[]).await?;
-    Ok(from_row(&row))
+    let mut now = from_row(&row);
+    now.place.channel = channel_hash(channel);
+    Ok(now)
+}
+
+/// A channel's name as a [`Place`] records it (FNV-1a: the same in every build).
+pub(crate) fn channel_hash(channel: &str) -> u64 {
+    channel.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 fn from_row(row: &Row) -> ServerNow {
@@ -108,6 +123,7 @@ fn from_row(row: &Row) -> ServerNow {
             database: row.get(1),
             log: row.get::<_, Option<u32>>(2).unwrap_or(0),
             timeline: timeline_of(&walfile),
+            channel: 0,
         },
         insert_lsn: u64::from(row.get::<_, PgLsn>(4)),
         replay_lsn: row.get::<_, Option<PgLsn>>(5).map(u64::from),
@@ -165,6 +181,7 @@ mod tests {
         database: 16384,
         log: 16400,
         timeline: 1,
+        channel: 9,
     };
 
     fn cursor(lsn: u64, xmax: u64) -> Cursor {

@@ -20,13 +20,14 @@ mod history;
 mod position;
 
 pub use consumers::{ConsumerStatus, MAX_CONSUMER_NAME_LEN};
+pub(crate) use consumers::{Store, claim as claim_consumer};
 pub(crate) use consumers::{check_name as check_consumer_name, list as list_consumers};
 pub(crate) use consumers::{
     lock as lock_consumer, store as store_consumer, stored as stored_consumer,
 };
 
 pub use history::HistoryChange;
-pub(crate) use history::{Place, check, server_now};
+pub(crate) use history::{Place, channel_hash, check, server_now};
 pub(crate) use position::Read;
 pub use position::{MAX_POSITION_LEN, Position};
 
@@ -99,18 +100,22 @@ const PAGE_SQL: &str = "\
                           WHERE m.channel OPERATOR(pg_catalog.=) $1) \
                     ELSE $7::pg_catalog.int8 END AS max_id), \
     page AS ( \
-        SELECT u.id, u.origin, u.seq, u.payload FROM ( \
-            (SELECT l.id, l.origin, l.seq, l.payload \
+        SELECT u.id, u.origin, u.seq, u.payload, u.written FROM ( \
+            (SELECT l.id, l.origin, l.seq, l.payload, l.written \
              FROM t, pg_catalog.pg_snapshot_xip($2::pg_catalog.text::pg_catalog.pg_snapshot) AS x(xid) \
              CROSS JOIN LATERAL ( \
-                 SELECT l.id, l.origin, l.seq, l.payload FROM updatepipe.log l \
+                 SELECT l.id, l.origin, l.seq, l.payload, \
+                        pg_catalog.date_part('epoch', l.created_at) AS written \
+                 FROM updatepipe.log l \
                  WHERE l.channel OPERATOR(pg_catalog.=) $1 \
                    AND l.xid OPERATOR(pg_catalog.=) x.xid \
                    AND l.id OPERATOR(pg_catalog.<=) $3 AND l.id OPERATOR(pg_catalog.>) $8 \
                    AND pg_catalog.pg_visible_in_snapshot(l.xid, t.snap) \
                  ORDER BY l.id LIMIT $9) l) \
             UNION ALL \
-            (SELECT l.id, l.origin, l.seq, l.payload FROM updatepipe.log l, t \
+            (SELECT l.id, l.origin, l.seq, l.payload, \
+                    pg_catalog.date_part('epoch', l.created_at) AS written \
+             FROM updatepipe.log l, t \
              WHERE l.channel OPERATOR(pg_catalog.=) $1 \
                AND l.id OPERATOR(pg_catalog.>) greatest($3, $8) \
                AND pg_catalog.pg_visible_in_snapshot(l.xid, t.snap) \
@@ -129,7 +134,7 @@ const PAGE_SQL: &str = "\
                       pg_catalog.pg_snapshot_xmin($2::pg_catalog.text::pg_catalog.pg_snapshot) \
             FROM updatepipe.pruned p WHERE p.channel OPERATOR(pg_catalog.=) $1), \
            t.max_id, s.total, s.id, s.origin, s.seq, s.payload, \
-           pg_catalog.pg_current_wal_insert_lsn() \
+           pg_catalog.pg_current_wal_insert_lsn(), s.written \
     FROM t LEFT JOIN sized s \
          ON s.n OPERATOR(pg_catalog.=) 1 OR s.running OPERATOR(pg_catalog.<=) $10 \
     ORDER BY s.id";
@@ -157,9 +162,10 @@ const CURSOR_SINCE_SQL: &str = "\
                     0), \
            pg_catalog.pg_current_wal_insert_lsn()";
 
-/// One envelope by sender and number: an oversize envelope a notification points at.
+/// One envelope by sender and number: an oversize envelope a notification points at, and
+/// when its row was written.
 const FETCH_SQL: &str = "\
-    SELECT l.payload FROM updatepipe.log l \
+    SELECT l.payload, pg_catalog.date_part('epoch', l.created_at) FROM updatepipe.log l \
     WHERE l.channel OPERATOR(pg_catalog.=) $1 AND l.origin OPERATOR(pg_catalog.=) $2 \
       AND l.seq OPERATOR(pg_catalog.=) $3";
 
@@ -196,11 +202,6 @@ impl Cursor {
             lsn: u64::from(row.get::<_, PgLsn>(3)),
             place,
         }
-    }
-
-    /// The snapshot's `xmin`: every transaction below it had ended when it was taken.
-    pub(crate) fn xmin(&self) -> u64 {
-        snapshot_bound(&self.snapshot, 0)
     }
 
     /// The snapshot's `xmax`: no transaction at or above it had started.
@@ -264,13 +265,16 @@ pub(crate) struct Page {
     pub(crate) entries: Vec<Entry>,
 }
 
-/// One log entry: its id, its sender and number as the row says, and the envelope.
+/// One log entry: its id, its sender and number as the row says, the envelope, and when
+/// the row was written (the server's clock, seconds since the epoch: a signed envelope
+/// must have been sent then, not copied in later).
 #[derive(Debug)]
 pub(crate) struct Entry {
     pub(crate) id: i64,
     pub(crate) origin: String,
     pub(crate) seq: i64,
     pub(crate) payload: String,
+    pub(crate) written_at: f64,
 }
 
 impl Page {
@@ -302,6 +306,7 @@ impl Page {
                     origin: row.get(6),
                     seq: row.get(7),
                     payload: row.get(8),
+                    written_at: row.get(10),
                 })
             })
             .collect();
@@ -424,13 +429,14 @@ pub(crate) async fn read_page(
 }
 
 /// The envelope `seq` of `origin` on `channel` (an oversize envelope a notification points
-/// at), or `None` when the log has no such row (pruned, or never committed).
+/// at) and when its row was written, or `None` when the log has no such row (pruned, or
+/// never committed).
 pub(crate) async fn fetch(
     client: &Client,
     channel: &str,
     origin: &Origin,
     seq: u64,
-) -> Result<Option<String>, tokio_postgres::Error> {
+) -> Result<Option<(String, f64)>, tokio_postgres::Error> {
     let row = client
         .query_typed_opt(
             FETCH_SQL,
@@ -442,7 +448,7 @@ pub(crate) async fn fetch(
             ],
         )
         .await?;
-    Ok(row.map(|r| r.get(0)))
+    Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
 /// What one pruning did.
@@ -516,6 +522,7 @@ impl Page {
                     origin: "o".into(),
                     seq: id,
                     payload: "{}".into(),
+                    written_at: 0.0,
                 })
                 .collect(),
         }

@@ -9,9 +9,10 @@ use super::{Cursor, Place};
 use crate::error::Error;
 
 /// The longest text form a position may have. Its size is set by the snapshots it holds,
-/// whose lists of transactions in progress are short; a bound keeps untrusted text from
-/// costing more than that.
-pub const MAX_POSITION_LEN: usize = 64 * 1024;
+/// whose lists of transactions in progress are at most the server's connections (each
+/// id about ten bytes, two snapshots: 1 MiB is 50,000 connections); a bound keeps
+/// untrusted text from costing more than that.
+pub const MAX_POSITION_LEN: usize = 1024 * 1024;
 
 /// The prefix of the text form, and its version.
 const PREFIX: &str = "up1/";
@@ -116,16 +117,16 @@ impl Position {
         self.read.target.as_ref().unwrap_or(&self.read.from)
     }
 
-    /// The oldest transaction whose rows may still be undelivered: what pruning must keep
-    /// for a consumer at this position.
-    pub(crate) fn holds_xid(&self) -> u64 {
-        self.read.from.xmin()
+    /// What a consumer at this position has had: the rows visible in this snapshot, up to
+    /// the settled cursor's highest id (pruning keeps the others).
+    pub(crate) fn holds(&self) -> &str {
+        &self.read.from.snapshot
     }
 }
 
 impl fmt::Display for Position {
     /// `up1/<step>/<entry>/<partial>/<cursor>[/<target cursor>]`, each cursor
-    /// `<system>_<database>_<log>_<timeline>_<lsn>_<time>_<highest id>_<snapshot>`.
+    /// `<system>_<database>_<log>_<timeline>_<channel>_<lsn>_<time>_<highest id>_<snapshot>`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -149,11 +150,12 @@ impl fmt::Display for CursorText<'_> {
         let c = self.0;
         write!(
             f,
-            "{:x}_{}_{}_{}_{:x}_{}_{}_{}",
+            "{:x}_{}_{}_{}_{:x}_{:x}_{}_{}_{}",
             c.place.system,
             c.place.database,
             c.place.log,
             c.place.timeline,
+            c.place.channel,
             c.lsn,
             c.read_at,
             c.max_id,
@@ -222,6 +224,7 @@ fn cursor(text: &str) -> Result<Cursor, Error> {
         database,
         log,
         timeline,
+        channel,
         lsn,
         read_at,
         max_id,
@@ -247,6 +250,7 @@ fn cursor(text: &str) -> Result<Cursor, Error> {
             database: number(database)?,
             log: number(log)?,
             timeline: number(timeline)?,
+            channel: hex(channel)?,
         },
     })
 }
@@ -302,6 +306,7 @@ mod tests {
                 database: 16384,
                 log: 16400,
                 timeline: 1,
+                channel: 0xfeed,
             },
         }
     }
@@ -380,7 +385,11 @@ mod tests {
     fn the_newest_cursor_and_what_it_holds() {
         let p = sample();
         assert_eq!(p.newest().max_id, 90, "the target of the read under way");
-        assert_eq!(p.holds_xid(), 1000, "the settled cursor's xmin");
+        assert_eq!(
+            p.holds(),
+            "1000:1005:1001,1003",
+            "the settled cursor's snapshot"
+        );
         let settled = Position::at(cursor_at(3, "7:9:8"), 0);
         assert_eq!(settled.newest().max_id, 3);
     }

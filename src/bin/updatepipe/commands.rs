@@ -120,6 +120,8 @@ pub(crate) async fn listen(config: Config, filter: &Filter, output: Output) -> a
     let consumer = pipe.config().listen_options().consumer().is_some();
     // An event read ahead while looking for an update's position.
     let mut ahead: Option<Event> = None;
+    // Why the connection was last lost: said again if the listener gives up.
+    let mut last_loss: Option<String> = None;
     let outcome = loop {
         let next = async {
             match ahead.take() {
@@ -176,13 +178,17 @@ pub(crate) async fn listen(config: Config, filter: &Filter, output: Output) -> a
                 ),
                 Some(Event::Disconnected { reason }) => {
                     eprintln!("updatepipe: disconnected ({reason}); reconnecting");
+                    last_loss = Some(reason);
                 }
                 Some(Event::Resync(reason)) => {
                     eprintln!("updatepipe: resync: updates may have been missed ({reason:?})");
                 }
                 Some(other) => eprintln!("updatepipe: {other:?}"),
                 None => break Err(anyhow::anyhow!(
-                    "the listener stopped: it could not reconnect to PostgreSQL (see the log above)"
+                    "the listener stopped: {}",
+                    last_loss.take().unwrap_or_else(|| {
+                        "it could not reconnect to PostgreSQL (see the log above)".into()
+                    })
                 )),
             },
             () = shutdown_signal() => break Ok(()),

@@ -178,14 +178,18 @@ impl Dispatch {
         self.counters.log_page(rows, bytes);
         let advanced = self.reader.advance(page);
         // Positions go to a caller that hears events: one after each update, and one after
-        // entries that delivered nothing (its own, or refused) at the end of the page.
+        // entries that delivered nothing (its own, or refused) at the end of the page. The
+        // last of a read that is done is the reader's new cursor itself (a position that
+        // holds back nothing it delivered).
         let positions = self.outbox.tells_events();
         let mut owed = None;
-        for entry in &advanced.entries {
+        let last = advanced.entries.len().checked_sub(1);
+        for (at, entry) in advanced.entries.iter().enumerate() {
             let row = LogRow {
                 origin: &entry.origin,
                 seq: entry.seq,
                 payload: &entry.payload,
+                written_at: entry.written_at,
             };
             match self.intake.classify_row(row, Moment::now()) {
                 RowVerdict::Own => owed = Some(entry.id),
@@ -199,9 +203,15 @@ impl Dispatch {
                     owed = (n <= skip).then_some(entry.id);
                     for (i, update) in updates.into_iter().enumerate().skip(skip) {
                         self.outbox.push_logged(update);
-                        if positions {
-                            let partial = if i + 1 == n { 0 } else { i as u32 + 1 };
-                            self.emit_position(&advanced.read, entry.id, partial);
+                        if !positions {
+                            continue;
+                        }
+                        if i + 1 < n {
+                            self.emit_position(&advanced.read, entry.id, i as u32 + 1);
+                        } else if advanced.complete && Some(at) == last {
+                            self.emit_settled_position();
+                        } else {
+                            self.emit_position(&advanced.read, entry.id, 0);
                         }
                     }
                 }
@@ -213,7 +223,18 @@ impl Dispatch {
         }
         self.reader.skipped();
         if positions && let Some(id) = owed {
-            self.emit_position(&advanced.read, id, 0);
+            if advanced.complete {
+                self.emit_settled_position();
+            } else {
+                self.emit_position(&advanced.read, id, 0);
+            }
+        }
+    }
+
+    fn emit_settled_position(&mut self) {
+        if let Some(position) = self.reader.settled_position() {
+            self.outbox
+                .emit(super::super::event::Event::Position(position));
         }
     }
 
@@ -225,8 +246,8 @@ impl Dispatch {
     }
 
     /// Fills the oldest fetching slot with an oversize envelope read from the log.
-    fn apply_fetch(&mut self, origin: &Origin, seq: u64, payload: Option<String>) {
-        let Some(payload) = payload else {
+    fn apply_fetch(&mut self, origin: &Origin, seq: u64, fetched: Option<(String, f64)>) {
+        let Some((payload, written_at)) = fetched else {
             // Pruned, or never committed: the update is gone.
             tracing::debug!(
                 target: TARGET,
@@ -244,6 +265,7 @@ impl Dispatch {
             origin: origin.as_str(),
             seq: i64::try_from(seq).unwrap_or(i64::MAX),
             payload: &payload,
+            written_at,
         };
         match self.intake.classify_row(row, Moment::now()) {
             RowVerdict::Updates(updates) => self.outbox.fill_fetch(updates),

@@ -39,6 +39,7 @@ impl Dispatch {
         let log = settings.durable.then(|| LogOpened {
             place: Place::default(),
             start: Start::At(Cursor::default()),
+            epoch: None,
         });
         let counters = Arc::new(Counters::default());
         let mut dispatch = Dispatch::new(

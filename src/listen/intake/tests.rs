@@ -304,10 +304,19 @@ fn with_signing_unsigned_may_be_accepted() {
 }
 
 fn row<'a>(origin: &'a str, seq: i64, payload: &'a str) -> LogRow<'a> {
+    written_row(origin, seq, payload, SystemTime::now())
+}
+
+/// A log row written at `at` (the server sets it).
+fn written_row<'a>(origin: &'a str, seq: i64, payload: &'a str, at: SystemTime) -> LogRow<'a> {
     LogRow {
         origin,
         seq,
         payload,
+        written_at: at
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64(),
     }
 }
 
@@ -383,16 +392,22 @@ fn signed_log_rows_forged_unsigned_or_too_large_owe_no_resync() {
             }
         );
     }
-    // Older than the retention and the window allow: a committed update lost.
-    let late = Moment {
-        wall: SystemTime::now()
-            + config.listen_options().retention()
-            + config.listen_options().replay_window()
-            + Duration::from_secs(1),
+    // Read long after it was written (a row kept for a named consumer, past the
+    // retention): as good as new.
+    let long_after = Moment {
+        wall: SystemTime::now() + 30 * config.listen_options().retention(),
         mono: Instant::now(),
     };
+    assert!(matches!(
+        intake.classify_row(row("other", 5, &payload), long_after),
+        RowVerdict::Updates(_)
+    ));
+    // Copied into a row written later than the window allows: refused, a committed update
+    // lost (its first row was pruned, or this one is a copy).
+    let copied =
+        SystemTime::now() + config.listen_options().replay_window() + Duration::from_secs(1);
     assert_eq!(
-        intake.classify_row(row("other", 5, &payload), late),
+        intake.classify_row(written_row("other", 5, &payload, copied), Moment::now()),
         RowVerdict::Refused {
             error: DecodeError::Replayed(ReplayKind::Stale),
             resync: true
