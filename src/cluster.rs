@@ -145,6 +145,10 @@ impl TempClusterBuilder {
                         "-X".as_ref(),
                         "stream".as_ref(),
                         "--no-sync".as_ref(),
+                        // Not the default spread checkpoint, paced over minutes (about
+                        // ten seconds on an idle new cluster): a throwaway standby wants
+                        // its copy now.
+                        "--checkpoint=fast".as_ref(),
                     ],
                 )?
             }
