@@ -16,7 +16,8 @@ CREATE TABLE updatepipe.consumers (
     -- What the consumer has had: the rows visible in this snapshot (its settled cursor's)
     -- with an id up to max_id. Pruning keeps the others (see prune below).
     holds       pg_snapshot NOT NULL,
-    -- The highest log id its cursor had seen, and when that cursor was read (its lag).
+    -- The highest log id it is past (entries above it it has not had), and when its
+    -- settled cursor was read (its lag).
     max_id      bigint      NOT NULL,
     read_at     timestamptz NOT NULL,
     acked_at    timestamptz NOT NULL,

@@ -178,6 +178,7 @@ pub(crate) async fn store(
     let text = position.to_string();
     let step = i64::try_from(position.step()).unwrap_or(i64::MAX);
     let holds = position.holds();
+    let past = position.past_id();
     let settled = &position.read().from;
     let mut params: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> = vec![
         (&channel, Type::TEXT),
@@ -185,7 +186,7 @@ pub(crate) async fn store(
         (&text, Type::TEXT),
         (&step, Type::INT8),
         (&holds, Type::TEXT),
-        (&settled.max_id, Type::INT8),
+        (&past, Type::INT8),
         (&settled.read_at, Type::FLOAT8),
     ];
     let (sql, epoch) = match how {

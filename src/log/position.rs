@@ -122,6 +122,19 @@ impl Position {
     pub(crate) fn holds(&self) -> &str {
         &self.read.from.snapshot
     }
+
+    /// The highest log id this position is past: the entry of the read under way (the one
+    /// before it while only some of the entry's updates were delivered), else the settled
+    /// cursor's highest. Entries above it were not delivered, so a consumer at this
+    /// position is at least as far behind as the entries written above it (`status`).
+    pub(crate) fn past_id(&self) -> i64 {
+        let in_read = if self.partial > 0 {
+            self.after_id - 1
+        } else {
+            self.after_id
+        };
+        self.read.from.max_id.max(in_read)
+    }
 }
 
 impl fmt::Display for Position {
@@ -392,5 +405,18 @@ mod tests {
         );
         let settled = Position::at(cursor_at(3, "7:9:8"), 0);
         assert_eq!(settled.newest().max_id, 3);
+    }
+
+    #[test]
+    fn a_position_is_past_its_entry_not_its_reads_start() {
+        // After all of entry 57: past it, though the read began at 40.
+        let whole = Position {
+            partial: 0,
+            ..sample()
+        };
+        assert_eq!(whole.past_id(), 57);
+        // After 2 of entry 57's updates: only past 56.
+        assert_eq!(sample().past_id(), 56);
+        assert_eq!(Position::at(cursor_at(3, "7:9:8"), 0).past_id(), 3);
     }
 }
