@@ -9,7 +9,7 @@ pub(super) use super::session::{LogOpened, LogStart, Session, Start};
 use super::settings::Settings;
 use crate::config::Config;
 use crate::error::Error;
-use crate::log::Cursor;
+use crate::log::{Cursor, LockHolder};
 
 /// Opens the listener's sessions, and counts the attempts.
 #[derive(Debug)]
@@ -18,6 +18,9 @@ pub(super) struct Connector {
     config: Config,
     settings: Settings,
     attempt: u32,
+    /// A named consumer's: the last session that took the consumer's lock. A session
+    /// opened after it was given up on ends it, should the server still have it.
+    holder: Option<LockHolder>,
 }
 
 impl Connector {
@@ -26,18 +29,28 @@ impl Connector {
             config,
             settings,
             attempt: 0,
+            holder: None,
         }
     }
 
     /// The first session, with where reading starts in durable mode; its errors are the
     /// caller's.
-    pub(super) async fn open_first(&self) -> Result<(Session, Option<LogOpened>), Error> {
+    pub(super) async fn open_first(&mut self) -> Result<(Session, Option<LogOpened>), Error> {
         let log = if self.settings.durable {
             LogStart::First(self.settings.since.as_ref())
         } else {
             LogStart::Nothing
         };
-        Session::open(&self.config, &self.settings, log, &[]).await
+        let opened = Session::open(&self.config, &self.settings, log, &[], None).await?;
+        Ok(self.opened(opened))
+    }
+
+    /// A session was opened: a consumer's lock is this one's now.
+    fn opened(&mut self, opened: (Session, Option<LogOpened>)) -> (Session, Option<LogOpened>) {
+        if let Some(holder) = opened.1.as_ref().and_then(|log| log.holder) {
+            self.holder = Some(holder);
+        }
+        opened
     }
 
     /// The first session, as [`open_first`](Connector::open_first), retried with the
@@ -46,7 +59,7 @@ impl Connector {
     /// at once, and so is the last error after the configured number of attempts. Gives
     /// up when `closed` says the pipe was closed meanwhile.
     pub(super) async fn open_first_waiting(
-        &self,
+        &mut self,
         closed: &AtomicBool,
     ) -> Result<(Session, Option<LogOpened>), Error> {
         let mut attempt = 0u32;
@@ -100,16 +113,15 @@ impl Connector {
 
     /// One attempt to open a session again, subscribed to the pipe's channel and to
     /// `mailboxes`' channels; in durable mode, with the server's history checked against
-    /// `cursor`'s (and a named consumer's lock taken back from `previous`, the backend of
-    /// the session lost, should it still hold it).
+    /// `cursor`'s, and a named consumer's lock taken back from the session before.
     pub(super) async fn open(
-        &self,
+        &mut self,
         mailboxes: &[String],
         cursor: Option<&Cursor>,
-        previous: Option<i32>,
     ) -> Result<(Session, Option<LogOpened>), Error> {
-        let log = cursor.map_or(LogStart::Nothing, |c| LogStart::Again(c, previous));
-        let opened = Session::open(&self.config, &self.settings, log, mailboxes).await?;
+        let log = cursor.map_or(LogStart::Nothing, LogStart::Again);
+        let opened = Session::open(&self.config, &self.settings, log, mailboxes, self.holder);
+        let opened = self.opened(opened.await?);
         tracing::info!(
             target: TARGET,
             attempts = self.attempt + 1,

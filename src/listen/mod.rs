@@ -127,7 +127,7 @@ impl Listener {
             );
         }
         let canceller = Canceller::new(config.server())?;
-        let connector = connector::Connector::new(config.clone(), settings.clone());
+        let mut connector = connector::Connector::new(config.clone(), settings.clone());
         let (session, log) = if config.listen_options().wait_for_server() {
             connector.open_first_waiting(closed).await?
         } else {
@@ -178,7 +178,6 @@ impl Listener {
             watch,
             channel: settings.channel.clone(),
             connector,
-            last_pid: None,
         };
         let (stop, stopped) = oneshot::channel();
         let (commands, received) = mpsc::channel(COMMAND_QUEUE);

@@ -13,7 +13,7 @@ use crate::channel::quote_identifier;
 use crate::config::Config;
 use crate::config::Since;
 use crate::error::Error;
-use crate::log::{self, Cursor, HistoryChange, Place, Position};
+use crate::log::{self, Cursor, HistoryChange, LockHolder, Place, Position};
 use crate::pg::{CancelOnDrop, Canceller};
 use crate::pg::{RawConnection, close_politely, connect_listener, drive_until, setting_ms};
 
@@ -25,9 +25,8 @@ pub(super) enum LogStart<'a> {
     /// A durable listener's first session: where its first read starts.
     First(Option<&'a Since>),
     /// A durable listener's new session: the server must still hold the history of this
-    /// cursor. With the backend of the listener's previous session, which may still hold
-    /// a named consumer's lock.
-    Again(&'a Cursor, Option<i32>),
+    /// cursor.
+    Again(&'a Cursor),
 }
 
 /// Where a durable listener reads, as a session found it.
@@ -38,6 +37,8 @@ pub(super) struct LogOpened {
     pub(super) start: Start,
     /// A named consumer: the epoch this session claimed, which its acknowledgements carry.
     pub(super) epoch: Option<i64>,
+    /// A named consumer's: this session, which holds the consumer's lock.
+    pub(super) holder: Option<LockHolder>,
 }
 
 /// Where a durable listener's reading starts or goes on.
@@ -63,8 +64,6 @@ pub(super) struct Session {
     /// The server's `idle_session_timeout` for this session, when set: a statement must
     /// go out on it more often than that, or the server ends it.
     pub(super) idle_timeout: Option<Duration>,
-    /// The session's backend (`pg_backend_pid()`).
-    pub(super) pid: i32,
 }
 
 impl Session {
@@ -75,6 +74,7 @@ impl Session {
         settings: &Settings,
         log_start: LogStart<'_>,
         mailboxes: &[String],
+        former: Option<LockHolder>,
     ) -> Result<(Session, Option<LogOpened>), Error> {
         let (client, mut connection) = connect_listener(config.server()).await?;
         let mut backlog = VecDeque::new();
@@ -91,8 +91,7 @@ impl Session {
             let recovery = client
                 .query_typed_one(
                     "SELECT pg_catalog.pg_is_in_recovery(), \
-                     pg_catalog.current_setting('idle_session_timeout', true), \
-                     pg_catalog.pg_backend_pid()",
+                     pg_catalog.current_setting('idle_session_timeout', true)",
                     &[],
                 )
                 .await?;
@@ -102,9 +101,9 @@ impl Session {
             let idle_timeout = setting_ms(recovery.get(1))
                 .filter(|ms| *ms > 0)
                 .map(Duration::from_millis);
-            let pid: i32 = recovery.get(2);
             let consumer = settings.consumer.as_deref();
-            let cursor = match start_log(&client, channel.as_str(), log_start, consumer).await {
+            let started = start_log(&client, channel.as_str(), log_start, consumer, former);
+            let cursor = match started.await {
                 Ok(opened) => opened,
                 // A role granted as a pusher only, say.
                 Err(Error::Postgres(e)) if crate::pg::is_insufficient_privilege(&e) => {
@@ -123,9 +122,9 @@ impl Session {
                 listen.push_str(&quote_identifier(mailbox));
             }
             client.batch_execute(&listen).await?;
-            Ok((cursor, idle_timeout, pid))
+            Ok((cursor, idle_timeout))
         };
-        let (cursor, idle_timeout, pid) =
+        let (cursor, idle_timeout) =
             tokio::time::timeout(after, drive_until(&mut connection, setup, &mut backlog))
                 .await
                 .map_err(|_| Error::Timeout {
@@ -140,7 +139,6 @@ impl Session {
                 connection,
                 backlog,
                 idle_timeout,
-                pid,
             },
             cursor,
         ))
@@ -163,18 +161,20 @@ async fn start_log(
     channel: &str,
     log_start: LogStart<'_>,
     consumer: Option<&str>,
+    former: Option<LockHolder>,
 ) -> Result<Option<LogOpened>, Error> {
-    let (since, previous) = match log_start {
+    let since = match log_start {
         LogStart::Nothing => return Ok(None),
-        LogStart::First(since) => (since, None),
-        LogStart::Again(_, previous) => (None, previous),
+        LogStart::First(since) => since,
+        LogStart::Again(_) => None,
     };
+    let mut holder = None;
     let mut stored = None;
     // A stored position that does not read (written by hand, or by a role that may
     // acknowledge): the consumer starts over from the present, with a resync.
     let mut unreadable = false;
     if let Some(name) = consumer {
-        log::lock_consumer(client, channel, name, previous).await?;
+        holder = Some(log::lock_consumer(client, channel, name, former).await?);
         if matches!(log_start, LogStart::First(None)) {
             stored = match log::stored_consumer(client, channel, name).await {
                 Ok(position) => position.map(Since::After),
@@ -204,7 +204,7 @@ async fn start_log(
     }
     let place = server.place;
     let held = match (log_start, since) {
-        (LogStart::Again(cursor, _), _) => Some((log::check(cursor, &server), None)),
+        (LogStart::Again(cursor), _) => Some((log::check(cursor, &server), None)),
         (_, Some(Since::After(position))) => Some((
             log::check(position.newest(), &server),
             Some(position.clone()),
@@ -252,5 +252,6 @@ async fn start_log(
         place,
         start,
         epoch,
+        holder,
     }))
 }

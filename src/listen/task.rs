@@ -37,8 +37,6 @@ pub(super) struct ConnectionLoop {
     pub(super) watch: QueueWatch,
     /// The channel, as the log's statements name it.
     pub(super) channel: String,
-    /// The backend of the last session served.
-    pub(super) last_pid: Option<i32>,
 }
 
 impl ConnectionLoop {
@@ -58,7 +56,6 @@ impl ConnectionLoop {
                 },
             };
             let connected_at = Instant::now();
-            self.last_pid = Some(current.pid);
             let (end, current) = self.serve(current, &mut stopped, &mut commands).await;
             match end {
                 End::Stopped => {
@@ -111,7 +108,7 @@ impl ConnectionLoop {
             let opened = tokio::select! {
                 biased;
                 _ = &mut *stopped => return None,
-                opened = self.connector.open(&mailboxes, cursor.as_ref(), self.last_pid) => opened,
+                opened = self.connector.open(&mailboxes, cursor.as_ref()) => opened,
             };
             let e = match opened {
                 Ok((session, log)) => {

@@ -63,55 +63,97 @@ const HOLDERS_SQL: &str = "\
           (SELECT d.oid FROM pg_catalog.pg_database d \
            WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())";
 
-/// How long a new session of the listener waits for the consumer's lock that its own
-/// previous session's backend still holds (ended meanwhile: see [`lock`]).
-const OWN_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// A session that holds a consumer's lock, as the server knows it: its backend's process
+/// id and start time (a process id alone may have been handed to another backend since).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct LockHolder {
+    pid: i32,
+    started: f64,
+}
+
+/// This session's backend.
+const HOLDER_SQL: &str = "\
+    SELECT a.pid, pg_catalog.date_part('epoch', a.backend_start) \
+    FROM pg_catalog.pg_stat_activity a \
+    WHERE a.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()";
+
+/// Ends the backend `$1` started at `$2`, if it is still there; whether it was told to.
+const END_SQL: &str = "\
+    SELECT coalesce(pg_catalog.bool_or(pg_catalog.pg_terminate_backend(a.pid)), false) \
+    FROM pg_catalog.pg_stat_activity a \
+    WHERE a.pid OPERATOR(pg_catalog.=) $1 \
+      AND pg_catalog.date_part('epoch', a.backend_start) OPERATOR(pg_catalog.=) $2";
+
+/// How often, and how long at most, a session that ended its listener's former one asks
+/// again for the lock that one held: an ended backend lets its locks go within
+/// milliseconds (the session's own deadline bounds the wait too).
+const RECLAIM_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+const RECLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Takes the lock of consumer `name` of `channel` for this session (held until the
-/// session ends); [`Error::ConsumerTaken`] naming the holders when another session has it.
+/// session ends), and says which session this is; [`Error::ConsumerTaken`] naming the
+/// holders when another session has it.
 ///
-/// `previous` is the backend of this listener's own previous session: after a connection
-/// given up on (a partition, a deadline), that backend may live on for minutes, holding
-/// the lock. When it is the only holder it is ended (`pg_terminate_backend`: a role may end
-/// its own sessions), and the lock waited for a moment.
+/// `former` is this listener's session before this one, given up on (its connection
+/// dead on the listener's side). Its backend may live on, holding the lock, when the
+/// connection died on the way (a NAT that forgot the flow, a pulled cable) and no close
+/// reached the server: then it is ended, as a statement given up on is cancelled, and the
+/// lock taken once it has let go. Only that very backend (the same process id and start
+/// time): another session's holds.
 pub(crate) async fn lock(
     client: &Client,
     channel: &str,
     name: &str,
-    previous: Option<i32>,
-) -> Result<(), Error> {
+    former: Option<LockHolder>,
+) -> Result<LockHolder, Error> {
     let key = lock_key(channel, name);
-    let deadline = tokio::time::Instant::now() + OWN_LOCK_WAIT;
-    loop {
+    let try_lock = || async {
         let locked: bool = client
             .query_typed_one(LOCK_SQL, &[(&key, Type::INT8)])
             .await?
             .get(0);
-        if locked {
-            return Ok(());
-        }
-        let holders = holders(client, key).await?;
-        let own = previous.is_some()
-            && !holders.is_empty()
-            && holders.iter().all(|(pid, _)| *pid == previous);
-        if !own || tokio::time::Instant::now() >= deadline {
-            return Err(Error::ConsumerTaken {
-                name: name.to_owned(),
-                holders: holders
-                    .into_iter()
-                    .map(|(_, said)| said)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        }
-        client
-            .query_typed(
-                "SELECT pg_catalog.pg_terminate_backend($1)",
-                &[(&previous, Type::INT4)],
+        Ok::<bool, Error>(locked)
+    };
+    let mut locked = try_lock().await?;
+    if !locked && let Some(former) = former {
+        let ended: bool = client
+            .query_typed_one(
+                END_SQL,
+                &[(&former.pid, Type::INT4), (&former.started, Type::FLOAT8)],
             )
-            .await?;
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            .await?
+            .get(0);
+        if ended {
+            tracing::info!(
+                target: "updatepipe::listen",
+                consumer = name,
+                pid = former.pid,
+                "ended this listener's former session, which still held the consumer \
+                 (its connection was lost on the way, not closed)"
+            );
+            let until = tokio::time::Instant::now() + RECLAIM_WAIT;
+            while !locked && tokio::time::Instant::now() < until {
+                tokio::time::sleep(RECLAIM_POLL).await;
+                locked = try_lock().await?;
+            }
+        }
     }
+    if locked {
+        let row = client.query_typed_one(HOLDER_SQL, &[]).await?;
+        return Ok(LockHolder {
+            pid: row.get(0),
+            started: row.get(1),
+        });
+    }
+    Err(Error::ConsumerTaken {
+        name: name.to_owned(),
+        holders: holders(client, key)
+            .await?
+            .into_iter()
+            .map(|(_, said)| said)
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
 }
 
 /// The sessions holding the advisory lock `key`: each one's pid, and how to name it.

@@ -20,7 +20,7 @@ mod history;
 mod position;
 
 pub use consumers::{ConsumerStatus, MAX_CONSUMER_NAME_LEN};
-pub(crate) use consumers::{Store, claim as claim_consumer};
+pub(crate) use consumers::{LockHolder, Store, claim as claim_consumer};
 pub(crate) use consumers::{check_name as check_consumer_name, list as list_consumers};
 pub(crate) use consumers::{
     lock as lock_consumer, store as store_consumer, stored as stored_consumer,

@@ -40,6 +40,7 @@ impl Dispatch {
             place: Place::default(),
             start: Start::At(Cursor::default()),
             epoch: None,
+            holder: None,
         });
         let counters = Arc::new(Counters::default());
         let mut dispatch = Dispatch::new(
