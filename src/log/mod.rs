@@ -74,22 +74,32 @@ pub(crate) static LOG_AND_NOTIFY_MAPPED: std::sync::LazyLock<String> =
 /// time `$6` and highest id `$7`), past the last id it delivered (`$8`), at most `$9` rows
 /// and `$10` bytes of payload (the first row whatever its size).
 ///
-/// What is new since the cursor: rows of the transactions in progress at its snapshot (its
-/// `xip` list: a handful, each looked up by the `(channel, xid)` index, at most a page each,
-/// however far back an unrelated long transaction holds the snapshot's `xmin`), and rows
-/// with a higher id than any seen then (an id-ordered scan; after a crash the server may
-/// hand out a transaction id again, never an id). A row with an id up to the cursor's
-/// highest belongs to a transaction that had its id by then (writers take the transaction
-/// id before the row id: see `LOG_AND_NOTIFY`), so visible then or in the `xip` list. Of
-/// those, only rows committed by the target snapshot, so that when the last page is read,
-/// the target is a position at which everything visible was delivered. In id order, which
-/// is commit order for each sender's successive transactions.
+/// What is new since the cursor: rows of the transactions in progress at its snapshot,
+/// and rows with a higher id than any seen then (an id-ordered scan; after a crash the
+/// server may hand out a transaction id again, never an id). A row with an id up to the
+/// cursor's highest belongs to a transaction that had its id by then (writers take the
+/// transaction id before the row id: see `LOG_AND_NOTIFY`), so visible then or in
+/// progress. A transaction in progress is either in the snapshot's `xip` list (a handful,
+/// each looked up by the `(channel, xid)` index, at most a page each, however far back an
+/// unrelated long transaction holds the snapshot's `xmin`), or at or above its `xmax`,
+/// which is one past the newest *completed* transaction, not the next to start: one that
+/// took its id after a transaction that has completed, and its row id before that one's,
+/// is in no list. Those lie between `xmax` and the cursor's `xid_bound` (`$11`, the next
+/// transaction id as the server gave it just after the snapshot; null: no bound), a range
+/// of the `(channel, xid)` index as short as the transactions that were running then,
+/// looked up only while the read is below the cursor's highest id. Of those, only rows
+/// committed by the target snapshot, so that when the last page is read, the target is a
+/// position at which everything visible was delivered. In id order, which is commit order
+/// for each sender's successive transactions.
 ///
 /// Returns the target, whether pruning may have taken entries the cursor had not seen, how
-/// many rows the page held before the byte budget (so whether more may follow), the rows,
-/// and the server's write-ahead log position (a first page's target is read at it: every
-/// commit its snapshot sees lies before it); always at least the target row.
-const PAGE_SQL: &str = "\
+/// many rows the page held before the byte budget (so whether more may follow), the rows
+/// (each with when it was written), the server's write-ahead log position (a first page's
+/// target is read at it: every commit its snapshot sees lies before it), and the first
+/// page's target's `xid_bound` ([`XID_BOUND`]); always at least the target row.
+static PAGE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "\
     WITH t AS ( \
         SELECT coalesce($5::pg_catalog.text::pg_catalog.pg_snapshot, \
                         pg_catalog.pg_current_snapshot()) AS snap, \
@@ -116,6 +126,20 @@ const PAGE_SQL: &str = "\
             (SELECT l.id, l.origin, l.seq, l.payload, \
                     pg_catalog.date_part('epoch', l.created_at) AS written \
              FROM updatepipe.log l, t \
+             WHERE $8 OPERATOR(pg_catalog.<) $3 \
+               AND l.channel OPERATOR(pg_catalog.=) $1 \
+               AND l.xid OPERATOR(pg_catalog.>=) \
+                   pg_catalog.pg_snapshot_xmax($2::pg_catalog.text::pg_catalog.pg_snapshot) \
+               AND l.xid OPERATOR(pg_catalog.<) \
+                   coalesce($11::pg_catalog.int8::pg_catalog.text::pg_catalog.xid8, \
+                            '18446744073709551615'::pg_catalog.xid8) \
+               AND l.id OPERATOR(pg_catalog.<=) $3 AND l.id OPERATOR(pg_catalog.>) $8 \
+               AND pg_catalog.pg_visible_in_snapshot(l.xid, t.snap) \
+             ORDER BY l.id LIMIT $9) \
+            UNION ALL \
+            (SELECT l.id, l.origin, l.seq, l.payload, \
+                    pg_catalog.date_part('epoch', l.created_at) AS written \
+             FROM updatepipe.log l, t \
              WHERE l.channel OPERATOR(pg_catalog.=) $1 \
                AND l.id OPERATOR(pg_catalog.>) greatest($3, $8) \
                AND pg_catalog.pg_visible_in_snapshot(l.xid, t.snap) \
@@ -134,24 +158,41 @@ const PAGE_SQL: &str = "\
                       pg_catalog.pg_snapshot_xmin($2::pg_catalog.text::pg_catalog.pg_snapshot) \
             FROM updatepipe.pruned p WHERE p.channel OPERATOR(pg_catalog.=) $1), \
            t.max_id, s.total, s.id, s.origin, s.seq, s.payload, \
-           pg_catalog.pg_current_wal_insert_lsn(), s.written \
+           pg_catalog.pg_current_wal_insert_lsn(), s.written, ({XID_BOUND}) \
     FROM t LEFT JOIN sized s \
          ON s.n OPERATOR(pg_catalog.=) 1 OR s.running OPERATOR(pg_catalog.<=) $10 \
-    ORDER BY s.id";
+    ORDER BY s.id"
+    )
+});
+
+/// The next transaction id the server will hand out, read after the statement's snapshot
+/// was taken: above every transaction that had an id then ([`Cursor::xid_bound`]).
+/// `age(xid)` counts from it (in 32 bits, from a statement that has no transaction id of
+/// its own); added to the snapshot's `xmax`, which it is at least, it gives the full id.
+const XID_BOUND: &str = "\
+    SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::pg_catalog.text::pg_catalog.int8 \
+           OPERATOR(pg_catalog.+) pg_catalog.age(pg_catalog.xid( \
+               pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())))";
 
 /// The position before the first read: taken before `LISTEN`.
-const CURSOR_SQL: &str = "\
+static CURSOR_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "\
     SELECT pg_catalog.pg_current_snapshot()::pg_catalog.text, \
            pg_catalog.date_part('epoch', pg_catalog.now()), \
            (SELECT pg_catalog.max(l.id) FROM updatepipe.log l \
             WHERE l.channel OPERATOR(pg_catalog.=) $1), \
-           pg_catalog.pg_current_wal_insert_lsn()";
+           pg_catalog.pg_current_wal_insert_lsn(), ({XID_BOUND})"
+    )
+});
 
 /// A starting position in the past, for a replay ([`crate::Since`]): the snapshot of now
 /// (so nothing committed is read twice) with the id mark set back, so that every entry above
 /// it is read: above `$2`, or above the last entry written before the time `$3` (seconds
 /// since the epoch).
-const CURSOR_SINCE_SQL: &str = "\
+static CURSOR_SINCE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "\
     SELECT pg_catalog.pg_current_snapshot()::pg_catalog.text, \
            pg_catalog.date_part('epoch', pg_catalog.now()), \
            coalesce($2::pg_catalog.int8, \
@@ -160,7 +201,9 @@ const CURSOR_SINCE_SQL: &str = "\
                        AND l.created_at OPERATOR(pg_catalog.<) \
                            pg_catalog.to_timestamp($3::pg_catalog.float8)), \
                     0), \
-           pg_catalog.pg_current_wal_insert_lsn()";
+           pg_catalog.pg_current_wal_insert_lsn(), ({XID_BOUND})"
+    )
+});
 
 /// One envelope by sender and number: an oversize envelope a notification points at, and
 /// when its row was written.
@@ -190,6 +233,11 @@ pub(crate) struct Cursor {
     pub(crate) lsn: u64,
     /// The cluster, database, log and timeline it was read on.
     pub(crate) place: Place,
+    /// Above the id of every transaction that had one when the snapshot was taken (the
+    /// server's next transaction id, read just after it: [`XID_BOUND`]). Transactions in
+    /// progress then that the snapshot does not list (at or above its `xmax`) lie below
+    /// it. `None` only in tests: the next read then looks above `xmax` without a bound.
+    pub(crate) xid_bound: Option<u64>,
 }
 
 impl Cursor {
@@ -201,13 +249,21 @@ impl Cursor {
             max_id: row.get::<_, Option<i64>>(2).unwrap_or(0),
             lsn: u64::from(row.get::<_, PgLsn>(3)),
             place,
+            xid_bound: xid_bound(row, 4),
         }
     }
 
-    /// The snapshot's `xmax`: no transaction at or above it had started.
+    /// The snapshot's `xmax`: one past the newest transaction that had completed. (One at
+    /// or above it may have been in progress: see [`Cursor::xid_bound`].)
     pub(crate) fn xmax(&self) -> u64 {
         snapshot_bound(&self.snapshot, 1)
     }
+}
+
+/// Column `i` of a row, an [`XID_BOUND`].
+fn xid_bound(row: &Row, i: usize) -> Option<u64> {
+    row.get::<_, Option<i64>>(i)
+        .and_then(|b| u64::try_from(b).ok())
 }
 
 /// The `i`th number of a snapshot's text form (`xmin:xmax:xip,...`); 0 if it has none.
@@ -295,6 +351,7 @@ impl Page {
                 max_id: first.get::<_, Option<i64>>(3).unwrap_or(0),
                 lsn: u64::from(first.get::<_, PgLsn>(9)),
                 place,
+                xid_bound: xid_bound(first, 11),
             },
         };
         let total = first.get::<_, Option<i64>>(4).unwrap_or(0);
@@ -374,13 +431,13 @@ pub(crate) async fn read_cursor(
     let row = match past {
         None => {
             client
-                .query_typed_one(CURSOR_SQL, &[(&channel, Type::TEXT)])
+                .query_typed_one(&CURSOR_SQL, &[(&channel, Type::TEXT)])
                 .await?
         }
         Some((position, time)) => {
             client
                 .query_typed_one(
-                    CURSOR_SINCE_SQL,
+                    &CURSOR_SINCE_SQL,
                     &[
                         (&channel, Type::TEXT),
                         (&position, Type::INT8),
@@ -410,7 +467,7 @@ pub(crate) async fn read_page(
     let bytes = i64::try_from(budget.bytes.max(1)).unwrap_or(i64::MAX);
     let result = client
         .query_typed(
-            PAGE_SQL,
+            &PAGE_SQL,
             &[
                 (&channel, Type::TEXT),
                 (&from.snapshot, Type::TEXT),
@@ -422,6 +479,10 @@ pub(crate) async fn read_page(
                 (&after_id, Type::INT8),
                 (&rows, Type::INT8),
                 (&bytes, Type::INT8),
+                (
+                    &from.xid_bound.and_then(|b| i64::try_from(b).ok()),
+                    Type::INT8,
+                ),
             ],
         )
         .await?;

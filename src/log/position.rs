@@ -139,7 +139,8 @@ impl Position {
 
 impl fmt::Display for Position {
     /// `up1/<step>/<entry>/<partial>/<cursor>[/<target cursor>]`, each cursor
-    /// `<system>_<database>_<log>_<timeline>_<channel>_<lsn>_<time>_<highest id>_<snapshot>`.
+    /// `<system>_<database>_<log>_<timeline>_<channel>_<lsn>_<time>_<highest id>_<snapshot>_<bound>`,
+    /// the bound above every transaction id handed out when the snapshot was taken.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -163,7 +164,7 @@ impl fmt::Display for CursorText<'_> {
         let c = self.0;
         write!(
             f,
-            "{:x}_{}_{}_{}_{:x}_{:x}_{}_{}_{}",
+            "{:x}_{}_{}_{}_{:x}_{:x}_{}_{}_{}_{}",
             c.place.system,
             c.place.database,
             c.place.log,
@@ -172,7 +173,8 @@ impl fmt::Display for CursorText<'_> {
             c.lsn,
             c.read_at,
             c.max_id,
-            c.snapshot
+            c.snapshot,
+            c.xid_bound.unwrap_or_else(|| c.xmax())
         )
     }
 }
@@ -242,6 +244,7 @@ fn cursor(text: &str) -> Result<Cursor, Error> {
         read_at,
         max_id,
         snapshot,
+        bound,
     ] = fields[..]
     else {
         return Err(Error::InvalidPosition("a cursor is malformed"));
@@ -253,6 +256,13 @@ fn cursor(text: &str) -> Result<Cursor, Error> {
         return Err(Error::InvalidPosition("a time is out of range"));
     }
     check_snapshot(snapshot)?;
+    let xid_bound: u64 = number(bound)?;
+    let xmax: u64 = snapshot.split(':').nth(1).map_or(Ok(0), number)?;
+    if xid_bound < xmax || xid_bound > i64::MAX as u64 {
+        return Err(Error::InvalidPosition(
+            "a transaction id bound is out of range",
+        ));
+    }
     Ok(Cursor {
         snapshot: snapshot.to_owned(),
         max_id: number(max_id)?,
@@ -265,6 +275,7 @@ fn cursor(text: &str) -> Result<Cursor, Error> {
             timeline: number(timeline)?,
             channel: hex(channel)?,
         },
+        xid_bound: Some(xid_bound),
     })
 }
 
@@ -321,7 +332,12 @@ mod tests {
                 timeline: 1,
                 channel: 0xfeed,
             },
+            xid_bound: Some(snapshot_xmax_for_tests(snapshot) + 2),
         }
+    }
+
+    fn snapshot_xmax_for_tests(snapshot: &str) -> u64 {
+        snapshot.split(':').nth(1).unwrap().parse().unwrap()
     }
 
     fn sample() -> Position {
@@ -365,6 +381,11 @@ mod tests {
             good.replace("_1765080000.123456_", "_inf_"),
             good.replace("_1765080000.123456_", "_-1_"),
             format!("{good}/extra"),
+            // A transaction id bound below the snapshot's xmax, or not a number, or more.
+            good.replace("1010:1010:_1012", "1010:1010:_1009"),
+            good.replace("1010:1010:_1012", "1010:1010:_x"),
+            good.replace("1010:1010:_1012", "1010:1010:_1012_1"),
+            good.replace("1010:1010:_1012", "1010:1010:"),
             format!("up1/1/5/0/{}", CursorText(&cursor_at(0, "1:1:"))),
             "x".repeat(MAX_POSITION_LEN + 1),
         ];
