@@ -286,7 +286,15 @@ pub fn own_cluster() -> TempCluster {
 /// A configuration for a private cluster, on its own channel and application name, with
 /// the quick health checks and backoff the reliability tests need.
 pub fn cluster_config(port: u16, channel: &str) -> Config {
-    Config::from_url(&format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+    cluster_config_url(
+        &format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        channel,
+    )
+}
+
+/// [`cluster_config`] for a connection string of the test's own (several hosts, say).
+pub fn cluster_config_url(url: &str, channel: &str) -> Config {
+    Config::from_url(url)
         .unwrap()
         .with_channel(ChannelName::new(channel).unwrap())
         .with_application_name(&unique("up"))

@@ -86,8 +86,9 @@ impl Proxy {
         }
     }
 
-    /// Stop forwarding the connections open now, both ways, for good, without closing them;
-    /// connections made from now on work.
+    /// Stop forwarding the connections open now, both ways, for good, without closing them,
+    /// even when one end closes (the other end never hears of it); connections made from
+    /// now on work.
     pub fn forget_open(&self) {
         self.forgotten.fetch_add(1, Ordering::SeqCst);
     }
@@ -201,6 +202,11 @@ async fn pump(
                 if to.write_all(&chunk).await.is_err() {
                     break;
                 }
+            }
+            // A path that forgot the flow passes its end on no more than its bytes: this
+            // side stays open (a server's backend lives on) until the proxy goes.
+            if flow.forgotten() {
+                std::future::pending::<()>().await;
             }
         })
     });
