@@ -24,7 +24,8 @@ pub(super) enum Ask {
     /// under way.
     Tail {
         from: Cursor,
-        catch_up: Option<CatchUp>,
+        /// Boxed: a catch-up under way is the exception, and the ask stays small.
+        catch_up: Option<Box<CatchUp>>,
         budget: PageBudget,
         /// The session's server (a first page's target is read there).
         place: Place,
@@ -266,7 +267,7 @@ impl LogReader {
             tail.needed = false;
             return Some(Ask::Tail {
                 from: tail.cursor.clone(),
-                catch_up: tail.catch_up.clone(),
+                catch_up: tail.catch_up.clone().map(Box::new),
                 budget: tail.budget,
                 place: tail.place,
                 not_before: tail.not_before.filter(|at| now < *at),

@@ -19,10 +19,8 @@ use crate::error::pg_message;
 use crate::log::{self, Page, Pruned};
 use crate::pg::{CancelOnDrop, Canceller, is_cancelled};
 
-/// What goes in the query slot. (One at a time, moved once into its statement: the size
-/// of a log read's cursors costs nothing worth a box.)
+/// What goes in the query slot.
 #[derive(Debug)]
-#[allow(clippy::large_enum_variant)]
 pub(super) enum Start {
     /// What the log reader asked.
     Log(Ask),
@@ -140,7 +138,8 @@ impl QuerySlot {
                     place,
                     ..
                 } => QueryOutcome::Tail(
-                    log::read_page(client, &channel, &from, catch_up.as_ref(), budget, place).await,
+                    log::read_page(client, &channel, &from, catch_up.as_deref(), budget, place)
+                        .await,
                 ),
                 Ask::Fetch(origin, seq) => {
                     QueryOutcome::Fetch(log::fetch(client, &channel, &origin, seq).await)
