@@ -60,7 +60,7 @@ pub(crate) async fn child(config: Config, n: u64) -> anyhow::Result<()> {
 
 /// A listening process: killed if still running when dropped (a failed row leaves
 /// nothing running).
-struct Listening(Child);
+pub(super) struct Listening(Child);
 
 impl Drop for Listening {
     fn drop(&mut self) {
@@ -70,7 +70,7 @@ impl Drop for Listening {
 }
 
 /// The next `n` lines the listening processes print, within `within`.
-async fn lines(
+pub(super) async fn lines(
     from: &mut mpsc::UnboundedReceiver<String>,
     n: usize,
     within: Duration,
@@ -90,29 +90,31 @@ async fn lines(
         .map_err(|_| anyhow::anyhow!("the listening processes did not answer within {within:?}"))?
 }
 
-/// `processes` listening processes (this binary, `bench --listen-child`) hear the same `n`
-/// updates; timed from the first push to the last delivery in any of them. `url` reaches
-/// the server as this process does; the children read it from `DATABASE_URL`, not from
-/// their command line (which any local user may read).
-pub(super) async fn processes(
-    config: Config,
-    url: Option<String>,
+/// Starts `processes` children (this binary, `bench --listen-child n` and `extra`) in the
+/// benchmark's database on `config`'s channel; their standard output's lines come on the
+/// receiver. `url` reaches the server as this process does; the children read it from
+/// `DATABASE_URL`, not from their command line (which any local user may read).
+pub(super) fn spawn_children(
+    config: &Config,
+    url: Option<&str>,
     n: u64,
     processes: usize,
-) -> anyhow::Result<Row> {
+    extra: &[&str],
+) -> anyhow::Result<(Vec<Listening>, mpsc::UnboundedReceiver<String>)> {
     let exe = std::env::current_exe()?;
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::unbounded_channel();
     let mut children = Vec::with_capacity(processes);
     for _ in 0..processes {
         let mut command = Command::new(&exe);
         command
             .arg("bench")
             .arg("--listen-child")
-            .arg(n.to_string());
+            .arg(n.to_string())
+            .args(extra);
         command
             .arg("--child-channel")
             .arg(config.channel().as_str());
-        if let Some(url) = &url {
+        if let Some(url) = url {
             command.env("DATABASE_URL", url);
         }
         if let Some(database) = config.pg().get_dbname() {
@@ -137,7 +139,19 @@ pub(super) async fn processes(
             }
         });
     }
-    drop(tx);
+    Ok((children, rx))
+}
+
+/// `processes` listening processes (this binary, `bench --listen-child`) hear the same `n`
+/// updates; timed from the first push to the last delivery in any of them (`url`: see
+/// [`spawn_children`]).
+pub(super) async fn processes(
+    config: Config,
+    url: Option<String>,
+    n: u64,
+    processes: usize,
+) -> anyhow::Result<Row> {
+    let (children, mut rx) = spawn_children(&config, url.as_deref(), n, processes, &[])?;
     for line in lines(&mut rx, processes, Duration::from_secs(60)).await? {
         anyhow::ensure!(line.trim() == "ready", "a listening process said {line:?}");
     }
