@@ -139,6 +139,7 @@ mod error;
 mod grant;
 #[cfg(not(doctest))]
 pub mod guide;
+mod hub;
 mod layout;
 mod limits;
 mod listen;
@@ -166,6 +167,10 @@ pub use envelope::{
 };
 pub use error::{ConnectError, DecodeError, Error, Limit, ReplayKind, UpdateError};
 pub use grant::{Role, grant_statements};
+pub use hub::{
+    DEFAULT_HUB_BUFFER, DEFAULT_UNSUBSCRIBE_GRACE, DEFAULT_WATCH_BOUND, Hub, HubOptions,
+    MailboxEvent, ReloadReason, Watch, WatchOptions, WatchStats,
+};
 pub use layout::{Layout, MADDY_SENDER_PREFIX};
 pub use limits::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_UPDATES, Limits};
 pub use listen::{ACK_INTERVAL, Event, ResyncReason};

@@ -325,6 +325,11 @@ impl PgPipe {
         answer.await.map_err(|_| Error::Closed)?
     }
 
+    /// The pipe's live counters, for the hub.
+    pub(crate) fn counters(&self) -> Arc<Counters> {
+        self.inner.counters.clone()
+    }
+
     /// The server's notification queue usage, from 0 to 1 (`pg_notification_queue_usage()`).
     /// It grows when some listener of the database does not read; at 1 every NOTIFY in the
     /// cluster fails.

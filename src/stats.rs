@@ -22,7 +22,7 @@ const REJECT_REASONS: [&str; 9] = [
 /// The names the counters have in the `metrics` facade (feature `metrics`), Prometheus
 /// style, with what each counts. `updatepipe_rejected_total` carries the reason as the
 /// label `reason`.
-pub const METRICS: [(&str, &str); 23] = [
+pub const METRICS: [(&str, &str); 27] = [
     (
         "updatepipe_pushed_total",
         "updates pushed and committed (or handed to the caller's transaction)",
@@ -76,6 +76,19 @@ pub const METRICS: [(&str, &str); 23] = [
     (
         "updatepipe_maddy_copies_unsent_total",
         "updates pushed without a maddy copy: their key cannot be a channel",
+    ),
+    ("updatepipe_watches", "IDLE hub watches open (PgPipe::hub)"),
+    (
+        "updatepipe_watch_delivered_total",
+        "updates an IDLE hub queued for its watches (one per watch), lagged ones included",
+    ),
+    (
+        "updatepipe_watch_lagged_total",
+        "times an IDLE hub watch fell behind by its bound and was told to reload",
+    ),
+    (
+        "updatepipe_watch_missed_total",
+        "updates dropped from the backlog of IDLE hub watches that fell behind",
     ),
     (
         "updatepipe_push_duration_seconds",
@@ -236,6 +249,10 @@ pub(crate) struct Counters {
     numbers_taken: AtomicU64,
     maddy_copies_ignored: AtomicU64,
     maddy_copies_unsent: AtomicU64,
+    watches: AtomicU64,
+    watch_delivered: AtomicU64,
+    watch_lagged: AtomicU64,
+    watch_missed: AtomicU64,
     rejected: [AtomicU64; REJECT_REASONS.len()],
 }
 
@@ -323,6 +340,47 @@ impl Counters {
     pub(crate) fn numbers_taken(&self) {
         self.numbers_taken.fetch_add(1, Ordering::Relaxed);
         emit("updatepipe_push_numbers_taken_total", 1);
+    }
+
+    /// The IDLE hub opened a watch.
+    pub(crate) fn watch_opened(&self) {
+        self.watches.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        {
+            describe();
+            metrics::gauge!("updatepipe_watches").increment(1.0);
+        }
+    }
+
+    /// `n` IDLE hub watches went (dropped, or ended with their mailbox).
+    pub(crate) fn watches_closed(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.watches.fetch_sub(n, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        {
+            describe();
+            metrics::gauge!("updatepipe_watches").decrement(n as f64);
+        }
+    }
+
+    /// What the IDLE hub's watches took: updates queued, lags told, updates dropped.
+    pub(crate) fn watched(&self, delivered: u64, lagged: u64, missed: u64) {
+        for (counter, name, n) in [
+            (
+                &self.watch_delivered,
+                "updatepipe_watch_delivered_total",
+                delivered,
+            ),
+            (&self.watch_lagged, "updatepipe_watch_lagged_total", lagged),
+            (&self.watch_missed, "updatepipe_watch_missed_total", missed),
+        ] {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+                emit(name, n as usize);
+            }
+        }
     }
 
     pub(crate) fn dropped(&self, n: usize) {
@@ -416,6 +474,10 @@ impl Counters {
             push_numbers_taken: self.numbers_taken.load(Ordering::Relaxed),
             maddy_copies_ignored: self.maddy_copies_ignored.load(Ordering::Relaxed),
             maddy_copies_unsent: self.maddy_copies_unsent.load(Ordering::Relaxed),
+            watches: self.watches.load(Ordering::Relaxed),
+            watch_delivered: self.watch_delivered.load(Ordering::Relaxed),
+            watch_lagged: self.watch_lagged.load(Ordering::Relaxed),
+            watch_missed: self.watch_missed.load(Ordering::Relaxed),
             rejected: REJECT_REASONS
                 .iter()
                 .zip(&self.rejected)
@@ -503,6 +565,17 @@ pub struct Stats {
     /// The maddy layout: updates pushed whose mailbox key cannot be a channel name (empty,
     /// or over 63 bytes): updatepipe nodes get them, maddy nodes no copy.
     pub maddy_copies_unsent: u64,
+    /// IDLE hub watches open ([`PgPipe::hub`](crate::PgPipe::hub)).
+    pub watches: u64,
+    /// Updates the hub queued for its watches, one per watch (those a lagging watch
+    /// dropped included).
+    pub watch_delivered: u64,
+    /// Times a watch fell behind by its bound
+    /// ([`ReloadReason::Lagged`](crate::ReloadReason::Lagged) told).
+    pub watch_lagged: u64,
+    /// Updates dropped from the backlog of watches that fell behind: the watches received
+    /// `watch_delivered - watch_missed`.
+    pub watch_missed: u64,
     /// Payloads rejected, by reason (`unrecognized`, `unknown_version`, `malformed`,
     /// `invalid_update`, `too_large`, `over_limit`; with signing on also `unsigned`,
     /// `forged` and `replayed`).

@@ -1,0 +1,82 @@
+//! The hub's task: routes the pipe's events to the watches, and releases the maddy
+//! layout's subscriptions whose grace expired. It never waits for a watch.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::listen::Event;
+use crate::update::MailboxKey;
+
+use super::{Shared, TARGET};
+
+/// The most events routed under one hold of the table.
+const BATCH: usize = 256;
+
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    mut events: mpsc::Receiver<Event>,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut unsubscribing = JoinSet::new();
+    loop {
+        let grace = shared.table().next_grace();
+        // Graces first: a steady stream of events must not starve them.
+        tokio::select! {
+            biased;
+            _ = &mut stopped => break,
+            () = tokio::time::sleep_until(grace.unwrap_or_else(Instant::now)), if grace.is_some() => {
+                let expired = shared.table().expired(Instant::now());
+                for (key, generation) in expired {
+                    unsubscribing.spawn(unsubscribe(shared.clone(), key, generation));
+                }
+            }
+            Some(_) = unsubscribing.join_next(), if !unsubscribing.is_empty() => {}
+            () = shared.graces.notified() => {}
+            n = events.recv_many(&mut batch, BATCH) => {
+                if n == 0 {
+                    break; // the pipe closed, or its listener gave up
+                }
+                route(&shared, &mut batch);
+            }
+        }
+    }
+    shared.table().end();
+    tracing::debug!(target: TARGET, "hub stopped");
+    // Dropping `events` stops the pipe's listener (its connection, and every LISTEN, go
+    // with it); dropping `unsubscribing` aborts what is left of it.
+}
+
+/// Routes a batch of events under one hold of the table.
+fn route(shared: &Shared, batch: &mut Vec<Event>) {
+    let now = Instant::now();
+    let mut offered = super::Offered::default();
+    let mut graces = false;
+    {
+        let mut table = shared.table();
+        for event in batch.drain(..) {
+            let (took, grace) = table.route(event, now);
+            offered += took;
+            graces |= grace;
+        }
+    }
+    shared.count(offered);
+    if graces {
+        shared.graces.notify_one();
+    }
+}
+
+/// Stops listening for a mailbox whose grace expired, unless a watch came back first.
+async fn unsubscribe(shared: Arc<Shared>, key: MailboxKey, generation: u64) {
+    let _guard = shared.subscriptions.lock().await;
+    if !shared.table().release(&key, generation) {
+        return;
+    }
+    if let Err(error) = shared.pipe.unsubscribe(key.clone()).await {
+        // Closed, or the listener gave up: it listens for nothing any more.
+        tracing::debug!(target: TARGET, %key, %error, "unsubscribing after the grace");
+    }
+}
