@@ -150,7 +150,15 @@ impl TempClusterBuilder {
                         // its copy now.
                         "--checkpoint=fast".as_ref(),
                     ],
-                )?
+                )?;
+                // `-R` writes every option its own libpq knows; the server's walreceiver
+                // may load an older libpq that refuses some (`sslsni` for 13's,
+                // `sslnegotiation` for anything before 17's) and then never streams. Only
+                // what the connection needs, set last so that it wins.
+                append(
+                    &data.join("postgresql.auto.conf"),
+                    &format!("primary_conninfo = 'host=127.0.0.1 port={port} user=postgres'\n"),
+                )?;
             }
         }
         let mut conf = String::from("listen_addresses = '127.0.0.1'\nmax_connections = 200\n");

@@ -75,13 +75,31 @@ async fn migrated_primary(channel: &str) -> TempCluster {
 }
 
 /// An asynchronous streaming standby of the server on `upstream` (the primary, or a
-/// proxy in front of it).
+/// proxy in front of it), once it streams: a standby that never connected would replay
+/// nothing and still look caught up.
 async fn standby_of(upstream: u16) -> TempCluster {
-    tokio::task::spawn_blocking(move || {
+    let standby = tokio::task::spawn_blocking(move || {
         TempCluster::builder().standby_of(upstream).start().unwrap()
     })
     .await
-    .unwrap()
+    .unwrap();
+    let client = sql(standby.port()).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let streaming: bool = client
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if streaming {
+            return standby;
+        }
+        assert!(Instant::now() < deadline, "the standby never streamed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Waits until the standby has replayed the primary's write-ahead log as far as it goes
