@@ -7,6 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use updatepipe::{ChannelName, Config, Layout, PgPipe};
 
 mod fanout;
+mod hub;
 mod pipe;
 mod raw;
 mod report;
@@ -60,6 +61,11 @@ pub struct BenchArgs {
     #[arg(long, hide = true, value_name = "NAME")]
     child_channel: Option<String>,
 
+    /// Internal: --listen-child opens that many idle hub watches instead, and reports the
+    /// memory they take.
+    #[arg(long, hide = true, requires = "listen_child")]
+    idle_watches: bool,
+
     /// Internal: the database of --listen-child (the benchmark's own).
     #[arg(long, hide = true, value_name = "NAME", requires = "listen_child")]
     child_database: Option<String>,
@@ -84,7 +90,11 @@ pub async fn listen_child(
         Some(database) => config.with_database(database),
         None => config,
     };
-    fanout::child(config.with_channel(ChannelName::new(channel)?), n).await
+    let config = config.with_channel(ChannelName::new(channel)?);
+    if args.idle_watches {
+        return hub::idle_child(config, n).await;
+    }
+    fanout::child(config, n).await
 }
 
 /// A channel of the benchmark's own, fresh for each row.
@@ -280,11 +290,53 @@ async fn all_rows(base: Config, url: Option<&str>, args: BenchArgs) -> anyhow::R
             Step::Backlog(per_round(300_000), Reading::Acking),
             Some("durable backlog catch-up"),
         ),
+        // The IDLE hub: the CPU it adds to delivering each update to one consumer (the
+        // backlog's updates read by one watch per mailbox, against the plain events), then
+        // one mailbox's updates fanned out to many watches, and an idle watch's memory.
+        (
+            "durable backlog, hub 1 watch",
+            Step::Backlog(per_round(300_000), Reading::Hub(1)),
+            Some("durable backlog, positions"),
+        ),
+        (
+            "durable backlog, router 256",
+            Step::Backlog(per_round(300_000), Reading::Router(256)),
+            Some("durable backlog, positions"),
+        ),
+        (
+            "durable backlog, hub 256 watches",
+            Step::Backlog(per_round(300_000), Reading::Hub(256)),
+            Some("durable backlog, router 256"),
+        ),
+        (
+            "hub fan-out, 10 watches",
+            Step::HubFanOut(per_round(100_000), 10, None),
+            None,
+        ),
+        (
+            "hub fan-out, 100 watches",
+            Step::HubFanOut(per_round(20_000), 100, None),
+            None,
+        ),
+        (
+            "hub fan-out, 10,000 watches",
+            Step::HubFanOut(per_round(300), 10_000, None),
+            None,
+        ),
+        ("hub idle watches", Step::HubIdle(per_round(100_000)), None),
     ];
     let mut paced_rows: Vec<(&str, Step)> = vec![
         ("raw latency @1,000/s", Step::RawPaced(1_000, scale(5_000))),
         ("pipe latency @1,000/s", Step::Paced(1_000, scale(5_000))),
         ("pipe latency @10,000/s", Step::Paced(10_000, scale(50_000))),
+        (
+            "hub latency @1,000/s, 100 watches",
+            Step::HubFanOut(scale(5_000), 100, Some(1_000)),
+        ),
+        (
+            "hub latency @100/s, 10,000 watches",
+            Step::HubFanOut(scale(500), 10_000, Some(100)),
+        ),
     ];
     if !args.only.is_empty() {
         let wanted = |name: &str| args.only.iter().any(|text| name.contains(text.as_str()));
@@ -438,6 +490,8 @@ async fn run_step(config: Config, url: Option<&str>, step: Step) -> anyhow::Resu
             pipe(config.with_secrets(vec![secret]), n, pushers).await
         }
         Step::Paced(rate, n) => paced(config, rate, n).await,
+        Step::HubFanOut(n, watches, rate) => hub::fan_out(config, n, watches, rate).await,
+        Step::HubIdle(watches) => hub::idle(config, url, watches).await,
         Step::RawPaced(rate, n) => raw_paced(&config, rate, n).await,
     }
 }
@@ -464,6 +518,11 @@ enum Step {
     FanOutProcesses(u64, usize),
     /// A durable listener's catch-up through a backlog, taking it as `Reading` says.
     Backlog(u64, Reading),
+    /// The IDLE hub: updates of one mailbox to this many watches, as fast as they go or
+    /// at a rate a second.
+    HubFanOut(u64, usize, Option<u64>),
+    /// The IDLE hub: this many idle watches, for their memory.
+    HubIdle(u64),
 }
 
 /// Which side of a sequential pusher's path is the pipe's; the other is plain

@@ -104,6 +104,85 @@ async fn event_listener(
     Ok((listener, counter))
 }
 
+/// [`pipe_listener`] through the IDLE hub: one watch for each of the mailboxes 0 to
+/// `mailboxes` - 1, each read by a task of its own; done when they saw `n` in all.
+async fn hub_listener(
+    config: Config,
+    n: u64,
+    mailboxes: u64,
+) -> anyhow::Result<(PgPipe, tokio::task::JoinHandle<Option<Instant>>)> {
+    let listener = PgPipe::new(config)?;
+    let hub = listener
+        .hub(updatepipe::HubOptions::default().with_watch_bound(65_536))
+        .await?;
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let done = Arc::new(std::sync::Mutex::new(Some(done)));
+    for key in 0..mailboxes {
+        let mut watch = hub.watch(key).await?;
+        let (seen, done) = (seen.clone(), done.clone());
+        tokio::spawn(async move {
+            while let Some(event) = watch.recv().await {
+                if matches!(event, updatepipe::MailboxEvent::Update(_))
+                    && seen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1 == n
+                    && let Some(done) = done.lock().ok().and_then(|mut d| d.take())
+                {
+                    let _ = done.send(Instant::now());
+                }
+            }
+        });
+    }
+    // The hub runs while its handle lives: the counting task holds it.
+    let counter = tokio::spawn(async move {
+        let finished = finished.await.ok();
+        drop(hub);
+        finished
+    });
+    Ok((listener, counter))
+}
+
+/// [`hub_listener`]'s baseline, as applications wrote it before the hub: `listen_events`,
+/// a router task that sends each update to its mailbox's session (a bounded channel and
+/// a task each, mailboxes 0 to `mailboxes` - 1).
+async fn router_listener(
+    config: Config,
+    n: u64,
+    mailboxes: u64,
+) -> anyhow::Result<(PgPipe, tokio::task::JoinHandle<Option<Instant>>)> {
+    let listener = PgPipe::new(config)?;
+    let (tx, mut events) = mpsc::channel(65_536);
+    listener.listen_events(tx).await?;
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let done = Arc::new(std::sync::Mutex::new(Some(done)));
+    let mut sessions = std::collections::HashMap::new();
+    for key in 0..mailboxes {
+        let (to_session, mut session) = mpsc::channel::<Update>(65_536);
+        sessions.insert(updatepipe::MailboxKey::Id(key), to_session);
+        let (seen, done) = (seen.clone(), done.clone());
+        tokio::spawn(async move {
+            while session.recv().await.is_some() {
+                if seen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1 == n
+                    && let Some(done) = done.lock().ok().and_then(|mut d| d.take())
+                {
+                    let _ = done.send(Instant::now());
+                }
+            }
+        });
+    }
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            if let updatepipe::Event::Update(update) = event
+                && let Some(session) = sessions.get(update.key())
+            {
+                let _ = session.send(update).await;
+            }
+        }
+    });
+    let counter = tokio::spawn(async move { finished.await.ok() });
+    Ok((listener, counter))
+}
+
 /// When the counting task of [`pipe_listener`] saw its last update.
 pub(super) async fn last_delivery(
     counter: tokio::task::JoinHandle<Option<Instant>>,
@@ -123,14 +202,24 @@ pub(super) fn numbered(key: u64, i: u64) -> Result<Update, updatepipe::Error> {
 /// `n` updates from `pushers` concurrent tasks, each pushing its share one update at a
 /// time (mailbox `key` for task `key`).
 pub(super) async fn push_all(pusher: &Arc<PgPipe>, n: u64, pushers: usize) -> anyhow::Result<()> {
+    push_all_keys(pusher, n, pushers, pushers as u64).await
+}
+
+/// [`push_all`] on `keys` mailboxes: task `t` pushes to mailbox `t % keys`.
+async fn push_all_keys(
+    pusher: &Arc<PgPipe>,
+    n: u64,
+    pushers: usize,
+    keys: u64,
+) -> anyhow::Result<()> {
     let each = n / pushers as u64;
     let extra = n % pushers as u64;
-    let tasks = (0..pushers as u64).map(|key| {
+    let tasks = (0..pushers as u64).map(|task| {
         let pusher = pusher.clone();
-        let count = each + u64::from(key < extra);
+        let count = each + u64::from(task < extra);
         tokio::spawn(async move {
             for i in 0..count {
-                pusher.push(&numbered(key, i)?).await?;
+                pusher.push(&numbered(task % keys, i)?).await?;
             }
             Ok::<_, updatepipe::Error>(())
         })
@@ -195,6 +284,11 @@ pub(super) enum Reading {
     Positions,
     /// `listen_events` as a named consumer, acknowledging every position.
     Acking,
+    /// The IDLE hub: the updates on this many mailboxes, one watch each.
+    Hub(u64),
+    /// Its hand-written baseline: `listen_events` and a router task sending each update
+    /// to the session of its mailbox (one of this many, each a channel and a task).
+    Router(u64),
 }
 
 /// A durable listener back from an absence: `n` updates pushed durably (256 pushers) with
@@ -204,7 +298,11 @@ pub(super) async fn backlog(config: Config, n: u64, reading: Reading) -> anyhow:
     let config = config.with_durable(true);
     PgPipe::new(config.clone())?.migrate().await?;
     let pusher = Arc::new(PgPipe::new(config.clone())?);
-    push_all(&pusher, n, 256).await?;
+    let keys = match reading {
+        Reading::Hub(keys) | Reading::Router(keys) => keys,
+        _ => 256,
+    };
+    push_all_keys(&pusher, n, 256, keys).await?;
     pusher.close().await?;
     let before = cpu_time()?;
     let started = Instant::now();
@@ -216,6 +314,8 @@ pub(super) async fn backlog(config: Config, n: u64, reading: Reading) -> anyhow:
             let name = format!("bench_{:08x}", rand::random::<u32>());
             event_listener(reader.with_consumer(&name), n, true).await?
         }
+        Reading::Hub(keys) => hub_listener(reader, n, keys).await?,
+        Reading::Router(keys) => router_listener(reader, n, keys).await?,
     };
     let finished = last_delivery(counter).await?;
     let seconds = (finished - started).as_secs_f64();

@@ -41,6 +41,8 @@ pub(super) struct Row {
     pub(super) children_cpu_us: f64,
     /// The slowest and fastest round's rate (throughput rows).
     pub(super) spread: Option<(f64, f64)>,
+    /// The idle-watch row: resident memory per idle watch, in bytes.
+    pub(super) idle_watch_bytes: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -146,16 +148,35 @@ pub(super) fn print_table(report: &Report) {
             latency
         );
     }
+    for row in &report.rows {
+        if let Some(bytes) = row.idle_watch_bytes {
+            outln!(
+                "\n{}: {bytes:.0} bytes of resident memory per idle watch",
+                row.name
+            );
+        } else if row.name.starts_with("hub")
+            && let Some(watches) = row.listeners
+        {
+            outln!(
+                "\n{}: {:.0} deliveries/s ({watches} watches)",
+                row.name,
+                row.updates_per_sec * watches as f64
+            );
+        }
+    }
     outln!(
         "\nvs base: the pipe's rate over the row it is compared with (1 pusher: raw \
          sequential; 16: raw batched 10/tx; 256: raw batched 100/tx; signed: the same pipe \
          row unsigned; sides: raw, envelopes; durable backlog, positions and consumer acking: \
-         the plain catch-up, whose CPU µs is the listener's alone), both medians.\npaired: the median of each \
+         the plain catch-up, whose CPU µs is the listener's alone; durable backlog, hub 1 watch \
+         and router 256 (listen_events and a hand-written router to 256 sessions): positions; \
+         hub 256 watches: router 256), both medians.\npaired: the median of each \
          round's ratio to the baseline measured just before it in the same round.\nCPU µs: this \
          process's CPU time per update pushed (pushers, listeners, connections; not the \
          server's); /deliv: per update delivered, every listener counted (the listening \
          processes' too).\nlost/rsync: updates the listening pipes let go as slow consumers, \
-         and the resyncs they raised (raw rows: none counted).\n\
+         and the resyncs they raised (raw rows: none counted; hub rows: updates the watches \
+         dropped behind their bound).\n\
          latency: the round with the median p99, and the lowest and highest p99 of the rounds; \
          paced rows are open loop (each push starts on schedule, whatever earlier ones do)."
     );
@@ -180,5 +201,6 @@ pub(super) fn row(n: u64, seconds: f64, latency: Option<Latency>, batches: Optio
         cpu_us_per_delivery: None,
         children_cpu_us: 0.0,
         spread: None,
+        idle_watch_bytes: None,
     }
 }
