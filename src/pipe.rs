@@ -238,7 +238,7 @@ impl PgPipe {
     /// consumer, to [`ack`](PgPipe::ack). (With plain `listen`, events are logged and
     /// counted only.)
     pub async fn listen_events(&self, events: mpsc::Sender<Event>) -> Result<(), Error> {
-        self.start_listening(Sink::Events(events)).await
+        self.start_listening(Sink::Events(events), false).await
     }
 
     /// A named consumer ([`Config::with_consumer`]): everything up to `position` (an
@@ -392,7 +392,7 @@ impl PgPipe {
 
 impl UpdatePipe for PgPipe {
     async fn listen(&self, updates: mpsc::Sender<Update>) -> Result<(), Error> {
-        self.start_listening(Sink::Updates(updates)).await
+        self.start_listening(Sink::Updates(updates), false).await
     }
 
     async fn init_push(&self) -> Result<(), Error> {
@@ -452,7 +452,12 @@ impl PgPipe {
         }
     }
 
-    async fn start_listening(&self, sink: Sink) -> Result<(), Error> {
+    /// The IDLE hub's listener: events, this pipe's own updates included.
+    pub(crate) async fn listen_for_hub(&self, events: mpsc::Sender<Event>) -> Result<(), Error> {
+        self.start_listening(Sink::Events(events), true).await
+    }
+
+    async fn start_listening(&self, sink: Sink, own_updates: bool) -> Result<(), Error> {
         self.check_open()?;
         if self.inner.listening.swap(true, Ordering::AcqRel) {
             return Err(Error::AlreadyListening);
@@ -469,6 +474,7 @@ impl PgPipe {
             self.inner.counters.clone(),
             self.inner.pusher.pool(),
             &self.inner.closed,
+            own_updates,
         )
         .await;
         match started {

@@ -158,6 +158,8 @@ pub(super) struct Intake {
     accept_maddy: bool,
     /// The maddy layout: the mailboxes' channels served.
     pub(super) subscriptions: Subscriptions,
+    /// This pipe's own updates are delivered, not dropped as echoes.
+    own_updates: bool,
 }
 
 impl Intake {
@@ -174,6 +176,7 @@ impl Intake {
             gaps: Gaps::default(),
             accept_maddy: settings.accept_maddy,
             subscriptions: Subscriptions::default(),
+            own_updates: settings.own_updates,
         }
     }
 
@@ -198,7 +201,7 @@ impl Intake {
                 own: envelope.seq().filter(|_| own),
             };
         }
-        if own {
+        if own && !self.own_updates {
             return Verdict::Echo;
         }
         let mut best_effort_sender = false;
@@ -273,7 +276,7 @@ impl Intake {
 
     /// What one log row (from the tail, or an oversize envelope fetched) means.
     pub(super) fn classify_row(&mut self, row: LogRow<'_>, now: Moment) -> RowVerdict {
-        if row.origin == self.origin.as_str() {
+        if row.origin == self.origin.as_str() && !self.own_updates {
             return RowVerdict::Own;
         }
         let source = Source::Log {
@@ -346,9 +349,10 @@ impl Intake {
         match source {
             Source::Notification => {
                 sign::check_time(envelope.sent_at(), now.wall, window)?;
+                // Its own updates are echoes, never delivered, unless it delivers them.
                 if let Some(seq) = envelope.seq()
                     && !envelope.is_heartbeat()
-                    && *envelope.origin() != self.origin
+                    && (*envelope.origin() != self.origin || self.own_updates)
                 {
                     self.replays.check(
                         envelope.origin(),

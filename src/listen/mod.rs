@@ -100,8 +100,10 @@ impl Listener {
         counters: Arc<Counters>,
         heartbeat_pool: deadpool_postgres::Pool,
         closed: &AtomicBool,
+        own_updates: bool,
     ) -> Result<Listener, Error> {
-        let settings = settings::Settings::from_config(config);
+        let mut settings = settings::Settings::from_config(config);
+        settings.own_updates = own_updates;
         if let Some(name) = &settings.consumer {
             crate::log::check_consumer_name(name)?;
             if !settings.durable {

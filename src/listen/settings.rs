@@ -39,6 +39,9 @@ pub(super) struct Settings {
     pub(super) consumer: Option<String>,
     /// How long pruning keeps what named consumers have not acknowledged.
     pub(super) consumer_hold: Duration,
+    /// Deliver this pipe's own updates too (the IDLE hub's listener: every session of the
+    /// process hears what another stored), rather than drop them as echoes.
+    pub(super) own_updates: bool,
 }
 
 impl Settings {
@@ -63,6 +66,7 @@ impl Settings {
             },
             consumer: config.listen_options().consumer().map(str::to_owned),
             consumer_hold: config.listen_options().consumer_hold(),
+            own_updates: false,
         }
     }
 

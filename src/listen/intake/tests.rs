@@ -138,6 +138,37 @@ fn own_pushes_are_echoes_and_not_noted() {
     assert_eq!(intake.gaps.len(), 0);
 }
 
+/// The IDLE hub's listener delivers its own pipe's updates: numbered like any sender's,
+/// durable ones read from the log; its own heartbeats stay its own.
+#[test]
+fn own_updates_are_carried_when_the_listener_delivers_them() {
+    let config = config();
+    let mut settings = Settings::from_config(&config);
+    settings.own_updates = true;
+    let mut intake = Intake::new(&settings, origin("me"));
+    assert!(matches!(
+        intake.classify(on(&plain(&config, "me", 1)), Moment::now()),
+        Verdict::Carries(Carried { gap: None, .. })
+    ));
+    assert!(matches!(
+        intake.classify(on(&plain(&config, "me", 3)), Moment::now()),
+        Verdict::Carries(Carried { gap: Some(_), .. })
+    ));
+    assert_eq!(
+        intake.classify(on(&packer(&config, "me").heartbeat(4)), Moment::now()),
+        Verdict::Heartbeat { own: Some(4) }
+    );
+    let durable = config.with_durable(true);
+    let mut settings = Settings::from_config(&durable);
+    settings.own_updates = true;
+    let mut intake = Intake::new(&settings, origin("me"));
+    let payload = envelope(&durable, "me", 5, DURABLE, &[update(5)]);
+    assert_eq!(
+        intake.classify_row(row("me", 5, &payload), Moment::now()),
+        RowVerdict::Updates(vec![update(5)])
+    );
+}
+
 #[test]
 fn heartbeats_own_with_their_number_and_others() {
     let config = config();
