@@ -501,16 +501,7 @@ async fn the_hub_leaves_nothing_running_and_refuses_what_it_cannot_do() {
         tokio::time::timeout(ARRIVE, watch.recv()).await.unwrap(),
         None
     );
-    let deadline = tokio::time::Instant::now() + ARRIVE;
-    loop {
-        match hub.watch("INBOX").await {
-            Err(Error::Closed) => break,
-            Ok(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            other => panic!("{other:?}"),
-        }
-    }
+    assert!(matches!(hub.watch("INBOX").await, Err(Error::Closed)));
     assert!(matches!(
         server.hub(HubOptions::default()).await,
         Err(Error::Closed)
@@ -526,6 +517,12 @@ async fn the_hub_leaves_nothing_running_and_refuses_what_it_cannot_do() {
         server.hub(HubOptions::default().with_buffer(0)).await,
         Err(Error::Config(_))
     ));
+    assert!(matches!(
+        server
+            .hub(HubOptions::default().with_unsubscribe_grace(Duration::MAX))
+            .await,
+        Err(Error::Config(_))
+    ));
     server.close().await.unwrap();
     let consumer = PgPipe::new(
         config_on(&unique("hub_consumer"))
@@ -538,4 +535,74 @@ async fn the_hub_leaves_nothing_running_and_refuses_what_it_cannot_do() {
         Err(Error::Config(_))
     ));
     consumer.close().await.unwrap();
+}
+
+/// Sessions of one process hear each other: the hub's watches get what its own pipe
+/// pushes, once committed (a push in the caller's transaction once that commits), once
+/// each in durable mode too; unless the hub is told the application does that itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_hears_its_own_pipes_updates_once_committed() {
+    for durable in [false, true] {
+        let config = config_on(&unique("hub_own")).with_durable(durable);
+        let pipe = PgPipe::new(config).unwrap();
+        if durable {
+            pipe.migrate().await.unwrap();
+        }
+        let hub = pipe.hub(HubOptions::default()).await.unwrap();
+        let mut watch = hub.watch(9).await.unwrap();
+        pipe.push(&Update::new_message(9, SeqSet::single(1).unwrap()))
+            .await
+            .unwrap();
+        let mut client = sql().await;
+        let rolled_back = client.transaction().await.unwrap();
+        pipe.push_in(
+            &rolled_back,
+            &Update::new_message(9, SeqSet::single(2).unwrap()),
+        )
+        .await
+        .unwrap();
+        rolled_back.rollback().await.unwrap();
+        let committed = client.transaction().await.unwrap();
+        pipe.push_in(
+            &committed,
+            &Update::new_message(9, SeqSet::single(3).unwrap()),
+        )
+        .await
+        .unwrap();
+        committed.commit().await.unwrap();
+        let mut uids = Vec::new();
+        while uids.len() < 2 {
+            match tokio::time::timeout(ARRIVE, watch.recv()).await {
+                Ok(Some(MailboxEvent::Update(u))) => uids.push(u.seq_set().as_single().unwrap()),
+                other => panic!("durable {durable}: {other:?}"),
+            }
+        }
+        assert_eq!(uids, [1, 3], "durable {durable}");
+        assert!(
+            tokio::time::timeout(SILENCE, watch.recv()).await.is_err(),
+            "durable {durable}: more than once"
+        );
+        assert_eq!(pipe.stats().echoes_dropped, 0);
+        pipe.close().await.unwrap();
+    }
+    // Told not to: its own updates are echoes, as for any listener.
+    let pipe = PgPipe::new(config_on(&unique("hub_not_own"))).unwrap();
+    let hub = pipe
+        .hub(HubOptions::default().with_own_updates(false))
+        .await
+        .unwrap();
+    let mut watch = hub.watch(9).await.unwrap();
+    pipe.push(&Update::new_message(9, SeqSet::single(1).unwrap()))
+        .await
+        .unwrap();
+    assert!(tokio::time::timeout(SILENCE, watch.recv()).await.is_err());
+    let deadline = tokio::time::Instant::now() + ARRIVE;
+    while pipe.stats().echoes_dropped == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the echo never came"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pipe.close().await.unwrap();
 }

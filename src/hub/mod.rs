@@ -6,7 +6,9 @@
 //! pipe's event stream ([`PgPipe::hub`]) and routes it, in a task of its own:
 //!
 //! - an update goes to the watches of its mailbox, decoded once and shared (an
-//!   `Arc<Update>`), in the order the pipe delivered it;
+//!   `Arc<Update>`), in the order the pipe delivered it. The pipe's own updates too
+//!   ([`HubOptions::with_own_updates`]): a session hears what another session of the process
+//!   stored, once the server committed it, in commit order with everyone else's;
 //! - each watch holds at most its bound of events. A session that does not read never
 //!   delays the hub or any other watch: when its queue is full, its backlog is dropped for
 //!   one [`ReloadReason::Lagged`], and what comes after is kept again;
@@ -23,9 +25,21 @@
 //!   unsubscribes after a grace ([`HubOptions::with_unsubscribe_grace`]), so that a client
 //!   that selects the mailbox again causes no `UNLISTEN`/`LISTEN`.
 //!
+//! A session opens its watch, then reads the mailbox's state from the store: an update
+//! committed in between is then in the state it read or in the watch (or both: updates
+//! that repeat the state read must be harmless to apply, as IMAP's are when a view is
+//! keyed by UID). Read first and an update committed before the watch opened is lost to
+//! the session.
+//!
+//! In the maddy layout, the first watch of a mailbox waits for the pipe's `LISTEN`, and
+//! while the listener's connection is lost, for its return; put a timeout around it if a
+//! session must not wait (`watch` is cancel-safe). Watches of mailboxes listened for
+//! already never wait.
+//!
 //! The hub owns the pipe's listener: dropping it (or [`Hub::close`]) stops the listener,
-//! which closes its connection and with it every `LISTEN`, and ends every watch. Closing
-//! the pipe ends the hub. The watches' counts are in the pipe's [`Stats`](crate::Stats)
+//! which closes its connection and with it every `LISTEN`, and ends every watch. A pipe
+//! listens once: after its hub, it can still push, not listen again. Closing the pipe ends
+//! the hub. The watches' counts are in the pipe's [`Stats`](crate::Stats)
 //! (`watches`, `watch_delivered`, `watch_lagged`, `watch_missed`) and metrics.
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -56,6 +70,9 @@ pub const DEFAULT_WATCH_BOUND: usize = 256;
 /// watch went.
 pub const DEFAULT_UNSUBSCRIBE_GRACE: Duration = Duration::from_secs(2);
 
+/// The longest unsubscribe grace a hub takes (a day).
+const MAX_UNSUBSCRIBE_GRACE: Duration = Duration::from_secs(24 * 3600);
+
 /// The default bound on the pipe's events waiting for the hub's task.
 pub const DEFAULT_HUB_BUFFER: usize = 4096;
 
@@ -68,6 +85,7 @@ pub struct HubOptions {
     watch_bound: usize,
     grace: Duration,
     buffer: usize,
+    own_updates: bool,
 }
 
 impl Default for HubOptions {
@@ -76,6 +94,7 @@ impl Default for HubOptions {
             watch_bound: DEFAULT_WATCH_BOUND,
             grace: DEFAULT_UNSUBSCRIBE_GRACE,
             buffer: DEFAULT_HUB_BUFFER,
+            own_updates: true,
         }
     }
 }
@@ -91,8 +110,8 @@ impl HubOptions {
     }
 
     /// The maddy layout: how long the pipe keeps listening for a mailbox after its last
-    /// watch went (default [`DEFAULT_UNSUBSCRIBE_GRACE`]); a watch of it within the grace
-    /// needs no new `LISTEN`.
+    /// watch went (default [`DEFAULT_UNSUBSCRIBE_GRACE`], at most a day); a watch of it
+    /// within the grace needs no new `LISTEN`.
     pub fn with_unsubscribe_grace(mut self, grace: Duration) -> Self {
         self.grace = grace;
         self
@@ -108,6 +127,16 @@ impl HubOptions {
         self
     }
 
+    /// Whether the watches also get the updates this pipe pushes (default yes): a session
+    /// then hears what another session of the process stored, as it hears other
+    /// processes' updates: once committed, in commit order (they come back from the
+    /// server; a push inside the caller's transaction, once that commits). Turn it off
+    /// when the application hands its own updates to its sessions itself.
+    pub fn with_own_updates(mut self, own: bool) -> Self {
+        self.own_updates = own;
+        self
+    }
+
     fn check(&self) -> Result<(), Error> {
         if self.watch_bound == 0 {
             return Err(Error::Config(
@@ -116,6 +145,12 @@ impl HubOptions {
         }
         if self.buffer == 0 {
             return Err(Error::Config("a hub's buffer must be at least 1".into()));
+        }
+        if self.grace > MAX_UNSUBSCRIBE_GRACE {
+            return Err(Error::Config(format!(
+                "a hub's unsubscribe grace is at most {} s",
+                MAX_UNSUBSCRIBE_GRACE.as_secs()
+            )));
         }
         Ok(())
     }
@@ -212,7 +247,11 @@ impl Hub {
             ));
         }
         let (events_tx, events) = mpsc::channel(options.buffer);
-        pipe.listen_events(events_tx).await?;
+        if options.own_updates {
+            pipe.listen_for_hub(events_tx).await?;
+        } else {
+            pipe.listen_events(events_tx).await?;
+        }
         let shared = Arc::new(Shared {
             table: Mutex::new(Table::new(options.grace, pipe.counters())),
             subscriptions: Arc::new(tokio::sync::Mutex::new(())),
@@ -253,6 +292,9 @@ impl Hub {
         options: WatchOptions,
     ) -> Result<Watch, Error> {
         let key = key.into();
+        if self.shared.pipe.is_closed() {
+            return Err(Error::Closed);
+        }
         let bound = options.bound.unwrap_or(self.shared.watch_bound);
         if bound == 0 {
             return Err(Error::Config("a watch's bound must be at least 1".into()));

@@ -2,7 +2,7 @@
 //! for it (the maddy layout). Pure and synchronous: the fan-out decisions are tested here
 //! without a server.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -252,17 +252,31 @@ impl Table {
                         offered += slot.offer_reload(&reason);
                     }
                 };
-                match &*reason {
-                    ResyncReason::Resubscribed { keys } => {
-                        keys.iter()
-                            .filter_map(|key| self.mailboxes.get(key))
-                            .for_each(&mut reload);
+                let named = match &*reason {
+                    ResyncReason::Resubscribed { keys } => keys.as_slice(),
+                    ResyncReason::Unrepresentable { key } => std::slice::from_ref(key),
+                    _ => {
+                        self.mailboxes.values().for_each(&mut reload);
+                        return (offered, false);
                     }
-                    ResyncReason::Unrepresentable { key } => {
-                        self.mailboxes.get(key).into_iter().for_each(&mut reload);
-                    }
-                    _ => self.mailboxes.values().for_each(&mut reload),
-                }
+                };
+                // By channel: two keys can share one (`5` and `"__uint64_5"`), and the pipe
+                // names whichever subscribed first.
+                let keys: HashSet<&MailboxKey> = named.iter().collect();
+                let channels: HashSet<String> = named
+                    .iter()
+                    .filter_map(|key| key.maddy_channel().ok())
+                    .map(|channel| channel.as_str().to_owned())
+                    .collect();
+                self.mailboxes
+                    .iter()
+                    .filter(|(key, _)| {
+                        keys.contains(key)
+                            || key
+                                .maddy_channel()
+                                .is_ok_and(|channel| channels.contains(channel.as_str()))
+                    })
+                    .for_each(|(_, mailbox)| reload(mailbox));
             }
             // Connection events and durable positions concern no mailbox.
             _ => {}

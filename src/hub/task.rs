@@ -15,11 +15,18 @@ use super::{Shared, TARGET};
 /// The most events routed under one hold of the table.
 const BATCH: usize = 256;
 
+/// The most watches offered events under one hold of the table: past it the table is let
+/// go between events, so that a watch opened or dropped meanwhile waits at most that long.
+const OFFERS_PER_HOLD: u64 = 4096;
+
 pub(super) async fn run(
     shared: Arc<Shared>,
     mut events: mpsc::Receiver<Event>,
     mut stopped: oneshot::Receiver<()>,
 ) {
+    // However the task ends (stopped, the pipe gone, a panic, aborted by the runtime), every
+    // watch ends with it rather than wait for events that will not come.
+    let _end = EndOnDrop(shared.clone());
     let mut batch = Vec::with_capacity(BATCH);
     let mut unsubscribing = JoinSet::new();
     loop {
@@ -44,10 +51,18 @@ pub(super) async fn run(
             }
         }
     }
-    shared.table().end();
     tracing::debug!(target: TARGET, "hub stopped");
     // Dropping `events` stops the pipe's listener (its connection, and every LISTEN, go
     // with it); dropping `unsubscribing` aborts what is left of it.
+}
+
+/// Ends the table (and so every watch) when dropped.
+struct EndOnDrop(Arc<Shared>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.table().end();
+    }
 }
 
 /// Routes a batch of events under one hold of the table.
@@ -57,8 +72,15 @@ fn route(shared: &Shared, batch: &mut Vec<Event>) {
     let mut graces = false;
     {
         let mut table = shared.table();
+        let mut held_for = 0;
         for event in batch.drain(..) {
+            if held_for > OFFERS_PER_HOLD {
+                drop(table);
+                table = shared.table();
+                held_for = 0;
+            }
             let (took, grace) = table.route(event, now);
+            held_for += took.visited;
             offered += took;
             graces |= grace;
         }

@@ -106,6 +106,8 @@ pub struct WatchStats {
 /// What offering an event to a slot did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Offered {
+    /// Watches offered an event (taken or not).
+    pub(super) visited: u64,
     /// Updates queued.
     pub(super) delivered: u64,
     /// Reload(Lagged) events newly queued.
@@ -116,6 +118,7 @@ pub(super) struct Offered {
 
 impl std::ops::AddAssign for Offered {
     fn add_assign(&mut self, other: Offered) {
+        self.visited += other.visited;
         self.delivered += other.delivered;
         self.lagged += other.lagged;
         self.missed += other.missed;
@@ -162,18 +165,22 @@ impl Slot {
     /// counted as missed with the rest: the reload reads past it. A destroyed mailbox's
     /// update is queued whatever the bound, and ends the watch.
     pub(super) fn offer_update(&self, update: &Arc<Update>) -> Offered {
+        let visited = Offered {
+            visited: 1,
+            ..Offered::default()
+        };
         if !self.kinds.admits(update.kind()) {
-            return Offered::default();
+            return visited;
         }
         let destroyed = update.kind() == UpdateKind::MailboxDestroyed;
         let mut queue = self.lock();
         if queue.ended {
-            return Offered::default();
+            return visited;
         }
         let was_empty = queue.events.is_empty();
         let mut offered = Offered {
             delivered: 1,
-            ..Offered::default()
+            ..visited
         };
         queue.stats.delivered += 1;
         let full = queue.events.len() >= self.bound;
@@ -191,17 +198,22 @@ impl Slot {
         offered
     }
 
-    /// Queues a reload (a resync of the pipe). A full queue lags as for an update.
+    /// Queues a reload (a resync of the pipe), unless the last event queued is a reload
+    /// already (reading the mailbox then covers this one too). A full queue lags as for
+    /// an update.
     pub(super) fn offer_reload(&self, reason: &Arc<ResyncReason>) -> Offered {
+        let mut offered = Offered {
+            visited: 1,
+            ..Offered::default()
+        };
         let mut queue = self.lock();
-        if queue.ended {
-            return Offered::default();
+        if queue.ended || matches!(queue.events.back(), Some(MailboxEvent::Reload(_))) {
+            return offered;
         }
         let was_empty = queue.events.is_empty();
-        let mut offered = Offered::default();
         if queue.events.len() >= self.bound {
             // The lag's reload stands for this one too.
-            offered = queue.lag(0);
+            offered += queue.lag(0);
         } else {
             queue
                 .events
@@ -347,9 +359,9 @@ impl Queue {
         self.stats.lagged += lagged;
         self.stats.missed += fresh;
         Offered {
-            delivered: 0,
             lagged,
             missed: fresh,
+            ..Offered::default()
         }
     }
 }

@@ -329,3 +329,55 @@ fn an_ended_hub_ends_its_watches_and_opens_none() {
     assert_eq!(a.take(), Some(None));
     assert!(table.open(&"a".into(), slot(10), false).is_err());
 }
+
+#[test]
+fn reloads_in_a_row_are_one_and_never_make_a_lag() {
+    let mut table = Table::new(GRACE, Arc::default());
+    let now = Instant::now();
+    let a = slot(3);
+    table.open(&"a".into(), a.clone(), false).unwrap();
+    let mut lagged = 0;
+    for _ in 0..5 {
+        lagged += table
+            .route(Event::Resync(ResyncReason::Reconnected), now)
+            .0
+            .lagged;
+    }
+    assert_eq!(lagged, 0);
+    assert_eq!(a.len(), 1, "one reload stands for the five");
+    // After an update, a resync is a reload of its own again.
+    table.route(new_message("a", 1), now);
+    table.route(Event::Resync(ResyncReason::Reconnected), now);
+    assert_eq!(
+        uids(&drain(&a)),
+        ["resync Reconnected", "1", "resync Reconnected"]
+    );
+}
+
+#[test]
+fn a_per_mailbox_resync_reaches_every_key_on_its_channel() {
+    let mut table = Table::new(GRACE, Arc::default());
+    let now = Instant::now();
+    // 5 and "__uint64_5" are one maddy channel; the pipe names whichever subscribed first.
+    let (id, name, other) = (slot(10), slot(10), slot(10));
+    table.open(&5.into(), id.clone(), false).unwrap();
+    table
+        .open(&"__uint64_5".into(), name.clone(), false)
+        .unwrap();
+    table.open(&6.into(), other.clone(), false).unwrap();
+    table.route(
+        Event::Resync(ResyncReason::Resubscribed {
+            keys: vec![5.into()],
+        }),
+        now,
+    );
+    table.route(
+        Event::Resync(ResyncReason::Unrepresentable {
+            key: "__uint64_6".into(),
+        }),
+        now,
+    );
+    assert_eq!(drain(&id).len(), 1);
+    assert_eq!(drain(&name).len(), 1);
+    assert_eq!(drain(&other).len(), 1);
+}
