@@ -33,6 +33,11 @@ pub struct Status {
     pub listen_works: Option<bool>,
     /// `pg_notification_queue_usage()`, from 0 to 1.
     pub queue_usage: f64,
+    /// Whether the notification queue is full: the listen probe's NOTIFY was refused with
+    /// "too many notifications in the NOTIFY queue" (SQLSTATE 54000). Every NOTIFY in the
+    /// cluster fails at commit meanwhile, and `listen_works` is `None` (nothing can be
+    /// sent to find out). `updatepipe status` exits 6.
+    pub queue_full: bool,
     /// The server's `idle_session_timeout` for this connection's role and database, in
     /// milliseconds (0: off; `None`: before PostgreSQL 14). A listener sends a statement
     /// on its connection every third of it.
@@ -174,11 +179,10 @@ async fn gather(config: &Config, count_listeners: bool) -> Result<Status, Error>
     } else {
         None
     };
-    let (listen_works, listeners) = if in_recovery {
-        (None, None)
+    let probe = if in_recovery {
+        Probe::default()
     } else {
-        let (works, listeners) = listen_probe(config, &client, &canceller, count_listeners).await?;
-        (Some(works), listeners)
+        listen_probe(config, &client, &canceller, count_listeners).await?
     };
     cancel.disarm();
     drop(client);
@@ -186,10 +190,11 @@ async fn gather(config: &Config, count_listeners: bool) -> Result<Status, Error>
     Ok(Status {
         server_version,
         in_recovery,
-        listen_works,
+        listen_works: probe.listen_works,
         queue_usage,
+        queue_full: probe.queue_full,
         idle_session_timeout_ms,
-        listeners,
+        listeners: probe.listeners,
         schema_version,
         log_entries,
         oldest_log_entry_secs,
@@ -198,16 +203,26 @@ async fn gather(config: &Config, count_listeners: bool) -> Result<Status, Error>
     })
 }
 
+/// What the listen probe found.
+#[derive(Debug, Default)]
+struct Probe {
+    /// `None`: not probed (a standby, or a full queue refused the probe's NOTIFY).
+    listen_works: Option<bool>,
+    listeners: Option<usize>,
+    queue_full: bool,
+}
+
 /// LISTENs on a fresh random channel and on the pipe's channel on one connection, NOTIFYs
 /// the first from `other`, and says whether that notification arrived within two seconds;
 /// with `count`, also counts the distinct listeners whose heartbeats arrive on the pipe's
-/// channel within one heartbeat period.
+/// channel within one heartbeat period. A NOTIFY the server refuses because its queue is
+/// full says so, and nothing else.
 async fn listen_probe(
     config: &Config,
     other: &tokio_postgres::Client,
     canceller: &Canceller,
     count: bool,
-) -> Result<(bool, Option<usize>), Error> {
+) -> Result<Probe, Error> {
     let channel = format!("updatepipe_probe_{:016x}", rand::random::<u64>());
     let (client, mut connection) = connect(config.server()).await?;
     let mut cancel = CancelOnDrop::new(canceller, &client);
@@ -220,12 +235,24 @@ async fn listen_probe(
     let mut heard = VecDeque::new();
     drive_until(&mut connection, client.batch_execute(&sql), &mut heard).await??;
     let started = tokio::time::Instant::now();
-    other
+    let sent = other
         .execute_typed(
             "SELECT pg_catalog.pg_notify($1, 'probe')",
             &[(&channel, Type::TEXT)],
         )
-        .await?;
+        .await;
+    match sent {
+        Ok(_) => {}
+        Err(e) if crate::pg::is_notify_queue_full(&e) => {
+            cancel.disarm();
+            close_politely(client, connection).await;
+            return Ok(Probe {
+                queue_full: true,
+                ..Probe::default()
+            });
+        }
+        Err(e) => return Err(e.into()),
+    }
     let period = config.listen_options().health_interval() / 2 + Duration::from_millis(500);
     let mut arrived = false;
     let mut origins = HashSet::new();
@@ -263,5 +290,9 @@ async fn listen_probe(
     .await;
     cancel.disarm();
     close_politely(client, connection).await;
-    Ok((arrived, count.then_some(origins.len())))
+    Ok(Probe {
+        listen_works: Some(arrived),
+        listeners: count.then_some(origins.len()),
+        queue_full: false,
+    })
 }

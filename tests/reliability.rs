@@ -709,6 +709,94 @@ async fn the_listener_samples_a_filling_notification_queue() {
     listener.close().await.unwrap();
 }
 
+/// A full notification queue is `status`'s "unhealthy" (`Status::queue_full`, exit 6),
+/// not a raw error from its probe's NOTIFY (exit 4 before). Filling the queue in a test
+/// takes `max_notify_queue_pages` (PostgreSQL 17 and later; `.ci/pg-matrix` runs this file
+/// on 17 and 18): before 17 the queue is 8 GB, and the test says that it did not run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_a_full_notification_queue_as_unhealthy() {
+    let mut cluster = own_cluster();
+    let admin = sql(cluster.port()).await;
+    let version: i32 = admin
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if version < 170_000 {
+        eprintln!("not run: PostgreSQL {version} has no max_notify_queue_pages (17 and later)");
+        return;
+    }
+    admin
+        .batch_execute("ALTER SYSTEM SET max_notify_queue_pages = 64")
+        .await
+        .unwrap();
+    drop(admin);
+    tokio::task::block_in_place(|| cluster.restart().unwrap());
+    let config = cluster_config(cluster.port(), &unique("queuefull"));
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port());
+    let status_cli = |extra: &[&str]| {
+        let mut args = vec!["status", "--url", &url];
+        args.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_updatepipe"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // A foreign session listens, then sits in an open transaction: the queue is held, and
+    // fills until the server refuses NOTIFY.
+    let holder = sql(cluster.port()).await;
+    holder.batch_execute("LISTEN held").await.unwrap();
+    holder.batch_execute("BEGIN").await.unwrap();
+    let sender = sql(cluster.port()).await;
+    let mut sent = 0;
+    let refused = loop {
+        match sender
+            .batch_execute("SELECT pg_notify('held', repeat('x', 7900))")
+            .await
+        {
+            Ok(()) => sent += 1,
+            Err(e) => break e,
+        }
+        assert!(sent < 10_000, "the queue never filled");
+    };
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::PROGRAM_LIMIT_EXCEEDED),
+        "{refused}"
+    );
+
+    let pipe = PgPipe::new(config).unwrap();
+    let status = pipe.status().await.unwrap();
+    assert!(status.queue_full, "{status:?}");
+    assert_eq!(status.listen_works, None, "{status:?}");
+    for extra in [&[][..], &["--queue-fail", "100"]] {
+        let output = status_cli(extra);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(6), "{extra:?}: {stdout}{stderr}");
+        assert!(stdout.contains("% FULL"), "{stdout}");
+        assert!(
+            stdout.contains("LISTEN works        unknown (the full notification queue"),
+            "{stdout}"
+        );
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("updatepipe: the notification queue is full"),
+            "{stderr}"
+        );
+    }
+
+    // Once the holder goes on, the queue drains: healthy again.
+    holder.batch_execute("COMMIT").await.unwrap();
+    let status = pipe.status().await.unwrap();
+    assert!(!status.queue_full, "{status:?}");
+    assert_eq!(status.listen_works, Some(true), "{status:?}");
+    let output = status_cli(&[]);
+    assert!(output.status.success(), "{output:?}");
+    eprintln!("the queue of 64 pages was full after {sent} notifications of 7.9 kB");
+    pipe.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_started_before_its_server_becomes_live_once_it_is_there() {
     let cluster = own_cluster();

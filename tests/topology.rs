@@ -169,13 +169,19 @@ async fn status_reports_a_transaction_pooling_proxy() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // A health check that fails: code 7, one line naming the cause and the fix.
+    assert_eq!(output.status.code(), Some(7), "{stdout}{stderr}");
     assert!(stdout.contains("LISTEN works        NO"), "{stdout}");
     assert!(stdout.contains("transaction-pooling proxy"), "{stdout}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("LISTEN does not work through this connection")
+            && stderr.contains("transaction-pooling proxy")
+            && stderr
+                .contains("connect listeners directly to the server, or through a session pool"),
+        "{stderr}"
+    );
 
     // Pushes do work through transaction pooling (no prepared statement outlives its
     // transaction), concurrently too; a direct listener receives them all.

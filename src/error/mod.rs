@@ -154,6 +154,22 @@ pub enum Error {
     )]
     Standby,
 
+    /// LISTEN does not work through this connection: notifications committed on the
+    /// server never reach it, while it answers statements. A transaction-pooling proxy
+    /// (PgBouncer in transaction or statement mode) is the usual cause: it hands the server
+    /// connection that ran `LISTEN` to other clients after each transaction.
+    /// `updatepipe status` exits with code 7. Connect listeners directly to the server, or through a session pool;
+    /// pushes work through a transaction pool.
+    #[error(
+        "LISTEN does not work through this connection ({evidence}): a transaction-pooling \
+         proxy (PgBouncer in transaction or statement mode) is the usual cause; connect \
+         listeners directly to the server, or through a session pool (pool_mode = session)"
+    )]
+    ListenUnsupported {
+        /// What showed it.
+        evidence: String,
+    },
+
     /// `listen` was called on a pipe that is already listening.
     #[error("this pipe is already listening; create another pipe for a second listener")]
     AlreadyListening,

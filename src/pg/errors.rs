@@ -100,6 +100,13 @@ pub(crate) fn is_proxy_refusal(e: &tokio_postgres::Error) -> bool {
     )
 }
 
+/// Whether the server refused a NOTIFY because its notification queue is full (54000,
+/// "too many notifications in the NOTIFY queue"): every NOTIFY in the cluster fails at
+/// commit until the listener holding the queue back reads or goes.
+pub(crate) fn is_notify_queue_full(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::PROGRAM_LIMIT_EXCEEDED)
+}
+
 /// Whether the statement was cancelled (by the pipe, or by the server's
 /// `statement_timeout`).
 pub(crate) fn is_cancelled(e: &tokio_postgres::Error) -> bool {

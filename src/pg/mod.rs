@@ -30,7 +30,8 @@ pub(crate) use connect::{
 };
 pub(crate) use errors::{
     is_auth_failure, is_cancelled, is_connection_lost, is_fatal, is_insufficient_privilege,
-    is_lock_timeout, is_missing_log, is_proxy_refusal, is_unique_violation, is_unknown_database,
+    is_lock_timeout, is_missing_log, is_notify_queue_full, is_proxy_refusal, is_unique_violation,
+    is_unknown_database,
 };
 #[cfg(feature = "sqlx")]
 pub(crate) use errors::{

@@ -42,7 +42,10 @@ Exit codes:
   3  PostgreSQL unreachable: no host answered, or the connection broke
   4  PostgreSQL refused a statement (permissions, a failed migration, a full queue)
   5  PostgreSQL refused the login (password, role, pg_hba.conf)
-  6  status: the server is reachable but unhealthy (notification queue above --queue-fail)";
+  6  status: the server is reachable but unhealthy (notification queue full, or above
+     --queue-fail)
+  7  status: LISTEN does not work through this connection (a transaction-pooling
+     proxy: connect listeners directly to the server, or through a session pool)";
 
 /// `--channel`, for the commands that use one.
 #[derive(clap::Args, Debug)]
@@ -261,8 +264,10 @@ pub(crate) enum Command {
     /// notification queue, the server's idle timeouts, the durable log and the schema
     /// version.
     ///
-    /// A health check: exits 6 when the notification queue is fuller than --queue-fail
-    /// (when it is full, every NOTIFY in the cluster fails), and warns above --queue-warn.
+    /// A health check: exits 6 when the notification queue is full or fuller than
+    /// --queue-fail (when it is full, every NOTIFY in the cluster fails), and warns above
+    /// --queue-warn; exits 7 when LISTEN does not work through this connection (a
+    /// transaction-pooling proxy).
     ///
     /// Answers in well under a second; --listeners also counts the listeners on the
     /// channel, which takes half a health interval (about 5.5 s).

@@ -268,10 +268,19 @@ pub(crate) fn print_status(pipe: &PgPipe, status: &updatepipe::Status, queue_war
             "LISTEN works        NO: a probe notification never arrived; a transaction-pooling \
              proxy (PgBouncer in transaction mode) breaks LISTEN: connect listeners directly"
         ),
+        None if status.queue_full => {
+            outln!("LISTEN works        unknown (the full notification queue refused the probe)")
+        }
         None => outln!("LISTEN works        unknown (cannot NOTIFY on a standby)"),
     }
     let usage = status.queue_usage * 100.0;
-    if usage > queue_warn {
+    if status.queue_full {
+        outln!(
+            "queue usage         {usage:.6} % FULL: the server refuses every NOTIFY in the \
+             cluster; some session of this database listens and does not read (a LISTEN in \
+             a transaction left open?)"
+        );
+    } else if usage > queue_warn {
         outln!(
             "queue usage         {usage:.6} % WARNING: above {queue_warn} %; some session of \
              this database listens and does not read (a LISTEN in a transaction left open?)"

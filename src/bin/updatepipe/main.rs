@@ -47,9 +47,12 @@ mod exit {
     pub const SERVER: u8 = 4;
     /// The server refused the login.
     pub const AUTH: u8 = 5;
-    /// `status`: the server is reachable but unhealthy (the notification queue above
-    /// --queue-fail).
+    /// `status`: the server is reachable but unhealthy (the notification queue full, or
+    /// above --queue-fail).
     pub const UNHEALTHY: u8 = 6;
+    /// `status`: LISTEN does not work through this connection (a
+    /// transaction-pooling proxy).
+    pub const LISTEN_UNSUPPORTED: u8 = 7;
 }
 
 /// `status` found the server unhealthy: exit 6.
@@ -124,6 +127,37 @@ fn one_line(e: &anyhow::Error) -> String {
     line
 }
 
+/// What `status` exits with: 6 when the notification queue is full or fuller than
+/// `queue_fail` percent, else 7 when LISTEN does not work through this connection, else 0.
+fn status_verdict(status: &updatepipe::Status, queue_fail: f64) -> anyhow::Result<()> {
+    let usage = status.queue_usage * 100.0;
+    if status.queue_full {
+        return Err(Unhealthy(
+            "the notification queue is full: the server refuses every NOTIFY in the cluster; \
+             a session of this database listens and does not read (end it, or the \
+             transaction it left open)"
+                .into(),
+        )
+        .into());
+    }
+    if usage > queue_fail {
+        return Err(Unhealthy(format!(
+            "the notification queue is {usage:.4} % full, above --queue-fail \
+             {queue_fail} %: a session of this database listens and does not read"
+        ))
+        .into());
+    }
+    if status.listen_works == Some(false) {
+        return Err(Error::ListenUnsupported {
+            evidence: "a probe notification sent from another connection did not arrive \
+                       within 2 s"
+                .into(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// The pipe's channel, refused when it is a maddy mailbox's (`__uint64_N`): the pipe's
 /// envelopes and heartbeats there would reach maddy's nodes as updates they cannot read.
 fn pipe_channel(name: &str) -> Result<ChannelName, Error> {
@@ -145,6 +179,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         Some(e) if e.is_invalid_input() => exit::BAD_INPUT,
         Some(e) if e.is_auth() => exit::AUTH,
         Some(e) if e.is_connection() => exit::CONNECTION,
+        Some(Error::ListenUnsupported { .. }) => exit::LISTEN_UNSUPPORTED,
         Some(
             Error::Postgres(_)
             | Error::Migrate(_)
@@ -314,15 +349,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             pipe.close().await?;
             print_status(&pipe, &status, queue_warn);
-            let usage = status.queue_usage * 100.0;
-            if usage > queue_fail {
-                return Err(Unhealthy(format!(
-                    "the notification queue is {usage:.4} % full, above --queue-fail \
-                     {queue_fail} %: a session of this database listens and does not read"
-                ))
-                .into());
-            }
-            Ok(())
+            status_verdict(&status, queue_fail)
         }
         Command::Demo { layout, channel } => {
             let channel = channel.map(ChannelName::new).transpose()?;
