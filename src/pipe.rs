@@ -69,6 +69,8 @@ struct Inner {
     listening: AtomicBool,
     closed: AtomicBool,
     counters: Arc<Counters>,
+    /// The error that stopped the listener by itself, once it did.
+    ended: crate::listen::Ended,
     /// Set once a durable pipe found the schema migrated far enough.
     schema_checked: tokio::sync::OnceCell<()>,
     /// The last failed schema check, given again for a moment (so that a push-heavy process
@@ -93,6 +95,7 @@ impl PgPipe {
                 acks: std::sync::Mutex::new(None),
                 listening: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
+                ended: Default::default(),
                 counters,
                 schema_checked: tokio::sync::OnceCell::new(),
                 schema_refused: std::sync::Mutex::new(None),
@@ -261,6 +264,16 @@ impl PgPipe {
                     .into(),
             )),
         }
+    }
+
+    /// Why the listener stopped by itself, once it did (its channel then ends, after a
+    /// last [`Event::Disconnected`] saying the same): [`Error::ListenUnsupported`] when
+    /// notifications do not reach its connection although it answers (a transaction-pooling
+    /// proxy), [`Error::ConsumerTaken`] when another session took its named consumer, or the
+    /// last error reconnecting once the configured attempts are used up. `None` while it
+    /// runs, before it starts, and when [`close`](UpdatePipe::close) stopped it.
+    pub fn listen_ended(&self) -> Option<Error> {
+        self.inner.ended.lock().expect("ended slot").clone()
     }
 
     /// A named consumer: writes the newest acknowledged position now, rather than within
@@ -474,6 +487,7 @@ impl PgPipe {
             self.inner.counters.clone(),
             self.inner.pusher.pool(),
             &self.inner.closed,
+            self.inner.ended.clone(),
             own_updates,
         )
         .await;

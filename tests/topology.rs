@@ -208,23 +208,65 @@ async fn status_reports_a_transaction_pooling_proxy() {
     }
     assert_eq!(support::receive_exactly(&mut rx, 200).await.len(), 200);
 
-    // A listener through it is not silently deaf: its heartbeat, sent from another
-    // connection, never comes back, and it says so.
-    let deaf = PgPipe::new(through.with_listen(|l| l.with_health_interval(Duration::from_secs(1))))
-        .unwrap();
+    // A listener through it is not silently deaf, and does not flap: its heartbeats, sent
+    // from another connection, never come back while its connection answers, and it stops
+    // within two health intervals with the error that names the cause and the fix.
+    let interval = Duration::from_secs(1);
+    let deaf = PgPipe::new(through.with_listen(|l| l.with_health_interval(interval))).unwrap();
     let (tx, mut events) = mpsc::channel(100);
+    let started = std::time::Instant::now();
     deaf.listen_events(tx).await.unwrap();
-    let disconnected = tokio::time::timeout(Duration::from_secs(10), async {
+    let mut disconnects = Vec::new();
+    tokio::time::timeout(10 * interval, async {
         while let Some(event) = events.recv().await {
             if let updatepipe::Event::Disconnected { reason } = event {
-                return reason;
+                disconnects.push(reason);
             }
         }
-        String::new()
     })
     .await
-    .expect("a listener behind transaction pooling reports that it is deaf");
-    assert!(disconnected.contains("heartbeat"), "{disconnected}");
+    .expect("a listener behind transaction pooling stops");
+    let took = started.elapsed();
+    let ended = deaf
+        .listen_ended()
+        .expect("the listener says why it stopped");
+    assert!(
+        matches!(&ended, Error::ListenUnsupported { evidence } if evidence.contains("heartbeats")),
+        "{ended:?}"
+    );
+    assert!(took < 2 * interval, "stopped after {took:?}");
+    // One event, the error's words: no reconnect before.
+    assert_eq!(disconnects, [ended.to_string()], "{disconnects:?}");
+    eprintln!("a listener behind transaction pooling stopped after {took:?}: {ended}");
+
+    // The command line: `listen` exits 7 with that one line, within two health intervals
+    // (the default, 10 s).
+    let started = std::time::Instant::now();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_updatepipe"))
+        .args([
+            "listen",
+            "--channel",
+            &channel,
+            "--url",
+            &format!(
+                "postgres://postgres@127.0.0.1:{}/postgres",
+                transaction.port()
+            ),
+        ])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(7), "{stderr}");
+    let errors: Vec<_> = stderr
+        .lines()
+        .filter(|l| l.starts_with("updatepipe: LISTEN does not work"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(!stderr.contains("reconnecting"), "{stderr}");
+    assert!(!stderr.contains("the connection is dead"), "{stderr}");
+    assert!(took < Duration::from_secs(20), "exited after {took:?}");
+    eprintln!("updatepipe listen through transaction pooling exited 7 after {took:?}");
     for pipe in [deaf, listener] {
         pipe.close().await.unwrap();
     }

@@ -157,8 +157,10 @@ pub enum Error {
     /// LISTEN does not work through this connection: notifications committed on the
     /// server never reach it, while it answers statements. A transaction-pooling proxy
     /// (PgBouncer in transaction or statement mode) is the usual cause: it hands the server
-    /// connection that ran `LISTEN` to other clients after each transaction.
-    /// `updatepipe status` exits with code 7. Connect listeners directly to the server, or through a session pool;
+    /// connection that ran `LISTEN` to other clients after each transaction. A listener
+    /// that finds this stops with this error ([`PgPipe::listen_ended`](crate::PgPipe::listen_ended)),
+    /// rather than reconnecting for ever; `updatepipe status` and `updatepipe listen` exit
+    /// with code 7. Connect listeners directly to the server, or through a session pool;
     /// pushes work through a transaction pool.
     #[error(
         "LISTEN does not work through this connection ({evidence}): a transaction-pooling \

@@ -40,6 +40,8 @@ pub(super) struct Dispatch {
     counters: Arc<Counters>,
     /// A named consumer's acknowledgements: each new session's epoch goes to them.
     acks: Option<Arc<super::acks::Acks>>,
+    /// Heartbeats showed that notifications do not reach this connection: why.
+    unheard: Option<String>,
 }
 
 /// The pacing of the warnings senders and the server can provoke: at most one line per
@@ -101,6 +103,7 @@ impl Dispatch {
             page_pause: settings.page_pause(),
             counters,
             acks: None,
+            unheard: None,
         };
         dispatch.outbox.emit(Event::Connected);
         if let Some(change) = moved {
@@ -204,9 +207,27 @@ impl Dispatch {
         self.heartbeat.clock.due(now)
     }
 
-    /// Why the connection is dead, when the outstanding heartbeat is late.
-    pub(super) fn heartbeat_late(&self, now: Instant) -> Option<String> {
-        self.heartbeat.clock.late(now)
+    /// Whether the outstanding heartbeat is late (see `heartbeat`).
+    pub(super) fn heartbeat_late(&self, now: Instant) -> bool {
+        self.heartbeat.clock.is_late(now)
+    }
+
+    /// Whether the connection is to be proved by a statement of its own now: the
+    /// heartbeat is late, or could not be sent.
+    pub(super) fn wants_proof(&self, now: Instant) -> bool {
+        self.heartbeat.clock.wants_proof(now)
+    }
+
+    /// The proof goes into the query slot now; how long it has to answer.
+    pub(super) fn proof_started(&mut self) -> Duration {
+        self.heartbeat.clock.proof_started();
+        self.heartbeat.clock.proof_after()
+    }
+
+    /// Why LISTEN does not work through this connection, once the heartbeats showed it
+    /// (the session then ends, and the listener with it).
+    pub(super) fn take_unheard(&mut self) -> Option<String> {
+        self.unheard.take()
     }
 
     /// How often the loop checks for a late heartbeat.

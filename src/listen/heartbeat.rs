@@ -1,13 +1,29 @@
 //! Heartbeats: the listener proves its connection by sending itself a notification now and
 //! then, from another connection, and waiting for it to come back.
 //!
-//! A heartbeat goes out every half interval and must be back within 0.4 interval, checked
-//! every tenth: a dead path is found within one interval. It has a slot of its own in the
-//! connection loop, so that a slow query never delays the proof that the connection works.
-//! It is sent from another connection (the pipe's pool), as every other update is, so its
-//! coming back proves what matters: a notification committed elsewhere reaches this
-//! listener. (Sent on the listener's own connection through a transaction-pooling proxy, it
-//! could come back while nothing else does.)
+//! A heartbeat goes out every half interval and is expected back within 0.2 interval of
+//! its commit, checked every tenth. It has a slot of its own in the connection loop, so
+//! that a slow query never delays the proof that the connection works. It is sent from another
+//! connection (the pipe's pool), as every other update is, so its coming back proves what
+//! matters: a notification committed elsewhere reaches this listener. (Sent on the
+//! listener's own connection through a transaction-pooling proxy, it could come back while
+//! nothing else does.)
+//!
+//! A heartbeat that is late is not yet a verdict on the listener's connection: the loop
+//! then proves the connection itself with a statement of its own (`SELECT 1`), which must
+//! answer within 0.2 interval:
+//!
+//! - no answer: the connection is dead (a dead path is found within one interval: half an
+//!   interval to the heartbeat, 0.2 to its lateness, 0.2 to the proof's, and a tick);
+//! - an answer, the heartbeat committed before the statement was sent and still not
+//!   here: notifications committed on the server do not reach this connection, although it
+//!   answers. The server writes a notification out before the answer to a later statement,
+//!   so this is no question of waiting longer. Twice in a row ([`UNHEARD_LIMIT`]) and the
+//!   listener stops with [`Error::ListenUnsupported`](crate::Error::ListenUnsupported): a
+//!   transaction-pooling proxy, which no reconnect mends;
+//! - an answer while the heartbeat is still being sent (its pooled connection is slow to
+//!   come: a silent first host costs a connect timeout), or could not be sent at all: the
+//!   connection is fine, and stays. A slow pool never tears a healthy listener down.
 
 use std::time::Duration;
 
@@ -21,14 +37,58 @@ use crate::envelope::Packer;
 use crate::error::pg_message;
 use crate::pg::{Canceller, Lent};
 
-/// The heartbeat's clock: its number, the one outstanding, and when the next is due.
+/// How many heartbeats in a row may go out, and not come back although the connection
+/// answered a statement sent after their commit, before the listener gives up: LISTEN does
+/// not work through this connection.
+pub(super) const UNHEARD_LIMIT: u32 = 2;
+
+/// The heartbeat outstanding: sent (or being sent), not back yet.
+#[derive(Clone, Copy, Debug)]
+struct Outstanding {
+    seq: u64,
+    /// When it was due: its lag, end to end, counts from here.
+    sent_at: Instant,
+    /// Whether `pg_notify` committed (the pooled connection answered).
+    committed: bool,
+    /// Its time to come back (or, while it is being sent, to be sent) counts from here:
+    /// its commit, moved on while a query held notifications back.
+    counting_from: Instant,
+}
+
+/// Where the proof of the connection by a statement of its own stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Proof {
+    /// None wanted.
+    Idle,
+    /// Wanted: a heartbeat could not be sent.
+    Wanted,
+    /// Running; `Some(seq)`: for heartbeat `seq`, which had committed and was late.
+    Running(Option<u64>),
+}
+
+/// What a proof of the connection that answered comes to.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Proved {
+    /// The connection is fine.
+    Fine,
+    /// Notifications do not reach this connection, though it answers: why, in words.
+    Unheard(String),
+}
+
+/// The heartbeat's clock: its number, the one outstanding, when the next is due, and the
+/// proof of the connection by a statement.
 #[derive(Debug)]
 pub(super) struct Clock {
     interval: Duration,
     seq: u64,
-    /// The heartbeat sent and not yet back: its number and when it was sent.
-    outstanding: Option<(u64, Instant)>,
+    outstanding: Option<Outstanding>,
     next_due: Instant,
+    proof: Proof,
+    /// When the connection last answered a proof.
+    last_proved: Option<Instant>,
+    /// Heartbeats in a row that committed and did not come back, although the connection
+    /// answered a statement sent after them.
+    unheard: u32,
 }
 
 impl Clock {
@@ -39,6 +99,9 @@ impl Clock {
             seq: 0,
             outstanding: None,
             next_due: now + interval / 2,
+            proof: Proof::Idle,
+            last_proved: None,
+            unheard: 0,
         }
     }
 
@@ -52,9 +115,17 @@ impl Clock {
         }
     }
 
-    /// How long a heartbeat may take to come back.
+    /// How long a heartbeat may take to come back while a query holds notifications back
+    /// (then the query is cancelled, and has as long again to answer), and the base of the
+    /// time it has to be sent.
     pub(super) fn timeout(&self) -> Duration {
         self.interval * 2 / 5
+    }
+
+    /// How long a heartbeat may take to come back after its commit (or to be sent) before
+    /// the connection is proved by a statement, and how long that statement has to answer.
+    pub(super) fn proof_after(&self) -> Duration {
+        self.interval / 5
     }
 
     /// The number of the heartbeat to send now, if one is due (none is while one is
@@ -64,53 +135,158 @@ impl Clock {
             return None;
         }
         self.seq += 1;
-        self.outstanding = Some((self.seq, now));
+        self.outstanding = Some(Outstanding {
+            seq: self.seq,
+            sent_at: now,
+            committed: false,
+            counting_from: now,
+        });
         self.next_due = now + self.interval / 2;
         Some(self.seq)
     }
 
+    /// Heartbeat `seq` was committed on its pooled connection now: its time to come back
+    /// counts from here. (It may have come back already.)
+    pub(super) fn committed(&mut self, seq: u64, now: Instant) {
+        if let Some(o) = &mut self.outstanding
+            && o.seq == seq
+        {
+            o.committed = true;
+            o.counting_from = now;
+        }
+    }
+
     /// This listener's heartbeat `seq` came back.
     pub(super) fn heard(&mut self, seq: u64) {
-        if let Some((outstanding, sent_at)) = self.outstanding
-            && outstanding == seq
+        if let Some(o) = self.outstanding
+            && o.seq == seq
         {
             // From the send (before its commit) to its arrival here: the path every update
             // takes, end to end.
-            crate::stats::heartbeat_lag(sent_at.elapsed());
+            crate::stats::heartbeat_lag(o.sent_at.elapsed());
             self.outstanding = None;
+            self.unheard = 0;
         }
     }
 
-    /// Why the connection is dead, when the outstanding heartbeat is late.
-    pub(super) fn late(&self, now: Instant) -> Option<String> {
-        let (seq, sent_at) = self.outstanding?;
-        let timeout = self.timeout();
-        (now.saturating_duration_since(sent_at) > timeout).then(|| {
-            format!("heartbeat {seq} did not come back within {timeout:?}: the connection is dead")
-        })
+    /// Whether the connection is to be proved by a statement of its own now: a heartbeat
+    /// could not be sent, or the outstanding one is late (to come back after its commit, or
+    /// to be sent at all). Not while a proof runs.
+    pub(super) fn wants_proof(&self, now: Instant) -> bool {
+        self.proof == Proof::Wanted || self.late_by(now, self.proof_after())
+    }
+
+    /// Whether the outstanding heartbeat is late while a query runs: not back (or not
+    /// sent) within [`timeout`](Clock::timeout). Then the query is cancelled.
+    pub(super) fn is_late(&self, now: Instant) -> bool {
+        self.late_by(now, self.timeout())
+    }
+
+    /// Whether the outstanding heartbeat has not come back (or not been sent) within
+    /// `after`, while no proof runs.
+    fn late_by(&self, now: Instant, after: Duration) -> bool {
+        !matches!(self.proof, Proof::Running(_))
+            && self
+                .outstanding
+                .is_some_and(|o| now.saturating_duration_since(o.counting_from) > after)
+    }
+
+    /// The proof asked by [`wants_proof`](Clock::wants_proof) was sent now.
+    pub(super) fn proof_started(&mut self) {
+        let late = self.outstanding.filter(|o| o.committed).map(|o| o.seq);
+        self.proof = Proof::Running(late);
+    }
+
+    /// The connection answered the proof now: what that comes to.
+    pub(super) fn proved(&mut self, now: Instant) -> Proved {
+        let Proof::Running(late) = std::mem::replace(&mut self.proof, Proof::Idle) else {
+            return Proved::Fine;
+        };
+        self.last_proved = Some(now);
+        match self.outstanding {
+            // Committed before the statement went out, and not here before its answer.
+            Some(o) if late == Some(o.seq) => {
+                self.unheard += 1;
+                self.outstanding = None;
+                // The next at once: a second opinion, or the end.
+                self.next_due = now;
+                if self.unheard >= UNHEARD_LIMIT {
+                    return Proved::Unheard(format!(
+                        "{} heartbeats in a row, committed on the server, never came back \
+                         while the connection answered statements sent after them",
+                        self.unheard
+                    ));
+                }
+                tracing::debug!(
+                    target: TARGET,
+                    seq = o.seq,
+                    "a heartbeat did not come back though the connection answers; sending \
+                     another"
+                );
+                Proved::Fine
+            }
+            // Still being sent (its pooled connection is slow to come): another timeout.
+            Some(mut o) => {
+                o.counting_from = now;
+                self.outstanding = Some(o);
+                Proved::Fine
+            }
+            None => Proved::Fine,
+        }
+    }
+
+    /// Why the connection is dead: the proof did not answer within `after`.
+    pub(super) fn unproved(&mut self, after: Duration) -> String {
+        self.proof = Proof::Idle;
+        match self.outstanding {
+            Some(o) if o.committed => format!(
+                "heartbeat {} did not come back, and the connection did not answer a statement \
+                 within {after:?}: the connection is dead",
+                o.seq
+            ),
+            _ => format!(
+                "the connection did not answer a statement within {after:?}: the connection is \
+                 dead"
+            ),
+        }
     }
 
     /// A query on the listener's connection ended now: notifications (the outstanding
-    /// heartbeat among them) waited while it ran, so the heartbeat's time counts from now.
+    /// heartbeat among them) waited while it ran, so the heartbeat's time counts from now;
+    /// and the connection answered, which is the proof a failed send wanted.
     pub(super) fn busy_until(&mut self, now: Instant) {
-        if let Some((_, sent_at)) = &mut self.outstanding
-            && *sent_at < now
+        if let Some(o) = &mut self.outstanding
+            && o.counting_from < now
         {
-            *sent_at = now;
+            o.counting_from = now;
+        }
+        if self.proof == Proof::Wanted {
+            self.proof = Proof::Idle;
+            self.last_proved = Some(now);
         }
     }
 
-    /// The heartbeat could not be sent on the pooled connection: no verdict on this one.
-    /// The next goes out soon.
+    /// The heartbeat could not be sent on a pooled connection (none could be had, or it did
+    /// not answer in time, or refused): no verdict on the listener's connection, which is
+    /// proved by a statement instead (unless it answered one within the timeout). The next
+    /// heartbeat goes out soon.
     pub(super) fn send_failed(&mut self, now: Instant) {
         self.outstanding = None;
         self.next_due = now + self.interval / 10;
+        let recently = self
+            .last_proved
+            .is_some_and(|at| now.saturating_duration_since(at) <= self.timeout());
+        if self.proof == Proof::Idle && !recently {
+            self.proof = Proof::Wanted;
+        }
     }
 
-    /// A new connection: nothing is outstanding on it, and the next is due in half an
-    /// interval.
+    /// A new connection: nothing is outstanding on it, no proof runs, and the next is due
+    /// in half an interval.
     pub(super) fn on_reconnect(&mut self, now: Instant) {
         self.outstanding = None;
+        self.proof = Proof::Idle;
+        self.unheard = 0;
         self.next_due = now + self.interval / 2;
     }
 }
@@ -118,7 +294,8 @@ impl Clock {
 /// What sending a heartbeat came to.
 #[derive(Debug)]
 pub(super) enum Sent {
-    Sent(Result<u64, tokio_postgres::Error>),
+    /// Heartbeat `seq` went out, or its statement failed.
+    Sent(u64, Result<u64, tokio_postgres::Error>),
     /// No pooled connection could be had, or the one it went out on did not answer in time.
     Unsent(String),
 }
@@ -133,6 +310,10 @@ pub(super) struct Heartbeat {
     pool: deadpool_postgres::Pool,
     /// Cancels a heartbeat given up on.
     canceller: Canceller,
+    /// How long sending may take, checkout included: the time a heartbeat has to come
+    /// back, and a connect timeout per host on top (a checkout may open a connection,
+    /// which may try every host).
+    send_within: Duration,
 }
 
 impl Heartbeat {
@@ -142,18 +323,24 @@ impl Heartbeat {
         channel: String,
         pool: deadpool_postgres::Pool,
         canceller: Canceller,
+        connect_budget: Duration,
     ) -> Heartbeat {
+        let send_within = clock.timeout() + connect_budget;
         Heartbeat {
             clock,
             packer,
             channel,
             pool,
             canceller,
+            send_within,
         }
     }
 
     /// Sends the heartbeat `seq` (the clock's due one), within the time it has to come back
-    /// (checkout included). A heartbeat whose connection does not answer by then, or that
+    /// and a connect budget (checkout included: a silent first host must not keep
+    /// heartbeats from going out through the next). Meanwhile the listener's connection is
+    /// proved by a statement of its own when the send is slow, so a slow checkout says
+    /// nothing against it. A heartbeat whose connection does not answer by then, or that
     /// is dropped unfinished (its session ended), is cancelled and its connection closed,
     /// never pooled again, and with it the pool's idle connections: they may sit behind the
     /// same dead path (a NAT or a middlebox that forgot the flows open at one moment), and
@@ -164,15 +351,14 @@ impl Heartbeat {
         let channel = self.channel.clone();
         let pool = self.pool.clone();
         let canceller = self.canceller.clone();
-        let deadline = self.clock.timeout();
+        let deadline = self.send_within;
         async move {
             let mut fresh = FreshAfterFault(Some(pool.clone()));
             let send = async {
                 let lent = match pool.get().await {
                     Ok(client) => Lent::new(client, &canceller),
-                    // No connection to send it: it will not come back, and the listener
-                    // treats its connection as dead when the time is up, as it must
-                    // when the server cannot be reached.
+                    // No connection to send it: no verdict on the listener's connection,
+                    // which is proved by a statement of its own instead.
                     Err(e) => return Sent::Unsent(e.to_string()),
                 };
                 let sent = lent
@@ -186,7 +372,7 @@ impl Heartbeat {
                     Ok(_) => lent.answered(),
                     Err(e) => lent.ended_with(e),
                 }
-                Sent::Sent(sent)
+                Sent::Sent(seq, sent)
             };
             match tokio::time::timeout(deadline, send).await {
                 Ok(sent) => {
@@ -195,7 +381,7 @@ impl Heartbeat {
                     }
                     sent
                 }
-                // Left to the clock: a path that does not answer at all looks like this.
+                // A path that does not answer at all looks like this.
                 Err(_) => Sent::Unsent(format!(
                     "the pooled connection did not answer within {deadline:?}; closed"
                 )),
@@ -207,16 +393,20 @@ impl Heartbeat {
     /// Notes what sending came to; `true` when the heartbeat went out.
     pub(super) fn on_sent(&mut self, sent: Sent) -> bool {
         match sent {
-            Sent::Sent(Ok(_)) => true,
+            Sent::Sent(seq, Ok(_)) => {
+                self.clock.committed(seq, Instant::now());
+                true
+            }
             Sent::Unsent(reason) => {
                 tracing::debug!(target: TARGET, %reason, "no connection to send a heartbeat");
+                self.clock.send_failed(Instant::now());
                 false
             }
-            Sent::Sent(Err(e)) => {
+            Sent::Sent(_, Err(e)) => {
                 // It went out on a pooled connection, not this one (a pooled connection
                 // left over from before a server restart, say): no verdict on this
-                // connection. Send the next one soon, on another pooled connection; if none
-                // can be had, that one stays unanswered and the clock decides.
+                // connection, which is proved by a statement of its own. Send the next one
+                // soon, on another pooled connection.
                 tracing::debug!(
                     target: TARGET,
                     error = %pg_message(&e),
@@ -277,22 +467,117 @@ mod tests {
     }
 
     #[test]
-    fn late_after_four_tenths() {
+    fn late_two_tenths_after_its_commit_asks_for_a_proof() {
         let start = Instant::now();
         let mut clock = Clock::new(10 * SECOND, start);
         assert_eq!(clock.tick_every(), SECOND);
         assert_eq!(clock.timeout(), 4 * SECOND);
+        assert_eq!(clock.proof_after(), 2 * SECOND);
         clock.due(start + 5 * SECOND).unwrap();
-        assert_eq!(clock.late(start + 9 * SECOND), None);
-        let reason = clock
-            .late(start + 9 * SECOND + Duration::from_millis(1))
-            .unwrap();
-        assert_eq!(
-            reason,
-            "heartbeat 1 did not come back within 4s: the connection is dead"
-        );
+        // Committed 3 s later (a slow checkout): its time counts from there.
+        clock.committed(1, start + 8 * SECOND);
+        assert!(!clock.wants_proof(start + 10 * SECOND));
+        assert!(clock.wants_proof(start + 10 * SECOND + Duration::from_millis(1)));
+        // A query running meanwhile is cancelled only after 0.4 interval.
+        assert!(!clock.is_late(start + 12 * SECOND));
+        assert!(clock.is_late(start + 12 * SECOND + Duration::from_millis(1)));
         clock.heard(1);
-        assert_eq!(clock.late(start + 60 * SECOND), None);
+        assert!(!clock.wants_proof(start + 60 * SECOND));
+        assert!(!clock.is_late(start + 60 * SECOND));
+    }
+
+    #[test]
+    fn a_slow_send_is_no_verdict_when_the_connection_answers() {
+        let start = Instant::now();
+        let mut clock = Clock::new(10 * SECOND, start);
+        clock.due(start + 5 * SECOND).unwrap();
+        // Still being sent after 2 s: prove the connection.
+        let late = start + 7 * SECOND + Duration::from_millis(1);
+        assert!(clock.wants_proof(late));
+        clock.proof_started();
+        assert!(!clock.wants_proof(late + SECOND), "one proof at a time");
+        assert_eq!(clock.proved(late + SECOND), Proved::Fine);
+        // Another 2 s for the send, then another proof.
+        assert!(!clock.wants_proof(late + 3 * SECOND));
+        assert!(clock.wants_proof(late + 3 * SECOND + Duration::from_millis(1)));
+        // It went out at last, and came back: nothing counted against the connection.
+        clock.committed(1, late + 3 * SECOND);
+        clock.heard(1);
+        assert_eq!(clock.unheard, 0);
+    }
+
+    #[test]
+    fn heartbeats_unheard_while_the_connection_answers_twice_in_a_row_end_it() {
+        let start = Instant::now();
+        let mut clock = Clock::new(SECOND, start);
+        let half = SECOND / 2;
+        let timeout = clock.proof_after();
+        let due = start + half;
+        assert_eq!(clock.due(due), Some(1));
+        clock.committed(1, due);
+        let late = due + timeout + Duration::from_millis(1);
+        assert!(clock.wants_proof(late));
+        clock.proof_started();
+        assert_eq!(clock.proved(late), Proved::Fine, "one may be a fluke");
+        // The next goes out at once.
+        assert_eq!(clock.due(late), Some(2));
+        clock.committed(2, late);
+        let later = late + timeout + Duration::from_millis(1);
+        assert!(clock.wants_proof(later));
+        clock.proof_started();
+        let Proved::Unheard(why) = clock.proved(later) else {
+            panic!("two in a row")
+        };
+        assert_eq!(
+            why,
+            "2 heartbeats in a row, committed on the server, never came back while the \
+             connection answered statements sent after them"
+        );
+        // Within two health intervals of the start, at this pace.
+        assert!(later - start < 2 * SECOND, "{:?}", later - start);
+    }
+
+    #[test]
+    fn a_heartbeat_heard_between_resets_the_count() {
+        let start = Instant::now();
+        let mut clock = Clock::new(SECOND, start);
+        let mut now = start + SECOND / 2;
+        for seq in 1..=4 {
+            assert_eq!(clock.due(now), Some(seq));
+            clock.committed(seq, now);
+            if seq % 2 == 0 {
+                clock.heard(seq);
+                now += SECOND / 2;
+                continue;
+            }
+            now += SECOND;
+            assert!(clock.wants_proof(now));
+            clock.proof_started();
+            assert_eq!(clock.proved(now), Proved::Fine, "heartbeat {seq}");
+        }
+    }
+
+    #[test]
+    fn a_proof_that_does_not_answer_says_the_connection_is_dead() {
+        let start = Instant::now();
+        let mut clock = Clock::new(10 * SECOND, start);
+        clock.due(start + 5 * SECOND).unwrap();
+        clock.committed(1, start + 5 * SECOND);
+        clock.proof_started();
+        assert_eq!(
+            clock.unproved(4 * SECOND),
+            "heartbeat 1 did not come back, and the connection did not answer a statement \
+             within 4s: the connection is dead"
+        );
+        // Not sent: the statement alone speaks.
+        let mut clock = Clock::new(10 * SECOND, start);
+        clock.send_failed(start);
+        assert!(clock.wants_proof(start));
+        clock.proof_started();
+        assert_eq!(
+            clock.unproved(4 * SECOND),
+            "the connection did not answer a statement within 4s: the connection is dead"
+        );
     }
 
     #[test]
@@ -300,13 +585,14 @@ mod tests {
         let start = Instant::now();
         let mut clock = Clock::new(10 * SECOND, start);
         clock.due(start + 5 * SECOND).unwrap();
+        clock.committed(1, start + 5 * SECOND);
         clock.busy_until(start + 20 * SECOND);
-        assert_eq!(clock.late(start + 24 * SECOND), None);
-        assert!(clock.late(start + 25 * SECOND).is_some());
+        assert!(!clock.wants_proof(start + 22 * SECOND));
+        assert!(clock.wants_proof(start + 23 * SECOND));
         // Nothing outstanding: nothing to move.
         clock.heard(1);
         clock.busy_until(start + 30 * SECOND);
-        assert_eq!(clock.late(start + 90 * SECOND), None);
+        assert!(!clock.wants_proof(start + 90 * SECOND));
     }
 
     #[test]
@@ -322,16 +608,22 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_send_retries_soon_and_a_reconnect_starts_over() {
+    fn a_failed_send_retries_soon_proves_the_connection_and_a_reconnect_starts_over() {
         let start = Instant::now();
         let mut clock = Clock::new(10 * SECOND, start);
         clock.due(start + 5 * SECOND).unwrap();
         clock.send_failed(start + 5 * SECOND);
-        assert_eq!(clock.late(start + 60 * SECOND), None);
+        assert!(clock.wants_proof(start + 5 * SECOND));
+        clock.proof_started();
+        assert_eq!(clock.proved(start + 5 * SECOND), Proved::Fine);
+        assert!(!clock.wants_proof(start + 60 * SECOND));
         assert_eq!(clock.due(start + 5 * SECOND + SECOND / 2), None);
         assert_eq!(clock.due(start + 6 * SECOND), Some(2));
+        // Failed again soon after a proof: none more until a timeout has passed.
+        clock.send_failed(start + 6 * SECOND);
+        assert!(!clock.wants_proof(start + 6 * SECOND));
         clock.on_reconnect(start + 7 * SECOND);
-        assert_eq!(clock.late(start + 60 * SECOND), None);
+        assert!(!clock.wants_proof(start + 60 * SECOND));
         assert_eq!(clock.due(start + 11 * SECOND), None);
         assert_eq!(clock.due(start + 12 * SECOND), Some(3));
     }

@@ -76,6 +76,10 @@ pub(crate) use subscriptions::Command;
 /// How many subscription changes may wait for the listener task (more wait to be queued).
 const COMMAND_QUEUE: usize = 64;
 
+/// Where a listener that stopped by itself leaves the error that stopped it, for
+/// [`PgPipe::listen_ended`](crate::PgPipe::listen_ended).
+pub(crate) type Ended = Arc<std::sync::Mutex<Option<Error>>>;
+
 /// The running listener: its task, and the signal that stops it.
 #[derive(Debug)]
 pub(crate) struct Listener {
@@ -100,6 +104,7 @@ impl Listener {
         counters: Arc<Counters>,
         heartbeat_pool: deadpool_postgres::Pool,
         closed: &AtomicBool,
+        ended: Ended,
         own_updates: bool,
     ) -> Result<Listener, Error> {
         let mut settings = settings::Settings::from_config(config);
@@ -157,6 +162,8 @@ impl Listener {
             settings.channel.clone(),
             heartbeat_pool.clone(),
             canceller.clone(),
+            // A checkout may open a connection, trying every host in turn.
+            settings.connect_timeout * config.pg().get_hosts().len().max(1) as u32,
         );
         let watch = watch::QueueWatch::new(
             heartbeat_pool,
@@ -180,6 +187,7 @@ impl Listener {
             watch,
             channel: settings.channel.clone(),
             connector,
+            ended,
         };
         let (stop, stopped) = oneshot::channel();
         let (commands, received) = mpsc::channel(COMMAND_QUEUE);

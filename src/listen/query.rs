@@ -27,6 +27,9 @@ pub(super) enum Start {
     /// A cheap statement, so that the server's `idle_session_timeout` does not end the
     /// session.
     KeepAlive,
+    /// A cheap statement that proves the connection answers, within this time (a heartbeat
+    /// is late, or could not be sent: see `heartbeat`).
+    Proof(Duration),
 }
 
 /// What the listener's one query slot produced.
@@ -41,6 +44,10 @@ pub(super) enum QueryOutcome {
     /// Cancelled past the deadline (or because a heartbeat was late meanwhile), and the
     /// cancel was answered: the connection is fine (the loop retries later).
     Cancelled(Asked),
+    /// The proof's answer.
+    Proved(Result<(), tokio_postgres::Error>),
+    /// The proof did not answer within this time: the connection is dead.
+    Unproved(Duration),
 }
 
 impl QueryOutcome {
@@ -107,6 +114,10 @@ impl QuerySlot {
             Start::KeepAlive => {
                 self.prove = None;
                 self.keep_alive(client)
+            }
+            Start::Proof(within) => {
+                self.prove = None;
+                self.proof(client, within)
             }
             Start::Log(ask) => self.ask(client, channel.to_owned(), ask),
         }
@@ -204,6 +215,24 @@ impl QuerySlot {
                 }
                 // Cancelled as the guard goes; no answer in a whole deadline: dead.
                 Err(_) => QueryOutcome::TimedOut(limit),
+            }
+        }
+        .boxed()
+    }
+}
+
+impl QuerySlot {
+    /// The statement that proves the connection answers, by `within`, cancelled past it.
+    fn proof<'c>(&self, client: &'c Client, within: Duration) -> BoxFuture<'c, QueryOutcome> {
+        let canceller = self.canceller.clone();
+        async move {
+            let mut guard = CancelOnDrop::new(&canceller, client);
+            match tokio::time::timeout(within, client.batch_execute("SELECT 1")).await {
+                Ok(done) => {
+                    guard.disarm();
+                    QueryOutcome::Proved(done)
+                }
+                Err(_) => QueryOutcome::Unproved(within),
             }
         }
         .boxed()

@@ -10,8 +10,10 @@
 //!   of it; after a query cancelled past its deadline, nothing for another deadline;
 //! - reading waits for a caller behind by the whole bound only while neither a query nor
 //!   a subscription statement runs (their answers come on the same connection);
-//! - a late heartbeat ends the session, unless a query runs: then whether the query
-//!   answers its cancel decides;
+//! - a late heartbeat, or one that could not be sent, puts a statement that proves the
+//!   connection into the query slot before anything else (its answer, or none, decides:
+//!   see `heartbeat`), unless a query runs: then whether the query answers its cancel
+//!   decides;
 //! - resyncs held back are released when due.
 
 use std::time::Duration;
@@ -51,10 +53,8 @@ pub(super) struct Turn {
 /// What a tick of the clock found.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Tick {
-    /// Nothing late.
+    /// Nothing for the running query.
     Quiet,
-    /// The heartbeat is late and nothing explains it: the connection is dead.
-    Dead(String),
     /// The heartbeat is late while a query runs: cancel the query, and see whether it
     /// answers.
     Prove,
@@ -111,7 +111,11 @@ impl Schedule {
         if !busy.subscribing {
             turn.subscribe = dispatch.next_subscription();
         }
-        if !busy.query && self.retry_at.is_none_or(|at| now >= at) {
+        if !busy.query && dispatch.wants_proof(now) {
+            // Before anything else, and whatever a cancelled query left shut.
+            self.last_statement = now;
+            turn.query = Some(Start::Proof(dispatch.proof_started()));
+        } else if !busy.query && self.retry_at.is_none_or(|at| now >= at) {
             if let Some(ask) = dispatch.next_ask(now) {
                 self.last_statement = now;
                 turn.query = Some(Start::Log(ask));
@@ -144,15 +148,16 @@ impl Schedule {
         }
     }
 
-    /// What a tick of the clock finds, with a query running or not.
+    /// What a tick of the clock finds, with a query running or not. (With none running,
+    /// a late heartbeat is for the next turn's plan: a proof goes into the query slot.)
     pub(super) fn on_tick(&self, dispatch: &Dispatch, query_running: bool, now: Instant) -> Tick {
-        match dispatch.heartbeat_late(now) {
-            None => Tick::Quiet,
-            // While a query runs the backend is not idle and delivers no notification,
-            // heartbeats included: a late heartbeat says nothing then. Whether the query
-            // answers its cancel does.
-            Some(_) if query_running => Tick::Prove,
-            Some(reason) => Tick::Dead(reason),
+        // While a query runs the backend is not idle and delivers no notification,
+        // heartbeats included: a late heartbeat says nothing then. Whether the query
+        // answers its cancel does.
+        if query_running && dispatch.heartbeat_late(now) {
+            Tick::Prove
+        } else {
+            Tick::Quiet
         }
     }
 }

@@ -17,7 +17,7 @@ use super::event::TARGET;
 use super::query::{self, QueryOutcome, QuerySlot};
 use super::schedule::{Busy, Schedule, Tick};
 use super::watch::QueueWatch;
-use crate::error::pg_message;
+use crate::error::{Error, pg_message};
 
 /// Why serving a session ended.
 enum End {
@@ -37,6 +37,8 @@ pub(super) struct ConnectionLoop {
     pub(super) watch: QueueWatch,
     /// The channel, as the log's statements name it.
     pub(super) channel: String,
+    /// Where the error that stops the listener by itself goes.
+    pub(super) ended: super::Ended,
 }
 
 impl ConnectionLoop {
@@ -74,6 +76,13 @@ impl ConnectionLoop {
                 End::Connection(reason) => {
                     // A dead connection gets no polite goodbye: it may never be written.
                     drop(current);
+                    // No reconnect mends a connection notifications do not reach.
+                    if let Some(evidence) = self.dispatch.take_unheard() {
+                        let e = Error::ListenUnsupported { evidence };
+                        let reason = e.to_string();
+                        self.give_up(e, reason, &mut stopped).await;
+                        break;
+                    }
                     self.dispatch.on_disconnected(reason);
                     self.connector.lost(connected_at.elapsed());
                 }
@@ -118,19 +127,26 @@ impl ConnectionLoop {
                 Err(e) => e,
             };
             if let Some(reason) = self.connector.failed(&e) {
-                self.dispatch.on_gave_up(reason);
-                // Deliver what is left, then end (unless stopped first).
-                while self.dispatch.has_ready() {
-                    tokio::select! {
-                        biased;
-                        _ = &mut *stopped => return None,
-                        sent = self.dispatch.deliver() => match sent {
-                            Some(n) => self.dispatch.delivered(n),
-                            None => break,
-                        },
-                    }
-                }
+                self.give_up(e, reason, stopped).await;
                 return None;
+            }
+        }
+    }
+
+    /// The listener stops by itself because of `error`: the error is left for
+    /// [`PgPipe::listen_ended`](crate::PgPipe::listen_ended), the caller is told `reason`,
+    /// and what is left is delivered (unless stopped first).
+    async fn give_up(&mut self, error: Error, reason: String, stopped: &mut oneshot::Receiver<()>) {
+        *self.ended.lock().expect("ended slot") = Some(error);
+        self.dispatch.on_gave_up(reason);
+        while self.dispatch.has_ready() {
+            tokio::select! {
+                biased;
+                _ = &mut *stopped => return,
+                sent = self.dispatch.deliver() => match sent {
+                    Some(n) => self.dispatch.delivered(n),
+                    None => break,
+                },
             }
         }
     }
@@ -210,7 +226,6 @@ impl ConnectionLoop {
                         match self.schedule.on_tick(&self.dispatch, running, Instant::now()) {
                             Tick::Quiet => {}
                             Tick::Prove => self.slot.prove(),
-                            Tick::Dead(reason) => break End::Connection(reason),
                         }
                     }
                     () = sleep_until(held), if held.is_some() => {}

@@ -44,7 +44,7 @@ Exit codes:
   5  PostgreSQL refused the login (password, role, pg_hba.conf)
   6  status: the server is reachable but unhealthy (notification queue full, or above
      --queue-fail)
-  7  status: LISTEN does not work through this connection (a transaction-pooling
+  7  status, listen: LISTEN does not work through this connection (a transaction-pooling
      proxy: connect listeners directly to the server, or through a session pool)";
 
 /// `--channel`, for the commands that use one.

@@ -176,6 +176,8 @@ pub(crate) async fn listen(config: Config, filter: &Filter, output: Output) -> a
                         ""
                     }
                 ),
+                // The listener stopped by itself: its error ends the command, in one line.
+                Some(Event::Disconnected { .. }) if pipe.listen_ended().is_some() => {}
                 Some(Event::Disconnected { reason }) => {
                     eprintln!("updatepipe: disconnected ({reason}); reconnecting");
                     last_loss = Some(reason);
@@ -184,12 +186,15 @@ pub(crate) async fn listen(config: Config, filter: &Filter, output: Output) -> a
                     eprintln!("updatepipe: resync: updates may have been missed ({reason:?})");
                 }
                 Some(other) => eprintln!("updatepipe: {other:?}"),
-                None => break Err(anyhow::anyhow!(
-                    "the listener stopped: {}",
-                    last_loss.take().unwrap_or_else(|| {
-                        "it could not reconnect to PostgreSQL (see the log above)".into()
-                    })
-                )),
+                None => break Err(match pipe.listen_ended() {
+                    Some(e) => e.into(),
+                    None => anyhow::anyhow!(
+                        "the listener stopped: {}",
+                        last_loss.take().unwrap_or_else(|| {
+                            "it could not reconnect to PostgreSQL (see the log above)".into()
+                        })
+                    ),
+                }),
             },
             () = shutdown_signal() => break Ok(()),
         }

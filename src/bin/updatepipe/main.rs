@@ -50,7 +50,7 @@ mod exit {
     /// `status`: the server is reachable but unhealthy (the notification queue full, or
     /// above --queue-fail).
     pub const UNHEALTHY: u8 = 6;
-    /// `status`: LISTEN does not work through this connection (a
+    /// `status` and `listen`: LISTEN does not work through this connection (a
     /// transaction-pooling proxy).
     pub const LISTEN_UNSUPPORTED: u8 = 7;
 }

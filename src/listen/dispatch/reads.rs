@@ -4,6 +4,7 @@
 use tokio::time::Instant;
 
 use super::super::event::{ResyncReason, TARGET};
+use super::super::heartbeat::Proved;
 use super::super::intake::{LogRow, Moment, RowVerdict};
 use super::super::query::{Asked, QueryOutcome};
 use super::Dispatch;
@@ -14,8 +15,36 @@ use crate::origin::Origin;
 use crate::pg::{is_cancelled, is_fatal, is_missing_log};
 
 impl Dispatch {
+    /// The connection answered the statement that proves it (see `heartbeat`): fine, or
+    /// (an error) notifications do not reach it although it answers, noted for the loop
+    /// (`take_unheard`), which stops the listener.
+    fn on_proved(&mut self, answered: Result<(), tokio_postgres::Error>) -> Result<(), String> {
+        match answered {
+            Err(e) if is_fatal(&e) => return Err(pg_message(&e)),
+            // Refused, but answered: the connection works.
+            Err(e) => tracing::debug!(
+                target: TARGET,
+                error = %pg_message(&e),
+                "the statement proving the connection was refused"
+            ),
+            Ok(()) => {}
+        }
+        match self.heartbeat.clock.proved(Instant::now()) {
+            Proved::Fine => Ok(()),
+            Proved::Unheard(why) => {
+                self.unheard = Some(why.clone());
+                Err(why)
+            }
+        }
+    }
+
     /// Handles a finished query; an error means the connection must be dropped.
     pub(in crate::listen) fn on_query(&mut self, outcome: QueryOutcome) -> Result<(), String> {
+        let outcome = match outcome {
+            QueryOutcome::Proved(answered) => return self.on_proved(answered),
+            QueryOutcome::Unproved(after) => return Err(self.heartbeat.clock.unproved(after)),
+            other => other,
+        };
         // Notifications waited while the statement ran: the heartbeat's time counts from
         // its end.
         self.heartbeat.clock.busy_until(Instant::now());
@@ -76,6 +105,8 @@ impl Dispatch {
             }
             QueryOutcome::Prune(Err(e)) => self.log_failed(&e, "pruning the durable log failed"),
             QueryOutcome::KeptAlive(Ok(())) => Ok(()),
+            // Handled above.
+            QueryOutcome::Proved(_) | QueryOutcome::Unproved(_) => Ok(()),
             QueryOutcome::KeptAlive(Err(e)) => self.log_failed(&e, "a keep-alive statement failed"),
             QueryOutcome::Fetch(Err(e)) if !is_fatal(&e) && is_missing_log(&e) => {
                 self.stop_fetching(&e);

@@ -35,6 +35,7 @@ impl Dispatch {
             settings.channel.clone(),
             pool,
             crate::pg::Canceller::new(config.server()).unwrap(),
+            settings.connect_timeout,
         );
         let log = settings.durable.then(|| LogOpened {
             place: Place::default(),

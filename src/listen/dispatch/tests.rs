@@ -265,11 +265,11 @@ fn only_this_listeners_heartbeat_of_that_number_comes_back() {
     d.on_incoming(on(
         &Packer::new(&Origin::parse("me").unwrap(), 1, None).heartbeat(2)
     ));
-    assert!(d.heartbeat.clock.late(dead).is_some());
+    assert!(d.heartbeat.clock.is_late(dead));
     d.on_incoming(on(
         &Packer::new(&Origin::parse("me").unwrap(), 1, None).heartbeat(1)
     ));
-    assert!(d.heartbeat.clock.late(dead).is_none());
+    assert!(!d.heartbeat.clock.is_late(dead));
     // Neither is an update, nor an echo.
     assert_eq!(heard(&mut d, &mut rx), []);
     assert_eq!(d.counters.snapshot().echoes_dropped, 0);
@@ -337,4 +337,46 @@ fn now_secs() -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs_f64()
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_unheard_by_a_connection_that_answers_stop_the_listener() {
+    let (mut d, _rx) =
+        dispatch(&config().with_listen(|l| l.with_health_interval(Duration::from_secs(1))));
+    let step = Duration::from_millis(201);
+    tokio::time::advance(Duration::from_millis(500)).await;
+    for seq in 1..=2 {
+        assert_eq!(d.heartbeat_due(Instant::now()), Some(seq));
+        d.on_heartbeat_sent(Sent::Sent(seq, Ok(1)));
+        tokio::time::advance(step).await;
+        assert!(d.wants_proof(Instant::now()), "heartbeat {seq}");
+        assert_eq!(d.proof_started(), Duration::from_millis(200));
+        let answered = d.on_query(QueryOutcome::Proved(Ok(())));
+        if seq == 1 {
+            assert_eq!(answered, Ok(()));
+            assert_eq!(d.take_unheard(), None);
+        } else {
+            let why = answered.unwrap_err();
+            assert_eq!(d.take_unheard(), Some(why));
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_proof_that_does_not_answer_ends_the_session_and_says_why() {
+    let (mut d, _rx) =
+        dispatch(&config().with_listen(|l| l.with_health_interval(Duration::from_secs(1))));
+    tokio::time::advance(Duration::from_millis(500)).await;
+    assert_eq!(d.heartbeat_due(Instant::now()), Some(1));
+    // No pooled connection to send it: the connection is proved by a statement.
+    d.on_heartbeat_sent(Sent::Unsent("no connection".into()));
+    assert!(d.wants_proof(Instant::now()));
+    let within = d.proof_started();
+    let reason = d.on_query(QueryOutcome::Unproved(within)).unwrap_err();
+    assert_eq!(
+        reason,
+        "the connection did not answer a statement within 200ms: the connection is dead"
+    );
+    // Dead, not deaf: the listener reconnects.
+    assert_eq!(d.take_unheard(), None);
 }
