@@ -59,6 +59,7 @@ mod intake;
 mod outbox;
 mod pacer;
 mod query;
+mod recover;
 mod replay;
 mod schedule;
 mod session;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio_postgres::{Client, Notification};
 
 use super::event::TARGET;
+use super::recover::{self, Recovery};
 use super::settings::Settings;
 use crate::channel::quote_identifier;
 use crate::config::Config;
@@ -121,7 +122,7 @@ impl Session {
                 listen.push_str("; LISTEN ");
                 listen.push_str(&quote_identifier(mailbox));
             }
-            client.batch_execute(&listen).await?;
+            listen_recovering(&client, &listen).await?;
             Ok((cursor, idle_timeout))
         };
         let (cursor, idle_timeout) =
@@ -147,6 +148,32 @@ impl Session {
     /// Ends the session politely.
     pub(super) async fn close(self) {
         close_politely(self.client, self.connection).await;
+    }
+}
+
+/// Runs the `LISTEN` statements, recovering from the PostgreSQL bug's "could not access
+/// status of transaction" (see `recover`): the queue's usage read, a pause, and `LISTEN`
+/// again, a few times; any other error, or that one past the retries, is returned.
+async fn listen_recovering(client: &Client, listen: &str) -> Result<(), Error> {
+    let mut retried = 0;
+    loop {
+        let e = match client.batch_execute(listen).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let (code, message) = match e.as_db_error() {
+            Some(db) => (Some(db.code().code()), db.message()),
+            None => (None, ""),
+        };
+        match recover::after_listen_error(code, message, retried) {
+            Recovery::Fail => return Err(e.into()),
+            Recovery::ClearAndRetry { pause } => {
+                recover::warn_once();
+                client.batch_execute(recover::CLEAR_SQL).await?;
+                tokio::time::sleep(pause).await;
+                retried += 1;
+            }
+        }
     }
 }
 
