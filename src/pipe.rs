@@ -117,17 +117,11 @@ impl PgPipe {
     ///
     /// A durable pipe checks this itself before its first durable push and before it
     /// listens, so that a missing migration is one clear error, not a failed statement.
+    /// It runs on a pooled connection within the push timeout (checkout included), as a
+    /// push does.
     pub async fn check_schema(&self) -> Result<i64, Error> {
-        let config = &self.inner.config;
-        let after = config.push_options().timeout();
-        let (client, connection) = crate::pg::connect_spawned(config.server()).await?;
-        let checked = tokio::time::timeout(after, crate::migrate::check_schema(&client)).await;
-        drop(client);
-        let _ = connection.await;
-        checked.map_err(|_| Error::Timeout {
-            what: "checking the schema version",
-            after,
-        })?
+        self.check_open()?;
+        self.inner.pusher.check_schema().await
     }
 
     /// For a durable pipe: [`check_schema`](PgPipe::check_schema), once per pipe.

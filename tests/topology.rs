@@ -7,10 +7,11 @@ mod support;
 use std::time::Duration;
 
 use support::pgbouncer::PgBouncer;
-use support::{own_cluster, unique};
+use support::proxy::Proxy;
+use support::{cluster_config, cluster_config_url, own_cluster, unique};
 use tokio::sync::mpsc;
 use updatepipe::cluster::TempCluster;
-use updatepipe::{ChannelName, Config, Error, PgPipe, UpdatePipe};
+use updatepipe::{ChannelName, Config, Error, Event, PgPipe, SeqSet, Update, UpdatePipe};
 
 fn config(port: u16) -> Config {
     Config::from_url(&format!("postgres://postgres@127.0.0.1:{port}/postgres"))
@@ -219,7 +220,7 @@ async fn status_reports_a_transaction_pooling_proxy() {
     let mut disconnects = Vec::new();
     tokio::time::timeout(10 * interval, async {
         while let Some(event) = events.recv().await {
-            if let updatepipe::Event::Disconnected { reason } = event {
+            if let Event::Disconnected { reason } = event {
                 disconnects.push(reason);
             }
         }
@@ -270,5 +271,94 @@ async fn status_reports_a_transaction_pooling_proxy() {
     for pipe in [deaf, listener] {
         pipe.close().await.unwrap();
     }
+    pusher.close().await.unwrap();
+}
+
+/// A first host that accepts TCP and never answers (the test proxy swallowing every byte),
+/// listed before a good host, with a connect timeout as long as the push timeout (the
+/// defaults' shape, 10 s each, scaled down to 3 s): the listener starts within one connect
+/// timeout and then, over 20 s at a 1 s health interval, disconnects at most once; every
+/// push returns Ok within the push timeout (a new pooled connection tries each host within
+/// its share of the push timeout, and a host that failed lately is tried last), and the
+/// durable listener gets each exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_first_host_costs_one_connect_timeout_and_no_flapping() {
+    let cluster = own_cluster();
+    let silent = Proxy::start(cluster.port()).await;
+    silent.blackhole();
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres",
+        silent.port(),
+        cluster.port()
+    );
+    let channel = unique("silent");
+    let timeout = Duration::from_secs(3);
+    let config = || {
+        cluster_config_url(&url, &channel)
+            .with_durable(true)
+            .with_connect_timeout(timeout)
+            .with_push(|p| p.with_timeout(timeout))
+    };
+    let owner = PgPipe::new(cluster_config(cluster.port(), &channel)).unwrap();
+    owner.migrate().await.unwrap();
+    owner.close().await.unwrap();
+
+    let listener = PgPipe::new(config()).unwrap();
+    let (tx, mut events) = mpsc::channel(10_000);
+    let started = std::time::Instant::now();
+    listener.listen_events(tx).await.unwrap();
+    let start_delay = started.elapsed();
+    assert!(
+        start_delay < timeout + Duration::from_secs(1),
+        "started after {start_delay:?}"
+    );
+
+    // Another process's pipe: it learns about the silent host by itself.
+    let pusher = PgPipe::new(config()).unwrap();
+    let window = std::time::Instant::now() + Duration::from_secs(20);
+    let (mut pushed, mut slowest) = (0u32, Duration::ZERO);
+    while std::time::Instant::now() < window {
+        let update = Update::new_message(0u64, SeqSet::single(pushed + 1).unwrap());
+        let began = std::time::Instant::now();
+        pusher
+            .push(&update)
+            .await
+            .unwrap_or_else(|e| panic!("push {}: {e}", pushed + 1));
+        slowest = slowest.max(began.elapsed());
+        pushed += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(slowest < timeout, "the slowest push took {slowest:?}");
+
+    let mut received = Vec::new();
+    let mut disconnects = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while received.len() < pushed as usize {
+            match events.recv().await {
+                Some(Event::Update(update)) => received.push(update),
+                Some(Event::Disconnected { reason }) => disconnects.push(reason),
+                Some(_) => {}
+                None => panic!("the listener stopped: {:?}", listener.listen_ended()),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} of {pushed} updates arrived", received.len()));
+    // Anything left over (a disconnect after the last update, a repeated update).
+    while let Ok(event) = events.try_recv() {
+        match event {
+            Event::Update(update) => received.push(update),
+            Event::Disconnected { reason } => disconnects.push(reason),
+            _ => {}
+        }
+    }
+    assert!(disconnects.len() <= 1, "{disconnects:?}");
+    support::assert_exactly_once_in_order(&received.iter().collect::<Vec<_>>(), 1, pushed);
+    eprintln!(
+        "silent first host: listener started after {start_delay:?}, {pushed} pushes, the \
+         slowest {slowest:?}, {} disconnects, every update once",
+        disconnects.len()
+    );
+    listener.close().await.unwrap();
     pusher.close().await.unwrap();
 }

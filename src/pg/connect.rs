@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_postgres::{AsyncMessage, Client, Connection, Notification, Socket};
 
@@ -22,7 +22,8 @@ pub(crate) const LISTENER_SUFFIX: &str = "/listen";
 
 /// Opens one dedicated connection with TLS as the configuration says (its certificate
 /// files read now), trying each host in turn, each within the connect timeout (a host
-/// that accepts TCP and never answers is given up for the next, as libpq does).
+/// that accepts TCP and never answers is given up for the next, as libpq does); hosts that
+/// failed lately are tried last (`hosts`).
 pub(crate) async fn connect(server: &Server) -> Result<(Client, RawConnection), Error> {
     connect_as(server, "").await
 }
@@ -36,11 +37,22 @@ async fn connect_as(server: &Server, suffix: &str) -> Result<(Client, RawConnect
     let connector = server.tls_connector()?;
     let after = server.connect_timeout();
     let mut failed = ConnectError::new();
-    for target in server.targets(suffix)? {
+    let memory = server.hosts();
+    let targets = memory.order(server.targets(suffix)?, |t| &t.server, Instant::now());
+    for target in targets {
         match tokio::time::timeout(after, target.pg.connect(connector.clone())).await {
-            Ok(Ok(pair)) => return Ok(pair),
-            Ok(Err(e)) => failed.failed(target.server, e),
-            Err(_) => failed.timed_out(target.server, after),
+            Ok(Ok(pair)) => {
+                memory.answered(&target.server);
+                return Ok(pair);
+            }
+            Ok(Err(e)) => {
+                memory.failed(&target.server, Instant::now());
+                failed.failed(target.server, e);
+            }
+            Err(_) => {
+                memory.failed(&target.server, Instant::now());
+                failed.timed_out(target.server, after);
+            }
         }
     }
     Err(Error::Connect(failed))

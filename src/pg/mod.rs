@@ -9,7 +9,8 @@
 //!   bounded reading of any file the pipe is given (regular files only).
 //! - `tls`: rustls as libpq's `sslmode` says.
 //! - `connect`: connecting host by host within the connect timeout, for dedicated
-//!   connections and the pool alike; `session`: the settings set once connected.
+//!   connections and the pool alike, the hosts that failed lately last (`hosts`);
+//!   `session`: the settings set once connected.
 //! - `cancel`: statements given up on are cancelled on the server.
 //! - `errors`: the one place that tells what a tokio-postgres error means (and an sqlx
 //!   one, feature `sqlx`).
@@ -19,6 +20,7 @@ mod connect;
 mod conninfo;
 mod errors;
 mod files;
+mod hosts;
 mod server;
 mod session;
 mod tls;

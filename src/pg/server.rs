@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio_postgres::config::{Host, LoadBalanceHosts, TargetSessionAttrs};
 
 use super::conninfo::{self, Env, PassFile};
+use super::hosts::HostMemory;
 use super::session::SessionLimits;
 use super::tls::{Connector, SslMode, TlsOptions};
 use crate::error::Error;
@@ -42,6 +43,8 @@ pub(crate) struct Server {
     passfile: Option<Arc<PassFile>>,
     connect_timeout: Duration,
     session: SessionLimits,
+    /// Which hosts failed to connect lately (tried last), shared by every clone.
+    hosts: HostMemory,
 }
 
 /// One server of the settings, with the settings to connect to it alone.
@@ -117,6 +120,7 @@ impl Server {
             passfile,
             connect_timeout,
             session: SessionLimits::default(),
+            hosts: HostMemory::default(),
         };
         server.pg = server.make(&server.settings)?;
         Ok(server)
@@ -181,6 +185,20 @@ impl Server {
 
     pub(crate) fn connect_timeout(&self) -> Duration {
         self.connect_timeout
+    }
+
+    /// How many hosts the settings name (at least one: the default).
+    pub(crate) fn host_count(&self) -> usize {
+        self.pg
+            .get_hosts()
+            .len()
+            .max(self.pg.get_hostaddrs().len())
+            .max(1)
+    }
+
+    /// Which hosts failed to connect lately (see `hosts`).
+    pub(crate) fn hosts(&self) -> &HostMemory {
+        &self.hosts
     }
 
     pub(crate) fn tls(&self) -> &TlsOptions {

@@ -79,7 +79,16 @@ impl Pusher {
     ) -> Result<Self, Error> {
         // Checked now, so that a bad certificate file fails here, not at the first push.
         config.tls_connector()?;
-        let (connector, connect_failure) = crate::pg::PoolConnector::new(config.server());
+        // With several hosts, each gets its share of the push timeout to connect (at most
+        // the connect timeout): a push whose checkout opens a connection reaches the next
+        // host within its timeout, past one that accepts TCP and never answers.
+        let mut server = config.server().clone();
+        let hosts = server.host_count() as u32;
+        if hosts > 1 {
+            let share = config.push_options().timeout() / hosts;
+            server.set_connect_timeout(config.connect_timeout().min(share));
+        }
+        let (connector, connect_failure) = crate::pg::PoolConnector::new(&server);
         let manager = Manager::from_connect(
             config.pg().clone(),
             connector,
@@ -110,10 +119,8 @@ impl Pusher {
             .runtime(Runtime::Tokio1)
             .timeouts(Timeouts {
                 wait: Some(config.push_options().timeout()),
-                // Each host in turn, each within the connect timeout.
-                create: Some(
-                    config.connect_timeout() * config.pg().get_hosts().len().max(1) as u32,
-                ),
+                // Each host in turn, each within its connect budget.
+                create: Some(server.connect_timeout() * hosts),
                 recycle: Some(config.connect_timeout()),
             })
             .build()
@@ -295,6 +302,24 @@ impl Pusher {
     }
 
     /// Runs a one-value query on a pooled connection.
+    /// Checks the schema version (`migrate::check_schema`) on a pooled connection, within
+    /// the push timeout, checkout included: as a push reaches the server, each host within
+    /// its share of that timeout.
+    pub(crate) async fn check_schema(&self) -> Result<i64, Error> {
+        let sender = self.sender();
+        sender
+            .within("checking the schema version", async {
+                let lent = Lent::new(sender.link().checkout().await?, &self.canceller);
+                let checked = crate::migrate::check_schema(lent.client()).await;
+                match &checked {
+                    Err(Error::Postgres(e)) => lent.ended_with(e),
+                    _ => lent.answered(),
+                }
+                checked
+            })
+            .await
+    }
+
     pub(crate) async fn query_f64(&self, sql: &str) -> Result<f64, Error> {
         let sender = self.sender();
         sender
