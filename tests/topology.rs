@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use support::pgbouncer::PgBouncer;
@@ -361,4 +362,80 @@ async fn a_silent_first_host_costs_one_connect_timeout_and_no_flapping() {
     );
     listener.close().await.unwrap();
     pusher.close().await.unwrap();
+}
+
+/// PgBouncer in transaction mode, shared by 8 pipes (separate pools and connections, as 8
+/// processes would have) that start at once, each migrating and then pushing updates (6
+/// durable, 2 best effort): no statement error (no prepared statement mixed up between clients, no
+/// advisory lock taken on one server connection and waited for on another), nothing waits
+/// for ever, and a direct durable listener gets every update once, in order per pipe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs pgbouncer: `.ci/run` installs it and runs this test with --ignored"]
+async fn eight_pipes_migrate_and_push_through_transaction_pooling_at_once() {
+    let cluster = own_cluster();
+    let bouncer = PgBouncer::start(cluster.port(), "transaction");
+    let channel = unique("bounced");
+    const PIPES: u64 = 8;
+    const EACH: u32 = 50;
+    let through = format!("postgres://postgres@127.0.0.1:{}/postgres", bouncer.port());
+    // All migrate the fresh database at once; then a direct listener starts; then all push.
+    let migrated = Arc::new(tokio::sync::Barrier::new(PIPES as usize + 1));
+    let listening = Arc::new(tokio::sync::Barrier::new(PIPES as usize + 1));
+    let mut tasks = Vec::new();
+    for key in 0..PIPES {
+        // Two of them best effort: statements of another shape (another parameter count)
+        // under the same names on the proxy's shared server connections.
+        let config = cluster_config_url(&through, &channel).with_durable(key % 4 != 3);
+        let (migrated, listening) = (migrated.clone(), listening.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            let pipe = PgPipe::new(config).unwrap();
+            match tokio::time::timeout(Duration::from_secs(60), pipe.migrate()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => errors.push(format!("migrate {key}: {e}")),
+                Err(_) => errors.push(format!("migrate {key} waited 60 s")),
+            }
+            migrated.wait().await;
+            listening.wait().await;
+            let pushed = tokio::time::timeout(Duration::from_secs(60), async {
+                for uid in 1..=EACH {
+                    let update = Update::new_message(key, SeqSet::single(uid).unwrap());
+                    if let Err(e) = pipe.push(&update).await {
+                        errors.push(format!("push {key}/{uid}: {e}"));
+                    }
+                }
+            })
+            .await;
+            if pushed.is_err() {
+                errors.push(format!("pushes of {key} waited 60 s"));
+            }
+            pipe.close().await.unwrap();
+            errors
+        }));
+    }
+    migrated.wait().await;
+    let listener =
+        PgPipe::new(cluster_config(cluster.port(), &channel).with_durable(true)).unwrap();
+    let (tx, mut events) = mpsc::channel(10_000);
+    listener.listen_events(tx).await.unwrap();
+    listening.wait().await;
+    let mut errors = Vec::new();
+    for task in tasks {
+        errors.extend(task.await.unwrap());
+    }
+    assert!(errors.is_empty(), "{} errors: {errors:#?}", errors.len());
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while received.len() < (PIPES as usize) * EACH as usize {
+            match events.recv().await {
+                Some(Event::Update(update)) => received.push(update),
+                Some(_) => {}
+                None => panic!("the listener stopped"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} updates arrived", received.len()));
+    support::assert_exactly_once_in_order(&received.iter().collect::<Vec<_>>(), PIPES, EACH);
+    listener.close().await.unwrap();
 }

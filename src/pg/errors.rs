@@ -92,12 +92,22 @@ pub(crate) fn is_insufficient_privilege(e: &tokio_postgres::Error) -> bool {
 }
 
 /// Whether a transaction-pooling proxy lost or mixed up a prepared statement: the
-/// statement was not executed.
+/// statement was not executed. That is a name another client prepared on the same server
+/// connection (42P05), a name missing there (26000), or a Bind that does not fit the
+/// statement of that name there, another client's (08P01 "bind message supplies 5
+/// parameters, but prepared statement "s0" requires 2", as PgBouncer 1.18 in transaction
+/// mode hands over): refused at Bind, never executed.
 pub(crate) fn is_proxy_refusal(e: &tokio_postgres::Error) -> bool {
-    matches!(
-        e.code(),
-        Some(&SqlState::DUPLICATE_PSTATEMENT | &SqlState::INVALID_SQL_STATEMENT_NAME)
-    )
+    match e.as_db_error() {
+        Some(db) => proxy_refusal(db.code().code(), db.message()),
+        None => false,
+    }
+}
+
+fn proxy_refusal(code: &str, message: &str) -> bool {
+    code == SqlState::DUPLICATE_PSTATEMENT.code()
+        || code == SqlState::INVALID_SQL_STATEMENT_NAME.code()
+        || (code == SqlState::PROTOCOL_VIOLATION.code() && message.starts_with("bind message "))
 }
 
 /// Whether the server refused a NOTIFY because its notification queue is full (54000,
@@ -249,6 +259,28 @@ mod tests {
         assert!(sqlx_is_connection_lost(&sqlx::Error::PoolTimedOut));
         assert!(!sqlx_is_connection_lost(&sqlx::Error::RowNotFound));
         assert!(!sqlx_is_unique_violation(&sqlx::Error::RowNotFound));
+    }
+
+    #[test]
+    fn what_a_transaction_pooler_mixing_up_prepared_statements_looks_like() {
+        assert!(proxy_refusal(
+            "42P05",
+            "prepared statement \"s0\" already exists"
+        ));
+        assert!(proxy_refusal(
+            "26000",
+            "prepared statement \"s0\" does not exist"
+        ));
+        assert!(proxy_refusal(
+            "08P01",
+            "bind message supplies 5 parameters, but prepared statement \"s0\" requires 2"
+        ));
+        assert!(proxy_refusal(
+            "08P01",
+            "bind message has 3 parameter formats but 2 parameters"
+        ));
+        assert!(!proxy_refusal("08P01", "invalid frontend message type 0"));
+        assert!(!proxy_refusal("23505", "duplicate key value"));
     }
 
     #[test]
