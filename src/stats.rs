@@ -2,7 +2,7 @@
 //! With the `metrics` feature, each also goes to the `metrics` facade as it changes, under
 //! the names of [`METRICS`] (summed over the pipes of the process).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::error::DecodeError;
 
@@ -254,9 +254,16 @@ pub(crate) struct Counters {
     watch_lagged: AtomicU64,
     watch_missed: AtomicU64,
     rejected: [AtomicU64; REJECT_REASONS.len()],
+    /// The listener polls the log instead of listening.
+    polling: AtomicBool,
 }
 
 impl Counters {
+    /// The listener polls the log instead of listening.
+    pub(crate) fn polling(&self) {
+        self.polling.store(true, Ordering::Relaxed);
+    }
+
     pub(crate) fn pushed(&self, n: usize) {
         self.pushed.fetch_add(n as u64, Ordering::Relaxed);
         emit("updatepipe_pushed_total", n);
@@ -483,6 +490,7 @@ impl Counters {
                 .zip(&self.rejected)
                 .map(|(reason, n)| (*reason, n.load(Ordering::Relaxed)))
                 .collect(),
+            polling: self.polling.load(Ordering::Relaxed),
         }
     }
 }
@@ -580,6 +588,10 @@ pub struct Stats {
     /// `invalid_update`, `too_large`, `over_limit`; with signing on also `unsigned`,
     /// `forged` and `replayed`).
     pub rejected: Vec<(&'static str, u64)>,
+    /// Whether this pipe's listener reads the durable log every polling interval instead of
+    /// listening ([`ListenOptions::with_polling`](crate::ListenOptions::with_polling)):
+    /// its latency is that interval, and only durable updates reach it.
+    pub polling: bool,
 }
 
 impl Stats {

@@ -439,3 +439,170 @@ async fn eight_pipes_migrate_and_push_through_transaction_pooling_at_once() {
     support::assert_exactly_once_in_order(&received.iter().collect::<Vec<_>>(), PIPES, EACH);
     listener.close().await.unwrap();
 }
+
+/// Durable updates from `pushers` pipes (mailbox key = the pipe's number), `each` apiece,
+/// pushed concurrently; waits for a durable listener's `events` to bring them all, and
+/// checks each arrived once, in order; returns the events that came with them.
+async fn push_and_receive(
+    pushers: &[PgPipe],
+    each: u32,
+    events: &mut mpsc::Receiver<Event>,
+) -> Vec<Event> {
+    let mut tasks = Vec::new();
+    for (key, pusher) in pushers.iter().enumerate() {
+        let pusher = pusher.clone();
+        tasks.push(tokio::spawn(async move {
+            for uid in 1..=each {
+                let update = Update::new_message(key as u64, SeqSet::single(uid).unwrap());
+                pusher.push(&update).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let total = pushers.len() * each as usize;
+    let mut seen = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while seen
+            .iter()
+            .filter(|e| matches!(e, Event::Update(_)))
+            .count()
+            < total
+        {
+            match events.recv().await {
+                Some(event) => seen.push(event),
+                None => panic!("the listener stopped"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{seen:?}"));
+    let updates: Vec<&Update> = seen
+        .iter()
+        .filter_map(|e| match e {
+            Event::Update(u) => Some(u),
+            _ => None,
+        })
+        .collect();
+    support::assert_exactly_once_in_order(&updates, pushers.len() as u64, each);
+    seen
+}
+
+/// A polling listener (`ListenOptions::with_polling`) on a direct connection: every durable
+/// update once, in order, within about the polling interval; no best-effort one; no
+/// disconnect; `Stats::polling`. Refused where it cannot work: without durable mode, with
+/// a named consumer, in the maddy layout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polling_listener_reads_every_durable_update_once() {
+    let cluster = own_cluster();
+    let channel = unique("polled");
+    let config = || cluster_config(cluster.port(), &channel);
+    let every = Duration::from_millis(200);
+    let owner = PgPipe::new(config()).unwrap();
+    owner.migrate().await.unwrap();
+    owner.close().await.unwrap();
+
+    for (refused, why) in [
+        (config(), "durable mode"),
+        (config().with_durable(true).with_consumer("c"), "consumer"),
+        (
+            config()
+                .with_durable(true)
+                .with_layout(updatepipe::Layout::Maddy),
+            "maddy layout",
+        ),
+    ] {
+        let pipe = PgPipe::new(refused.with_listen(|l| l.with_polling(every))).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let err = pipe.listen_events(tx).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Config(text) if text.contains(why)),
+            "{why}: {err}"
+        );
+        pipe.close().await.unwrap();
+    }
+
+    let listener = PgPipe::new(
+        config()
+            .with_durable(true)
+            .with_listen(|l| l.with_polling(every)),
+    )
+    .unwrap();
+    let (tx, mut events) = mpsc::channel(10_000);
+    listener.listen_events(tx).await.unwrap();
+    assert!(listener.stats().polling);
+    let pushers: Vec<_> = (0..4)
+        .map(|_| PgPipe::new(config().with_durable(true)).unwrap())
+        .collect();
+    // A best-effort push, in no log, never reaches a polling listener.
+    let best_effort = PgPipe::new(config()).unwrap();
+    best_effort
+        .push(&Update::new_message(99u64, SeqSet::single(1).unwrap()))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let seen = push_and_receive(&pushers, 50, &mut events).await;
+    assert!(
+        !seen
+            .iter()
+            .any(|e| matches!(e, Event::Disconnected { .. } | Event::Resync(_))),
+        "{seen:?}"
+    );
+    // One more, timed: it arrives within the polling interval (and a read).
+    let one = std::time::Instant::now();
+    pushers[0]
+        .push(&Update::new_message(0u64, SeqSet::single(51).unwrap()))
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
+            Ok(Some(Event::Update(update))) => {
+                assert_eq!(update.seq_set().as_single(), Some(51));
+                break;
+            }
+            Ok(Some(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let latency = one.elapsed();
+    assert!(latency < every + Duration::from_millis(300), "{latency:?}");
+    assert!(listener.stats().polling);
+    assert_eq!(listener.stats().disconnects, 0);
+    eprintln!(
+        "polling every {every:?}: 200 durable updates in {:?}, one more after {latency:?}",
+        started.elapsed()
+    );
+    for pipe in pushers.iter().chain([&listener, &best_effort]) {
+        pipe.close().await.unwrap();
+    }
+}
+
+/// A durable listener polling through PgBouncer in transaction mode, where LISTEN cannot
+/// work: every durable update, pushed through the pooler too, once, in order; it does not
+/// stop, nor reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs pgbouncer: `.ci/run` installs it and runs this test with --ignored"]
+async fn a_polling_listener_behind_transaction_pooling_gets_every_durable_update() {
+    let cluster = own_cluster();
+    let bouncer = PgBouncer::start(cluster.port(), "transaction");
+    let channel = unique("polledbounced");
+    let through = format!("postgres://postgres@127.0.0.1:{}/postgres", bouncer.port());
+    let config = || cluster_config_url(&through, &channel).with_durable(true);
+    let owner = PgPipe::new(config()).unwrap();
+    owner.migrate().await.unwrap();
+    owner.close().await.unwrap();
+    let every = Duration::from_millis(200);
+    let listener = PgPipe::new(config().with_listen(|l| l.with_polling(every))).unwrap();
+    let (tx, mut events) = mpsc::channel(10_000);
+    listener.listen_events(tx).await.unwrap();
+    let pushers: Vec<_> = (0..4).map(|_| PgPipe::new(config()).unwrap()).collect();
+    let seen = push_and_receive(&pushers, 50, &mut events).await;
+    // Over some more polls: still there, never disconnected.
+    tokio::time::sleep(4 * every).await;
+    assert_eq!(listener.listen_ended().map(|e| e.to_string()), None);
+    assert_eq!(listener.stats().disconnects, 0, "{seen:?}");
+    for pipe in pushers.iter().chain([&listener]) {
+        pipe.close().await.unwrap();
+    }
+}

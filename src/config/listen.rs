@@ -118,6 +118,7 @@ pub struct ListenOptions {
     accept_maddy: bool,
     consumer: Option<String>,
     consumer_hold: Duration,
+    polling: Option<Duration>,
 }
 
 impl Default for ListenOptions {
@@ -137,6 +138,7 @@ impl Default for ListenOptions {
             accept_maddy: false,
             consumer: None,
             consumer_hold: DEFAULT_CONSUMER_HOLD,
+            polling: None,
         }
     }
 }
@@ -240,6 +242,28 @@ impl ListenOptions {
     pub fn with_accept_maddy(mut self, accept: bool) -> Self {
         self.accept_maddy = accept;
         self
+    }
+
+    /// Durable mode: read the log every `every` instead of listening (default off; zero
+    /// turns it off), for where `LISTEN` cannot work: behind a transaction-pooling proxy
+    /// (PgBouncer in transaction or statement mode). The listener sends no `LISTEN` and no
+    /// heartbeat; each read proves its connection (a read that does not answer within the
+    /// query deadline, a health interval, is a dead connection). Every durable update
+    /// arrives, exactly once, in commit order per sender, about `every` after its commit
+    /// (on average half of it); best-effort pushes and maddy nodes' updates, which are in
+    /// no log, never do. Not with a named consumer (its session lock does not survive a
+    /// transaction pooler), nor in the maddy layout. Reading from a standby is not
+    /// supported yet: the listener refuses one as always.
+    /// [`Stats::polling`](crate::Stats::polling) says a listener polls.
+    pub fn with_polling(mut self, every: Duration) -> Self {
+        self.polling = (!every.is_zero()).then_some(every);
+        self
+    }
+
+    /// How often a polling listener reads the log (`None`: it listens;
+    /// [`with_polling`](ListenOptions::with_polling)).
+    pub fn polling(&self) -> Option<Duration> {
+        self.polling
     }
 
     /// Durable mode: how long pruning keeps the log rows a named consumer has not

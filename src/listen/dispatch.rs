@@ -202,6 +202,11 @@ impl Dispatch {
         self.intake.subscriptions.next_statement()
     }
 
+    /// Polling: read the log's tail now.
+    pub(super) fn read_log_soon(&mut self) {
+        self.reader.read_soon();
+    }
+
     /// The number of the heartbeat to send now, if one is due.
     pub(super) fn heartbeat_due(&mut self, now: Instant) -> Option<u64> {
         self.heartbeat.clock.due(now)

@@ -125,6 +125,25 @@ impl Listener {
                 ));
             }
         }
+        if settings.polling.is_some() {
+            let refused = if !settings.durable {
+                Some("polling reads the durable log: turn durable mode on")
+            } else if settings.consumer.is_some() {
+                Some(
+                    "a named consumer holds a session lock, which a transaction pooler (where \
+                     polling is for) does not keep: poll without a consumer, or listen with \
+                     one on a direct connection",
+                )
+            } else if config.layout() == crate::layout::Layout::Maddy {
+                Some("the maddy layout needs LISTEN for maddy's updates, which are in no log")
+            } else {
+                None
+            };
+            if let Some(why) = refused {
+                return Err(Error::Config(why.into()));
+            }
+            counters.polling();
+        }
         if config.channel().is_maddy_mailbox() {
             tracing::warn!(
                 target: event::TARGET,
@@ -158,7 +177,7 @@ impl Listener {
         });
         let now = Instant::now();
         let heartbeat = heartbeat::Heartbeat::new(
-            heartbeat::Clock::new(settings.health_interval, now),
+            heartbeat::Clock::new(settings.heartbeat_interval(), now),
             Packer::new(&origin, std::process::id(), settings.signer.clone()),
             settings.channel.clone(),
             heartbeat_pool.clone(),
@@ -179,7 +198,8 @@ impl Listener {
                 &settings, origin, sink, heartbeat, log, counters, now,
             )
             .acknowledging(acks.as_ref().map(|(acks, _)| acks.clone())),
-            schedule: schedule::Schedule::new(settings.query_deadline(), now),
+            schedule: schedule::Schedule::new(settings.query_deadline(), now)
+                .polling(settings.polling),
             slot: query::QuerySlot::new(
                 settings.query_deadline(),
                 settings.cancel_grace(),

@@ -14,7 +14,8 @@
 //!   connection into the query slot before anything else (its answer, or none, decides:
 //!   see `heartbeat`), unless a query runs: then whether the query answers its cancel
 //!   decides;
-//! - resyncs held back are released when due.
+//! - resyncs held back are released when due;
+//! - a polling listener reads the log's tail every polling interval.
 
 use std::time::Duration;
 
@@ -71,6 +72,8 @@ pub(super) struct Schedule {
     keep_alive_every: Option<Duration>,
     /// When a statement last went out on the connection.
     last_statement: Instant,
+    /// Polling: how often the log is read, and when next.
+    poll: Option<(Duration, Instant)>,
 }
 
 impl Schedule {
@@ -80,7 +83,15 @@ impl Schedule {
             retry_at: None,
             keep_alive_every: None,
             last_statement: now,
+            poll: None,
         }
+    }
+
+    /// Reads the log every `every` instead of waiting for notifications (`None`: it
+    /// listens).
+    pub(super) fn polling(mut self, every: Option<Duration>) -> Schedule {
+        self.poll = every.map(|every| (every, self.last_statement));
+        self
     }
 
     /// A new session, whose server ends it after `idle_timeout` without a statement (when
@@ -88,14 +99,22 @@ impl Schedule {
     pub(super) fn new_session(&mut self, idle_timeout: Option<Duration>, now: Instant) {
         self.keep_alive_every = idle_timeout.map(|t| (t / 3).max(Duration::from_millis(100)));
         self.last_statement = now;
+        if let Some((every, _)) = self.poll {
+            self.poll = Some((every, now + every));
+        }
     }
 
-    /// How often the loop's clock ticks: as the heartbeat needs (`heartbeat_tick`), and
-    /// twice per keep-alive period.
+    /// How often the loop's clock ticks: as the heartbeat needs (`heartbeat_tick`), twice
+    /// per keep-alive period, and four times per polling interval.
     pub(super) fn tick_every(&self, heartbeat_tick: Duration) -> Duration {
-        match self.keep_alive_every {
+        let tick = match self.keep_alive_every {
             Some(every) => heartbeat_tick.min(every / 2),
             None => heartbeat_tick,
+        };
+        // Polling: a read at most a quarter interval late.
+        match self.poll {
+            Some((every, _)) => tick.min((every / 4).max(Duration::from_millis(10))),
+            None => tick,
         }
     }
 
@@ -108,6 +127,12 @@ impl Schedule {
         now: Instant,
     ) -> Turn {
         let mut turn = Turn::default();
+        if let Some((every, next)) = &mut self.poll
+            && now >= *next
+        {
+            dispatch.read_log_soon();
+            *next = now + *every;
+        }
         if !busy.subscribing {
             turn.subscribe = dispatch.next_subscription();
         }

@@ -116,13 +116,16 @@ impl Session {
                 }
                 Err(e) => return Err(e),
             };
-            // The pipe's channel, and the subscribed mailboxes' channels (maddy layout).
-            let mut listen = format!("LISTEN {}", channel.quoted());
-            for mailbox in mailboxes {
-                listen.push_str("; LISTEN ");
-                listen.push_str(&quote_identifier(mailbox));
+            // The pipe's channel, and the subscribed mailboxes' channels (maddy layout);
+            // nothing when polling the log.
+            if settings.polling.is_none() {
+                let mut listen = format!("LISTEN {}", channel.quoted());
+                for mailbox in mailboxes {
+                    listen.push_str("; LISTEN ");
+                    listen.push_str(&quote_identifier(mailbox));
+                }
+                listen_recovering(&client, &listen).await?;
             }
-            listen_recovering(&client, &listen).await?;
             Ok((cursor, idle_timeout))
         };
         let (cursor, idle_timeout) =
@@ -133,7 +136,11 @@ impl Session {
                     after,
                 })???;
         cancel.disarm();
-        tracing::debug!(target: TARGET, %channel, "listening");
+        if settings.polling.is_some() {
+            tracing::debug!(target: TARGET, %channel, "polling the log");
+        } else {
+            tracing::debug!(target: TARGET, %channel, "listening");
+        }
         Ok((
             Session {
                 client,

@@ -42,6 +42,8 @@ pub(super) struct Settings {
     /// Deliver this pipe's own updates too (the IDLE hub's listener: every session of the
     /// process hears what another stored), rather than drop them as echoes.
     pub(super) own_updates: bool,
+    /// Durable mode: read the log this often instead of listening.
+    pub(super) polling: Option<Duration>,
 }
 
 impl Settings {
@@ -67,6 +69,16 @@ impl Settings {
             consumer: config.listen_options().consumer().map(str::to_owned),
             consumer_hold: config.listen_options().consumer_hold(),
             own_updates: false,
+            polling: config.listen_options().polling(),
+        }
+    }
+
+    /// How often heartbeats go out: never while polling (nothing would bring them back).
+    pub(super) fn heartbeat_interval(&self) -> Duration {
+        if self.polling.is_some() {
+            Duration::ZERO
+        } else {
+            self.health_interval
         }
     }
 

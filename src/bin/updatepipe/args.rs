@@ -102,6 +102,14 @@ pub(crate) enum Command {
         #[arg(long, value_name = "NAME", requires = "durable")]
         consumer: Option<String>,
 
+        /// With --durable: read the log every SECONDS instead of listening, where LISTEN
+        /// does not work (behind PgBouncer in transaction mode): no LISTEN, no heartbeat;
+        /// durable updates arrive about SECONDS after their commit, best-effort ones never.
+        /// Not with --consumer or --layout maddy.
+        #[arg(long, value_name = "SECONDS", value_parser = parse_wait, requires = "durable",
+              conflicts_with = "consumer")]
+        poll: Option<f64>,
+
         /// With --durable: add each update's position to its line ("Position" in the JSON
         /// object, or "@ up1/..." after a --pretty line), to resume from with --since.
         #[arg(long, requires = "durable")]

@@ -169,7 +169,11 @@ pub(crate) async fn listen(config: Config, filter: &Filter, output: Output) -> a
                 Some(Event::Connected) => eprintln!(
                     "updatepipe: listening on channel {:?}{}{}",
                     pipe.config().channel().as_str(),
-                    if pipe.config().durable() { " (durable)" } else { "" },
+                    match pipe.config().listen_options().polling() {
+                        Some(every) => format!(" (durable, polling the log every {every:?})"),
+                        None if pipe.config().durable() => " (durable)".to_owned(),
+                        None => String::new(),
+                    },
                     if pipe.config().layout() == Layout::Maddy {
                         " and maddy's channels of the --key mailboxes"
                     } else {

@@ -207,6 +207,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             durable,
             since,
             consumer,
+            poll,
             print_position,
             pretty,
             keys,
@@ -235,6 +236,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(name) = &consumer {
                 config = config.with_consumer(name);
+            }
+            if let Some(seconds) = poll {
+                let every = std::time::Duration::from_secs_f64(seconds);
+                config = config.with_listen(|l| l.with_polling(every));
             }
             if let Some(addr) = metrics {
                 metrics::serve(addr).await?;

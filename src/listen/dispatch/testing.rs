@@ -30,7 +30,7 @@ impl Dispatch {
         let now = Instant::now();
         let me = Origin::parse("me").unwrap();
         let heartbeat = Heartbeat::new(
-            Clock::new(settings.health_interval, now),
+            Clock::new(settings.heartbeat_interval(), now),
             crate::envelope::Packer::new(&me, 1, None),
             settings.channel.clone(),
             pool,

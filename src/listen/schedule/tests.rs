@@ -100,6 +100,34 @@ async fn the_query_slot_takes_the_logs_ask_then_a_keep_alive_when_one_is_due() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_polling_listener_reads_the_tail_every_interval_and_sends_no_heartbeat() {
+    let now = Instant::now();
+    let polling = config()
+        .with_durable(true)
+        .with_listen(|l| l.with_polling(SECOND));
+    let mut l = new_loop(&polling, now);
+    l.schedule = Schedule::new(10 * SECOND, now).polling(Some(SECOND));
+    l.schedule.new_session(None, now);
+    assert_eq!(l.schedule.tick_every(3600 * SECOND), SECOND / 4);
+    assert!(is_tail(&l.plan(IDLE, now)), "the first read of the log");
+    assert!(matches!(
+        l.plan(IDLE, now).query,
+        Some(Start::Log(Ask::Prune { .. }))
+    ));
+    for n in 1..=3 {
+        let at = now + n * SECOND;
+        assert!(
+            l.plan(IDLE, at - SECOND / 10).query.is_none(),
+            "not before the interval"
+        );
+        assert!(is_tail(&l.plan(IDLE, at)), "read {n}");
+        assert!(l.plan(IDLE, at).query.is_none(), "once");
+        // No heartbeat, ever: nothing would bring it back.
+        assert_eq!(l.plan(IDLE, at).heartbeat, None);
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_query_cancelled_past_its_deadline_shuts_the_slot_for_a_deadline() {
     let now = Instant::now();
     let mut l = new_loop(&config().with_durable(true), now);
