@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::grant::Role;
 use crate::layout::Layout;
-use crate::listen::{Command, Event, Listener, Sink};
+use crate::listen::{Command, Event, FromPipe, Listener, Sink};
 use crate::log::Position;
 use crate::migrate::{MigrationInfo, migrate};
 use crate::origin::Origin;
@@ -474,14 +474,17 @@ impl PgPipe {
         let mut attempt = ListenAttempt(Some(&self.inner.listening));
         self.ensure_schema_waiting().await?;
         let mut slot = self.inner.listener.lock().await;
+        let lent = FromPipe {
+            origin: self.inner.origin.clone(),
+            counters: self.inner.counters.clone(),
+            pool: self.inner.pusher.pool(),
+            ended: self.inner.ended.clone(),
+        };
         let started = Listener::start(
             &self.inner.config,
-            self.inner.origin.clone(),
+            lent,
             sink,
-            self.inner.counters.clone(),
-            self.inner.pusher.pool(),
             &self.inner.closed,
-            self.inner.ended.clone(),
             own_updates,
         )
         .await;

@@ -81,6 +81,17 @@ const COMMAND_QUEUE: usize = 64;
 /// [`PgPipe::listen_ended`](crate::PgPipe::listen_ended).
 pub(crate) type Ended = Arc<std::sync::Mutex<Option<Error>>>;
 
+/// What the pipe gives its listener: its origin (to know its own envelopes), its counters,
+/// its pool (heartbeats and acknowledgements go out through it, as pushes do), and where
+/// to leave the error that stopped the listener by itself.
+#[derive(Debug)]
+pub(crate) struct FromPipe {
+    pub(crate) origin: Origin,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) pool: deadpool_postgres::Pool,
+    pub(crate) ended: Ended,
+}
+
 /// The running listener: its task, and the signal that stops it.
 #[derive(Debug)]
 pub(crate) struct Listener {
@@ -100,14 +111,17 @@ impl Listener {
     /// retried in the background.
     pub(crate) async fn start(
         config: &Config,
-        origin: Origin,
+        pipe: FromPipe,
         sink: Sink,
-        counters: Arc<Counters>,
-        heartbeat_pool: deadpool_postgres::Pool,
         closed: &AtomicBool,
-        ended: Ended,
         own_updates: bool,
     ) -> Result<Listener, Error> {
+        let FromPipe {
+            origin,
+            counters,
+            pool: heartbeat_pool,
+            ended,
+        } = pipe;
         let mut settings = settings::Settings::from_config(config);
         settings.own_updates = own_updates;
         if let Some(name) = &settings.consumer {
