@@ -39,7 +39,9 @@
 //! The hub owns the pipe's listener: dropping it (or [`Hub::close`]) stops the listener,
 //! which closes its connection and with it every `LISTEN`, and ends every watch. A pipe
 //! listens once: after its hub, it can still push, not listen again. Closing the pipe ends
-//! the hub. The watches' counts are in the pipe's [`Stats`](crate::Stats)
+//! the hub, and so does a listener that stops by itself (its reconnect attempts used up,
+//! or LISTEN not working through a pooler): every watch ends, and
+//! [`PgPipe::listen_ended`] says why. The watches' counts are in the pipe's [`Stats`](crate::Stats)
 //! (`watches`, `watch_delivered`, `watch_lagged`, `watch_missed`) and metrics.
 
 use std::sync::{Arc, Mutex, MutexGuard};
