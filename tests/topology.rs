@@ -565,8 +565,10 @@ async fn a_polling_listener_reads_every_durable_update_once() {
             other => panic!("{other:?}"),
         }
     }
+    // Not a speed target (BENCHMARKS.md has none for polling): only that it comes soon,
+    // well within a health interval, on a machine that may be busy.
     let latency = one.elapsed();
-    assert!(latency < every + Duration::from_millis(300), "{latency:?}");
+    assert!(latency < every + Duration::from_secs(3), "{latency:?}");
     assert!(listener.stats().polling);
     assert_eq!(listener.stats().disconnects, 0);
     eprintln!(
@@ -602,6 +604,68 @@ async fn a_polling_listener_behind_transaction_pooling_gets_every_durable_update
     tokio::time::sleep(4 * every).await;
     assert_eq!(listener.listen_ended().map(|e| e.to_string()), None);
     assert_eq!(listener.stats().disconnects, 0, "{seen:?}");
+    for pipe in pushers.iter().chain([&listener]) {
+        pipe.close().await.unwrap();
+    }
+}
+
+/// A durable listener polling a streaming standby, where log rows replicate and
+/// notifications do not: every durable update pushed on the primary arrives once, in order
+/// per sender, with no reconnect and no resync, and the standby is never written to (the
+/// listener does not prune there). A listener that does not poll still refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polling_listener_on_a_streaming_standby_reads_every_durable_update_once() {
+    let primary = own_cluster();
+    let channel = unique("polled_standby");
+    let on_primary = || cluster_config(primary.port(), &channel).with_durable(true);
+    let owner = PgPipe::new(on_primary()).unwrap();
+    owner.migrate().await.unwrap();
+    owner.close().await.unwrap();
+    let primary_port = primary.port();
+    let standby = tokio::task::spawn_blocking(move || {
+        TempCluster::builder()
+            .standby_of(primary_port)
+            .start()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let on_standby = || {
+        cluster_config(standby.port(), &channel)
+            .with_durable(true)
+            .with_target_session_attrs(tokio_postgres::config::TargetSessionAttrs::Any)
+    };
+    // Without polling: the standby is refused.
+    let refused = PgPipe::new(on_standby()).unwrap();
+    let (tx, _rx) = mpsc::channel(1);
+    assert!(matches!(
+        refused.listen_events(tx).await,
+        Err(Error::Standby)
+    ));
+    refused.close().await.unwrap();
+
+    let every = Duration::from_millis(200);
+    let listener = PgPipe::new(on_standby().with_listen(|l| l.with_polling(every))).unwrap();
+    let (tx, mut events) = mpsc::channel(10_000);
+    listener.listen_events(tx).await.unwrap();
+    assert!(listener.stats().polling);
+    let pushers: Vec<_> = (0..4).map(|_| PgPipe::new(on_primary()).unwrap()).collect();
+    let seen = push_and_receive(&pushers, 50, &mut events).await;
+    assert!(
+        !seen
+            .iter()
+            .any(|e| matches!(e, Event::Disconnected { .. } | Event::Resync(_))),
+        "{seen:?}"
+    );
+    // A while longer, past several polls (and the first prune's turn, had it one): still
+    // nothing but positions, and the connection kept.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    while let Ok(event) = events.try_recv() {
+        assert!(matches!(event, Event::Position(_)), "{event:?}");
+    }
+    let stats = listener.stats();
+    assert_eq!((stats.disconnects, stats.resyncs), (0, 0), "{stats:?}");
+    assert_eq!(stats.log_pruned, 0);
     for pipe in pushers.iter().chain([&listener]) {
         pipe.close().await.unwrap();
     }

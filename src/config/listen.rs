@@ -252,9 +252,14 @@ impl ListenOptions {
     /// arrives, exactly once, in commit order per sender, about `every` after its commit
     /// (on average half of it); best-effort pushes and maddy nodes' updates, which are in
     /// no log, never do. Not with a named consumer (its session lock does not survive a
-    /// transaction pooler), nor in the maddy layout. Reading from a standby is not
-    /// supported yet: the listener refuses one as always.
-    /// [`Stats::polling`](crate::Stats::polling) says a listener polls.
+    /// transaction pooler), nor in the maddy layout. A polling listener may read a
+    /// streaming standby, whose log rows replicate while notifications do not (give it
+    /// `target_session_attrs=any` or `prefer-standby`): its latency is then the interval
+    /// plus the replication lag, and it never prunes there (the primary's listeners do;
+    /// the standby replicates that too). Where the standby's upstream was promoted after a
+    /// loss, the history check is weaker there than on a primary (its replay position
+    /// stands for the fork). [`Stats::polling`](crate::Stats::polling) says a listener
+    /// polls.
     pub fn with_polling(mut self, every: Duration) -> Self {
         self.polling = (!every.is_zero()).then_some(every);
         self

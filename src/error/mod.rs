@@ -147,10 +147,11 @@ pub enum Error {
         after: Duration,
     },
 
-    /// The server is a standby (in recovery), where LISTEN/NOTIFY do not work.
+    /// The server is a standby (in recovery), where LISTEN/NOTIFY do not work (a durable
+    /// listener that polls the log may read one: `ListenOptions::with_polling`).
     #[error(
         "the server is a standby (in recovery): LISTEN and NOTIFY work only on a primary; \
-         connect to the primary"
+         connect to the primary (or, for a durable listener, poll the log)"
     )]
     Standby,
 

@@ -75,6 +75,7 @@ impl Dispatch {
     ) -> Dispatch {
         let (retention, page) = (settings.retention, settings.page);
         let mut moved = None;
+        let standby = log.as_ref().is_some_and(|log| log.standby);
         let reader = match log.map(|log| (log.place, log.start)) {
             None => LogReader::best_effort(),
             // A replay from the past counts as replayed.
@@ -94,6 +95,8 @@ impl Dispatch {
             // Never on a first session.
             Some((_, Start::Continue)) => LogReader::best_effort(),
         };
+        let mut reader = reader;
+        reader.on_standby(standby);
         let mut dispatch = Dispatch {
             intake: Intake::new(settings, origin),
             outbox: Outbox::new(sink, settings.max_buffered, counters.clone()),
@@ -128,7 +131,7 @@ impl Dispatch {
             self.outbox.resync(ResyncReason::Reconnected);
         }
         if let Some(log) = log {
-            self.reader.reads_at(log.place);
+            self.reader.reads_at(log.place, log.standby);
             if let (Some(acks), Some(epoch)) = (&self.acks, log.epoch) {
                 acks.set_epoch(epoch);
             }

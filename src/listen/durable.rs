@@ -53,6 +53,8 @@ pub(super) struct LogReader {
 struct Tail {
     /// Everything visible in its snapshot was delivered.
     cursor: Cursor,
+    /// The session's server is a standby (a poller's): read-only, never pruned from here.
+    standby: bool,
     /// A catch-up read in pages, under way from `cursor`.
     catch_up: Option<CatchUp>,
     /// How much a page may hold: the configured budget, halved while the server cancels
@@ -130,6 +132,7 @@ impl LogReader {
             tail: Some(Tail {
                 place: cursor.place,
                 cursor,
+                standby: false,
                 catch_up: None,
                 budget,
                 configured: budget,
@@ -277,8 +280,9 @@ impl LogReader {
             return Some(Ask::Fetch(origin.clone(), *seq));
         }
         let tail = self.tail.as_mut()?;
-        // Not while a catch-up is under way: it would prune what it is about to read.
-        if tail.catch_up.is_none() && now >= tail.next_prune {
+        // Not while a catch-up is under way: it would prune what it is about to read. Not
+        // on a standby: it cannot write (the primary's listeners prune, and it replicates).
+        if !tail.standby && tail.catch_up.is_none() && now >= tail.next_prune {
             tail.next_prune =
                 now + (tail.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
             return Some(Ask::Prune {
@@ -387,10 +391,19 @@ impl LogReader {
         tail.heard_best_effort
     }
 
-    /// Durable mode: the new session's server, whose history holds the reader's.
-    pub(super) fn reads_at(&mut self, place: Place) {
+    /// Durable mode: the new session's server, whose history holds the reader's, and
+    /// whether it is a standby (not pruned from here).
+    pub(super) fn reads_at(&mut self, place: Place, standby: bool) {
         if let Some(tail) = &mut self.tail {
             tail.place = place;
+        }
+        self.on_standby(standby);
+    }
+
+    /// Whether the session's server is a standby: the log is not pruned from it.
+    pub(super) fn on_standby(&mut self, standby: bool) {
+        if let Some(tail) = &mut self.tail {
+            tail.standby = standby;
         }
     }
 
@@ -448,6 +461,23 @@ mod tests {
         assert!(reader.next_ask(true, now).is_none());
         reader.read_soon();
         assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail { .. })));
+    }
+
+    #[test]
+    fn a_reader_on_a_standby_never_prunes_and_does_again_on_a_primary() {
+        let now = Instant::now();
+        let mut reader = durable(now);
+        reader.on_standby(true);
+        assert!(matches!(reader.next_ask(true, now), Some(Ask::Tail { .. })));
+        for later in [0, 10, 100, 1_000] {
+            assert!(reader.next_ask(true, now + later * SECOND).is_none());
+        }
+        // Reconnected to a primary (the standby promoted, say).
+        reader.reads_at(Place::default(), false);
+        assert!(matches!(
+            reader.next_ask(true, now + 1_000 * SECOND),
+            Some(Ask::Prune { .. })
+        ));
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub(super) struct LogOpened {
     pub(super) epoch: Option<i64>,
     /// A named consumer's: this session, which holds the consumer's lock.
     pub(super) holder: Option<LockHolder>,
+    /// The server is a standby (a polling listener's): read-only, so the log is not
+    /// pruned from this session.
+    pub(super) standby: bool,
 }
 
 /// Where a durable listener's reading starts or goes on.
@@ -96,14 +99,24 @@ impl Session {
                     &[],
                 )
                 .await?;
-            if recovery.get::<_, bool>(0) {
+            // A standby's log rows replicate, its notifications do not: only a poller
+            // reads one (and never prunes there).
+            let standby = recovery.get::<_, bool>(0);
+            if standby && settings.polling.is_none() {
                 return Err(Error::Standby);
             }
             let idle_timeout = setting_ms(recovery.get(1))
                 .filter(|ms| *ms > 0)
                 .map(Duration::from_millis);
             let consumer = settings.consumer.as_deref();
-            let started = start_log(&client, channel.as_str(), log_start, consumer, former);
+            let started = start_log(
+                &client,
+                channel.as_str(),
+                log_start,
+                consumer,
+                former,
+                standby,
+            );
             let cursor = match started.await {
                 Ok(opened) => opened,
                 // A role granted as a pusher only, say.
@@ -196,6 +209,7 @@ async fn start_log(
     log_start: LogStart<'_>,
     consumer: Option<&str>,
     former: Option<LockHolder>,
+    standby: bool,
 ) -> Result<Option<LogOpened>, Error> {
     let since = match log_start {
         LogStart::Nothing => return Ok(None),
@@ -287,5 +301,6 @@ async fn start_log(
         start,
         epoch,
         holder,
+        standby,
     }))
 }

@@ -86,12 +86,18 @@ impl std::fmt::Display for HistoryChange {
     }
 }
 
-/// What the server says of its history. Run by a session before it reads the log.
+/// What the server says of its history. Run by a session before it reads the log. On a
+/// standby (a polling listener's) the timeline is its last restart point's, and the WAL's
+/// position what it replayed (`pg_walfile_name` and the insert position are a primary's).
 const SERVER_NOW_SQL: &str = "\
     SELECT s.system_identifier, d.oid, \
            pg_catalog.to_regclass('updatepipe.log')::pg_catalog.oid, \
-           pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()), \
-           pg_catalog.pg_current_wal_insert_lsn(), \
+           CASE WHEN pg_catalog.pg_is_in_recovery() \
+                THEN (SELECT pg_catalog.lpad(pg_catalog.to_hex(c.timeline_id), 8, '0') \
+                      FROM pg_catalog.pg_control_checkpoint() c) \
+                ELSE pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()) END, \
+           CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
+                ELSE pg_catalog.pg_current_wal_insert_lsn() END, \
            pg_catalog.pg_last_wal_replay_lsn(), \
            pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::pg_catalog.text \
     FROM pg_catalog.pg_control_system() s, pg_catalog.pg_database d \

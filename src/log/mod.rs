@@ -158,12 +158,18 @@ static PAGE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
                       pg_catalog.pg_snapshot_xmin($2::pg_catalog.text::pg_catalog.pg_snapshot) \
             FROM updatepipe.pruned p WHERE p.channel OPERATOR(pg_catalog.=) $1), \
            t.max_id, s.total, s.id, s.origin, s.seq, s.payload, \
-           pg_catalog.pg_current_wal_insert_lsn(), s.written, ({XID_BOUND}) \
+           ({WAL_NOW}), s.written, ({XID_BOUND}) \
     FROM t LEFT JOIN sized s \
          ON s.n OPERATOR(pg_catalog.=) 1 OR s.running OPERATOR(pg_catalog.<=) $10 \
     ORDER BY s.id"
     )
 });
+
+/// Where the server's write-ahead log stands: where it inserts on a primary, what it
+/// replayed on a standby (where a polling listener may read).
+const WAL_NOW: &str = "\
+    CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
+         ELSE pg_catalog.pg_current_wal_insert_lsn() END";
 
 /// The next transaction id the server will hand out, read after the statement's snapshot
 /// was taken: above every transaction that had an id then ([`Cursor::xid_bound`]).
@@ -182,7 +188,7 @@ static CURSOR_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
            pg_catalog.date_part('epoch', pg_catalog.now()), \
            (SELECT pg_catalog.max(l.id) FROM updatepipe.log l \
             WHERE l.channel OPERATOR(pg_catalog.=) $1), \
-           pg_catalog.pg_current_wal_insert_lsn(), ({XID_BOUND})"
+           ({WAL_NOW}), ({XID_BOUND})"
     )
 });
 
@@ -201,7 +207,7 @@ static CURSOR_SINCE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(
                        AND l.created_at OPERATOR(pg_catalog.<) \
                            pg_catalog.to_timestamp($3::pg_catalog.float8)), \
                     0), \
-           pg_catalog.pg_current_wal_insert_lsn(), ({XID_BOUND})"
+           ({WAL_NOW}), ({XID_BOUND})"
     )
 });
 

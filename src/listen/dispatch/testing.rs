@@ -42,6 +42,7 @@ impl Dispatch {
             start: Start::At(Cursor::default()),
             epoch: None,
             holder: None,
+            standby: false,
         });
         let counters = Arc::new(Counters::default());
         let mut dispatch = Dispatch::new(
