@@ -670,3 +670,108 @@ async fn a_polling_listener_on_a_streaming_standby_reads_every_durable_update_on
         pipe.close().await.unwrap();
     }
 }
+
+/// The standby's own ordering hazard: a transaction that had its id and its log id before
+/// another committed, and writes its row only after (here held by a trigger that sleeps
+/// after the log id was taken), is unknown to the standby when the other's commit is
+/// replayed: its id is above anything the standby saw, and its row below the highest read.
+/// The polling reader looks it up all the same, and delivers it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_poller_reads_a_row_written_after_a_later_commit() {
+    let primary = own_cluster();
+    let channel = unique("polled_late");
+    let on_primary = || cluster_config(primary.port(), &channel).with_durable(true);
+    let owner = PgPipe::new(on_primary()).unwrap();
+    owner.migrate().await.unwrap();
+    owner.close().await.unwrap();
+    let admin = sql_on(primary.port()).await;
+    // Rows of mailbox 777 wait 2 s between taking their log id and being written.
+    admin
+        .batch_execute(
+            "CREATE FUNCTION public.slow_777() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.payload LIKE '%\"Key\":777%' THEN PERFORM pg_sleep(2); END IF; \
+             RETURN NEW; END $$; \
+             CREATE TRIGGER slow_777 BEFORE INSERT ON updatepipe.log \
+             FOR EACH ROW EXECUTE FUNCTION public.slow_777()",
+        )
+        .await
+        .unwrap();
+    let primary_port = primary.port();
+    let standby = tokio::task::spawn_blocking(move || {
+        TempCluster::builder()
+            .standby_of(primary_port)
+            .start()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let listener = PgPipe::new(
+        cluster_config(standby.port(), &channel)
+            .with_durable(true)
+            .with_target_session_attrs(tokio_postgres::config::TargetSessionAttrs::Any)
+            .with_listen(|l| l.with_polling(Duration::from_millis(100))),
+    )
+    .unwrap();
+    let (tx, mut events) = mpsc::channel(1_000);
+    listener.listen_events(tx).await.unwrap();
+
+    // A row first: the log's sequence then has values logged ahead (32 at a time), so the
+    // slow push's log id writes nothing to the WAL, and the standby cannot learn its
+    // transaction id from it.
+    let pusher = PgPipe::new(on_primary()).unwrap();
+    pusher
+        .push(&Update::new_message(2u64, SeqSet::single(1).unwrap()))
+        .await
+        .unwrap();
+    // The earlier transaction id, written later: it takes its id first...
+    let mut early = sql_on(primary.port()).await;
+    let early_tx = early.transaction().await.unwrap();
+    early_tx
+        .batch_execute("SELECT pg_current_xact_id()")
+        .await
+        .unwrap();
+    // ...the later one takes its id and its log id, and sleeps before writing its row...
+    let slow = {
+        let pusher = pusher.clone();
+        tokio::spawn(async move {
+            pusher
+                .push(&Update::new_message(777u64, SeqSet::single(1).unwrap()))
+                .await
+                .unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // ...while the first writes its row with a higher log id, and commits.
+    pusher
+        .push_in(
+            &early_tx,
+            &Update::new_message(1u64, SeqSet::single(1).unwrap()),
+        )
+        .await
+        .unwrap();
+    early_tx.commit().await.unwrap();
+    slow.await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+            Ok(Some(Event::Update(u))) => got.push(u.key().clone()),
+            Ok(Some(Event::Resync(r))) => panic!("{r:?}"),
+            Ok(Some(_)) => {}
+            other => panic!("after {got:?}: {other:?}"),
+        }
+    }
+    assert_eq!(got, [2u64.into(), 1u64.into(), 777u64.into()]);
+    pusher.close().await.unwrap();
+    listener.close().await.unwrap();
+}
+
+async fn sql_on(port: u16) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(
+        &format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    client
+}

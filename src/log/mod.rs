@@ -175,10 +175,17 @@ const WAL_NOW: &str = "\
 /// was taken: above every transaction that had an id then ([`Cursor::xid_bound`]).
 /// `age(xid)` counts from it (in 32 bits, from a statement that has no transaction id of
 /// its own); added to the snapshot's `xmax`, which it is at least, it gives the full id.
+///
+/// On a standby (a polling listener's) there is no such bound: its next id moves only as it
+/// replays, so a transaction that had its id on the primary, and its log id, before one
+/// that committed, may show up there later with an id above that next id. The bound is then
+/// the largest an `xid8` read takes (`i64::MAX`): every transaction at or above `xmax` is
+/// looked up, which on a standby are the ones committed since.
 const XID_BOUND: &str = "\
-    SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::pg_catalog.text::pg_catalog.int8 \
-           OPERATOR(pg_catalog.+) pg_catalog.age(pg_catalog.xid( \
-               pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())))";
+    SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN 9223372036854775807::pg_catalog.int8 \
+           ELSE pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::pg_catalog.text::pg_catalog.int8 \
+                OPERATOR(pg_catalog.+) pg_catalog.age(pg_catalog.xid( \
+                    pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()))) END";
 
 /// The position before the first read: taken before `LISTEN`.
 static CURSOR_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
