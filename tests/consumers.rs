@@ -13,34 +13,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{cluster_config, own_cluster, unique};
+use support::{cluster_config, number_of, numbered, own_cluster, sql_at, unique};
 use tokio::sync::mpsc;
 use updatepipe::{
-    ACK_INTERVAL, Config, Envelope, Error, Event, MailboxKey, PgPipe, Position, ResyncReason,
-    SeqSet, Update, UpdatePipe,
+    ACK_INTERVAL, Config, Envelope, Error, Event, PgPipe, Position, ResyncReason, Update,
+    UpdatePipe,
 };
-
-fn numbered(key: u64, n: u32) -> Update {
-    Update::new_message(key, SeqSet::single(n).unwrap())
-}
-
-fn number_of(update: &Update) -> (u64, u32) {
-    let MailboxKey::Id(key) = update.key() else {
-        panic!("{update:?}")
-    };
-    (*key, update.seq_set().as_single().unwrap())
-}
-
-async fn sql(port: u16) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(
-        &format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
-    client
-}
 
 /// A durable configuration on the cluster, with the schema migrated.
 async fn migrated(cluster: &updatepipe::cluster::TempCluster, channel: &str) -> Config {
@@ -122,7 +100,7 @@ async fn a_consumer_is_read_by_one_session_and_resumes_where_it_was_acknowledged
     let cluster = own_cluster();
     let channel = unique("consumer_one");
     let config = migrated(&cluster, &channel).await;
-    let admin = sql(cluster.port()).await;
+    let admin = sql_at(cluster.port()).await;
     let name = "indexer";
 
     let first = PgPipe::new(config.clone().with_consumer(name)).unwrap();
@@ -240,7 +218,7 @@ async fn pruning_keeps_what_a_consumer_has_not_acknowledged_up_to_the_hold() {
     let cluster = own_cluster();
     let channel = unique("consumer_hold");
     let config = migrated(&cluster, &channel).await;
-    let admin = sql(cluster.port()).await;
+    let admin = sql_at(cluster.port()).await;
     let pusher = PgPipe::new(config.clone()).unwrap();
     // Before the consumer: nothing holds these.
     for n in 1..=3 {
@@ -354,7 +332,7 @@ async fn a_consumer_whose_connection_was_forgotten_on_the_way_takes_itself_back(
     let cluster = own_cluster();
     let channel = unique("consumer_halfopen");
     let config = migrated(&cluster, &channel).await;
-    let admin = sql(cluster.port()).await;
+    let admin = sql_at(cluster.port()).await;
     let proxy = support::proxy::Proxy::start(cluster.port()).await;
     // The listener and its pool through the proxy; the pusher direct.
     let through = cluster_config(proxy.port(), &channel)

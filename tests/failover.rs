@@ -14,12 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::proxy::Proxy;
-use support::{cluster_config_url, unique};
+use support::{cluster_config_url, number_of, numbered, sql_at, streaming_standby_of, unique};
 use tokio::sync::mpsc;
 use updatepipe::cluster::TempCluster;
 use updatepipe::{
-    Config, Envelope, Event, HistoryChange, MailboxKey, PgPipe, Position, ResyncReason, SeqSet,
-    Since, Update, UpdatePipe,
+    Config, Envelope, Event, HistoryChange, PgPipe, Position, ResyncReason, Since, UpdatePipe,
 };
 
 /// How long a test waits for what must come.
@@ -27,29 +26,6 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// The senders, one mailbox key each, so that each one's order can be checked.
 const KEYS: [u64; 2] = [1, 2];
-
-fn numbered(key: u64, n: u32) -> Update {
-    Update::new_message(key, SeqSet::single(n).unwrap())
-}
-
-/// The key and number of an update `numbered` made.
-fn number_of(update: &Update) -> (u64, u32) {
-    let MailboxKey::Id(key) = update.key() else {
-        panic!("{update:?}")
-    };
-    (*key, update.seq_set().as_single().unwrap())
-}
-
-async fn sql(port: u16) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(
-        &format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
-    client
-}
 
 /// A durable configuration naming both servers, the primary first, with the quick connect
 /// timeout and backoff of `support::cluster_config`.
@@ -72,34 +48,6 @@ async fn migrated_primary(channel: &str) -> TempCluster {
     admin.migrate().await.unwrap();
     admin.close().await.unwrap();
     primary
-}
-
-/// An asynchronous streaming standby of the server on `upstream` (the primary, or a
-/// proxy in front of it), once it streams: a standby that never connected would replay
-/// nothing and still look caught up.
-async fn standby_of(upstream: u16) -> TempCluster {
-    let standby = tokio::task::spawn_blocking(move || {
-        TempCluster::builder().standby_of(upstream).start().unwrap()
-    })
-    .await
-    .unwrap();
-    let client = sql(standby.port()).await;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let streaming: bool = client
-            .query_one(
-                "SELECT count(*) > 0 FROM pg_stat_wal_receiver WHERE status = 'streaming'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if streaming {
-            return standby;
-        }
-        assert!(Instant::now() < deadline, "the standby never streamed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Waits until the standby has replayed the primary's write-ahead log as far as it goes
@@ -479,8 +427,8 @@ async fn a_failover_that_lost_what_the_listener_read_is_a_history_changed_resync
     let channel = unique("failover_lossy");
     let primary = migrated_primary(&channel).await;
     let proxy = Proxy::start(primary.port()).await;
-    let standby = standby_of(proxy.port()).await;
-    let (on_primary, on_standby) = (sql(primary.port()).await, sql(standby.port()).await);
+    let standby = streaming_standby_of(proxy.port()).await;
+    let (on_primary, on_standby) = (sql_at(primary.port()).await, sql_at(standby.port()).await);
     let config = both(primary.port(), standby.port(), &channel);
 
     let listener = PgPipe::new(config.clone()).unwrap();
@@ -518,7 +466,7 @@ async fn a_failover_that_lost_what_the_listener_read_is_a_history_changed_resync
             .unwrap();
         heard.delivered(key, last).await;
     }
-    let on_new = sql(standby.port()).await;
+    let on_new = sql_at(standby.port()).await;
     let kept = logged(&on_new, &channel).await;
     let events = heard.events();
     let outcome = check_across_failover(&events, &attempts, &kept);
@@ -626,7 +574,7 @@ async fn a_failover_under_load_loses_nothing_unseen() {
     let started = Instant::now();
     let channel = unique("failover_race");
     let primary = migrated_primary(&channel).await;
-    let standby = standby_of(primary.port()).await;
+    let standby = streaming_standby_of(primary.port()).await;
     let config = both(primary.port(), standby.port(), &channel);
     let listener = PgPipe::new(config.clone()).unwrap();
     let (tx, rx) = mpsc::channel(100_000);
@@ -650,7 +598,7 @@ async fn a_failover_under_load_loses_nothing_unseen() {
             .unwrap();
         heard.delivered(key, last).await;
     }
-    let kept = logged(&sql(standby.port()).await, &channel).await;
+    let kept = logged(&sql_at(standby.port()).await, &channel).await;
     let outcome = check_across_failover(&heard.events(), &attempts, &kept);
     eprintln!(
         "failover under load: {outcome}; took {:?}",
@@ -668,7 +616,7 @@ async fn a_clean_switchover_is_no_resync_and_loses_nothing() {
     let started = Instant::now();
     let channel = unique("switchover");
     let primary = migrated_primary(&channel).await;
-    let standby = standby_of(primary.port()).await;
+    let standby = streaming_standby_of(primary.port()).await;
     let config = both(primary.port(), standby.port(), &channel);
     let listener = PgPipe::new(config.clone()).unwrap();
     let (tx, rx) = mpsc::channel(100_000);
@@ -678,7 +626,7 @@ async fn a_clean_switchover_is_no_resync_and_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     heard.delivered(1, 20).await;
 
-    let on_standby = sql(standby.port()).await;
+    let on_standby = sql_at(standby.port()).await;
     let primary = stop(primary, "fast").await;
     // Everything the primary wrote, its shutdown checkpoint last, is replayed.
     let deadline = Instant::now() + WAIT;
@@ -710,7 +658,7 @@ async fn a_clean_switchover_is_no_resync_and_loses_nothing() {
         heard.delivered(key, last).await;
     }
     tokio::time::sleep(support::SILENCE).await;
-    let kept = logged(&sql(standby.port()).await, &channel).await;
+    let kept = logged(&sql_at(standby.port()).await, &channel).await;
     let events = heard.events();
     let outcome = check_across_failover(&events, &attempts, &kept);
     eprintln!("switchover: {outcome}; took {:?}", started.elapsed());

@@ -393,33 +393,27 @@ async fn a_destroyed_mailbox_ends_its_watches_and_filters_take_their_kinds() {
         ])
         .await
         .unwrap();
-    let kinds = |events: Vec<MailboxEvent>| -> Vec<UpdateKind> {
-        events
-            .into_iter()
-            .map(|e| match e {
-                MailboxEvent::Update(u) => u.kind(),
+    // Every event up to the watch's end: updates only, their kinds.
+    async fn kinds_to_the_end(watch: &mut Watch) -> Vec<UpdateKind> {
+        let mut kinds = Vec::new();
+        while let Some(event) = tokio::time::timeout(ARRIVE, watch.recv()).await.unwrap() {
+            match event {
+                MailboxEvent::Update(u) => kinds.push(u.kind()),
                 other => panic!("{other:?}"),
-            })
-            .collect()
-    };
-    let mut got = Vec::new();
-    while let Some(event) = tokio::time::timeout(ARRIVE, all.recv()).await.unwrap() {
-        got.push(event);
+            }
+        }
+        kinds
     }
     assert_eq!(
-        kinds(got),
+        kinds_to_the_end(&mut all).await,
         [
             UpdateKind::NewMessage,
             UpdateKind::Expunge,
             UpdateKind::MailboxDestroyed
         ]
     );
-    let mut got = Vec::new();
-    while let Some(event) = tokio::time::timeout(ARRIVE, expunges.recv()).await.unwrap() {
-        got.push(event);
-    }
     assert_eq!(
-        kinds(got),
+        kinds_to_the_end(&mut expunges).await,
         [UpdateKind::Expunge, UpdateKind::MailboxDestroyed]
     );
     assert!(all.is_ended());

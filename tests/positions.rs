@@ -9,28 +9,13 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{cluster_config, own_cluster, unique};
+use support::{cluster_config, numbered, own_cluster, sql_at_database, unique};
 use tokio::sync::mpsc;
 use updatepipe::{
-    Config, Event, HistoryChange, PgPipe, Position, ResyncReason, SeqSet, Since, Update, UpdatePipe,
+    Config, Event, HistoryChange, PgPipe, Position, ResyncReason, Since, Update, UpdatePipe,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn numbered(key: u64, n: u32) -> Update {
-    Update::new_message(key, SeqSet::single(n).unwrap())
-}
-
-async fn sql(port: u16, database: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(
-        &format!("postgres://postgres@127.0.0.1:{port}/{database}"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
-    client
-}
 
 /// A durable listener's events.
 async fn listening(config: Config) -> (PgPipe, mpsc::Receiver<Event>) {
@@ -133,7 +118,7 @@ async fn a_listener_resumed_from_any_position_delivers_exactly_the_rest() {
         .unwrap();
     let (listener, mut rx) = listening(config.clone()).await;
     let pusher = PgPipe::new(config.clone().with_durable(true)).unwrap();
-    let client = sql(cluster.port(), "postgres").await;
+    let client = sql_at_database(cluster.port(), "postgres").await;
 
     // A transaction takes its log id first and commits last: the listener reads the later
     // ids while it is in progress, then its row, below them.
@@ -207,7 +192,7 @@ async fn a_position_the_server_no_longer_holds_is_a_history_change() {
     let cluster = tokio::task::spawn_blocking(own_cluster).await.unwrap();
     let channel = unique("history");
     let config = cluster_config(cluster.port(), &channel);
-    let admin = sql(cluster.port(), "postgres").await;
+    let admin = sql_at_database(cluster.port(), "postgres").await;
     admin.batch_execute("CREATE DATABASE other").await.unwrap();
     let other = Config::from_url(&format!(
         "postgres://postgres@127.0.0.1:{}/other",

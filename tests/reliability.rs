@@ -8,29 +8,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::proxy::Proxy;
-use support::{assert_exactly_once_in_order, cluster_config, own_cluster, unique};
+use support::{
+    assert_exactly_once_in_order, cluster_config, numbered, own_cluster, sql_at, unique,
+};
 use tokio::sync::mpsc;
 use updatepipe::{
-    Config, Envelope, Error, Event, MailboxKey, PgPipe, QueueFull, ResyncReason, SeqSet, Update,
-    UpdatePipe,
+    Config, Envelope, Error, Event, MailboxKey, PgPipe, QueueFull, ResyncReason, Update, UpdatePipe,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn numbered(key: u64, n: u32) -> Update {
-    Update::new_message(key, SeqSet::single(n).unwrap())
-}
-
-async fn sql(port: u16) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(
-        &format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
-    client
-}
 
 /// Terminates the backends of this application name (the listener's too, which adds
 /// "/listen"); returns how many.
@@ -178,7 +164,7 @@ async fn durable_listener_loses_nothing_across_20_terminations() {
     const KEYS: u64 = 8;
     const EACH: u32 = 1250;
     let pushing = push_numbered(pusher.clone(), KEYS, EACH);
-    let admin = sql(cluster.port()).await;
+    let admin = sql_at(cluster.port()).await;
     // Twenty terminations the listener noticed, as fast as it comes back. (Its pipe's
     // heartbeat connections share its application name: killing only those, while the
     // listener is still reconnecting, is no termination of the listener.)
@@ -232,7 +218,7 @@ async fn best_effort_listener_raises_a_resync_for_every_termination() {
     let pusher = Arc::new(PgPipe::new(cluster_config(cluster.port(), &channel)).unwrap());
     let pushing = push_numbered(pusher.clone(), 4, 2500);
 
-    let admin = sql(cluster.port()).await;
+    let admin = sql_at(cluster.port()).await;
     let mut terminated = 0;
     while terminated < 20 {
         // Terminate only a connected listener, once it said so.
@@ -509,7 +495,7 @@ async fn a_lock_on_the_log_leaves_no_backends_behind_and_loses_no_committed_push
     collect(&mut rx, |e| updates(e).len() == 1).await;
 
     // What VACUUM FULL or a stuck migration does: the log locked for five intervals.
-    let mut locker = sql(cluster.port()).await;
+    let mut locker = sql_at(cluster.port()).await;
     let lock = locker.transaction().await.unwrap();
     lock.batch_execute("LOCK updatepipe.log IN ACCESS EXCLUSIVE MODE")
         .await
@@ -534,7 +520,7 @@ async fn a_lock_on_the_log_leaves_no_backends_behind_and_loses_no_committed_push
             })
         })
         .collect();
-    let admin = sql(cluster.port()).await;
+    let admin = sql_at(cluster.port()).await;
     let (mut most_listen, mut most_push) = (0, 0);
     let locked = Instant::now();
     while locked.elapsed() < 5 * health {
@@ -684,10 +670,10 @@ async fn the_listener_samples_a_filling_notification_queue() {
     listener.listen_events(tx).await.unwrap();
     collect(&mut rx, |e| e.contains(&Event::Connected)).await;
     // A foreign session listens, then sits in an open transaction: the queue is held.
-    let holder = sql(cluster.port()).await;
+    let holder = sql_at(cluster.port()).await;
     holder.batch_execute("LISTEN held").await.unwrap();
     holder.batch_execute("BEGIN").await.unwrap();
-    let sender = sql(cluster.port()).await;
+    let sender = sql_at(cluster.port()).await;
     for _ in 0..64 {
         sender
             .batch_execute("SELECT pg_notify('held', repeat('x', 7900))")
@@ -716,7 +702,7 @@ async fn the_listener_samples_a_filling_notification_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reports_a_full_notification_queue_as_unhealthy() {
     let mut cluster = own_cluster();
-    let admin = sql(cluster.port()).await;
+    let admin = sql_at(cluster.port()).await;
     let version: i32 = admin
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
@@ -744,10 +730,10 @@ async fn status_reports_a_full_notification_queue_as_unhealthy() {
     };
     // A foreign session listens, then sits in an open transaction: the queue is held, and
     // fills until the server refuses NOTIFY.
-    let holder = sql(cluster.port()).await;
+    let holder = sql_at(cluster.port()).await;
     holder.batch_execute("LISTEN held").await.unwrap();
     holder.batch_execute("BEGIN").await.unwrap();
-    let sender = sql(cluster.port()).await;
+    let sender = sql_at(cluster.port()).await;
     let mut sent = 0;
     let refused = loop {
         match sender
@@ -916,8 +902,8 @@ async fn a_later_transaction_with_an_earlier_log_id_is_not_skipped() {
     let store = PgPipe::new(config).unwrap();
     store.init_push().await.unwrap();
 
-    let mut earlier = sql(cluster.port()).await;
-    let mut later = sql(cluster.port()).await;
+    let mut earlier = sql_at(cluster.port()).await;
+    let mut later = sql_at(cluster.port()).await;
     let first = earlier.transaction().await.unwrap();
     first
         .batch_execute("SELECT pg_current_xact_id()")
@@ -955,8 +941,8 @@ async fn transactions_committing_out_of_id_order_across_a_disconnect_arrive_once
     listener.listen_events(tx).await.unwrap();
     let store = PgPipe::new(cluster_config(cluster.port(), &channel).with_durable(true)).unwrap();
 
-    let mut first = sql(cluster.port()).await;
-    let mut second = sql(cluster.port()).await;
+    let mut first = sql_at(cluster.port()).await;
+    let mut second = sql_at(cluster.port()).await;
     let t1 = first.transaction().await.unwrap();
     store.push_in(&t1, &numbered(1, 1)).await.unwrap(); // takes the lower log id
     let t2 = second.transaction().await.unwrap();
@@ -1247,7 +1233,7 @@ async fn retention_prunes_and_a_listener_away_too_long_gets_a_resync() {
     .unwrap();
     let (ptx, _prx) = mpsc::channel(100);
     pruner.listen(ptx).await.unwrap();
-    let admin = sql(cluster.port()).await;
+    let admin = sql_at(cluster.port()).await;
     let deadline = Instant::now() + WAIT;
     loop {
         let left: i64 = admin

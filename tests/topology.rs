@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use support::pgbouncer::PgBouncer;
 use support::proxy::Proxy;
-use support::{cluster_config, cluster_config_url, own_cluster, unique};
+use support::{
+    cluster_config, cluster_config_url, own_cluster, sql_at, streaming_standby_of, unique,
+};
 use tokio::sync::mpsc;
-use updatepipe::cluster::TempCluster;
 use updatepipe::{ChannelName, Config, Error, Event, PgPipe, SeqSet, Update, UpdatePipe};
 
 fn config(port: u16) -> Config {
@@ -24,15 +25,7 @@ fn config(port: u16) -> Config {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reports_a_standby_and_the_listener_refuses_it() {
     let primary = own_cluster();
-    let primary_port = primary.port();
-    let standby = tokio::task::spawn_blocking(move || {
-        TempCluster::builder()
-            .standby_of(primary_port)
-            .start()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let standby = streaming_standby_of(primary.port()).await;
 
     let on_primary = PgPipe::new(config(primary.port()))
         .unwrap()
@@ -499,9 +492,7 @@ async fn a_polling_listener_reads_every_durable_update_once() {
     let channel = unique("polled");
     let config = || cluster_config(cluster.port(), &channel);
     let every = Duration::from_millis(200);
-    let owner = PgPipe::new(config()).unwrap();
-    owner.migrate().await.unwrap();
-    owner.close().await.unwrap();
+    migrate(config()).await;
 
     for (refused, why) in [
         (config(), "durable mode"),
@@ -591,9 +582,7 @@ async fn a_polling_listener_behind_transaction_pooling_gets_every_durable_update
     let channel = unique("polledbounced");
     let through = format!("postgres://postgres@127.0.0.1:{}/postgres", bouncer.port());
     let config = || cluster_config_url(&through, &channel).with_durable(true);
-    let owner = PgPipe::new(config()).unwrap();
-    owner.migrate().await.unwrap();
-    owner.close().await.unwrap();
+    migrate(config()).await;
     let every = Duration::from_millis(200);
     let listener = PgPipe::new(config().with_listen(|l| l.with_polling(every))).unwrap();
     let (tx, mut events) = mpsc::channel(10_000);
@@ -609,6 +598,21 @@ async fn a_polling_listener_behind_transaction_pooling_gets_every_durable_update
     }
 }
 
+/// Applies updatepipe's schema, through a pipe of `config`'s.
+async fn migrate(config: Config) {
+    let owner = PgPipe::new(config).unwrap();
+    owner.migrate().await.unwrap();
+    owner.close().await.unwrap();
+}
+
+/// A durable configuration for the standby on `port`: any server will do (the URL's
+/// default asks for a primary).
+fn durable_on_standby(port: u16, channel: &str) -> Config {
+    cluster_config(port, channel)
+        .with_durable(true)
+        .with_target_session_attrs(tokio_postgres::config::TargetSessionAttrs::Any)
+}
+
 /// A durable listener polling a streaming standby, where log rows replicate and
 /// notifications do not: every durable update pushed on the primary arrives once, in order
 /// per sender, with no reconnect and no resync, and the standby is never written to (the
@@ -618,23 +622,9 @@ async fn a_polling_listener_on_a_streaming_standby_reads_every_durable_update_on
     let primary = own_cluster();
     let channel = unique("polled_standby");
     let on_primary = || cluster_config(primary.port(), &channel).with_durable(true);
-    let owner = PgPipe::new(on_primary()).unwrap();
-    owner.migrate().await.unwrap();
-    owner.close().await.unwrap();
-    let primary_port = primary.port();
-    let standby = tokio::task::spawn_blocking(move || {
-        TempCluster::builder()
-            .standby_of(primary_port)
-            .start()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let on_standby = || {
-        cluster_config(standby.port(), &channel)
-            .with_durable(true)
-            .with_target_session_attrs(tokio_postgres::config::TargetSessionAttrs::Any)
-    };
+    migrate(on_primary()).await;
+    let standby = streaming_standby_of(primary.port()).await;
+    let on_standby = || durable_on_standby(standby.port(), &channel);
     // Without polling: the standby is refused.
     let refused = PgPipe::new(on_standby()).unwrap();
     let (tx, _rx) = mpsc::channel(1);
@@ -681,10 +671,8 @@ async fn a_standby_poller_reads_a_row_written_after_a_later_commit() {
     let primary = own_cluster();
     let channel = unique("polled_late");
     let on_primary = || cluster_config(primary.port(), &channel).with_durable(true);
-    let owner = PgPipe::new(on_primary()).unwrap();
-    owner.migrate().await.unwrap();
-    owner.close().await.unwrap();
-    let admin = sql_on(primary.port()).await;
+    migrate(on_primary()).await;
+    let admin = sql_at(primary.port()).await;
     // Rows of mailbox 777 wait 2 s between taking their log id and being written.
     admin
         .batch_execute(
@@ -696,19 +684,9 @@ async fn a_standby_poller_reads_a_row_written_after_a_later_commit() {
         )
         .await
         .unwrap();
-    let primary_port = primary.port();
-    let standby = tokio::task::spawn_blocking(move || {
-        TempCluster::builder()
-            .standby_of(primary_port)
-            .start()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let standby = streaming_standby_of(primary.port()).await;
     let listener = PgPipe::new(
-        cluster_config(standby.port(), &channel)
-            .with_durable(true)
-            .with_target_session_attrs(tokio_postgres::config::TargetSessionAttrs::Any)
+        durable_on_standby(standby.port(), &channel)
             .with_listen(|l| l.with_polling(Duration::from_millis(100))),
     )
     .unwrap();
@@ -724,7 +702,7 @@ async fn a_standby_poller_reads_a_row_written_after_a_later_commit() {
         .await
         .unwrap();
     // The earlier transaction id, written later: it takes its id first...
-    let mut early = sql_on(primary.port()).await;
+    let mut early = sql_at(primary.port()).await;
     let early_tx = early.transaction().await.unwrap();
     early_tx
         .batch_execute("SELECT pg_current_xact_id()")
@@ -763,15 +741,4 @@ async fn a_standby_poller_reads_a_row_written_after_a_later_commit() {
     assert_eq!(got, [2u64.into(), 1u64.into(), 777u64.into()]);
     pusher.close().await.unwrap();
     listener.close().await.unwrap();
-}
-
-async fn sql_on(port: u16) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(
-        &format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
-    client
 }

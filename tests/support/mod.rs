@@ -183,11 +183,40 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// A plain client on the test database, for SQL the test runs itself.
 pub async fn sql() -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(&url(), tokio_postgres::NoTls)
+    sql_url(&url()).await
+}
+
+/// A plain client of the `postgres` database on a private cluster's `port`, as `postgres`.
+pub async fn sql_at(port: u16) -> tokio_postgres::Client {
+    sql_at_database(port, "postgres").await
+}
+
+/// A plain client of `database` on a private cluster's `port`, as `postgres`.
+pub async fn sql_at_database(port: u16, database: &str) -> tokio_postgres::Client {
+    sql_url(&format!("postgres://postgres@127.0.0.1:{port}/{database}")).await
+}
+
+/// A plain client (no TLS) of `url`, its connection driven by a task of its own.
+pub async fn sql_url(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
-        .expect("connect to the test database");
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
     tokio::spawn(connection);
     client
+}
+
+/// The `n`th new message (UID `n`) of mailbox `key`: the numbered updates of the tests that
+/// check each sender's order.
+pub fn numbered(key: u64, n: u32) -> Update {
+    Update::new_message(key, updatepipe::SeqSet::single(n).unwrap())
+}
+
+/// The key and UID of an update [`numbered`] made.
+pub fn number_of(update: &Update) -> (u64, u32) {
+    let updatepipe::MailboxKey::Id(key) = update.key() else {
+        panic!("{update:?}")
+    };
+    (*key, update.seq_set().as_single().unwrap())
 }
 
 /// How long a test waits for something that should arrive.
@@ -281,6 +310,37 @@ pub fn own_cluster() -> TempCluster {
         .setting("synchronous_commit", "off")
         .start()
         .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// An asynchronous streaming standby of the server on `upstream` (a private cluster, or a
+/// proxy in front of it), once it streams: a standby that never connected would replay
+/// nothing and still look caught up.
+pub async fn streaming_standby_of(upstream: u16) -> TempCluster {
+    let standby = tokio::task::spawn_blocking(move || {
+        TempCluster::builder().standby_of(upstream).start().unwrap()
+    })
+    .await
+    .unwrap();
+    let client = sql_at(standby.port()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let streaming: bool = client
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if streaming {
+            return standby;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the standby never streamed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A configuration for a private cluster, on its own channel and application name, with
