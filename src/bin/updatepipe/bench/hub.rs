@@ -18,14 +18,15 @@ const KEY: u64 = 7;
 /// Pushers of the unpaced fan-out rows.
 const PUSHERS: u64 = 64;
 
-/// Counts deliveries over many watches; the last one sends when it happened.
-struct Countdown {
+/// Counts deliveries over many tasks (watches, sessions); the last one sends when it
+/// happened.
+pub(super) struct Countdown {
     left: AtomicU64,
     done: std::sync::Mutex<Option<oneshot::Sender<Instant>>>,
 }
 
 impl Countdown {
-    fn new(total: u64) -> (Arc<Countdown>, oneshot::Receiver<Instant>) {
+    pub(super) fn new(total: u64) -> (Arc<Countdown>, oneshot::Receiver<Instant>) {
         let (tx, rx) = oneshot::channel();
         let countdown = Countdown {
             left: AtomicU64::new(total),
@@ -34,7 +35,7 @@ impl Countdown {
         (Arc::new(countdown), rx)
     }
 
-    fn one(&self) {
+    pub(super) fn one(&self) {
         if self.left.fetch_sub(1, Ordering::AcqRel) == 1
             && let Some(done) = self.done.lock().expect("countdown").take()
         {

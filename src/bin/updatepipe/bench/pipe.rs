@@ -7,6 +7,7 @@ use futures_util::future::try_join_all;
 use tokio::sync::mpsc;
 use updatepipe::{Config, PgPipe, SeqSet, Update, UpdatePipe};
 
+use super::hub::Countdown;
 use super::raw::{RawListener, RawPusher, RawSend, envelope_payloads, on_worker, parse_json};
 use super::report::{Row, row};
 use super::timing::{Latencies, cpu_time, open_loop};
@@ -115,19 +116,14 @@ async fn hub_listener(
     let hub = listener
         .hub(updatepipe::HubOptions::default().with_watch_bound(65_536))
         .await?;
-    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (done, finished) = tokio::sync::oneshot::channel();
-    let done = Arc::new(std::sync::Mutex::new(Some(done)));
+    let (countdown, finished) = Countdown::new(n);
     for key in 0..mailboxes {
         let mut watch = hub.watch(key).await?;
-        let (seen, done) = (seen.clone(), done.clone());
+        let countdown = countdown.clone();
         tokio::spawn(async move {
             while let Some(event) = watch.recv().await {
-                if matches!(event, updatepipe::MailboxEvent::Update(_))
-                    && seen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1 == n
-                    && let Some(done) = done.lock().ok().and_then(|mut d| d.take())
-                {
-                    let _ = done.send(Instant::now());
+                if matches!(event, updatepipe::MailboxEvent::Update(_)) {
+                    countdown.one();
                 }
             }
         });
@@ -152,21 +148,15 @@ async fn router_listener(
     let listener = PgPipe::new(config)?;
     let (tx, mut events) = mpsc::channel(65_536);
     listener.listen_events(tx).await?;
-    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (done, finished) = tokio::sync::oneshot::channel();
-    let done = Arc::new(std::sync::Mutex::new(Some(done)));
+    let (countdown, finished) = Countdown::new(n);
     let mut sessions = std::collections::HashMap::new();
     for key in 0..mailboxes {
         let (to_session, mut session) = mpsc::channel::<Update>(65_536);
         sessions.insert(updatepipe::MailboxKey::Id(key), to_session);
-        let (seen, done) = (seen.clone(), done.clone());
+        let countdown = countdown.clone();
         tokio::spawn(async move {
             while session.recv().await.is_some() {
-                if seen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1 == n
-                    && let Some(done) = done.lock().ok().and_then(|mut d| d.take())
-                {
-                    let _ = done.send(Instant::now());
-                }
+                countdown.one();
             }
         });
     }
