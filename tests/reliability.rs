@@ -372,6 +372,61 @@ async fn a_blackholed_connection_is_found_within_the_health_interval() {
     }
 }
 
+/// A flood the listener reads through is no dead connection: the server writes the
+/// notifications queued for the session before the answer to its next statement, so the
+/// proof of a late heartbeat is answered only once the listener has read them all. With a
+/// health interval of 200 ms (a proof has 40 ms), 100,000 notifications take the listener
+/// far longer than that to read; it must stay on its connection and deliver every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_that_delays_the_proofs_answer_is_no_dead_connection() {
+    const KEYS: u64 = 10;
+    const EACH: u32 = 10_000;
+    let cluster = own_cluster();
+    let channel = unique("flood_proof");
+    let listener = PgPipe::new(
+        cluster_config(cluster.port(), &channel)
+            .with_listen(|l| l.with_health_interval(Duration::from_millis(200))),
+    )
+    .unwrap();
+    let (tx, mut rx) = mpsc::channel(1_000);
+    listener.listen_events(tx).await.unwrap();
+    collect(&mut rx, |e| e.contains(&Event::Connected)).await;
+    // One notification per update, as many pushers' single updates make: in transactions
+    // of 10,000, sent as fast as the server takes them.
+    let sender = sql_at(cluster.port()).await;
+    let origin = updatepipe::Origin::random();
+    let payloads: Vec<String> = (1..=EACH)
+        .flat_map(|n| (0..KEYS).map(move |key| numbered(key, n)))
+        .enumerate()
+        .map(|(i, update)| Envelope::encode_v1(&origin, 1, i as u64 + 1, &[update]).unwrap())
+        .collect();
+    for chunk in payloads.chunks(10_000) {
+        sender
+            .execute(
+                "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS t(p)",
+                &[&channel, &chunk],
+            )
+            .await
+            .unwrap();
+    }
+    let mut events = Vec::new();
+    let mut delivered = 0;
+    while delivered < payloads.len() {
+        let event = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{delivered} delivered: {:?}", listener.stats()))
+            .unwrap();
+        match &event {
+            Event::Update(_) => delivered += 1,
+            Event::Disconnected { reason } => panic!("{reason}: {:?}", listener.stats()),
+            _ => {}
+        }
+        events.push(event);
+    }
+    assert_exactly_once_in_order(&updates(&events), KEYS, EACH);
+    listener.close().await.unwrap();
+}
+
 /// Collects the events that arrive within `window`.
 async fn events_within(rx: &mut mpsc::Receiver<Event>, window: Duration) -> Vec<Event> {
     let mut events = Vec::new();

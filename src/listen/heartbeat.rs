@@ -13,8 +13,10 @@
 //! then proves the connection itself with a statement of its own (`SELECT 1`), which must
 //! answer within 0.2 interval:
 //!
-//! - no answer: the connection is dead (a dead path is found within one interval: half an
-//!   interval to the heartbeat, 0.2 to its lateness, 0.2 to the proof's, and a tick);
+//! - no answer, and nothing else delivered meanwhile: the connection is dead (a dead path is
+//!   found within one interval: half an interval to the heartbeat, 0.2 to its lateness, 0.2
+//!   to the proof's, and a tick). A connection still delivering notifications queued before
+//!   the answer (a flood the listener is reading through) is waited for: see `query::Heard`;
 //! - an answer, the heartbeat committed before the statement was sent and still not
 //!   here: notifications committed on the server do not reach this connection, although it
 //!   answers. The server writes a notification out before the answer to a later statement,

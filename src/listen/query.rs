@@ -4,7 +4,9 @@
 //! subscription statements (`LISTEN`/`UNLISTEN`) of the maddy layout. This is the loop's
 //! I/O; `schedule` decides what goes in the slot and when.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -65,6 +67,47 @@ pub(super) enum Asked {
     Prune,
 }
 
+/// How many messages (notifications, notices) the connection has delivered: the loop counts
+/// them, and a statement waiting for its answer reads the count.
+///
+/// The server writes the notifications queued for a session before the answer to its next
+/// statement. Under a flood the listener reads thousands before it comes to the answer, and
+/// that answer is late, not lost: a connection that keeps delivering is alive. So a wait for
+/// an answer that decides the connection is dead ends only after a whole window in which the
+/// connection delivered nothing ([`answer_while_heard`]).
+#[derive(Clone, Debug, Default)]
+pub(super) struct Heard(Arc<AtomicU64>);
+
+impl Heard {
+    /// The connection delivered a message.
+    pub(super) fn message(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Waits for `answer` as long as the connection is heard from: `None` once a whole
+/// `window` passed with no answer and no message delivered. (A dead connection is found
+/// after one window, as before; one that delivers a flood first is waited for.)
+async fn answer_while_heard<F: Future>(
+    heard: &Heard,
+    window: Duration,
+    answer: F,
+) -> Option<F::Output> {
+    let mut answer = std::pin::pin!(answer);
+    loop {
+        let before = heard.count();
+        match tokio::time::timeout(window, &mut answer).await {
+            Ok(output) => return Some(output),
+            Err(_) if heard.count() != before => {}
+            Err(_) => return None,
+        }
+    }
+}
+
 /// The query slot's deadline and cancels.
 #[derive(Debug)]
 pub(super) struct QuerySlot {
@@ -77,6 +120,8 @@ pub(super) struct QuerySlot {
     /// Tells the running query to find out now whether the connection is alive (cancel
     /// it, and see whether it answers): a heartbeat is late meanwhile.
     prove: Option<Arc<Notify>>,
+    /// What the connection delivers, while a statement waits for its answer.
+    heard: Heard,
 }
 
 impl QuerySlot {
@@ -86,7 +131,13 @@ impl QuerySlot {
             grace,
             canceller,
             prove: None,
+            heard: Heard::default(),
         }
+    }
+
+    /// The count of the connection's messages, for the loop to add to.
+    pub(super) fn heard(&self) -> Heard {
+        self.heard.clone()
     }
 
     /// The deadline of a statement in the slot.
@@ -163,6 +214,7 @@ impl QuerySlot {
         let limit = self.deadline;
         let grace = self.grace;
         let canceller = self.canceller.clone();
+        let heard = self.heard.clone();
         let prove = Arc::new(Notify::new());
         self.prove = Some(prove.clone());
         async move {
@@ -186,12 +238,14 @@ impl QuerySlot {
                     // Past its deadline, or a heartbeat is late meanwhile: cancelled, and
                     // given the time a heartbeat has to answer.
                     canceller.cancel_detached(client.cancel_token());
-                    match tokio::time::timeout(grace, &mut query).await {
+                    match answer_while_heard(&heard, grace, &mut query).await {
                         // A prompt "canceling statement": the connection is fine.
-                        Ok(outcome) if ended_cancelled(&outcome) => QueryOutcome::Cancelled(asked),
-                        Ok(outcome) => outcome,
-                        // No answer even to a cancel: the connection is dead.
-                        Err(_) => QueryOutcome::TimedOut(started.elapsed()),
+                        Some(outcome) if ended_cancelled(&outcome) => {
+                            QueryOutcome::Cancelled(asked)
+                        }
+                        Some(outcome) => outcome,
+                        // No answer even to a cancel, and silence: the connection is dead.
+                        None => QueryOutcome::TimedOut(started.elapsed()),
                     }
                 }
             };
@@ -206,15 +260,17 @@ impl QuerySlot {
     fn keep_alive<'c>(&self, client: &'c Client) -> BoxFuture<'c, QueryOutcome> {
         let limit = self.deadline;
         let canceller = self.canceller.clone();
+        let heard = self.heard.clone();
         async move {
             let mut guard = CancelOnDrop::new(&canceller, client);
-            match tokio::time::timeout(limit, client.batch_execute("SELECT 1")).await {
-                Ok(done) => {
+            match answer_while_heard(&heard, limit, client.batch_execute("SELECT 1")).await {
+                Some(done) => {
                     guard.disarm();
                     QueryOutcome::KeptAlive(done)
                 }
-                // Cancelled as the guard goes; no answer in a whole deadline: dead.
-                Err(_) => QueryOutcome::TimedOut(limit),
+                // Cancelled as the guard goes; no answer, and silence, in a whole deadline:
+                // dead.
+                None => QueryOutcome::TimedOut(limit),
             }
         }
         .boxed()
@@ -222,33 +278,40 @@ impl QuerySlot {
 }
 
 impl QuerySlot {
-    /// The statement that proves the connection answers, by `within`, cancelled past it.
+    /// The statement that proves the connection answers, by `within` (more while the
+    /// connection delivers what was queued before the answer), cancelled past it.
     fn proof<'c>(&self, client: &'c Client, within: Duration) -> BoxFuture<'c, QueryOutcome> {
         let canceller = self.canceller.clone();
+        let heard = self.heard.clone();
         async move {
             let mut guard = CancelOnDrop::new(&canceller, client);
-            match tokio::time::timeout(within, client.batch_execute("SELECT 1")).await {
-                Ok(done) => {
+            match answer_while_heard(&heard, within, client.batch_execute("SELECT 1")).await {
+                Some(done) => {
                     guard.disarm();
                     QueryOutcome::Proved(done)
                 }
-                Err(_) => QueryOutcome::Unproved(within),
+                None => QueryOutcome::Unproved(within),
             }
         }
         .boxed()
     }
 }
 
-/// Runs one subscription statement by its deadline; a failure ends the session (the next
-/// one subscribes to the whole set again).
-pub(super) async fn subscribe(client: &Client, sql: String, limit: Duration) -> Result<(), String> {
-    match tokio::time::timeout(limit, client.batch_execute(&sql)).await {
-        Ok(Ok(())) => {
+/// Runs one subscription statement by its deadline (more while the connection delivers);
+/// a failure ends the session (the next one subscribes to the whole set again).
+pub(super) async fn subscribe(
+    client: &Client,
+    heard: Heard,
+    sql: String,
+    limit: Duration,
+) -> Result<(), String> {
+    match answer_while_heard(&heard, limit, client.batch_execute(&sql)).await {
+        Some(Ok(())) => {
             tracing::debug!(target: TARGET, %sql, "subscription changed");
             Ok(())
         }
-        Ok(Err(e)) => Err(format!("{sql} failed: {}", pg_message(&e))),
-        Err(_) => Err(format!("{sql} did not answer within {limit:?}")),
+        Some(Err(e)) => Err(format!("{sql} failed: {}", pg_message(&e))),
+        None => Err(format!("{sql} did not answer within {limit:?}")),
     }
 }
 

@@ -178,6 +178,7 @@ impl ConnectionLoop {
             let mut subscribing: Pin<&mut Fuse<BoxFuture<'_, Result<(), String>>>> =
                 std::pin::pin!(Fuse::terminated());
             let mut sample = std::pin::pin!(Fuse::terminated());
+            let heard = self.slot.heard();
             loop {
                 let busy = Busy {
                     query: !query.is_terminated(),
@@ -190,7 +191,8 @@ impl ConnectionLoop {
                         .plan(&mut self.dispatch, &mut self.watch, busy, Instant::now());
                 if let Some(sql) = turn.subscribe {
                     let limit = self.slot.deadline();
-                    subscribing.set(query::subscribe(client, sql, limit).boxed().fuse());
+                    let heard = heard.clone();
+                    subscribing.set(query::subscribe(client, heard, sql, limit).boxed().fuse());
                 }
                 if let Some(start) = turn.query {
                     query.set(self.slot.start(client, &self.channel, start).fuse());
@@ -234,6 +236,7 @@ impl ConnectionLoop {
                     }
                     message = poll_fn(|cx| connection.poll_message(cx)), if held.is_none() => match message {
                         Some(Ok(AsyncMessage::Notification(n))) => {
+                            heard.message();
                             self.dispatch.on_notification(&n);
                             // Hand it over now if there is room: no extra turn of the loop.
                             if !self.dispatch.deliver_now() {
@@ -241,6 +244,7 @@ impl ConnectionLoop {
                             }
                         }
                         Some(Ok(AsyncMessage::Notice(notice))) => {
+                            heard.message();
                             tracing::debug!(
                                 target: TARGET,
                                 message = notice.message(),
