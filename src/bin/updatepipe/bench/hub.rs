@@ -2,47 +2,19 @@
 //! watch, the CPU it adds to a delivery, and what an idle watch costs.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use updatepipe::{Config, Hub, HubOptions, MailboxEvent, PgPipe, SeqSet, Update, UpdatePipe};
 
 use super::report::{Latency, Row, row};
-use super::timing::open_loop;
+use super::timing::{Countdown, open_loop};
 
 /// The mailbox every fan-out watch watches.
 const KEY: u64 = 7;
 
 /// Pushers of the unpaced fan-out rows.
 const PUSHERS: u64 = 64;
-
-/// Counts deliveries over many tasks (watches, sessions); the last one sends when it
-/// happened.
-pub(super) struct Countdown {
-    left: AtomicU64,
-    done: std::sync::Mutex<Option<oneshot::Sender<Instant>>>,
-}
-
-impl Countdown {
-    pub(super) fn new(total: u64) -> (Arc<Countdown>, oneshot::Receiver<Instant>) {
-        let (tx, rx) = oneshot::channel();
-        let countdown = Countdown {
-            left: AtomicU64::new(total),
-            done: std::sync::Mutex::new(Some(tx)),
-        };
-        (Arc::new(countdown), rx)
-    }
-
-    pub(super) fn one(&self) {
-        if self.left.fetch_sub(1, Ordering::AcqRel) == 1
-            && let Some(done) = self.done.lock().expect("countdown").take()
-        {
-            let _ = done.send(Instant::now());
-        }
-    }
-}
 
 /// The update pushed `sent_us` microseconds after `origin` (its UID carries the time).
 fn timed(origin: Instant) -> anyhow::Result<Update> {

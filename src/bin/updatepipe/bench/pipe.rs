@@ -7,10 +7,9 @@ use futures_util::future::try_join_all;
 use tokio::sync::mpsc;
 use updatepipe::{Config, PgPipe, SeqSet, Update, UpdatePipe};
 
-use super::hub::Countdown;
 use super::raw::{RawListener, RawPusher, RawSend, envelope_payloads, on_worker, parse_json};
 use super::report::{Row, row};
-use super::timing::{Latencies, cpu_time, open_loop};
+use super::timing::{Countdown, Latencies, cpu_time, open_loop};
 
 /// The pipe's pushes, one at a time, to a plain tokio-postgres listener.
 pub(super) async fn pipe_push_raw_listen(config: Config, n: u64) -> anyhow::Result<Row> {

@@ -1,9 +1,12 @@
-//! Clocks of the benchmark: CPU time, push-to-delivery latencies, an open-loop schedule.
+//! Clocks of the benchmark: CPU time, push-to-delivery latencies, an open-loop schedule, a
+//! countdown of deliveries.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use tokio::sync::oneshot;
 
 use super::report::Latency;
 
@@ -79,4 +82,30 @@ where
         done??;
     }
     Ok(started)
+}
+
+/// Counts deliveries over many tasks (watches, sessions); the last one sends when it
+/// happened.
+pub(super) struct Countdown {
+    left: AtomicU64,
+    done: std::sync::Mutex<Option<oneshot::Sender<Instant>>>,
+}
+
+impl Countdown {
+    pub(super) fn new(total: u64) -> (Arc<Countdown>, oneshot::Receiver<Instant>) {
+        let (tx, rx) = oneshot::channel();
+        let countdown = Countdown {
+            left: AtomicU64::new(total),
+            done: std::sync::Mutex::new(Some(tx)),
+        };
+        (Arc::new(countdown), rx)
+    }
+
+    pub(super) fn one(&self) {
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Some(done) = self.done.lock().expect("countdown").take()
+        {
+            let _ = done.send(Instant::now());
+        }
+    }
 }
