@@ -911,10 +911,10 @@ async fn idle_clients_of_the_metrics_port_cannot_starve_the_listener() {
     let connections: Vec<std::net::TcpStream> = (0..idle)
         .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
         .collect();
+    let connections_made = connections.len();
     assert!(
-        connections.len() >= idle - 10,
-        "{} connected",
-        connections.len()
+        connections_made >= idle - 10,
+        "{connections_made} connected"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Meanwhile the port answers or refuses at once.
@@ -941,8 +941,10 @@ async fn idle_clients_of_the_metrics_port_cannot_starve_the_listener() {
         .unwrap()
         .get(0);
     assert_eq!(ended, 1);
+    let terminated = std::time::Instant::now();
     wait_for("disconnected", Duration::from_secs(10));
     wait_for("listening", Duration::from_secs(10));
+    let back_after = terminated.elapsed();
     let pusher = PgPipe::new(server.config(PUSHER, &channel).with_durable(false)).unwrap();
     pusher.push(&update(1)).await.unwrap();
     pusher.close().await.unwrap();
@@ -966,4 +968,11 @@ async fn idle_clients_of_the_metrics_port_cannot_starve_the_listener() {
         said.push(line);
     }
     assert!(said.len() <= 20, "{} lines: {said:?}", said.len());
+    eprintln!(
+        "{} idle connections: listening again {back_after:?} after its backend was ended; \
+         during them the port answered {:?}; {} lines on stderr",
+        connections_made,
+        during.map(|(status, _)| status),
+        said.len()
+    );
 }
