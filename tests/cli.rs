@@ -847,6 +847,10 @@ fn a_closed_standard_output_ends_every_command_quietly() {
         let said = stderr(&output);
         assert_eq!(output.status.code(), Some(0), "{args:?}: {said}");
         assert!(!said.contains("panicked"), "{args:?}: {said}");
+        if args[0] == "bench" {
+            // It still drops the database it worked in.
+            assert_bench_database_dropped(&support::runtime(), &said);
+        }
     }
 }
 
@@ -1015,6 +1019,27 @@ fn a_maddy_mailbox_channel_is_refused_as_the_pipe_channel() {
 /// `bench` pointed at a database works in one of its own and drops it: the database named
 /// gains no schema, and none of the benchmark's databases is left; a role that may not
 /// create one is told so, and nothing changes.
+/// The database `bench` said it used (on standard error) is gone.
+fn assert_bench_database_dropped(runtime: &tokio::runtime::Runtime, said: &str) {
+    let own = said
+        .split_whitespace()
+        .find(|w| w.starts_with("updatepipe_bench_"))
+        .unwrap_or_else(|| panic!("the database it used: {said}"))
+        .trim_end_matches(',');
+    let left: i64 = runtime.block_on(async {
+        support::sql()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_catalog.pg_database WHERE datname = $1",
+                &[&own],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    });
+    assert_eq!(left, 0, "{own} was not dropped");
+}
+
 #[test]
 fn bench_leaves_the_database_it_is_pointed_at_as_it_was() {
     let runtime = support::runtime();
@@ -1060,23 +1085,7 @@ fn bench_leaves_the_database_it_is_pointed_at_as_it_was() {
     let said = stderr(&output);
     assert!(output.status.success(), "{said}");
     assert_eq!(schemas(), before);
-    let own = said
-        .split_whitespace()
-        .find(|w| w.starts_with("updatepipe_bench_"))
-        .unwrap_or_else(|| panic!("the database it used: {said}"))
-        .trim_end_matches(',');
-    let left: i64 = runtime.block_on(async {
-        support::sql()
-            .await
-            .query_one(
-                "SELECT count(*) FROM pg_catalog.pg_database WHERE datname = $1",
-                &[&own],
-            )
-            .await
-            .unwrap()
-            .get(0)
-    });
-    assert_eq!(left, 0, "{own} was dropped");
+    assert_bench_database_dropped(&runtime, &said);
     let url = format!("{} user={}", key_value(&database.url), weak.name);
     let output = run(&["--url", &url, "bench", "--only", "durable, 1"]);
     let said = stderr(&output);

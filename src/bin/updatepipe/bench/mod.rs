@@ -133,11 +133,15 @@ async fn in_rounds(
 /// after (see [`scratch`]). `url` reaches the server as `base` does, for the listening
 /// processes of the fan-out rows (`None`: they find it in the environment as this one did).
 pub async fn run(base: Config, url: Option<String>, args: BenchArgs) -> anyhow::Result<()> {
+    // A reader of the report that goes away (`bench | head`) ends the run as a signal
+    // does, but quietly: the database is dropped either way.
+    let reader_gone = crate::output::wind_down_when_gone();
     let scratch = scratch::Scratch::create(&base).await?;
     let config = scratch.config(base);
     let result = tokio::select! {
         result = all_rows(config, url.as_deref(), args) => result,
         () = crate::signal::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+        () = reader_gone.notified() => Ok(()),
     };
     let dropped = scratch.drop().await;
     result.and(dropped)
