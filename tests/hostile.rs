@@ -748,6 +748,11 @@ async fn held_locks_are_named_within_their_bound_and_do_not_stop_pruning() {
             "{:?}",
             started.elapsed()
         );
+        eprintln!(
+            "{} behind a held migration lock, --lock-wait 1: exit 4 after {:?}",
+            args[0],
+            started.elapsed()
+        );
     }
     // Pruning goes on: a durable listener with a retention of one second empties the log.
     let channel = support::unique("hostile_prune");

@@ -270,4 +270,10 @@ async fn flood_at_a_reading_caller(port: u16) {
         &lines[..lines.len().min(20)]
     );
     assert!(lines.len() as u64 <= most + 10, "{} lines", lines.len());
+    eprintln!(
+        "{sent} forged references in {seconds:.1} s: {resync_events} resync events at the \
+         library ({} causes folded), {resync_lines} resync lines of {} at the CLI",
+        stats.resyncs_coalesced,
+        lines.len()
+    );
 }
