@@ -1,8 +1,11 @@
 //! Shared test support: one PostgreSQL per test binary, a fresh channel per test.
 //!
-//! With `DATABASE_URL` set, tests use that server. Otherwise the first test to ask starts a
-//! private throwaway cluster (see `updatepipe::cluster::TempCluster`), shared by the tests of
-//! this binary and stopped when the binary exits.
+//! With `DATABASE_URL` set, tests use that server, in a database of this binary's own
+//! (created from `template0`, dropped when the binary exits, however it ends: see
+//! [`own_database_on`]), so that the database the URL names is left as it was. Otherwise
+//! the first test to ask starts a private throwaway cluster (see
+//! `updatepipe::cluster::TempCluster`), shared by the tests of this binary and stopped when
+//! the binary exits.
 
 #![allow(dead_code)]
 
@@ -16,6 +19,8 @@ use updatepipe::{ChannelName, Config, Update};
 struct Database {
     url: String,
     _cluster: Option<TempCluster>,
+    /// With `DATABASE_URL`: the process that drops this binary's database once it is gone.
+    _watchdog: Option<std::process::Child>,
 }
 
 static DATABASE: OnceLock<Database> = OnceLock::new();
@@ -33,15 +38,20 @@ pub fn init_logging() {
 fn database() -> &'static Database {
     init_logging();
     DATABASE.get_or_init(|| match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => Database {
-            url,
-            _cluster: None,
-        },
+        Ok(url) if !url.is_empty() => {
+            let (url, watchdog) = own_database_on(&url);
+            Database {
+                url,
+                _cluster: None,
+                _watchdog: Some(watchdog),
+            }
+        }
         _ => {
             let cluster = TempCluster::start().unwrap_or_else(|e| panic!("{e}"));
             Database {
                 url: cluster.url(),
                 _cluster: Some(cluster),
+                _watchdog: None,
             }
         }
     })
@@ -50,6 +60,37 @@ fn database() -> &'static Database {
 /// The URL of the test database.
 pub fn url() -> String {
     database().url.clone()
+}
+
+/// A database of this test binary's own on the server `shared` reaches: created now, and
+/// dropped (with whatever is still connected to it) by a small watchdog process once this
+/// process is gone, however it ended. Returns its URL, and the watchdog.
+fn own_database_on(shared: &str) -> (String, std::process::Child) {
+    let name = format!("updatepipe_test_{:08x}", rand::random::<u32>());
+    run_sql(
+        shared.to_owned(),
+        format!("CREATE DATABASE \"{name}\" TEMPLATE template0"),
+    )
+    .unwrap_or_else(|e| panic!("cannot create the tests' database on DATABASE_URL: {e}"));
+    let script = r#"
+        while kill -0 "$1" 2>/dev/null || [ -d "/proc/$1" ]; do sleep 1; done
+        psql=$(command -v psql || ls /usr/lib/postgresql/*/bin/psql 2>/dev/null | tail -n 1)
+        PGCONNECT_TIMEOUT=10 "$psql" "$2" -qc "DROP DATABASE IF EXISTS \"$3\" WITH (FORCE)"
+    "#;
+    let watchdog = std::process::Command::new("sh")
+        .current_dir("/")
+        .arg("-c")
+        .arg(script)
+        .arg("updatepipe-test-database-watchdog")
+        .arg(std::process::id().to_string())
+        .arg(shared)
+        .arg(&name)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the watchdog that drops the tests' database");
+    (url_of(shared, &name), watchdog)
 }
 
 /// A name unique to this test run: `prefix` and random hex, at most 63 bytes.
@@ -77,10 +118,14 @@ pub fn config_on(channel: &str) -> Config {
 
 /// The test server's URL with another database in it (the URL's path replaced).
 pub fn url_of_database(name: &str) -> String {
-    let url = url();
+    url_of(&url(), name)
+}
+
+/// `url` with database `name` in it (its path replaced).
+fn url_of(url: &str, name: &str) -> String {
     let (base, query) = match url.split_once('?') {
         Some((base, query)) => (base, Some(query)),
-        None => (url.as_str(), None),
+        None => (url, None),
     };
     let authority = base.find("://").map_or(0, |i| i + 3);
     let path = base[authority..]
@@ -152,7 +197,13 @@ impl Drop for TempRole {
 /// Runs clean-up SQL on the test server from wherever a guard is dropped (async code, a
 /// panic): on a thread and a runtime of its own.
 fn admin_now(sql: String) {
-    let url = url();
+    if let Err(e) = run_sql(url(), sql) {
+        eprintln!("clean-up failed ({e})");
+    }
+}
+
+/// Runs `sql` on the server `url` reaches, on a thread and a runtime of its own.
+fn run_sql(url: String, sql: String) -> Result<(), String> {
     let done = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -167,9 +218,7 @@ fn admin_now(sql: String) {
         })
     })
     .join();
-    if let Ok(Err(e)) = done {
-        eprintln!("clean-up failed ({e})");
-    }
+    done.unwrap_or_else(|_| Err("the thread panicked".into()))
 }
 
 /// A runtime of a test's own (two worker threads), for tests that outlive one runtime.
