@@ -46,6 +46,14 @@ async fn until(
     }
 }
 
+/// Receives events until mailbox 7's update `n` is among them.
+async fn until_update(rx: &mut mpsc::Receiver<Event>, events: &mut Vec<Event>, n: u32) {
+    until(rx, events, &format!("update {n}"), |e| {
+        updates(e).contains(&(7, n))
+    })
+    .await;
+}
+
 /// The events that arrive within `window`.
 async fn within(rx: &mut mpsc::Receiver<Event>, window: Duration) -> Vec<Event> {
     let mut events = Vec::new();
@@ -133,10 +141,7 @@ async fn a_consumer_is_read_by_one_session_and_resumes_where_it_was_acknowledged
         pusher.push(&numbered(7, n)).await.unwrap();
     }
     let mut events = Vec::new();
-    until(&mut rx, &mut events, "update 10", |e| {
-        updates(e).contains(&(7, 10))
-    })
-    .await;
+    until_update(&mut rx, &mut events, 10).await;
     assert_eq!(
         updates(&events),
         (1..=10).map(|n| (7, n)).collect::<Vec<_>>()
@@ -232,10 +237,7 @@ async fn pruning_keeps_what_a_consumer_has_not_acknowledged_up_to_the_hold() {
         pusher.push(&numbered(7, n)).await.unwrap();
     }
     let mut events = Vec::new();
-    until(&mut rx, &mut events, "update 10", |e| {
-        updates(e).contains(&(7, 10))
-    })
-    .await;
+    until_update(&mut rx, &mut events, 10).await;
     assert_eq!(
         updates(&events),
         (4..=10).map(|n| (7, n)).collect::<Vec<_>>()
@@ -305,10 +307,7 @@ async fn pruning_keeps_what_a_consumer_has_not_acknowledged_up_to_the_hold() {
     slow.listen_events(tx).await.unwrap();
     pusher.push(&numbered(7, 11)).await.unwrap();
     let mut events = Vec::new();
-    until(&mut rx, &mut events, "update 11", |e| {
-        updates(e).contains(&(7, 11))
-    })
-    .await;
+    until_update(&mut rx, &mut events, 11).await;
     let first_update = events
         .iter()
         .position(|e| matches!(e, Event::Update(_)))
@@ -345,19 +344,13 @@ async fn a_consumer_whose_connection_was_forgotten_on_the_way_takes_itself_back(
     let pusher = PgPipe::new(config.clone()).unwrap();
     pusher.push(&numbered(7, 1)).await.unwrap();
     let mut events = Vec::new();
-    until(&mut rx, &mut events, "update 1", |e| {
-        updates(e).contains(&(7, 1))
-    })
-    .await;
+    until_update(&mut rx, &mut events, 1).await;
 
     proxy.forget_open();
     for n in 2..=5 {
         pusher.push(&numbered(7, n)).await.unwrap();
     }
-    until(&mut rx, &mut events, "updates 2 to 5", |e| {
-        updates(e).contains(&(7, 5))
-    })
-    .await;
+    until_update(&mut rx, &mut events, 5).await;
     events.extend(within(&mut rx, support::SILENCE).await);
     let disconnects: Vec<_> = events
         .iter()

@@ -157,13 +157,7 @@ impl Pushers {
 
     /// The last number of `key` whose push returned `Ok` so far.
     fn last_ok(&self, key: u64) -> u32 {
-        let attempts = self.attempts.lock().unwrap();
-        attempts
-            .iter()
-            .filter(|a| a.key == key && a.ok)
-            .map(|a| a.n)
-            .max()
-            .unwrap_or(0)
+        last_ok(&self.attempts.lock().unwrap(), key).unwrap_or(0)
     }
 
     /// Stops pushing; returns every attempt.
@@ -177,6 +171,15 @@ impl Pushers {
         }
         self.attempts.lock().unwrap().clone()
     }
+}
+
+/// The last number of `key` among these attempts whose push returned `Ok`.
+fn last_ok(attempts: &[Attempt], key: u64) -> Option<u32> {
+    attempts
+        .iter()
+        .filter(|a| a.key == key && a.ok)
+        .map(|a| a.n)
+        .max()
 }
 
 /// What a listener heard, each event with the moment the test received it.
@@ -215,6 +218,14 @@ impl Heard {
                 panic!("timed out waiting for {what}; last events: {tail:?}");
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until every key's last update whose push returned `Ok` was delivered.
+    async fn delivered_last_ok(&self, attempts: &[Attempt]) {
+        for key in KEYS {
+            let last = last_ok(attempts, key).expect("a push of every key returned Ok");
+            self.delivered(key, last).await;
         }
     }
 
@@ -457,15 +468,7 @@ async fn a_failover_that_lost_what_the_listener_read_is_a_history_changed_resync
     // Pushes go on against both servers: the dead one refuses, the new primary takes them.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let attempts = pushers.finish().await;
-    for key in KEYS {
-        let last = attempts
-            .iter()
-            .filter(|a| a.key == key && a.ok)
-            .map(|a| a.n)
-            .max()
-            .unwrap();
-        heard.delivered(key, last).await;
-    }
+    heard.delivered_last_ok(&attempts).await;
     let on_new = sql_at(standby.port()).await;
     let kept = logged(&on_new, &channel).await;
     let events = heard.events();
@@ -589,15 +592,7 @@ async fn a_failover_under_load_loses_nothing_unseen() {
     let primary = stop(primary, "immediate").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let attempts = pushers.finish().await;
-    for key in KEYS {
-        let last = attempts
-            .iter()
-            .filter(|a| a.key == key && a.ok)
-            .map(|a| a.n)
-            .max()
-            .unwrap();
-        heard.delivered(key, last).await;
-    }
+    heard.delivered_last_ok(&attempts).await;
     let kept = logged(&sql_at(standby.port()).await, &channel).await;
     let outcome = check_across_failover(&heard.events(), &attempts, &kept);
     eprintln!(
@@ -648,15 +643,7 @@ async fn a_clean_switchover_is_no_resync_and_loses_nothing() {
     let standby = promote(standby).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let attempts = pushers.finish().await;
-    for key in KEYS {
-        let last = attempts
-            .iter()
-            .filter(|a| a.key == key && a.ok)
-            .map(|a| a.n)
-            .max()
-            .unwrap();
-        heard.delivered(key, last).await;
-    }
+    heard.delivered_last_ok(&attempts).await;
     tokio::time::sleep(support::SILENCE).await;
     let kept = logged(&sql_at(standby.port()).await, &channel).await;
     let events = heard.events();

@@ -117,11 +117,7 @@ async fn a_push_in_a_transaction_arrives_only_if_it_commits() {
 /// failing in the caller's transaction (which would abort it).
 #[tokio::test]
 async fn a_durable_push_in_on_an_unmigrated_schema_is_the_schema_error() {
-    let database = support::fresh_database("pushin_unmigrated").await;
-    let config = updatepipe::Config::from_url(&database.url)
-        .unwrap()
-        .with_channel(updatepipe::ChannelName::new(unique("unmigrated")).unwrap())
-        .with_durable(true);
+    let (database, config) = support::unmigrated_durable("pushin_unmigrated").await;
     let pipe = PgPipe::new(config).unwrap();
     let (mut client, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls)
         .await

@@ -1289,22 +1289,8 @@ async fn retention_prunes_and_a_listener_away_too_long_gets_a_resync() {
     let (ptx, _prx) = mpsc::channel(100);
     pruner.listen(ptx).await.unwrap();
     let admin = sql_at(cluster.port()).await;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let left: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM updatepipe.log WHERE channel = $1",
-                &[&channel],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if left == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the log was never pruned");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let left = support::pruned_within(&admin, &channel, WAIT).await;
+    assert_eq!(left, 0, "the log was never pruned");
     proxy.up();
     let events = collect(&mut rx, |e| {
         e.contains(&Event::Resync(ResyncReason::LogPruned))

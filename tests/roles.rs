@@ -389,21 +389,7 @@ async fn the_runtime_roles_run_durable_mode_through_the_library_and_the_cli() {
     // The listener role pruned (retention 2 s): the log of this channel empties, and
     // `pruned` says how far.
     let admin = server.client("postgres", "mail").await;
-    let mut left = i64::MAX;
-    for _ in 0..50 {
-        left = admin
-            .query_one(
-                "SELECT count(*) FROM updatepipe.log WHERE channel = $1",
-                &[&channel],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let left = support::pruned_within(&admin, &channel, Duration::from_secs(10)).await;
     assert_eq!(left, 0, "the listener role did not prune");
     let pruned: i64 = admin
         .query_one(
@@ -910,14 +896,7 @@ async fn lacking_listener_fails(
         if got != [update(1)] || !acked {
             break;
         }
-        left = admin
-            .query_one(
-                "SELECT count(*) FROM updatepipe.log WHERE channel = $1",
-                &[&channel],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        left = support::log_rows(admin, channel).await;
     }
     pipe.close().await.unwrap();
     got != [update(1)] || !acked || left > 0

@@ -208,11 +208,7 @@ async fn sqlx_pushes_fail_with_the_crates_errors() {
 /// goes on.
 #[tokio::test]
 async fn a_durable_sqlx_push_in_on_an_unmigrated_schema_is_the_schema_error() {
-    let database = support::fresh_database("sqlx_unmigrated").await;
-    let config = updatepipe::Config::from_url(&database.url)
-        .unwrap()
-        .with_channel(updatepipe::ChannelName::new(unique("unmigrated")).unwrap())
-        .with_durable(true);
+    let (database, config) = support::unmigrated_durable("sqlx_unmigrated").await;
     let pipe = PgPipe::new(config).unwrap();
     let mut connection = connect(&database.url).await;
     let mut tx = connection.begin().await.unwrap();

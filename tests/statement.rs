@@ -9,7 +9,7 @@ mod support;
 use std::error::Error as StdError;
 
 use bytes::BytesMut;
-use support::{assert_silent, config_on, receive_exactly, unique};
+use support::{assert_silent, config_on, log_rows, receive_exactly, unique};
 use tokio::sync::mpsc;
 use tokio_postgres::GenericClient;
 use tokio_postgres::error::SqlState;
@@ -164,17 +164,6 @@ async fn a_durable_statement_writes_its_log_rows_in_the_callers_transaction() {
     pipe.close().await.unwrap();
 }
 
-async fn log_rows(client: &impl GenericClient, channel: &str) -> i64 {
-    client
-        .query_one(
-            "SELECT count(*) FROM updatepipe.log WHERE channel = $1",
-            &[&channel],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// The maddy layout's statement carries a channel per notification, NULL (the pipe's own)
 /// for the envelopes: sent as text, the NULL stays a NULL, and the envelope arrives.
 #[tokio::test]
@@ -206,11 +195,7 @@ async fn a_maddy_layout_statement_keeps_its_envelopes_on_the_pipes_channel() {
 
 #[tokio::test]
 async fn a_durable_statement_on_an_unmigrated_schema_is_the_schema_error() {
-    let database = support::fresh_database("stmt_unmigrated").await;
-    let config = updatepipe::Config::from_url(&database.url)
-        .unwrap()
-        .with_channel(updatepipe::ChannelName::new(unique("unmigrated")).unwrap())
-        .with_durable(true);
+    let (database, config) = support::unmigrated_durable("stmt_unmigrated").await;
     let pipe = PgPipe::new(config).unwrap();
     let err = pipe.statement_for(&[new_message(1, 1)]).await.unwrap_err();
     assert!(

@@ -168,6 +168,17 @@ pub async fn fresh_database(prefix: &str) -> TempDatabase {
     TempDatabase { name, url }
 }
 
+/// A durable pipe's configuration on a database of its own that nobody migrated (dropped
+/// when the guard goes).
+pub async fn unmigrated_durable(prefix: &str) -> (TempDatabase, Config) {
+    let database = fresh_database(prefix).await;
+    let config = Config::from_url(&database.url)
+        .unwrap()
+        .with_channel(ChannelName::new(unique("unmigrated")).unwrap())
+        .with_durable(true);
+    (database, config)
+}
+
 /// A role of its own on the test server (a login role without a password): dropped when
 /// the guard goes, also when the test fails, so that a shared `DATABASE_URL` keeps the
 /// roles it had. Drop the databases it has privileges in first (guards drop in reverse
@@ -219,6 +230,35 @@ fn run_sql(url: String, sql: String) -> Result<(), String> {
     })
     .join();
     done.unwrap_or_else(|_| Err("the thread panicked".into()))
+}
+
+/// How many rows of `channel` the durable log holds.
+pub async fn log_rows(client: &impl tokio_postgres::GenericClient, channel: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM updatepipe.log WHERE channel = $1",
+            &[&channel],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Waits, up to `within`, until the durable log holds no row of `channel` (a listener
+/// pruned them); returns how many are left.
+pub async fn pruned_within(
+    client: &impl tokio_postgres::GenericClient,
+    channel: &str,
+    within: Duration,
+) -> i64 {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let left = log_rows(client, channel).await;
+        if left == 0 || tokio::time::Instant::now() >= deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A runtime of a test's own (two worker threads), for tests that outlive one runtime.
