@@ -383,10 +383,12 @@ async fn a_flood_that_delays_the_proofs_answer_is_no_dead_connection() {
     const EACH: u32 = 10_000;
     let cluster = own_cluster();
     let channel = unique("flood_proof");
-    let listener = PgPipe::new(
-        cluster_config(cluster.port(), &channel)
-            .with_listen(|l| l.with_health_interval(Duration::from_millis(200))),
-    )
+    // Room for the whole flood: the test reads it after sending it, and nothing may be let
+    // go for a slow consumer.
+    let listener = PgPipe::new(cluster_config(cluster.port(), &channel).with_listen(|l| {
+        l.with_health_interval(Duration::from_millis(200))
+            .with_max_buffered(200_000)
+    }))
     .unwrap();
     let (tx, mut rx) = mpsc::channel(1_000);
     listener.listen_events(tx).await.unwrap();
@@ -424,6 +426,15 @@ async fn a_flood_that_delays_the_proofs_answer_is_no_dead_connection() {
         events.push(event);
     }
     assert_exactly_once_in_order(&updates(&events), KEYS, EACH);
+    // Nothing after the last update either: no disconnect, nothing let go.
+    events.extend(events_within(&mut rx, Duration::from_millis(500)).await);
+    let stats = listener.stats();
+    assert_eq!(disconnects(&events), 0, "{stats:?}");
+    assert_eq!(
+        (stats.disconnects, stats.dropped_slow_consumer),
+        (0, 0),
+        "{stats:?}"
+    );
     listener.close().await.unwrap();
 }
 

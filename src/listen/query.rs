@@ -48,7 +48,8 @@ pub(super) enum QueryOutcome {
     Cancelled(Asked),
     /// The proof's answer.
     Proved(Result<(), tokio_postgres::Error>),
-    /// The proof did not answer within this time: the connection is dead.
+    /// The proof did not answer in this time (the last of it, at least the proof's window,
+    /// with nothing from the connection): the connection is dead.
     Unproved(Duration),
 }
 
@@ -89,21 +90,31 @@ impl Heard {
     }
 }
 
-/// Waits for `answer` as long as the connection is heard from: `None` once a whole
-/// `window` passed with no answer and no message delivered. (A dead connection is found
-/// after one window, as before; one that delivers a flood first is waited for.)
+/// Waits for `answer` as long as the connection is heard from: `Err` with the time waited
+/// once a whole `window` passed with no answer and no message delivered, checked every
+/// quarter window. (A connection silent from the start is given up after one window, as
+/// before; one that stops delivering, within a window and a quarter of its last message;
+/// one that delivers a flood first is waited for.)
 async fn answer_while_heard<F: Future>(
     heard: &Heard,
     window: Duration,
     answer: F,
-) -> Option<F::Output> {
+) -> Result<F::Output, Duration> {
+    let started = Instant::now();
+    let step = (window / 4).max(Duration::from_millis(1));
     let mut answer = std::pin::pin!(answer);
+    let mut seen = heard.count();
+    let mut quiet_since = started;
     loop {
-        let before = heard.count();
-        match tokio::time::timeout(window, &mut answer).await {
-            Ok(output) => return Some(output),
-            Err(_) if heard.count() != before => {}
-            Err(_) => return None,
+        if let Ok(output) = tokio::time::timeout(step, &mut answer).await {
+            return Ok(output);
+        }
+        let now = Instant::now();
+        let count = heard.count();
+        if count != seen {
+            (seen, quiet_since) = (count, now);
+        } else if now.duration_since(quiet_since) >= window {
+            return Err(now.duration_since(started));
         }
     }
 }
@@ -240,12 +251,10 @@ impl QuerySlot {
                     canceller.cancel_detached(client.cancel_token());
                     match answer_while_heard(&heard, grace, &mut query).await {
                         // A prompt "canceling statement": the connection is fine.
-                        Some(outcome) if ended_cancelled(&outcome) => {
-                            QueryOutcome::Cancelled(asked)
-                        }
-                        Some(outcome) => outcome,
+                        Ok(outcome) if ended_cancelled(&outcome) => QueryOutcome::Cancelled(asked),
+                        Ok(outcome) => outcome,
                         // No answer even to a cancel, and silence: the connection is dead.
-                        None => QueryOutcome::TimedOut(started.elapsed()),
+                        Err(_) => QueryOutcome::TimedOut(started.elapsed()),
                     }
                 }
             };
@@ -264,13 +273,13 @@ impl QuerySlot {
         async move {
             let mut guard = CancelOnDrop::new(&canceller, client);
             match answer_while_heard(&heard, limit, client.batch_execute("SELECT 1")).await {
-                Some(done) => {
+                Ok(done) => {
                     guard.disarm();
                     QueryOutcome::KeptAlive(done)
                 }
                 // Cancelled as the guard goes; no answer, and silence, in a whole deadline:
                 // dead.
-                None => QueryOutcome::TimedOut(limit),
+                Err(waited) => QueryOutcome::TimedOut(waited),
             }
         }
         .boxed()
@@ -286,11 +295,11 @@ impl QuerySlot {
         async move {
             let mut guard = CancelOnDrop::new(&canceller, client);
             match answer_while_heard(&heard, within, client.batch_execute("SELECT 1")).await {
-                Some(done) => {
+                Ok(done) => {
                     guard.disarm();
                     QueryOutcome::Proved(done)
                 }
-                None => QueryOutcome::Unproved(within),
+                Err(waited) => QueryOutcome::Unproved(waited),
             }
         }
         .boxed()
@@ -306,12 +315,15 @@ pub(super) async fn subscribe(
     limit: Duration,
 ) -> Result<(), String> {
     match answer_while_heard(&heard, limit, client.batch_execute(&sql)).await {
-        Some(Ok(())) => {
+        Ok(Ok(())) => {
             tracing::debug!(target: TARGET, %sql, "subscription changed");
             Ok(())
         }
-        Some(Err(e)) => Err(format!("{sql} failed: {}", pg_message(&e))),
-        None => Err(format!("{sql} did not answer within {limit:?}")),
+        Ok(Err(e)) => Err(format!("{sql} failed: {}", pg_message(&e))),
+        Err(waited) => Err(format!(
+            "{sql} did not answer in {waited:?} (nothing came from the connection for \
+             {limit:?})"
+        )),
     }
 }
 
