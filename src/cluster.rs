@@ -355,15 +355,17 @@ impl TempCluster {
     }
 
     /// A process that stops the cluster and removes its directory once this process is
-    /// gone, however it ended.
+    /// gone, however it ended: in a process group of its own, ignoring the terminal's
+    /// signals, so that a Ctrl-C that ends this process (and its group) does not end it.
     fn spawn_watchdog(&self) -> Result<Child, Error> {
         let script = r#"
+            trap '' INT HUP TERM QUIT
             while kill -0 "$1" 2>/dev/null || [ -d "/proc/$1" ]; do sleep 1; done
             "$2/pg_ctl" -D "$3/data" -m immediate -w stop >/dev/null 2>&1
             rm -rf "$3"
         "#;
         let mut command = Command::new("sh");
-        command.current_dir("/");
+        command.current_dir("/").process_group(0);
         if let Some((uid, gid)) = self.run_as {
             command.uid(uid).gid(gid);
         }

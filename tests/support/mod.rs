@@ -64,33 +64,69 @@ pub fn url() -> String {
 
 /// A database of this test binary's own on the server `shared` reaches: created now, and
 /// dropped (with whatever is still connected to it) by a small watchdog process once this
-/// process is gone, however it ended. Returns its URL, and the watchdog.
+/// process is gone, however it ended. The watchdog has a process group of its own and
+/// ignores the terminal's signals, so a Ctrl-C that ends the tests does not end it; the URL
+/// reaches it (and `psql`) through the environment, not the command line. Returns the
+/// database's URL, and the watchdog.
 fn own_database_on(shared: &str) -> (String, std::process::Child) {
+    use std::os::unix::process::CommandExt;
     let name = format!("updatepipe_test_{:08x}", rand::random::<u32>());
+    let psql = psql().unwrap_or_else(|| {
+        eprintln!(
+            "no psql on PATH nor under /usr/lib/postgresql: the tests' database {name} will \
+             be left on the DATABASE_URL server"
+        );
+        "psql".into()
+    });
     run_sql(
         shared.to_owned(),
         format!("CREATE DATABASE \"{name}\" TEMPLATE template0"),
     )
     .unwrap_or_else(|e| panic!("cannot create the tests' database on DATABASE_URL: {e}"));
     let script = r#"
+        trap '' INT HUP TERM QUIT
         while kill -0 "$1" 2>/dev/null || [ -d "/proc/$1" ]; do sleep 1; done
-        psql=$(command -v psql || ls /usr/lib/postgresql/*/bin/psql 2>/dev/null | tail -n 1)
-        PGCONNECT_TIMEOUT=10 "$psql" "$2" -qc "DROP DATABASE IF EXISTS \"$3\" WITH (FORCE)"
+        PGCONNECT_TIMEOUT=10 "$2" -X -w -q -d "$UPDATEPIPE_TEST_SERVER" \
+            -c "DROP DATABASE IF EXISTS \"$3\" WITH (FORCE)"
     "#;
     let watchdog = std::process::Command::new("sh")
         .current_dir("/")
+        .process_group(0)
         .arg("-c")
         .arg(script)
         .arg("updatepipe-test-database-watchdog")
         .arg(std::process::id().to_string())
-        .arg(shared)
+        .arg(psql)
         .arg(&name)
+        .env("UPDATEPIPE_TEST_SERVER", shared)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start the watchdog that drops the tests' database");
     (url_of(shared, &name), watchdog)
+}
+
+/// `psql`: on `PATH`, or the newest under `/usr/lib/postgresql/*/bin`.
+fn psql() -> Option<std::path::PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("psql"))
+            .find(|p| p.is_file())
+    });
+    on_path.or_else(|| {
+        let mut found: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|entry| {
+                let entry = entry.ok()?;
+                let major = entry.file_name().to_str()?.parse().ok()?;
+                let psql = entry.path().join("bin/psql");
+                psql.is_file().then_some((major, psql))
+            })
+            .collect();
+        found.sort();
+        found.pop().map(|(_, psql)| psql)
+    })
 }
 
 /// A name unique to this test run: `prefix` and random hex, at most 63 bytes.
@@ -121,8 +157,12 @@ pub fn url_of_database(name: &str) -> String {
     url_of(&url(), name)
 }
 
-/// `url` with database `name` in it (its path replaced).
+/// `url` with database `name` in it: its path replaced, or, in a `key=value` string, a
+/// `dbname` added (the last of a key wins).
 fn url_of(url: &str, name: &str) -> String {
+    if !url.contains("://") {
+        return format!("{url} dbname={name}");
+    }
     let (base, query) = match url.split_once('?') {
         Some((base, query)) => (base, Some(query)),
         None => (url, None),
