@@ -48,8 +48,8 @@ pub(super) enum QueryOutcome {
     Cancelled(Asked),
     /// The proof's answer.
     Proved(Result<(), tokio_postgres::Error>),
-    /// The proof did not answer in this time (the last of it, at least the proof's window,
-    /// with nothing from the connection): the connection is dead.
+    /// The proof was waited for this long, the last whole window of it with nothing from
+    /// the connection: the connection is dead.
     Unproved(Duration),
 }
 
@@ -149,11 +149,6 @@ impl QuerySlot {
     /// The count of the connection's messages, for the loop to add to.
     pub(super) fn heard(&self) -> Heard {
         self.heard.clone()
-    }
-
-    /// The deadline of a statement in the slot.
-    pub(super) fn deadline(&self) -> Duration {
-        self.deadline
     }
 
     /// A heartbeat is late while a query runs (the backend delivers no notification
@@ -267,63 +262,69 @@ impl QuerySlot {
     /// A cheap statement in the query slot, with the slot's deadline and cancel, so that
     /// the server's `idle_session_timeout` does not end the session.
     fn keep_alive<'c>(&self, client: &'c Client) -> BoxFuture<'c, QueryOutcome> {
-        let limit = self.deadline;
-        let canceller = self.canceller.clone();
-        let heard = self.heard.clone();
-        async move {
-            let mut guard = CancelOnDrop::new(&canceller, client);
-            match answer_while_heard(&heard, limit, client.batch_execute("SELECT 1")).await {
-                Ok(done) => {
-                    guard.disarm();
-                    QueryOutcome::KeptAlive(done)
-                }
-                // Cancelled as the guard goes; no answer, and silence, in a whole deadline:
-                // dead.
+        self.select_one(client, self.deadline)
+            .map(|answer| match answer {
+                Ok(done) => QueryOutcome::KeptAlive(done),
+                // No answer, and silence, in a whole deadline: dead.
                 Err(waited) => QueryOutcome::TimedOut(waited),
-            }
-        }
-        .boxed()
+            })
+            .boxed()
     }
-}
 
-impl QuerySlot {
     /// The statement that proves the connection answers, by `within` (more while the
     /// connection delivers what was queued before the answer), cancelled past it.
     fn proof<'c>(&self, client: &'c Client, within: Duration) -> BoxFuture<'c, QueryOutcome> {
+        self.select_one(client, within)
+            .map(|answer| match answer {
+                Ok(done) => QueryOutcome::Proved(done),
+                Err(waited) => QueryOutcome::Unproved(waited),
+            })
+            .boxed()
+    }
+
+    /// `SELECT 1`, waited for while the connection is heard from ([`answer_while_heard`]),
+    /// and cancelled on the server when given up on: its answer, or how long it was waited
+    /// for.
+    fn select_one<'c>(
+        &self,
+        client: &'c Client,
+        window: Duration,
+    ) -> impl Future<Output = Result<Result<(), tokio_postgres::Error>, Duration>> + Send + 'c {
         let canceller = self.canceller.clone();
         let heard = self.heard.clone();
         async move {
             let mut guard = CancelOnDrop::new(&canceller, client);
-            match answer_while_heard(&heard, within, client.batch_execute("SELECT 1")).await {
-                Ok(done) => {
-                    guard.disarm();
-                    QueryOutcome::Proved(done)
+            let answer = answer_while_heard(&heard, window, client.batch_execute("SELECT 1")).await;
+            if answer.is_ok() {
+                guard.disarm();
+            }
+            answer
+        }
+    }
+
+    /// Runs one subscription statement by the slot's deadline (more while the connection
+    /// delivers); a failure ends the session (the next one subscribes to the whole set
+    /// again).
+    pub(super) fn subscribe<'c>(
+        &self,
+        client: &'c Client,
+        sql: String,
+    ) -> BoxFuture<'c, Result<(), String>> {
+        let (heard, limit) = (self.heard.clone(), self.deadline);
+        async move {
+            match answer_while_heard(&heard, limit, client.batch_execute(&sql)).await {
+                Ok(Ok(())) => {
+                    tracing::debug!(target: TARGET, %sql, "subscription changed");
+                    Ok(())
                 }
-                Err(waited) => QueryOutcome::Unproved(waited),
+                Ok(Err(e)) => Err(format!("{sql} failed: {}", pg_message(&e))),
+                Err(waited) => Err(format!(
+                    "{sql} did not answer in {waited:?} (nothing came from the connection for \
+                     {limit:?})"
+                )),
             }
         }
         .boxed()
-    }
-}
-
-/// Runs one subscription statement by its deadline (more while the connection delivers);
-/// a failure ends the session (the next one subscribes to the whole set again).
-pub(super) async fn subscribe(
-    client: &Client,
-    heard: Heard,
-    sql: String,
-    limit: Duration,
-) -> Result<(), String> {
-    match answer_while_heard(&heard, limit, client.batch_execute(&sql)).await {
-        Ok(Ok(())) => {
-            tracing::debug!(target: TARGET, %sql, "subscription changed");
-            Ok(())
-        }
-        Ok(Err(e)) => Err(format!("{sql} failed: {}", pg_message(&e))),
-        Err(waited) => Err(format!(
-            "{sql} did not answer in {waited:?} (nothing came from the connection for \
-             {limit:?})"
-        )),
     }
 }
 

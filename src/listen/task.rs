@@ -14,7 +14,7 @@ use tokio_postgres::{AsyncMessage, Client};
 use super::connector::{Connector, Session};
 use super::dispatch::{Command, Dispatch};
 use super::event::TARGET;
-use super::query::{self, QueryOutcome, QuerySlot};
+use super::query::{QueryOutcome, QuerySlot};
 use super::schedule::{Busy, Schedule, Tick};
 use super::watch::QueueWatch;
 use crate::error::{Error, pg_message};
@@ -190,9 +190,7 @@ impl ConnectionLoop {
                     self.schedule
                         .plan(&mut self.dispatch, &mut self.watch, busy, Instant::now());
                 if let Some(sql) = turn.subscribe {
-                    let limit = self.slot.deadline();
-                    let heard = heard.clone();
-                    subscribing.set(query::subscribe(client, heard, sql, limit).boxed().fuse());
+                    subscribing.set(self.slot.subscribe(client, sql).fuse());
                 }
                 if let Some(start) = turn.query {
                     query.set(self.slot.start(client, &self.channel, start).fuse());
