@@ -1016,9 +1016,6 @@ fn a_maddy_mailbox_channel_is_refused_as_the_pipe_channel() {
     }
 }
 
-/// `bench` pointed at a database works in one of its own and drops it: the database named
-/// gains no schema, and none of the benchmark's databases is left; a role that may not
-/// create one is told so, and nothing changes.
 /// The database `bench` said it used (on standard error) is gone.
 fn assert_bench_database_dropped(runtime: &tokio::runtime::Runtime, said: &str) {
     let own = said
@@ -1040,6 +1037,9 @@ fn assert_bench_database_dropped(runtime: &tokio::runtime::Runtime, said: &str) 
     assert_eq!(left, 0, "{own} was not dropped");
 }
 
+/// `bench` pointed at a database works in one of its own and drops it: the database named
+/// gains no schema, and none of the benchmark's databases is left; a role that may not
+/// create one is told so, and nothing changes.
 #[test]
 fn bench_leaves_the_database_it_is_pointed_at_as_it_was() {
     let runtime = support::runtime();
